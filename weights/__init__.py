@@ -1,0 +1,1 @@
+"""Small data files minisd needs offline: tokenizer vocabulary and model presets."""
