@@ -11,13 +11,13 @@ import json
 
 import pytest
 import torch
+from conftest import randomize_, rel_err
+from convert_diffusers import PREFIXES, convert_text, convert_unet, convert_vae
 from diffusers import AutoencoderKL, UNet2DConditionModel
 from safetensors.torch import save_file
 from transformers import CLIPTextConfig, CLIPTextModel
 
 import minisd
-from conftest import randomize_, rel_err
-from convert_diffusers import PREFIXES, convert_text, convert_unet, convert_vae
 
 TOL = 1e-4
 

@@ -15,7 +15,7 @@ from transformers import CLIPTextConfig, CLIPTextModel
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "tools"))
-import convert_diffusers
+import convert_diffusers  # noqa: E402  (tools/ is not a package)
 
 TOOL = ROOT / "tools" / "convert_diffusers.py"
 PREFIXES = {"unet": "model.diffusion_model.", "vae": "first_stage_model.", "text": "cond_stage_model.model."}
@@ -190,3 +190,10 @@ def test_cli_unequal_head_widths(converted, tmp_path):
     config_path.write_text(json.dumps(json.loads(config_path.read_text()) | {"attention_head_dim": [1, 1]}))
     out = tmp_path / "out.safetensors"
     assert_one_line_error(run_tool(tmp_path / "sd", out), out, "config.json", "attention_head_dim")
+
+
+def test_cli_failed_write_leaves_nothing(converted, tmp_path):
+    """The weights are written first, the config fails: neither file (nor a temporary) may remain."""
+    out = tmp_path / "out.safetensors"
+    result = run_tool(converted[0], out, "--config-out", tmp_path / "no-such-dir" / "out.json")
+    assert_one_line_error(result, out, "no-such-dir")

@@ -10,13 +10,13 @@ from pathlib import Path
 
 import pytest
 import torch
+from conftest import randomize_, rel_err
 from diffusers import AutoencoderKL, UNet2DConditionModel
+from test_components import TOL, write_official
 from transformers import CLIPTextConfig, CLIPTextModel
 
 import minisd
-from conftest import randomize_, rel_err
 from minisd.load import IGNORED, PREFIXES, ignored_prefixes
-from test_components import TOL, write_official
 
 KEYS_TSV = Path(__file__).with_name("sd2_checkpoint_keys.tsv")
 

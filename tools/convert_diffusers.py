@@ -89,9 +89,9 @@ def convert_unet(state_dict: dict) -> dict:
 
 VAE_RESNET = {"norm1": "norm1", "conv1": "conv1", "norm2": "norm2", "conv2": "conv2", "conv_shortcut": "nin_shortcut"}
 VAE_ATTENTION = {"group_norm": "norm", "to_q": "q", "to_k": "k", "to_v": "v", "to_out.0": "proj_out"}
-VAE_TOP = {name: name for name in ("encoder.conv_in", "encoder.conv_out", "decoder.conv_in", "decoder.conv_out",
-                                   "quant_conv", "post_quant_conv")}
-VAE_TOP |= {"encoder.conv_norm_out": "encoder.norm_out", "decoder.conv_norm_out": "decoder.norm_out"}
+VAE_TOP = {"encoder.conv_norm_out": "encoder.norm_out", "decoder.conv_norm_out": "decoder.norm_out"} | {
+    name: name for name in ("encoder.conv_in", "encoder.conv_out", "decoder.conv_in", "decoder.conv_out",
+                            "quant_conv", "post_quant_conv")}
 
 
 def convert_vae(state_dict: dict) -> dict:
@@ -101,7 +101,8 @@ def convert_vae(state_dict: dict) -> dict:
     n_up = 1 + max((int(m[1]) for k in state_dict if (m := re.match(r"decoder\.up_blocks\.(\d+)\.", k))), default=-1)
     out = {}
     for key, tensor in state_dict.items():
-        if m := re.fullmatch(r"(encoder\.down|decoder\.up)_blocks\.(\d+)\.(?:resnets\.(\d+)|\w+samplers\.0)\.(.+)", key):
+        pattern = r"(encoder\.down|decoder\.up)_blocks\.(\d+)\.(?:resnets\.(\d+)|\w+samplers\.0)\.(.+)"
+        if m := re.fullmatch(pattern, key):
             side, level, j, rest = m[1], int(m[2]), m[3], m[4]
             level = level if side == "encoder.down" else n_up - 1 - level
             sampler = side.split(".")[1] + "sample.conv"  # downsamplers.0.conv -> downsample.conv, same for up
@@ -148,18 +149,9 @@ def convert_text(state_dict: dict) -> dict:
     return out
 
 
-def _read_json(path: Path) -> dict:
-    if not path.is_file():
-        raise ConvertError(f"missing {path}")
-    try:
-        return json.loads(path.read_text())
-    except json.JSONDecodeError as err:
-        raise ConvertError(f"{path}: invalid JSON ({err.msg} at line {err.lineno})") from None
-
-
 def _need(ok: bool, message: str):
     if not ok:
-        raise ConvertError(f"unsupported architecture: {message}")
+        raise ConvertError(f"unsupported: {message}")
 
 
 def _unet_config(u: dict) -> dict:
@@ -172,7 +164,7 @@ def _unet_config(u: dict) -> dict:
     # Why: diffusers' `attention_head_dim` is really the head COUNT for SD2 (5/10/20/20); ldm fixes head width.
     heads = u.get("num_attention_heads") or u["attention_head_dim"]
     heads = heads if isinstance(heads, list) else [heads] * len(widths)
-    head_channels = {w / h for w, h in zip(widths, heads)}
+    head_channels = {w / h for w, h in zip(widths, heads, strict=True)}
     _need(len(head_channels) == 1 and float(next(iter(head_channels))).is_integer(),
           f"attention_head_dim {heads} gives unequal head widths {sorted(head_channels)}")
     depth = u.get("transformer_layers_per_block", 1)
@@ -200,7 +192,8 @@ def _vae_config(v: dict) -> dict:
 
 
 def _text_config(t: dict) -> dict:
-    _need(t.get("architectures") == ["CLIPTextModel"], "architectures must be ['CLIPTextModel']")
+    _need(t.get("model_type") == "clip_text_model" and t.get("architectures") in (None, ["CLIPTextModel"]),
+          "model_type must be clip_text_model, architectures ['CLIPTextModel']")
     _need(t.get("hidden_act") == "gelu", f"hidden_act {t.get('hidden_act')!r} (OpenCLIP uses exact 'gelu')")
     return {"width": t["hidden_size"], "layers": t["num_hidden_layers"] + 1,  # SD2 runs the penultimate block
             "heads": t["num_attention_heads"], "context_length": t["max_position_embeddings"],
@@ -216,10 +209,12 @@ def _prediction(s: dict) -> str:
 def _section(read, path: Path):
     """Apply `read` to the JSON at `path`, naming the file in any error."""
     try:
-        return read(_read_json(path))
+        return read(json.loads(path.read_text()))
+    except FileNotFoundError:
+        raise ConvertError(f"missing {path}") from None
     except KeyError as err:
         raise ConvertError(f"{path}: missing field {err}") from None
-    except (ConvertError, TypeError, ValueError, ZeroDivisionError) as err:
+    except (ConvertError, AttributeError, TypeError, ValueError, ZeroDivisionError) as err:  # incl. bad JSON
         raise ConvertError(f"{path}: {err}") from None
 
 
@@ -246,10 +241,10 @@ def load_weights(subfolder: Path) -> dict:
         try:
             part = load_file(path) if path.suffix == ".safetensors" else torch.load(path, "cpu", weights_only=True)
         except (OSError, RuntimeError, EOFError, SafetensorError, pickle.UnpicklingError) as err:
-            raise ConvertError(f"{path}: cannot read weights ({str(err).splitlines()[0] if str(err) else err!r})")
+            raise ConvertError(f"{path}: cannot read weights ({str(err).splitlines()[0] if str(err) else err!r})") from None
         for key, tensor in part.items():
             if key in origin:
-                raise ConvertError(f"{key!r} is in both {origin[key].name} and {path.name} (variants or shards?)")
+                raise ConvertError(f"{subfolder}: {key!r} is in both {origin[key].name} and {path.name}")
             state_dict[key], origin[key] = tensor, path
     return state_dict
 
@@ -264,8 +259,9 @@ def convert_folder(folder) -> tuple[dict, dict]:
     converters = {"unet": convert_unet, "vae": convert_vae, "text_encoder": convert_text}
     out = {}
     for sub, prefix in PREFIXES.items():
+        state_dict = load_weights(folder / sub)
         try:
-            converted = converters[sub](load_weights(folder / sub))
+            converted = converters[sub](state_dict)
         except ConvertError as err:
             raise ConvertError(f"{folder / sub}: {err}") from None
         out |= {prefix + key: tensor.contiguous() for key, tensor in converted.items()}

@@ -1,0 +1,193 @@
+"""The loader: config formats, presets, the pickle policy, and one test per loader error."""
+import collections
+import hashlib
+import json
+
+import pytest
+import torch
+from safetensors.torch import save_file
+from test_components import TINY_CONFIG
+
+import minisd
+from minisd.load import PREFIXES, verify
+from minisd.schedule import alphas_cumprod
+
+TINY = minisd.load_config(TINY_CONFIG)
+
+
+def tiny_state(cfg=TINY) -> dict:
+    """A randomly initialised tiny model in the official layout (our names are the official names)."""
+    torch.manual_seed(0)
+    sd = minisd.build(cfg, device="cpu")
+    return {prefix + k: v.clone() for name, prefix in PREFIXES.items()
+            for k, v in getattr(sd, name).state_dict().items()}
+
+
+@pytest.fixture
+def tiny_file(tmp_path):
+    def write(state=None, name="tiny.safetensors"):
+        path = tmp_path / name
+        save_file(tiny_state() if state is None else state, str(path))
+        return path
+    return write
+
+
+def load_error(*args, **kwargs) -> str:
+    with pytest.raises(minisd.LoadError) as info:
+        minisd.load(*args, **kwargs)
+    message = str(info.value)
+    assert "\n" not in message, "loader errors are one line"
+    return message
+
+
+def test_loads_strictly_and_equals_the_file(tiny_file):
+    state = tiny_state()
+    sd = minisd.load(tiny_file(state), config=TINY_CONFIG)
+    for name, prefix in PREFIXES.items():
+        for k, v in getattr(sd, name).state_dict().items():
+            assert torch.equal(v, state[prefix + k]), k
+    assert sd.prediction == "eps" and sd.scale_factor == 0.18215
+    assert not any(p.requires_grad for p in sd.unet.parameters())
+
+
+def test_dtype_and_ignored_keys(tiny_file):
+    state = tiny_state()
+    # what the official file has beyond our modules: schedule buffers, CLIP's head, the unused last text block
+    state["alphas_cumprod"] = alphas_cumprod().float()
+    state["betas"] = torch.zeros(1000)
+    state["cond_stage_model.model.text_projection"] = torch.zeros(64, 64)
+    state["cond_stage_model.model.logit_scale"] = torch.tensor(4.6)
+    state["cond_stage_model.model.transformer.resblocks.3.ln_1.weight"] = torch.zeros(64)
+    sd = minisd.load(tiny_file(state), config=TINY_CONFIG, dtype=torch.bfloat16)
+    assert {p.dtype for p in sd.unet.parameters()} == {torch.bfloat16}
+
+
+def test_schedule_self_check(tiny_file):
+    state = tiny_state()
+    state["alphas_cumprod"] = alphas_cumprod(0.0001, 0.02).float()   # SD1-era DDPM linear schedule: not SD2
+    assert "alphas_cumprod is not SD2's schedule" in load_error(tiny_file(state), config=TINY_CONFIG)
+
+
+def test_unknown_key_is_named(tiny_file):
+    state = tiny_state()
+    state["model.diffusion_model.extra.weight"] = torch.zeros(1)
+    assert "unexpected key model.diffusion_model.extra.weight" in load_error(tiny_file(state), config=TINY_CONFIG)
+    state = tiny_state()
+    state["something_else"] = torch.zeros(1)
+    assert "unexpected key something_else" in load_error(tiny_file(state), config=TINY_CONFIG)
+
+
+def test_missing_key_is_named(tiny_file):
+    state = tiny_state()
+    del state["first_stage_model.decoder.conv_out.bias"]
+    assert "missing key first_stage_model.decoder.conv_out.bias" in load_error(tiny_file(state), config=TINY_CONFIG)
+
+
+def test_wrong_shape_is_named(tiny_file):
+    wider = json.loads(json.dumps(TINY_CONFIG))
+    wider["unet"]["context_dim"] = 48
+    message = load_error(tiny_file(), config=wider)
+    assert "has shape" in message and "attn2.to_k.weight" in message
+
+
+def test_sd1_files_are_recognised(tiny_file):
+    state = tiny_state()
+    state["cond_stage_model.transformer.text_model.embeddings.token_embedding.weight"] = torch.zeros(2, 768)
+    assert "SD1.x" in load_error(tiny_file(state), config=TINY_CONFIG)
+    # SD2 layout but a 768-wide token table
+    state = tiny_state()
+    state["cond_stage_model.model.token_embedding.weight"] = torch.zeros(1000, 768)
+    assert "SD1.x" in load_error(tiny_file(state), config=TINY_CONFIG)
+
+
+def test_diffusers_folder_and_component_files(tmp_path, tiny_file):
+    (tmp_path / "unet").mkdir()
+    assert "tools/convert_diffusers.py" in load_error(tmp_path, config=TINY_CONFIG)
+    path = tiny_file({"down_blocks.0.resnets.0.conv1.weight": torch.zeros(1)}, "unet.safetensors")
+    assert "diffusers UNet" in load_error(path, config=TINY_CONFIG)
+
+
+def test_file_needs_a_config(tiny_file):
+    assert "pass config='sd2-base'" in load_error(tiny_file(name="512-base-ema.safetensors"))
+    assert "pass config=a preset name" in load_error(tiny_file())
+    assert "no such file" in load_error("nowhere.safetensors", config="sd2-base")
+
+
+class NotATensor:
+    pass
+
+
+def test_pickles_only_weights_only(tmp_path):
+    state = tiny_state()
+    good = tmp_path / "tiny.ckpt"
+    torch.save({"state_dict": state}, good)   # the official .ckpt nests tensors under "state_dict"
+    sd = minisd.load(good, config=TINY_CONFIG)
+    assert torch.equal(sd.vae.quant_conv.weight, state["first_stage_model.quant_conv.weight"])
+    bad = tmp_path / "lightning.ckpt"
+    torch.save({"state_dict": state, "callbacks": NotATensor()}, bad)
+    assert "use the model's .safetensors file" in load_error(bad, config=TINY_CONFIG)
+
+
+def test_corrupt_safetensors(tmp_path):
+    path = tmp_path / "broken.safetensors"
+    path.write_bytes(b"\x10\x00\x00\x00\x00\x00\x00\x00{not json at all")
+    assert "not a readable .safetensors file" in load_error(path, config=TINY_CONFIG)
+
+
+def test_config_json(tmp_path):
+    path = tmp_path / "c.json"
+    path.write_text(json.dumps({"unet": {"model_channels": 64}, "prediction": "v", "resolution": 768}))
+    cfg = minisd.load_config(path)
+    assert cfg.unet.model_channels == 64 and cfg.unet.channel_mult == (1, 2, 4, 4)   # missing keys: SD2's
+    assert cfg.prediction == "v" and cfg.text.width == 1024 and cfg.vae.ch == 128
+    for bad, words in (({"unet": {"modelchannels": 3}}, "unknown field unet.modelchannels"),
+                       ({"predictoin": "v"}, "unknown field 'predictoin'"),
+                       ({"prediction": "x0"}, "prediction must be")):
+        path.write_text(json.dumps(bad))
+        with pytest.raises(minisd.LoadError, match=words):
+            minisd.load_config(path)
+    path.write_text("{broken")
+    with pytest.raises(minisd.LoadError, match="not a readable JSON config"):
+        minisd.load_config(path)
+    with pytest.raises(minisd.LoadError, match="neither a preset"):
+        minisd.load_config("sd3")
+
+
+def test_presets_state_the_variant():
+    table = minisd.presets()
+    assert set(table) == {"sd2-base", "sd2", "sd21-base", "sd21", "sd2-inpainting"}
+    for name, preset in table.items():
+        assert preset["sha256"] is None or len(preset["sha256"]) == 64, name
+        cfg = minisd.load_config(name)
+        assert (cfg.prediction, cfg.resolution) == {"sd2-base": ("eps", 512), "sd2": ("v", 768),
+                                                    "sd21-base": ("eps", 512), "sd21": ("v", 768),
+                                                    "sd2-inpainting": ("eps", 512)}[name]
+    assert minisd.load_config("sd2-inpainting").unet.in_channels == 9
+    assert minisd.load_config("sd21").unet.upcast_attention and not minisd.load_config("sd2").unet.upcast_attention
+
+
+def test_preset_download_offline_says_how_to_use_a_local_file(monkeypatch, tmp_path):
+    import huggingface_hub.constants
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)
+    monkeypatch.setenv("HF_HOME", str(tmp_path))
+    message = load_error("sd2-base")
+    assert "minisd.load('/path/to/512-base-ema.safetensors', config='sd2-base')" in message
+
+
+def test_verify_checks_size_and_sha256(tmp_path, monkeypatch):
+    monkeypatch.setenv("MEDTI_CACHE", str(tmp_path / "cache"))
+    path = tmp_path / "weights.bin"
+    path.write_bytes(b"0123456789" * 1000)
+    digest = hashlib.sha256(path.read_bytes()).hexdigest()
+    verify(path, {"size": 10000, "sha256": digest}, "test")
+    assert (tmp_path / "cache" / "verified.json").is_file()   # remembered: the next load skips the hash
+    with pytest.raises(minisd.LoadError, match="bytes, but preset test is 9999 bytes"):
+        verify(path, {"size": 9999, "sha256": digest}, "test")
+    with pytest.raises(minisd.LoadError, match="sha256 differs"):
+        verify(path, {"size": 10000, "sha256": "0" * 64}, "test")
+
+
+def test_counter_is_not_a_state_dict(tmp_path):
+    path = tmp_path / "odd.pt"
+    torch.save({"a": collections.OrderedDict(b=1)}, path)
+    assert "holds no state dict of tensors" in load_error(path, config=TINY_CONFIG)
