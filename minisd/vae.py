@@ -89,7 +89,8 @@ class Level(nn.Module):
 
     def __init__(self, channels: list, resample_name: str, resample: nn.Module | None):
         super().__init__()
-        self.block = nn.ModuleList(ResnetBlock(cin, cout) for cin, cout in zip(channels[:-1], channels[1:], strict=True))
+        pairs = zip(channels[:-1], channels[1:], strict=True)
+        self.block = nn.ModuleList(ResnetBlock(cin, cout) for cin, cout in pairs)
         self.resample_name = resample_name   # "downsample" in the encoder, "upsample" in the decoder
         setattr(self, resample_name, resample or nn.Identity())
 

@@ -241,7 +241,8 @@ def load_weights(subfolder: Path) -> dict:
         try:
             part = load_file(path) if path.suffix == ".safetensors" else torch.load(path, "cpu", weights_only=True)
         except (OSError, RuntimeError, EOFError, SafetensorError, pickle.UnpicklingError) as err:
-            raise ConvertError(f"{path}: cannot read weights ({str(err).splitlines()[0] if str(err) else err!r})") from None
+            reason = str(err).splitlines()[0] if str(err) else repr(err)
+            raise ConvertError(f"{path}: cannot read weights ({reason})") from None
         for key, tensor in part.items():
             if key in origin:
                 raise ConvertError(f"{subfolder}: {key!r} is in both {origin[key].name} and {path.name}")
