@@ -87,15 +87,16 @@ class GuidedDenoiser:
         self.skip_uncond = cfg == 1 and len(weights) == 1 and weights[0] == 1
         self.context = conds if self.skip_uncond else torch.cat([conds, uncond])
         self.weights = torch.tensor(weights, dtype=torch.float32)
-        self.batch = batch or self.context.shape[0]
+        self.batch = batch   # 0: everything in one call
 
     def __call__(self, x, sigma: float, t: float):
         n, rows = x.shape[0], self.context.shape[0]
+        chunk = self.batch or n * rows
         # [B, C, h, w] -> [B*rows, C, h, w]: every image with every term (and the uncond, last)
         xs = x.repeat_interleave(rows, dim=0)
         ctx = self.context.repeat(n, 1, 1)
-        out = torch.cat([self.denoiser(xs[i:i + self.batch], sigma, t, ctx[i:i + self.batch])
-                         for i in range(0, n * rows, self.batch)])
+        out = torch.cat([self.denoiser(xs[i:i + chunk], sigma, t, ctx[i:i + chunk])
+                         for i in range(0, n * rows, chunk)])
         out = out.unflatten(0, (n, rows))   # [B, rows, C, h, w]
         if self.skip_uncond:
             return out[:, 0]

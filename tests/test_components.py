@@ -7,59 +7,11 @@ different order (fused vs split projections, SDPA vs explicit softmax), so agree
 accumulated over the network's depth -- measured 1e-7..1e-6 here; 1e-4 leaves room for other CPUs while
 any real mistake (a swapped norm, a wrong eps, sin/cos order, a missing block) gives errors of 1e-3..1.
 """
-import json
 
-import pytest
 import torch
-from conftest import randomize_, rel_err
-from convert_diffusers import PREFIXES, convert_text, convert_unet, convert_vae
-from diffusers import AutoencoderKL, UNet2DConditionModel
-from safetensors.torch import save_file
-from transformers import CLIPTextConfig, CLIPTextModel
-
-import minisd
+from conftest import rel_err
 
 TOL = 1e-4
-
-# Tiny SD2-shaped configs: 4 levels with cross-attention on the first three, linear projections, fixed head
-# width (16 here, 64 in SD2), 32 groups in every GroupNorm.
-TINY_UNET = dict(sample_size=16, block_out_channels=(32, 64, 64, 64), layers_per_block=2,
-                 attention_head_dim=(2, 4, 4, 4), cross_attention_dim=32, use_linear_projection=True,
-                 down_block_types=("CrossAttnDownBlock2D",) * 3 + ("DownBlock2D",),
-                 up_block_types=("UpBlock2D",) + ("CrossAttnUpBlock2D",) * 3)
-TINY_VAE = dict(block_out_channels=(32, 64, 64), layers_per_block=2, latent_channels=4,
-                down_block_types=("DownEncoderBlock2D",) * 3, up_block_types=("UpDecoderBlock2D",) * 3)
-TINY_TEXT = dict(vocab_size=1000, hidden_size=64, intermediate_size=256, num_hidden_layers=3,
-                 num_attention_heads=4, max_position_embeddings=77, hidden_act="gelu",
-                 bos_token_id=998, eos_token_id=999, pad_token_id=0)
-TINY_CONFIG = {
-    "unet": {"model_channels": 32, "channel_mult": [1, 2, 2, 2], "num_res_blocks": 2,
-             "attention_resolutions": [4, 2, 1], "num_head_channels": 16, "context_dim": 32},
-    "vae": {"ch": 32, "ch_mult": [1, 2, 2]},
-    "text": {"width": 64, "layers": 4, "heads": 4, "vocab_size": 1000},
-}
-
-
-def write_official(path, unet=None, vae=None, text=None):
-    """Convert reference modules to one official-layout file (absent parts taken from a fresh tiny build)."""
-    state = {}
-    for prefix, module, convert in ((PREFIXES["unet"], unet, convert_unet), (PREFIXES["vae"], vae, convert_vae),
-                                    (PREFIXES["text_encoder"], text, convert_text)):
-        state.update({prefix + k: v.contiguous() for k, v in convert(module.state_dict()).items()})
-    save_file(state, str(path))
-    return path
-
-
-@pytest.fixture(scope="module")
-def tiny(tmp_path_factory):
-    torch.manual_seed(0)
-    refs = {"unet": randomize_(UNet2DConditionModel(**TINY_UNET), 1),
-            "vae": randomize_(AutoencoderKL(**TINY_VAE), 2),
-            "text": randomize_(CLIPTextModel(CLIPTextConfig(**TINY_TEXT)), 3)}
-    folder = tmp_path_factory.mktemp("tiny")
-    path = write_official(folder / "tiny.safetensors", **refs)
-    (folder / "tiny.json").write_text(json.dumps(TINY_CONFIG))
-    return refs, minisd.load(path, config=folder / "tiny.json")
 
 
 @torch.no_grad()

@@ -10,9 +10,9 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import randomize_, rel_err
+from conftest import randomize_, rel_err, write_official
 from diffusers import AutoencoderKL, UNet2DConditionModel
-from test_components import TOL, write_official
+from test_components import TOL
 from transformers import CLIPTextConfig, CLIPTextModel
 
 import minisd

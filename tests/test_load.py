@@ -5,8 +5,8 @@ import json
 
 import pytest
 import torch
+from conftest import TINY_CONFIG
 from safetensors.torch import save_file
-from test_components import TINY_CONFIG
 
 import minisd
 from minisd.load import PREFIXES, verify

@@ -7,11 +7,10 @@ floats), which stays near 1e-6 over 12 steps; a wrong sigma, a wrong draw order 
 """
 import pytest
 import torch
+from conftest import rel_err
 from diffusers import EulerAncestralDiscreteScheduler, EulerDiscreteScheduler, StableDiffusionPipeline
 
-from conftest import rel_err
-from minisd.sampling import (SAMPLERS, Denoiser, GuidedDenoiser, draw, initial_sigma, step_schedule,
-                             training_sigmas)
+from minisd.sampling import SAMPLERS, Denoiser, GuidedDenoiser, draw, initial_sigma, step_schedule, training_sigmas
 
 STEPS, CFG, LATENT = 12, 3.0, 16
 
@@ -24,9 +23,9 @@ def reference_pipeline(refs, scheduler):
 
 def make_scheduler(sampler, prediction, spacing):
     kind = {"euler_a": EulerAncestralDiscreteScheduler, "euler": EulerDiscreteScheduler}[sampler]
-    extra = {"steps_offset": 1} if spacing == "leading" else {}
+    # SD2's hub scheduler config: scaled_linear betas 0.00085..0.012, steps_offset 1
     return kind(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear", timestep_spacing=spacing,
-                prediction_type={"eps": "epsilon", "v": "v_prediction"}[prediction], **extra)
+                steps_offset=1, prediction_type={"eps": "epsilon", "v": "v_prediction"}[prediction])
 
 
 @pytest.mark.parametrize("sampler,prediction,spacing", [
