@@ -105,6 +105,25 @@ class GuidedDenoiser:
         return uncond + self.cfg * (w * (terms - uncond[:, None])).sum(dim=1)
 
 
+def strength_start(sigmas, timesteps, strength: float):
+    """img2img/inpainting with strength < 1 skips the first steps: of n steps, the last int(n * strength)
+    remain (diffusers' get_timesteps). strength 1 keeps them all."""
+    n = len(timesteps)
+    start = n - min(int(n * strength), n)
+    return sigmas[start:], timesteps[start:]
+
+
+def keep_unmasked(init_latent, noise, mask, sigmas):
+    """Sampler callback for masked inpainting with any 4-channel model (diffusers' StableDiffusionInpaintPipeline
+    with a 4-channel UNet): after step i, where mask == 0 the latent becomes the init latent noised to the next
+    sigma with the same fixed noise; the last step (sigma 0) leaves the clean init latent there exactly.
+    mask: [B or 1, 1, h, w], 1 = repaint."""
+    def callback(i, x):
+        kept = init_latent + noise * float(sigmas[i + 1])
+        return torch.where(mask > 0.5, x, kept)
+    return callback
+
+
 def draw(generators, like):
     """One N(0, 1) draw per image, each from its own generator, as diffusers' randn_tensor does with a list
     of generators: image i's noise never depends on the batch it is in."""

@@ -8,6 +8,8 @@ accumulated over the network's depth -- measured 1e-7..1e-6 here; 1e-4 leaves ro
 any real mistake (a swapped norm, a wrong eps, sin/cos order, a missing block) gives errors of 1e-3..1.
 """
 
+from dataclasses import replace
+
 import torch
 from conftest import rel_err
 
@@ -67,3 +69,23 @@ def test_causal_mask_is_applied(tiny):
     other[0, 40] = (ids[0, 40] + 1) % 1000
     a, b = sd.text_encoder(ids), sd.text_encoder(other)
     assert torch.equal(a[:, :40], b[:, :40]) and not torch.allclose(a[:, 40:], b[:, 40:])
+
+
+def test_upcast_attention_option():
+    """SD2.1-v's fp32 attention: the config flag reaches every attention layer, and an upcast product of
+    half-precision inputs equals the fp32 product rounded once to the output dtype (bf16: 2**-8 relative)."""
+    from minisd.attention import CrossAttention, attention
+    from minisd.unet import UNetConfig, UNetModel
+    cfg = UNetConfig(model_channels=32, channel_mult=(1, 2), attention_resolutions=(1,), num_head_channels=16,
+                     context_dim=32)
+    for flag in (True, False):
+        layers = [m for m in UNetModel(replace(cfg, upcast_attention=flag)).modules()
+                  if isinstance(m, CrossAttention)]
+        assert layers and all(m.upcast == flag for m in layers)
+    gen = torch.Generator().manual_seed(0)
+    q, k, v = (torch.randn(2, 64, 64, generator=gen) * 4 for _ in range(3))
+    half = [t.bfloat16() for t in (q, k, v)]
+    exact = attention(*(t.float() for t in half), heads=4)
+    upcast = attention(*half, heads=4, upcast=True)
+    assert upcast.dtype == torch.bfloat16
+    assert torch.equal(upcast, exact.bfloat16())

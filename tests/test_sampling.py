@@ -76,3 +76,53 @@ def test_cfg_one_skips_the_uncond_pass(tiny):
     model = GuidedDenoiser(Denoiser(counting, "eps"), cond, uncond, [1.0], 1.0)
     model(torch.randn(2, 4, LATENT, LATENT), 1.0, 100.0)
     assert calls == [2]
+
+
+def encode_sample(vae, images, generators, scale):
+    """Per-image VAE encode with a draw from that image's generator: mean + std * N(0, 1), then scaled
+    (diffusers' _encode_vae_image with a list of generators)."""
+    out = []
+    for image, g in zip(images, generators, strict=True):
+        mean, logvar = vae.encode(image[None])
+        out.append(mean + torch.exp(0.5 * logvar) * torch.randn(mean.shape, generator=g))
+    return torch.cat(out) * scale
+
+
+@pytest.mark.parametrize("strength", [1.0, 0.6])
+@torch.no_grad()
+def test_inpainting_equals_diffusers_4_channel(tiny, strength):
+    from diffusers import StableDiffusionInpaintPipeline
+    from PIL import Image
+
+    from minisd.sampling import keep_unmasked, strength_start
+    refs, sd = tiny
+    pixels = LATENT * 4   # the tiny VAE downsamples 4x
+    rng = torch.Generator().manual_seed(7)
+    image = (torch.rand(3, pixels, pixels, generator=rng) * 255).round().to(torch.uint8)
+    mask = torch.zeros(pixels, pixels, dtype=torch.uint8)
+    mask[8:40, 20:56] = 255   # white = repaint
+    cond, uncond = torch.randn(1, 77, 32, generator=rng), torch.randn(1, 77, 32, generator=rng)
+    pipe = StableDiffusionInpaintPipeline(vae=refs["vae"], text_encoder=None, tokenizer=None, unet=refs["unet"],
+                                          scheduler=make_scheduler("euler_a", "eps", "linspace"),
+                                          safety_checker=None, feature_extractor=None, requires_safety_checker=False)
+    ref = pipe(prompt_embeds=cond.repeat(2, 1, 1), negative_prompt_embeds=uncond.repeat(2, 1, 1),
+               # one copy per image: given a single image, diffusers encodes it once with generator 0 only
+               image=[Image.fromarray(image.permute(1, 2, 0).numpy())] * 2,
+               mask_image=[Image.fromarray(mask.numpy())] * 2,
+               strength=strength, num_inference_steps=STEPS, guidance_scale=CFG, height=pixels, width=pixels,
+               generator=[torch.Generator().manual_seed(s) for s in (20, 21)], output_type="latent").images
+
+    gens = [torch.Generator().manual_seed(s) for s in (20, 21)]
+    images = (image.float() / 127.5 - 1).expand(2, -1, -1, -1)
+    init = encode_sample(sd.vae, images, gens, sd.scale_factor)          # draw 1: the init image's latent
+    noise = draw(gens, init)                                               # draw 2: the initial noise
+    encode_sample(sd.vae, images, gens, sd.scale_factor)                  # draw 3: diffusers' masked-image latent
+    latent_mask = torch.nn.functional.interpolate((mask > 127).float()[None, None], size=(LATENT, LATENT))
+    sigmas, timesteps = strength_start(*step_schedule(STEPS, "linspace"), strength)
+    x = noise * sigmas[0] if strength == 1 else init + noise * sigmas[0]
+    model = GuidedDenoiser(Denoiser(sd.unet, "eps"), cond, uncond, [1.0], CFG)
+    ours = SAMPLERS["euler_a"](model, x, sigmas, timesteps, gens, keep_unmasked(init, noise, latent_mask, sigmas))
+    err = rel_err(ours, ref)
+    assert err <= 1e-4, f"inpainting strength {strength}: relative error {err:.2e}"
+    kept = latent_mask.expand_as(ours) < 0.5
+    assert torch.equal(ours[kept], init[kept])   # the kept region is the init latent, exactly
