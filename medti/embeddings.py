@@ -1,0 +1,274 @@
+"""Textual-inversion embeddings: read the formats people have, write ours, splice vectors into the text tower.
+
+Formats (facts read from each project's source; no code taken from them):
+  * ours: `.safetensors`, one float32 tensor [n, width] under the key = the token ("<healthy>"), string metadata
+    (token, vectors, step, base_preset, base_sha256, init, lr, data_sha256). It is also a valid diffusers file.
+  * AUTOMATIC1111 `.pt`/`.bin` (stable-diffusion-webui modules/textual_inversion/textual_inversion.py, Embedding.save
+    and load_from_file): a pickled dict {"string_to_token": {"*": 265}, "string_to_param": {"*": [n, width]}, "name",
+    "step", "sd_checkpoint", "sd_checkpoint_name"}. The token in prompts is the FILE STEM; "name" is ignored (it
+    carries a "-50000" step suffix for intermediate saves). A1111 never writes `.safetensors` embeddings; it
+    reads them with safetensors.torch.load_file and accepts exactly one tensor of any name (or an SDXL clip_l +
+    clip_g pair), again named after the file stem.
+  * diffusers `learned_embeds.bin`/`.safetensors` (diffusers loaders/textual_inversion.py and
+    examples/textual_inversion/textual_inversion.py save_progress): {token: [n, width]}; older scripts saved a 1-D
+    [width] tensor, which both diffusers and A1111 read as one vector. The token is the key.
+  * kohya sd-scripts (train_textual_inversion.py save_weights): {"emb_params": [n, width]} in `.safetensors` or a
+    torch.save `.pt`; the token is the file stem, as A1111 reads it (its one-tensor rule).
+Pickles are only ever opened with torch.load(weights_only=True): tensors and plain containers, never arbitrary code.
+"""
+import argparse
+import os
+import secrets
+import sys
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+from safetensors import safe_open
+from safetensors.torch import save as safetensors_bytes
+
+from minisd.tokenizer import VOCAB_SIZE
+
+EXTENSIONS = (".pt", ".bin", ".safetensors")
+# Our metadata keys (all values strings). write() stores whatever `meta` holds; the trainer fills these.
+META_KEYS = ("token", "vectors", "step", "base_preset", "base_sha256", "init", "lr", "data_sha256")
+
+
+class EmbeddingError(ValueError):
+    """An embedding file or use we refuse; the message is one line naming the file and what was found."""
+
+
+@dataclass
+class Embedding:
+    token: str                  # the text that stands for the vectors in a prompt
+    vectors: torch.Tensor       # [n, width] float32 on the CPU
+    meta: dict[str, str] = field(default_factory=dict)
+    source: str = field(default="", compare=False)   # the file it was read from, for error messages
+
+
+def _shape(t) -> str:
+    return "x".join(map(str, t.shape)) if isinstance(t, torch.Tensor) else type(t).__name__
+
+
+def _vectors(path, tensor, what: str, flat_ok: bool) -> torch.Tensor:
+    """Check and normalise one tensor to [n, width] float32 CPU. A 1-D tensor is one vector only where the format
+    says so (diffusers, and kohya through A1111's one-tensor rule); a 3-D tensor is no known format."""
+    if not isinstance(tensor, torch.Tensor) or not tensor.is_floating_point():
+        raise EmbeddingError(f"{path}: {what} is {_shape(tensor)}, not a float tensor of vectors")
+    if tensor.ndim == 1 and flat_ok:
+        tensor = tensor[None]   # [width] -> [1, width]
+    if tensor.ndim != 2 or tensor.shape[0] < 1:
+        raise EmbeddingError(f"{path}: {what} has shape [{', '.join(map(str, tensor.shape))}], expected [n, width]")
+    # clone(): our own compact storage, never a view into a bigger one (torch.save would write the whole storage).
+    tensor = tensor.detach().to("cpu", torch.float32).contiguous().clone()
+    if not torch.isfinite(tensor).all():
+        raise EmbeddingError(f"{path}: {what} holds NaN or inf values")
+    return tensor
+
+
+def _load_pickle(path: Path) -> dict:
+    try:
+        # weights_only=True: the unpickler rebuilds tensors and plain containers only and refuses any other
+        # global (os.system, a Lightning object...). The study's A1111 files pass: they hold an nn.Parameter,
+        # which is on the allow-list. Saved from cuda:0, hence map_location.
+        data = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:   # UnpicklingError for refused globals, RuntimeError/EOFError for damaged files
+        first = str(e).strip().splitlines()[0][:160] if str(e).strip() else ""
+        raise EmbeddingError(f"{path}: refused by torch.load(weights_only=True): {type(e).__name__} {first}") from None
+    if not isinstance(data, dict):
+        raise EmbeddingError(f"{path}: holds a {_shape(data)}, not a dict of embedding tensors")
+    return data
+
+
+def _load_safetensors(path: Path) -> tuple[dict, dict]:
+    try:
+        with safe_open(str(path), framework="pt", device="cpu") as f:
+            return {k: f.get_tensor(k) for k in f.keys()}, dict(f.metadata() or {})
+    except Exception as e:   # safetensors raises its own error types for a damaged header
+        raise EmbeddingError(f"{path}: not a readable .safetensors file ({type(e).__name__})") from None
+
+
+def read(path) -> Embedding:
+    """One embedding file in any format above -> Embedding. The caller checks the width against its model."""
+    path = Path(path)
+    if path.suffix not in EXTENSIONS:
+        raise EmbeddingError(f"{path}: unknown extension {path.suffix!r}; embeddings are {', '.join(EXTENSIONS)}")
+    if not path.is_file():
+        raise EmbeddingError(f"{path}: no such file")
+    meta: dict[str, str] = {}
+    if path.suffix == ".safetensors":
+        data, meta = _load_safetensors(path)
+    else:
+        data = _load_pickle(path)
+    keys = ", ".join(map(str, list(data)[:5])) + (", ..." if len(data) > 5 else "")
+    if "string_to_param" in data and isinstance(data["string_to_param"], dict):   # A1111
+        params = data["string_to_param"]
+        if len(params) != 1:
+            raise EmbeddingError(f"{path}: A1111 string_to_param has {len(params)} entries, expected one")
+        vectors = _vectors(path, next(iter(params.values())), "string_to_param['*']", flat_ok=False)
+        # Metadata as strings; None (A1111 writes sd_checkpoint=None when unknown) is left out.
+        meta = {k: str(data[k]) for k in ("name", "step", "sd_checkpoint", "sd_checkpoint_name")
+                if data.get(k) is not None}
+        return Embedding(path.stem, vectors, meta, str(path))
+    if "clip_l" in data or "clip_g" in data:
+        raise EmbeddingError(f"{path}: an SDXL embedding (clip_l/clip_g); SD2 has one 1024-wide text tower")
+    if len(data) != 1:
+        raise EmbeddingError(f"{path}: {len(data)} entries ({keys}); expected one tensor, or A1111 string_to_param")
+    key, tensor = next(iter(data.items()))
+    vectors = _vectors(path, tensor, repr(key), flat_ok=True)
+    if key == "emb_params":   # kohya: the key is fixed, the token is the file stem
+        return Embedding(path.stem, vectors, meta, str(path))
+    if meta.get("token", key) != key or meta.get("vectors", str(len(vectors))) != str(len(vectors)):
+        raise EmbeddingError(f"{path}: metadata says token {meta.get('token')!r} x {meta.get('vectors')} vectors, "
+                             f"but the file holds {key!r} x {len(vectors)}")
+    return Embedding(str(key), vectors, meta, str(path))   # diffusers, or ours (diffusers plus metadata)
+
+
+def read_all(paths) -> dict[str, Embedding]:
+    """Files and folders (searched recursively for .pt .bin .safetensors) -> {token: Embedding}."""
+    files: list[Path] = []
+    for p in map(Path, [paths] if isinstance(paths, (str, os.PathLike)) else paths):
+        if p.is_dir():
+            files += sorted(f for f in p.rglob("*") if f.suffix in EXTENSIONS and f.is_file())
+        else:
+            files.append(p)
+    found: dict[str, Embedding] = {}
+    for f in files:
+        emb = read(f)
+        if emb.token in found:
+            raise EmbeddingError(f"{f}: token {emb.token!r} is also defined by {found[emb.token].source}")
+        found[emb.token] = emb
+    return found
+
+
+def _atomic(path, save) -> None:
+    """save(file) into a temporary file beside `path`, then rename: readers never see half a file, and a failure
+    leaves the old file (if any) untouched and no temporary file behind."""
+    path = Path(path)
+    # A fresh name in the same folder (os.replace is atomic only within one file system), opened by us so the
+    # file gets the user's umask: tempfile.mkstemp, and safetensors' own save_file (0.8), create mode 0600.
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.{secrets.token_hex(4)}.tmp")
+    try:
+        with open(tmp, "xb") as f:
+            save(f)
+            f.flush()
+            os.fsync(f.fileno())   # the bytes are on disk before the name points at them
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+
+
+def write(path, emb: Embedding) -> None:
+    """Our format: {token: [n, width] float32} safetensors with string metadata (token and vectors filled in)."""
+    vectors = _vectors(path, emb.vectors, emb.token, flat_ok=False)
+    meta = {k: str(v) for k, v in emb.meta.items()} | {"token": emb.token, "vectors": str(len(vectors))}
+    _atomic(path, lambda f: f.write(safetensors_bytes({emb.token: vectors}, metadata=meta)))
+
+
+def export(emb: Embedding, path, fmt: str) -> None:
+    """fmt "a1111": the dict A1111's Embedding.save writes (torch.save of plain dicts, ints, strings and one
+    tensor, so weights_only loading accepts it); A1111 names it after the file stem, so name the file after the
+    token. fmt "diffusers": {token: [n, width]} safetensors with diffusers' metadata {"format": "pt"}."""
+    vectors = _vectors(path, emb.vectors, emb.token, flat_ok=False)
+    if fmt == "a1111":
+        step = emb.meta.get("step", "")
+        data = {"string_to_token": {"*": 265},   # 265 is the id of "*" in SD1's CLIP vocabulary; A1111 writes it
+                "string_to_param": {"*": vectors},
+                "name": emb.meta.get("name", emb.token),
+                "step": int(step) if step.isdigit() else None,
+                "sd_checkpoint": emb.meta.get("sd_checkpoint"),
+                "sd_checkpoint_name": emb.meta.get("sd_checkpoint_name")}
+        _atomic(path, lambda f: torch.save(data, f))
+    elif fmt == "diffusers":
+        _atomic(path, lambda f: f.write(safetensors_bytes({emb.token: vectors}, metadata={"format": "pt"})))
+    else:
+        raise EmbeddingError(f"{path}: unknown export format {fmt!r}; use a1111 or diffusers")
+
+
+def attach(sd, embeddings: dict[str, Embedding]) -> None:
+    """Register each token with the tokenizer (n new ids >= 49408) and keep its vectors in `sd.embeddings`
+    ({token: Embedding}) for encode(). All widths are checked before anything is registered."""
+    width = sd.text_encoder.cfg.width
+    for emb in embeddings.values():
+        n, w = emb.vectors.shape
+        if w != width:
+            hint = " -- an SD1.x embedding?" if w == 768 else ""
+            raise EmbeddingError(f"{emb.source or emb.token}: vectors are {w} wide; this model's text tower is "
+                                 f"{width} wide{hint}")
+    sd.embeddings = getattr(sd, "embeddings", {})
+    for token, emb in embeddings.items():
+        try:
+            sd.tokenizer.add_placeholder(token, len(emb.vectors))
+        except ValueError as e:   # a vocabulary word, or already registered
+            raise EmbeddingError(f"{emb.source or token}: {e}") from None
+        sd.embeddings[token] = emb
+
+
+def encode(sd, texts: list[str], override: dict[str, torch.Tensor] | None = None) -> torch.Tensor:
+    """Prompts -> text-tower output [B, 77, width], attached vectors spliced in at their placeholder ids.
+
+    override {token: tensor [n, width]} replaces an attached token's vectors for this call, e.g. the trainable
+    parameter of textual inversion; the result is differentiable with respect to it. The frozen token table is
+    only read."""
+    attached, override = getattr(sd, "embeddings", {}), override or {}
+    # detach(): the table stays frozen and bit-identical even if the model was built with trainable weights.
+    table = sd.text_encoder.token_embedding.weight.detach()              # [49408, width]
+    ids = sd.tokenizer(texts).to(table.device)                           # [B, 77]
+    is_new = ids >= VOCAB_SIZE
+    x = torch.nn.functional.embedding(ids.masked_fill(is_new, 0), table)   # [B, 77, width]; placeholders: row 0
+    unknown = sorted(set(override) - set(attached))
+    if unknown:
+        raise EmbeddingError(f"override for {unknown[0]!r}, which is not attached")
+    if not is_new.any():
+        return sd.text_encoder.forward_embeddings(x)
+    # One extra table for all placeholder ids, row = id - 49408; rows of ids without vectors stay NaN and are
+    # refused below if a prompt uses them.
+    n_ids = max(i for ids_ in sd.tokenizer.placeholders.values() for i in ids_) - VOCAB_SIZE + 1
+    extra = table.new_full((n_ids, table.shape[1]), float("nan"))
+    for token, emb in attached.items():
+        vectors = override.get(token, emb.vectors)
+        if vectors.shape != emb.vectors.shape:
+            raise EmbeddingError(f"override for {token!r} has shape {list(vectors.shape)}, "
+                                 f"attached vectors are {list(emb.vectors.shape)}")
+        rows = torch.tensor(sd.tokenizer.placeholders[token], device=table.device) - VOCAB_SIZE
+        extra = extra.index_copy(0, rows, vectors.to(table))   # out of place: gradients flow to `vectors`
+    spliced = extra[(ids - VOCAB_SIZE).clamp(min=0)]              # [B, 77, width]
+    if spliced[is_new].isnan().any():
+        names = [t for t, i in sd.tokenizer.placeholders.items() if t not in attached]
+        raise EmbeddingError(f"a prompt uses placeholder(s) {names} registered without vectors; attach() them")
+    return sd.text_encoder.forward_embeddings(torch.where(is_new[..., None], spliced, x))
+
+
+def info(path) -> str:
+    emb = read(path)
+    n, width = emb.vectors.shape
+    lines = [f"{path}: token {emb.token!r}, {n} vectors x {width}, mean vector norm "
+             f"{emb.vectors.norm(dim=1).mean().item():.2f}"]
+    return "\n".join(lines + [f"  {k}: {v}" for k, v in sorted(emb.meta.items())])
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m medti.embeddings", description=__doc__.splitlines()[0])
+    sub = parser.add_subparsers(dest="command", required=True)
+    p_export = sub.add_parser("export", help="convert one embedding file to A1111 .pt or diffusers .safetensors")
+    p_export.add_argument("input")
+    p_export.add_argument("output")
+    p_export.add_argument("--format", required=True, choices=("a1111", "diffusers"))
+    p_info = sub.add_parser("info", help="token, vectors, width, mean vector norm and metadata of each file")
+    p_info.add_argument("files", nargs="+")
+    args = parser.parse_args(argv)
+    try:
+        if args.command == "export":
+            export(read(args.input), args.output, args.format)
+        else:
+            for f in args.files:
+                print(info(f), flush=True)
+    except (EmbeddingError, OSError) as e:   # one line, no traceback: these are about the user's files
+        print(f"error: {' '.join(str(e).split())}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
