@@ -6,14 +6,14 @@ Formats (facts read from each project's source; no code taken from them):
   * AUTOMATIC1111 `.pt`/`.bin` (stable-diffusion-webui modules/textual_inversion/textual_inversion.py, Embedding.save
     and load_from_file): a pickled dict {"string_to_token": {"*": 265}, "string_to_param": {"*": [n, width]}, "name",
     "step", "sd_checkpoint", "sd_checkpoint_name"}. The token in prompts is the FILE STEM; "name" is ignored (it
-    carries a "-50000" step suffix for intermediate saves). A1111 never writes `.safetensors` embeddings; it
-    reads them with safetensors.torch.load_file and accepts exactly one tensor of any name (or an SDXL clip_l +
-    clip_g pair), again named after the file stem.
+    carries a "-50000" step suffix for intermediate saves). A1111 writes no `.safetensors` embeddings; it reads
+    them with safetensors.torch.load_file and takes exactly one tensor of any name (or an SDXL clip_l + clip_g
+    pair), named after the file stem too -- so for a diffusers file A1111's token (stem) and ours (key) differ.
   * diffusers `learned_embeds.bin`/`.safetensors` (diffusers loaders/textual_inversion.py and
     examples/textual_inversion/textual_inversion.py save_progress): {token: [n, width]}; older scripts saved a 1-D
-    [width] tensor, which both diffusers and A1111 read as one vector. The token is the key.
+    [width] tensor, which diffusers, A1111 and kohya all read as one vector. The token is the key.
   * kohya sd-scripts (train_textual_inversion.py save_weights): {"emb_params": [n, width]} in `.safetensors` or a
-    torch.save `.pt`; the token is the file stem, as A1111 reads it (its one-tensor rule).
+    torch.save `.pt`, maybe fp16; the token is the file stem, as A1111 reads it (its one-tensor rule).
 Pickles are only ever opened with torch.load(weights_only=True): tensors and plain containers, never arbitrary code.
 """
 import argparse
@@ -30,8 +30,6 @@ from safetensors.torch import save as safetensors_bytes
 from minisd.tokenizer import VOCAB_SIZE
 
 EXTENSIONS = (".pt", ".bin", ".safetensors")
-# Our metadata keys (all values strings). write() stores whatever `meta` holds; the trainer fills these.
-META_KEYS = ("token", "vectors", "step", "base_preset", "base_sha256", "init", "lr", "data_sha256")
 
 
 class EmbeddingError(ValueError):
@@ -46,15 +44,12 @@ class Embedding:
     source: str = field(default="", compare=False)   # the file it was read from, for error messages
 
 
-def _shape(t) -> str:
-    return "x".join(map(str, t.shape)) if isinstance(t, torch.Tensor) else type(t).__name__
-
-
 def _vectors(path, tensor, what: str, flat_ok: bool) -> torch.Tensor:
     """Check and normalise one tensor to [n, width] float32 CPU. A 1-D tensor is one vector only where the format
-    says so (diffusers, and kohya through A1111's one-tensor rule); a 3-D tensor is no known format."""
+    says so (diffusers, kohya); no format defines a 3-D tensor, so none is reshaped."""
     if not isinstance(tensor, torch.Tensor) or not tensor.is_floating_point():
-        raise EmbeddingError(f"{path}: {what} is {_shape(tensor)}, not a float tensor of vectors")
+        found = getattr(tensor, "dtype", type(tensor).__name__)
+        raise EmbeddingError(f"{path}: {what} holds {found}, not a float tensor of vectors")
     if tensor.ndim == 1 and flat_ok:
         tensor = tensor[None]   # [width] -> [1, width]
     if tensor.ndim != 2 or tensor.shape[0] < 1:
@@ -66,26 +61,22 @@ def _vectors(path, tensor, what: str, flat_ok: bool) -> torch.Tensor:
     return tensor
 
 
-def _load_pickle(path: Path) -> dict:
+def _load(path: Path) -> tuple[object, dict]:
+    """(contents, safetensors metadata) of one file, without running any code from it."""
+    if path.suffix == ".safetensors":
+        try:
+            with safe_open(str(path), framework="pt", device="cpu") as f:
+                return {k: f.get_tensor(k) for k in f.keys()}, dict(f.metadata() or {})
+        except Exception as e:   # safetensors raises its own error types for a damaged header
+            raise EmbeddingError(f"{path}: not a readable .safetensors file ({type(e).__name__})") from None
     try:
-        # weights_only=True: the unpickler rebuilds tensors and plain containers only and refuses any other
-        # global (os.system, a Lightning object...). The study's A1111 files pass: they hold an nn.Parameter,
-        # which is on the allow-list. Saved from cuda:0, hence map_location.
-        data = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as e:   # UnpicklingError for refused globals, RuntimeError/EOFError for damaged files
-        first = str(e).strip().splitlines()[0][:160] if str(e).strip() else ""
+        # weights_only=True: the unpickler rebuilds tensors and plain containers only and refuses any other global
+        # (os.system, a Lightning object, an old nn.ParameterDict). The study's A1111 files pass: they hold an
+        # nn.Parameter, which is on the allow-list. They were saved from cuda:0, hence map_location.
+        return torch.load(path, map_location="cpu", weights_only=True), {}
+    except Exception as e:   # UnpicklingError for a refused global, RuntimeError/EOFError for a damaged file
+        first = (str(e).strip().splitlines() or [""])[0][:160]
         raise EmbeddingError(f"{path}: refused by torch.load(weights_only=True): {type(e).__name__} {first}") from None
-    if not isinstance(data, dict):
-        raise EmbeddingError(f"{path}: holds a {_shape(data)}, not a dict of embedding tensors")
-    return data
-
-
-def _load_safetensors(path: Path) -> tuple[dict, dict]:
-    try:
-        with safe_open(str(path), framework="pt", device="cpu") as f:
-            return {k: f.get_tensor(k) for k in f.keys()}, dict(f.metadata() or {})
-    except Exception as e:   # safetensors raises its own error types for a damaged header
-        raise EmbeddingError(f"{path}: not a readable .safetensors file ({type(e).__name__})") from None
 
 
 def read(path) -> Embedding:
@@ -95,13 +86,10 @@ def read(path) -> Embedding:
         raise EmbeddingError(f"{path}: unknown extension {path.suffix!r}; embeddings are {', '.join(EXTENSIONS)}")
     if not path.is_file():
         raise EmbeddingError(f"{path}: no such file")
-    meta: dict[str, str] = {}
-    if path.suffix == ".safetensors":
-        data, meta = _load_safetensors(path)
-    else:
-        data = _load_pickle(path)
-    keys = ", ".join(map(str, list(data)[:5])) + (", ..." if len(data) > 5 else "")
-    if "string_to_param" in data and isinstance(data["string_to_param"], dict):   # A1111
+    data, meta = _load(path)
+    if not isinstance(data, dict):
+        raise EmbeddingError(f"{path}: holds a {type(data).__name__}, not a dict of embedding tensors")
+    if isinstance(data.get("string_to_param"), dict):   # A1111
         params = data["string_to_param"]
         if len(params) != 1:
             raise EmbeddingError(f"{path}: A1111 string_to_param has {len(params)} entries, expected one")
@@ -113,6 +101,7 @@ def read(path) -> Embedding:
     if "clip_l" in data or "clip_g" in data:
         raise EmbeddingError(f"{path}: an SDXL embedding (clip_l/clip_g); SD2 has one 1024-wide text tower")
     if len(data) != 1:
+        keys = ", ".join(map(str, list(data)[:5])) + (", ..." if len(data) > 5 else "")
         raise EmbeddingError(f"{path}: {len(data)} entries ({keys}); expected one tensor, or A1111 string_to_param")
     key, tensor = next(iter(data.items()))
     vectors = _vectors(path, tensor, repr(key), flat_ok=True)
@@ -128,10 +117,7 @@ def read_all(paths) -> dict[str, Embedding]:
     """Files and folders (searched recursively for .pt .bin .safetensors) -> {token: Embedding}."""
     files: list[Path] = []
     for p in map(Path, [paths] if isinstance(paths, (str, os.PathLike)) else paths):
-        if p.is_dir():
-            files += sorted(f for f in p.rglob("*") if f.suffix in EXTENSIONS and f.is_file())
-        else:
-            files.append(p)
+        files += sorted(f for f in p.rglob("*") if f.suffix in EXTENSIONS and f.is_file()) if p.is_dir() else [p]
     found: dict[str, Embedding] = {}
     for f in files:
         emb = read(f)
@@ -173,7 +159,7 @@ def export(emb: Embedding, path, fmt: str) -> None:
     vectors = _vectors(path, emb.vectors, emb.token, flat_ok=False)
     if fmt == "a1111":
         step = emb.meta.get("step", "")
-        data = {"string_to_token": {"*": 265},   # 265 is the id of "*" in SD1's CLIP vocabulary; A1111 writes it
+        data = {"string_to_token": {"*": 265},   # 265 is "*" in CLIP's vocabulary; A1111 writes it, never reads it
                 "string_to_param": {"*": vectors},
                 "name": emb.meta.get("name", emb.token),
                 "step": int(step) if step.isdigit() else None,
@@ -187,43 +173,42 @@ def export(emb: Embedding, path, fmt: str) -> None:
 
 
 def attach(sd, embeddings: dict[str, Embedding]) -> None:
-    """Register each token with the tokenizer (n new ids >= 49408) and keep its vectors in `sd.embeddings`
+    """Register each embedding's token with the tokenizer (n new ids >= 49408) and keep it in `sd.embeddings`
     ({token: Embedding}) for encode(). All widths are checked before anything is registered."""
     width = sd.text_encoder.cfg.width
     for emb in embeddings.values():
-        n, w = emb.vectors.shape
-        if w != width:
-            hint = " -- an SD1.x embedding?" if w == 768 else ""
-            raise EmbeddingError(f"{emb.source or emb.token}: vectors are {w} wide; this model's text tower is "
+        found = emb.vectors.shape[-1]
+        if emb.vectors.ndim != 2 or found != width:
+            hint = " -- an SD1.x embedding?" if found == 768 else ""
+            raise EmbeddingError(f"{emb.source or emb.token}: vectors are {found} wide; this model's text tower is "
                                  f"{width} wide{hint}")
     sd.embeddings = getattr(sd, "embeddings", {})
-    for token, emb in embeddings.items():
+    for emb in embeddings.values():
         try:
-            sd.tokenizer.add_placeholder(token, len(emb.vectors))
+            sd.tokenizer.add_placeholder(emb.token, len(emb.vectors))
         except ValueError as e:   # a vocabulary word, or already registered
-            raise EmbeddingError(f"{emb.source or token}: {e}") from None
-        sd.embeddings[token] = emb
+            raise EmbeddingError(f"{emb.source or emb.token}: {e}") from None
+        sd.embeddings[emb.token] = emb
 
 
 def encode(sd, texts: list[str], override: dict[str, torch.Tensor] | None = None) -> torch.Tensor:
     """Prompts -> text-tower output [B, 77, width], attached vectors spliced in at their placeholder ids.
 
     override {token: tensor [n, width]} replaces an attached token's vectors for this call, e.g. the trainable
-    parameter of textual inversion; the result is differentiable with respect to it. The frozen token table is
-    only read."""
+    parameter of textual inversion; the result is differentiable with respect to it."""
     attached, override = getattr(sd, "embeddings", {}), override or {}
-    # detach(): the table stays frozen and bit-identical even if the model was built with trainable weights.
+    unknown = sorted(set(override) - set(attached))
+    if unknown:
+        raise EmbeddingError(f"override for {unknown[0]!r}, which is not attached")
+    # detach(): the table is only read, and stays bit-identical even if the model was built with trainable weights.
     table = sd.text_encoder.token_embedding.weight.detach()              # [49408, width]
     ids = sd.tokenizer(texts).to(table.device)                           # [B, 77]
     is_new = ids >= VOCAB_SIZE
     x = torch.nn.functional.embedding(ids.masked_fill(is_new, 0), table)   # [B, 77, width]; placeholders: row 0
-    unknown = sorted(set(override) - set(attached))
-    if unknown:
-        raise EmbeddingError(f"override for {unknown[0]!r}, which is not attached")
     if not is_new.any():
         return sd.text_encoder.forward_embeddings(x)
-    # One extra table for all placeholder ids, row = id - 49408; rows of ids without vectors stay NaN and are
-    # refused below if a prompt uses them.
+    # One extra table for all placeholder ids, row = id - 49408. Rows of ids registered without vectors stay NaN
+    # and are refused below if a prompt uses them.
     n_ids = max(i for ids_ in sd.tokenizer.placeholders.values() for i in ids_) - VOCAB_SIZE + 1
     extra = table.new_full((n_ids, table.shape[1]), float("nan"))
     for token, emb in attached.items():
@@ -235,35 +220,29 @@ def encode(sd, texts: list[str], override: dict[str, torch.Tensor] | None = None
         extra = extra.index_copy(0, rows, vectors.to(table))   # out of place: gradients flow to `vectors`
     spliced = extra[(ids - VOCAB_SIZE).clamp(min=0)]              # [B, 77, width]
     if spliced[is_new].isnan().any():
-        names = [t for t, i in sd.tokenizer.placeholders.items() if t not in attached]
+        names = [t for t in sd.tokenizer.placeholders if t not in attached]
         raise EmbeddingError(f"a prompt uses placeholder(s) {names} registered without vectors; attach() them")
     return sd.text_encoder.forward_embeddings(torch.where(is_new[..., None], spliced, x))
-
-
-def info(path) -> str:
-    emb = read(path)
-    n, width = emb.vectors.shape
-    lines = [f"{path}: token {emb.token!r}, {n} vectors x {width}, mean vector norm "
-             f"{emb.vectors.norm(dim=1).mean().item():.2f}"]
-    return "\n".join(lines + [f"  {k}: {v}" for k, v in sorted(emb.meta.items())])
 
 
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(prog="python -m medti.embeddings", description=__doc__.splitlines()[0])
     sub = parser.add_subparsers(dest="command", required=True)
-    p_export = sub.add_parser("export", help="convert one embedding file to A1111 .pt or diffusers .safetensors")
-    p_export.add_argument("input")
-    p_export.add_argument("output")
-    p_export.add_argument("--format", required=True, choices=("a1111", "diffusers"))
-    p_info = sub.add_parser("info", help="token, vectors, width, mean vector norm and metadata of each file")
-    p_info.add_argument("files", nargs="+")
+    p = sub.add_parser("export", help="convert one embedding file to A1111 .pt or diffusers .safetensors")
+    p.add_argument("input")
+    p.add_argument("output")
+    p.add_argument("--format", required=True, choices=("a1111", "diffusers"))
+    sub.add_parser("info", help="token, vectors, width, mean norm and metadata of each file").add_argument(
+        "files", nargs="+")
     args = parser.parse_args(argv)
     try:
         if args.command == "export":
             export(read(args.input), args.output, args.format)
-        else:
-            for f in args.files:
-                print(info(f), flush=True)
+        for f in getattr(args, "files", []):   # info: one summary line, then the metadata indented
+            e = read(f)
+            print(f"{f}: token {e.token!r}, {len(e.vectors)} vectors x {e.vectors.shape[1]}, mean vector norm "
+                  f"{e.vectors.norm(dim=1).mean().item():.2f}", *(f"  {k}: {v}" for k, v in sorted(e.meta.items())),
+                  sep="\n", flush=True)
     except (EmbeddingError, OSError) as e:   # one line, no traceback: these are about the user's files
         print(f"error: {' '.join(str(e).split())}", file=sys.stderr)
         return 2
