@@ -5,10 +5,10 @@ Formats (facts read from each project's source; no code taken from them):
     (token, vectors, step, base_preset, base_sha256, init, lr, data_sha256). It is also a valid diffusers file.
   * AUTOMATIC1111 `.pt`/`.bin` (stable-diffusion-webui modules/textual_inversion/textual_inversion.py, Embedding.save
     and load_from_file): a pickled dict {"string_to_token": {"*": 265}, "string_to_param": {"*": [n, width]}, "name",
-    "step", "sd_checkpoint", "sd_checkpoint_name"}. The token in prompts is the FILE STEM; "name" is ignored (it
-    carries a "-50000" step suffix for intermediate saves). A1111 writes no `.safetensors` embeddings; it reads
-    them with safetensors.torch.load_file and takes exactly one tensor of any name (or an SDXL clip_l + clip_g
-    pair), named after the file stem too -- so for a diffusers file A1111's token (stem) and ours (key) differ.
+    "step", "sd_checkpoint", "sd_checkpoint_name"}. A1111's token is the FILE STEM, and ours; diffusers takes "name",
+    which can carry a "-50000" step suffix (3 of the study's 8 files). A1111 writes no `.safetensors` embeddings;
+    it reads them with safetensors.torch.load_file and takes exactly one tensor of any name (or an SDXL clip_l +
+    clip_g pair), named after the file stem too: for a diffusers file A1111's token (stem) and ours (key) differ.
   * diffusers `learned_embeds.bin`/`.safetensors` (diffusers loaders/textual_inversion.py and
     examples/textual_inversion/textual_inversion.py save_progress): {token: [n, width]}; older scripts saved a 1-D
     [width] tensor, which diffusers, A1111 and kohya all read as one vector. The token is the key.
@@ -18,6 +18,7 @@ Pickles are only ever opened with torch.load(weights_only=True): tensors and pla
 """
 import argparse
 import os
+import re
 import secrets
 import sys
 from dataclasses import dataclass, field
@@ -50,8 +51,7 @@ def _vectors(path, tensor, what: str, flat_ok: bool) -> torch.Tensor:
     if not isinstance(tensor, torch.Tensor) or not tensor.is_floating_point():
         found = getattr(tensor, "dtype", type(tensor).__name__)
         raise EmbeddingError(f"{path}: {what} holds {found}, not a float tensor of vectors")
-    if tensor.ndim == 1 and flat_ok:
-        tensor = tensor[None]   # [width] -> [1, width]
+    tensor = tensor[None] if tensor.ndim == 1 and flat_ok else tensor   # [width] -> [1, width]
     if tensor.ndim != 2 or tensor.shape[0] < 1:
         raise EmbeddingError(f"{path}: {what} has shape [{', '.join(map(str, tensor.shape))}], expected [n, width]")
     # clone(): our own compact storage, never a view into a bigger one (torch.save would write the whole storage).
@@ -75,8 +75,9 @@ def _load(path: Path) -> tuple[object, dict]:
         # nn.Parameter, which is on the allow-list. They were saved from cuda:0, hence map_location.
         return torch.load(path, map_location="cpu", weights_only=True), {}
     except Exception as e:   # UnpicklingError for a refused global, RuntimeError/EOFError for a damaged file
-        first = (str(e).strip().splitlines() or [""])[0][:160]
-        raise EmbeddingError(f"{path}: refused by torch.load(weights_only=True): {type(e).__name__} {first}") from None
+        found = re.search(r"GLOBAL ([\w.]+)", str(e))   # the name of the refused global, if that was the reason
+        why = f"it pickles {found[1]}" if found else re.sub(r"\x1b\[\d+m|\s+", " ", str(e)).strip()[:160]
+        raise EmbeddingError(f"{path}: refused by torch.load(weights_only=True): {type(e).__name__}, {why}") from None
 
 
 def read(path) -> Embedding:
@@ -128,8 +129,7 @@ def read_all(paths) -> dict[str, Embedding]:
 
 
 def _atomic(path, save) -> None:
-    """save(file) into a temporary file beside `path`, then rename: readers never see half a file, and a failure
-    leaves the old file (if any) untouched and no temporary file behind."""
+    """save(file) into a temporary file beside `path`, then rename: never half a file, nothing left on failure."""
     path = Path(path)
     # A fresh name in the same folder (os.replace is atomic only within one file system), opened by us so the
     # file gets the user's umask: tempfile.mkstemp, and safetensors' own save_file (0.8), create mode 0600.
@@ -158,11 +158,10 @@ def export(emb: Embedding, path, fmt: str) -> None:
     token. fmt "diffusers": {token: [n, width]} safetensors with diffusers' metadata {"format": "pt"}."""
     vectors = _vectors(path, emb.vectors, emb.token, flat_ok=False)
     if fmt == "a1111":
-        step = emb.meta.get("step", "")
         data = {"string_to_token": {"*": 265},   # 265 is "*" in CLIP's vocabulary; A1111 writes it, never reads it
                 "string_to_param": {"*": vectors},
                 "name": emb.meta.get("name", emb.token),
-                "step": int(step) if step.isdigit() else None,
+                "step": int(emb.meta["step"]) if emb.meta.get("step", "").isdigit() else None,
                 "sd_checkpoint": emb.meta.get("sd_checkpoint"),
                 "sd_checkpoint_name": emb.meta.get("sd_checkpoint_name")}
         _atomic(path, lambda f: torch.save(data, f))
@@ -179,9 +178,8 @@ def attach(sd, embeddings: dict[str, Embedding]) -> None:
     for emb in embeddings.values():
         found = emb.vectors.shape[-1]
         if emb.vectors.ndim != 2 or found != width:
-            hint = " -- an SD1.x embedding?" if found == 768 else ""
             raise EmbeddingError(f"{emb.source or emb.token}: vectors are {found} wide; this model's text tower is "
-                                 f"{width} wide{hint}")
+                                 f"{width} wide" + (" -- an SD1.x embedding?" if found == 768 else ""))
     sd.embeddings = getattr(sd, "embeddings", {})
     for emb in embeddings.values():
         try:
@@ -197,9 +195,8 @@ def encode(sd, texts: list[str], override: dict[str, torch.Tensor] | None = None
     override {token: tensor [n, width]} replaces an attached token's vectors for this call, e.g. the trainable
     parameter of textual inversion; the result is differentiable with respect to it."""
     attached, override = getattr(sd, "embeddings", {}), override or {}
-    unknown = sorted(set(override) - set(attached))
-    if unknown:
-        raise EmbeddingError(f"override for {unknown[0]!r}, which is not attached")
+    if set(override) - set(attached):
+        raise EmbeddingError(f"override for {sorted(set(override) - set(attached))[0]!r}, which is not attached")
     # detach(): the table is only read, and stays bit-identical even if the model was built with trainable weights.
     table = sd.text_encoder.token_embedding.weight.detach()              # [49408, width]
     ids = sd.tokenizer(texts).to(table.device)                           # [B, 77]

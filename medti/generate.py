@@ -163,7 +163,7 @@ def run(args) -> list[Path]:
         record = {"file": path.name, "prompt": args.prompt, "negative": args.negative, "seed": seed,
                   "steps": args.steps, "cfg": args.cfg, "sampler": args.sampler, "sigmas": args.sigmas,
                   "width": width, "height": height, "model": str(args.model), "model_sha256": model_hash,
-                  "embeddings": {token: e.meta.get("source", "") for token, e in loaded.items()}}
+                  "embeddings": {token: e.source for token, e in loaded.items()}}
         with open(out / "manifest.jsonl", "a") as f:
             f.write(json.dumps(record) + "\n")
         written.append(path)
