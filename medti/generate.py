@@ -8,7 +8,6 @@ Each PNG carries its parameters in a `parameters` text chunk (the A1111 conventi
 DIR/manifest.jsonl. Every user mistake is reported in one line before any sampling starts.
 """
 import argparse
-import hashlib
 import json
 import os
 import re
@@ -22,6 +21,7 @@ import torch
 from PIL import Image, PngImagePlugin
 
 import minisd
+from minisd.load import sha256_of
 from minisd.sampling import SAMPLERS, SPACINGS, Denoiser, GuidedDenoiser, draw, initial_sigma, step_schedule
 
 from . import embeddings as emb
@@ -75,14 +75,6 @@ def check_args(args) -> tuple[int, int]:
     except OSError as e:
         raise UsageError(f"--out {out}: cannot write there ({e.strerror})") from None
     return args.width or args.size, args.height or args.size
-
-
-def file_sha256(path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 24), b""):
-            digest.update(chunk)
-    return digest.hexdigest()
 
 
 def conditioning(sd, prompt: str, negative: str):
@@ -148,7 +140,7 @@ def run(args) -> list[Path]:
     emb.attach(sd, loaded)
     width, height = width or sd.config.resolution, height or sd.config.resolution
     terms, conds, uncond = conditioning(sd, args.prompt, args.negative)
-    model_hash = file_sha256(sd.path)
+    model_hash = sha256_of(sd.path)
     sigmas, timesteps = step_schedule(args.steps, args.sigmas)
     model = GuidedDenoiser(Denoiser(sd.unet, sd.prediction), conds, uncond, [w for _, w in terms], args.cfg,
                            args.batch)

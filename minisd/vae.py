@@ -11,6 +11,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .attention import attention
+from .unet import Upsample  # nearest x2 then a 3x3 conv `conv`: the same block in both networks
 
 
 @dataclass(frozen=True)
@@ -71,15 +72,6 @@ class Downsample(nn.Module):
     def forward(self, x):
         # Why asymmetric: ldm pads one pixel on the right and bottom only, then convolves without padding.
         return self.conv(F.pad(x, (0, 1, 0, 1)))
-
-
-class Upsample(nn.Module):
-    def __init__(self, channels: int):
-        super().__init__()
-        self.conv = nn.Conv2d(channels, channels, 3, padding=1)
-
-    def forward(self, x):
-        return self.conv(F.interpolate(x, scale_factor=2.0, mode="nearest"))
 
 
 class Level(nn.Module):
