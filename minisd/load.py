@@ -58,6 +58,16 @@ class ModelConfig:
     scale_factor: float = 0.18215   # latent scale: latents are divided by this before decoding
     resolution: int = 512           # native image size in pixels
 
+    @property
+    def latent_factor(self) -> int:
+        """Pixels per latent pixel: the VAE halves the size at every level but the last (SD2: 8)."""
+        return 2 ** (len(self.vae.ch_mult) - 1)
+
+    @property
+    def size_multiple(self) -> int:
+        """Image sides must be multiples of this, so the UNet can halve the latent at each level (SD2: 64)."""
+        return self.latent_factor * 2 ** (len(self.unet.channel_mult) - 1)
+
 
 def presets() -> dict:
     return json.loads((weights_dir() / "presets.json").read_text())["presets"]

@@ -58,7 +58,8 @@ class Denoiser:
 
     eps model: D = x - sigma * eps(c_in x).  v model: D = x / (sigma^2 + 1) - sigma / sqrt(sigma^2 + 1) * v(c_in x).
     In both, the UNet sees c_in x with c_in = 1 / sqrt(sigma^2 + 1) (unit variance) at the timestep t that
-    belongs to sigma; the sampler supplies both.
+    belongs to sigma; the sampler supplies both. `extra` channels (the 9-channel inpainting model's mask and
+    masked-image latent) are appended after that scaling, unscaled; for 4-channel models they have 0 channels.
     """
 
     def __init__(self, unet, prediction: str):
@@ -66,9 +67,9 @@ class Denoiser:
             raise ValueError(f"prediction must be 'eps' or 'v', not {prediction!r}")
         self.unet, self.v = unet, prediction == "v"
 
-    def __call__(self, x, sigma: float, t: float, context):
+    def __call__(self, x, sigma: float, t: float, context, extra):
         c_in = 1 / (sigma ** 2 + 1) ** 0.5
-        out = self.unet(x * c_in, torch.full((x.shape[0],), t, device=x.device), context)
+        out = self.unet(torch.cat([x * c_in, extra], dim=1), torch.full((x.shape[0],), t, device=x.device), context)
         if self.v:
             return x / (sigma ** 2 + 1) - out * (sigma * c_in)
         return x - out * sigma
@@ -79,11 +80,12 @@ class GuidedDenoiser:
 
     conds: [K, 77, width] term embeddings, uncond: [1, 77, width], weights: K floats. All terms and the uncond
     run through the UNet in one batch per image (split into chunks of `batch` rows). cfg == 1 with a single
-    term of weight 1 is plain conditional sampling: the uncond pass is skipped.
+    term of weight 1 is plain conditional sampling: the uncond pass is skipped. extra: [B, C', h, w] per-image
+    channels for the UNet input (9-channel inpainting), or None.
     """
 
-    def __init__(self, denoiser: Denoiser, conds, uncond, weights, cfg: float, batch: int = 0):
-        self.denoiser, self.cfg = denoiser, cfg
+    def __init__(self, denoiser: Denoiser, conds, uncond, weights, cfg: float, batch: int = 0, extra=None):
+        self.denoiser, self.cfg, self.extra = denoiser, cfg, extra
         self.skip_uncond = cfg == 1 and len(weights) == 1 and weights[0] == 1
         self.context = conds if self.skip_uncond else torch.cat([conds, uncond])
         self.weights = torch.tensor(weights, dtype=torch.float32)
@@ -95,7 +97,8 @@ class GuidedDenoiser:
         # [B, C, h, w] -> [B*rows, C, h, w]: every image with every term (and the uncond, last)
         xs = x.repeat_interleave(rows, dim=0)
         ctx = self.context.repeat(n, 1, 1)
-        out = torch.cat([self.denoiser(xs[i:i + chunk], sigma, t, ctx[i:i + chunk])
+        extra = (x[:, :0] if self.extra is None else self.extra).repeat_interleave(rows, dim=0)   # x[:, :0]: none
+        out = torch.cat([self.denoiser(xs[i:i + chunk], sigma, t, ctx[i:i + chunk], extra[i:i + chunk])
                          for i in range(0, n * rows, chunk)])
         out = out.unflatten(0, (n, rows))   # [B, rows, C, h, w]
         if self.skip_uncond:

@@ -11,6 +11,7 @@ any real mistake (a swapped norm, a wrong eps, sin/cos order, a missing block) g
 from dataclasses import replace
 
 import torch
+
 from conftest import rel_err
 
 TOL = 1e-4

@@ -11,11 +11,11 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import TINY_CONFIG
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
 import minisd
+from conftest import TINY_CONFIG
 from medti import embeddings as E
 from minisd.tokenizer import VOCAB_SIZE
 

@@ -10,12 +10,12 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import randomize_, rel_err, write_official
 from diffusers import AutoencoderKL, UNet2DConditionModel
 from test_components import TOL
 from transformers import CLIPTextConfig, CLIPTextModel
 
 import minisd
+from conftest import randomize_, rel_err, write_official
 from minisd.load import IGNORED, PREFIXES, ignored_prefixes
 
 KEYS_TSV = Path(__file__).with_name("sd2_checkpoint_keys.tsv")

@@ -5,10 +5,10 @@ import json
 
 import pytest
 import torch
-from conftest import TINY_CONFIG
 from safetensors.torch import save_file
 
 import minisd
+from conftest import TINY_CONFIG
 from minisd.load import PREFIXES, verify
 from minisd.schedule import alphas_cumprod
 

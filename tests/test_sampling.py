@@ -7,9 +7,9 @@ floats), which stays near 1e-6 over 12 steps; a wrong sigma, a wrong draw order 
 """
 import pytest
 import torch
-from conftest import rel_err
 from diffusers import EulerAncestralDiscreteScheduler, EulerDiscreteScheduler, StableDiffusionPipeline
 
+from conftest import rel_err
 from minisd.sampling import SAMPLERS, Denoiser, GuidedDenoiser, draw, initial_sigma, step_schedule, training_sigmas
 
 STEPS, CFG, LATENT = 12, 3.0, 16
