@@ -1,30 +1,36 @@
 """Generate images with SD2 and learned embeddings: `python -m medti.generate`.
 
     python -m medti.generate --model sd2-base --embeddings embeddings/ \\
-        --prompt "<healthy> :0.25 AND <cardiomegaly> :0.75" --n 4 --seed 0 --out out/
+        --prompt "chexpert_healthy :0.25 AND chexpert_cardiomegaly :0.75" --n 4 --seed 0 --out out/
 
-Image i uses its own generator seeded with seed + i, so any image can be remade alone, whatever the batch.
-Each PNG carries its parameters in a `parameters` text chunk (the A1111 convention) and gets one line in
-DIR/manifest.jsonl. Every user mistake is reported in one line before any sampling starts.
+Image i uses its own generator seeded with seed + i, so any image can be remade alone, whatever the batch or the
+number of processes. Each PNG carries its parameters in a `parameters` text chunk (the A1111 convention) and one
+line in DIR/manifest.jsonl. Every user mistake is reported in one line before any sampling starts.
+
+Sharding: under `torchrun --nproc_per_node N -m medti.generate -- ...` (the `--` keeps torchrun from reading
+`--n` as an abbreviation of its own options; it drops the `--`), or any launcher that sets RANK and
+WORLD_SIZE) rank r makes the images i with i % N == r and logs them to its own DIR/manifest.part<r>.jsonl; whichever
+process finishes last (or a later `--resume`) merges the parts into manifest.jsonl. No process group is needed.
 """
 import argparse
 import json
 import os
 import re
 import sys
-import tempfile
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
-import numpy as np
 import torch
-from PIL import Image, PngImagePlugin
+from safetensors.torch import save_file
 
 import minisd
 from minisd.load import sha256_of
-from minisd.sampling import SAMPLERS, SPACINGS, Denoiser, GuidedDenoiser, draw, initial_sigma, step_schedule
+from minisd.sampling import SAMPLERS, SPACINGS
 
 from . import embeddings as emb
+from .images import ImageError, contact_sheet, load_image, load_mask, save_png, to_pil
+from .pipeline import decode, sample
 from .prompts import PromptError, check_length, parse
 
 SAMPLER_NAMES = {"euler_a": "Euler a", "euler": "Euler"}   # as A1111 writes them in `parameters`
@@ -36,140 +42,224 @@ class UsageError(ValueError):
 
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="python -m medti.generate", description=__doc__.split("\n\n")[0])
-    p.add_argument("--model", default="sd2-base", help="preset name or .safetensors file")
-    p.add_argument("--config", help="preset name or JSON config (needed for a file outside the presets)")
-    p.add_argument("--embeddings", action="append", default=[], help="embedding files or folders (repeatable)")
-    p.add_argument("--prompt", required=True, help='terms joined by AND, each with an optional ":weight"')
-    p.add_argument("--negative", default="", help="negative prompt (the unconditional term); empty by default")
-    p.add_argument("--n", type=int, default=1, help="number of images")
-    p.add_argument("--seed", type=int, default=0, help="image i uses seed + i")
-    p.add_argument("--steps", type=int, default=100)
-    p.add_argument("--cfg", type=float, default=2.0, help="classifier-free guidance scale")
-    p.add_argument("--size", type=int, help="square image size in pixels (default: the model's native size)")
-    p.add_argument("--width", type=int)
-    p.add_argument("--height", type=int)
-    p.add_argument("--sampler", choices=sorted(SAMPLERS), default="euler_a")
-    p.add_argument("--sigmas", choices=SPACINGS, default="linspace", help="step schedule")
-    p.add_argument("--batch", type=int, default=0, help="UNet rows per call (0: all terms of one image at once)")
-    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    p.add_argument("--dtype", choices=["fp32", "fp16", "bf16"], help="default fp16 on CUDA, fp32 on CPU")
-    p.add_argument("--out", required=True, help="output folder")
+    add = p.add_argument
+    add("--model", default="sd2-base", help="preset name or .safetensors file")
+    add("--config", help="preset name or JSON config (needed for a file outside the presets)")
+    add("--embeddings", action="append", default=[], help="embedding files or folders (repeatable)")
+    add("--prompt", help='terms joined by AND, each with an optional ":weight" (":0.3", ":30%%", ":-1")')
+    add("--negative", default="", help="negative prompt (the unconditional term); empty by default")
+    add("--sweep", nargs=2, metavar=("A", "B"), help='interpolation grid "A :1-w AND B :w", one column per weight')
+    add("--weights", default="0,0.25,0.5,0.75,1", help="--sweep weights w, comma-separated")
+    add("--n", type=int, default=1, help="number of images (with --sweep: rows, one seed each)")
+    add("--seed", type=int, default=0, help="image i uses seed + i")
+    add("--steps", type=int, default=100)
+    add("--cfg", type=float, default=2.0, help="classifier-free guidance scale")
+    add("--size", type=int, help="square image size in pixels (default: the model's native size)")
+    add("--width", type=int)
+    add("--height", type=int)
+    add("--sampler", choices=sorted(SAMPLERS), default="euler_a")
+    add("--sigmas", choices=SPACINGS, default="linspace", help="step schedule")
+    add("--batch", type=int, default=0, help="UNet rows per call; 0: one image (all its terms) per call")
+    add("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    add("--dtype", choices=["fp32", "fp16", "bf16"], help="default fp16 on CUDA, fp32 on CPU")
+    add("--init-image", help="start from this image (img2img; with --mask: inpainting)")
+    add("--mask", help="white = repaint; any size and mode, resized to the image")
+    add("--mask-blur", type=float, default=0, help="Gaussian blur radius in pixels before binarising the mask")
+    add("--strength", type=float, default=1.0, help="1: start from pure noise; < 1: keep that much of the init")
+    add("--save-latents", action="store_true", help="also write each final latent as NNNNN.safetensors")
+    add("--grid", action="store_true", help="also write grid.png, a contact sheet of all images")
+    add("--resume", action="store_true", help="continue a run in --out, skipping images its manifest holds")
+    add("--out", required=True, help="output folder")
     return p
 
 
-def check_args(args) -> tuple[int, int]:
-    """Validate what can be checked without the model; returns (width, height) or None for native."""
+def check_args(args):
+    """Everything that can be checked before the model is loaded."""
+    if (args.prompt is None) == (args.sweep is None):
+        raise UsageError("give either --prompt or --sweep A B")
     for name in ("n", "steps"):
         if getattr(args, name) < 1:
             raise UsageError(f"--{name} must be at least 1")
-    if args.batch < 0:
-        raise UsageError("--batch must be 0 (all at once) or positive")
-    for name in ("size", "width", "height"):
-        value = getattr(args, name)
-        if value is not None and (value < 64 or value % 64):
-            raise UsageError(f"--{name} {value}: must be a multiple of 64 (SD2 latents are 1/8 size, UNet needs /8)")
+    if args.batch < 0 or args.mask_blur < 0:
+        raise UsageError("--batch and --mask-blur must not be negative")
+    if not 0 < args.strength <= 1:
+        raise UsageError(f"--strength {args.strength}: must be in (0, 1]")
+    if (args.mask or args.strength < 1) and not args.init_image:
+        raise UsageError("--mask and --strength < 1 need --init-image")
     out = Path(args.out)
     try:
         out.mkdir(parents=True, exist_ok=True)
-        tempfile.TemporaryFile(dir=out).close()
+        probe = out / f".write-test-{os.getpid()}"
+        probe.touch()
+        probe.unlink()
     except OSError as e:
         raise UsageError(f"--out {out}: cannot write there ({e.strerror})") from None
-    return args.width or args.size, args.height or args.size
+    if not args.resume and (list(out.glob("manifest*.jsonl")) or list(out.glob("[0-9]*.png"))):
+        raise UsageError(f"--out {out} already holds a run; pass --resume to continue it or choose another folder")
 
 
-def conditioning(sd, prompt: str, negative: str):
-    """Parse the composable prompt and encode every term and the negative prompt once.
-    Returns (terms [(text, weight)], conds [K, 77, width], uncond [1, 77, width])."""
-    terms = parse(prompt)
-    for text in [t for t, _ in terms] + [negative]:
+@dataclass
+class Job:
+    index: int
+    seed: int
+    prompt: str
+    weights: list
+
+    @property
+    def file(self) -> str:
+        return f"{self.index:05d}.png"
+
+
+def plan(args) -> tuple[list, list]:
+    """(term texts, jobs). --sweep A B: row r (seed + r) has one image per weight w, prompt "A :1-w AND B :w"."""
+    if args.sweep is None:
+        terms = parse(args.prompt)
+        weights = [w for _, w in terms]
+        return [t for t, _ in terms], [Job(i, args.seed + i, args.prompt, weights) for i in range(args.n)]
+    a, b = args.sweep
+    if any(re.search(r"\bAND\b", text) for text in (a, b)):
+        raise UsageError("--sweep takes two single terms (no AND); their weights come from --weights")
+    try:
+        ws = [float(w) for w in args.weights.split(",")]
+    except ValueError:
+        raise UsageError(f"--weights {args.weights!r}: expected numbers separated by commas") from None
+    jobs = [Job(r * len(ws) + c, args.seed + r, f"{a} :{1 - w:g} AND {b} :{w:g}", [1 - w, w])
+            for r in range(args.n) for c, w in enumerate(ws)]
+    return [a, b], jobs
+
+
+def conditioning(sd, texts: list, negative: str):
+    """Encode the term texts and the negative prompt once: ([K, 77, width], [1, 77, width])."""
+    for text in texts + [negative]:
         unknown = [w for w in re.findall(r"<[^<>\s]+>", text) if w not in sd.tokenizer.placeholders]
         if unknown:
             raise UsageError(f"prompt token {unknown[0]} matches no loaded embedding; load it with --embeddings "
                              f"(loaded: {', '.join(sd.tokenizer.placeholders) or 'none'})")
-    check_length(terms + [(negative, 1.0)], lambda text: len(sd.tokenizer.encode(text)))
+    check_length([(t, 1.0) for t in texts + [negative]], lambda text: len(sd.tokenizer.encode(text)))
     with torch.no_grad():
-        conds = emb.encode(sd, [t for t, _ in terms])
-        uncond = emb.encode(sd, [negative])
-    return terms, conds, uncond
+        return emb.encode(sd, texts), emb.encode(sd, [negative])
 
 
-def to_pil(image: torch.Tensor) -> Image.Image:
-    """[3, H, W] in [-1, 1] -> 8-bit RGB, rounding as diffusers' numpy_to_pil does."""
-    array = ((image.float() / 2 + 0.5).clamp(0, 1).permute(1, 2, 0).cpu().numpy() * 255).round().astype(np.uint8)
-    return Image.fromarray(array)
+def record(args, job: Job, width: int, height: int, model_hash: str, loaded: dict) -> dict:
+    """One manifest line. Deterministic (no times), so a resumed run can check it continues the same run."""
+    return {"file": job.file, "prompt": job.prompt, "negative": args.negative, "seed": job.seed,
+            "steps": args.steps, "cfg": args.cfg, "sampler": args.sampler, "sigmas": args.sigmas,
+            "width": width, "height": height, "model": str(args.model), "model_sha256": model_hash,
+            "embeddings": {token: sha256_of(e.source) if e.source else "" for token, e in sorted(loaded.items())},
+            "init_image": args.init_image, "mask": args.mask, "mask_blur": args.mask_blur, "strength": args.strength}
 
 
-def save_png(path: Path, image: Image.Image, parameters: str):
-    """Atomic write: a half-written PNG never appears under the final name."""
-    info = PngImagePlugin.PngInfo()
-    info.add_text("parameters", parameters)
-    tmp = path.with_name(f".{path.name}.tmp")
-    image.save(tmp, format="PNG", pnginfo=info)
-    os.replace(tmp, path)
-
-
-def parameters_text(args, seed: int, width: int, height: int, model_hash: str, embeddings: dict) -> str:
+def parameters_text(rec: dict) -> str:
     """A1111's `parameters` layout: prompt, "Negative prompt: ...", then "key: value" pairs."""
-    pairs = [f"Steps: {args.steps}", f"Sampler: {SAMPLER_NAMES[args.sampler]}", f"Schedule: {args.sigmas}",
-             f"CFG scale: {args.cfg}", f"Seed: {seed}", f"Size: {width}x{height}", f"Model hash: {model_hash[:10]}",
-             f"Model: {Path(str(args.model)).name}"]
-    if embeddings:
-        pairs.append("Embeddings: " + ", ".join(sorted(embeddings)))
-    return f"{args.prompt}\nNegative prompt: {args.negative}\n" + ", ".join(pairs)
+    pairs = [f"Steps: {rec['steps']}", f"Sampler: {SAMPLER_NAMES[rec['sampler']]}", f"Schedule: {rec['sigmas']}",
+             f"CFG scale: {rec['cfg']}", f"Seed: {rec['seed']}", f"Size: {rec['width']}x{rec['height']}",
+             f"Model hash: {rec['model_sha256'][:10]}", f"Model: {Path(rec['model']).name}"]
+    if rec["embeddings"]:
+        pairs.append("Embeddings: " + ", ".join(rec["embeddings"]))
+    if rec["init_image"]:
+        pairs.append(f"Denoising strength: {rec['strength']}")
+    return f"{rec['prompt']}\nNegative prompt: {rec['negative']}\n" + ", ".join(pairs)
 
 
-@torch.no_grad()
-def sample_image(sd, model, seed: int, width: int, height: int, sigmas, timesteps, sampler, spacing, dtype, device):
-    generator = [torch.Generator().manual_seed(seed)]   # CPU generator: the same numbers on any device
-    shape = torch.zeros(1, 4, height // 8, width // 8, dtype=dtype, device=device)
-    x = draw(generator, shape) * initial_sigma(sigmas, spacing)
-    latents = SAMPLERS[sampler](model, x, sigmas, timesteps, generator)
-    image = sd.vae.decode(latents / sd.scale_factor)
-    if not torch.isfinite(image).all():   # fp16 VAE overflow: redo the decode in fp32
-        image = sd.vae.float().decode(latents.float() / sd.scale_factor)
-        sd.vae.to(dtype)
-    return latents, image[0]
+def batches(jobs: list, per_call: int) -> list:
+    """Consecutive jobs with the same term weights, at most per_call per UNet batch."""
+    groups = []
+    for job in jobs:
+        if groups and len(groups[-1]) < per_call and groups[-1][0].weights == job.weights:
+            groups[-1].append(job)
+        else:
+            groups.append([job])
+    return groups
 
 
-def run(args) -> list[Path]:
-    width, height = check_args(args)
+def read_records(out: Path) -> dict:
+    """file -> record, from the merged manifest and any per-rank parts (of this run or of one that died)."""
+    records = {}
+    for path in [out / "manifest.jsonl", *sorted(out.glob("manifest.part*.jsonl"))]:
+        if path.is_file():
+            for line in path.read_text().splitlines():
+                if line.strip():
+                    rec = json.loads(line)
+                    if (out / rec["file"]).is_file():
+                        records[rec["file"]] = rec
+    return records
+
+
+def merge(out: Path, planned: dict, grid_columns: int | None) -> bool:
+    """If every planned image is done, write manifest.jsonl (sorted, atomically), drop the parts, make the grid."""
+    records = read_records(out)
+    if not set(planned) <= set(records):
+        return False
+    tmp = out / f".manifest.{os.getpid()}.tmp"
+    tmp.write_text("".join(json.dumps(records[f]) + "\n" for f in sorted(planned)))
+    os.replace(tmp, out / "manifest.jsonl")
+    for part in out.glob("manifest.part*.jsonl"):
+        part.unlink(missing_ok=True)
+    if grid_columns is not None:
+        save_png(out / "grid.png", contact_sheet([out / f for f in sorted(planned)], grid_columns))
+    return True
+
+
+def run(args):
+    check_args(args)
+    rank, world = int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
+    device = args.device
+    if device == "cuda" and world > 1:
+        device = f"cuda:{os.environ.get('LOCAL_RANK', rank)}"
     dtype = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}.get(
-        args.dtype, torch.float16 if str(args.device).startswith("cuda") else torch.float32)
+        args.dtype, torch.float16 if str(device).startswith("cuda") else torch.float32)
+    texts, jobs = plan(args)
     loaded = emb.read_all(args.embeddings) if args.embeddings else {}
-    sd = minisd.load(args.model, config=args.config, dtype=dtype, device=args.device)
+    sd = minisd.load(args.model, config=args.config, dtype=dtype, device=device)
     emb.attach(sd, loaded)
-    width, height = width or sd.config.resolution, height or sd.config.resolution
-    terms, conds, uncond = conditioning(sd, args.prompt, args.negative)
+    width = args.width or args.size or sd.config.resolution
+    height = args.height or args.size or sd.config.resolution
+    for name, value in (("width", width), ("height", height)):
+        if value < sd.config.size_multiple or value % sd.config.size_multiple:
+            flag = name if getattr(args, name) else "size" if args.size else "config's resolution"
+            raise UsageError(f"--{flag} {value}: must be a multiple of {sd.config.size_multiple} for this model")
+    init = load_image(args.init_image, width, height) if args.init_image else None
+    mask = load_mask(args.mask, width, height, args.mask_blur) if args.mask else None
+    if sd.config.unet.in_channels == 9 and mask is None:
+        raise UsageError("the inpainting model (9 input channels) needs --init-image and --mask")
+    conds, uncond = conditioning(sd, texts, args.negative)
     model_hash = sha256_of(sd.path)
-    sigmas, timesteps = step_schedule(args.steps, args.sigmas)
-    model = GuidedDenoiser(Denoiser(sd.unet, sd.prediction), conds, uncond, [w for _, w in terms], args.cfg,
-                           args.batch)
-    out, written = Path(args.out), []
-    start = time.perf_counter()
-    for i in range(args.n):
-        seed = args.seed + i
-        _, image = sample_image(sd, model, seed, width, height, sigmas, timesteps, args.sampler, args.sigmas,
-                                dtype, args.device)
-        path = out / f"{i:05d}.png"
-        save_png(path, to_pil(image), parameters_text(args, seed, width, height, model_hash, loaded))
-        record = {"file": path.name, "prompt": args.prompt, "negative": args.negative, "seed": seed,
-                  "steps": args.steps, "cfg": args.cfg, "sampler": args.sampler, "sigmas": args.sigmas,
-                  "width": width, "height": height, "model": str(args.model), "model_sha256": model_hash,
-                  "embeddings": {token: e.source for token, e in loaded.items()}}
-        with open(out / "manifest.jsonl", "a") as f:
-            f.write(json.dumps(record) + "\n")
-        written.append(path)
-        elapsed = time.perf_counter() - start
-        print(f"[{i + 1}/{args.n}] {path}  ({elapsed / (i + 1):.1f} s/image, "
-              f"ETA {elapsed / (i + 1) * (args.n - i - 1):.0f} s)", file=sys.stderr)
-    return written
+    out = Path(args.out)
+    planned = {job.file: record(args, job, width, height, model_hash, loaded) for job in jobs}
+    done = read_records(out)
+    changed = [f for f in done if f in planned and done[f] != planned[f]]
+    if changed:
+        raise UsageError(f"--out {out}: {changed[0]} was made with other parameters; --resume continues the same run")
+    todo = [job for job in jobs if job.index % world == rank and job.file not in done]
+    per_call = max(1, args.batch // (len(texts) + 1)) if args.batch else 1
+    start, part, finished = time.perf_counter(), out / f"manifest.part{rank}.jsonl", 0
+    for group in batches(todo, per_call):
+        latents = sample(sd, conds, uncond, group[0].weights, [job.seed for job in group], width=width,
+                         height=height, cfg=args.cfg, steps=args.steps, sampler=args.sampler, spacing=args.sigmas,
+                         batch=args.batch, init=init, mask=mask, strength=args.strength)
+        for job, latent, image in zip(group, latents, decode(sd, latents), strict=True):
+            rec = planned[job.file]
+            if args.save_latents:   # scaled latent, as the sampler ends; divide by scale_factor to decode
+                tmp = out / f".{job.index:05d}.safetensors.tmp"
+                save_file({"latent": latent.float().cpu().contiguous()}, str(tmp),
+                          metadata={"scale_factor": str(sd.scale_factor), "file": job.file})
+                os.replace(tmp, out / f"{job.index:05d}.safetensors")
+            save_png(out / job.file, to_pil(image), parameters_text(rec))
+            with open(part, "a") as f:
+                f.write(json.dumps(rec) + "\n")
+        finished += len(group)
+        rate = (time.perf_counter() - start) / finished
+        print(f"[rank {rank}] {finished}/{len(todo)} images, {rate:.1f} s/image, "
+              f"ETA {rate * (len(todo) - finished):.0f} s", file=sys.stderr)
+    columns = len(jobs) // args.n if args.sweep else 0
+    merge(out, planned, columns if args.grid else None)
 
 
 def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
     try:
         run(args)
-    except (UsageError, PromptError, minisd.LoadError, emb.EmbeddingError) as e:
+    except (UsageError, PromptError, ImageError, minisd.LoadError, emb.EmbeddingError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
     return 0

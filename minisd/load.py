@@ -194,12 +194,25 @@ def load_component(file: TensorFile, prefix: str, module: torch.nn.Module, skip:
     return module.eval().requires_grad_(False)
 
 
-def sha256_of(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 24), b""):
-            digest.update(chunk)
-    return digest.hexdigest()
+def sha256_of(path) -> str:
+    """sha256 of a file, remembered per (path, size, mtime) in ~/.cache/medti/sha256.json ($MEDTI_CACHE): hashing
+    5 GB takes a while, and generation records the model's hash with every image."""
+    path = Path(path).resolve()
+    stat = path.stat()
+    memo = Path(os.environ.get("MEDTI_CACHE", Path.home() / ".cache" / "medti")) / "sha256.json"
+    seen = json.loads(memo.read_text()) if memo.is_file() else {}
+    stamp = f"{path}:{stat.st_size}:{stat.st_mtime_ns}"
+    if stamp not in seen:
+        digest = hashlib.sha256()
+        with open(path, "rb") as f:
+            for chunk in iter(lambda: f.read(1 << 24), b""):
+                digest.update(chunk)
+        seen[stamp] = digest.hexdigest()
+        memo.parent.mkdir(parents=True, exist_ok=True)
+        tmp = memo.with_name(f".{memo.name}.{os.getpid()}.tmp")
+        tmp.write_text(json.dumps(seen, indent=1))
+        os.replace(tmp, memo)
+    return seen[stamp]
 
 
 def fetch(name: str) -> Path:
@@ -217,23 +230,13 @@ def fetch(name: str) -> Path:
 
 
 def verify(path: Path, preset: dict, name: str):
-    """Size always; the sha256 once per file (5 GB take a while), remembered in a small cache file."""
+    """The downloaded file is the preset's: size first (cheap), then sha256 (once per file, see sha256_of)."""
     size = path.stat().st_size
     if preset.get("size") and size != preset["size"]:
         raise LoadError(f"{path}: {size} bytes, but preset {name} is {preset['size']} bytes; delete it and retry")
-    if not preset.get("sha256"):
-        return
-    memo = Path(os.environ.get("MEDTI_CACHE", Path.home() / ".cache" / "medti")) / "verified.json"
-    seen = json.loads(memo.read_text()) if memo.is_file() else {}
-    stamp = f"{path.resolve()}:{size}:{path.stat().st_mtime_ns}"
-    if seen.get(stamp) == preset["sha256"]:
-        return
-    if sha256_of(path) != preset["sha256"]:
+    if preset.get("sha256") and sha256_of(path) != preset["sha256"]:
         raise LoadError(f"{path}: sha256 differs from preset {name}'s ({preset['sha256'][:12]}...); "
                         "the download is corrupt or not the official file -- delete it and retry")
-    seen[stamp] = preset["sha256"]
-    memo.parent.mkdir(parents=True, exist_ok=True)
-    memo.write_text(json.dumps(seen, indent=1))
 
 
 @dataclass

@@ -2,6 +2,7 @@
 parameters, manifest, and one-line errors. The numbers themselves are checked against diffusers in
 test_sampling.py; here the CLI's plumbing is under test."""
 import json
+import os
 import subprocess
 import sys
 
@@ -64,7 +65,7 @@ def test_png_parameters_and_manifest(model_files, tmp_path):
 @pytest.mark.parametrize("extra,words", [
     (["--prompt", "<healthy> lungs"], "prompt token <healthy> matches no loaded embedding"),
     (["--prompt", "a dog:0.5x"], "a dog:0.5x"),
-    (["--prompt", "x", "--size", "100"], "--size 100: must be a multiple of 64"),
+    (["--prompt", "x", "--size", "100"], "--size 100: must be a multiple of 16"),
     (["--prompt", "x", "--steps", "0"], "--steps must be at least 1"),
 ])
 def test_errors_are_one_line_before_sampling(model_files, tmp_path, capsys, extra, words):
@@ -81,3 +82,108 @@ def test_cli_error_has_no_traceback(model_files, tmp_path):
                             capture_output=True, text=True)
     assert result.returncode == 2 and "Traceback" not in result.stderr
     assert result.stderr.strip().count("\n") == 0 and "no such file" in result.stderr
+
+
+def test_inpainting_cli_equals_pipeline(model_files, tmp_path):
+    """The CLI's inpainting is medti.pipeline.sample on the loaded image and mask (that function is compared
+    with diffusers in test_pipeline.py); the kept region of the saved latent is the init latent's."""
+    from medti.images import load_image, load_mask
+    from medti.pipeline import sample
+    Image.fromarray((torch.rand(96, 96, 3, generator=torch.Generator().manual_seed(0)) * 255).byte().numpy()
+                    ).save(tmp_path / "init.png")
+    mask = Image.new("L", (48, 48))    # any size with the same aspect; white = repaint
+    mask.paste(255, (10, 10, 30, 40))
+    mask.save(tmp_path / "mask.png")
+    out = tmp_path / "out"
+    assert generate(model_files, out, "--prompt", "chest x-ray", "--init-image", str(tmp_path / "init.png"),
+                    "--mask", str(tmp_path / "mask.png"), "--mask-blur", "1.5", "--strength", "0.8", "--cfg", "2",
+                    "--save-latents", "--seed", "3") == 0
+    from safetensors.torch import load_file
+    saved = load_file(str(out / "00000.safetensors"))["latent"]
+    model, config = model_files
+    sd = minisd.load(model, config=config)
+    from medti import embeddings as E
+    cond, uncond = E.encode(sd, ["chest x-ray"]), E.encode(sd, [""])
+    init, m = load_image(tmp_path / "init.png", 64, 64), load_mask(tmp_path / "mask.png", 64, 64, 1.5)
+    ref = sample(sd, cond, uncond, [1.0], [3], width=64, height=64, cfg=2.0, steps=3, init=init, mask=m,
+                 strength=0.8)
+    assert torch.equal(saved, ref[0])
+    assert 0 < m.mean() < 1
+
+
+def test_sweep_grid_and_manifest(model_files, tmp_path):
+    assert generate(model_files, tmp_path, "--sweep", "healthy lungs", "enlarged heart", "--weights", "0,0.5,1",
+                    "--n", "2", "--grid") == 0
+    records = [json.loads(line) for line in (tmp_path / "manifest.jsonl").read_text().splitlines()]
+    assert [r["seed"] for r in records] == [0, 0, 0, 1, 1, 1]   # same seed along a row
+    assert records[1]["prompt"] == "healthy lungs :0.5 AND enlarged heart :0.5"
+    assert records[2]["prompt"] == "healthy lungs :0 AND enlarged heart :1"
+    assert Image.open(tmp_path / "grid.png").size == (3 * 64, 2 * 64)   # one column per weight
+
+
+def test_resume_after_a_dead_shard_equals_an_uninterrupted_run(model_files, tmp_path, monkeypatch):
+    assert generate(model_files, tmp_path / "whole", "--prompt", "x", "--n", "4") == 0
+    part = tmp_path / "part"
+    monkeypatch.setenv("RANK", "0")
+    monkeypatch.setenv("WORLD_SIZE", "2")   # rank 0 of 2 alone: rank 1 "died" before making anything
+    assert generate(model_files, part, "--prompt", "x", "--n", "4") == 0
+    assert sorted(p.name for p in part.glob("*.png")) == ["00000.png", "00002.png"]
+    assert not (part / "manifest.jsonl").exists()   # incomplete: nothing merged yet
+    monkeypatch.setenv("WORLD_SIZE", "1")
+    assert generate(model_files, part, "--prompt", "x", "--n", "4") == 2   # a used folder needs --resume
+    assert generate(model_files, part, "--prompt", "x", "--n", "4", "--resume") == 0
+    assert (part / "manifest.jsonl").read_text() == (tmp_path / "whole" / "manifest.jsonl").read_text()
+    for i in range(4):
+        assert (part / f"{i:05d}.png").read_bytes() == (tmp_path / "whole" / f"{i:05d}.png").read_bytes()
+    assert not list(part.glob("manifest.part*"))
+    assert generate(model_files, part, "--prompt", "y", "--n", "4", "--resume") == 2   # other parameters
+
+
+def test_torchrun_two_processes(model_files, tmp_path):
+    """Two CPU processes under torchrun make the same files as one process. torchrun runs each process with
+    OMP_NUM_THREADS=1, and a different thread count changes float summation order (last-bit differences that
+    can flip a pixel value), so the single-process reference runs with one thread too."""
+    model, config = model_files
+    args = ["--model", str(model), "--config", str(config), "--steps", "3", "--prompt", "x", "--n", "5"]
+    one = subprocess.run([sys.executable, "-m", "medti.generate", *args, "--out", str(tmp_path / "one")],
+                         env={**os.environ, "OMP_NUM_THREADS": "1"}, capture_output=True, text=True, timeout=300)
+    assert one.returncode == 0, one.stderr[-2000:]
+    result = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+                             "-m", "medti.generate", "--", *args, "--out", str(tmp_path / "two")],
+                            capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert (tmp_path / "two" / "manifest.jsonl").read_text() == (tmp_path / "one" / "manifest.jsonl").read_text()
+    for i in range(5):
+        assert (tmp_path / "two" / f"{i:05d}.png").read_bytes() == (tmp_path / "one" / f"{i:05d}.png").read_bytes()
+
+
+def test_embeddings_in_prompts_and_width_check(model_files, tmp_path, capsys):
+    from medti import embeddings as E
+    E.export(E.Embedding("x", torch.randn(3, 32), {}), tmp_path / "lesion.pt", "a1111")   # token = file stem
+    E.write(tmp_path / "sd1.safetensors", E.Embedding("<sd1>", torch.randn(2, 48), {}))
+    assert generate(model_files, tmp_path / "a", "--prompt", "lesion in the lung",
+                    "--embeddings", str(tmp_path / "lesion.pt")) == 0
+    assert "lesion" in json.loads((tmp_path / "a" / "manifest.jsonl").read_text())["embeddings"]
+    assert generate(model_files, tmp_path / "b", "--prompt", "x",
+                    "--embeddings", str(tmp_path / "sd1.safetensors")) == 2
+    assert "48 wide" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("extra,words", [
+    (["--init-image", "{tmp}/nope.png"], "nope.png: not a readable image"),
+    (["--init-image", "{tmp}/wide.png"], "a different aspect"),
+    (["--init-image", "{tmp}/square.png", "--mask", "{tmp}/wide.png"], "wide.png: the mask is 80x40"),
+    (["--mask", "{tmp}/wide.png"], "--mask and --strength < 1 need --init-image"),
+    (["--out", "{tmp}/file.txt/sub"], "cannot write there"),
+])
+def test_image_and_output_errors(model_files, tmp_path, capsys, extra, words):
+    (tmp_path / "nope.png").write_text("not an image")
+    (tmp_path / "file.txt").write_text("")
+    Image.new("RGB", (80, 40)).save(tmp_path / "wide.png")
+    Image.new("I;16", (64, 64)).save(tmp_path / "square.png")
+    extra = [e.replace("{tmp}", str(tmp_path)) for e in extra]
+    model, config = model_files
+    out = [] if "--out" in extra else ["--out", str(tmp_path / "o")]
+    assert main(["--model", str(model), "--config", str(config), "--prompt", "x", *out, *extra]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.count("\n") == 0 and words in err, err
