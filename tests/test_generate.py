@@ -187,3 +187,13 @@ def test_image_and_output_errors(model_files, tmp_path, capsys, extra, words):
     assert main(["--model", str(model), "--config", str(config), "--prompt", "x", *out, *extra]) == 2
     err = capsys.readouterr().err.strip()
     assert err.count("\n") == 0 and words in err, err
+
+
+def test_bf16_and_kdiffusion_euler_run(model_files, tmp_path):
+    """The reduced-precision path and the other sampler/schedule run end to end (their maths is checked in
+    test_sampling.py; here: flags reach the pipeline and the output is recorded)."""
+    assert generate(model_files, tmp_path, "--prompt", "x", "--dtype", "bf16", "--sampler", "euler",
+                    "--sigmas", "kdiffusion", "--width", "64", "--height", "32") == 0
+    assert Image.open(tmp_path / "00000.png").size == (64, 32)
+    rec = json.loads((tmp_path / "manifest.jsonl").read_text())
+    assert (rec["sampler"], rec["sigmas"], rec["width"], rec["height"]) == ("euler", "kdiffusion", 64, 32)

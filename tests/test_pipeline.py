@@ -83,3 +83,23 @@ def test_inpainting_and_img2img_equal_diffusers(tiny, tiny9, channels, strength,
                   strength=strength)
     err = rel_err(ours, ref)
     assert err <= 1e-4, f"{channels}-channel, strength {strength}: relative error {err:.2e}"
+
+
+@torch.no_grad()
+def test_half_precision_vae_overflow_is_redone_in_fp32(tiny):
+    """A decode that overflows in fp16 (inf/NaN) is redone in fp32; the VAE keeps its dtype afterwards."""
+    import copy
+
+    from medti.pipeline import decode
+    _, sd = tiny
+    sd = copy.copy(sd)
+    sd.vae = copy.deepcopy(sd.vae)
+    sd.vae.decoder.conv_in.weight.mul_(3e4)   # activations beyond fp16's 65504, fine in fp32
+    latents = torch.randn(1, 4, 8, 8, generator=torch.Generator().manual_seed(0))
+    sd.vae.half()
+    # the fp32 redo runs the fp16-rounded weights in fp32
+    reference = copy.deepcopy(sd.vae).float().decode(latents.half().float() / sd.scale_factor).clamp(-1, 1)
+    assert not torch.isfinite(sd.vae.decode(latents.half() / sd.scale_factor)).all()
+    images = decode(sd, latents.half())
+    assert torch.isfinite(images).all() and torch.equal(images, reference)
+    assert next(sd.vae.parameters()).dtype == torch.float16
