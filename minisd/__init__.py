@@ -1,6 +1,7 @@
 """minisd: Stable Diffusion 2 from scratch, loading the official checkpoint files."""
 from .clip import TextConfig, TextTransformer
-from .load import LoadError, ModelConfig, StableDiffusion, build, load, load_config, presets
+from .config import LoadError, ModelConfig, load_config, presets
+from .load import StableDiffusion, build, load
 from .unet import UNetConfig, UNetModel
 from .vae import AutoencoderKL, VAEConfig
 
