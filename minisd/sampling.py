@@ -12,11 +12,16 @@ from .schedule import NUM_TIMESTEPS
 SPACINGS = ("linspace", "leading", "trailing", "kdiffusion")
 
 
-def training_sigmas() -> np.ndarray:
-    """sigma_t = sqrt((1 - abar_t) / abar_t) for t = 0..999, computed in float32 as diffusers does (its betas are
-    a float32 linspace), so that interpolated step sigmas agree bit for bit."""
+def training_alphas_cumprod() -> torch.Tensor:
+    """abar_t for t = 0..999 in float32, computed as diffusers' schedulers do (betas a float32 linspace in
+    sqrt(beta)), so that step sigmas and training noise agree with diffusers bit for bit."""
     betas = torch.linspace(0.00085 ** 0.5, 0.012 ** 0.5, NUM_TIMESTEPS, dtype=torch.float32) ** 2
-    abar = torch.cumprod(1.0 - betas, dim=0)
+    return torch.cumprod(1.0 - betas, dim=0)
+
+
+def training_sigmas() -> np.ndarray:
+    """sigma_t = sqrt((1 - abar_t) / abar_t) for t = 0..999 (SD2: 0.0292 .. 14.6146)."""
+    abar = training_alphas_cumprod()
     return (((1 - abar) / abar) ** 0.5).numpy()
 
 

@@ -1,0 +1,250 @@
+"""Training images for textual inversion: any bit depth and mode, crop/resize presets, stacked MRI channels, and
+a list of the files left out with the reason. Each file is read once; the bytes hashed are the bytes decoded."""
+import hashlib
+import io
+import os
+from collections import Counter
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image
+
+EXTENSIONS = (".png", ".jpg", ".jpeg", ".tif", ".tiff", ".bmp")   # compared lower-case
+PREPROCESS = ("center", "cxr", "upsample", "none")
+WIDE_MODES = ("I;16", "I;16B", "I;16L", "I;16N", "I", "F")   # PIL modes of 16-bit, 32-bit int and float images
+
+
+class DataError(ValueError):
+    """A data problem, in one line that names the file or folder."""
+
+
+class _Skip(Exception):
+    """Internal: this file or case is unusable; the message is the reason (collected, or raised under strict)."""
+
+
+@dataclass
+class Dataset:
+    images: torch.Tensor   # [N, 3, R, R] float32 in [-1, 1]
+    names: list[str]       # relative paths (POSIX), or case names with `channels`
+    skipped: list[tuple[str, str]]   # (relative path or case name, reason), in the order met
+    fingerprint: str       # sha256 over the used files' paths and bytes: see _fingerprint
+
+
+def _walk(folder: Path) -> list[Path]:
+    """Every file under `folder` whose relative path has no hidden part (".DS_Store", "._x.png" from macOS,
+    ".git/"), sorted by relative POSIX path string (the order of `names`); links to folders are not followed."""
+    found = []
+    for root, dirs, files in os.walk(folder):
+        dirs[:] = [d for d in dirs if not d.startswith(".")]   # prune: never descend into hidden folders
+        found += [Path(root, f) for f in files if not f.startswith(".")]
+    return sorted(found, key=lambda p: p.relative_to(folder).as_posix())
+
+
+def find_images(folder) -> list[Path]:
+    """Image files under `folder`, recursive and sorted (see _walk); extensions are matched case-insensitively."""
+    folder = Path(folder)
+    if not folder.is_dir():
+        raise DataError(f"{folder}: not a folder")
+    return [p for p in _walk(folder) if p.suffix.lower() in EXTENSIONS]
+
+
+def _to_8bit(image: Image.Image) -> Image.Image:
+    """8-bit L or RGB. 8-bit images are used as they are (RGBA/LA drop alpha, not composited; palette -> RGB).
+    16-bit, 32-bit int and float images are rescaled linearly from the image's own [min, max] to [0, 255]: MR has
+    no absolute unit and CT/X-ray exports are usually windowed already, so the image's range is the only scale we
+    have (PIL's convert clips instead: most of a 16-bit image turns white; medti.images.to_8bit divides by 65535).
+    A constant image becomes black. PIL reads 16-bit-per-channel RGB as 8-bit RGB itself (keeping the high byte)."""
+    if image.mode in WIDE_MODES:
+        array = np.asarray(image, dtype=np.float64)
+        finite = np.isfinite(array)   # float TIFFs may hold NaN/inf outside the body; they become the minimum
+        if not finite.any():
+            raise _Skip("no finite pixel values")
+        low, high = array[finite].min(), array[finite].max()
+        array = np.where(finite, array, low) - low
+        scaled = array * (255 / (high - low)) if high > low else array
+        return Image.fromarray(np.floor(scaled + 0.5).astype(np.uint8))   # round half up; uint8 2-D -> mode L
+    if image.mode in ("L", "RGB"):
+        return image
+    return image.convert("L" if image.mode in ("1", "LA", "La") else "RGB")
+
+
+def _bytes(path: Path) -> bytes:
+    try:
+        return path.read_bytes()
+    except OSError as e:   # permissions, a broken link, a file removed meanwhile
+        raise _Skip(f"cannot read the file ({e.strerror})") from None
+
+
+def _read(path: Path, data: bytes) -> Image.Image:
+    """Decode one file's bytes to 8-bit L or RGB, or raise _Skip with the reason."""
+    if not data:
+        raise _Skip("empty file (0 bytes)")
+    try:
+        with Image.open(io.BytesIO(data)) as image:
+            if getattr(image, "n_frames", 1) > 1:   # a stack/volume: taking slice 0 silently would be a guess
+                raise _Skip(f"{image.n_frames} frames in one file; export one slice per file")
+            image.load()   # decode now: a truncated file fails here, not later
+            return _to_8bit(image)
+    except Image.UnidentifiedImageError:   # (_Skip is none of the classes caught here, so it passes through)
+        raise _Skip(f"not an image PIL can read ({path.suffix} extension)") from None
+    except (OSError, ValueError, SyntaxError, EOFError, Image.DecompressionBombError) as e:
+        raise _Skip(f"unreadable image: {str(e).splitlines()[0] if str(e) else type(e).__name__}") from None
+
+
+def _square_crop(image: Image.Image) -> Image.Image:
+    """The centred square of side min(width, height); with an odd excess the extra pixel goes right/bottom."""
+    side = min(image.size)
+    left, top = (image.width - side) // 2, (image.height - side) // 2
+    return image.crop((left, top, left + side, top + side))
+
+
+def _cxr(image: Image.Image, resolution: int) -> Image.Image:
+    """The reference study's chest X-ray recipe: crop to the bounding box of non-zero pixels (strictly
+    non-zero, any channel; JPEG noise in a black border therefore stays in), resize so the longest edge is
+    `resolution` keeping the aspect, and zero-pad to a centred square (extra pixel right/bottom)."""
+    box = image.getbbox()
+    if box is None:
+        raise _Skip("all black: cxr crops to the non-zero pixels and there are none")
+    image = image.crop(box)
+    scale = resolution / max(image.size)
+    size = (max(1, round(image.width * scale)), max(1, round(image.height * scale)))
+    canvas = Image.new(image.mode, (resolution, resolution))   # zeros = black
+    canvas.paste(image.resize(size, Image.LANCZOS), ((resolution - size[0]) // 2, (resolution - size[1]) // 2))
+    return canvas
+
+
+def _fit(image: Image.Image, resolution: int, preprocess: str) -> Image.Image:
+    """Apply a PREPROCESS preset. Downscaling (center, cxr) uses Lanczos: the least aliasing of PIL's filters,
+    and the filter medti.images uses for init images, so training and img2img inputs are resampled alike.
+    `upsample` uses bicubic, which rings less than Lanczos when enlarging small patches (96-px histology).
+    PIL returns an unresampled copy when the size already matches, so an R x R square passes through exactly."""
+    if preprocess == "none":
+        if image.size != (resolution, resolution):
+            raise _Skip(f"wrong size: {image.width}x{image.height}, preprocess 'none' needs {resolution}x{resolution}")
+        return image
+    if preprocess == "cxr":
+        return _cxr(image, resolution)
+    resample = Image.BICUBIC if preprocess == "upsample" else Image.LANCZOS
+    return _square_crop(image).resize((resolution, resolution), resample)
+
+
+def _group_cases(folder: Path, files: list[Path], channels: list[str], skip) -> dict[str, dict[str, Path]]:
+    """Match files to (case, channel). A file whose stem is a channel name (any case) belongs to the case named
+    by its folder: `CASE/t2w.png` -> case "CASE". Otherwise the text after the stem's last underscore is the
+    channel: `CASE_t2w.png` -> case "CASE" (or "sub/CASE" in a subfolder). The first rule wins. The layouts
+    may be mixed: `p1/T2W.png` and `p1_adc.png` both belong to case "p1". Other files are skipped, listed."""
+    cases: dict[str, dict[str, Path]] = {}
+    for path in files:
+        rel = path.relative_to(folder)
+        prefix, _, suffix = path.stem.rpartition("_")
+        if path.stem.lower() in channels:
+            case, channel = rel.parent.as_posix(), path.stem.lower()
+            if case == ".":
+                skip(rel.as_posix(), f"no case: use a folder per case (CASE/{path.name}) or CASE_{path.name}")
+                continue
+        elif prefix and suffix.lower() in channels:
+            case, channel = (rel.parent / prefix).as_posix(), suffix.lower()
+        else:
+            skip(rel.as_posix(), f"unknown channel: '{suffix}' is not one of {', '.join(channels)}")
+            continue
+        found = cases.setdefault(case, {})
+        if channel in found:
+            skip(rel.as_posix(), f"duplicate channel: {case} {channel} is {found[channel].relative_to(folder)}")
+            continue
+        found[channel] = path
+    return dict(sorted(cases.items()))
+
+
+def _load_case(folder: Path, found: dict[str, Path], channels: list[str]) -> tuple[Image.Image, dict]:
+    """Stack one case's channels as R, G, B in `channels` order (one channel: replicated like grayscale), each
+    read as 8-bit gray first (RGB exports go through PIL's ITU-R 601 luma; R=G=B stays exact). Channels of
+    different sizes skip the case: a PNG carries no spacing or field of view, and T2W and DWI/ADC usually differ
+    in both, so resizing one onto the other would silently misregister them; resample when exporting instead."""
+    missing = [c for c in channels if c not in found]
+    if missing:
+        raise _Skip(f"missing channel {', '.join(missing)} (has {', '.join(sorted(found)) or 'none'})")
+    grays, data = [], {}
+    for channel in channels:
+        rel = found[channel].relative_to(folder).as_posix()
+        try:
+            data[rel] = _bytes(found[channel])
+            grays.append(_read(found[channel], data[rel]).convert("L"))
+        except _Skip as e:
+            raise _Skip(f"channel {channel} ({rel}): {e}") from None
+    if len({g.size for g in grays}) > 1:
+        sizes = ", ".join(f"{c} {g.width}x{g.height}" for c, g in zip(channels, grays, strict=True))
+        raise _Skip(f"channel sizes differ ({sizes}); resample them to one grid when exporting")
+    return Image.merge("RGB", grays if len(grays) == 3 else grays * 3), data
+
+
+def _fingerprint(data: dict[str, bytes]) -> str:
+    """sha256 of the `sha256sum` listing ("<hex>  <relative path>\\n") of the files used (skipped files are not),
+    sorted by path, so an auditor can recompute it: `cd DATA; sha256sum FILES... | sha256sum`, FILES in
+    code-point (LC_ALL=C sort) order."""
+    lines = "".join(f"{hashlib.sha256(data[rel]).hexdigest()}  {rel}\n" for rel in sorted(data))
+    return hashlib.sha256(lines.encode()).hexdigest()
+
+
+def _nothing_usable(folder: Path, skipped: list, channels: list | None) -> str:
+    """The one-line "no usable image" message: what was found, the most common skip reason, and a fix."""
+    files = _walk(folder)
+    extensions = Counter(p.suffix.lower() or "(none)" for p in files)
+    found = ", ".join(f"{n} {ext}" for ext, n in extensions.most_common(5)) or "nothing"
+    kinds = [reason.split(":")[0].split(" (")[0] for _, reason in skipped]   # "wrong size: 64x48, ..." -> kind
+    kind = Counter(kinds).most_common(1)[0][0] if kinds else ""
+    common = f", most often '{kind}', e.g. {': '.join(skipped[kinds.index(kind)])}" if kinds else ""
+    if not files:
+        fix = "is this the right folder?"
+    elif not any(p.suffix.lower() in EXTENSIONS for p in files):
+        fix = f"images must be {' '.join(EXTENSIONS)} (export DICOM/NIfTI to PNG or TIFF first)"
+    elif channels:
+        fix = f"with --channels {','.join(channels)}, name files CASE/{channels[0]}.png or CASE_{channels[0]}.png"
+    else:
+        fix = "fix or re-export those files, or choose another --preprocess"
+    return f"{folder}: no usable image ({len(files)} file(s): {found}; {len(skipped)} skipped{common}); {fix}"
+
+
+def load_dataset(folder, resolution: int, preprocess: str = "center", channels: list[str] | None = None,
+                 strict: bool = False) -> Dataset:
+    """All usable images under `folder`, unflipped (flips are the trainer's). Unusable files/cases go to `skipped`;
+    with strict=True the first one is a DataError instead. No usable image at all is always a DataError."""
+    folder = Path(folder)
+    if preprocess not in PREPROCESS:
+        raise DataError(f"preprocess '{preprocess}' is not one of {', '.join(PREPROCESS)}")
+    if resolution < 1:
+        raise DataError(f"resolution must be positive, got {resolution}")
+    channels = None if channels is None else [c.lower() for c in channels]   # channel names match any case
+    if channels is not None and (len(channels) not in (1, 3) or len(set(channels)) != len(channels)):
+        raise DataError(f"channels must be 3 distinct names (stacked as R, G, B) or 1, got {channels}")
+    files = find_images(folder)
+    skipped: list[tuple[str, str]] = []
+
+    def skip(name: str, reason: str):
+        if strict:
+            raise DataError(f"{folder / name}: {reason}")
+        skipped.append((name, reason))
+
+    arrays, names, used = [], [], {}
+    items = (_group_cases(folder, files, channels, skip).items() if channels
+             else [(p.relative_to(folder).as_posix(), p) for p in files])   # (name, file or {channel: file})
+    for name, source in items:
+        try:
+            if channels:
+                image, data = _load_case(folder, source, channels)
+            else:
+                data = {name: _bytes(source)}
+                image = _read(source, data[name])
+            image = _fit(image, resolution, preprocess)
+        except _Skip as e:
+            skip(name, str(e))
+            continue
+        arrays.append(np.asarray(image.convert("RGB")))   # [R, R, 3] uint8; grayscale replicated to 3 channels
+        names.append(name)
+        used.update(data)
+    if not arrays:
+        raise DataError(_nothing_usable(folder, skipped, channels))
+    # [N, R, R, 3] uint8 -> [N, 3, R, R] float32 in [-1, 1]; 0 -> -1 and 255 -> 1 exactly
+    images = torch.from_numpy(np.stack(arrays)).permute(0, 3, 1, 2).contiguous().float().div_(127.5).sub_(1)
+    return Dataset(images, names, skipped, _fingerprint(used))

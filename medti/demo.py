@@ -1,0 +1,113 @@
+"""`python -m medti.train --demo`: the whole textual-inversion pipeline, offline, in about a minute on a CPU.
+
+It builds a tiny model of the SD2 architecture with RANDOM weights (not a real model: its images are noise-like
+patterns), makes a small set of phantom images (textured discs on a noisy background), trains a token on them,
+writes the embedding, log, loss plot and previews, and measures the denoising loss on held-out phantoms with the
+initial and the learned vectors. What it shows: every stage runs end to end and the learned token lowers the loss.
+What it cannot show: image quality, which needs the official weights and a GPU (see the README's real command).
+"""
+import dataclasses
+import json
+import sys
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image
+from safetensors.torch import save_file
+
+import minisd
+from minisd.load import PREFIXES
+
+from . import embeddings as emb
+from .data import load_dataset
+from .inversion import denoising_loss
+
+# SD2's block structure, shrunk: 2 UNet levels, a 4-level VAE (8x, as SD2), a 3-block 64-wide text tower with the
+# full CLIP vocabulary so real prompts tokenize.
+TINY = {"unet": {"model_channels": 32, "channel_mult": [1, 2], "attention_resolutions": [1, 2],
+                 "num_head_channels": 16, "context_dim": 64},
+        "vae": {"ch": 32, "ch_mult": [1, 2, 2, 2]},
+        "text": {"width": 64, "layers": 4, "heads": 4},
+        "resolution": 64}
+
+
+def tiny_model(folder: Path, seed: int = 0, sharpen: float = 8.0) -> tuple:
+    """Write a random tiny model (file + JSON config) and return their paths.
+
+    Why sharpen: with plain random weights the cross-attention is nearly uniform over the 77 text positions, so
+    the prompt barely changes the UNet's output (4th digit of the loss) and there is nothing to learn. Scaling
+    the cross-attention keys makes the attention peaked, and scaling its output makes the text's contribution
+    count; the model then responds to its prompt as a trained one does."""
+    torch.manual_seed(seed)
+    sd = minisd.build(minisd.load_config(TINY), device="cpu")
+    with torch.no_grad():
+        for name, p in sd.unet.named_parameters():
+            if "attn2.to_k" in name:
+                p.mul_(sharpen)
+            if "attn2.to_out" in name:
+                p.mul_(sharpen / 2)
+    state = {prefix + k: v.contiguous() for part, prefix in PREFIXES.items()
+             for k, v in getattr(sd, part).state_dict().items()}
+    folder.mkdir(parents=True, exist_ok=True)
+    save_file(state, str(folder / "tiny-random.safetensors"))
+    (folder / "tiny-random.json").write_text(json.dumps(TINY, indent=1))
+    return folder / "tiny-random.safetensors", folder / "tiny-random.json"
+
+
+def phantoms(folder: Path, n: int, seed: int, size: int = 64) -> Path:
+    """n gray PNGs: a striped disc of random position and radius on a noisy background."""
+    rng = np.random.default_rng(seed)
+    folder.mkdir(parents=True, exist_ok=True)
+    y, x = np.mgrid[0:size, 0:size]
+    for i in range(n):
+        (cy, cx), r = rng.uniform(0.35, 0.65, 2) * size, rng.uniform(0.15, 0.3) * size
+        disc = (y - cy) ** 2 + (x - cx) ** 2 < r ** 2
+        stripes = 0.5 + 0.5 * np.sin((x + y) * 0.9)
+        image = 0.25 + 0.08 * rng.standard_normal((size, size)) + disc * (0.35 + 0.35 * stripes)
+        Image.fromarray((np.clip(image, 0, 1) * 255).astype(np.uint8), mode="L").save(folder / f"phantom{i:03d}.png")
+    return folder
+
+
+@torch.no_grad()
+def heldout_loss(sd, token: str, vectors, latents, draws: int = 64, seed: int = 123_456) -> float:
+    """Mean denoising loss over fixed (image, t, noise) draws from a generator no training step uses."""
+    g = torch.Generator().manual_seed(seed)
+    total = 0.0
+    for _ in range(draws):
+        i = int(torch.randint(0, len(latents), (), generator=g))
+        t = torch.randint(0, 1000, (1,), generator=g)
+        noise = torch.randn(latents[i:i + 1].shape, generator=g)
+        total += denoising_loss(sd, token, vectors, [token], latents[i:i + 1], noise, t).item()
+    return total / draws
+
+
+def run_demo(cfg):
+    from .train import cache_latents, run  # late import: train imports this module's caller
+    out = Path(cfg.out or "demo-run")
+    model, config = tiny_model(out / "model", cfg.seed)
+    data = phantoms(out / "phantoms", 24, cfg.seed)
+    held_out = phantoms(out / "phantoms-held-out", 8, cfg.seed + 1)
+    print("tiny RANDOM-weight model of the SD2 architecture (not a real model); phantom images in", data,
+          file=sys.stderr)
+    run_cfg = dataclasses.replace(cfg, model=str(model), config=str(config), data=str(data), demo=False,
+                                  token=cfg.token or "<phantom>", vectors=min(cfg.vectors, 8),
+                                  max_steps=min(cfg.max_steps, 300), save_every=100, preview_every=100,
+                                  preview_steps=min(cfg.preview_steps, 20), resolution=64, out=str(out / "run"))
+    learned_path = run(run_cfg)
+
+    sd = minisd.load(model, config=config)
+    learned = emb.read(learned_path)
+    start = emb.Embedding(learned.token, torch.zeros_like(learned.vectors), {})
+    emb.attach(sd, {learned.token: start})
+    from .inversion import initial_vectors
+    init = initial_vectors(sd, run_cfg.init, run_cfg.vectors, run_cfg.seed)
+    images = load_dataset(held_out, 64).images
+    latents = cache_latents(sd, images, False, 0)["mean"] * sd.scale_factor
+    before = heldout_loss(sd, learned.token, init, latents)
+    after = heldout_loss(sd, learned.token, learned.vectors, latents)
+    print(f"held-out denoising loss: initial vectors {before:.4f} -> learned {after:.4f} "
+          f"({100 * (after - before) / before:+.1f} %)")
+    print(f"written: {learned_path}, {out / 'run' / 'log.jsonl'}, {out / 'run' / 'loss.png'}, "
+          f"{out / 'run'}/preview-*.png")
+    return before, after

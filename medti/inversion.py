@@ -1,0 +1,153 @@
+"""The pieces of textual inversion that medti/train.py's loop is made of: initial vectors, the learning-rate
+schedule, the denoising loss, gradient checkpointing, per-step randomness and the resumable state file.
+
+Recipe (the reference study, after Gal et al. 2022 and A1111's implementation): only a [vectors, width] fp32
+tensor is trained; it is spliced into the frozen token embeddings wherever the placeholder token appears; the
+loss is the usual diffusion MSE on eps (v for v-models) at a uniformly drawn training timestep.
+"""
+import json
+import os
+import re
+
+import torch
+import torch.nn.functional as F
+from safetensors import safe_open
+from safetensors.torch import save_file
+from torch import nn
+from torch.utils.checkpoint import checkpoint
+
+from minisd.sampling import training_alphas_cumprod
+from minisd.schedule import NUM_TIMESTEPS
+
+from . import embeddings as emb
+
+
+def initial_vectors(sd, init: str, n: int, seed: int) -> torch.Tensor:
+    """[n, width] fp32 start vectors. Words: their token embeddings spread over the n vectors, vector i taking
+    token i * L // n of the L init tokens (A1111's rule; its default init text is "*"). "random": N(0, s^2) with
+    s the token table's standard deviation, so the start has the scale of ordinary tokens."""
+    table = sd.text_encoder.token_embedding.weight.detach().float().cpu()
+    if init == "random":
+        return torch.randn(n, table.shape[1], generator=torch.Generator().manual_seed(seed)) * table.std()
+    ids = sd.tokenizer.encode(init)
+    if not ids:
+        raise ValueError(f"--init {init!r} gives no tokens; use words, or --init random")
+    return torch.stack([table[ids[i * len(ids) // n]] for i in range(n)]).clone()
+
+
+def parse_lr(spec: str) -> list:
+    """A1111's schedule "0.005:1000, 0.001": rate until step, ..., last rate for ever. A plain number = constant."""
+    schedule = []
+    for part in [p.strip() for p in spec.split(",")]:
+        m = re.fullmatch(r"([0-9.eE+-]+)(?:\s*:\s*(\d+))?", part)
+        try:
+            rate, until = float(m[1]), int(m[2]) if m and m[2] else None
+        except (TypeError, ValueError):
+            raise ValueError(f"--lr {spec!r}: expected 'rate' or 'rate:step, ..., rate'") from None
+        if rate <= 0 or (schedule and schedule[-1][1] is None) or (until is not None and schedule and
+                                                                   until <= schedule[-1][1]):
+            raise ValueError(f"--lr {spec!r}: rates must be positive, steps increasing, only the last without step")
+        schedule.append((rate, until))
+    return schedule
+
+
+def lr_at(schedule: list, step: int) -> float:
+    return next((rate for rate, until in schedule if until is None or step < until), schedule[-1][0])
+
+
+def step_generator(seed: int, step: int, micro: int) -> torch.Generator:
+    """The random draws of one micro-batch (images, flips, timesteps, noise) come from a generator seeded by
+    (seed, step, micro-batch): a resumed run draws exactly what an uninterrupted one would, with no RNG state to
+    save, and any step can be replayed alone."""
+    return torch.Generator().manual_seed((seed * 1_000_003 + step) * 1_009 + micro)
+
+
+def epoch_order(seed: int, epoch: int, n: int) -> torch.Tensor:
+    """A fresh shuffle of the n training images per epoch, also derived from (seed, epoch) alone."""
+    return torch.randperm(n, generator=torch.Generator().manual_seed(seed * 7_919 + epoch + 1))
+
+
+def denoising_loss(sd, token: str, vectors, prompts: list, latents, noise, t):
+    """MSE between the UNet's prediction and its target, for scaled latents [B, 4, h, w], noise like them and
+    integer timesteps t [B]. The target is the noise for eps models and v = sqrt(abar) noise - sqrt(1 - abar) x0
+    for v models (diffusers' add_noise / get_velocity, in fp32)."""
+    abar = training_alphas_cumprod().to(latents.device)[t].float()[:, None, None, None]
+    noisy = abar.sqrt() * latents + (1 - abar).sqrt() * noise
+    target = noise if sd.prediction == "eps" else abar.sqrt() * noise - (1 - abar).sqrt() * latents
+    context = emb.encode(sd, prompts, override={token: vectors})
+    dtype = context.dtype
+    prediction = sd.unet(noisy.to(dtype), t, context)
+    return F.mse_loss(prediction.float(), target.float())
+
+
+def sample_indices(seed: int, first: int, batch: int, n: int) -> list:
+    """Image indices of running samples first .. first + batch - 1: epoch after epoch through a fresh shuffle."""
+    return [int(epoch_order(seed, k // n, n)[k % n]) for k in range(first, first + batch)]
+
+
+def draw_batch(cache: dict, g: torch.Generator, picks: list, mode: str, flip: bool, prompts: list):
+    """(latents, noise, t, prompt texts) of one micro-batch from the cached VAE posteriors.
+
+    cache: "mean", "logvar", "once" [M, 4, h, w], unscaled latents as the VAE gives them; with flip, the mirrored
+    copy of image i is row i + N. mode "once": the latents sampled once when cached; "random": resampled from the
+    posterior at every use; "mean": the posterior means, no sampling."""
+    n = len(cache["mean"]) // (2 if flip else 1)
+    rows = [i + n * int(torch.rand((), generator=g) < 0.5) if flip else i for i in picks]
+    if mode == "random":
+        mean, logvar = cache["mean"][rows], cache["logvar"][rows]
+        latents = mean + torch.exp(0.5 * logvar) * torch.randn(mean.shape, generator=g)
+    else:
+        latents = cache[mode][rows]
+    t = torch.randint(0, NUM_TIMESTEPS, (len(picks),), generator=g)
+    noise = torch.randn(latents.shape, generator=g)
+    texts = [prompts[int(i)] for i in torch.randint(0, len(prompts), (len(picks),), generator=g)]
+    return latents, noise, t, texts
+
+
+class Checkpointed(nn.Module):
+    """Gradient checkpointing: keep only this block's inputs and recompute its activations in the backward pass.
+    The block sits under `.block`; only training wraps blocks, so checkpoint keys are unaffected."""
+
+    def __init__(self, block: nn.Module):
+        super().__init__()
+        self.block = block
+
+    def forward(self, *args):
+        return checkpoint(self.block, *args, use_reentrant=False)
+
+
+def enable_checkpointing(sd):
+    """Wrap every UNet block and every text-tower block (the units that hold most activations)."""
+    for blocks in (sd.unet.input_blocks, sd.unet.output_blocks, sd.text_encoder.transformer.resblocks):
+        for i, block in enumerate(blocks):
+            blocks[i] = Checkpointed(block)
+    sd.unet.middle_block = Checkpointed(sd.unet.middle_block)
+
+
+def save_state(path, vectors, optimizer, scaler: dict, step: int, settings: dict):
+    """Everything a resumed run needs, pickle-free: vectors, AdamW moments and step, the grad scaler's state and
+    the run's settings (to refuse resuming a different run). The random draws need no state (step_generator).
+    Atomic."""
+    state = optimizer.state[vectors]
+    tensors = {"vectors": vectors.detach().cpu().contiguous()}
+    if state:
+        tensors |= {"exp_avg": state["exp_avg"].cpu().contiguous(),
+                    "exp_avg_sq": state["exp_avg_sq"].cpu().contiguous(),
+                    "adam_step": torch.as_tensor(state["step"]).reshape(1).float().cpu()}
+    tmp = f"{path}.tmp"
+    save_file(tensors, tmp, metadata={"step": str(step), "scaler": json.dumps(scaler),
+                                      "settings": json.dumps(settings, sort_keys=True)})
+    os.replace(tmp, path)
+
+
+def load_state(path, vectors, optimizer) -> tuple:
+    """Restore vectors and optimizer in place; returns (step, grad scaler state, settings)."""
+    with safe_open(str(path), framework="pt") as f:
+        meta, tensors = f.metadata(), {k: f.get_tensor(k) for k in f.keys()}
+    with torch.no_grad():
+        vectors.copy_(tensors["vectors"])
+    if "exp_avg" in tensors:
+        optimizer.state[vectors] = {"step": tensors["adam_step"].reshape(()),
+                                    "exp_avg": tensors["exp_avg"].to(vectors.device),
+                                    "exp_avg_sq": tensors["exp_avg_sq"].to(vectors.device)}
+    return int(meta["step"]), json.loads(meta["scaler"]), json.loads(meta["settings"])
