@@ -11,9 +11,10 @@ import numpy as np
 import torch
 from PIL import Image
 
+from .images import ImageError, to_8bit
+
 EXTENSIONS = (".png", ".jpg", ".jpeg", ".tif", ".tiff", ".bmp")   # compared lower-case
 PREPROCESS = ("center", "cxr", "upsample", "none")
-WIDE_MODES = ("I;16", "I;16B", "I;16L", "I;16N", "I", "F")   # PIL modes of 16-bit, 32-bit int and float images
 
 
 class DataError(ValueError):
@@ -51,23 +52,11 @@ def find_images(folder) -> list[Path]:
 
 
 def _to_8bit(image: Image.Image) -> Image.Image:
-    """8-bit L or RGB. 8-bit images are used as they are (RGBA/LA drop alpha, not composited; palette -> RGB).
-    16-bit, 32-bit int and float images are rescaled linearly from the image's own [min, max] to [0, 255]: MR has
-    no absolute unit and CT/X-ray exports are usually windowed already, so the image's range is the only scale we
-    have (PIL's convert clips instead: most of a 16-bit image turns white; medti.images.to_8bit divides by 65535).
-    A constant image becomes black. PIL reads 16-bit-per-channel RGB as 8-bit RGB itself (keeping the high byte)."""
-    if image.mode in WIDE_MODES:
-        array = np.asarray(image, dtype=np.float64)
-        finite = np.isfinite(array)   # float TIFFs may hold NaN/inf outside the body; they become the minimum
-        if not finite.any():
-            raise _Skip("no finite pixel values")
-        low, high = array[finite].min(), array[finite].max()
-        array = np.where(finite, array, low) - low
-        scaled = array * (255 / (high - low)) if high > low else array
-        return Image.fromarray(np.floor(scaled + 0.5).astype(np.uint8))   # round half up; uint8 2-D -> mode L
-    if image.mode in ("L", "RGB"):
-        return image
-    return image.convert("L" if image.mode in ("1", "LA", "La") else "RGB")
+    """medti.images.to_8bit (16-bit and float images rescaled from their own range), a failure as a skip."""
+    try:
+        return to_8bit(image)
+    except ImageError as e:
+        raise _Skip(str(e)) from None
 
 
 def _bytes(path: Path) -> bytes:

@@ -8,6 +8,8 @@ import numpy as np
 import torch
 from PIL import Image, ImageFilter, PngImagePlugin
 
+WIDE_MODES = ("I;16", "I;16B", "I;16L", "I;16N", "I", "F")   # PIL modes of 16-bit, 32-bit int and float images
+
 
 class ImageError(ValueError):
     """An unreadable or unsuitable image, in one line that names the file."""
@@ -23,13 +25,23 @@ def open_image(path) -> Image.Image:
 
 
 def to_8bit(image: Image.Image) -> Image.Image:
-    """8-bit L or RGB. 16-bit and float images (common in medical imaging) are rescaled from their value range
-    to 0..255, not clipped as PIL's convert would do (which turns most of a 16-bit image white)."""
-    if image.mode in ("I;16", "I;16B", "I;16L", "I", "F"):
+    """8-bit L or RGB. 8-bit images are used as they are (RGBA/LA drop alpha, not composited; palette -> RGB).
+    16-bit, 32-bit int and float images are rescaled linearly from the image's own [min, max] to [0, 255]: MR has
+    no absolute unit and CT/X-ray exports are usually windowed already, so the image's range is the only scale we
+    have (PIL's convert clips instead: most of a 16-bit image turns white).
+    A constant image becomes black. PIL reads 16-bit-per-channel RGB as 8-bit RGB itself (keeping the high byte)."""
+    if image.mode in WIDE_MODES:
         array = np.asarray(image, dtype=np.float64)
-        top = 65535.0 if image.mode.startswith("I;16") else max(float(array.max()), 1e-12)
-        return Image.fromarray(np.clip(array / top * 255 + 0.5, 0, 255).astype(np.uint8), mode="L")
-    return image if image.mode in ("L", "RGB") else image.convert("RGBA" if "A" in image.mode else "RGB")
+        finite = np.isfinite(array)   # float TIFFs may hold NaN/inf outside the body; they become the minimum
+        if not finite.any():
+            raise ImageError("no finite pixel values")
+        low, high = array[finite].min(), array[finite].max()
+        array = np.where(finite, array, low) - low
+        scaled = array * (255 / (high - low)) if high > low else array
+        return Image.fromarray(np.floor(scaled + 0.5).astype(np.uint8))   # round half up; uint8 2-D -> mode L
+    if image.mode in ("L", "RGB"):
+        return image
+    return image.convert("L" if image.mode in ("1", "LA", "La") else "RGB")
 
 
 def check_aspect(path, image: Image.Image, width: int, height: int, what: str):
