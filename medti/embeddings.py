@@ -17,18 +17,19 @@ Formats (facts read from each project's source; no code taken from them):
 Pickles are only ever opened with torch.load(weights_only=True): tensors and plain containers, never arbitrary code.
 """
 import argparse
+import io
 import os
 import re
-import secrets
 import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
 from safetensors import safe_open
-from safetensors.torch import save as safetensors_bytes
 
 from minisd.tokenizer import VOCAB_SIZE
+
+from .files import safetensors_bytes, write_atomic
 
 EXTENSIONS = (".pt", ".bin", ".safetensors")
 
@@ -128,28 +129,11 @@ def read_all(paths) -> dict[str, Embedding]:
     return found
 
 
-def _atomic(path, save) -> None:
-    """save(file) into a temporary file beside `path`, then rename: never half a file, nothing left on failure."""
-    path = Path(path)
-    # A fresh name in the same folder (os.replace is atomic only within one file system), opened by us so the
-    # file gets the user's umask: tempfile.mkstemp, and safetensors' own save_file (0.8), create mode 0600.
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.{secrets.token_hex(4)}.tmp")
-    try:
-        with open(tmp, "xb") as f:
-            save(f)
-            f.flush()
-            os.fsync(f.fileno())   # the bytes are on disk before the name points at them
-        os.replace(tmp, path)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
-
-
 def write(path, emb: Embedding) -> None:
     """Our format: {token: [n, width] float32} safetensors with string metadata (token and vectors filled in)."""
     vectors = _vectors(path, emb.vectors, emb.token, flat_ok=False)
     meta = {k: str(v) for k, v in emb.meta.items()} | {"token": emb.token, "vectors": str(len(vectors))}
-    _atomic(path, lambda f: f.write(safetensors_bytes({emb.token: vectors}, metadata=meta)))
+    write_atomic(path, safetensors_bytes({emb.token: vectors}, metadata=meta))
 
 
 def export(emb: Embedding, path, fmt: str) -> None:
@@ -164,9 +148,11 @@ def export(emb: Embedding, path, fmt: str) -> None:
                 "step": int(emb.meta["step"]) if emb.meta.get("step", "").isdigit() else None,
                 "sd_checkpoint": emb.meta.get("sd_checkpoint"),
                 "sd_checkpoint_name": emb.meta.get("sd_checkpoint_name")}
-        _atomic(path, lambda f: torch.save(data, f))
+        buffer = io.BytesIO()
+        torch.save(data, buffer)
+        write_atomic(path, buffer.getvalue())
     elif fmt == "diffusers":
-        _atomic(path, lambda f: f.write(safetensors_bytes({emb.token: vectors}, metadata={"format": "pt"})))
+        write_atomic(path, safetensors_bytes({emb.token: vectors}, metadata={"format": "pt"}))
     else:
         raise EmbeddingError(f"{path}: unknown export format {fmt!r}; use a1111 or diffusers")
 

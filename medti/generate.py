@@ -22,13 +22,13 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-from safetensors.torch import save_file
 
 import minisd
 from minisd.load import sha256_of
 from minisd.sampling import SAMPLERS, SPACINGS
 
 from . import embeddings as emb
+from .files import safetensors_bytes, write_atomic
 from .images import ImageError, contact_sheet, load_image, load_mask, save_png, to_pil
 from .pipeline import decode, sample
 from .prompts import PromptError, check_length, parse
@@ -240,10 +240,8 @@ def run(args):
         for job, latent, image in zip(group, latents, decode(sd, latents), strict=True):
             rec = planned[job.file]
             if args.save_latents:   # scaled latent, as the sampler ends; divide by scale_factor to decode
-                tmp = out / f".{job.index:05d}.safetensors.tmp"
-                save_file({"latent": latent.float().cpu().contiguous()}, str(tmp),
-                          metadata={"scale_factor": str(sd.scale_factor), "file": job.file})
-                os.replace(tmp, out / f"{job.index:05d}.safetensors")
+                write_atomic(out / f"{job.index:05d}.safetensors", safetensors_bytes(
+                    {"latent": latent.float()}, {"scale_factor": sd.scale_factor, "file": job.file}))
             save_png(out / job.file, to_pil(image), parameters_text(rec))
             with open(part, "a") as f:
                 f.write(json.dumps(rec) + "\n")

@@ -6,13 +6,11 @@ tensor is trained; it is spliced into the frozen token embeddings wherever the p
 loss is the usual diffusion MSE on eps (v for v-models) at a uniformly drawn training timestep.
 """
 import json
-import os
 import re
 
 import torch
 import torch.nn.functional as F
 from safetensors import safe_open
-from safetensors.torch import save_file
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
@@ -20,6 +18,7 @@ from minisd.sampling import training_alphas_cumprod
 from minisd.schedule import NUM_TIMESTEPS
 
 from . import embeddings as emb
+from .files import safetensors_bytes, write_atomic
 
 
 def initial_vectors(sd, init: str, n: int, seed: int) -> torch.Tensor:
@@ -134,10 +133,8 @@ def save_state(path, vectors, optimizer, scaler: dict, step: int, settings: dict
         tensors |= {"exp_avg": state["exp_avg"].cpu().contiguous(),
                     "exp_avg_sq": state["exp_avg_sq"].cpu().contiguous(),
                     "adam_step": torch.as_tensor(state["step"]).reshape(1).float().cpu()}
-    tmp = f"{path}.tmp"
-    save_file(tensors, tmp, metadata={"step": str(step), "scaler": json.dumps(scaler),
-                                      "settings": json.dumps(settings, sort_keys=True)})
-    os.replace(tmp, path)
+    write_atomic(path, safetensors_bytes(tensors, {"step": step, "scaler": json.dumps(scaler, sort_keys=True),
+                                                   "settings": json.dumps(settings, sort_keys=True)}))
 
 
 def load_state(path, vectors, optimizer) -> tuple:

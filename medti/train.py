@@ -215,7 +215,8 @@ def run(cfg: TrainConfig) -> Path:
     if not cfg.no_checkpointing:
         enable_checkpointing(sd)
     settings = {k: v for k, v in dataclasses.asdict(cfg).items()
-                if k not in ("max_steps", "save_every", "preview_every", "preview_steps", "resume", "device")}
+                if k not in ("max_steps", "save_every", "preview_every", "preview_steps", "resume", "device", "out",
+                             "data")}   # the data's identity is its fingerprint, not where it lies
     settings["data_fingerprint"] = data.fingerprint
     meta = {"token": cfg.token, "vectors": str(cfg.vectors), "base_model": str(sd.preset or cfg.model),
             "base_sha256": sha256_of(sd.path), "init": cfg.init, "lr": cfg.lr, "data_sha256": data.fingerprint}

@@ -11,14 +11,13 @@ import pytest
 import torch
 from diffusers import DDPMScheduler, UNet2DConditionModel
 from PIL import Image
-from safetensors.torch import save_file
 from transformers import CLIPTextConfig, CLIPTextModel
 
 import minisd
 from conftest import TINY_CONFIG, TINY_TEXT, TINY_UNET, randomize_, rel_err, write_official
 from medti import embeddings as E
 from medti.inversion import denoising_loss
-from medti.train import TrainConfig, TrainError, main, run
+from medti.train import TrainConfig, main, run
 
 TOKEN, N_VECTORS = "<lesion>", 3
 
@@ -124,3 +123,109 @@ def test_training_lowers_held_out_loss(secret_data):
         gains.append((before - after) / before)
     print("held-out loss improvements:", [f"{100 * g:.2f} %" for g in gains])
     assert min(gains) > 0.02, gains
+
+
+def train_args(folder, model, config, out, *extra):
+    return ["--model", str(model), "--config", str(config), "--data", str(folder / "train"), "--token", "<r>",
+            "--vectors", "4", "--resolution", "64", "--preview-every", "0", "--out", str(out), *extra]
+
+
+def test_killed_and_resumed_run_is_bit_identical(secret_data, tmp_path):
+    """A real process killed (SIGKILL) mid-run and resumed ends with the same bytes as an uninterrupted run.
+    The random modes are on (--latents random, --flip, --grad-accum 2) so every source of randomness is used."""
+    folder, model, config = secret_data
+    extra = ["--max-steps", "60", "--save-every", "10", "--latents", "random", "--flip", "--grad-accum", "2",
+             "--seed", "5"]
+    command = [sys.executable, "-m", "medti.train"]
+    whole = subprocess.run(command + train_args(folder, model, config, tmp_path / "whole", *extra),
+                           capture_output=True, text=True, timeout=600)
+    assert whole.returncode == 0, whole.stderr[-2000:]
+    out = tmp_path / "killed"
+    process = subprocess.Popen(command + train_args(folder, model, config, out, *extra),
+                               stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    log = out / "log.jsonl"
+    deadline = time.time() + 300
+    while time.time() < deadline and process.poll() is None:
+        if log.is_file() and any(json.loads(line)["step"] >= 25 for line in log.read_text().splitlines()[-3:]
+                                 if line.endswith("}")):
+            process.send_signal(signal.SIGKILL)
+            break
+        time.sleep(0.01)
+    assert process.wait() == -signal.SIGKILL, "the run ended before it could be killed"
+    assert not (out / "r-60.safetensors").exists()
+    resumed = subprocess.run(command + train_args(folder, model, config, out, *extra, "--resume"),
+                             capture_output=True, text=True, timeout=600)
+    assert resumed.returncode == 0, resumed.stderr[-2000:]
+    assert (out / "r.safetensors").read_bytes() == (tmp_path / "whole" / "r.safetensors").read_bytes()
+    assert (out / "state.safetensors").read_bytes() == (tmp_path / "whole" / "state.safetensors").read_bytes()
+    losses = [[json.loads(line)["loss"] for line in (o / "log.jsonl").read_text().splitlines()]
+              for o in (out, tmp_path / "whole")]
+    assert losses[0] == losses[1] and len(losses[0]) == 60
+
+
+def test_outputs_and_frozen_weights(secret_data, tmp_path, monkeypatch):
+    folder, model, config = secret_data
+    loaded = []
+    real_load = minisd.load
+    monkeypatch.setattr(minisd, "load", lambda *a, **k: loaded.append(real_load(*a, **k)) or loaded[-1])
+    template = tmp_path / "templates.txt"
+    template.write_text("a scan with {}\n{} in the lung\n")
+    assert main(train_args(folder, model, config, tmp_path / "run", "--max-steps", "4", "--save-every", "2",
+                           "--preview-every", "4", "--preview-steps", "2", "--template", str(template),
+                           "--init", "lung nodule")) == 0
+    fresh = real_load(model, config=config)
+    for ours, theirs in ((loaded[0].unet, fresh.unet), (loaded[0].text_encoder, fresh.text_encoder)):
+        assert all(torch.equal(a, b) for a, b in zip(ours.parameters(), theirs.parameters(), strict=True))
+    run_dir = tmp_path / "run"
+    assert {p.name for p in run_dir.iterdir()} >= {"r.safetensors", "r-2.safetensors", "r-4.safetensors",
+                                                    "state.safetensors", "log.jsonl", "loss.png",
+                                                    "preview-000004.png"}
+    learned = E.read(run_dir / "r.safetensors")
+    assert learned.token == "<r>" and learned.vectors.shape == (4, 64)
+    assert {"token", "vectors", "step", "base_model", "base_sha256", "init", "lr", "data_sha256"} <= set(learned.meta)
+    assert learned.meta["step"] == "4" and learned.meta["init"] == "lung nodule"
+    record = json.loads((run_dir / "log.jsonl").read_text().splitlines()[-1])
+    assert {"step", "loss", "lr", "grad_norm", "vector_norm", "it_s"} <= set(record)
+    assert Image.open(run_dir / "preview-000004.png").size == (4 * 64, 64)
+
+
+def test_non_finite_steps_are_skipped_and_stop_the_run(secret_data, tmp_path, capsys):
+    """lr 1e30 makes the vectors huge after one step; every later loss is NaN: ten skipped steps in a row stop
+    the run with advice, and the saved embedding holds no NaN."""
+    folder, model, config = secret_data
+    assert main(train_args(folder, model, config, tmp_path, "--max-steps", "50", "--save-every", "1",
+                           "--lr", "1e30")) == 2
+    err = capsys.readouterr().err
+    assert "10 steps in a row had a non-finite loss or gradient" in err and "lower --lr" in err
+    assert torch.isfinite(E.read(tmp_path / "r.safetensors").vectors).all()
+
+
+@pytest.mark.parametrize("extra,words", [
+    (["--token", "cat"], "vocabulary"),
+    (["--vectors", "80"], "--vectors 80: must be 1..75"),
+    (["--lr", "fast"], "--lr 'fast'"),
+    (["--lr", "0.005:100, 0.001:50"], "steps increasing"),
+    (["--resume"], "no state.safetensors to continue from"),
+    (["--template", "{tmp}/bad.txt"], "every line needs a {}"),
+    (["--data", "{tmp}/empty"], "empty"),
+    (["--data", "{tmp}/nowhere"], "not a folder of training images"),
+])
+def test_bad_inputs_are_one_line_errors(secret_data, tmp_path, capsys, extra, words):
+    folder, model, config = secret_data
+    (tmp_path / "bad.txt").write_text("no placeholder here\n")
+    (tmp_path / "empty").mkdir()
+    extra = [e.replace("{tmp}", str(tmp_path)) for e in extra]
+    assert main(train_args(folder, model, config, tmp_path / "out", "--max-steps", "2", *extra)) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.count("\n") == 0 and words in err, err
+
+
+def test_resume_refuses_other_settings_and_used_folders(secret_data, tmp_path, capsys):
+    folder, model, config = secret_data
+    assert main(train_args(folder, model, config, tmp_path, "--max-steps", "2", "--save-every", "2")) == 0
+    assert main(train_args(folder, model, config, tmp_path, "--max-steps", "4")) == 2
+    assert "--resume" in capsys.readouterr().err
+    assert main(train_args(folder, model, config, tmp_path, "--max-steps", "4", "--lr", "0.01", "--resume")) == 2
+    assert "other settings (lr)" in capsys.readouterr().err
+    assert main(train_args(folder, model, config, tmp_path, "--max-steps", "4", "--resume")) == 0
+    assert E.read(tmp_path / "r.safetensors").meta["step"] == "4"
