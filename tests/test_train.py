@@ -229,3 +229,34 @@ def test_resume_refuses_other_settings_and_used_folders(secret_data, tmp_path, c
     assert "other settings (lr)" in capsys.readouterr().err
     assert main(train_args(folder, model, config, tmp_path, "--max-steps", "4", "--resume")) == 0
     assert E.read(tmp_path / "r.safetensors").meta["step"] == "4"
+
+
+def test_lr_schedule_and_initial_vectors(secret_data):
+    from medti.inversion import initial_vectors, lr_at, parse_lr
+    schedule = parse_lr("0.005:1000, 0.001:2000, 0.0005")   # A1111: rate until step, last rate for ever
+    assert [lr_at(schedule, s) for s in (0, 999, 1000, 1999, 2000, 10**6)] == [0.005, 0.005, 0.001, 0.001,
+                                                                                0.0005, 0.0005]
+    assert lr_at(parse_lr("0.02"), 123) == 0.02
+    _, model, config = secret_data
+    sd = minisd.load(model, config=config)
+    table = sd.text_encoder.token_embedding.weight
+    ids = sd.tokenizer.encode("lung nodule")            # 4 BPE tokens spread over 5 vectors: token i * 4 // 5
+    vectors = initial_vectors(sd, "lung nodule", 5, 0)
+    for i, row in enumerate(vectors):
+        assert torch.equal(row, table[ids[i * len(ids) // 5]])
+    random = initial_vectors(sd, "random", 64, 0)
+    assert abs(random.std() / table.std() - 1) < 0.1
+
+
+@pytest.mark.parametrize("dtype", ["fp16", "bf16"])
+def test_half_precision_training_runs(secret_data, tmp_path, dtype):
+    """Reduced precision on the CPU: a few steps run and save finite vectors; fp16 uses the grad scaler, whose
+    state is saved for --resume."""
+    folder, model, config = secret_data
+    assert main(train_args(folder, model, config, tmp_path, "--max-steps", "3", "--save-every", "3",
+                           "--dtype", dtype)) == 0
+    assert torch.isfinite(E.read(tmp_path / "r.safetensors").vectors).all()
+    from safetensors import safe_open
+    with safe_open(str(tmp_path / "state.safetensors"), framework="pt") as f:
+        scaler = json.loads(f.metadata()["scaler"])
+    assert ("scale" in scaler) == (dtype == "fp16")

@@ -2,18 +2,17 @@
 
     python tools/memory_estimate.py [--resolution 768] [--batch N] [--no-checkpointing]
 
-The real code runs on fake tensors (FakeTensorMode: shapes, dtypes, storages; no data, no memory): full-size SD2
-is built on the meta device and materialised as fake fp16 tensors, then one training step runs through
-medti.inversion (denoising_loss, backward, AdamW). A dispatch mode sums the bytes of every storage while it lives;
-the peak of that sum is the estimate. Not included: the CUDA context (~300-500 MB), the caching allocator's
-rounding and fragmentation, cuDNN/cuBLAS workspaces. The estimate_* functions return {category: bytes}.
+The real code runs on fake tensors (FakeTensorMode: shapes, dtypes, storages; no data, no memory): full-size SD2 is
+built on the meta device and materialised as fake fp16 tensors, then one training step runs through medti.inversion
+(denoising_loss, backward, AdamW). A dispatch mode sums the bytes of each storage while it lives; the peak of that sum
+is the estimate (estimate_*() -> {category: bytes}). Not included: the CUDA context (~300-500 MB), the caching
+allocator's rounding and fragmentation, cuDNN/cuBLAS workspaces.
 Why the fake tensors claim "cpu", not "cuda": on this CPU-only torch, autograd aborts the process in backward over
 fake cuda tensors ("PyTorch is not linked with support for cuda devices"). On "cpu", attention runs the CPU flash
 kernel which, like CUDA's flash and memory-efficient kernels, never stores the [tokens x tokens] matrix.
 """
 import argparse
 import contextlib
-import time
 import weakref
 
 import torch
@@ -31,12 +30,13 @@ CONTEXT = 0.3 * GB, 0.5 * GB   # CUDA context: outside every tensor, its size de
 DEVICE = "cpu"                 # what the fake tensors claim (see above)
 TOKEN, N_VECTORS = "<medti>", 64
 CACHED_IMAGES = 100            # training images whose latents medti/train.py caches, on the CPU
+LIMITS = {"required": 8 * GB, "target": 3.5 * GB}   # for training; generation's target is 3 GB
 
 
 class LiveBytes(TorchDispatchMode):
-    """Bytes of all live fake storages. Each op output's storage is counted once (views and in-place results share
-    it) and subtracted when it dies (weakref finalizer: torch keeps one Python object per storage while anything,
-    autograd's saved tensors included, holds it). `peak`: the largest sum; reset it to start a phase."""
+    """Bytes of live fake storages: each op output's storage counted once (views, in-place results share it), until
+    it dies (a weakref finalizer: torch keeps one Python object per storage while anything, autograd included,
+    holds it). `peak`: the largest sum; reset it to start a phase."""
 
     def __init__(self):
         super().__init__()
@@ -62,8 +62,7 @@ class RealBookkeeping(TorchDispatchMode):
          masks, schedules, AdamW's step count, CPU random draws) whose values steer Python (`if not is_new.any()`,
          `.numpy()`). Device tensors come only from on_device()/materialise() and ops on them;
       2. a real boolean-mask index (`spliced[is_new]`) becomes the mask's nonzero(): same gather, known shape;
-      3. whole-tensor any()/all() of fake data -- the NaN/inf checks `spliced[is_new].isnan().any()` (emb.encode)
-         and `torch.isfinite(images).all()` (pipeline.decode) -- answer "all finite": there is no data."""
+      3. any()/all() of fake data, i.e. the NaN/inf checks in emb.encode and pipeline.decode, answer "finite"."""
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
@@ -103,7 +102,6 @@ def materialise(module, dtype):
             setattr(sub, name, torch.nn.Parameter(torch.zeros_like(p, dtype=dtype, device=DEVICE), False))
         for name, b in list(sub.named_buffers(recurse=False)):
             sub._buffers[name] = torch.zeros_like(b, dtype=dtype if b.is_floating_point() else b.dtype, device=DEVICE)
-    return module
 
 
 def adamw(params):
@@ -180,7 +178,6 @@ def estimate_diffusers_recipe(resolution=512, batch=1, checkpointing=True, dtype
         pixels, ids = on_device(batch, 3, resolution, resolution, dtype=dtype), on_device(batch, 77, dtype=torch.long)
         inputs = mem.now - weights - trainable
         keep = torch.arange(len(table)) != len(table) - 1   # index_no_updates: all rows but the placeholder's
-
         def loss_fn():
             latents = vae.encode(pixels).latent_dist.sample().detach() * 0.18215
             noise, t = torch.randn_like(latents), torch.randint(0, 1000, (batch,))
@@ -188,7 +185,6 @@ def estimate_diffusers_recipe(resolution=512, batch=1, checkpointing=True, dtype
                 context = text(ids)[0].float().to(dtype)
             prediction = unet(scheduler.add_noise(latents, noise, t), t, context).sample
             return torch.nn.functional.mse_loss(prediction.float(), noise.float())
-
         step = training_step(mem, loss_fn, [table], optimizer)
         with torch.no_grad():
             table[keep] = original[keep]
@@ -214,8 +210,7 @@ def estimate_generation(resolution=512, cfg=True, dtype=torch.float16, config="s
 TRAINING = {"weights": "weights", "trainable": "trainable tensor(s) + AdamW state", "inputs": "inputs on the device",
             "saved_for_backward": "saved for backward, after the forward", "gradient": "gradient",
             "activations": "activations + temporaries (fwd/bwd peak minus the rest)"}
-GENERATION = {"weights": "weights: UNet + text tower + VAE", "sampler_step": "one sampler step, above the weights",
-              "vae_decode": "VAE decode of one latent, above the weights"}
+GENERATION = {"weights": "weights", "sampler_step": "sampler step above weights", "vae_decode": "decode above weights"}
 
 
 def report(title: str, parts: dict, labels: dict, limits: dict):
@@ -235,23 +230,20 @@ def main(argv=None):
     p.add_argument("--batch", type=int, default=1, help="images per training micro-batch")
     p.add_argument("--no-checkpointing", action="store_true", help="without gradient checkpointing")
     args = p.parse_args(argv)
-    began, res, checkpointing = time.perf_counter(), args.resolution, not args.no_checkpointing
+    res, checkpointing = args.resolution, not args.no_checkpointing
     config = "sd2" if res >= 768 else "sd2-base"   # the model trained at that size; the networks are the same
     print(f"ESTIMATED peak device memory (live tensor bytes on fake tensors), BEFORE the CUDA context (~300-500 MB) "
           f"and allocator fragmentation.\nSD2 ({config}), {res}x{res} (latents {res // 8}x{res // 8}), batch "
           f"{args.batch}, fp16, gradient checkpointing {'on' if checkpointing else 'off'}")
     ours = estimate_training(res, args.batch, checkpointing, config=config)
-    theirs = estimate_diffusers_recipe(res, args.batch, checkpointing)
-    generation = estimate_generation(res, config=config)
-    limits = {"required": 8 * GB, "target": 3.5 * GB}
     report(f"medti training step: fp16 UNet + text tower; 64x1024 fp32 vectors trained; latents cached on the CPU "
            f"(not counted: {CACHED_IMAGES} images x mean, logvar, sample = {ours['cpu_cached_latents'] / 2 ** 20:.1f}"
-           " MiB)", ours, TRAINING, limits)
+           " MiB)", ours, TRAINING, LIMITS)
     report("diffusers textual_inversion example: fp16 UNet + VAE (encode every step), fp32 text encoder whose whole "
-           "49,409x1024 table is trained (+ a copy of it)", theirs, TRAINING, limits)
+           "49,409x1024 table is trained (+ a copy of it)", estimate_diffusers_recipe(res, args.batch, checkpointing),
+           TRAINING, LIMITS)
     report("medti generation, fp16: text tower, a sampler step (UNet at batch 2 for CFG, no grad), VAE decode",
-           generation, GENERATION, {"target": 3 * GB})
-    print(f"\n(run time {time.perf_counter() - began:.0f} s)")
+           estimate_generation(res, config=config), GENERATION, {"target": 3 * GB})
 
 
 if __name__ == "__main__":
