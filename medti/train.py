@@ -61,6 +61,7 @@ class TrainConfig:
     channels: str = flag("", 'e.g. "t2w,adc,dwi": stack per-case gray images into RGB')
     latents: str = flag("once", "once (sampled once) | random (resampled every use) | mean")
     flip: bool = flag(False, "random horizontal flips; off: laterality matters in medical images")
+    strict: bool = flag(False, "an unreadable or odd training file is an error (default: listed, skipped)")
     template: str = flag("", 'file of prompt templates, one per line, "{}" = the token')
     dtype: str = flag("", "fp16 | bf16 | fp32; default fp16 on CUDA, fp32 on CPU")
     device: str = flag("", "default cuda if available, else cpu")
@@ -191,7 +192,7 @@ def run(cfg: TrainConfig) -> Path:
     # data -> cached latents; the VAE then leaves the device
     try:
         data = load_dataset(cfg.data, cfg.resolution, cfg.preprocess,
-                            [c.strip() for c in cfg.channels.split(",")] if cfg.channels else None, strict=False)
+                            [c.strip() for c in cfg.channels.split(",")] if cfg.channels else None, cfg.strict)
     except DataError as e:
         raise TrainError(str(e)) from None
     if data.skipped:
