@@ -235,7 +235,7 @@ def run(cfg: TrainConfig) -> Path:
         (out / "log.jsonl").write_text("")
 
     # the loop
-    skipped_in_a_row, began, first = 0, time.perf_counter(), step
+    skipped_in_a_row, skipped, began, first = 0, 0, time.perf_counter(), step
     while step < cfg.max_steps:
         lr = lr_at(schedule, step)
         for group in optimizer.param_groups:
@@ -257,7 +257,7 @@ def run(cfg: TrainConfig) -> Path:
             scaler.step(optimizer)
             skipped_in_a_row = 0
         else:   # skip: the vectors stay as they were (with fp16 the scaler also lowers its scale)
-            skipped_in_a_row += 1
+            skipped_in_a_row, skipped = skipped_in_a_row + 1, skipped + 1
             print(f"warning: step {step}: non-finite loss or gradient, step skipped", file=sys.stderr)
             if skipped_in_a_row == 10:
                 raise TrainError(f"10 steps in a row had a non-finite loss or gradient (last: step {step}); try a "
@@ -276,6 +276,7 @@ def run(cfg: TrainConfig) -> Path:
             save(sd, cfg, vectors, optimizer, scaler, step, meta, out, settings)
         if cfg.preview_every and step % cfg.preview_every == 0:
             preview(sd, cfg, vectors.detach(), step, out, device)
+    print(f"done: {step} steps ({skipped} skipped as non-finite in this session)", file=sys.stderr)
     return out / f"{cfg.token.strip('<>')}.safetensors"
 
 
