@@ -1,15 +1,14 @@
 """Speed and memory of medti against diffusers on identical random full-size SD2 weights (issue 5's benchmark).
 
-    python tools/benchmark.py                # full size; ~20 min on 2 cores: run it on an otherwise idle machine
+    python tools/benchmark.py                # full size, ~20 min on 2 cores: run it on an otherwise idle machine
     python tools/benchmark.py --quick        # tiny models, 1 run each: checks that the script works, no meaning
     python tools/benchmark.py --only 1,5 --runs 5
 
-diffusers' UNet2DConditionModel and AutoencoderKL and transformers' CLIPTextModel are built with SD2's configs and
-random weights, converted to the official single-file layout by tools/convert_diffusers.py, saved, and loaded back
-with minisd.load, so both sides compute with the same numbers. A time is the median of --runs calls per side,
-interleaved (ours, theirs, ours, ...) so that drift in machine load hits both sides alike. Sections:
-  1 UNet forward  2 text-to-image  3 textual-inversion step  4 fastest CPU path (bf16)  5 FLOP/s vs a matmul
-  6 cost growth and estimated GPU memory  7 loading a fp16 file (time, peak RSS; each load in a fresh process)
+diffusers' UNet/VAE and transformers' CLIPTextModel are built with SD2's configs and random weights, converted to
+the official layout by tools/convert_diffusers.py, saved, and loaded back with minisd.load: both sides compute with
+the same numbers. A time is the median of --runs calls per side, interleaved (ours, theirs, ours, ...) so that load
+drift hits both. Sections: 1 UNet forward, 2 text-to-image, 3 textual-inversion step, 4 fastest CPU path,
+5 FLOP/s vs a matmul, 6 cost growth + estimated GPU memory, 7 loading a fp16 file (each load in a fresh process).
 """
 import argparse
 import contextlib
@@ -28,13 +27,6 @@ from pathlib import Path
 import diffusers
 import torch
 import torch.nn.functional as F
-from diffusers import (
-    AutoencoderKL,
-    DDPMScheduler,
-    EulerAncestralDiscreteScheduler,
-    StableDiffusionPipeline,
-    UNet2DConditionModel,
-)
 from safetensors.torch import save_file
 from torch.utils.flop_counter import FlopCounterMode
 from transformers import CLIPTextConfig, CLIPTextModel
@@ -51,42 +43,35 @@ sys.path[:0] = [str(TOOLS), str(TOOLS.parent / "tests")]
 from conftest import randomize_  # noqa: E402 (tests/ and tools/ are not packages)
 from convert_diffusers import convert_text, convert_unet, convert_vae  # noqa: E402
 
-try:   # tools/memory_estimate.py: fake-tensor estimates of peak GPU memory (optional)
+try:   # tools/memory_estimate.py: fake-tensor estimates of peak GPU memory
     from memory_estimate import estimate_generation, estimate_training
 except ImportError:
     estimate_generation = estimate_training = None
 
 # SD2 as diffusers/transformers configure it (stabilityai/stable-diffusion-2-base); block types: the defaults.
-FULL = {"unet": dict(sample_size=64, cross_attention_dim=1024, attention_head_dim=(5, 10, 20, 20),
-                     use_linear_projection=True),
+FULL = {"unet": dict(cross_attention_dim=1024, attention_head_dim=(5, 10, 20, 20), use_linear_projection=True),
         "vae": dict(block_out_channels=(128, 256, 512, 512), layers_per_block=2,
                     down_block_types=("DownEncoderBlock2D",) * 4, up_block_types=("UpDecoderBlock2D",) * 4),
-        "text": dict(vocab_size=49408, hidden_size=1024, intermediate_size=4096, num_hidden_layers=23,
-                     num_attention_heads=16, hidden_act="gelu"),
+        "text": dict(hidden_size=1024, intermediate_size=4096, num_hidden_layers=23, num_attention_heads=16),
         "ours": "sd2-base", "size": 512, "big": 768}
-# --quick: the same architecture shrunk (16-wide heads, 64-wide text tower with the real vocabulary).
-TINY = {"unet": dict(sample_size=16, block_out_channels=(32, 64, 64, 64), attention_head_dim=(2, 4, 4, 4),
-                     cross_attention_dim=64, use_linear_projection=True),
-        "vae": dict(block_out_channels=(32, 32, 64, 64), layers_per_block=2,
-                    down_block_types=("DownEncoderBlock2D",) * 4, up_block_types=("UpDecoderBlock2D",) * 4),
-        "text": dict(vocab_size=49408, hidden_size=64, intermediate_size=256, num_hidden_layers=3,
-                     num_attention_heads=4, hidden_act="gelu"),
+# --quick: the same architecture shrunk (16-wide heads, a 64-wide text tower with the real vocabulary).
+TINY = {"unet": dict(block_out_channels=(32, 64, 64, 64), attention_head_dim=(2, 4, 4, 4), cross_attention_dim=64,
+                     use_linear_projection=True),
+        "vae": dict(FULL["vae"], block_out_channels=(32, 32, 64, 64)),
+        "text": dict(hidden_size=64, intermediate_size=256, num_hidden_layers=3, num_attention_heads=4),
         "ours": {"unet": {"model_channels": 32, "channel_mult": [1, 2, 2, 2], "num_head_channels": 16,
                           "context_dim": 64}, "vae": {"ch": 32, "ch_mult": [1, 1, 2, 2]},
                  "text": {"width": 64, "layers": 4, "heads": 4}}, "size": 128, "big": 192}
-TOKEN, N_VECTORS, STEPS, GB = "<bench>", 64, 3, 1e9
-CL = torch.channels_last
-
+TOKEN, N_VECTORS, STEPS, GB, CL = "<bench>", 64, 3, 1e9, torch.channels_last
 
 def machine():
     cpu = open("/proc/cpuinfo").read()
     model = next((line.split(":", 1)[1].strip() for line in cpu.splitlines() if line.startswith("model name")), "?")
-    flags = [f for f in ("amx_bf16", "avx512_bf16", "avx512f") if f" {f}" in cpu]
+    flags = [f for f in ("amx_bf16", "avx512_bf16", "avx512f", "avx2") if f" {f}" in cpu]
     load = os.getloadavg()[0]
     print(f"# machine: {model} ({' '.join(flags)}), {os.cpu_count()} cores; torch {torch.__version__} with "
           f"{torch.get_num_threads()} threads, diffusers {diffusers.__version__}; load average {load:.2f}"
           + ("  -- WARNING: machine busy, times unreliable" if load > 0.5 else ""))
-
 
 def medians(fns: dict, runs: int, warmup=False) -> dict:
     """name -> median seconds of `runs` calls of each function, interleaved (a, b, a, b, ...)."""
@@ -100,13 +85,11 @@ def medians(fns: dict, runs: int, warmup=False) -> dict:
             times[name].append(time.perf_counter() - start)
     return {name: statistics.median(t) for name, t in times.items()}
 
-
 def verdict(value, limit, unit="×", at_least=False) -> str:
     if limit is None or value is None:
         return ""
-    ok = value >= limit if at_least else value <= limit
-    return f"{'≥' if at_least else '≤'} {limit:g}{unit}: {'met' if ok else 'NOT met'}"
-
+    return f"{'≥' if at_least else '≤'} {limit:g}{unit}: " + \
+        ("met" if (value >= limit if at_least else value <= limit) else "NOT met")
 
 def row(what, ours, theirs, limit=None):
     """A timing row: seconds, ratio ours/theirs and the target on that ratio."""
@@ -114,30 +97,23 @@ def row(what, ours, theirs, limit=None):
     return [what, f"{ours:.2f} s", f"{theirs:.2f} s" if theirs else "-", f"{ratio:.2f}×" if ratio else "-",
             verdict(ratio, limit)]
 
-
 def table(title: str, rows: list, header=("", "ours", "diffusers", "ratio", "target (issue 5)")):
     widths = [max(len(str(r[i])) for r in [header, *rows]) for i in range(len(header))]
     print(f"\n## {title}")
     for r in [header, *rows]:
-        print("  " + "  ".join(str(c).ljust(w) if i in (0, len(r) - 1) else str(c).rjust(w)
+        print("  " + "  ".join(f"{c:<{w}}" if i in (0, len(r) - 1) else f"{c:>{w}}"
                                for i, (c, w) in enumerate(zip(r, widths, strict=True))))
-
 
 def psnr(a, b) -> float:
     """PSNR in dB of two images in [-1, 1] (peak-to-peak 2)."""
     return (10 * torch.log10(4 / F.mse_loss(a.double(), b.double()))).item()
 
-
 def autocast(on: bool):
     return torch.autocast("cpu", dtype=torch.bfloat16) if on else contextlib.nullcontext()
 
-
 @contextlib.contextmanager
-def checkpointing(sd, on=True):
-    """medti.inversion.enable_checkpointing for a while, then the blocks unwrapped again."""
-    if not on:
-        yield
-        return
+def checkpointing(sd):
+    """medti.inversion.enable_checkpointing (train.py's default) for a while; then the blocks are unwrapped."""
     enable_checkpointing(sd)
     try:
         yield
@@ -147,51 +123,43 @@ def checkpointing(sd, on=True):
                 blocks[i] = block.block
         sd.unet.middle_block = sd.unet.middle_block.block
 
+def euler_a():   # SD2's betas; timestep spacing "linspace", as ours
+    return diffusers.EulerAncestralDiscreteScheduler(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear",
+                                                     steps_offset=1)
 
 def setup(args, cfg, tmp: Path) -> argparse.Namespace:
-    """Random diffusers/transformers models, their official-layout file, ours loaded from it, a diffusers folder."""
+    """Random reference models, their official-layout file, ours loaded from it, a diffusers config folder."""
     torch.manual_seed(0)
-    refs = {"unet": randomize_(UNet2DConditionModel(**cfg["unet"]), 1).requires_grad_(False),
-            "vae": randomize_(AutoencoderKL(**cfg["vae"]), 2).requires_grad_(False),
-            "text": randomize_(CLIPTextModel(CLIPTextConfig(**cfg["text"])), 3)}
+    refs = {"unet": randomize_(diffusers.UNet2DConditionModel(**cfg["unet"]), 1).requires_grad_(False),
+            "vae": randomize_(diffusers.AutoencoderKL(**cfg["vae"]), 2).requires_grad_(False),
+            "text": randomize_(CLIPTextModel(CLIPTextConfig(**cfg["text"], hidden_act="gelu")), 3)}
     state = {}
     for name, convert, ref in (("unet", convert_unet, "unet"), ("vae", convert_vae, "vae"),
                                ("text_encoder", convert_text, "text")):
         state |= {PREFIXES[name] + k: v.contiguous() for k, v in convert(refs[ref].state_dict()).items()}
-    path = tmp / "sd2-random.safetensors"
-    save_file(state, str(path))
+    save_file(state, str(tmp / "sd2.safetensors"))
     del state
     folder = tmp / "diffusers"   # configs only, for from_single_file(config=...)
-    refs["unet"].save_config(folder / "unet")
-    refs["vae"].save_config(folder / "vae")
-    refs["text"].config.save_pretrained(folder / "text_encoder")
-    euler_a().save_config(folder / "scheduler")
+    refs["unet"].save_config(folder / "unet"), refs["vae"].save_config(folder / "vae")
+    refs["text"].config.save_pretrained(folder / "text_encoder"), euler_a().save_config(folder / "scheduler")
     index = {"_class_name": "StableDiffusionPipeline", "unet": ["diffusers", "UNet2DConditionModel"],
              "vae": ["diffusers", "AutoencoderKL"], "text_encoder": ["transformers", "CLIPTextModel"],
              "scheduler": ["diffusers", "EulerAncestralDiscreteScheduler"], "tokenizer": [None, None],
              "safety_checker": [None, None], "feature_extractor": [None, None], "requires_safety_checker": False}
     (folder / "model_index.json").write_text(json.dumps(index))
-    sd = minisd.load(path, config=cfg["ours"])
+    sd = minisd.load(tmp / "sd2.safetensors", config=cfg["ours"])
     with torch.no_grad():
         cond, uncond = sd.text_encoder(sd.tokenizer(["chest x-ray, PA view"])), sd.text_encoder(sd.tokenizer([""]))
-    return argparse.Namespace(refs=refs, sd=sd, path=path, folder=folder, cond=cond, uncond=uncond, tmp=tmp,
-                              size=cfg["size"], big=cfg["big"], ours=cfg["ours"], runs=args.runs, results={})
-
-
-def euler_a():
-    return EulerAncestralDiscreteScheduler(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear",
-                                           steps_offset=1)   # SD2's betas; spacing "linspace", as ours
-
+    return argparse.Namespace(refs=refs, sd=sd, folder=folder, cond=cond, uncond=uncond, tmp=tmp, size=cfg["size"],
+                              big=cfg["big"], ours=cfg["ours"], runs=args.runs, results={})
 
 def unet_inputs(b, rows=2, size=None, dtype=torch.float32):
     gen, h = torch.Generator().manual_seed(0), (size or b.size) // 8
     x, context = torch.randn(rows, 4, h, h, generator=gen), torch.randn(rows, 77, b.cond.shape[-1], generator=gen)
     return x.to(dtype), torch.full((rows,), 500.0), context.to(dtype)
 
-
 def txt2img_ours(sd, b):
     return decode(sd, sample(sd, b.cond, b.uncond, [1.0], [0], width=b.size, height=b.size, cfg=2.0, steps=STEPS))
-
 
 def ti_step_ours(sd, size):
     """One step of medti/train.py's loop: latents cached once, 64 fp32 vectors in AdamW (checkpointing: caller)."""
@@ -205,11 +173,10 @@ def ti_step_ours(sd, size):
 
     def step():
         optimizer.zero_grad(set_to_none=True)
-        denoising_loss(sd, TOKEN, vectors, [TOKEN], latents, torch.randn_like(latents),
-                       torch.randint(0, 1000, (1,))).backward()
+        t = torch.randint(0, 1000, (1,))
+        denoising_loss(sd, TOKEN, vectors, [TOKEN], latents, torch.randn_like(latents), t).backward()
         optimizer.step()
     return step
-
 
 def ti_step_diffusers(refs, size):
     """diffusers' examples/textual_inversion step: VAE encode every step, DDPM add_noise, fp32 text encoder whose
@@ -219,7 +186,7 @@ def ti_step_diffusers(refs, size):
     table = text.requires_grad_(False).get_input_embeddings().weight.requires_grad_(True)
     original, keep = table.detach().clone(), torch.arange(len(table)) != len(table) - 1
     optimizer = torch.optim.AdamW([table], lr=5e-3, weight_decay=1e-2)
-    scheduler = DDPMScheduler(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear")
+    scheduler = diffusers.DDPMScheduler(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear")
     pixels = torch.rand(1, 3, size, size, generator=torch.Generator().manual_seed(0)) * 2 - 1
     ids = torch.tensor([[49406, len(table) - 1, 49407] + [0] * 74])
 
@@ -228,12 +195,10 @@ def ti_step_diffusers(refs, size):
         noise, t = torch.randn_like(latents), torch.randint(0, 1000, (1,))
         prediction = unet(scheduler.add_noise(latents, noise, t), t, text(ids)[0]).sample
         F.mse_loss(prediction.float(), noise.float()).backward()
-        optimizer.step()
-        optimizer.zero_grad()
+        optimizer.step(), optimizer.zero_grad()
         with torch.no_grad():
             table[keep] = original[keep]
     return step
-
 
 @torch.no_grad()
 def section1(b):
@@ -243,26 +208,20 @@ def section1(b):
     b.results["unet"] = m["theirs"]
     table("1. UNet forward, fp32, no grad", [row(f"{b.size // 8}² latents, batch 2", m["ours"], m["theirs"], 0.9)])
 
-
 def section2(b):
-    pipe = StableDiffusionPipeline(vae=b.refs["vae"], text_encoder=None, tokenizer=None, unet=b.refs["unet"],
-                                   scheduler=euler_a(), safety_checker=None, feature_extractor=None,
-                                   requires_safety_checker=False)
+    pipe = diffusers.StableDiffusionPipeline(vae=b.refs["vae"], text_encoder=None, tokenizer=None, unet=b.refs["unet"],
+                                             scheduler=euler_a(), safety_checker=None, feature_extractor=None,
+                                             requires_safety_checker=False)
     pipe.set_progress_bar_config(disable=True)
     out = {}
-
-    def ours():
-        out["ours"] = txt2img_ours(b.sd, b)
-
-    def theirs():
-        out["theirs"] = pipe(prompt_embeds=b.cond, negative_prompt_embeds=b.uncond, guidance_scale=2.0, width=b.size,
-                             height=b.size, num_inference_steps=STEPS, generator=torch.Generator().manual_seed(0),
-                             output_type="pt").images * 2 - 1
-    m = medians({"ours": ours, "theirs": theirs}, b.runs)
+    m = medians({"ours": lambda: out.update(ours=txt2img_ours(b.sd, b)),
+                 "theirs": lambda: out.update(theirs=pipe(
+                     prompt_embeds=b.cond, negative_prompt_embeds=b.uncond, guidance_scale=2.0, width=b.size,
+                     height=b.size, num_inference_steps=STEPS, generator=torch.Generator().manual_seed(0),
+                     output_type="pt").images * 2 - 1)}, b.runs)
     b.results |= {"txt2img": m["theirs"], "image": out["ours"]}
-    table(f"2. text-to-image {b.size}², CFG 2, {STEPS} Euler-a steps + VAE decode, fp32 (same images: PSNR "
-          f"{psnr(out['ours'], out['theirs']):.1f} dB)", [row("seconds", m["ours"], m["theirs"], 0.85)])
-
+    table(f"2. text-to-image {b.size}², CFG 2, {STEPS} Euler-a steps + VAE decode, fp32 (same images? PSNR ours vs "
+          f"diffusers {psnr(out['ours'], out['theirs']):.0f} dB)", [row("seconds", m["ours"], m["theirs"], 0.85)])
 
 def section3(b):
     ours = ti_step_ours(b.sd, b.size)
@@ -276,109 +235,87 @@ def section3(b):
           [row("ours, checkpointing on (our default)", m["on"], m["theirs"], 0.5),
            row("ours, checkpointing off", m["off"], m["theirs"])])
 
+def bf16_is_fast() -> bool:
+    """bf16 pays only with hardware support (AMX, AVX512-BF16); emulated (AVX2 only) it is ~100x slower than fp32."""
+    a32 = torch.randn(256, 256)
+    a16 = a32.bfloat16()
+    m = medians({"fp32": lambda: a32 @ a32, "bf16": lambda: a16 @ a16}, 3, warmup=True)
+    return m["bf16"] < m["fp32"]
 
 def section4(b):
-    """bf16 autocast, bf16 weights, channels_last: the fastest UNet variant runs text-to-image and a TI step."""
-    sd32, sd16 = b.sd, minisd.load(b.path, config=b.ours, dtype=torch.bfloat16)
-    variants = {"fp32": (sd32, sd32.unet, False), "fp32, channels_last": (sd32, copy.deepcopy(sd32.unet).to(
-        memory_format=CL), False), "fp32 weights, bf16 autocast": (sd32, sd32.unet, True),
-        "bf16 weights": (sd16, sd16.unet, False), "bf16 weights, channels_last": (sd16, copy.deepcopy(
-            sd16.unet).to(memory_format=CL), False)}
+    """UNet variants (channels_last; where bf16 is fast, bf16 autocast and weights); the fastest then runs
+    text-to-image and a TI step. Ratios against diffusers fp32 (sections 1-3)."""
+    sd32, cl = b.sd, lambda module: copy.deepcopy(module).to(memory_format=CL)
+    variants = {"fp32": (sd32, sd32.unet, False), "fp32, channels_last": (sd32, cl(sd32.unet), False)}
+    if b.bf16:
+        sd16 = minisd.load(b.tmp / "sd2.safetensors", config=b.ours, dtype=torch.bfloat16)
+        variants |= {"fp32 weights, bf16 autocast": (sd32, sd32.unet, True), "bf16 weights": (sd16, sd16.unet, False),
+                     "bf16 weights, channels_last": (sd16, cl(sd16.unet), False)}
 
-    def forward(base, unet, cast):
-        x, t, context = unet_inputs(b, dtype=next(unet.parameters()).dtype)
-        with torch.no_grad(), autocast(cast):
-            unet(x, t, context)
-    m = medians({name: lambda v=v: forward(*v) for name, v in variants.items()}, b.runs, warmup=True)
+    @torch.no_grad()
+    def forward(unet, cast):
+        with autocast(cast):
+            unet(*unet_inputs(b, dtype=next(unet.parameters()).dtype))
+    m = medians({name: lambda v=v: forward(*v[1:]) for name, v in variants.items()}, b.runs, warmup=True)
     rows = [row(f"UNet forward: {name}", s, b.results.get("unet")) for name, s in m.items()]
     best = min(m, key=m.get)
     base, unet, cast = variants[best]
-    fast = dataclasses.replace(base, unet=unet)
+    fast = dataclasses.replace(base, unet=unet, vae=cl(base.vae) if "channels_last" in best else base.vae)
     fast.embeddings = getattr(base, "embeddings", {})
-    if "channels_last" in best:
-        fast.vae = copy.deepcopy(base.vae).to(memory_format=CL)
-    image32 = b.results.get("image")
-    if image32 is None:
-        image32 = txt2img_ours(sd32, b)
-    out = {}
-
-    def txt2img():
-        with autocast(cast):
-            out["image"] = txt2img_ours(fast, b)
-    step = ti_step_ours(fast, b.size)
+    image32 = b.results["image"] if "image" in b.results else txt2img_ours(sd32, b)
+    out, step = {}, ti_step_ours(fast, b.size)
 
     def ti():
-        with autocast(cast):
+        with checkpointing(fast):
             step()
-    with checkpointing(fast):
-        m = medians({"txt2img": txt2img, "ti": ti}, b.runs)
-    b.results["fast_unet"] = variants[best][1], cast, min(m.values())
-    rows += [row(f"text-to-image ({best}; PSNR {psnr(out['image'], image32):.1f} dB vs our fp32, ≥ 30 wanted)",
-                 m["txt2img"], b.results.get("txt2img"), 0.33),
-             row(f"textual-inversion step ({best}, checkpointing)", m["ti"], b.results.get("ti"))]
-    table("4. fastest CPU path (ratio: against diffusers fp32 from sections 1-3)", rows)
-
-
-def unet_flops(b, rows=2) -> int:
-    """FLOPs of one forward, counted on meta tensors (the CPU SDPA kernel counts 0 on real ones: FACTS.md)."""
-    unet = minisd.build(minisd.load_config(b.ours)).unet   # meta device
-    x, t, context = (v.to("meta") for v in unet_inputs(b, rows))
-    with FlopCounterMode(display=False) as counter, torch.no_grad():
-        unet(x, t, context)
-    return counter.get_total_flops()
-
+    with autocast(cast):
+        m = medians({"txt2img": lambda: out.update(image=txt2img_ours(fast, b)), "ti": ti}, b.runs)
+    table("4. fastest CPU path" + ("" if b.bf16 else " (bf16 skipped: slower than fp32 on this CPU)"), rows + [
+        row(f"text-to-image ({best}; PSNR {psnr(out['image'], image32):.1f} dB vs our fp32, 30 wanted)",
+            m["txt2img"], b.results.get("txt2img"), 0.33),
+        row(f"textual-inversion step ({best}, checkpointing)", m["ti"], b.results.get("ti"))])
 
 @torch.no_grad()
 def section5(b):
-    flops, n = unet_flops(b), 2048
+    """UNet FLOPs counted once on meta tensors (the CPU SDPA kernel counts 0 on real ones: FACTS.md)."""
+    with FlopCounterMode(display=False) as counter:
+        minisd.build(minisd.load_config(b.ours)).unet(*(v.to("meta") for v in unet_inputs(b)))
+    flops, n, x, t, context = counter.get_total_flops(), 2048, *unet_inputs(b)
     a32 = torch.randn(n, n)
-    a16, x, t, context = a32.bfloat16(), *unet_inputs(b)
-    x16, context16 = x.bfloat16(), context.bfloat16()
-    fns = {"unet": lambda: b.sd.unet(x, t, context), "mm32": lambda: [a32 @ a32 for _ in range(10)],
-           "mm16": lambda: [a16 @ a16 for _ in range(40)]}
-    fast = b.results.get("fast_unet")
-    if fast and next(fast[0].parameters()).dtype == torch.bfloat16:
-        fns["unet16"] = lambda: fast[0](x16, t, context16)
-    m = medians(fns, b.runs, warmup=True)
-    mm32, mm16 = 10 * 2 * n ** 3 / m["mm32"], 40 * 2 * n ** 3 / m["mm16"]
-    rows = [["fp32: UNet vs matmul", f"{flops / m['unet'] / 1e9:.0f}", f"{mm32 / 1e9:.0f}",
-             f"{flops / m['unet'] / mm32:.0%}", verdict(flops / m["unet"] / mm32 * 100, 60, " %", at_least=True)]]
-    if "unet16" in m:
-        rows.append(["bf16 weights: UNet vs matmul", f"{flops / m['unet16'] / 1e9:.0f}", f"{mm16 / 1e9:.0f}",
-                     f"{flops / m['unet16'] / mm16:.0%}", ""])
-    table(f"5. achieved FLOP/s, UNet forward batch 2 ({flops / 1e12:.2f} TFLOP counted) vs {n}² matmul", rows,
+    m = medians({"unet": lambda: b.sd.unet(x, t, context), "matmul": lambda: [a32 @ a32 for _ in range(10)]},
+                b.runs, warmup=True)
+    unet, matmul = flops / m["unet"], 10 * 2 * n ** 3 / m["matmul"]
+    rows = [["fp32: UNet vs matmul", f"{unet / 1e9:.0f}", f"{matmul / 1e9:.0f}", f"{unet / matmul:.0%}",
+             verdict(100 * unet / matmul, 60, " %", at_least=True)]]
+    table(f"5. achieved FLOP/s: UNet forward, batch 2 ({flops / 1e9:.0f} GFLOP counted) vs {n}² matmul", rows,
           ("", "UNet GFLOP/s", "matmul GFLOP/s", "% of matmul", "target"))
-
 
 def estimate(fn, **kwargs) -> str:
     if fn is None:
         return "-"
     try:
-        return f"{fn(**kwargs)['total'] / GB:.2f}"
-    except Exception as e:   # someone else's module, written concurrently: report, do not stop the benchmark
-        return f"failed ({type(e).__name__})"
+        with torch.enable_grad():
+            return f"{fn(**kwargs)['total'] / GB:.2f}"
+    except Exception as e:   # someone else's module, still changing: report, do not stop the benchmark
+        return f"failed ({type(e).__name__}: {str(e)[:40]})"
 
-
-@torch.no_grad()
 def section6(b):
     """Time of one guided sampler step (UNet rows = images x (terms + uncond)) and estimated fp16 GPU peaks."""
     rows, first = [], None
-    for label, size, images, terms in ((f"{b.size}², 1 image, 1 term", b.size, 1, 1),
-                                       (f"{b.big}², 1 image, 1 term", b.big, 1, 1),
-                                       (f"{b.size}², 4 images, 1 term", b.size, 4, 1),
-                                       (f"{b.size}², 1 image, 3 AND terms", b.size, 1, 3)):
+    for size, images, terms in ((b.size, 1, 1), (b.big, 1, 1), (b.size, 4, 1), (b.size, 1, 3)):
         x = unet_inputs(b, images, size)[0]
         model = GuidedDenoiser(Denoiser(b.sd.unet, b.sd.prediction), b.cond.repeat(terms, 1, 1), b.uncond,
                                [1.0] * terms, cfg=2.0)
-        s = medians({"": lambda model=model, x=x: model(x, 14.6, 999.0)}, b.runs)[""]
+        with torch.no_grad():
+            s = medians({"": lambda model=model, x=x: model(x, 14.6, 999.0)}, b.runs)[""]
         first = first or s
         gen = estimate(estimate_generation, resolution=size, config=b.ours) if images == terms == 1 else "-"
         train = estimate(estimate_training, resolution=size, batch=images, config=b.ours) if terms == 1 else "-"
-        rows.append([label, (images * (terms + 1)), f"{s:.2f} s", f"{s / first:.2f}×", gen, train])
-    table("6. cost growth: one sampler step with CFG, ours fp32; estimated GPU peak, fp16 (targets: generation "
+        rows.append([f"{size}², {images} image(s), {terms} AND term(s)", images * (terms + 1), f"{s:.2f} s",
+                     f"{s / first:.2f}×", gen, train])
+    table(f"6. cost growth: one sampler step with CFG, ours fp32; estimated GPU peak fp16 (targets: generation "
           f"{b.size}² ≤ 3 GB, training ≤ 3.5 GB)", rows,
           ("", "UNet rows", "time", "vs first", "est. GB generation", "est. GB training (TI step)"))
-
 
 CHILD = """import json, time, torch, minisd, transformers
 from diffusers import StableDiffusionPipeline
@@ -388,9 +325,8 @@ before, start = status('VmRSS:'), time.perf_counter()
 {load}
 print(json.dumps({{'seconds': time.perf_counter() - start, 'before': before, 'peak': status('VmHWM:')}}))"""
 
-
 def section7(b):
-    """Each load in a fresh process (peak RSS = VmHWM); the file is in the page cache after the first run."""
+    """Each load in a fresh process: time, and peak RSS (VmHWM) above the RSS after imports."""
     path = b.tmp / "sd2-fp16.safetensors"
     save_file({prefix + k: v.half().contiguous() for name, prefix in PREFIXES.items()
                for k, v in getattr(b.sd, name).state_dict().items()}, str(path))
@@ -399,21 +335,19 @@ def section7(b):
              "theirs": f"StableDiffusionPipeline.from_single_file({str(path)!r}, config={str(b.folder)!r}, "
                        "local_files_only=True, torch_dtype=torch.float16, tokenizer=None)"}
     found = {name: [] for name in loads}
-    for _ in range(b.runs):
+    for _ in range(b.runs):   # interleaved; the file is in the page cache after the first load
         for name, load in loads.items():
             out = subprocess.run([sys.executable, "-c", CHILD.format(load=load)], capture_output=True, text=True,
                                  check=True).stdout
             found[name].append(json.loads(out.splitlines()[-1]))
     t = {name: statistics.median(r["seconds"] for r in runs) for name, runs in found.items()}
     peak = {name: max(r["peak"] - r["before"] for r in runs) for name, runs in found.items()}
-    rows = [row("time", t["ours"], t["theirs"], 1.0),
-            ["peak RSS above the interpreter's, / file size", f"{peak['ours'] / size:.2f}×",
-             f"{peak['theirs'] / size:.2f}×", f"{peak['ours'] / peak['theirs']:.2f}×",
-             verdict(peak["ours"] / size, 1.25, "× file")]]
-    table(f"7. loading a {size / GB:.2f} GB fp16 file to fp16 (interpreter + imports before loading: "
-          f"{found['ours'][0]['before'] / GB:.2f} GB ours, {found['theirs'][0]['before'] / GB:.2f} GB diffusers)", rows)
+    table(f"7. loading a {size / GB:.2f} GB fp16 file to fp16 (RSS after imports, before loading: "
+          f"{found['ours'][0]['before'] / GB:.2f} GB ours, {found['theirs'][0]['before'] / GB:.2f} GB diffusers)",
+          [row("time", t["ours"], t["theirs"], 1.0),
+           ["peak RSS above that, / file size", f"{peak['ours'] / size:.2f}×", f"{peak['theirs'] / size:.2f}×",
+            f"{peak['ours'] / peak['theirs']:.2f}×", verdict(peak["ours"] / size, 1.25, "× file")]])
     path.unlink()
-
 
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
@@ -428,14 +362,16 @@ def main(argv=None):
           f"; median of {args.runs} interleaved run(s); sections {sections}")
     with tempfile.TemporaryDirectory(prefix="medti-bench-") as tmp:
         b = setup(args, TINY if args.quick else FULL, Path(tmp))
+        b.bf16 = bf16_is_fast()
+        print(f"# bf16 matmul {'faster' if b.bf16 else 'SLOWER'} than fp32 on this CPU: bf16 variants "
+              f"{'measured' if b.bf16 else 'skipped (emulated; a full-size bf16 UNet forward would take hours)'}")
         functions = {1: section1, 2: section2, 3: section3, 4: section4, 5: section5, 6: section6, 7: section7}
         for n in sections:
-            if n == 4:   # diffusers is done with: free its models before the bf16 copy is loaded
+            if n == 4:   # diffusers is done with: free its models before copies of ours are made
                 b.refs = None
                 gc.collect()
             functions[n](b)
             sys.stdout.flush()
-
 
 if __name__ == "__main__":
     main()
