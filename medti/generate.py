@@ -30,7 +30,7 @@ from minisd.sampling import SAMPLERS, SPACINGS
 from . import embeddings as emb
 from .files import safetensors_bytes, write_atomic
 from .images import ImageError, contact_sheet, load_image, load_mask, save_png, to_pil
-from .pipeline import decode, sample
+from .pipeline import compile_for_inference, decode, sample
 from .prompts import PromptError, check_length, parse
 
 SAMPLER_NAMES = {"euler_a": "Euler a", "euler": "Euler"}   # as A1111 writes them in `parameters`
@@ -62,6 +62,9 @@ def build_parser() -> argparse.ArgumentParser:
     add("--batch", type=int, default=0, help="UNet rows per call; 0: one image (all its terms) per call")
     add("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     add("--dtype", choices=["fp32", "fp16", "bf16"], help="default fp16 on CUDA, fp32 on CPU")
+    add("--compile", action="store_true",
+        help="torch.compile the UNet and VAE decoder first (about a minute per network and batch shape; "
+             "pays off over long runs)")
     add("--init-image", help="start from this image (img2img; with --mask: inpainting)")
     add("--mask", help="white = repaint; any size and mode, resized to the image")
     add("--mask-blur", type=float, default=0, help="Gaussian blur radius in pixels before binarising the mask")
@@ -212,6 +215,8 @@ def run(args):
     loaded = emb.read_all(args.embeddings) if args.embeddings else {}
     sd = minisd.load(args.model, config=args.config, dtype=dtype, device=device)
     emb.attach(sd, loaded)
+    if args.compile:
+        compile_for_inference(sd)
     width = args.width or args.size or sd.config.resolution
     height = args.height or args.size or sd.config.resolution
     for name, value in (("width", width), ("height", height)):

@@ -71,6 +71,21 @@ def sample(sd, conds, uncond, weights, seeds, *, width, height, cfg=2.0, steps=1
     return SAMPLERS[sampler](model, x, sigmas, timesteps, generators, callback)
 
 
+def compile_for_inference(sd):
+    """torch.compile the UNet and the VAE decoder in place, for generation only (`--compile`).
+
+    On the CPU, inductor's `freezing` turns the weights into graph constants, so oneDNN packs each conv and
+    linear weight once instead of at every call; that, not the fusions, is most of the gain measured in
+    tools/benchmark.py. The price: a compile of about a minute per network at full size on 2 cores, repeated for
+    every new input shape (dynamic=False: kernels specialised to the shape), and weights that must not change
+    afterwards -- fine for generation, wrong for training. Results match eager fp32 to float rounding
+    (tests/test_pipeline.py)."""
+    options = {"freezing": True} if next(sd.unet.parameters()).device.type == "cpu" else None
+    sd.unet = torch.compile(sd.unet, dynamic=False, options=options)
+    sd.vae.decoder = torch.compile(sd.vae.decoder, dynamic=False, options=options)
+    return sd
+
+
 @torch.no_grad()
 def decode(sd, latents):
     """Scaled latents -> images [B, 3, H, W] in [-1, 1]. A half-precision VAE can overflow to inf/NaN on

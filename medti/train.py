@@ -69,7 +69,8 @@ class TrainConfig:
     save_every: int = flag(500, "steps between saves of the embedding and the resumable state")
     preview_every: int = flag(500, "0: no previews")
     preview_steps: int = flag(100, "sampler steps of the preview images (the study used 100)")
-    no_checkpointing: bool = flag(False, "gradient checkpointing is on by default")
+    checkpointing: str = flag("auto", "gradient checkpointing: on | off | auto (on with CUDA, where memory is "
+                                      "short; off on the CPU, where it only costs time)")
     resume: bool = flag(False, "continue the run in --out from its last save")
     out: str = flag("", "output folder")
     demo: bool = flag(False, "a self-contained offline run on a tiny random model")
@@ -103,6 +104,8 @@ def check(cfg: TrainConfig) -> list:
             raise TrainError(f"--{name.replace('_', '-')} must be at least 1")
     if cfg.latents not in ("once", "random", "mean") or cfg.preprocess not in PREPROCESS:
         raise TrainError(f"--latents once|random|mean and --preprocess {'|'.join(PREPROCESS)}")
+    if cfg.checkpointing not in ("on", "off", "auto"):
+        raise TrainError(f"--checkpointing {cfg.checkpointing!r}: on, off or auto")
     if not cfg.out:
         raise TrainError("--out: name an output folder")
     out = Path(cfg.out)
@@ -213,11 +216,15 @@ def run(cfg: TrainConfig) -> Path:
     vectors = torch.nn.Parameter(start_vectors.to(device))
     optimizer = torch.optim.AdamW([vectors], lr=lr_at(schedule, 0), weight_decay=0.0)
     scaler = torch.amp.GradScaler(device.type, enabled=dtype == torch.float16)
-    if not cfg.no_checkpointing:
+    # Checkpointing recomputes each block's activations in the backward pass: same gradients, ~1/3 more UNet
+    # work (tools/benchmark.py section 3), far less activation memory (tools/memory_estimate.py).
+    if cfg.checkpointing == "on" or (cfg.checkpointing == "auto" and device.type == "cuda"):
         enable_checkpointing(sd)
+    # What a resumed run must share. Left out: data (its identity is its fingerprint, not where it lies) and
+    # checkpointing (it changes memory and time, not results).
     settings = {k: v for k, v in dataclasses.asdict(cfg).items()
                 if k not in ("max_steps", "save_every", "preview_every", "preview_steps", "resume", "device", "out",
-                             "data")}   # the data's identity is its fingerprint, not where it lies
+                             "data", "checkpointing")}
     settings["data_fingerprint"] = data.fingerprint
     meta = {"token": cfg.token, "vectors": str(cfg.vectors), "base_model": str(sd.preset or cfg.model),
             "base_sha256": sha256_of(sd.path), "init": cfg.init, "lr": cfg.lr, "data_sha256": data.fingerprint}

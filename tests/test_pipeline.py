@@ -103,3 +103,27 @@ def test_half_precision_vae_overflow_is_redone_in_fp32(tiny):
     images = decode(sd, latents.half())
     assert torch.isfinite(images).all() and torch.equal(images, reference)
     assert next(sd.vae.parameters()).dtype == torch.float16
+
+
+@torch.no_grad()
+def test_compiled_generation_equals_eager(tiny):
+    """--compile (torch.compile with inductor freezing on the CPU) changes speed, not results: the same latents
+    and images as the eager modules, up to fp32 rounding in fused kernels (bound: test_sampling.py's 1e-4)."""
+    import copy
+
+    from medti.pipeline import compile_for_inference, decode
+    refs, sd = tiny
+    fast = copy.copy(sd)
+    fast.unet, fast.vae = copy.deepcopy(sd.unet), copy.deepcopy(sd.vae)
+    compile_for_inference(fast)
+    gen = torch.Generator().manual_seed(5)
+    cond, uncond = torch.randn(1, 77, 32, generator=gen), torch.randn(1, 77, 32, generator=gen)
+
+    def run(model):
+        latents = sample(model, cond, uncond, [1.0], [7], width=8 * LATENT, height=8 * LATENT, cfg=CFG, steps=4)
+        return latents, decode(model, latents)
+    (lat, img), (lat_c, img_c) = run(sd), run(fast)
+    assert type(fast.unet).__name__ == "OptimizedModule"   # the compiled path really ran
+    for name, ours, ref in (("latents", lat_c, lat), ("images", img_c, img)):
+        err = rel_err(ours, ref)
+        assert err <= 1e-4, f"compiled {name}: relative error {err:.2e}"

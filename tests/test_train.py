@@ -38,10 +38,14 @@ def reference(tmp_path_factory):
     return unet, text, path, config
 
 
-@pytest.mark.parametrize("prediction", ["eps", "v"])
-def test_loss_and_gradient_equal_reference(reference, prediction):
+@pytest.mark.parametrize("prediction, checkpointing", [("eps", False), ("v", False), ("eps", True)])
+def test_loss_and_gradient_equal_reference(reference, prediction, checkpointing):
+    """With gradient checkpointing (--checkpointing on) the gradient must be the same: it only recomputes."""
+    from medti.inversion import enable_checkpointing
     unet, text, path, config = reference
     sd = minisd.load(path, config={**config, "prediction": prediction})
+    if checkpointing:
+        enable_checkpointing(sd)
     gen = torch.Generator().manual_seed(0)
     vectors = torch.randn(N_VECTORS, 64, generator=gen)
     E.attach(sd, {TOKEN: E.Embedding(TOKEN, vectors, {})})
@@ -109,7 +113,7 @@ def test_training_lowers_held_out_loss(secret_data):
     folder, model, config = secret_data
     learned = run(TrainConfig(model=str(model), config=str(config), data=str(folder / "train"), token="<learned>",
                               vectors=4, lr="0.02", max_steps=200, resolution=64, preview_every=0, save_every=200,
-                              no_checkpointing=True, out=str(folder / "run")))
+                              checkpointing="off", out=str(folder / "run")))
     sd = minisd.load(model, config=config)
     vectors = E.read(learned).vectors
     E.attach(sd, {"<learned>": E.Embedding("<learned>", vectors, {})})

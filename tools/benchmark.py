@@ -34,7 +34,7 @@ from transformers import CLIPTextConfig, CLIPTextModel
 import minisd
 from medti import embeddings as emb
 from medti.inversion import denoising_loss, enable_checkpointing, initial_vectors
-from medti.pipeline import decode, sample
+from medti.pipeline import compile_for_inference, decode, sample
 from minisd.load import PREFIXES
 from minisd.sampling import Denoiser, GuidedDenoiser
 
@@ -150,7 +150,8 @@ def setup(args, cfg, tmp: Path) -> argparse.Namespace:
     sd = minisd.load(tmp / "sd2.safetensors", config=cfg["ours"])
     with torch.no_grad():
         cond, uncond = sd.text_encoder(sd.tokenizer(["chest x-ray, PA view"])), sd.text_encoder(sd.tokenizer([""]))
-    return argparse.Namespace(refs=refs, sd=sd, folder=folder, cond=cond, uncond=uncond, tmp=tmp, size=cfg["size"],
+    return argparse.Namespace(cfg=cfg, refs=refs, sd=sd, folder=folder, cond=cond, uncond=uncond, tmp=tmp,
+                              size=cfg["size"],
                               big=cfg["big"], ours=cfg["ours"], runs=args.runs, results={})
 
 def unet_inputs(b, rows=2, size=None, dtype=torch.float32):
@@ -200,28 +201,90 @@ def ti_step_diffusers(refs, size):
             table[keep] = original[keep]
     return step
 
+KERNELS = ("convolution", "addmm", "aten::mm", "aten::bmm", "scaled_dot_product")
+
+def kernel_seconds(fn) -> tuple:
+    """(seconds in conv, matmul and attention kernels, seconds in all ops) of one call: torch.profiler self times."""
+    with torch.profiler.profile() as prof:
+        fn()
+    events = prof.key_averages()
+    total = sum(e.self_cpu_time_total for e in events)
+    return sum(e.self_cpu_time_total for e in events if any(k in e.key for k in KERNELS)) / 1e6, total / 1e6
+
+def compiled(b):
+    """Ours with --compile (medti.pipeline.compile_for_inference), built once; the first calls compile and are
+    timed apart: (sd, {what: seconds})."""
+    if "compiled" not in b.results:
+        fast = dataclasses.replace(b.sd, vae=copy.deepcopy(b.sd.vae))   # the decoder is compiled in place
+        b.results["compiled"] = (compile_for_inference(fast), {})
+    return b.results["compiled"]
+
+def first_call(b, what: str, fn):
+    """Run fn once (compiling what it needs) and note how long that took."""
+    start = time.perf_counter()
+    fn()
+    compiled(b)[1][what] = time.perf_counter() - start
+
 @torch.no_grad()
 def section1(b):
     x, t, context = unet_inputs(b)
-    m = medians({"ours": lambda: b.sd.unet(x, t, context),
+    fast = compiled(b)[0]
+    first_call(b, "UNet", lambda: fast.unet(x, t, context))
+    m = medians({"ours": lambda: b.sd.unet(x, t, context), "compiled": lambda: fast.unet(x, t, context),
                  "theirs": lambda: b.refs["unet"](x, t, encoder_hidden_states=context).sample}, b.runs, warmup=True)
     b.results["unet"] = m["theirs"]
-    table("1. UNet forward, fp32, no grad", [row(f"{b.size // 8}² latents, batch 2", m["ours"], m["theirs"], 0.9)])
+    (k_ours, all_ours), (k_theirs, all_theirs) = (kernel_seconds(lambda: b.sd.unet(x, t, context)),
+                                                  kernel_seconds(lambda: b.refs["unet"](x, t, context)))
+    table("1. UNet forward, fp32, no grad", [
+        row(f"{b.size // 8}² latents, batch 2", m["ours"], m["theirs"], 0.9),
+        row(f"the same, --compile (compiling took {compiled(b)[1]['UNet']:.0f} s once)", m["compiled"],
+            m["theirs"], 0.9),
+        ["profiled: conv/matmul/attention kernels", f"{k_ours:.2f} s", f"{k_theirs:.2f} s",
+         f"{k_ours / k_theirs:.2f}×", "the same oneDNN/SDPA calls on both sides"],
+        ["profiled: everything else (copies, norms, ...)", f"{all_ours - k_ours:.2f} s",
+         f"{all_theirs - k_theirs:.2f} s", "", f"without any: {k_ours / all_theirs:.2f}× at best"]])
 
 def section2(b):
     pipe = diffusers.StableDiffusionPipeline(vae=b.refs["vae"], text_encoder=None, tokenizer=None, unet=b.refs["unet"],
                                              scheduler=euler_a(), safety_checker=None, feature_extractor=None,
                                              requires_safety_checker=False)
     pipe.set_progress_bar_config(disable=True)
-    out = {}
+    out, fast = {}, compiled(b)[0]
+    first_call(b, "txt2img", lambda: txt2img_ours(fast, b))
     m = medians({"ours": lambda: out.update(ours=txt2img_ours(b.sd, b)),
+                 "compiled": lambda: out.update(compiled=txt2img_ours(fast, b)),
                  "theirs": lambda: out.update(theirs=pipe(
                      prompt_embeds=b.cond, negative_prompt_embeds=b.uncond, guidance_scale=2.0, width=b.size,
                      height=b.size, num_inference_steps=STEPS, generator=torch.Generator().manual_seed(0),
                      output_type="pt").images * 2 - 1)}, b.runs)
     b.results |= {"txt2img": m["theirs"], "image": out["ours"]}
     table(f"2. text-to-image {b.size}², CFG 2, {STEPS} Euler-a steps + VAE decode, fp32 (same images? PSNR ours vs "
-          f"diffusers {psnr(out['ours'], out['theirs']):.0f} dB)", [row("seconds", m["ours"], m["theirs"], 0.85)])
+          f"diffusers {psnr(out['ours'], out['theirs']):.0f} dB, compiled vs eager "
+          f"{psnr(out['compiled'], out['ours']):.0f} dB)", [row("seconds", m["ours"], m["theirs"], 0.85),
+                   row(f"--compile (first call, compiling the decoder too: {compiled(b)[1]['txt2img']:.0f} s)",
+                       m["compiled"], m["theirs"], 0.85)])
+
+def ti_flops(b) -> tuple:
+    """FLOPs of one TI step each way, counted on meta tensors: text tower and UNet forward + backward to the
+    token vectors (ours); the same plus the example's VAE encode (diffusers). Their ratio is the time ratio at
+    equal FLOP/s -- the floor that a faster implementation of the same kernels cannot go below."""
+    sd, h = minisd.build(minisd.load_config(b.ours)), b.size // 8
+    for module in (sd.unet, sd.text_encoder):
+        module.requires_grad_(False)
+    with torch.device("meta"):
+        tokens = torch.zeros(1, 77, sd.text_encoder.cfg.width, requires_grad=True)   # the spliced embeddings
+        latents, t = torch.zeros(1, 4, h, h), torch.tensor([500.0])
+        with FlopCounterMode(display=False) as ours:
+            F.mse_loss(sd.unet(latents, t, sd.text_encoder.forward_embeddings(tokens)), latents).backward()
+        unet = diffusers.UNet2DConditionModel(**b.cfg["unet"]).requires_grad_(False)
+        vae = diffusers.AutoencoderKL(**b.cfg["vae"]).requires_grad_(False)
+        text = CLIPTextModel(CLIPTextConfig(**b.cfg["text"], hidden_act="gelu")).requires_grad_(False)
+        text.get_input_embeddings().weight.requires_grad_(True)
+        with FlopCounterMode(display=False) as theirs:
+            latents = vae.encode(torch.zeros(1, 3, b.size, b.size)).latent_dist.sample()
+            context = text(torch.zeros(1, 77, dtype=torch.long))[0]
+            F.mse_loss(unet(latents, t, encoder_hidden_states=context).sample, latents).backward()
+    return ours.get_total_flops(), theirs.get_total_flops()
 
 def section3(b):
     ours = ti_step_ours(b.sd, b.size)
@@ -231,9 +294,12 @@ def section3(b):
             ours()
     m = medians({"on": checkpointed, "off": ours, "theirs": ti_step_diffusers(b.refs, b.size)}, b.runs)
     b.results["ti"] = m["theirs"]
+    flops, flops_theirs = ti_flops(b)
     table(f"3. one textual-inversion step at {b.size}², fp32 (diffusers: the example's defaults, no checkpointing)",
-          [row("ours, checkpointing on (our default)", m["on"], m["theirs"], 0.5),
-           row("ours, checkpointing off", m["off"], m["theirs"])])
+          [row("ours, checkpointing on (the default with CUDA)", m["on"], m["theirs"], 0.5),
+           row("ours, checkpointing off (the default on the CPU)", m["off"], m["theirs"], 0.5),
+           ["TFLOP per step (counted; ratio = floor at equal FLOP/s)", f"{flops / 1e12:.2f}",
+            f"{flops_theirs / 1e12:.2f}", f"{flops / flops_theirs:.2f}×", ""]])
 
 def bf16_is_fast() -> bool:
     """bf16 pays only with hardware support (AMX, AVX512-BF16); emulated (AVX2 only) it is ~100x slower than fp32."""
@@ -264,31 +330,30 @@ def section4(b):
     fast.embeddings = getattr(base, "embeddings", {})
     image32 = b.results["image"] if "image" in b.results else txt2img_ours(sd32, b)
     out, step = {}, ti_step_ours(fast, b.size)
-
-    def ti():
-        with checkpointing(fast):
-            step()
     with autocast(cast):
-        m = medians({"txt2img": lambda: out.update(image=txt2img_ours(fast, b)), "ti": ti}, b.runs)
+        m = medians({"txt2img": lambda: out.update(image=txt2img_ours(fast, b)), "ti": step}, b.runs)
     table("4. fastest CPU path" + ("" if b.bf16 else " (bf16 skipped: slower than fp32 on this CPU)"), rows + [
         row(f"text-to-image ({best}; PSNR {psnr(out['image'], image32):.1f} dB vs our fp32, 30 wanted)",
             m["txt2img"], b.results.get("txt2img"), 0.33),
-        row(f"textual-inversion step ({best}, checkpointing)", m["ti"], b.results.get("ti"))])
+        row(f"textual-inversion step ({best})", m["ti"], b.results.get("ti"))])
 
 @torch.no_grad()
 def section5(b):
     """UNet FLOPs counted once on meta tensors (the CPU SDPA kernel counts 0 on real ones: FACTS.md)."""
     with FlopCounterMode(display=False) as counter:
         minisd.build(minisd.load_config(b.ours)).unet(*(v.to("meta") for v in unet_inputs(b)))
-    flops, n, x, t, context = counter.get_total_flops(), 2048, *unet_inputs(b)
-    a32 = torch.randn(n, n)
-    m = medians({"unet": lambda: b.sd.unet(x, t, context), "matmul": lambda: [a32 @ a32 for _ in range(10)]},
-                b.runs, warmup=True)
-    unet, matmul = flops / m["unet"], 10 * 2 * n ** 3 / m["matmul"]
+    flops, x, t, context = counter.get_total_flops(), *unet_inputs(b)
+    sizes = {2048: 10, 4096: 2}   # matrix size: products per timed call (~1 s each at 200 GFLOP/s)
+    mats = {n: torch.randn(n, n) for n in sizes}
+    products = {n: lambda n=n, k=k: [mats[n] @ mats[n] for _ in range(k)] for n, k in sizes.items()}
+    m = medians({"unet": lambda: b.sd.unet(x, t, context)} | products, b.runs, warmup=True)
+    unet = flops / m["unet"]
+    best = max(sizes, key=lambda n: sizes[n] * 2 * n ** 3 / m[n])
+    matmul = sizes[best] * 2 * best ** 3 / m[best]
     rows = [["fp32: UNet vs matmul", f"{unet / 1e9:.0f}", f"{matmul / 1e9:.0f}", f"{unet / matmul:.0%}",
              verdict(100 * unet / matmul, 60, " %", at_least=True)]]
-    table(f"5. achieved FLOP/s: UNet forward, batch 2 ({flops / 1e9:.0f} GFLOP counted) vs {n}² matmul", rows,
-          ("", "UNet GFLOP/s", "matmul GFLOP/s", "% of matmul", "target"))
+    table(f"5. achieved FLOP/s: UNet forward, batch 2 ({flops / 1e9:.0f} GFLOP counted) vs the faster of a 2048² "
+          f"and a 4096² matmul ({best}²)", rows, ("", "UNet GFLOP/s", "matmul GFLOP/s", "% of matmul", "target"))
 
 def estimate(fn, **kwargs) -> str:
     if fn is None:
@@ -322,11 +387,19 @@ from diffusers import StableDiffusionPipeline
 def status(key):
     return int(next(line.split()[1] for line in open('/proc/self/status') if line.startswith(key))) * 1024
 before, start = status('VmRSS:'), time.perf_counter()
-{load}
-print(json.dumps({{'seconds': time.perf_counter() - start, 'before': before, 'peak': status('VmHWM:')}}))"""
+model = {load}
+seconds = time.perf_counter() - start
+# safetensors maps the file: tensors not converted on loading are read from it at first use. Reading every weight
+# once makes both sides pay for all bytes.
+for name in ('unet', 'vae', 'text_encoder'):
+    for p in getattr(model, name).parameters():
+        p.float().sum()
+print(json.dumps({{'seconds': seconds, 'read': time.perf_counter() - start, 'before': before,
+                  'peak': status('VmHWM:')}}))"""
 
 def section7(b):
-    """Each load in a fresh process: time, and peak RSS (VmHWM) above the RSS after imports."""
+    """Each load in a fresh process: time, and peak RSS (VmHWM, mapped file pages included) above the RSS after
+    imports, after every weight was read once."""
     path = b.tmp / "sd2-fp16.safetensors"
     save_file({prefix + k: v.half().contiguous() for name, prefix in PREFIXES.items()
                for k, v in getattr(b.sd, name).state_dict().items()}, str(path))
@@ -341,10 +414,12 @@ def section7(b):
                                  check=True).stdout
             found[name].append(json.loads(out.splitlines()[-1]))
     t = {name: statistics.median(r["seconds"] for r in runs) for name, runs in found.items()}
+    read = {name: statistics.median(r["read"] for r in runs) for name, runs in found.items()}
     peak = {name: max(r["peak"] - r["before"] for r in runs) for name, runs in found.items()}
     table(f"7. loading a {size / GB:.2f} GB fp16 file to fp16 (RSS after imports, before loading: "
           f"{found['ours'][0]['before'] / GB:.2f} GB ours, {found['theirs'][0]['before'] / GB:.2f} GB diffusers)",
-          [row("time", t["ours"], t["theirs"], 1.0),
+          [row("time to load", t["ours"], t["theirs"], 1.0),
+           row("time to load and read every weight once", read["ours"], read["theirs"], 1.0),
            ["peak RSS above that, / file size", f"{peak['ours'] / size:.2f}×", f"{peak['theirs'] / size:.2f}×",
             f"{peak['ours'] / peak['theirs']:.2f}×", verdict(peak["ours"] / size, 1.25, "× file")]])
     path.unlink()
