@@ -14,6 +14,7 @@ from safetensors.torch import save_file
 import minisd
 from medti.generate import main
 from minisd.load import PREFIXES
+from minisd.packing import pack_convs
 
 # tiny SD2-shaped model with the full CLIP vocabulary, so real prompts tokenize
 GEN_CONFIG = {"unet": {"model_channels": 32, "channel_mult": [1, 2], "attention_resolutions": [1],
@@ -102,6 +103,7 @@ def test_inpainting_cli_equals_pipeline(model_files, tmp_path):
     saved = load_file(str(out / "00000.safetensors"))["latent"]
     model, config = model_files
     sd = minisd.load(model, config=config)
+    pack_convs(sd.unet), pack_convs(sd.vae)   # as the CLI does on the CPU unless --no-pack
     from medti import embeddings as E
     cond, uncond = E.encode(sd, ["chest x-ray"]), E.encode(sd, [""])
     init, m = load_image(tmp_path / "init.png", 64, 64), load_mask(tmp_path / "mask.png", 64, 64, 1.5)
@@ -197,3 +199,21 @@ def test_bf16_and_kdiffusion_euler_run(model_files, tmp_path):
     assert Image.open(tmp_path / "00000.png").size == (64, 32)
     rec = json.loads((tmp_path / "manifest.jsonl").read_text())
     assert (rec["sampler"], rec["sigmas"], rec["width"], rec["height"]) == ("euler", "kdiffusion", 64, 32)
+
+
+def test_packed_default_and_no_pack_agree(model_files, tmp_path, monkeypatch):
+    """On the CPU the CLI packs the conv weights (minisd.packing) unless --no-pack; both give the same latents to
+    fp32 rounding (bound: test_sampling.py's 1e-4; the packed networks are compared with diffusers in
+    test_packing.py)."""
+    import medti.generate as G
+    from conftest import rel_err
+    packed = []
+    monkeypatch.setattr(G, "pack_convs", lambda module: packed.append(module) or pack_convs(module))
+    from safetensors.torch import load_file
+    latents = {}
+    for name, extra in (("packed", ()), ("plain", ("--no-pack",))):
+        assert generate(model_files, tmp_path / name, "--prompt", "chest x-ray", "--save-latents", *extra) == 0
+        latents[name] = load_file(str(tmp_path / name / "00000.safetensors"))["latent"]
+        assert len(packed) == 2   # UNet and VAE, on the first run only
+    err = rel_err(latents["packed"], latents["plain"])
+    assert err <= 1e-4, f"packed vs plain CLI latents: relative error {err:.2e}"

@@ -36,6 +36,7 @@ from medti import embeddings as emb
 from medti.inversion import denoising_loss, enable_checkpointing, initial_vectors
 from medti.pipeline import compile_for_inference, decode, sample
 from minisd.load import PREFIXES
+from minisd.packing import pack_convs
 from minisd.sampling import Denoiser, GuidedDenoiser
 
 TOOLS = Path(__file__).resolve().parent
@@ -219,6 +220,20 @@ def compiled(b):
         b.results["compiled"] = (compile_for_inference(fast), {})
     return b.results["compiled"]
 
+def shared_copy(module):
+    """A copy of the module tree that shares the parameters: packing it leaves the original as it was."""
+    return copy.deepcopy(module, {id(p): p for p in module.parameters()})
+
+def pack_sd(sd):
+    return dataclasses.replace(sd, unet=pack_convs(shared_copy(sd.unet)), vae=pack_convs(shared_copy(sd.vae)))
+
+def packed(b):
+    """Ours as `python -m medti.generate` runs on the CPU by default: conv weights packed for oneDNN
+    (minisd.packing); only the packed weights take new memory."""
+    if "packed" not in b.results:
+        b.results["packed"] = pack_sd(b.sd)
+    return b.results["packed"]
+
 def first_call(b, what: str, fn):
     """Run fn once (compiling what it needs) and note how long that took."""
     start = time.perf_counter()
@@ -228,20 +243,33 @@ def first_call(b, what: str, fn):
 @torch.no_grad()
 def section1(b):
     x, t, context = unet_inputs(b)
-    fast = compiled(b)[0]
+    fast, unet = compiled(b)[0], packed(b).unet
     first_call(b, "UNet", lambda: fast.unet(x, t, context))
-    m = medians({"ours": lambda: b.sd.unet(x, t, context), "compiled": lambda: fast.unet(x, t, context),
+    m = medians({"plain": lambda: b.sd.unet(x, t, context), "ours": lambda: unet(x, t, context),
+                 "compiled": lambda: fast.unet(x, t, context),
                  "theirs": lambda: b.refs["unet"](x, t, encoder_hidden_states=context).sample}, b.runs, warmup=True)
     b.results["unet"] = m["theirs"]
-    (k_ours, all_ours), (k_theirs, all_theirs) = (kernel_seconds(lambda: b.sd.unet(x, t, context)),
-                                                  kernel_seconds(lambda: b.refs["unet"](x, t, context)))
+    profiles = {name: kernel_seconds(fn) for name, fn in (("plain", lambda: b.sd.unet(x, t, context)),
+                                                          ("ours", lambda: unet(x, t, context)),
+                                                          ("theirs", lambda: b.refs["unet"](x, t, context)))}
+    (k_plain, _), (k_ours, all_ours), (k_theirs, all_theirs) = profiles.values()
+    # one conv of the deepest level alone (full size: 2560 -> 1280 channels on 8x8), where packing gains the most
+    conv = b.sd.unet.output_blocks[0][0].in_layers[2]
+    y = torch.randn(2, conv.in_channels, b.size // 64, b.size // 64)
+    one = pack_convs(torch.nn.Sequential(shared_copy(conv)))
+    mc = medians({"packed": lambda: one(y), "plain": lambda: conv(y)}, b.runs, warmup=True)
     table("1. UNet forward, fp32, no grad", [
-        row(f"{b.size // 8}² latents, batch 2", m["ours"], m["theirs"], 0.9),
+        row(f"{b.size // 8}² latents, batch 2, conv weights packed (generation's CPU default)", m["ours"],
+            m["theirs"], 0.9),
+        row("the same, plain nn.Conv2d (--no-pack)", m["plain"], m["theirs"], 0.9),
         row(f"the same, --compile (compiling took {compiled(b)[1]['UNet']:.0f} s once)", m["compiled"],
             m["theirs"], 0.9),
-        ["profiled: conv/matmul/attention kernels", f"{k_ours:.2f} s", f"{k_theirs:.2f} s",
-         f"{k_ours / k_theirs:.2f}×", "the same oneDNN/SDPA calls on both sides"],
-        ["profiled: everything else (copies, norms, ...)", f"{all_ours - k_ours:.2f} s",
+        [f"one {conv.in_channels}->{conv.out_channels} 3x3 conv on {y.shape[-1]}², batch 2: packed vs plain",
+         f"{mc['packed']:.3f} s", f"{mc['plain']:.3f} s", f"{mc['packed'] / mc['plain']:.2f}×",
+         "plain = diffusers' call"],
+        ["profiled, packed: conv/matmul/attention kernels", f"{k_ours:.2f} s", f"{k_theirs:.2f} s",
+         f"{k_ours / k_theirs:.2f}×", f"plain nn.Conv2d: {k_plain:.2f} s, the same oneDNN calls as diffusers"],
+        ["profiled, packed: everything else (copies, norms, ...)", f"{all_ours - k_ours:.2f} s",
          f"{all_theirs - k_theirs:.2f} s", "", f"without any: {k_ours / all_theirs:.2f}× at best"]])
 
 def section2(b):
@@ -249,18 +277,21 @@ def section2(b):
                                              scheduler=euler_a(), safety_checker=None, feature_extractor=None,
                                              requires_safety_checker=False)
     pipe.set_progress_bar_config(disable=True)
-    out, fast = {}, compiled(b)[0]
+    out, fast, sd = {}, compiled(b)[0], packed(b)
     first_call(b, "txt2img", lambda: txt2img_ours(fast, b))
-    m = medians({"ours": lambda: out.update(ours=txt2img_ours(b.sd, b)),
+    m = medians({"plain": lambda: out.update(plain=txt2img_ours(b.sd, b)),
+                 "ours": lambda: out.update(ours=txt2img_ours(sd, b)),
                  "compiled": lambda: out.update(compiled=txt2img_ours(fast, b)),
                  "theirs": lambda: out.update(theirs=pipe(
                      prompt_embeds=b.cond, negative_prompt_embeds=b.uncond, guidance_scale=2.0, width=b.size,
                      height=b.size, num_inference_steps=STEPS, generator=torch.Generator().manual_seed(0),
                      output_type="pt").images * 2 - 1)}, b.runs)
-    b.results |= {"txt2img": m["theirs"], "image": out["ours"]}
-    table(f"2. text-to-image {b.size}², CFG 2, {STEPS} Euler-a steps + VAE decode, fp32 (same images? PSNR ours vs "
-          f"diffusers {psnr(out['ours'], out['theirs']):.0f} dB, compiled vs eager "
-          f"{psnr(out['compiled'], out['ours']):.0f} dB)", [row("seconds", m["ours"], m["theirs"], 0.85),
+    b.results |= {"txt2img": m["theirs"], "image": out["plain"]}
+    table(f"2. text-to-image {b.size}², CFG 2, {STEPS} Euler-a steps + VAE decode, fp32 (same images? PSNR vs "
+          f"diffusers: packed {psnr(out['ours'], out['theirs']):.0f} dB, plain {psnr(out['plain'], out['theirs']):.0f}"
+          f" dB, compiled {psnr(out['compiled'], out['theirs']):.0f} dB)", [
+                   row("conv weights packed (generation's CPU default)", m["ours"], m["theirs"], 0.85),
+                   row("plain nn.Conv2d (--no-pack)", m["plain"], m["theirs"], 0.85),
                    row(f"--compile (first call, compiling the decoder too: {compiled(b)[1]['txt2img']:.0f} s)",
                        m["compiled"], m["theirs"], 0.85)])
 
@@ -301,41 +332,76 @@ def section3(b):
            ["TFLOP per step (counted; ratio = floor at equal FLOP/s)", f"{flops / 1e12:.2f}",
             f"{flops_theirs / 1e12:.2f}", f"{flops / flops_theirs:.2f}×", ""]])
 
-def bf16_is_fast() -> bool:
-    """bf16 pays only with hardware support (AMX, AVX512-BF16); emulated (AVX2 only) it is ~100x slower than fp32."""
-    a32 = torch.randn(256, 256)
+def bf16_speedup() -> float:
+    """fp32 time / bf16 time of a 512² matmul. bf16 pays only with hardware support (AMX, AVX512-BF16); emulated
+    (AVX2 only) it is far slower than fp32."""
+    a32 = torch.randn(512, 512)
     a16 = a32.bfloat16()
     m = medians({"fp32": lambda: a32 @ a32, "bf16": lambda: a16 @ a16}, 3, warmup=True)
-    return m["bf16"] < m["fp32"]
+    return m["fp32"] / m["bf16"]
+
+def cl_copy(module):
+    return copy.deepcopy(module).to(memory_format=CL)
 
 def section4(b):
-    """UNet variants (channels_last; where bf16 is fast, bf16 autocast and weights); the fastest then runs
-    text-to-image and a TI step. Ratios against diffusers fp32 (sections 1-3)."""
-    sd32, cl = b.sd, lambda module: copy.deepcopy(module).to(memory_format=CL)
-    variants = {"fp32": (sd32, sd32.unet, False), "fp32, channels_last": (sd32, cl(sd32.unet), False)}
+    """UNet variants (channels_last, packed convs; where bf16 is fast, bf16 autocast and weights); the fastest then
+    runs text-to-image, the fastest differentiable one (packed convs have no backward) a TI step. Ratios against
+    diffusers fp32 (sections 1-3)."""
+    def channels_last(sd):
+        return dataclasses.replace(sd, unet=cl_copy(sd.unet), vae=cl_copy(sd.vae))
+    sd32 = b.sd
+    variants = {"fp32": (sd32, False), "fp32, channels_last": (channels_last(sd32), False),
+                "fp32, packed convs": (packed(b), False)}   # name -> (model, bf16 autocast)
     if b.bf16:
         sd16 = minisd.load(b.tmp / "sd2.safetensors", config=b.ours, dtype=torch.bfloat16)
-        variants |= {"fp32 weights, bf16 autocast": (sd32, sd32.unet, True), "bf16 weights": (sd16, sd16.unet, False),
-                     "bf16 weights, channels_last": (sd16, cl(sd16.unet), False)}
+        variants |= {"fp32 weights, bf16 autocast": (sd32, True), "bf16 weights": (sd16, False),
+                     "bf16 weights, channels_last": (channels_last(sd16), False),
+                     "bf16 weights, packed convs": (pack_sd(sd16), False)}
 
     @torch.no_grad()
-    def forward(unet, cast):
+    def forward(sd, cast):
         with autocast(cast):
-            unet(*unet_inputs(b, dtype=next(unet.parameters()).dtype))
-    m = medians({name: lambda v=v: forward(*v[1:]) for name, v in variants.items()}, b.runs, warmup=True)
+            sd.unet(*unet_inputs(b, dtype=next(sd.unet.parameters()).dtype))
+    m = medians({name: lambda v=v: forward(*v) for name, v in variants.items()}, b.runs, warmup=True)
     rows = [row(f"UNet forward: {name}", s, b.results.get("unet")) for name, s in m.items()]
-    best = min(m, key=m.get)
-    base, unet, cast = variants[best]
-    fast = dataclasses.replace(base, unet=unet, vae=cl(base.vae) if "channels_last" in best else base.vae)
-    fast.embeddings = getattr(base, "embeddings", {})
+    best, best_ti = min(m, key=m.get), min((n for n in m if "packed" not in n), key=m.get)
+    (fast, cast), (fast_ti, cast_ti) = variants[best], variants[best_ti]
+    fast_ti.embeddings = getattr(sd32, "embeddings", {})
     image32 = b.results["image"] if "image" in b.results else txt2img_ours(sd32, b)
-    out, step = {}, ti_step_ours(fast, b.size)
-    with autocast(cast):
-        m = medians({"txt2img": lambda: out.update(image=txt2img_ours(fast, b)), "ti": step}, b.runs)
+    out, step = {}, ti_step_ours(fast_ti, b.size)
+
+    def txt2img():
+        with autocast(cast):
+            out.update(image=txt2img_ours(fast, b))
+
+    def ti():
+        with autocast(cast_ti):
+            step()
+    m = medians({"txt2img": txt2img, "ti": ti}, b.runs)
     table("4. fastest CPU path" + ("" if b.bf16 else " (bf16 skipped: slower than fp32 on this CPU)"), rows + [
-        row(f"text-to-image ({best}; PSNR {psnr(out['image'], image32):.1f} dB vs our fp32, 30 wanted)",
+        row(f"text-to-image ({best}; PSNR {psnr(out['image'], image32):.1f} dB vs our plain fp32, 30 wanted)",
             m["txt2img"], b.results.get("txt2img"), 0.33),
-        row(f"textual-inversion step ({best})", m["ti"], b.results.get("ti"))])
+        row(f"textual-inversion step ({best_ti})", m["ti"], b.results.get("ti"))])
+    if b.bf16:
+        kernels(b, sd32, sd16)
+
+@torch.no_grad()
+def kernels(b, sd32, sd16):
+    """Why bf16 gains less than its matmul speed-up: the parts of text-to-image timed in fp32 and in bf16."""
+    n, h = 2048, b.size // 8
+    a, q, z = torch.randn(n, n), torch.randn(2, 5, h * h, 64), torch.randn(1, 4, h, h)
+    vae32, vae16 = cl_copy(sd32.vae), cl_copy(sd16.vae)
+    fns = {("2048² matmul", "fp32"): lambda: a @ a, ("2048² matmul", "bf16"): lambda: a16 @ a16,
+           (f"attention, {h * h} tokens, 5 heads of 64", "fp32"): lambda: F.scaled_dot_product_attention(q, q, q),
+           (f"attention, {h * h} tokens, 5 heads of 64", "bf16"): lambda: F.scaled_dot_product_attention(q16, q16, q16),
+           (f"VAE decode {b.size}², channels_last", "fp32"): lambda: vae32.decode(z),
+           (f"VAE decode {b.size}², channels_last", "bf16"): lambda: vae16.decode(z.bfloat16())}
+    a16, q16 = a.bfloat16(), q.bfloat16()
+    m = medians(fns, b.runs, warmup=True)
+    names = list(dict.fromkeys(name for name, _ in fns))
+    table("4b. the same work in fp32 and bf16 (ours): matmuls gain the most, the CPU attention kernel the least",
+          [[name, f"{m[name, 'fp32']:.3f} s", f"{m[name, 'bf16']:.3f} s", f"{m[name, 'bf16'] / m[name, 'fp32']:.2f}×"]
+           for name in names], ("", "fp32", "bf16", "bf16 / fp32"))
 
 @torch.no_grad()
 def section5(b):
@@ -369,7 +435,7 @@ def section6(b):
     rows, first = [], None
     for size, images, terms in ((b.size, 1, 1), (b.big, 1, 1), (b.size, 4, 1), (b.size, 1, 3)):
         x = unet_inputs(b, images, size)[0]
-        model = GuidedDenoiser(Denoiser(b.sd.unet, b.sd.prediction), b.cond.repeat(terms, 1, 1), b.uncond,
+        model = GuidedDenoiser(Denoiser(packed(b).unet, b.sd.prediction), b.cond.repeat(terms, 1, 1), b.uncond,
                                [1.0] * terms, cfg=2.0)
         with torch.no_grad():
             s = medians({"": lambda model=model, x=x: model(x, 14.6, 999.0)}, b.runs)[""]
@@ -378,8 +444,8 @@ def section6(b):
         train = estimate(estimate_training, resolution=size, batch=images, config=b.ours) if terms == 1 else "-"
         rows.append([f"{size}², {images} image(s), {terms} AND term(s)", images * (terms + 1), f"{s:.2f} s",
                      f"{s / first:.2f}×", gen, train])
-    table(f"6. cost growth: one sampler step with CFG, ours fp32; estimated GPU peak fp16 (targets: generation "
-          f"{b.size}² ≤ 3 GB, training ≤ 3.5 GB)", rows,
+    table(f"6. cost growth: one sampler step with CFG, ours fp32 with packed convs; estimated GPU peak fp16 "
+          f"(targets: generation {b.size}² ≤ 3 GB, training ≤ 3.5 GB)", rows,
           ("", "UNet rows", "time", "vs first", "est. GB generation", "est. GB training (TI step)"))
 
 CHILD = """import json, time, torch, minisd, transformers
@@ -437,8 +503,9 @@ def main(argv=None):
           f"; median of {args.runs} interleaved run(s); sections {sections}")
     with tempfile.TemporaryDirectory(prefix="medti-bench-") as tmp:
         b = setup(args, TINY if args.quick else FULL, Path(tmp))
-        b.bf16 = bf16_is_fast()
-        print(f"# bf16 matmul {'faster' if b.bf16 else 'SLOWER'} than fp32 on this CPU: bf16 variants "
+        speedup = bf16_speedup()
+        b.bf16 = speedup > 1
+        print(f"# bf16 512² matmul {speedup:.3g}x the speed of fp32 on this CPU: bf16 variants "
               f"{'measured' if b.bf16 else 'skipped (emulated; a full-size bf16 UNet forward would take hours)'}")
         functions = {1: section1, 2: section2, 3: section3, 4: section4, 5: section5, 6: section6, 7: section7}
         for n in sections:
