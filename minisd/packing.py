@@ -2,18 +2,20 @@
 
 Why: eager `nn.Conv2d` on the CPU hands oneDNN the plain [out, in, kh, kw] weight, and oneDNN reorders it into its
 blocked layout on every call. Where the feature map is small and the weight large -- the UNet's deepest levels,
-1280 to 2560 channels at 8x8 and 16x16 latents -- that reorder costs more than the convolution: a 1280->1280 3x3
-conv on 8x8 latents, batch 2, takes 0.10 s eager and 0.024 s with the weight reordered beforehand (this machine,
-2 cores; tools/benchmark.py measures whole networks). inductor's weight `freezing` (`--compile`) does the same, at
-the price of a long compile. Here it is done with the two oneDNN operators that inductor's frozen CPU graphs call,
-shipped with every CPU build of torch: `torch._C._nn.mkldnn_reorder_conv2d_weight` (dense weight -> oneDNN weight
-for a given input size) and `torch.ops.mkldnn._convolution_pointwise` (the convolution with such a weight).
+1280 to 2560 channels at 8x8 and 16x16 latents -- that reorder costs more than the convolution: the UNet's
+2560->1280 3x3 conv on 8x8 latents, batch 2, takes 0.227 s eager and 0.056 s packed (tools/benchmark.py section 1,
+2 cores; for whole networks see the README's Benchmark section). inductor's weight `freezing` (`--compile`) does
+the same, at the price of a long compile. Here it is done with the two oneDNN operators that inductor's frozen CPU
+graphs call, present in every torch built with oneDNN (`can_pack` checks): `torch._C._nn.mkldnn_reorder_conv2d_weight`
+(dense weight -> oneDNN weight for a given input size) and `torch.ops.mkldnn._convolution_pointwise` (the
+convolution with such a weight).
 
-Results equal nn.Conv2d's to fp32 rounding (tests/test_packing.py, and the pipeline test against diffusers). The
-output comes back channels-last (NHWC in memory), which every later layer accepts as is, so the networks then run
-channels-last throughout. Costs: a second copy of each conv weight, per input size (fp32: 2.3 GB for the SD2 UNet,
-0.3 GB for the VAE). Inference only: the packed operator has no backward pass, and a weight changed after its
-first call would not be seen.
+Results equal nn.Conv2d's to fp32 rounding (tests/test_packing.py, per conv against F.conv2d and per network
+against diffusers). The output comes back channels-last (NHWC in memory), which every later layer accepts as is, so
+the networks then run channels-last throughout. Costs: a second copy of each conv weight per input size (fp32:
+2.3 GB for the SD2 UNet, 0.3 GB for the VAE). On toy-sized models the packed call can be slower than eager; the
+gain is measured on the full-size networks. Inference only: the packed operator has no backward pass, and a weight
+changed after its first call would not be seen.
 """
 import torch
 from torch import nn
