@@ -64,8 +64,8 @@ def build_parser() -> argparse.ArgumentParser:
     add("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     add("--dtype", choices=["fp32", "fp16", "bf16"], help="default fp16 on CUDA, fp32 on CPU")
     add("--compile", action="store_true",
-        help="torch.compile the UNet and VAE decoder first (about a minute per network and batch shape; "
-             "pays off over long runs)")
+        help="torch.compile the UNet and VAE decoder first (minutes per network and batch shape on a CPU; "
+             "see the README's Benchmark for whether it pays on yours)")
     add("--no-pack", action="store_true",
         help="on the CPU, run plain nn.Conv2d; by default each conv weight is laid out for oneDNN once "
              "(minisd.packing: faster, same results, a second copy of the conv weights in memory)")
