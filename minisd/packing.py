@@ -27,8 +27,10 @@ class PackedConv2d(nn.Module):
 
     def __init__(self, conv: nn.Conv2d):
         super().__init__()
-        if isinstance(conv.padding, str):
-            raise ValueError(f"padding={conv.padding!r}: only numeric conv padding can be packed")
+        # the oneDNN operator pads with zeros from numeric sizes; anything else would be silently wrong
+        if isinstance(conv.padding, str) or conv.padding_mode != "zeros":
+            raise ValueError(f"padding={conv.padding!r}, padding_mode={conv.padding_mode!r}: only numeric zero "
+                             "padding can be packed")
         self.weight, self.bias = conv.weight, conv.bias
         # (padding, stride, dilation, groups): the argument order of both oneDNN operators
         self.geometry = (list(conv.padding), list(conv.stride), list(conv.dilation), conv.groups)

@@ -49,6 +49,9 @@ def test_packing_keeps_parameters_and_refuses_what_it_cannot_run(tiny):
     assert not can_pack(half)
     with pytest.raises(ValueError, match="cannot pack conv weights on cpu in torch.float16"):
         pack_convs(half)
+    for conv in (nn.Conv2d(4, 4, 3, padding="same"), nn.Conv2d(4, 4, 3, padding=1, padding_mode="reflect")):
+        with pytest.raises(ValueError, match="only numeric zero padding can be packed"):
+            PackedConv2d(conv)
 
 
 @torch.no_grad()
