@@ -54,9 +54,11 @@ class PackedConv2d(nn.Module):
 def can_pack(module: nn.Module) -> bool:
     """True where packing applies: torch built with oneDNN, weights on the CPU in fp32, or in bf16 where the CPU
     has bf16 instructions (oneDNN refuses to pack bf16 weights without AVX-512 or AVX-NE-CONVERT)."""
+    if not torch.backends.mkldnn.is_available():   # checked first: without oneDNN its operators are absent
+        return False
     p = next(module.parameters())
     dtypes = (torch.float32, torch.bfloat16) if torch.ops.mkldnn._is_mkldnn_bf16_supported() else (torch.float32,)
-    return p.device.type == "cpu" and p.dtype in dtypes and torch.backends.mkldnn.is_available()
+    return p.device.type == "cpu" and p.dtype in dtypes
 
 
 def pack_convs(module: nn.Module) -> nn.Module:
