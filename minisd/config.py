@@ -8,14 +8,23 @@ import json
 from dataclasses import dataclass, field, fields
 from pathlib import Path
 
+import torch
+
 from .clip import TextConfig
+from .errors import UserError
 from .paths import weights_dir
 from .unet import UNetConfig
 from .vae import VAEConfig
 
 
-class LoadError(ValueError):
+class LoadError(UserError):
     """A problem with the user's file or config, stated in one line."""
+
+
+def default_dtype(device) -> torch.dtype:
+    """The project's one dtype default: fp16 on CUDA (SD2's weights are published for it and an 8 GB GPU needs
+    it), fp32 elsewhere (CPUs without native half-precision kernels emulate it slowly)."""
+    return torch.float16 if torch.device(device).type == "cuda" else torch.float32
 
 
 @dataclass(frozen=True)

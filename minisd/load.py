@@ -14,7 +14,7 @@ import torch
 from safetensors import safe_open
 
 from .clip import TextTransformer
-from .config import LoadError, ModelConfig, load_config, presets
+from .config import LoadError, ModelConfig, default_dtype, load_config, presets
 from .schedule import alphas_cumprod
 from .tokenizer import Tokenizer
 from .unet import UNetModel
@@ -222,7 +222,7 @@ def load(model, config=None, dtype=None, device=None) -> StableDiffusion:
     """
     path, cfg, preset = resolve(model, config)
     device = torch.device(device or "cpu")
-    dtype = dtype or (torch.float16 if device.type == "cuda" else torch.float32)
+    dtype = dtype or default_dtype(device)
     file = TensorFile(path)
     check_keys(file, cfg)
     if "alphas_cumprod" in file.keys:
