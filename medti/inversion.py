@@ -14,7 +14,7 @@ from safetensors import safe_open
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
-from minisd.sampling import training_alphas_cumprod
+from minisd.schedule import alphas_cumprod
 from minisd.schedule import NUM_TIMESTEPS
 
 from . import embeddings as emb
@@ -70,7 +70,7 @@ def denoising_loss(sd, token: str, vectors, prompts: list, latents, noise, t):
     """MSE between the UNet's prediction and its target, for scaled latents [B, 4, h, w], noise like them and
     integer timesteps t [B]. The target is the noise for eps models and v = sqrt(abar) noise - sqrt(1 - abar) x0
     for v models (diffusers' add_noise / get_velocity, in fp32)."""
-    abar = training_alphas_cumprod().to(latents.device)[t].float()[:, None, None, None]
+    abar = alphas_cumprod().to(latents.device)[t].float()[:, None, None, None]
     noisy = abar.sqrt() * latents + (1 - abar).sqrt() * noise
     target = noise if sd.prediction == "eps" else abar.sqrt() * noise - (1 - abar).sqrt() * latents
     context = emb.encode(sd, prompts, override={token: vectors})

@@ -43,6 +43,12 @@ class ModelConfig:
         return 2 ** (len(self.vae.ch_mult) - 1)
 
     @property
+    def inpainting(self) -> bool:
+        """A 9-channel inpainting UNet (4 latent + 1 mask + 4 masked-image latent channels), which needs an init
+        image and a mask to run at all."""
+        return self.unet.in_channels == 9
+
+    @property
     def size_multiple(self) -> int:
         """Image sides must be multiples of this, so the UNet can halve the latent at each level (SD2: 64)."""
         return self.latent_factor * 2 ** (len(self.unet.channel_mult) - 1)

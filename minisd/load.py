@@ -226,7 +226,7 @@ def load(model, config=None, dtype=None, device=None) -> StableDiffusion:
     file = TensorFile(path)
     check_keys(file, cfg)
     if "alphas_cumprod" in file.keys:
-        ours = alphas_cumprod().to(torch.float32)
+        ours = alphas_cumprod()
         theirs = file.get("alphas_cumprod").float()
         if theirs.shape != ours.shape or not torch.allclose(theirs, ours, rtol=0, atol=1e-6):
             raise LoadError(f"{path}: its alphas_cumprod is not SD2's schedule (linear 0.00085..0.012 in sqrt beta)")

@@ -7,22 +7,9 @@ diffusers' EulerAncestralDiscreteScheduler / EulerDiscreteScheduler so that resu
 import numpy as np
 import torch
 
-from .schedule import NUM_TIMESTEPS
+from .schedule import NUM_TIMESTEPS, training_sigmas
 
 SPACINGS = ("linspace", "leading", "trailing", "kdiffusion")
-
-
-def training_alphas_cumprod() -> torch.Tensor:
-    """abar_t for t = 0..999 in float32, computed as diffusers' schedulers do (betas a float32 linspace in
-    sqrt(beta)), so that step sigmas and training noise agree with diffusers bit for bit."""
-    betas = torch.linspace(0.00085 ** 0.5, 0.012 ** 0.5, NUM_TIMESTEPS, dtype=torch.float32) ** 2
-    return torch.cumprod(1.0 - betas, dim=0)
-
-
-def training_sigmas() -> np.ndarray:
-    """sigma_t = sqrt((1 - abar_t) / abar_t) for t = 0..999 (SD2: 0.0292 .. 14.6146)."""
-    abar = training_alphas_cumprod()
-    return (((1 - abar) / abar) ** 0.5).numpy()
 
 
 def step_schedule(n: int, spacing: str = "linspace"):
@@ -32,7 +19,7 @@ def step_schedule(n: int, spacing: str = "linspace"):
     kdiffusion: t = linspace(999, 0, n) with log-sigma interpolation (k-diffusion's DiscreteSchedule, and the
     web UI the reference study used).
     """
-    sig = training_sigmas()
+    sig = training_sigmas().numpy()
     if spacing == "linspace":
         t = np.linspace(0, NUM_TIMESTEPS - 1, n, dtype=np.float32)[::-1].copy()
     elif spacing == "leading":   # steps_offset=1 as in SD2's scheduler config

@@ -35,6 +35,8 @@ EOT = 49407  # "<end_of_text>"
 # ids by declaring pad_token "!", at the price of turning every literal "!" into a pad; see the tests.)
 PAD = 0
 CONTEXT_LENGTH = 77
+# What a prompt may hold: 77 positions, 2 of them the start and end tokens. The one home of the 75.
+MAX_PROMPT_TOKENS = CONTEXT_LENGTH - 2
 
 # OpenCLIP's pre-tokenisation regex, compiled with re.IGNORECASE there, hence (?i). Its special-token alternatives
 # are left out: the specials are handled as added tokens (see the module docstring).

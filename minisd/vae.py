@@ -166,3 +166,10 @@ class AutoencoderKL(nn.Module):
 
     def forward(self, x):
         return self.decode(self.encode(x)[0])
+
+
+def posterior_sample(mean, logvar, noise):
+    """One draw from the encoder's diagonal Gaussian posterior, mean + std * noise (ldm's
+    DiagonalGaussianDistribution.sample), with noise ~ N(0, 1) supplied by the caller, who owns the generator:
+    every posterior draw in the project goes through here, only the source of the noise differs."""
+    return mean + torch.exp(0.5 * logvar) * noise

@@ -53,7 +53,7 @@ def test_loads_strictly_and_equals_the_file(tiny_file):
 def test_dtype_and_ignored_keys(tiny_file):
     state = tiny_state()
     # what the official file has beyond our modules: schedule buffers, CLIP's head, the unused last text block
-    state["alphas_cumprod"] = alphas_cumprod().float()
+    state["alphas_cumprod"] = alphas_cumprod()
     state["betas"] = torch.zeros(1000)
     state["cond_stage_model.model.text_projection"] = torch.zeros(64, 64)
     state["cond_stage_model.model.logit_scale"] = torch.tensor(4.6)
@@ -64,7 +64,8 @@ def test_dtype_and_ignored_keys(tiny_file):
 
 def test_schedule_self_check(tiny_file):
     state = tiny_state()
-    state["alphas_cumprod"] = alphas_cumprod(0.0001, 0.02).float()   # SD1-era DDPM linear schedule: not SD2
+    # SD1-era DDPM linear schedule (linear in beta, 1e-4..0.02): not SD2
+    state["alphas_cumprod"] = torch.cumprod(1 - torch.linspace(1e-4, 0.02, 1000), 0)
     assert "alphas_cumprod is not SD2's schedule" in load_error(tiny_file(state), config=TINY_CONFIG)
 
 

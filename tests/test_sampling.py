@@ -10,7 +10,8 @@ import torch
 from diffusers import EulerAncestralDiscreteScheduler, EulerDiscreteScheduler, StableDiffusionPipeline
 
 from conftest import rel_err
-from minisd.sampling import SAMPLERS, Denoiser, GuidedDenoiser, draw, initial_sigma, step_schedule, training_sigmas
+from minisd.sampling import SAMPLERS, Denoiser, GuidedDenoiser, draw, initial_sigma, step_schedule
+from minisd.schedule import training_sigmas
 
 STEPS, CFG, LATENT = 12, 3.0, 16
 
@@ -54,7 +55,7 @@ def test_txt2img_latents_equal_diffusers(tiny, sampler, prediction, spacing):
 def test_kdiffusion_spacing_is_log_sigma_interpolation():
     """Closed form: sigma(t) = exp of the linear interpolation of log sigma between integer timesteps."""
     sigmas, t = step_schedule(7, "kdiffusion")
-    table = torch.tensor(training_sigmas(), dtype=torch.float64)
+    table = training_sigmas().double()
     assert t[0] == 999 and t[-1] == 0 and sigmas[-1] == 0 and len(sigmas) == 8
     for s, tt in zip(sigmas[:-1].double(), t.double(), strict=True):
         lo, hi = int(tt.floor()), int(tt.ceil())
