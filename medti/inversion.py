@@ -14,8 +14,7 @@ from safetensors import safe_open
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
-from minisd.schedule import alphas_cumprod
-from minisd.schedule import NUM_TIMESTEPS
+from minisd.schedule import NUM_TIMESTEPS, alphas_cumprod
 
 from . import embeddings as emb
 from .files import safetensors_bytes, write_atomic

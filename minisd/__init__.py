@@ -1,6 +1,6 @@
 """minisd: Stable Diffusion 2 from scratch, loading the official checkpoint files."""
 from .clip import TextConfig, TextTransformer
-from .config import LoadError, ModelConfig, default_dtype, load_config, presets
+from .config import LoadError, ModelConfig, load_config, presets
 from .load import StableDiffusion, build, load
 from .unet import UNetConfig, UNetModel
 from .vae import AutoencoderKL, VAEConfig
