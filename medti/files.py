@@ -1,11 +1,15 @@
-"""Writing files safely: atomically (temp file, fsync, rename) and reproducibly (the same tensors and metadata
-always give the same bytes)."""
+"""Writing files safely: atomically (temp file, fsync, rename), reproducibly (the same tensors and metadata
+always give the same bytes), and into an output folder that one run at a time holds."""
+import contextlib
+import fcntl
 import json
 import os
 import struct
 from pathlib import Path
 
 import torch
+
+from minisd.errors import UserError, arg
 
 # safetensors dtype names (format: github.com/huggingface/safetensors, README "Format")
 DTYPES = {torch.float32: "F32", torch.float16: "F16", torch.bfloat16: "BF16", torch.float64: "F64",
@@ -46,3 +50,38 @@ def write_atomic(path, data: bytes):
     except BaseException:
         tmp.unlink(missing_ok=True)
         raise
+
+
+LOCK_NAME = ".lock"
+
+
+@contextlib.contextmanager
+def claim_folder(folder, flag: str = "out"):
+    """Hold an output folder for one run: create it if needed, check it is writable, lock it, and on failure
+    remove it again if this run created it and left nothing in it (a failed run leaves no empty folder).
+
+    The lock is an flock on FOLDER/.lock, so the kernel releases it when the process dies: a crash never leaves
+    a stale lock, and a second run on the same folder is refused at once instead of mixing its files in."""
+    folder = Path(folder)
+    if folder.exists() and not folder.is_dir():
+        raise UserError(f"{arg(flag)} {folder}: exists and is not a folder; choose a folder path")
+    created = not folder.exists()
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+        handle = open(folder / LOCK_NAME, "a")
+    except OSError as e:
+        raise UserError(f"{arg(flag)} {folder}: cannot write there ({e.strerror or e})") from None
+    try:
+        try:
+            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            raise UserError(f"{arg(flag)} {folder}: another run is writing there now; wait for it to end or "
+                            "choose another folder") from None
+        yield folder
+    except BaseException:
+        if created and all(p.name == LOCK_NAME for p in folder.iterdir()):
+            (folder / LOCK_NAME).unlink(missing_ok=True)
+            folder.rmdir()
+        raise
+    finally:
+        handle.close()   # closing releases the flock

@@ -1,0 +1,54 @@
+"""claim_folder: one run at a time per output folder, no empty folder left by a failed run."""
+import subprocess
+import sys
+
+import pytest
+
+from medti.files import claim_folder
+from minisd.errors import UserError
+
+HOLD = """import sys, time
+from medti.files import claim_folder
+with claim_folder(sys.argv[1]):
+    print("held", flush=True)
+    time.sleep(30)
+"""
+
+
+def test_second_holder_is_refused_and_lock_dies_with_its_process(tmp_path):
+    folder = tmp_path / "out"
+    holder = subprocess.Popen([sys.executable, "-c", HOLD, str(folder)], stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout.readline().strip() == "held"
+        with pytest.raises(UserError, match="another run is writing there"):
+            with claim_folder(folder):
+                pass
+    finally:
+        holder.kill()
+        holder.wait()
+    with claim_folder(folder):   # the kernel dropped the dead holder's lock
+        (folder / "x").write_text("1")
+
+
+def test_failed_run_leaves_no_new_empty_folder(tmp_path):
+    folder = tmp_path / "a" / "out"
+    with pytest.raises(RuntimeError):
+        with claim_folder(folder):
+            raise RuntimeError("failed before writing")
+    assert not folder.exists()
+    existing = tmp_path / "kept"
+    existing.mkdir()
+    with pytest.raises(RuntimeError):
+        with claim_folder(existing):
+            raise RuntimeError("x")
+    assert existing.is_dir()   # not ours to remove
+
+
+def test_file_and_unwritable_paths_are_user_errors(tmp_path):
+    (tmp_path / "f").write_text("")
+    with pytest.raises(UserError, match="not a folder"):
+        with claim_folder(tmp_path / "f"):
+            pass
+    with pytest.raises(UserError, match="cannot write there"):
+        with claim_folder("/proc/medti-out"):
+            pass
