@@ -24,12 +24,12 @@ from pathlib import Path
 import torch
 
 import minisd
-from minisd.load import sha256_of
 from minisd.packing import can_pack, pack_convs
 from minisd.sampling import SAMPLERS, SPACINGS
 
 from . import embeddings as emb
 from .files import safetensors_bytes, write_atomic
+from .hashes import sha256_of
 from .images import ImageError, contact_sheet, load_image, load_mask, save_png, to_pil
 from .pipeline import compile_for_inference, decode, sample
 from .prompts import PromptError, check_length, parse

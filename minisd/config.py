@@ -5,6 +5,7 @@ YAML / OpenCLIP field names and top-level `prediction`, `scale_factor`, `resolut
 value. Presets in weights/presets.json use the same format plus the file's repo, name, size and sha256.
 """
 import json
+import math
 from dataclasses import dataclass, field, fields
 from pathlib import Path
 
@@ -13,6 +14,7 @@ import torch
 from .clip import TextConfig
 from .errors import UserError
 from .paths import weights_dir
+from .tokenizer import CONTEXT_LENGTH
 from .unet import UNetConfig
 from .vae import VAEConfig
 
@@ -58,27 +60,90 @@ def presets() -> dict:
     return json.loads((weights_dir() / "presets.json").read_text())["presets"]
 
 
+SECTIONS = {"unet": UNetConfig, "vae": VAEConfig, "text": TextConfig}
+EXTRA = {"repo", "filename", "size", "sha256", "sha256_prefix", "sources", "note", "_comment"}   # preset facts
+GROUPS = 32   # every GroupNorm of SD2's UNet and VAE has 32 groups (ldm normalization(), Normalize())
+
+
+def check_value(source: str, key: str, value, default):
+    """One field's JSON value against the type of its SD2 default: a wrong type would surface as a traceback
+    deep in torch (`"32"` channels), a bool is not an int here although Python says it is, and sizes are positive."""
+    if isinstance(default, bool):
+        ok, want = isinstance(value, bool), "true or false"
+    elif isinstance(default, int):
+        ok, want = isinstance(value, int) and not isinstance(value, bool) and value > 0, "a positive integer"
+    elif isinstance(default, float):   # scale_factor: latents are divided by it, so 0 or NaN gives NaN images
+        ok = isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value) and value > 0
+        want = "a positive finite number (SD2: 0.18215)"
+    elif isinstance(default, tuple):
+        ok = isinstance(value, list) and len(value) > 0 and all(
+            isinstance(v, int) and not isinstance(v, bool) and v > 0 for v in value)
+        want = "a non-empty list of positive integers"
+    else:
+        ok, want = value in ("eps", "v"), '"eps" or "v"'   # prediction, the only string field
+    if not ok:
+        raise LoadError(f"{source}: {key} must be {want}, not {json.dumps(value)}")
+    return tuple(value) if isinstance(default, tuple) else value
+
+
+def read_section(source: str, key: str, value) -> object:
+    """One of unet/vae/text: an object of known fields with valid values -> its dataclass."""
+    cls = SECTIONS[key]
+    known = {f.name: f for f in fields(cls)}
+    if not isinstance(value, dict):
+        raise LoadError(f"{source}: {key} must be an object of fields ({', '.join(sorted(known))}), "
+                        f"not {json.dumps(value)}")
+    bad = sorted(set(value) - set(known))
+    if bad:
+        raise LoadError(f"{source}: unknown field {key}.{bad[0]}; {key} takes {', '.join(sorted(known))}")
+    defaults = cls()
+    return cls(**{k: check_value(source, f"{key}.{k}", v, getattr(defaults, k)) for k, v in value.items()})
+
+
+def check_consistent(source: str, cfg: "ModelConfig"):
+    """What the types cannot say but the networks need to be built and run; each would otherwise fail in torch."""
+    unet, levels = cfg.unet, range(len(cfg.unet.channel_mult))
+    for ds in unet.attention_resolutions:   # ldm: level i has downsampling factor ds = 2**i
+        if ds not in [2 ** i for i in levels]:
+            raise LoadError(f"{source}: unet.attention_resolutions has {ds}, which matches no level of "
+                            f"unet.channel_mult (factors {[2 ** i for i in levels]}); it would add no attention")
+    for key, width, mults in (("unet.model_channels", unet.model_channels, unet.channel_mult),
+                              ("vae.ch", cfg.vae.ch, cfg.vae.ch_mult)):
+        if any(width * m % GROUPS for m in mults):
+            raise LoadError(f"{source}: {key} {width} x channel_mult {list(mults)} gives widths that are not "
+                            f"multiples of {GROUPS}, the GroupNorm group count")
+    attended = [unet.model_channels * unet.channel_mult[i] for i in levels
+                if 2 ** i in unet.attention_resolutions or i == levels[-1]]   # the middle block always attends
+    if any(width % unet.num_head_channels for width in attended):
+        raise LoadError(f"{source}: unet.num_head_channels {unet.num_head_channels} does not divide the attention "
+                        f"widths {attended}")
+    if cfg.text.width % cfg.text.heads:
+        raise LoadError(f"{source}: text.heads {cfg.text.heads} does not divide text.width {cfg.text.width}")
+    if cfg.text.context_length != CONTEXT_LENGTH:
+        raise LoadError(f"{source}: text.context_length must be {CONTEXT_LENGTH}, the tokenizer's length")
+    if cfg.resolution % cfg.size_multiple:
+        raise LoadError(f"{source}: resolution {cfg.resolution} is not a multiple of {cfg.size_multiple}")
+
+
 def parse_config(data: dict, source: str) -> ModelConfig:
-    """A ModelConfig from the JSON format (sections unet/vae/text with the original names; missing = SD2)."""
-    extra = {"repo", "filename", "size", "sha256", "sha256_prefix", "sources", "note", "_comment"}
-    sections = {"unet": UNetConfig, "vae": VAEConfig, "text": TextConfig}
-    top = {f.name for f in fields(ModelConfig)} - set(sections)
-    kwargs = {}
+    """A ModelConfig from the JSON format (sections unet/vae/text with the original names; missing = SD2).
+    Any value of the wrong type or a combination the networks cannot be built with is one LoadError naming the
+    source and the key."""
+    if not isinstance(data, dict):
+        raise LoadError(f"{source}: a config is a JSON object such as {{\"unet\": {{...}}, \"prediction\": "
+                        f"\"eps\"}}, not {type(data).__name__}")
+    top = {f.name for f in fields(ModelConfig)} - set(SECTIONS)
+    defaults, kwargs = ModelConfig(), {}
     for key, value in data.items():
-        if key in sections:
-            known = {f.name for f in fields(sections[key])}
-            bad = sorted(set(value) - known)
-            if bad:
-                raise LoadError(f"{source}: unknown field {key}.{bad[0]}; {key} takes {', '.join(sorted(known))}")
-            tuples = {k: tuple(v) if isinstance(v, list) else v for k, v in value.items()}
-            kwargs[key] = sections[key](**tuples)
+        if key in SECTIONS:
+            kwargs[key] = read_section(source, key, value)
         elif key in top:
-            kwargs[key] = value
-        elif key not in extra:
+            kwargs[key] = check_value(source, key, value, getattr(defaults, key))
+        elif key not in EXTRA:
             raise LoadError(f"{source}: unknown field {key!r}; expected unet, vae, text, {', '.join(sorted(top))}")
-    if kwargs.get("prediction", "eps") not in ("eps", "v"):
-        raise LoadError(f"{source}: prediction must be \"eps\" or \"v\", not {kwargs['prediction']!r}")
-    return ModelConfig(**kwargs)
+    cfg = ModelConfig(**kwargs)
+    check_consistent(source, cfg)
+    return cfg
 
 
 def load_config(config) -> ModelConfig:
