@@ -20,21 +20,22 @@ import argparse
 import io
 import os
 import re
-import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
 from safetensors import safe_open
 
+from minisd.errors import UserError
 from minisd.tokenizer import VOCAB_SIZE
 
+from .cli import run_main
 from .files import safetensors_bytes, write_atomic
 
 EXTENSIONS = (".pt", ".bin", ".safetensors")
 
 
-class EmbeddingError(ValueError):
+class EmbeddingError(UserError):
     """An embedding file or use we refuse; the message is one line naming the file and what was found."""
 
 
@@ -115,13 +116,24 @@ def read(path) -> Embedding:
     return Embedding(str(key), vectors, meta, str(path))   # diffusers, or ours (diffusers plus metadata)
 
 
-def read_all(paths) -> dict[str, Embedding]:
-    """Files and folders (searched recursively for .pt .bin .safetensors) -> {token: Embedding}."""
+def embedding_files(paths) -> list[Path]:
+    """Files as given, folders searched recursively for .pt .bin .safetensors (sorted; other files skipped)."""
     files: list[Path] = []
     for p in map(Path, [paths] if isinstance(paths, (str, os.PathLike)) else paths):
-        files += sorted(f for f in p.rglob("*") if f.suffix in EXTENSIONS and f.is_file()) if p.is_dir() else [p]
+        if not p.is_dir():
+            files.append(p)
+            continue
+        found = sorted(f for f in p.rglob("*") if f.suffix in EXTENSIONS and f.is_file())
+        if not found:
+            raise EmbeddingError(f"{p}: a folder without embedding files ({', '.join(EXTENSIONS)})")
+        files += found
+    return files
+
+
+def read_all(paths) -> dict[str, Embedding]:
+    """Files and folders (see embedding_files) -> {token: Embedding}; a token defined twice is an error."""
     found: dict[str, Embedding] = {}
-    for f in files:
+    for f in embedding_files(paths):
         emb = read(f)
         if emb.token in found:
             raise EmbeddingError(f"{f}: token {emb.token!r} is also defined by {found[emb.token].source}")
@@ -140,6 +152,9 @@ def export(emb: Embedding, path, fmt: str) -> None:
     """fmt "a1111": the dict A1111's Embedding.save writes (torch.save of plain dicts, ints, strings and one
     tensor, so weights_only loading accepts it); A1111 names it after the file stem, so name the file after the
     token. fmt "diffusers": {token: [n, width]} safetensors with diffusers' metadata {"format": "pt"}."""
+    suffixes = {"a1111": (".pt", ".bin"), "diffusers": (".safetensors",)}.get(fmt)
+    if suffixes and Path(path).suffix not in suffixes:   # read() goes by the extension, as A1111 and diffusers do
+        raise EmbeddingError(f"{path}: a {fmt} file must end in {' or '.join(suffixes)}")
     vectors = _vectors(path, emb.vectors, emb.token, flat_ok=False)
     if fmt == "a1111":
         data = {"string_to_token": {"*": 265},   # 265 is "*" in CLIP's vocabulary; A1111 writes it, never reads it
@@ -208,29 +223,41 @@ def encode(sd, texts: list[str], override: dict[str, torch.Tensor] | None = None
     return sd.text_encoder.forward_embeddings(torch.where(is_new[..., None], spliced, x))
 
 
+def summary(e: Embedding) -> str:
+    return (f"token {e.token!r}, {len(e.vectors)} vectors x {e.vectors.shape[1]}, "
+            f"mean vector norm {e.vectors.norm(dim=1).mean().item():.2f}")
+
+
+def run(args):
+    if args.command == "info":   # per file: one summary line, then the metadata indented
+        for f in embedding_files(args.files):
+            e = read(f)
+            print(f"{f}: {summary(e)}", *(f"  {k}: {v}" for k, v in sorted(e.meta.items())), sep="\n", flush=True)
+        return
+    out = Path(args.output)
+    if out.is_dir() or (out.exists() and not args.force):
+        raise EmbeddingError(f"{out}: exists; choose another output file" +
+                             ("" if out.is_dir() else ", or pass --force to overwrite it"))
+    if not out.parent.is_dir():
+        raise EmbeddingError(f"{out}: the folder {out.parent} does not exist; create it first")
+    e = read(args.input)
+    export(e, out, args.format)
+    print(f"wrote {out} ({args.format}): {summary(e)}")
+
+
 def main(argv=None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m medti.embeddings", description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(prog="python -m medti.embeddings", description=__doc__.splitlines()[0],
+                                     epilog="example: python -m medti.embeddings info tests/data/paper-embeddings/")
     sub = parser.add_subparsers(dest="command", required=True)
     p = sub.add_parser("export", help="convert one embedding file to A1111 .pt or diffusers .safetensors")
-    p.add_argument("input")
-    p.add_argument("output")
+    p.add_argument("input", help="an embedding file in any format medti reads")
+    p.add_argument("output", help="the file to write; an existing one only with --force")
     p.add_argument("--format", required=True, choices=("a1111", "diffusers"))
+    p.add_argument("--force", action="store_true", help="overwrite an existing output file")
     sub.add_parser("info", help="token, vectors, width, mean norm and metadata of each file").add_argument(
-        "files", nargs="+")
-    args = parser.parse_args(argv)
-    try:
-        if args.command == "export":
-            export(read(args.input), args.output, args.format)
-        for f in getattr(args, "files", []):   # info: one summary line, then the metadata indented
-            e = read(f)
-            print(f"{f}: token {e.token!r}, {len(e.vectors)} vectors x {e.vectors.shape[1]}, mean vector norm "
-                  f"{e.vectors.norm(dim=1).mean().item():.2f}", *(f"  {k}: {v}" for k, v in sorted(e.meta.items())),
-                  sep="\n", flush=True)
-    except (EmbeddingError, OSError) as e:   # one line, no traceback: these are about the user's files
-        print(f"error: {' '.join(str(e).split())}", file=sys.stderr)
-        return 2
-    return 0
+        "files", nargs="+", help="embedding files, or folders searched recursively")
+    return run_main(parser, run, argv)
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    raise SystemExit(main())
