@@ -11,6 +11,7 @@ any real mistake (a swapped norm, a wrong eps, sin/cos order, a missing block) g
 from dataclasses import replace
 
 import torch
+import torch.nn.functional as F
 
 from conftest import rel_err
 
@@ -90,3 +91,31 @@ def test_upcast_attention_option():
     upcast = attention(*half, heads=4, upcast=True)
     assert upcast.dtype == torch.bfloat16
     assert torch.equal(upcast, exact.bfloat16())
+
+
+@torch.no_grad()
+def test_conv1x1_is_sd1s_projection():
+    """SD1's SpatialTransformer projects with 1x1 convs (ldm attention.py, use_linear=False). Conv1x1 must store
+    what SD1 checkpoints store -- proj_in/proj_out weight [C, C, 1, 1] and bias [C], as in SD1's
+    `model.diffusion_model.input_blocks.1.1.proj_in.weight` [320, 320, 1, 1] -- and compute what that 1x1 conv
+    computes on the image before flattening (ldm: proj_in, then rearrange 'b c h w -> b (h w) c').
+    Tolerance: fp32 rounding of a 64-term dot product computed by two kernels (conv vs matmul), 1e-5 relative."""
+    from minisd.attention import Conv1x1, SpatialTransformer
+    gen = torch.Generator().manual_seed(0)
+    block = SpatialTransformer(64, 16, 1, 32, use_linear=False, upcast=False)
+    for p in block.parameters():
+        p.copy_(torch.randn(p.shape, generator=gen) * 0.1)
+    shapes = {k: tuple(v.shape) for k, v in block.state_dict().items() if k.startswith("proj_")}
+    assert shapes == {"proj_in.weight": (64, 64, 1, 1), "proj_in.bias": (64,),
+                      "proj_out.weight": (64, 64, 1, 1), "proj_out.bias": (64,)}
+    assert isinstance(block.proj_in, Conv1x1) and isinstance(block.proj_in, torch.nn.Conv2d)
+    x = torch.randn(2, 64, 8, 8, generator=gen)
+    # the 1x1 conv as SD1 runs it, on [B, C, H, W]: torch's own conv kernel, then flattened to tokens
+    reference = F.conv2d(x, block.proj_in.weight, block.proj_in.bias).flatten(2).transpose(1, 2)
+    assert rel_err(block.proj_in(x.flatten(2).transpose(1, 2)), reference) <= 1e-5
+    # the whole block equals the Linear variant with the same numbers: the projection is the only difference
+    linear = SpatialTransformer(64, 16, 1, 32, use_linear=True, upcast=False)
+    linear.load_state_dict({k: v.flatten(1) if k.endswith("proj_in.weight") or k.endswith("proj_out.weight")
+                            else v for k, v in block.state_dict().items()})
+    context = torch.randn(2, 77, 32, generator=gen)
+    assert rel_err(block(x, context), linear(x, context)) <= 1e-5
