@@ -3,6 +3,7 @@ a list of the files left out with the reason. Each file is read once; the bytes 
 import hashlib
 import io
 import os
+import stat
 from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
@@ -11,13 +12,19 @@ import numpy as np
 import torch
 from PIL import Image
 
+from minisd.errors import UserError
+
 from .images import ImageError, to_8bit
 
 EXTENSIONS = (".png", ".jpg", ".jpeg", ".tif", ".tiff", ".bmp")   # compared lower-case
 PREPROCESS = ("center", "cxr", "upsample", "none")
+# Colour modes skipped rather than converted: PIL's convert("RGB") reinterprets CIELAB's L, a, b bytes as if
+# they were R, G, B (a mid-grey L=50 a=10 b=10 pixel becomes (0, 82, 235)), and a correct conversion needs a
+# white point and an ICC transform the file may not state. Pathology slides exported in LAB are re-exported as RGB.
+REFUSED_MODES = {"LAB": "CIELAB colour, which PIL cannot convert to RGB correctly; export the image as RGB or gray"}
 
 
-class DataError(ValueError):
+class DataError(UserError):
     """A data problem, in one line that names the file or folder."""
 
 
@@ -60,8 +67,18 @@ def _to_8bit(image: Image.Image) -> Image.Image:
 
 
 def _bytes(path: Path) -> bytes:
+    """The bytes of a regular file. Anything else named like an image is skipped without reading it: opening a
+    FIFO for reading waits for a writer forever, and a device or socket has no end. O_NONBLOCK makes the open itself
+    return at once for a FIFO; the type is then checked on the opened file, so a file swapped meanwhile cannot slip
+    through (reads from a regular file are unaffected by O_NONBLOCK)."""
     try:
-        return path.read_bytes()
+        fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK)
+        with os.fdopen(fd, "rb") as f:
+            kind = os.fstat(f.fileno()).st_mode
+            if not stat.S_ISREG(kind):
+                what = "a FIFO" if stat.S_ISFIFO(kind) else "a device or socket"
+                raise _Skip(f"not a regular file ({what}); only regular files are read")
+            return f.read()
     except OSError as e:   # permissions, a broken link, a file removed meanwhile
         raise _Skip(f"cannot read the file ({e.strerror})") from None
 
@@ -74,6 +91,8 @@ def _read(path: Path, data: bytes) -> Image.Image:
         with Image.open(io.BytesIO(data)) as image:
             if getattr(image, "n_frames", 1) > 1:   # a stack/volume: taking slice 0 silently would be a guess
                 raise _Skip(f"{image.n_frames} frames in one file; export one slice per file")
+            if image.mode in REFUSED_MODES:
+                raise _Skip(f"mode {image.mode}: {REFUSED_MODES[image.mode]}")
             image.load()   # decode now: a truncated file fails here, not later
             return _to_8bit(image)
     except Image.UnidentifiedImageError:   # (_Skip is none of the classes caught here, so it passes through)

@@ -1,27 +1,34 @@
-"""`python -m medti.train --demo`: the whole textual-inversion pipeline, offline, in about a minute on a CPU.
+"""`python -m medti.train --demo`: the whole textual-inversion pipeline, offline, in about two minutes on a CPU.
 
 It builds a tiny model of the SD2 architecture with RANDOM weights (not a real model: its images are noise-like
 patterns), makes a small set of phantom images (textured discs on a noisy background), trains a token on them,
 writes the embedding, log, loss plot and previews, and measures the denoising loss on held-out phantoms with the
 initial and the learned vectors. What it shows: every stage runs end to end and the learned token lowers the loss.
 What it cannot show: image quality, which needs the official weights and a GPU (see the README's real command).
+
+The demo is a user of the trainer (medti/trainer.py), as `python -m medti.train` is; the trainer knows nothing of
+it. Everything goes into --out (default demo-run): the run's files at the top, as a real run writes them, and the
+demo's inputs in model/, phantoms/ and phantoms-held-out/.
 """
 import dataclasses
 import json
+import shlex
 import sys
 from pathlib import Path
 
 import numpy as np
 import torch
 from PIL import Image
-from safetensors.torch import save_file
 
 import minisd
 from minisd.load import PREFIXES
 
 from . import embeddings as emb
 from .data import load_dataset
-from .inversion import denoising_loss
+from .files import claim_folder, safetensors_bytes, write_atomic
+from .inversion import denoising_loss, initial_vectors
+from .train_config import TrainConfig, check_settings
+from .trainer import cache_latents, check_out, train
 
 # SD2's block structure, shrunk: 2 UNet levels, a 4-level VAE (8x, as SD2), a 3-block 64-wide text tower with the
 # full CLIP vocabulary so real prompts tokenize.
@@ -50,8 +57,9 @@ def tiny_model(folder: Path, seed: int = 0, sharpen: float = 8.0) -> tuple:
     state = {prefix + k: v.contiguous() for part, prefix in PREFIXES.items()
              for k, v in getattr(sd, part).state_dict().items()}
     folder.mkdir(parents=True, exist_ok=True)
-    save_file(state, str(folder / "tiny-random.safetensors"))
-    (folder / "tiny-random.json").write_text(json.dumps(TINY, indent=1))
+    # our writer, not safetensors' save_file: the same weights give the same bytes (and sha256) on every run
+    write_atomic(folder / "tiny-random.safetensors", safetensors_bytes(state))
+    write_atomic(folder / "tiny-random.json", json.dumps(TINY, indent=1).encode())
     return folder / "tiny-random.safetensors", folder / "tiny-random.json"
 
 
@@ -82,32 +90,45 @@ def heldout_loss(sd, token: str, vectors, latents, draws: int = 64, seed: int = 
     return total / draws
 
 
-def run_demo(cfg):
-    from .train import cache_latents, run  # late import: train imports this module's caller
-    out = Path(cfg.out or "demo-run")
-    model, config = tiny_model(out / "model", cfg.seed)
-    data = phantoms(out / "phantoms", 24, cfg.seed)
-    held_out = phantoms(out / "phantoms-held-out", 8, cfg.seed + 1)
-    print("tiny RANDOM-weight model of the SD2 architecture (not a real model); phantom images in", data,
-          file=sys.stderr)
-    run_cfg = dataclasses.replace(cfg, model=str(model), config=str(config), data=str(data), demo=False,
-                                  token=cfg.token or "<phantom>", vectors=min(cfg.vectors, 8),
-                                  max_steps=min(cfg.max_steps, 300), save_every=100, preview_every=100,
-                                  preview_steps=min(cfg.preview_steps, 20), resolution=64, out=str(out / "run"))
-    learned_path = run(run_cfg)
+def demo_settings(cfg: TrainConfig, out: Path) -> TrainConfig:
+    """The user's settings with the demo's model, data and a size that runs in minutes on a CPU."""
+    return dataclasses.replace(cfg, model=str(out / "model" / "tiny-random.safetensors"),
+                               config=str(out / "model" / "tiny-random.json"), data=str(out / "phantoms"),
+                               token=cfg.token or "<phantom>", vectors=min(cfg.vectors, 8),
+                               max_steps=min(cfg.max_steps, 300), save_every=100, preview_every=100,
+                               preview_steps=min(cfg.preview_steps, 20), resolution=64, out=str(out))
 
-    sd = minisd.load(model, config=config)
+
+def next_command(cfg: TrainConfig, learned: Path) -> str:
+    """The generate command to try next, with the demo's model and the embedding it learned."""
+    words = ["python", "-m", "medti.generate", "--model", cfg.model, "--config", cfg.config, "--embeddings",
+             str(learned), "--prompt", cfg.token, "--n", "4", "--grid", "--out", str(Path(cfg.out) / "generated")]
+    return shlex.join(words)
+
+
+def run_demo(cfg: TrainConfig) -> tuple:
+    """Make the model and phantoms, train in --out, measure the held-out loss; returns (before, after)."""
+    out = Path(cfg.out or "demo-run")
+    run_cfg = demo_settings(cfg, out)
+    plan = check_settings(run_cfg)   # the user's flags first: nothing is written for a mistake in them
+    with claim_folder(out):
+        check_out(run_cfg)           # a used --out needs --resume, as for any run
+        tiny_model(out / "model", cfg.seed)   # both deterministic: a resumed demo rewrites the same bytes
+        phantoms(out / "phantoms", 24, cfg.seed)
+        held_out = phantoms(out / "phantoms-held-out", 8, cfg.seed + 1)
+        print("tiny RANDOM-weight model of the SD2 architecture (not a real model); phantom images in",
+              out / "phantoms", file=sys.stderr)
+        learned_path = train(run_cfg, plan)
+
+    sd = minisd.load(run_cfg.model, config=run_cfg.config)
     learned = emb.read(learned_path)
-    start = emb.Embedding(learned.token, torch.zeros_like(learned.vectors), {})
-    emb.attach(sd, {learned.token: start})
-    from .inversion import initial_vectors
+    emb.attach(sd, {learned.token: emb.Embedding(learned.token, torch.zeros_like(learned.vectors), {})})
     init = initial_vectors(sd, run_cfg.init, run_cfg.vectors, run_cfg.seed)
-    images = load_dataset(held_out, 64).images
-    latents = cache_latents(sd, images, False, 0)["mean"] * sd.scale_factor
+    latents = cache_latents(sd, load_dataset(held_out, 64).images, False, 0)["mean"] * sd.scale_factor
     before = heldout_loss(sd, learned.token, init, latents)
     after = heldout_loss(sd, learned.token, learned.vectors, latents)
     print(f"held-out denoising loss: initial vectors {before:.4f} -> learned {after:.4f} "
           f"({100 * (after - before) / before:+.1f} %)")
-    print(f"written: {learned_path}, {out / 'run' / 'log.jsonl'}, {out / 'run' / 'loss.png'}, "
-          f"{out / 'run'}/preview-*.png")
+    print(f"written: {learned_path}, {out / 'log.jsonl'}, {out / 'loss.png'}, {out}/preview-*.png")
+    print(f"next, generate with the demo's model and embedding:\n  {next_command(run_cfg, learned_path)}")
     return before, after

@@ -97,25 +97,3 @@ def contact_sheet(items: list, columns: int = 0) -> Image.Image:
     for i, image in enumerate(images):
         sheet.paste(image, ((i % columns) * w, (i // columns) * h))
     return sheet
-
-
-def plot_curve(values: list, path: Path, title: str, size=(640, 360)):
-    """A line plot of a noisy series (its moving average over ~2 % of the points) with PIL alone; atomic."""
-    from PIL import ImageDraw
-    finite = [v for v in values if math.isfinite(v)]
-    image = Image.new("RGB", size, "white")
-    draw = ImageDraw.Draw(image)
-    draw.text((10, 5), title, fill="black")
-    if len(finite) >= 2:
-        window = max(1, len(finite) // 50)
-        smooth = np.convolve(finite, np.ones(window) / window, mode="valid")
-        low, high = float(smooth.min()), float(smooth.max())
-        span = (high - low) or 1.0
-        left, top, right, bottom = 60, 25, size[0] - 10, size[1] - 20
-        points = [(left + (right - left) * i / max(len(smooth) - 1, 1), bottom - (bottom - top) * (v - low) / span)
-                  for i, v in enumerate(smooth)]
-        draw.rectangle((left, top, right, bottom), outline="gray")
-        draw.line(points, fill="navy", width=2)
-        draw.text((5, top), f"{high:.4g}", fill="black")
-        draw.text((5, bottom - 10), f"{low:.4g}", fill="black")
-    save_png(path, image)

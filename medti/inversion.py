@@ -1,23 +1,31 @@
-"""The pieces of textual inversion that medti/train.py's loop is made of: initial vectors, the learning-rate
-schedule, the denoising loss, gradient checkpointing, per-step randomness and the resumable state file.
+"""The pieces of textual inversion that medti/trainer.py's loop is made of: initial vectors, the learning-rate
+schedule, the denoising loss, gradient checkpointing, per-step randomness, the resumable state file and the log.
 
 Recipe (the reference study, after Gal et al. 2022 and A1111's implementation): only a [vectors, width] fp32
 tensor is trained; it is spliced into the frozen token embeddings wherever the placeholder token appears; the
 loss is the usual diffusion MSE on eps (v for v-models) at a uniformly drawn training timestep.
 """
 import json
+import math
 import re
+import sys
+from pathlib import Path
 
 import torch
 import torch.nn.functional as F
-from safetensors import safe_open
+from safetensors import SafetensorError, safe_open
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
-from minisd.schedule import NUM_TIMESTEPS, alphas_cumprod
+from minisd.errors import UserError, arg
+from minisd.schedule import alphas_cumprod
 
 from . import embeddings as emb
 from .files import safetensors_bytes, write_atomic
+
+
+class TrainError(UserError):
+    """A training setting we refuse or a run that cannot go on, in one line."""
 
 
 def initial_vectors(sd, init: str, n: int, seed: int) -> torch.Tensor:
@@ -29,7 +37,7 @@ def initial_vectors(sd, init: str, n: int, seed: int) -> torch.Tensor:
         return torch.randn(n, table.shape[1], generator=torch.Generator().manual_seed(seed)) * table.std()
     ids = sd.tokenizer.encode(init)
     if not ids:
-        raise ValueError(f"--init {init!r} gives no tokens; use words, or --init random")
+        raise TrainError(f"{arg('init')} {init!r} gives no tokens; use words, or {arg('init')} random")
     return torch.stack([table[ids[i * len(ids) // n]] for i in range(n)]).clone()
 
 
@@ -41,10 +49,11 @@ def parse_lr(spec: str) -> list:
         try:
             rate, until = float(m[1]), int(m[2]) if m and m[2] else None
         except (TypeError, ValueError):
-            raise ValueError(f"--lr {spec!r}: expected 'rate' or 'rate:step, ..., rate'") from None
-        if rate <= 0 or (schedule and schedule[-1][1] is None) or (until is not None and schedule and
+            raise TrainError(f"{arg('lr')} {spec!r}: expected 'rate' or 'rate:step, ..., rate'") from None
+        if not 0 < rate < math.inf or (schedule and schedule[-1][1] is None) or (until is not None and schedule and
                                                                    until <= schedule[-1][1]):
-            raise ValueError(f"--lr {spec!r}: rates must be positive, steps increasing, only the last without step")
+            raise TrainError(f"{arg('lr')} {spec!r}: rates must be positive and finite, steps increasing, only the "
+                             "last without step")
         schedule.append((rate, until))
     return schedule
 
@@ -76,30 +85,6 @@ def denoising_loss(sd, token: str, vectors, prompts: list, latents, noise, t):
     dtype = context.dtype
     prediction = sd.unet(noisy.to(dtype), t, context)
     return F.mse_loss(prediction.float(), target.float())
-
-
-def sample_indices(seed: int, first: int, batch: int, n: int) -> list:
-    """Image indices of running samples first .. first + batch - 1: epoch after epoch through a fresh shuffle."""
-    return [int(epoch_order(seed, k // n, n)[k % n]) for k in range(first, first + batch)]
-
-
-def draw_batch(cache: dict, g: torch.Generator, picks: list, mode: str, flip: bool, prompts: list):
-    """(latents, noise, t, prompt texts) of one micro-batch from the cached VAE posteriors.
-
-    cache: "mean", "logvar", "once" [M, 4, h, w], unscaled latents as the VAE gives them; with flip, the mirrored
-    copy of image i is row i + N. mode "once": the latents sampled once when cached; "random": resampled from the
-    posterior at every use; "mean": the posterior means, no sampling."""
-    n = len(cache["mean"]) // (2 if flip else 1)
-    rows = [i + n * int(torch.rand((), generator=g) < 0.5) if flip else i for i in picks]
-    if mode == "random":
-        mean, logvar = cache["mean"][rows], cache["logvar"][rows]
-        latents = mean + torch.exp(0.5 * logvar) * torch.randn(mean.shape, generator=g)
-    else:
-        latents = cache[mode][rows]
-    t = torch.randint(0, NUM_TIMESTEPS, (len(picks),), generator=g)
-    noise = torch.randn(latents.shape, generator=g)
-    texts = [prompts[int(i)] for i in torch.randint(0, len(prompts), (len(picks),), generator=g)]
-    return latents, noise, t, texts
 
 
 class Checkpointed(nn.Module):
@@ -137,13 +122,61 @@ def save_state(path, vectors, optimizer, scaler: dict, step: int, settings: dict
 
 
 def load_state(path, vectors, optimizer) -> tuple:
-    """Restore vectors and optimizer in place; returns (step, grad scaler state, settings)."""
-    with safe_open(str(path), framework="pt") as f:
-        meta, tensors = f.metadata(), {k: f.get_tensor(k) for k in f.keys()}
+    """Restore vectors and optimizer in place; returns (step, grad scaler state, settings). A file that is
+    truncated, not safetensors or missing an entry (a crash during a copy, a disk full before our atomic writes
+    existed) is a TrainError: it cannot be repaired, but the per-save embedding copies are still there."""
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            meta, tensors = f.metadata() or {}, {k: f.get_tensor(k) for k in f.keys()}
+        step, scaler, settings = int(meta["step"]), json.loads(meta["scaler"]), json.loads(meta["settings"])
+        saved = tensors["vectors"]
+    except (SafetensorError, OSError, KeyError, ValueError) as e:   # JSONDecodeError is a ValueError
+        raise TrainError(f"{arg('resume')}: {path} is damaged ({type(e).__name__}: {str(e)[:80]}); start a new run "
+                         f"in another {arg('out')} (the learned vectors of each save are in <token>-<step>"
+                         ".safetensors there)") from None
+    if saved.shape != vectors.shape:
+        raise TrainError(f"{arg('resume')}: {path} holds vectors of shape {list(saved.shape)}, this run trains "
+                         f"{list(vectors.shape)}")
     with torch.no_grad():
-        vectors.copy_(tensors["vectors"])
+        vectors.copy_(saved)
     if "exp_avg" in tensors:
         optimizer.state[vectors] = {"step": tensors["adam_step"].reshape(()),
                                     "exp_avg": tensors["exp_avg"].to(vectors.device),
                                     "exp_avg_sq": tensors["exp_avg_sq"].to(vectors.device)}
-    return int(meta["step"]), json.loads(meta["scaler"]), json.loads(meta["settings"])
+    return step, scaler, settings
+
+
+def read_log(path) -> list[dict]:
+    """The records of log.jsonl, one JSON object per line. A line that does not parse is dropped with a warning:
+    an append cut short by a crash or a full disk leaves a torn last line, and refusing to resume over it would
+    make the run unresumable for good. A missing log gives no records (the run goes on without its history)."""
+    path = Path(path)
+    if not path.exists():
+        print(f"warning: {path} is missing; the log starts again from here", file=sys.stderr)
+        return []
+    records, torn = [], 0
+    for line in path.read_text(errors="replace").splitlines():
+        try:
+            record = json.loads(line)
+        except ValueError:
+            record = None
+        if isinstance(record, dict) and isinstance(record.get("step"), int):
+            records.append(record)
+        elif line.strip():
+            torn += 1
+    if torn:
+        print(f"warning: {path}: dropped {torn} unreadable line(s) (a write cut short by a crash or a full disk)",
+              file=sys.stderr)
+    return records
+
+
+def log_line(record: dict) -> str:
+    """One log.jsonl line. Non-finite numbers (the loss of a skipped step) are written as null: strict JSON,
+    which json.dumps would otherwise break with a bare NaN."""
+    clean = {k: None if isinstance(v, float) and not math.isfinite(v) else v for k, v in record.items()}
+    return json.dumps(clean, allow_nan=False) + "\n"
+
+
+def write_log(path, records: list[dict]):
+    """Rewrite the whole log atomically (on resume: the records up to the last save)."""
+    write_atomic(path, "".join(log_line(r) for r in records).encode())

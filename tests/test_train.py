@@ -17,7 +17,9 @@ import minisd
 from conftest import TINY_CONFIG, TINY_TEXT, TINY_UNET, randomize_, rel_err, write_official
 from medti import embeddings as E
 from medti.inversion import denoising_loss
-from medti.train import TrainConfig, main, run
+from medti.train import main
+from medti.train_config import TrainConfig
+from medti.trainer import run
 
 TOKEN, N_VECTORS = "<lesion>", 3
 
@@ -85,7 +87,7 @@ def secret_data(tmp_path_factory):
     images sampled from it with a secret 4-vector embedding: 24 to train on, 12 held out."""
     from medti.demo import tiny_model
     from medti.images import save_png, to_pil
-    from medti.pipeline import decode, sample
+    from medti.pipeline import SampleSettings, decode, sample
     folder = tmp_path_factory.mktemp("learn")
     model, config = tiny_model(folder / "model", seed=0)
     sd = minisd.load(model, config=config)
@@ -96,7 +98,7 @@ def secret_data(tmp_path_factory):
         cond, uncond = E.encode(sd, ["<secret>"]), E.encode(sd, [""])
     for name, seeds in (("train", range(24)), ("held-out", range(1000, 1012))):
         (folder / name).mkdir()
-        latents = sample(sd, cond, uncond, [1.0], list(seeds), width=64, height=64, cfg=2.0, steps=10)
+        latents = sample(sd, cond, uncond, [1.0], list(seeds), SampleSettings(width=64, height=64, cfg=2.0, steps=10))
         for seed, image in zip(seeds, decode(sd, latents), strict=True):
             save_png(folder / name / f"{seed}.png", to_pil(image))
     return folder, model, config
@@ -109,7 +111,7 @@ def test_training_lowers_held_out_loss(secret_data):
     spread between draw sets, our run-to-run noise, is ~0.5 %, so the bar is 2 % on every set."""
     from medti.demo import heldout_loss
     from medti.inversion import initial_vectors
-    from medti.train import cache_latents
+    from medti.trainer import cache_latents
     folder, model, config = secret_data
     learned = run(TrainConfig(model=str(model), config=str(config), data=str(folder / "train"), token="<learned>",
                               vectors=4, lr="0.02", max_steps=200, resolution=64, preview_every=0, save_every=200,

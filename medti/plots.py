@@ -1,0 +1,107 @@
+"""A line plot with PIL alone (the run-time dependencies stay six: no matplotlib): the training loss curve.
+
+The plot is meant to be read without the log beside it, so it has what a reader expects of a chart: a title,
+both axes with round-numbered ticks, axis labels, and the smoothing it applies stated in the title. The same
+caption is stored in the PNG's "Description" text chunk, so a script can read what was plotted.
+"""
+import io
+import math
+
+import numpy as np
+from PIL import Image, ImageDraw, PngImagePlugin
+
+from .files import write_atomic
+
+INK, GRID, LINE = (0, 0, 0), (225, 225, 225), (20, 40, 140)
+# Margins in pixels: tick labels and the rotated y label on the left, tick labels and the x label below.
+LEFT, RIGHT, TOP, BOTTOM = 72, 16, 28, 44
+
+
+def smoothing_window(n: int) -> int:
+    """Points per moving-average window: ~2 % of the series, so that 50,000 steps of a noisy diffusion loss
+    (each step sees one random timestep) become a readable trend while a 100-step demo stays unsmoothed."""
+    return max(1, n // 50)
+
+
+def nice_ticks(low: float, high: float, most: int = 6) -> list[float]:
+    """Round tick values (1, 2 or 5 times a power of ten apart) inside [low, high], at most `most` of them."""
+    if not high > low:
+        return [low]
+    raw = (high - low) / max(1, most - 1)
+    power = 10.0 ** math.floor(math.log10(raw))
+    step = next(m * power for m in (1, 2, 5, 10) if m * power >= raw)
+    first = math.ceil(low / step) * step
+    return [round(first + i * step, 12) for i in range(int((high - first) / step + 1e-9) + 1)]
+
+
+def _vertical_text(image: Image.Image, text: str, x: int, y_centre: int):
+    """Paste `text` rotated by 90 degrees (reading bottom to top), centred on y_centre: PIL draws only level text."""
+    draw = ImageDraw.Draw(image)
+    _, _, width, height = draw.textbbox((0, 0), text)
+    label = Image.new("RGB", (width, height), "white")
+    ImageDraw.Draw(label).text((0, 0), text, fill=INK)
+    label = label.rotate(90, expand=True)
+    image.paste(label, (x, y_centre - label.height // 2))
+
+
+def _axes(draw: ImageDraw.ImageDraw, box: tuple, xs: tuple, ys: tuple):
+    """Frame, grid lines, ticks and tick labels; returns the data -> pixel mapping. xs, ys: (low, high)."""
+    left, top, right, bottom = box
+
+    def to_pixel(x, y):
+        return (left + (right - left) * (x - xs[0]) / (xs[1] - xs[0]),
+                bottom - (bottom - top) * (y - ys[0]) / (ys[1] - ys[0]))
+
+    for value in nice_ticks(*ys):
+        _, py = to_pixel(xs[0], value)
+        draw.line((left, py, right, py), fill=GRID)
+        draw.line((left - 4, py, left, py), fill=INK)
+        text = f"{value:.4g}"
+        draw.text((left - 6 - draw.textlength(text), py - 5), text, fill=INK)
+    for value in nice_ticks(*xs):
+        px, _ = to_pixel(value, ys[0])
+        draw.line((px, bottom, px, bottom + 4), fill=INK)
+        text = f"{value:,.0f}" if float(value).is_integer() else f"{value:g}"
+        draw.text((px - draw.textlength(text) / 2, bottom + 6), text, fill=INK)
+    draw.rectangle(box, outline=INK)
+    return to_pixel
+
+
+def plot_curve(steps: list, values: list, path, title: str, x_label: str = "step", y_label: str = "loss",
+               size: tuple = (640, 360)) -> str:
+    """Plot the moving average of `values` against `steps` (None or non-finite values, e.g. skipped steps, are
+    left out) and write it atomically as a PNG. Returns the caption written above the plot."""
+    pairs = [(s, v) for s, v in zip(steps, values, strict=True) if v is not None and math.isfinite(v)]
+    window = smoothing_window(len(pairs))
+    caption = f"{title} (moving average over {window} step{'s' * (window > 1)})"
+    image = Image.new("RGB", size, "white")
+    draw = ImageDraw.Draw(image)
+    draw.text((LEFT, 8), caption, fill=INK)
+    box = (LEFT, TOP, size[0] - RIGHT, size[1] - BOTTOM)
+    if pairs:
+        x = np.array([s for s, _ in pairs], dtype=float)
+        # "valid" convolution: point i averages values i .. i + window - 1 and is drawn at the window's last step
+        smooth = np.convolve([v for _, v in pairs], np.ones(window) / window, mode="valid")
+        x = x[window - 1:]
+        low, high = float(smooth.min()), float(smooth.max())
+        pad = (high - low) * 0.05 or abs(low) * 0.05 or 1.0   # a flat curve still gets a visible y range
+        xs = (x[0], x[-1]) if x[-1] > x[0] else (x[0] - 1, x[0] + 1)
+        to_pixel = _axes(draw, box, xs, (low - pad, high + pad))
+        points = [to_pixel(a, b) for a, b in zip(x, smooth, strict=True)]
+        if len(points) > 1:
+            draw.line(points, fill=LINE, width=2)
+        else:   # one point: a line of one point is invisible
+            (px, py), = points
+            draw.ellipse((px - 2, py - 2, px + 2, py + 2), fill=LINE)
+    else:
+        draw.rectangle(box, outline=INK)
+        draw.text((box[0] + 10, box[1] + 10), "no finite values yet", fill=INK)
+    draw.text(((box[0] + box[2] - draw.textlength(x_label)) / 2, size[1] - 16), x_label, fill=INK)
+    _vertical_text(image, y_label, 4, (box[1] + box[3]) // 2)
+    info = PngImagePlugin.PngInfo()
+    info.add_text("Title", title)
+    info.add_text("Description", caption)
+    buffer = io.BytesIO()
+    image.save(buffer, format="PNG", pnginfo=info)
+    write_atomic(path, buffer.getvalue())
+    return caption

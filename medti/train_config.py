@@ -1,0 +1,144 @@
+"""The settings of a textual-inversion run (TrainConfig: the CLI of `python -m medti.train` is generated from
+it) and every check that can be made before a model is loaded or a file is written.
+
+Why all checks come first: a mistake found after the model has loaded costs minutes, and one found after the
+output folder exists leaves debris. So `check` reads nothing big and writes nothing; it returns the Plan the
+trainer follows (learning-rate schedule, device, dtype, prompts).
+"""
+import unicodedata
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import NamedTuple
+
+import torch
+
+from minisd.errors import arg
+from minisd.tokenizer import MAX_PROMPT_TOKENS
+
+from .cli import resolve_device, resolve_dtype
+from .data import PREPROCESS
+from .inversion import TrainError, parse_lr
+
+SEED_LIMIT = 2 ** 32   # step_generator multiplies the seed by ~1e9: below 2**32 the product fits torch's int64 seed
+
+
+def flag(default, help_text: str):
+    return field(default=default, metadata={"help": help_text})
+
+
+@dataclass
+class TrainConfig:
+    """Every setting of a training run (`python -m medti.train` has one flag per field)."""
+    model: str = flag("sd2-base", "preset name or .safetensors file")
+    config: str = flag("", "preset name or JSON config, for a file outside the presets")
+    data: str = flag("", "folder of training images (searched recursively)")
+    token: str = flag("", 'the placeholder to learn, e.g. "<cardiomegaly>": one printable word (no spaces, control '
+                          'characters or slashes), not an existing vocabulary word')
+    vectors: int = flag(64, f"vectors per token (at most {MAX_PROMPT_TOKENS}: they must fit in the 77-token prompt)")
+    init: str = flag("*", 'word(s) whose token embeddings start the vectors, or "random"')
+    lr: str = flag("0.005", 'constant, or A1111\'s schedule "0.005:1000, 0.001"')
+    max_steps: int = flag(50000, "optimizer steps (the study: 50,000; 100,000 for prostate MRI)")
+    batch: int = flag(1, "images per micro-batch")
+    grad_accum: int = flag(1, "micro-batches per optimizer step")
+    resolution: int = flag(0, "training image size; 0: the model's native size")
+    preprocess: str = flag("center", "center | cxr | upsample | none")
+    channels: str = flag("", 'e.g. "t2w,adc,dwi": stack per-case gray images into RGB')
+    latents: str = flag("once", "once (sampled once) | random (resampled every use) | mean")
+    flip: bool = flag(False, "random horizontal flips; off: laterality matters in medical images")
+    strict: bool = flag(False, "an unreadable or odd training file is an error (default: listed, skipped)")
+    template: str = flag("", 'file of prompt templates, one per line, "{}" = the token')
+    dtype: str = flag("", "fp16 | bf16 | fp32; default fp16 on CUDA, fp32 on CPU")
+    device: str = flag("", "default cuda if available, else cpu")
+    seed: int = flag(0, "0 <= seed < 2**32; all randomness derives from it: CPU runs are bit-reproducible")
+    save_every: int = flag(500, "steps between saves of the embedding and the resumable state")
+    preview_every: int = flag(500, "steps between preview images; 0: no previews")
+    preview_steps: int = flag(100, "sampler steps of the preview images (the study used 100)")
+    checkpointing: str = flag("auto", "gradient checkpointing: on | off | auto (on with CUDA, where memory is "
+                                      "short; off on the CPU, where it only costs time)")
+    resume: bool = flag(False, "continue the run in --out from its last save")
+    out: str = flag("", "output folder (not inside --data)")
+
+
+class Plan(NamedTuple):
+    schedule: list          # [(rate, until step or None), ...] from --lr
+    device: torch.device
+    dtype: torch.dtype
+    prompts: list           # training prompts with the token in them
+
+
+def _check_token(token: str):
+    """The token is typed in prompts and names the embedding file, so it must be one printable word. Refused:
+    whitespace (a newline would split a template line, and a prompt could never contain the token as typed),
+    Unicode control/format/unassigned characters (category C*: invisible, so the token could not be retyped),
+    and slashes (path separators in the file name)."""
+    bad = next((c for c in token if c.isspace() or unicodedata.category(c).startswith("C") or c in "/\\"), None)
+    if not token.strip("<>") or bad is not None:
+        found = f" (it contains {bad!r})" if bad is not None else ""
+        raise TrainError(f"{arg('token')} {token!r}{found}: give a placeholder such as \"<cardiomegaly>\", one "
+                         "printable word without spaces, control characters or slashes")
+
+
+def _check_numbers(cfg: TrainConfig):
+    """Counts that must be positive, and the ones where 0 means "off" or "default"; no negatives anywhere."""
+    if not 1 <= cfg.vectors <= MAX_PROMPT_TOKENS:
+        raise TrainError(f"{arg('vectors')} {cfg.vectors}: must be 1..{MAX_PROMPT_TOKENS} (the prompt holds "
+                         f"{MAX_PROMPT_TOKENS} tokens between start and end)")
+    for name in ("max_steps", "batch", "grad_accum", "save_every", "preview_steps"):
+        if getattr(cfg, name) < 1:
+            raise TrainError(f"{arg(name)} {getattr(cfg, name)}: must be at least 1")
+    for name, zero in (("preview_every", "no previews"), ("resolution", "the model's native size")):
+        if getattr(cfg, name) < 0:
+            raise TrainError(f"{arg(name)} {getattr(cfg, name)}: must be 0 ({zero}) or more")
+    if not 0 <= cfg.seed < SEED_LIMIT:
+        raise TrainError(f"{arg('seed')} {cfg.seed}: must be 0 <= seed < 2**32")
+
+
+def _check_folders(cfg: TrainConfig):
+    """--data must be a folder, and --out must not lie inside it: the run's previews would become training images
+    of the next run in that folder, and change the data fingerprint so that --resume refuses the run."""
+    data = Path(cfg.data)
+    if not cfg.data or not data.is_dir():
+        raise TrainError(f"{arg('data')} {cfg.data!r}: not a folder of training images")
+    if not cfg.out:
+        raise TrainError(f"{arg('out')}: name an output folder")
+    out = Path(cfg.out).resolve()
+    if out == data.resolve() or data.resolve() in out.parents:
+        raise TrainError(f"{arg('out')} {cfg.out} is inside {arg('data')} {cfg.data}: its previews would become "
+                         f"training images; choose an {arg('out')} outside the data folder")
+
+
+def training_prompts(cfg: TrainConfig) -> list:
+    """The token alone (the study's recipe), or one prompt per --template line with "{}" replaced by the token."""
+    if not cfg.template:
+        return [cfg.token]
+    try:
+        lines = [line.strip() for line in Path(cfg.template).read_text().splitlines() if line.strip()]
+    except (OSError, UnicodeDecodeError) as e:
+        raise TrainError(f"{arg('template')} {cfg.template}: cannot read it ({e})") from None
+    bad = next((line for line in lines if "{}" not in line), None)
+    if not lines or bad is not None:
+        raise TrainError(f"{arg('template')} {cfg.template}: every line needs a {{}} for the token" +
+                         (f" (not {bad!r})" if bad else " (the file is empty)"))
+    return [line.replace("{}", cfg.token) for line in lines]
+
+
+def check(cfg: TrainConfig) -> Plan:
+    """One-line errors for everything that can be checked before anything is loaded or written."""
+    _check_folders(cfg)
+    return check_settings(cfg)
+
+
+def check_settings(cfg: TrainConfig) -> Plan:
+    """check() without the folders: for a caller that makes them itself, after this (the demo)."""
+    _check_token(cfg.token)
+    _check_numbers(cfg)
+    if cfg.latents not in ("once", "random", "mean"):
+        raise TrainError(f"{arg('latents')} {cfg.latents!r}: once, random or mean")
+    if cfg.preprocess not in PREPROCESS:
+        raise TrainError(f"{arg('preprocess')} {cfg.preprocess!r}: one of {', '.join(PREPROCESS)}")
+    if cfg.checkpointing not in ("on", "off", "auto"):
+        raise TrainError(f"{arg('checkpointing')} {cfg.checkpointing!r}: on, off or auto")
+    if not cfg.init.strip():
+        raise TrainError(f"{arg('init')} {cfg.init!r}: give word(s) such as \"*\" or \"chest x-ray\", or random")
+    device = resolve_device(cfg.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    return Plan(parse_lr(cfg.lr), device, resolve_dtype(cfg.dtype, device), training_prompts(cfg))

@@ -1,0 +1,289 @@
+"""Textual inversion: setup, then start or resume, then the one visible loop (get_batch, loss, backward, skip a
+non-finite step, optimizer step, log, save, preview). `python -m medti.train` is its command line (medti/train.py);
+the demo (medti/demo.py) is another user of it; neither is imported here.
+
+The frozen UNet and text tower never change; only a [vectors, width] fp32 tensor is trained, spliced into the
+token embeddings wherever the token appears in the training prompt (the token alone, or --template lines).
+"""
+import dataclasses
+import math
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+import minisd
+from minisd.errors import arg
+from minisd.schedule import NUM_TIMESTEPS
+from minisd.tokenizer import MAX_PROMPT_TOKENS
+from minisd.vae import posterior_sample
+
+from . import embeddings as emb
+from .data import load_dataset
+from .files import claim_folder
+from .hashes import sha256_of
+from .images import contact_sheet, save_png, to_pil
+from .inversion import (
+    TrainError,
+    denoising_loss,
+    enable_checkpointing,
+    epoch_order,
+    initial_vectors,
+    load_state,
+    log_line,
+    lr_at,
+    read_log,
+    save_state,
+    step_generator,
+    write_log,
+)
+from .pipeline import SampleSettings, decode, sample
+from .plots import plot_curve
+from .train_config import Plan, TrainConfig, check
+
+# Settings a resumed run may change: how long and how often (max_steps, save_every, preview_*), where (device,
+# out, data: the data's identity is its fingerprint, not where it lies) and checkpointing (memory and time only).
+MAY_CHANGE = ("max_steps", "save_every", "preview_every", "preview_steps", "resume", "device", "out", "data",
+              "checkpointing")
+SKIPS_TO_STOP = 10   # non-finite steps in a row after which the run stops: the lr or precision is wrong, not luck
+
+
+@dataclass
+class Session:
+    """What setup() builds and the loop uses."""
+    cfg: TrainConfig                     # with resolution filled in
+    plan: Plan
+    sd: object                           # minisd model, frozen
+    cache: dict                          # cache_latents() of the training images
+    vectors: torch.nn.Parameter          # [vectors, width] fp32: the only trained tensor
+    optimizer: torch.optim.Optimizer
+    scaler: torch.amp.GradScaler
+    settings: dict                       # what a resumed run must share (saved in state.safetensors)
+    meta: dict                           # metadata of the embedding file
+
+    @property
+    def out(self) -> Path:
+        return Path(self.cfg.out)
+
+
+@torch.no_grad()
+def cache_latents(sd, images, flip: bool, seed: int) -> dict:
+    """Encode every training image once (and its mirror image with --flip): the VAE posterior's mean and
+    log-variance, plus one sample drawn now for --latents once. Kept on the CPU in fp32, unscaled."""
+    param = next(sd.vae.parameters())
+    if flip:
+        images = torch.cat([images, images.flip(-1)])   # rows N.. are the mirrored copies
+    means, logvars = [], []
+    for chunk in images.split(4):
+        mean, logvar = sd.vae.encode(chunk.to(param))
+        means.append(mean.float().cpu())
+        logvars.append(logvar.float().cpu())
+    mean, logvar = torch.cat(means), torch.cat(logvars)
+    noise = torch.randn(mean.shape, generator=torch.Generator().manual_seed(seed))
+    return {"mean": mean, "logvar": logvar, "once": posterior_sample(mean, logvar, noise)}
+
+
+def load_data(cfg: TrainConfig):
+    """The training images at cfg.resolution; skipped files are listed in one warning."""
+    channels = [c.strip() for c in cfg.channels.split(",")] if cfg.channels else None
+    data = load_dataset(cfg.data, cfg.resolution, cfg.preprocess, channels, cfg.strict)
+    if data.skipped:
+        print(f"warning: skipped {len(data.skipped)} file(s): " +
+              "; ".join(f"{name} ({why})" for name, why in data.skipped), file=sys.stderr)
+    return data
+
+
+def attach_token(sd, cfg: TrainConfig, prompts: list) -> torch.Tensor:
+    """Register the token with the tokenizer and return its start vectors; every prompt must still fit."""
+    start = initial_vectors(sd, cfg.init, cfg.vectors, cfg.seed)
+    try:
+        emb.attach(sd, {cfg.token: emb.Embedding(cfg.token, start, {}, source=arg("token"))})
+    except emb.EmbeddingError as e:
+        raise TrainError(str(e)) from None
+    longest = max(len(sd.tokenizer.encode(p)) for p in prompts)
+    if longest > MAX_PROMPT_TOKENS:
+        raise TrainError(f"a training prompt holds {longest} tokens with {arg('vectors')} {cfg.vectors}; at most "
+                         f"{MAX_PROMPT_TOKENS} fit")
+    return start
+
+
+def setup(cfg: TrainConfig, plan: Plan) -> Session:
+    """Model, data -> cached latents (the VAE then leaves the device), the trainable vectors and their optimizer."""
+    sd = minisd.load(cfg.model, config=cfg.config or None, dtype=plan.dtype, device=plan.device)
+    cfg = dataclasses.replace(cfg, resolution=cfg.resolution or sd.config.resolution)
+    if cfg.resolution % sd.config.size_multiple:
+        raise TrainError(f"{arg('resolution')} {cfg.resolution}: must be a multiple of {sd.config.size_multiple}")
+    data = load_data(cfg)
+    cache = cache_latents(sd, data.images, cfg.flip, cfg.seed)
+    sd.vae.to("cpu")
+    vectors = torch.nn.Parameter(attach_token(sd, cfg, plan.prompts).to(plan.device))
+    optimizer = torch.optim.AdamW([vectors], lr=lr_at(plan.schedule, 0), weight_decay=0.0)
+    scaler = torch.amp.GradScaler(plan.device.type, enabled=plan.dtype == torch.float16)
+    # Checkpointing recomputes each block's activations in the backward pass: same gradients, ~1/3 more UNet
+    # work (tools/benchmark.py section 3), far less activation memory (tools/memory_estimate.py).
+    if cfg.checkpointing == "on" or (cfg.checkpointing == "auto" and plan.device.type == "cuda"):
+        enable_checkpointing(sd)
+    settings = {k: v for k, v in dataclasses.asdict(cfg).items() if k not in MAY_CHANGE}
+    settings["data_fingerprint"] = data.fingerprint
+    meta = {"token": cfg.token, "vectors": str(cfg.vectors), "base_model": str(sd.preset or cfg.model),
+            "base_sha256": sha256_of(sd.path), "init": cfg.init, "lr": cfg.lr, "data_sha256": data.fingerprint}
+    return Session(cfg, plan, sd, cache, vectors, optimizer, scaler, settings, meta)
+
+
+def check_out(cfg: TrainConfig):
+    """A used --out needs --resume and --resume needs a used --out (checked once the folder is ours)."""
+    state = Path(cfg.out) / "state.safetensors"
+    if state.exists() and not cfg.resume:
+        raise TrainError(f"{arg('out')} {cfg.out} holds a run already; pass {arg('resume')} to continue it or "
+                         f"choose another {arg('out')} folder")
+    if cfg.resume and not state.exists():
+        raise TrainError(f"{arg('resume')}: {cfg.out} has no state.safetensors to continue from")
+
+
+def start_or_resume(s: Session) -> int:
+    """The step to start from: 0 with an empty log, or the last save's step with its vectors, AdamW and grad-scaler
+    state restored and the log cut back to that step (the steps after it are done again, identically)."""
+    log = s.out / "log.jsonl"
+    if not s.cfg.resume:
+        write_log(log, [])
+        return 0
+    step, scaler_state, before = load_state(s.out / "state.safetensors", s.vectors, s.optimizer)
+    if before != s.settings:
+        changed = sorted(k for k in s.settings.keys() | before.keys() if before.get(k) != s.settings.get(k))
+        raise TrainError(f"{arg('resume')}: {s.cfg.out} was trained with other settings ({', '.join(changed)})")
+    if scaler_state:   # empty unless training in fp16
+        s.scaler.load_state_dict(scaler_state)
+    write_log(log, [record for record in read_log(log) if record["step"] <= step])
+    return step
+
+
+def get_batch(s: Session, step: int, micro: int) -> tuple:
+    """Micro-batch `micro` of optimizer step `step`: (scaled latents, noise, timesteps, prompt texts) on the device.
+
+    Images: running sample numbers k = (step * grad_accum + micro) * batch + 0..batch-1, epoch k // N through a
+    fresh shuffle of the N images. Flips, posterior draws (--latents random), timesteps, noise and prompts come from
+    the (seed, step, micro) generator, so a resumed run draws exactly what an uninterrupted one would."""
+    cfg, g = s.cfg, step_generator(s.cfg.seed, step, micro)
+    n = len(s.cache["mean"]) // (2 if cfg.flip else 1)   # with --flip, row i + n is image i mirrored
+    first = (step * cfg.grad_accum + micro) * cfg.batch
+    rows = [int(epoch_order(cfg.seed, k // n, n)[k % n]) for k in range(first, first + cfg.batch)]
+    if cfg.flip:
+        rows = [i + n * int(torch.rand((), generator=g) < 0.5) for i in rows]
+    if cfg.latents == "random":   # a fresh posterior draw at every use
+        mean = s.cache["mean"][rows]
+        latents = posterior_sample(mean, s.cache["logvar"][rows], torch.randn(mean.shape, generator=g))
+    else:                         # "once": drawn when cached; "mean": no draw at all
+        latents = s.cache[cfg.latents][rows]
+    t = torch.randint(0, NUM_TIMESTEPS, (cfg.batch,), generator=g)
+    noise = torch.randn(latents.shape, generator=g)
+    texts = [s.plan.prompts[int(i)] for i in torch.randint(0, len(s.plan.prompts), (cfg.batch,), generator=g)]
+    device = s.plan.device
+    return (latents * s.sd.scale_factor).to(device), noise.to(device), t.to(device), texts
+
+
+def set_lr(optimizer, lr: float) -> float:
+    for group in optimizer.param_groups:
+        group["lr"] = lr
+    return lr
+
+
+def report(s: Session, record: dict):
+    """Append the step's record to log.jsonl (a line per step: a crash loses at most the line being written) and
+    print progress about 100 times per run."""
+    with open(s.out / "log.jsonl", "a") as f:
+        f.write(log_line(record))
+    step, total, rate = record["step"], s.cfg.max_steps, record["it_s"]
+    if step % max(1, total // 100) == 0 or step == total:
+        eta = (total - step) / rate / 60 if rate else math.inf   # it_s is rounded: 0 for a step over 30 min
+        print(f"step {step}/{total}  loss {record['loss']:.4f}  lr {record['lr']:g}  {rate:.2f} it/s  "
+              f"ETA {eta:.1f} min", file=sys.stderr)
+
+
+def loop(s: Session, step: int) -> Path:
+    """The training loop, from `step` to --max-steps; returns the path of the learned embedding."""
+    cfg = s.cfg
+    in_a_row, skipped, began, first = 0, 0, time.perf_counter(), step
+    while step < cfg.max_steps:
+        lr = set_lr(s.optimizer, lr_at(s.plan.schedule, step))
+        s.optimizer.zero_grad(set_to_none=True)
+        loss_sum = 0.0
+        for micro in range(cfg.grad_accum):
+            latents, noise, t, texts = get_batch(s, step, micro)
+            loss = denoising_loss(s.sd, cfg.token, s.vectors, texts, latents, noise, t) / cfg.grad_accum
+            s.scaler.scale(loss).backward()
+            loss_sum += loss.item()
+        s.scaler.unscale_(s.optimizer)
+        grad_norm = s.vectors.grad.norm().item()
+        finite = math.isfinite(loss_sum) and math.isfinite(grad_norm)
+        if finite:
+            s.scaler.step(s.optimizer)
+            in_a_row = 0
+        else:   # skip: the vectors stay as they were (with fp16 the scaler also lowers its scale)
+            in_a_row, skipped = in_a_row + 1, skipped + 1
+            print(f"warning: step {step}: non-finite loss or gradient, step skipped", file=sys.stderr)
+            if in_a_row == SKIPS_TO_STOP:
+                raise TrainError(f"{SKIPS_TO_STOP} steps in a row had a non-finite loss or gradient (last: step "
+                                 f"{step}); try a lower {arg('lr')}, {arg('dtype')} fp32 or bf16, or a model with "
+                                 "fp32 attention (upcast)")
+        s.scaler.update()
+        step += 1
+        rate = (step - first) / (time.perf_counter() - began)
+        report(s, {"step": step, "loss": loss_sum, "lr": lr, "grad_norm": grad_norm, "it_s": round(rate, 3),
+                   "vector_norm": s.vectors.detach().norm(dim=1).mean().item(), "skipped": not finite})
+        if step % cfg.save_every == 0 or step == cfg.max_steps:
+            save(s, step)
+        if cfg.preview_every and step % cfg.preview_every == 0:
+            preview(s, step)
+    print(f"done: {step} steps ({skipped} skipped as non-finite in this session)", file=sys.stderr)
+    return s.out / f"{cfg.token.strip('<>')}.safetensors"
+
+
+def save(s: Session, step: int):
+    """Embedding (atomic; also a copy per step), resumable state and the loss plot. Never a NaN: non-finite
+    steps are skipped before they reach the vectors, and this is checked once more here."""
+    if not torch.isfinite(s.vectors).all():
+        raise TrainError(f"step {step}: the vectors are not finite; nothing was saved over the last good file")
+    name = s.cfg.token.strip("<>")
+    learned = emb.Embedding(s.cfg.token, s.vectors.detach().float().cpu().clone(), {**s.meta, "step": str(step)})
+    emb.write(s.out / f"{name}.safetensors", learned)
+    emb.write(s.out / f"{name}-{step}.safetensors", learned)
+    save_state(s.out / "state.safetensors", s.vectors, s.optimizer, s.scaler.state_dict(), step, s.settings)
+    records = read_log(s.out / "log.jsonl")
+    plot_curve([r["step"] for r in records], [r["loss"] for r in records], s.out / "loss.png",
+               f"{s.cfg.token}: training loss over {step} steps")
+
+
+@torch.no_grad()
+def preview(s: Session, step: int):
+    """Four images of the token alone from fixed seeds, with the study's sampler settings (Euler a, CFG 2). An image
+    that is not finite (fp16 overflow) is not written: a warning says so, and training goes on."""
+    sd, size = s.sd, s.cfg.resolution
+    sd.vae.to(s.plan.device)   # the VAE visits the device only for previews
+    cond = emb.encode(sd, [s.cfg.token], override={s.cfg.token: s.vectors.detach()})
+    uncond = emb.encode(sd, [""])
+    settings = SampleSettings(width=size, height=size, steps=s.cfg.preview_steps, cfg=2.0)
+    latents = sample(sd, cond, uncond, [1.0], range(4), settings)
+    images = decode(sd, latents) if torch.isfinite(latents).all() else latents.new_full((1,), math.nan)
+    sd.vae.to("cpu")
+    if not torch.isfinite(images).all():
+        print(f"warning: step {step}: the preview is not finite; no preview written", file=sys.stderr)
+        return
+    save_png(s.out / f"preview-{step:06d}.png", contact_sheet([to_pil(i) for i in images], 4),
+             f"{s.cfg.token} (training step {step})")
+
+
+def train(cfg: TrainConfig, plan: Plan) -> Path:
+    """Setup, start or resume, loop: in cfg.out, which the caller holds (claim_folder)."""
+    check_out(cfg)
+    session = setup(cfg, plan)
+    return loop(session, start_or_resume(session))
+
+
+def run(cfg: TrainConfig) -> Path:
+    """Check, hold --out for this run (a second run on it is refused; a failed run leaves no empty folder), train.
+    Returns the path of the learned embedding."""
+    plan = check(cfg)
+    with claim_folder(cfg.out):
+        return train(cfg, plan)
