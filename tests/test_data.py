@@ -266,3 +266,38 @@ def test_argument_errors(tmp_path):
         load_dataset(tmp_path, 8, channels=["t2w", "adc"])
     with pytest.raises(DataError, match="resolution"):
         load_dataset(tmp_path, 0)
+
+
+def test_only_regular_files_are_read(tmp_path):
+    """Issue 11: a FIFO named x.png blocked training forever (opening it waits for a writer). It is skipped with the
+    reason, without waiting; the load runs in a thread so that a regression fails this test instead of hanging it."""
+    import os
+    import threading
+    save(tmp_path / "a.png", np.full((8, 8), 9, np.uint8))
+    os.mkfifo(tmp_path / "x.png")
+    result = {}
+    worker = threading.Thread(target=lambda: result.update(data=load_dataset(tmp_path, 8)), daemon=True)
+    worker.start()
+    worker.join(timeout=30)   # generous: the load of two 8x8 files takes milliseconds
+    if worker.is_alive():     # release the reader stuck in open(): a writer that opens and closes at once
+        os.close(os.open(tmp_path / "x.png", os.O_WRONLY | os.O_NONBLOCK))
+    assert "data" in result, "load_dataset blocked on a FIFO"
+    assert result["data"].names == ["a.png"]
+    assert result["data"].skipped == [("x.png", "not a regular file (a FIFO); only regular files are read")]
+
+
+def test_lab_colour_is_skipped_with_the_reason(tmp_path):
+    """PIL's convert("RGB") reads LAB's L, a, b bytes as R, G, B (mid-grey becomes blue): refused, not guessed."""
+    save(tmp_path / "a.png", np.full((8, 8), 9, np.uint8))
+    Image.new("LAB", (8, 8), (128, 128, 128)).save(tmp_path / "lab.tif")
+    data = load_dataset(tmp_path, 8)
+    assert data.names == ["a.png"] and data.skipped[0][0] == "lab.tif"
+    assert data.skipped[0][1].startswith("mode LAB: CIELAB colour") and "export the image as RGB" in data.skipped[0][1]
+    with pytest.raises(DataError, match=r"lab\.tif: mode LAB"):
+        load_dataset(tmp_path, 8, strict=True)
+
+
+def test_data_error_is_a_user_error():
+    """One user-error base (minisd.errors): the CLI wrapper turns it into one line."""
+    from minisd.errors import UserError
+    assert issubclass(DataError, UserError)

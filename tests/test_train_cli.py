@@ -1,0 +1,169 @@
+"""`python -m medti.train` as a user meets it: every bad flag is one line before anything is written, a failed run
+leaves no folder, one run at a time per --out, the demo re-runs cleanly and ends with a generate command that works,
+and the modules form no import cycle. Issue 11, defects 1, 2, 3, 4, 5, 8, 9 and 11."""
+import ast
+import json
+import shlex
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors import safe_open
+
+from medti.demo import phantoms, tiny_model
+from medti.train import main
+
+ROOT = Path(__file__).resolve().parent.parent
+TRAINING_MODULES = {"train", "trainer", "train_config", "demo", "inversion", "data", "plots"}
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory):
+    """The demo's tiny random model and six phantoms: enough to get a run past its checks in seconds."""
+    folder = tmp_path_factory.mktemp("cli")
+    model, config = tiny_model(folder / "model")
+    return model, config, phantoms(folder / "data", 6, seed=0)
+
+
+def args(tiny, out, *extra):
+    model, config, data = tiny
+    return ["--model", str(model), "--config", str(config), "--data", str(data), "--token", "<t>", "--vectors", "2",
+            "--max-steps", "1", "--preview-every", "0", "--out", str(out), *extra]
+
+
+DEVICE = [("--device", "banana"), "not a device"]
+# No skip: on a machine with a GPU, "cuda" exists, so the refused case is a GPU index it does not have.
+CUDA = [("--device", "cuda"), "no CUDA GPU"] if not torch.cuda.is_available() else [("--device", "cuda:99"), "only"]
+
+
+@pytest.mark.parametrize("extra,words", [
+    (("--init", ""), "--init ''"),
+    (("--init", "   "), "give word(s)"),   # (the CLI wrapper folds the spaces of the message)
+    DEVICE,
+    CUDA,
+    (("--dtype", "fp8"), "--dtype 'fp8': use one of fp32, fp16, bf16"),
+    (("--token", "<a\nb>"), "contains '\\n'"),
+    (("--token", "<a b>"), "contains ' '"),
+    (("--token", "<a\u200bb>"), "contains '\\u200b'"),   # zero-width space: invisible, category Cf
+    (("--token", "<a/b>"), "contains '/'"),
+    (("--preview-every", "-1"), "--preview-every -1: must be 0 (no previews) or more"),
+    (("--save-every", "-5"), "--save-every -5: must be at least 1"),
+    (("--max-steps", "0"), "--max-steps 0: must be at least 1"),
+    (("--resolution", "-64"), "--resolution -64: must be 0"),
+    (("--seed", "-1"), "--seed -1: must be 0 <= seed < 2**32"),
+    (("--seed", str(2 ** 70)), "must be 0 <= seed < 2**32"),
+    (("--lr", "1e999"), "positive and finite"),
+    (("--latents", "sometimes"), "--latents 'sometimes'"),
+])
+def test_bad_flags_are_one_line_and_write_nothing(tiny, tmp_path, capsys, extra, words):
+    """Each was a traceback (--init '', --device, the seeds), or silently accepted (fp8 fell back to fp32, a newline
+    in the token, negative counts). Checked before --out is created: nothing is left behind."""
+    out = tmp_path / "out"
+    assert main(args(tiny, out, *extra)) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("error: ") and err.count("\n") == 0 and words in err, err
+    assert not out.exists()
+
+
+def test_out_inside_data_is_refused(tiny, tmp_path, capsys):
+    """Previews written into the data folder would be trained on by the next run and change its fingerprint."""
+    data = tmp_path / "data"
+    data.mkdir()
+    for png in sorted(tiny[2].iterdir()):
+        (data / png.name).write_bytes(png.read_bytes())
+    for out in (data / "run", data, data / "a" / "b"):
+        assert main([*args(tiny, out), "--data", str(data)]) == 2
+        err = capsys.readouterr().err.strip()
+        assert err.count("\n") == 0 and "is inside --data" in err, err
+    assert sorted(p.name for p in data.iterdir()) == sorted(p.name for p in tiny[2].iterdir())
+
+
+HOLD = """import sys, time
+from medti.files import claim_folder
+with claim_folder(sys.argv[1]):
+    print("held", flush=True)
+    time.sleep(60)
+"""
+
+
+def test_failed_run_leaves_no_folder_and_two_runs_do_not_share_one(tiny, tmp_path, capsys):
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    out = tmp_path / "new" / "out"
+    assert main([*args(tiny, out), "--data", str(empty)]) == 2   # fails after the model loaded: no usable image
+    assert "no usable image" in capsys.readouterr().err and not out.exists()
+    holder = subprocess.Popen([sys.executable, "-c", HOLD, str(out)], stdout=subprocess.PIPE, text=True, cwd=ROOT)
+    try:
+        assert holder.stdout.readline().strip() == "held"
+        assert main(args(tiny, out)) == 2
+        err = capsys.readouterr().err.strip()
+        assert err.count("\n") == 0 and "another run is writing there" in err, err
+        assert not (out / "log.jsonl").exists()
+    finally:
+        holder.kill()
+        holder.wait()
+
+
+def imports(module: str) -> set:
+    """The medti modules `module` imports, anywhere in the file (a late import inside a function counts too)."""
+    tree = ast.parse((ROOT / "medti" / f"{module}.py").read_text())
+    found = set()
+    for node in ast.walk(tree):
+        if isinstance(node, ast.ImportFrom) and node.level == 1:
+            found |= {node.module} if node.module else {a.name for a in node.names}
+        elif isinstance(node, ast.ImportFrom) and (node.module or "").startswith("medti."):
+            found.add(node.module.split(".")[1])
+    return {m.split(".")[0] for m in found}
+
+
+def test_no_import_cycle_through_the_training_modules():
+    """The demo is a user of the trainer: demo -> trainer, train -> demo, never back (was train <-> demo)."""
+    def reach(start):
+        seen, todo = set(), [start]
+        while todo:
+            for m in imports(todo.pop()) - seen:
+                if (ROOT / "medti" / f"{m}.py").exists():
+                    seen.add(m)
+                    todo.append(m)
+        return seen
+    for module in TRAINING_MODULES:
+        assert module not in reach(module), f"medti.{module} imports itself through {sorted(reach(module))}"
+    assert "demo" not in reach("trainer") and "train" not in reach("demo")
+
+
+def test_trainer_reads_as_setup_resume_loop():
+    """Issue 11: train.run was 106 lines. Every training function is short (the style's ~40 lines), and the loop
+    draws its data through the one get_batch."""
+    for module in TRAINING_MODULES:
+        for node in ast.walk(ast.parse((ROOT / "medti" / f"{module}.py").read_text())):
+            if isinstance(node, ast.FunctionDef):
+                assert node.end_lineno - node.lineno < 45, f"medti.{module}.{node.name}"
+    source = (ROOT / "medti" / "trainer.py").read_text()
+    loop = next(n for n in ast.walk(ast.parse(source)) if isinstance(n, ast.FunctionDef) and n.name == "loop")
+    calls = [n.func.id for n in ast.walk(loop) if isinstance(n, ast.Call) and isinstance(n.func, ast.Name)]
+    assert calls.count("get_batch") == 1
+
+
+def test_demo_prints_a_generate_command_that_works_and_reruns_cleanly(tmp_path):
+    """Run as users type it (`python -m medti.train --demo`: the module is __main__, where the old TrainError
+    identity bug lived). The printed command really generates; `demo` is no saved setting; a second run into the
+    same folder is one line naming the folder typed, and --resume continues it."""
+    out = tmp_path / "demo-run"
+    demo = [sys.executable, "-m", "medti.train", "--demo", "--max-steps", "2", "--out", str(out)]
+    first = subprocess.run(demo, capture_output=True, text=True, timeout=600, cwd=ROOT)
+    assert first.returncode == 0, first.stderr[-2000:]
+    command = first.stdout.strip().splitlines()[-1].strip()
+    assert command.startswith("python -m medti.generate ")
+    generated = subprocess.run([sys.executable, *shlex.split(command)[1:]], capture_output=True, text=True,
+                               timeout=600, cwd=ROOT)
+    assert generated.returncode == 0, generated.stderr[-2000:]
+    assert len(list((out / "generated").glob("*.png"))) >= 4
+    with safe_open(str(out / "state.safetensors"), framework="pt") as f:
+        assert "demo" not in json.loads(f.metadata()["settings"])
+    again = subprocess.run(demo, capture_output=True, text=True, timeout=600, cwd=ROOT)
+    assert again.returncode == 2 and again.stderr.strip().count("\n") == 0, again.stderr
+    assert f"--out {out} holds a run already; pass --resume" in again.stderr and "Traceback" not in again.stderr
+    resumed = subprocess.run([*demo, "--resume"], capture_output=True, text=True, timeout=600, cwd=ROOT)
+    assert resumed.returncode == 0, resumed.stderr[-2000:]

@@ -1,0 +1,94 @@
+"""--resume over what crashes and full disks leave: a torn last log line, a deleted log, a truncated state file, a
+log that cannot be read; and no non-finite number in any saved file. Issue 11, defects 4, 7 and 12."""
+import json
+import shutil
+
+import pytest
+import torch
+from PIL import Image
+from safetensors import safe_open
+
+from medti import embeddings as E
+from medti.demo import phantoms, tiny_model
+from medti.train import main
+
+
+@pytest.fixture(scope="module")
+def finished(tmp_path_factory):
+    """A 2-step run saved at step 2, to be copied and damaged by each test."""
+    folder = tmp_path_factory.mktemp("resume")
+    model, config = tiny_model(folder / "model")
+    data = phantoms(folder / "data", 6, seed=0)
+    base = ["--model", str(model), "--config", str(config), "--data", str(data), "--token", "<t>", "--vectors", "2",
+            "--preview-every", "0", "--save-every", "2"]
+    assert main([*base, "--max-steps", "2", "--out", str(folder / "run")]) == 0
+    return folder / "run", base
+
+
+def copy(finished, tmp_path):
+    run, base = finished
+    shutil.copytree(run, tmp_path / "run")
+    return tmp_path / "run", base
+
+
+def steps(out) -> list:
+    return [json.loads(line)["step"] for line in (out / "log.jsonl").read_text().splitlines()]
+
+
+def test_torn_last_log_line_is_dropped_and_the_run_goes_on(finished, tmp_path, capsys):
+    """A crash or a full disk during the append leaves half a line; it used to make every --resume die in
+    JSONDecodeError. Now the line is dropped with a warning, and the resumed log is whole again."""
+    out, base = copy(finished, tmp_path)
+    with open(out / "log.jsonl", "a") as f:
+        f.write('{"step": 3, "loss": 0.9')   # what a crash mid-write leaves
+    assert main([*base, "--max-steps", "3", "--resume", "--out", str(out)]) == 0
+    assert "dropped 1 unreadable line" in capsys.readouterr().err
+    assert steps(out) == [1, 2, 3]
+
+
+def test_deleted_log_is_a_warning_and_restarts_the_log(finished, tmp_path, capsys):
+    out, base = copy(finished, tmp_path)
+    (out / "log.jsonl").unlink()
+    assert main([*base, "--max-steps", "3", "--resume", "--out", str(out)]) == 0
+    assert "log.jsonl is missing" in capsys.readouterr().err
+    assert steps(out) == [3]
+    assert Image.open(out / "loss.png").text["Description"].endswith("(moving average over 1 step)")
+
+
+def test_unreadable_log_is_one_line(finished, tmp_path, capsys):
+    """A real OSError (here: the log is a folder) is reported in one line with the file's name, not a traceback."""
+    out, base = copy(finished, tmp_path)
+    (out / "log.jsonl").unlink()
+    (out / "log.jsonl").mkdir()
+    assert main([*base, "--max-steps", "3", "--resume", "--out", str(out)]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.count("\n") == 0 and err.startswith("error: ") and "log.jsonl" in err, err
+
+
+@pytest.mark.parametrize("damage", ["truncate", "empty", "garbage"])
+def test_damaged_state_is_one_line(finished, tmp_path, capsys, damage):
+    out, base = copy(finished, tmp_path)
+    state = out / "state.safetensors"
+    data = state.read_bytes()
+    damaged = {"truncate": data[:len(data) // 2], "empty": b"", "garbage": b"\x00" * 64}[damage]
+    state.write_bytes(damaged)
+    assert main([*base, "--max-steps", "3", "--resume", "--out", str(out)]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.count("\n") == 0 and "--resume" in err and "is damaged" in err and "another --out" in err, err
+    assert state.read_bytes() == damaged   # nothing was written over it
+
+
+def test_no_non_finite_number_in_any_saved_file(finished, tmp_path):
+    """lr 1e30: after one step the vectors are huge and every later loss is NaN; those steps are skipped. The log
+    says null for them (strict JSON: a bare NaN breaks jq and most parsers), and embedding and state stay finite."""
+    _, base = finished
+    out = tmp_path / "nan"
+    assert main([*base, "--max-steps", "3", "--save-every", "1", "--lr", "1e30", "--out", str(out)]) == 0
+
+    def refuse(constant):
+        raise ValueError(f"non-finite {constant} in log.jsonl")
+    records = [json.loads(line, parse_constant=refuse) for line in (out / "log.jsonl").read_text().splitlines()]
+    assert [r["skipped"] for r in records] == [False, True, True] and records[1]["loss"] is None
+    assert torch.isfinite(E.read(out / "t.safetensors").vectors).all()
+    with safe_open(str(out / "state.safetensors"), framework="pt") as f:
+        assert all(torch.isfinite(f.get_tensor(k)).all() for k in f.keys())
