@@ -1,0 +1,54 @@
+"""tools/gpu_check.py: its code paths run in CI on the CPU with --tiny; without a GPU the full run stops at once.
+
+The figures of a tiny CPU run mean nothing (the script says so); what is checked is that every measurement runs,
+for ours and diffusers, and that the JSON holds each figure, with "n/a (no CUDA)" where only CUDA can measure.
+"""
+import json
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT / "tools"))
+import gpu_check  # noqa: E402 (tools/ is not a package)
+
+
+def run_script(*args, env=None):
+    return subprocess.run([sys.executable, str(ROOT / "tools" / "gpu_check.py"), *args], cwd=ROOT, text=True,
+                          capture_output=True, env={**os.environ, **(env or {})})
+
+
+def test_without_cuda_fails_fast_with_one_line():
+    """CUDA_VISIBLE_DEVICES="" hides any GPU, so this holds on a GPU machine too. The bound: importing torch
+    (~2-5 s on a loaded 2-core machine) and nothing else -- diffusers is imported only after the check."""
+    start = time.perf_counter()
+    run = run_script(env={"CUDA_VISIBLE_DEVICES": ""})
+    assert time.perf_counter() - start < 30
+    assert run.returncode == 2 and run.stdout == ""
+    assert run.stderr == ("error: no CUDA GPU is visible to torch here; run on a GPU machine, or use --tiny to check "
+                          "the script\n")
+
+
+def test_bad_json_folder_is_refused_before_any_work(tmp_path):
+    run = run_script("--tiny", "--device", "cpu", "--json", str(tmp_path / "no" / "figures.json"))
+    assert run.returncode == 2 and run.stderr == f"error: --json {tmp_path / 'no' / 'figures.json'}: the folder " \
+                                                 f"{tmp_path / 'no'} does not exist\n"
+
+
+def test_tiny_run_on_the_cpu_measures_everything(tmp_path, capsys):
+    path = tmp_path / "figures.json"
+    assert gpu_check.main(["--tiny", "--device", "cpu", "--steps", "1", "--runs", "1", "--json", str(path)]) == 0
+    figures = json.loads(path.read_text())
+    assert figures["device"] == "cpu" and figures["dtype"] == "float32" and figures["mode"].startswith("tiny")
+    for side in ("ours", "diffusers"):
+        result = figures[side]
+        assert result["ti_step_peak"]["allocated_gib"] == result["ti_step_peak"]["reserved_gib"] == "n/a (no CUDA)"
+        assert result["ti_steps_per_s"] > 0
+        assert set(result["txt2img_images_per_s"]) == {"batch 1", "batch 4"}
+        assert all(v > 0 for v in result["txt2img_images_per_s"].values())
+        assert result["fp16_sanity_no_nan"]["sd21 (upcast)"] is True
+    assert 0 < figures["ours"]["ti_step_peak"]["estimated_gib"] < 1   # the tiny model's step, estimated
+    out = capsys.readouterr().out
+    assert "TI steps/s" in out and "txt2img images/s, batch 4" in out and "n/a (no CUDA)" in out

@@ -1,0 +1,279 @@
+"""The figures that need a GPU, ours and diffusers side by side on identical random full-size SD2 weights (issue 11).
+
+    python tools/gpu_check.py --json gpu-figures.json      # one CUDA GPU, full size: a few minutes (< 8 on an H200)
+    python tools/gpu_check.py --tiny --device cpu          # tiny random models on any device: checks the script only
+
+What it measures (fp16 on CUDA, the training and generation default there):
+  1. peak GPU memory of one textual-inversion step at 512², gradient checkpointing on: torch.cuda's
+     max_memory_allocated (live tensors) and max_memory_reserved (what the caching allocator holds), next to
+     tools/memory_estimate.py's fake-tensor estimate of the same step (live tensor bytes, so comparable with
+     "allocated"; neither includes the CUDA context);
+  2. textual-inversion steps per second (ours: medti's step; diffusers: its examples/textual_inversion recipe);
+  3. text-to-image images per second at 512², 25 Euler-a steps, CFG, VAE decode included, batch 1 and 4;
+  4. fp16 sanity: no NaN/inf in latents or decoded images with the `sd21` configuration (attention upcast to fp32).
+The models are tools/benchmark.py's (diffusers/transformers modules with random weights, converted to the official
+layout by tools/convert_diffusers.py and loaded back by minisd.load), so both sides compute with the same numbers.
+Random weights give meaningless images; speed and memory do not depend on the values.
+"""
+import argparse
+import json
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+TOOLS = Path(__file__).resolve().parent
+TOKEN, N_VECTORS, GIB = "<gpu-check>", 64, 2 ** 30
+
+
+def fail(message: str) -> int:
+    print(f"error: {message}", file=sys.stderr)
+    return 2
+
+
+def sync(device):
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def seconds(fn, device, runs: int) -> float:
+    """Median wall time of `runs` calls after one warm-up call (cuDNN/cuBLAS pick their kernels on the first)."""
+    fn()
+    times = []
+    for _ in range(runs):
+        sync(device)
+        start = time.perf_counter()
+        fn()
+        sync(device)
+        times.append(time.perf_counter() - start)
+    return statistics.median(times)
+
+
+def peak_memory(fn, device) -> dict:
+    """Peak allocated and reserved GiB during one call (after a warm-up call), or "n/a" without CUDA."""
+    if device.type != "cuda":
+        return {"allocated_gib": "n/a (no CUDA)", "reserved_gib": "n/a (no CUDA)"}
+    fn()
+    torch.cuda.synchronize(device)
+    torch.cuda.reset_peak_memory_stats(device)
+    fn()
+    torch.cuda.synchronize(device)
+    return {"allocated_gib": torch.cuda.max_memory_allocated(device) / GIB,
+            "reserved_gib": torch.cuda.max_memory_reserved(device) / GIB}
+
+
+def estimated(fn, **kwargs):
+    """tools/memory_estimate.py's total in GiB; its failure is reported, not fatal (it runs other people's code
+    on fake tensors, and a change there should not cost the GPU figures)."""
+    try:
+        return fn(**kwargs)["total"] / GIB
+    except Exception as e:
+        return f"failed ({type(e).__name__}: {str(e)[:60]})"
+
+
+def ours_ti_step(sd, size: int, device):
+    """One step of medti's training loop: cached latents (the VAE leaves the device, as medti/trainer.py does),
+    64 fp32 vectors in AdamW, fp16 weights with a grad scaler, gradient checkpointing."""
+    from medti import embeddings as emb
+    from medti.inversion import denoising_loss, enable_checkpointing, initial_vectors
+    enable_checkpointing(sd)
+    emb.attach(sd, {TOKEN: emb.Embedding(TOKEN, torch.zeros(N_VECTORS, sd.text_encoder.cfg.width))})
+    vectors = torch.nn.Parameter(initial_vectors(sd, "*", N_VECTORS, 0).to(device))
+    optimizer = torch.optim.AdamW([vectors], lr=5e-3, weight_decay=0.0)
+    dtype = next(sd.unet.parameters()).dtype
+    scaler = torch.amp.GradScaler(device.type, enabled=dtype == torch.float16)
+    with torch.no_grad():
+        image = torch.rand(1, 3, size, size, generator=torch.Generator().manual_seed(0)) * 2 - 1
+        latents = sd.vae.encode(image.to(device, dtype))[0].float() * sd.scale_factor
+    sd.vae.to("cpu")
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
+
+    def step():
+        optimizer.zero_grad(set_to_none=True)
+        t = torch.randint(0, 1000, (1,), device=device)
+        loss = denoising_loss(sd, TOKEN, vectors, [TOKEN], latents, torch.randn_like(latents), t)
+        scaler.scale(loss).backward()
+        scaler.step(optimizer)
+        scaler.update()
+    return step
+
+
+def diffusers_ti_step(refs, size: int, device, dtype):
+    """diffusers' examples/textual_inversion/textual_inversion.py step: fp16 UNet and VAE, fp32 text encoder under
+    fp16 autocast whose whole (resized) token table is in AdamW, a VAE encode every step, checkpointing on."""
+    import diffusers
+    text, vae, unet = refs["text"].float(), refs["vae"], refs["unet"]
+    text.resize_token_embeddings(text.config.vocab_size + 1)
+    table = text.requires_grad_(False).get_input_embeddings().weight.requires_grad_(True)
+    unet.enable_gradient_checkpointing(), text.activation_checkpointing_enable()   # transformers 5 name
+    text.train()   # transformers checkpoints only in training mode
+    original, keep = table.detach().clone(), torch.arange(len(table), device=device) != len(table) - 1
+    optimizer = torch.optim.AdamW([table], lr=5e-3, weight_decay=1e-2)
+    scaler = torch.amp.GradScaler(device.type, enabled=dtype == torch.float16)
+    scheduler = diffusers.DDPMScheduler(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear")
+    pixels = (torch.rand(1, 3, size, size, generator=torch.Generator().manual_seed(0)) * 2 - 1).to(device, dtype)
+    ids = torch.tensor([[49406, len(table) - 1, 49407] + [0] * 74], device=device)
+
+    def step():
+        latents = vae.encode(pixels).latent_dist.sample().detach() * vae.config.scaling_factor
+        noise, t = torch.randn_like(latents), torch.randint(0, 1000, (1,), device=device)
+        with torch.autocast(device.type, dtype=dtype, enabled=dtype != torch.float32):
+            context = text(ids)[0].to(dtype)
+        prediction = unet(scheduler.add_noise(latents, noise, t), t, context).sample
+        scaler.scale(torch.nn.functional.mse_loss(prediction.float(), noise.float())).backward()
+        scaler.step(optimizer), scaler.update(), optimizer.zero_grad()
+        with torch.no_grad():
+            table[keep] = original[keep]
+    return step
+
+
+def ours_txt2img(sd, cond, uncond, batch: int, size: int, steps: int):
+    """What `python -m medti.generate` runs: medti.pipeline.sample (Euler a, CFG 2), then the VAE decode."""
+    from medti.pipeline import SampleSettings, decode, sample
+    settings = SampleSettings(width=size, height=size, steps=steps, cfg=2.0)
+    return lambda: decode(sd, sample(sd, cond, uncond, [1.0], list(range(batch)), settings))
+
+
+def diffusers_pipe(refs, prediction="epsilon"):
+    import diffusers
+    scheduler = diffusers.EulerAncestralDiscreteScheduler(beta_start=0.00085, beta_end=0.012, steps_offset=1,
+                                                          beta_schedule="scaled_linear", prediction_type=prediction)
+    pipe = diffusers.StableDiffusionPipeline(vae=refs["vae"], text_encoder=None, tokenizer=None, unet=refs["unet"],
+                                             scheduler=scheduler, safety_checker=None, feature_extractor=None,
+                                             requires_safety_checker=False)
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
+
+
+def diffusers_txt2img(pipe, cond, uncond, batch: int, size: int, steps: int, output="pt"):
+    return lambda: pipe(prompt_embeds=cond, negative_prompt_embeds=uncond, guidance_scale=2.0, width=size,
+                        height=size, num_inference_steps=steps, num_images_per_prompt=batch, output_type=output,
+                        generator=[torch.Generator().manual_seed(i) for i in range(batch)]).images
+
+
+def finite_ours(sd, cond, uncond, size: int, steps: int) -> bool:
+    """No NaN/inf in the final latents and in the VAE decode in the model's own dtype (medti.pipeline.decode
+    would hide an overflow by redoing it in fp32)."""
+    from medti.pipeline import SampleSettings, sample
+    latents = sample(sd, cond, uncond, [1.0], [0], SampleSettings(width=size, height=size, steps=steps))
+    with torch.no_grad():
+        images = sd.vae.decode(latents / sd.scale_factor)
+    return bool(torch.isfinite(latents).all() and torch.isfinite(images).all())
+
+
+def measure_ours(b, args, device, dtype) -> dict:
+    from memory_estimate import estimate_training
+
+    import minisd
+    load = {"config": b.ours, "dtype": dtype, "device": device}
+    sd = minisd.load(b.tmp / "sd2.safetensors", **load)
+    cond, uncond = b.cond.to(device, dtype), b.uncond.to(device, dtype)
+    out = {"txt2img_images_per_s": {}}
+    for batch in (1, 4):
+        fn = ours_txt2img(sd, cond, uncond, batch, b.size, args.steps)
+        out["txt2img_images_per_s"][f"batch {batch}"] = batch / seconds(fn, device, args.runs)
+    upcast = {**(b.ours if isinstance(b.ours, dict) else {}), "prediction": "v",
+              "unet": {**(b.ours.get("unet", {}) if isinstance(b.ours, dict) else {}), "upcast_attention": True}}
+    sd21 = minisd.load(b.tmp / "sd2.safetensors", **{**load, "config": upcast})
+    out["fp16_sanity_no_nan"] = {"sd21 (upcast)": finite_ours(sd21, cond, uncond, b.size, args.steps),
+                                 "sd2 (no upcast)": finite_ours(sd, cond, uncond, b.size, args.steps)}
+    del sd21
+    step = ours_ti_step(sd, b.size, device)
+    out["ti_step_peak"] = peak_memory(step, device)
+    out["ti_step_peak"]["estimated_gib"] = estimated(estimate_training, resolution=b.size, batch=1,
+                                                     checkpointing=True, config=b.ours)
+    out["ti_steps_per_s"] = 1 / seconds(step, device, args.runs)
+    return out
+
+
+def measure_diffusers(b, args, device, dtype) -> dict:
+    from diffusers.models.attention_processor import Attention
+    from memory_estimate import estimate_diffusers_recipe
+    refs = {name: m.to(device, dtype) for name, m in b.refs.items()}
+    cond, uncond = b.cond.to(device, dtype), b.uncond.to(device, dtype)
+    pipe, out = diffusers_pipe(refs), {"txt2img_images_per_s": {}}
+    for batch in (1, 4):
+        fn = diffusers_txt2img(pipe, cond, uncond, batch, b.size, args.steps)
+        out["txt2img_images_per_s"][f"batch {batch}"] = batch / seconds(fn, device, args.runs)
+    attention = [m for m in refs["unet"].modules() if isinstance(m, Attention)]
+    for m in attention:   # what diffusers' SD2.1 config sets (upcast_attention: true)
+        m.upcast_attention = True
+    images = diffusers_txt2img(diffusers_pipe(refs, "v_prediction"), cond, uncond, 1, b.size, args.steps)()
+    out["fp16_sanity_no_nan"] = {"sd21 (upcast)": bool(torch.isfinite(images).all())}
+    for m in attention:
+        m.upcast_attention = False
+    step = diffusers_ti_step(refs, b.size, device, dtype)
+    out["ti_step_peak"] = peak_memory(step, device)
+    full = not args.tiny   # the estimate is written for SD2's full-size recipe only
+    out["ti_step_peak"]["estimated_gib"] = estimated(estimate_diffusers_recipe, resolution=b.size, batch=1,
+                                                     checkpointing=True) if full else "n/a (full size only)"
+    out["ti_steps_per_s"] = 1 / seconds(step, device, args.runs)
+    return out
+
+
+def figure(value) -> str:
+    return f"{value:.3g}" if isinstance(value, float) else str(value)
+
+
+def report(results: dict):
+    """The figures side by side, one line each."""
+    ours, theirs = results["ours"], results["diffusers"]
+    rows = [(f"TI step peak, {k.replace('_gib', '')} (GiB)", ours["ti_step_peak"][k], theirs["ti_step_peak"][k])
+            for k in ("allocated_gib", "reserved_gib", "estimated_gib")]
+    rows += [("TI steps/s", ours["ti_steps_per_s"], theirs["ti_steps_per_s"])]
+    rows += [(f"txt2img images/s, {k}", ours["txt2img_images_per_s"][k], theirs["txt2img_images_per_s"][k])
+             for k in ours["txt2img_images_per_s"]]
+    rows += [(f"no NaN/inf, {k}", ours["fp16_sanity_no_nan"][k], theirs["fp16_sanity_no_nan"].get(k, "-"))
+             for k in ours["fp16_sanity_no_nan"]]
+    print(f"# {results['device']}, {results['dtype']}, {results['size']}², {results['steps']} steps, "
+          f"torch {results['torch']}, {results['mode']}")
+    print(f"{'':<34} {'ours':>22} {'diffusers':>22}")
+    for name, a, b in rows:
+        print(f"{name:<34} {figure(a):>22} {figure(b):>22}")
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--tiny", action="store_true", help="tiny random models on any device: checks the script only")
+    p.add_argument("--device", default=None, help="default: cuda (required without --tiny)")
+    p.add_argument("--steps", type=int, default=25, help="sampler steps per image (default 25)")
+    p.add_argument("--runs", type=int, default=3, help="timed runs per figure, median (default 3)")
+    p.add_argument("--json", type=Path, default=None, help="also write the figures to this JSON file")
+    args = p.parse_args(argv)
+    cuda = torch.cuda.is_available()
+    if not args.tiny and not cuda:
+        return fail("no CUDA GPU is visible to torch here; run on a GPU machine, or use --tiny to check the script")
+    device = torch.device(args.device or ("cuda" if cuda else "cpu"))
+    if device.type == "cuda" and not cuda:
+        return fail(f"--device {args.device}: no CUDA GPU is visible to torch here")
+    if args.json and not args.json.parent.is_dir():
+        return fail(f"--json {args.json}: the folder {args.json.parent} does not exist")
+    sys.path.insert(0, str(TOOLS))
+    import benchmark  # diffusers, transformers and the identical-weights setup: only once the checks passed
+
+    from minisd.config import default_dtype
+    dtype = default_dtype(device)
+    with tempfile.TemporaryDirectory(prefix="medti-gpu-check-") as tmp:
+        b = benchmark.setup(argparse.Namespace(runs=args.runs), benchmark.TINY if args.tiny else benchmark.FULL,
+                            Path(tmp))
+        b.sd = None   # the fp32 CPU copy setup() made: only its prompt embeddings are needed
+        results = {"device": torch.cuda.get_device_name(device) if device.type == "cuda" else str(device),
+                   "dtype": str(dtype).replace("torch.", ""), "size": b.size, "steps": args.steps,
+                   "torch": torch.__version__, "mode": "tiny models (checks the script only)" if args.tiny else
+                   "full-size SD2, random weights", "ours": measure_ours(b, args, device, dtype)}
+        if device.type == "cuda":
+            torch.cuda.empty_cache()
+        results["diffusers"] = measure_diffusers(b, args, device, dtype)
+    report(results)
+    if args.json:
+        from medti.files import write_atomic
+        write_atomic(args.json, json.dumps(results, indent=1).encode())
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
