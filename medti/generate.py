@@ -25,16 +25,21 @@ import torch
 
 import minisd
 from minisd.packing import can_pack, pack_convs
-from minisd.sampling import SAMPLERS, SPACINGS
+from minisd.sampling import SAMPLERS, UNSUPPORTED
+from minisd.schedule import SPACINGS
 
 from . import embeddings as emb
 from .files import safetensors_bytes, write_atomic
 from .hashes import sha256_of
 from .images import ImageError, contact_sheet, load_image, load_mask, save_png, to_pil
-from .pipeline import compile_for_inference, decode, sample
+from .pipeline import InitImage, SampleSettings, compile_for_inference, decode, sample
 from .prompts import PromptError, check_length, parse
 
-SAMPLER_NAMES = {"euler_a": "Euler a", "euler": "Euler"}   # as A1111 writes them in `parameters`
+# every spacing some sampler offers, in a stable order for --help
+ALL_SPACINGS = list(dict.fromkeys(name for names in SPACINGS.values() for name in names))
+# A1111's "Schedule type" for our spacings where it has the same one: Karras, and "Uniform" = k-diffusion's
+# DiscreteSchedule (our "kdiffusion"). diffusers' linspace/leading/trailing have no A1111 name.
+A1111_SCHEDULES = {"karras": "Karras", "kdiffusion": "Uniform"}
 
 
 class UsageError(ValueError):
@@ -58,8 +63,12 @@ def build_parser() -> argparse.ArgumentParser:
     add("--size", type=int, help="square image size in pixels (default: the model's native size)")
     add("--width", type=int)
     add("--height", type=int)
-    add("--sampler", choices=sorted(SAMPLERS), default="euler_a")
-    add("--sigmas", choices=SPACINGS, default="linspace", help="step schedule")
+    add("--sampler", choices=list(SAMPLERS), default="euler_a",
+        help="euler_a (the study's), euler, dpmpp_2m (DPM++ 2M; with --sigmas karras A1111's DPM++ 2M Karras, "
+             "good at 20-30 steps), ddim (eta 0)")
+    add("--sigmas", choices=ALL_SPACINGS, default="linspace",
+        help="step schedule: diffusers' linspace|leading|trailing for the sampler's scheduler, kdiffusion "
+             "(A1111's default), karras (euler, dpmpp_2m)")
     add("--batch", type=int, default=0, help="UNet rows per call; 0: one image (all its terms) per call")
     add("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     add("--dtype", choices=["fp32", "fp16", "bf16"], help="default fp16 on CUDA, fp32 on CPU")
@@ -91,6 +100,11 @@ def check_args(args):
         raise UsageError("--batch and --mask-blur must not be negative")
     if not 0 < args.strength <= 1:
         raise UsageError(f"--strength {args.strength}: must be in (0, 1]")
+    family = SAMPLERS[args.sampler].family
+    if args.sigmas not in SPACINGS[family] or (args.sampler, args.sigmas) in UNSUPPORTED:
+        offered = [name for name in SPACINGS[family] if (args.sampler, name) not in UNSUPPORTED]
+        raise UsageError(f"--sigmas {args.sigmas} is not offered with --sampler {args.sampler}; "
+                         f"use one of {', '.join(offered)}")
     if (args.mask or args.strength < 1) and not args.init_image:
         raise UsageError("--mask and --strength < 1 need --init-image")
     out = Path(args.out)
@@ -158,7 +172,9 @@ def record(args, job: Job, width: int, height: int, model_hash: str, loaded: dic
 
 def parameters_text(rec: dict) -> str:
     """A1111's `parameters` layout: prompt, "Negative prompt: ...", then "key: value" pairs."""
-    pairs = [f"Steps: {rec['steps']}", f"Sampler: {SAMPLER_NAMES[rec['sampler']]}", f"Schedule: {rec['sigmas']}",
+    schedule = A1111_SCHEDULES.get(rec["sigmas"])
+    pairs = [f"Steps: {rec['steps']}", f"Sampler: {SAMPLERS[rec['sampler']].a1111}",
+             *([f"Schedule type: {schedule}"] if schedule else []), f"Sigmas: {rec['sigmas']}",
              f"CFG scale: {rec['cfg']}", f"Seed: {rec['seed']}", f"Size: {rec['width']}x{rec['height']}",
              f"Model hash: {rec['model_sha256'][:10]}", f"Model: {Path(rec['model']).name}"]
     if rec["embeddings"]:
@@ -231,9 +247,12 @@ def run(args):
             raise UsageError(f"--{flag} {value}: must be a multiple of {sd.config.size_multiple} for this model")
     init = load_image(args.init_image, width, height) if args.init_image else None
     mask = load_mask(args.mask, width, height, args.mask_blur) if args.mask else None
-    if sd.config.unet.in_channels == 9 and mask is None:
+    if sd.config.inpainting and mask is None:
         raise UsageError("the inpainting model (9 input channels) needs --init-image and --mask")
     conds, uncond = conditioning(sd, texts, args.negative)
+    settings = SampleSettings(width=width, height=height, steps=args.steps, cfg=args.cfg, sampler=args.sampler,
+                              sigmas=args.sigmas, batch=args.batch)
+    init_image = InitImage(init, mask, args.strength) if init is not None else None
     model_hash = sha256_of(sd.path)
     out = Path(args.out)
     planned = {job.file: record(args, job, width, height, model_hash, loaded) for job in jobs}
@@ -245,9 +264,7 @@ def run(args):
     per_call = max(1, args.batch // (len(texts) + 1)) if args.batch else 1
     start, part, finished = time.perf_counter(), out / f"manifest.part{rank}.jsonl", 0
     for group in batches(todo, per_call):
-        latents = sample(sd, conds, uncond, group[0].weights, [job.seed for job in group], width=width,
-                         height=height, cfg=args.cfg, steps=args.steps, sampler=args.sampler, spacing=args.sigmas,
-                         batch=args.batch, init=init, mask=mask, strength=args.strength)
+        latents = sample(sd, conds, uncond, group[0].weights, [job.seed for job in group], settings, init_image)
         for job, latent, image in zip(group, latents, decode(sd, latents), strict=True):
             rec = planned[job.file]
             if args.save_latents:   # scaled latent, as the sampler ends; divide by scale_factor to decode

@@ -9,19 +9,38 @@ tests/test_pipeline.py compare with it), one generator per image:
   then one draw per sampler step. Without an init image only 2 and the steps are drawn (txt2img).
 img2img is inpainting with an all-white mask.
 """
+from dataclasses import dataclass
+from typing import Callable
+
 import torch
 import torch.nn.functional as F
 
-from minisd.sampling import (
-    SAMPLERS,
-    Denoiser,
-    GuidedDenoiser,
-    draw,
-    initial_sigma,
-    keep_unmasked,
-    step_schedule,
-    strength_start,
-)
+from minisd.errors import UserError, arg
+from minisd.sampling import SAMPLERS, GuidedDenoiser, denoiser, draw, keep_unmasked, strength_start, to_output
+from minisd.schedule import step_schedule
+from minisd.vae import posterior_sample
+
+
+@dataclass(frozen=True)
+class SampleSettings:
+    """How to sample: image size in pixels, steps, guidance scale, sampler (minisd.sampling.SAMPLERS), step
+    schedule (`sigmas`: a spacing of minisd.schedule.SPACINGS) and UNet rows per call (0: one image per call)."""
+    width: int
+    height: int
+    steps: int = 100
+    cfg: float = 2.0
+    sampler: str = "euler_a"
+    sigmas: str = "linspace"
+    batch: int = 0
+
+
+@dataclass(frozen=True)
+class InitImage:
+    """img2img and inpainting: image [1, 3, H, W] in [-1, 1]; mask [1, 1, H, W], 1 = repaint, 0 = keep (None:
+    repaint everything, i.e. img2img); strength 1 starts from pure noise, < 1 keeps that much of the image."""
+    image: torch.Tensor
+    mask: torch.Tensor | None = None
+    strength: float = 1.0
 
 
 def encode_sample(sd, images, generators):
@@ -29,46 +48,56 @@ def encode_sample(sd, images, generators):
     latents = []
     for image, g in zip(images, generators, strict=True):
         mean, logvar = sd.vae.encode(image[None])
-        latents.append(mean + torch.exp(0.5 * logvar) * draw([g], mean))
+        latents.append(posterior_sample(mean, logvar, draw([g], mean)))
     return torch.cat(latents) * sd.scale_factor
 
 
+def start_from_image(sd, init: InitImage, steps, generators, like):
+    """(x, steps, callback, extra) for img2img/inpainting, with diffusers' draw order (module docstring)."""
+    images = init.image.to(like).expand(len(generators), -1, -1, -1)
+    mask = torch.ones_like(images[:, :1]) if init.mask is None else init.mask.to(like).expand_as(images[:, :1])
+    # [B, 1, H, W] -> [B, 1, h, w]: nearest-neighbour, as diffusers' prepare_mask_latents
+    latent_mask = F.interpolate(mask, size=like.shape[2:])
+    init_latent = encode_sample(sd, images, generators) if not sd.config.inpainting or init.strength < 1 else None
+    noise = draw(generators, like)
+    masked_latent = encode_sample(sd, images * (mask < 0.5), generators)
+    steps = strength_start(steps, init.strength)
+    x = noise * steps.init_sigma if init.strength >= 1 else init_latent + noise * float(steps.sigmas[0])
+    if sd.config.inpainting:   # the model sees the mask and the masked image; nothing is kept by hand
+        return x, steps, None, torch.cat([latent_mask, masked_latent], dim=1)
+    return x, steps, keep_unmasked(init_latent, noise, latent_mask, steps.sigmas), None
+
+
 @torch.no_grad()
-def sample(sd, conds, uncond, weights, seeds, *, width, height, cfg=2.0, steps=100, sampler="euler_a",
-           spacing="linspace", batch=0, init=None, mask=None, strength=1.0):
+def sample(sd, conds, uncond, weights, seeds, settings: SampleSettings, init: InitImage | None = None,
+           progress: Callable[[int, int], None] | None = None):
     """Final (scaled) latents [len(seeds), 4, height/8, width/8] (SD2's factor 8; see ModelConfig.latent_factor).
 
-    conds [K, 77, w] with K weights, uncond [1, 77, w]: see GuidedDenoiser. init: [1, 3, H, W] in [-1, 1] or None;
-    mask: [1, 1, H, W], 1 = repaint, 0 = keep (None with an init image: repaint everything, i.e. img2img).
-    """
+    conds [K, 77, w] with K weights, uncond [1, 77, w]: see GuidedDenoiser. progress(done, total) is called after
+    every sampler step (for a progress line; it must not change anything)."""
     param = next(sd.unet.parameters())
     generators = [torch.Generator().manual_seed(int(s)) for s in seeds]
     factor = sd.config.latent_factor
-    like = torch.zeros(len(seeds), 4, height // factor, width // factor, dtype=param.dtype, device=param.device)
-    sigmas, timesteps = step_schedule(steps, spacing)
-    nine_channels = sd.config.unet.in_channels == 9
-    callback, extra = None, None
+    like = torch.zeros(len(seeds), 4, settings.height // factor, settings.width // factor, dtype=param.dtype,
+                       device=param.device)
+    spec = SAMPLERS[settings.sampler]
+    steps = step_schedule(settings.steps, settings.sigmas, spec.family)
     if init is None:
-        if nine_channels:
-            raise ValueError("the inpainting model (9 input channels) needs an init image and a mask")
-        x = draw(generators, like) * initial_sigma(sigmas, spacing)
+        if sd.config.inpainting:
+            raise UserError(f"the inpainting model (9 input channels) needs an image and a mask: pass {arg('init')}")
+        x, keep, extra = draw(generators, like) * steps.init_sigma, None, None
     else:
-        images = init.to(like).expand(len(seeds), -1, -1, -1)
-        mask = torch.ones_like(images[:, :1]) if mask is None else mask.to(like).expand(len(seeds), -1, -1, -1)
-        # [B, 1, H, W] -> [B, 1, h, w]: nearest-neighbour, as diffusers' prepare_mask_latents
-        latent_mask = F.interpolate(mask, size=like.shape[2:])
-        init_latent = encode_sample(sd, images, generators) if not nine_channels or strength < 1 else None
-        noise = draw(generators, like)
-        masked_latent = encode_sample(sd, images * (mask < 0.5), generators)
-        sigmas, timesteps = strength_start(sigmas, timesteps, strength)
-        x = noise * initial_sigma(sigmas, spacing) if strength >= 1 else init_latent + noise * sigmas[0]
-        if nine_channels:
-            extra = torch.cat([latent_mask, masked_latent], dim=1)   # the model sees mask and masked image
-        else:
-            callback = keep_unmasked(init_latent, noise, latent_mask, sigmas)
-    model = GuidedDenoiser(Denoiser(sd.unet, sd.prediction), conds.to(like), uncond.to(like), weights, cfg, batch,
-                           extra)
-    return SAMPLERS[sampler](model, x, sigmas, timesteps, generators, callback)
+        x, steps, keep, extra = start_from_image(sd, init, steps, generators, like)
+    model = GuidedDenoiser(denoiser(sd.unet, sd.prediction, steps), conds.to(like), uncond.to(like), weights,
+                           settings.cfg, settings.batch, extra)
+
+    def after_step(i, x):
+        x = keep(i, x) if keep else x
+        if progress:
+            progress(i + 1, len(steps.timesteps))
+        return x
+    x = spec.loop(model, x, steps.sigmas, generators, after_step, **steps.extra)
+    return to_output(x, steps.sigmas)
 
 
 def compile_for_inference(sd):

@@ -82,6 +82,30 @@ def write_official(path, unet=None, vae=None, text=None):
     return path
 
 
+def reference_scheduler(sampler: str, prediction: str = "eps", spacing: str = "linspace"):
+    """The diffusers scheduler each of our samplers must equal, with SD2's training schedule (scaled_linear betas
+    0.00085..0.012, steps_offset 1 as in SD2's hub scheduler config). "karras" is use_karras_sigmas=True over the
+    default spacing; our "kdiffusion" spacing has no diffusers scheduler."""
+    from diffusers import (
+        DDIMScheduler,
+        DPMSolverMultistepScheduler,
+        EulerAncestralDiscreteScheduler,
+        EulerDiscreteScheduler,
+    )
+    common = dict(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear", steps_offset=1,
+                  prediction_type={"eps": "epsilon", "v": "v_prediction"}[prediction],
+                  timestep_spacing="linspace" if spacing == "karras" else spacing)
+    karras = {"use_karras_sigmas": spacing == "karras"}
+    if sampler == "euler_a":
+        return EulerAncestralDiscreteScheduler(**common)
+    if sampler == "euler":
+        return EulerDiscreteScheduler(**common, **karras)
+    if sampler == "dpmpp_2m":
+        return DPMSolverMultistepScheduler(**common, **karras, algorithm_type="dpmsolver++", solver_order=2,
+                                           final_sigmas_type="zero")
+    return DDIMScheduler(**common, set_alpha_to_one=False, clip_sample=False)
+
+
 @pytest.fixture(scope="module")
 def tiny(tmp_path_factory):
     torch.manual_seed(0)

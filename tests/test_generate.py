@@ -89,7 +89,7 @@ def test_inpainting_cli_equals_pipeline(model_files, tmp_path):
     """The CLI's inpainting is medti.pipeline.sample on the loaded image and mask (that function is compared
     with diffusers in test_pipeline.py); the kept region of the saved latent is the init latent's."""
     from medti.images import load_image, load_mask
-    from medti.pipeline import sample
+    from medti.pipeline import InitImage, SampleSettings, sample
     Image.fromarray((torch.rand(96, 96, 3, generator=torch.Generator().manual_seed(0)) * 255).byte().numpy()
                     ).save(tmp_path / "init.png")
     mask = Image.new("L", (48, 48))    # any size with the same aspect; white = repaint
@@ -107,8 +107,8 @@ def test_inpainting_cli_equals_pipeline(model_files, tmp_path):
     from medti import embeddings as E
     cond, uncond = E.encode(sd, ["chest x-ray"]), E.encode(sd, [""])
     init, m = load_image(tmp_path / "init.png", 64, 64), load_mask(tmp_path / "mask.png", 64, 64, 1.5)
-    ref = sample(sd, cond, uncond, [1.0], [3], width=64, height=64, cfg=2.0, steps=3, init=init, mask=m,
-                 strength=0.8)
+    ref = sample(sd, cond, uncond, [1.0], [3], SampleSettings(width=64, height=64, cfg=2.0, steps=3),
+                 InitImage(init, m, 0.8))
     assert torch.equal(saved, ref[0])
     assert 0 < m.mean() < 1
 

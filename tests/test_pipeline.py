@@ -10,7 +10,7 @@ from PIL import Image
 
 import minisd
 from conftest import TINY_CONFIG, TINY_UNET, randomize_, rel_err, write_official
-from medti.pipeline import sample
+from medti.pipeline import InitImage, SampleSettings, sample
 
 STEPS, CFG, LATENT = 12, 3.0, 16
 
@@ -40,8 +40,8 @@ def test_composable_prompt_equals_reference_loop(tiny):
                                 for w, c in zip(weights, conds, strict=True))
         latents = sched.step(eps, t, latents, generator=g).prev_sample
 
-    ours = sample(sd, conds, uncond, weights, [42], width=LATENT * 4, height=LATENT * 4, cfg=CFG, steps=STEPS,
-                  batch=2)   # batch 2: the 4 UNet rows go in two chunks
+    ours = sample(sd, conds, uncond, weights, [42], SampleSettings(width=LATENT * 4, height=LATENT * 4, cfg=CFG,
+                  steps=STEPS, batch=2))   # batch 2: the 4 UNet rows go in two chunks
     err = rel_err(ours, latents)
     assert err <= 1e-4, f"composition: relative error {err:.2e}"
 
@@ -78,9 +78,9 @@ def test_inpainting_and_img2img_equal_diffusers(tiny, tiny9, channels, strength,
                guidance_scale=CFG, height=pixels, width=pixels, output_type="latent",
                generator=[torch.Generator().manual_seed(s) for s in (30, 31)]).images
 
-    ours = sample(sd, cond, uncond, [1.0], [30, 31], width=pixels, height=pixels, cfg=CFG, steps=STEPS,
-                  init=image[None].float() / 127.5 - 1, mask=(mask > 127).float()[None, None] if masked else None,
-                  strength=strength)
+    init = InitImage(image[None].float() / 127.5 - 1, (mask > 127).float()[None, None] if masked else None, strength)
+    ours = sample(sd, cond, uncond, [1.0], [30, 31], SampleSettings(width=pixels, height=pixels, cfg=CFG,
+                  steps=STEPS), init)
     err = rel_err(ours, ref)
     assert err <= 1e-4, f"{channels}-channel, strength {strength}: relative error {err:.2e}"
 
@@ -120,7 +120,8 @@ def test_compiled_generation_equals_eager(tiny):
     cond, uncond = torch.randn(1, 77, 32, generator=gen), torch.randn(1, 77, 32, generator=gen)
 
     def run(model):
-        latents = sample(model, cond, uncond, [1.0], [7], width=8 * LATENT, height=8 * LATENT, cfg=CFG, steps=4)
+        latents = sample(model, cond, uncond, [1.0], [7], SampleSettings(width=8 * LATENT, height=8 * LATENT,
+                         cfg=CFG, steps=4))
         return latents, decode(model, latents)
     (lat, img), (lat_c, img_c) = run(sd), run(fast)
     assert type(fast.unet).__name__ == "OptimizedModule"   # the compiled path really ran
