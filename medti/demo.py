@@ -101,8 +101,10 @@ def demo_settings(cfg: TrainConfig, out: Path) -> TrainConfig:
 
 def next_command(cfg: TrainConfig, learned: Path) -> str:
     """The generate command to try next, with the demo's model and the embedding it learned."""
+    # 20 steps, as the demo's previews: on a random tiny model more steps show nothing more, and take minutes
     words = ["python", "-m", "medti.generate", "--model", cfg.model, "--config", cfg.config, "--embeddings",
-             str(learned), "--prompt", cfg.token, "--n", "4", "--grid", "--out", str(Path(cfg.out) / "generated")]
+             str(learned), "--prompt", cfg.token, "--n", "4", "--steps", str(cfg.preview_steps), "--grid",
+             "--out", str(Path(cfg.out) / "generated")]
     return shlex.join(words)
 
 
