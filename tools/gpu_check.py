@@ -16,6 +16,7 @@ layout by tools/convert_diffusers.py and loaded back by minisd.load), so both si
 Random weights give meaningless images; speed and memory do not depend on the values.
 """
 import argparse
+import gc
 import json
 import statistics
 import sys
@@ -265,6 +266,7 @@ def main(argv=None) -> int:
                    "dtype": str(dtype).replace("torch.", ""), "size": b.size, "steps": args.steps,
                    "torch": torch.__version__, "mode": "tiny models (checks the script only)" if args.tiny else
                    "full-size SD2, random weights", "ours": measure_ours(b, args, device, dtype)}
+        gc.collect()   # our models are unreachable now; free their GPU memory before diffusers' peak is taken
         if device.type == "cuda":
             torch.cuda.empty_cache()
         results["diffusers"] = measure_diffusers(b, args, device, dtype)
