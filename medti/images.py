@@ -1,26 +1,48 @@
 """Image files in and out: reading init images and masks of any size and mode, atomic PNG writing with
-parameters, contact sheets."""
+parameters, paste-back for inpainting, and contact sheets with labels."""
+import io
 import math
-import os
 from pathlib import Path
 
 import numpy as np
 import torch
-from PIL import Image, ImageFilter, PngImagePlugin
+from PIL import Image, ImageDraw, ImageFilter, ImageFont, PngImagePlugin
+
+from minisd.errors import UserError
+
+from .files import write_atomic
 
 WIDE_MODES = ("I;16", "I;16B", "I;16L", "I;16N", "I", "F")   # PIL modes of 16-bit, 32-bit int and float images
+# Modes PIL opens but cannot turn into the RGB a user means: its LAB -> RGB conversion is refused or wrong.
+REFUSED_MODES = {"LAB": "CIELAB colour, which PIL cannot convert to RGB correctly; export the image as RGB or gray",
+                 "CMYK": "print colours (CMYK), which PIL converts to RGB without a colour profile; export it as RGB"}
 
 
-class ImageError(ValueError):
+class ImageError(UserError):
     """An unreadable or unsuitable image, in one line that names the file."""
 
 
 def open_image(path) -> Image.Image:
+    """Open and decode one still image, or raise ImageError naming the file and what to do.
+
+    Refused rather than guessed: a stack of frames (a multi-page TIFF: which slice did the user mean?), a mode
+    in REFUSED_MODES, and an image over PIL's decompression-bomb limit (Image.MAX_IMAGE_PIXELS, 89 megapixels by
+    default: twice that raises, so a 40,000 x 40,000 PNG of a few kB cannot fill the memory)."""
     try:
         with Image.open(path) as image:
+            frames = getattr(image, "n_frames", 1)
+            if frames > 1:
+                raise ImageError(f"{path}: holds {frames} frames (a stack or animation); export the one slice you "
+                                 "mean as its own file")
+            if image.mode in REFUSED_MODES:
+                raise ImageError(f"{path}: mode {image.mode}: {REFUSED_MODES[image.mode]}")
             image.load()
             return image
-    except (OSError, ValueError) as e:   # PIL raises UnidentifiedImageError (an OSError) for non-images
+    except Image.DecompressionBombError as e:   # not an OSError: caught by name
+        raise ImageError(f"{path}: too many pixels to open safely ({e}); resize it first") from None
+    except (OSError, ValueError, SyntaxError, EOFError) as e:   # UnidentifiedImageError is an OSError
+        if isinstance(e, ImageError):
+            raise
         raise ImageError(f"{path}: not a readable image ({type(e).__name__})") from None
 
 
@@ -59,15 +81,42 @@ def load_image(path, width: int, height: int) -> torch.Tensor:
     return (array / 127.5 - 1).permute(2, 0, 1)[None]
 
 
-def load_mask(path, width: int, height: int, blur: float = 0) -> torch.Tensor:
-    """A mask as [1, 1, height, width] in {0, 1}: white (>= 128 after resizing and blurring) = repaint.
-    The threshold is diffusers' (>= 0.5 after scaling to [0, 1])."""
+def mask_channel(image: Image.Image) -> Image.Image:
+    """The one channel that holds the mask. Painting programs store a mask drawn on a transparent layer in its
+    alpha channel, so an image with an alpha channel that is not opaque everywhere is read by its alpha
+    (opaque = repaint, transparent = keep): its colours are arbitrary under transparent pixels. An opaque image
+    (or one without alpha) is read by its gray values (white = repaint)."""
+    if image.mode == "P" and "transparency" in image.info:
+        image = image.convert("RGBA")
+    if "A" in image.getbands():
+        alpha = image.getchannel("A")
+        if alpha.getextrema() != (255, 255):
+            return alpha
+    return to_8bit(image).convert("L")
+
+
+def soft_mask(path, width: int, height: int, blur: float = 0) -> torch.Tensor:
+    """A mask as [1, 1, height, width] in [0, 1], resized to the output and blurred (radius `blur` pixels)."""
     image = open_image(path)
     check_aspect(path, image, width, height, "the mask")
-    image = to_8bit(image).convert("L").resize((width, height), Image.LANCZOS)
+    image = mask_channel(image).resize((width, height), Image.LANCZOS)
     if blur > 0:
         image = image.filter(ImageFilter.GaussianBlur(blur))
-    return torch.from_numpy((np.asarray(image) >= 128).astype(np.float32))[None, None]
+    return torch.from_numpy(np.asarray(image, dtype=np.float32) / 255)[None, None]
+
+
+def load_mask(path, width: int, height: int, blur: float = 0) -> torch.Tensor:
+    """The mask the sampler uses: [1, 1, height, width] in {0, 1}, 1 (>= 128 of 255 after resizing and blurring)
+    = repaint. The threshold is diffusers' (>= 0.5 after scaling to [0, 1])."""
+    return (soft_mask(path, width, height, blur) >= 0.5).float()
+
+
+def paste_back(images: torch.Tensor, init: torch.Tensor, soft: torch.Tensor) -> torch.Tensor:
+    """`--paste-back` (A1111's inpainting overlay): outside the blurred mask the output is the init image's
+    pixels, inside it the decoded ones, blended by the soft mask in between. Why: the VAE round trip alters
+    pixels a user asked to keep. images, init [B or 1, 3, H, W] in [-1, 1]; soft [1, 1, H, W] in [0, 1]."""
+    soft = soft.to(images)
+    return init.to(images) * (1 - soft) + images * soft
 
 
 def to_pil(image: torch.Tensor) -> Image.Image:
@@ -77,19 +126,35 @@ def to_pil(image: torch.Tensor) -> Image.Image:
 
 
 def save_png(path: Path, image: Image.Image, parameters: str = ""):
-    """Atomic write (temp file, then rename): a half-written PNG never appears under the final name.
-    `parameters` goes into a text chunk of that name, as A1111 stores generation settings."""
+    """Encode in memory, then medti.files.write_atomic: a half-written PNG never appears under the final name,
+    and a full disk leaves no temporary file. `parameters` goes into a text chunk of that name, as A1111 stores
+    generation settings."""
     info = PngImagePlugin.PngInfo()
     if parameters:
         info.add_text("parameters", parameters)
-    tmp = path.with_name(f".{path.name}.tmp")
-    image.save(tmp, format="PNG", pnginfo=info)
-    os.replace(tmp, path)
+    buffer = io.BytesIO()
+    image.save(buffer, format="PNG", pnginfo=info)
+    write_atomic(path, buffer.getvalue())
 
 
-def contact_sheet(items: list, columns: int = 0) -> Image.Image:
-    """Images (PIL images or file paths) in a grid, row by row; columns 0 = a near-square sheet."""
+def label(image: Image.Image, text: str) -> Image.Image:
+    """A copy of image with `text` in its top-left corner, white on a black box. Drawn over the image, not in a
+    margin, so a sheet keeps the size of its images laid side by side."""
+    image = image.convert("RGB")
+    draw = ImageDraw.Draw(image)
+    font = ImageFont.load_default(size=max(8, image.height // 16))   # readable at 64 px and at 768 px
+    left, top, right, bottom = draw.textbbox((2, 1), text, font=font)
+    draw.rectangle((0, 0, right + 2, bottom + 2), fill=(0, 0, 0))
+    draw.text((2, 1), text, fill=(255, 255, 255), font=font)
+    return image
+
+
+def contact_sheet(items: list, columns: int = 0, labels: list | None = None) -> Image.Image:
+    """Images (PIL images or file paths) in a grid, row by row; columns 0 = a near-square sheet. labels: one
+    text per image (None: unlabelled), drawn in each image's corner."""
     images = [(item if isinstance(item, Image.Image) else open_image(item)).convert("RGB") for item in items]
+    if labels is not None:
+        images = [label(image, text) for image, text in zip(images, labels, strict=True)]
     columns = columns or math.ceil(math.sqrt(len(images)))
     rows = math.ceil(len(images) / columns)
     w, h = images[0].size

@@ -12,6 +12,9 @@ import math
 import re
 from collections.abc import Callable
 
+from minisd.errors import UserError
+from minisd.tokenizer import MAX_PROMPT_TOKENS
+
 # A1111's separator: the whole, case-sensitive word AND. `\b` needs a non-word character (or an end) on both
 # sides, so `ANDa`, `aAND`, `a_AND_b` and `a and b` are one term, while `a,AND,b` and `a AND\nb` are two.
 AND = re.compile(r"\bAND\b")
@@ -27,7 +30,7 @@ WEIGHT_LIKE = re.compile(r"\s*:\s*([-+.\d][^\s:()\[\]]*)\s*\Z")
 NUMBER = re.compile(r"([-+]?(?:\d+\.?|\d*\.\d+))(%?)")
 
 
-class PromptError(ValueError):
+class PromptError(UserError):
     """A prompt we refuse to guess about. The message is one line that names the term and says how to fix it."""
 
 
@@ -80,11 +83,13 @@ def parse(prompt: str) -> list[tuple[str, float]]:
     return parsed
 
 
-def check_length(terms: list[tuple[str, float]], count_tokens: Callable[[str], int], limit: int = 75) -> None:
+def check_length(terms: list[tuple[str, float]], count_tokens: Callable[[str], int],
+                 limit: int = MAX_PROMPT_TOKENS) -> None:
     """Raise PromptError for the first term longer than `limit` tokens.
 
     `count_tokens(text)` counts a term's tokens after each placeholder is expanded to its embedding's vectors,
-    without the start/end tokens. SD2's text encoder sees 77 positions, 2 of them start and end, so 75 remain:
+    without the start/end tokens. SD2's text encoder sees 77 positions, 2 of them start and end, so 75
+    (MAX_PROMPT_TOKENS) remain:
     a 64-vector embedding leaves 11 for the rest of the term. We raise instead of truncating silently.
     """
     for text, _ in terms:

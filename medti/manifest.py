@@ -1,0 +1,146 @@
+"""The record of a generation run in its output folder: one JSON line per image, written so that a crash or a
+full disk never makes the run unresumable.
+
+Each rank appends to its own DIR/manifest.part<r>.jsonl as images are made; when every planned image is done,
+the parts are merged into DIR/manifest.jsonl (written atomically) and removed. A record counts only while its
+PNG is on disk, so an image whose record is lost is simply made again by --resume.
+"""
+import json
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+from minisd.errors import UserError
+from minisd.sampling import SAMPLERS
+
+from .files import write_atomic
+from .hashes import sha256_of
+
+# A1111's "Schedule type" for our spacings where it has the same one: Karras, and "Uniform" = k-diffusion's
+# DiscreteSchedule (our "kdiffusion"). diffusers' linspace/leading/trailing have no A1111 name.
+A1111_SCHEDULES = {"karras": "Karras", "kdiffusion": "Uniform"}
+MERGED = "manifest.jsonl"
+
+
+class ManifestError(UserError):
+    """A manifest damaged in a way a crash cannot explain (not just a torn last line)."""
+
+
+@dataclass
+class Job:
+    """One image to make: its index (file name), seed, prompt text and term weights."""
+    index: int
+    seed: int
+    prompt: str
+    weights: list
+
+    @property
+    def file(self) -> str:
+        return f"{self.index:05d}.png"
+
+
+def batches(jobs: list, per_call: int) -> list:
+    """Consecutive jobs with the same term weights, at most per_call per UNet batch."""
+    groups = []
+    for job in jobs:
+        if groups and len(groups[-1]) < per_call and groups[-1][0].weights == job.weights:
+            groups[-1].append(job)
+        else:
+            groups.append([job])
+    return groups
+
+
+def record(args, job: Job, width: int, height: int, model_hash: str, loaded: dict) -> dict:
+    """One manifest line. Deterministic (no times), so a resumed run can check it continues the same run."""
+    return {"file": job.file, "prompt": job.prompt, "negative": args.negative, "seed": job.seed,
+            "steps": args.steps, "cfg": args.cfg, "sampler": args.sampler, "sigmas": args.sigmas,
+            "width": width, "height": height, "model": str(args.model), "model_sha256": model_hash,
+            "embeddings": {token: sha256_of(e.source) if e.source else "" for token, e in sorted(loaded.items())},
+            "init_image": args.init_image, "mask": args.mask, "mask_blur": args.mask_blur, "strength": args.strength,
+            "paste_back": args.paste_back}
+
+
+def parameters_text(rec: dict) -> str:
+    """A1111's `parameters` layout: prompt, "Negative prompt: ...", then "key: value" pairs."""
+    schedule = A1111_SCHEDULES.get(rec["sigmas"])
+    pairs = [f"Steps: {rec['steps']}", f"Sampler: {SAMPLERS[rec['sampler']].a1111}",
+             *([f"Schedule type: {schedule}"] if schedule else []), f"Sigmas: {rec['sigmas']}",
+             f"CFG scale: {rec['cfg']}", f"Seed: {rec['seed']}", f"Size: {rec['width']}x{rec['height']}",
+             f"Model hash: {rec['model_sha256'][:10]}", f"Model: {Path(rec['model']).name}"]
+    if rec["embeddings"]:
+        pairs.append("Embeddings: " + ", ".join(rec["embeddings"]))
+    if rec["init_image"]:
+        pairs.append(f"Denoising strength: {rec['strength']}")
+    if rec["paste_back"]:
+        pairs.append("Paste back: True")   # ours: A1111 always pastes back, so it has no such key
+    return f"{rec['prompt']}\nNegative prompt: {rec['negative']}\n" + ", ".join(pairs)
+
+
+def complete_lines(path: Path) -> list:
+    """The records of one manifest file. A last line without its newline is what a crash or a full disk leaves
+    mid-append: it is dropped (its image is made again). Any other bad line is damage we will not guess about."""
+    text = path.read_text()
+    lines = text.split("\n")[:-1]   # a torn tail (no final "\n") is the last piece: left out
+    records = []
+    for number, line in enumerate(lines, start=1):
+        try:
+            rec = json.loads(line) if line.strip() else None
+        except json.JSONDecodeError:
+            rec = {}
+        if rec is not None and not (isinstance(rec, dict) and isinstance(rec.get("file"), str)):
+            raise ManifestError(f"{path}: line {number} is not a manifest record; move the file away and rerun "
+                                "with --resume (images without a record are made again)")
+        records += [rec] if rec else []
+    return records
+
+
+def read_records(out: Path) -> dict:
+    """file -> record, from the merged manifest and any per-rank parts (of this run or of one that died), for the
+    images that are on disk."""
+    records = {}
+    for path in [out / MERGED, *sorted(out.glob("manifest.part*.jsonl"))]:
+        if path.is_file():
+            records.update((rec["file"], rec) for rec in complete_lines(path) if (out / rec["file"]).is_file())
+    return records
+
+
+def repair(part: Path):
+    """Cut a torn last line off a part before appending to it, so the next record starts on a line of its own."""
+    if part.is_file():
+        data = part.read_bytes()
+        if data and not data.endswith(b"\n"):
+            os.truncate(part, data.rfind(b"\n") + 1)
+
+
+def _write_all(fd: int, data: bytes):
+    """os.write until every byte is written (a write may take fewer bytes than offered)."""
+    view = memoryview(data)
+    while view:
+        view = view[os.write(fd, view):]
+
+
+def append(part: Path, rec: dict):
+    """Append one record and flush it to disk. If the write fails (ENOSPC: disk full), the file is cut back to
+    where it was, so no half line stays behind; the OSError goes on to the caller, naming the file."""
+    fd = os.open(part, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
+    start = os.fstat(fd).st_size
+    try:
+        _write_all(fd, (json.dumps(rec) + "\n").encode())
+        os.fsync(fd)
+    except OSError as e:
+        os.ftruncate(fd, start)   # frees what was written: works on a full disk
+        raise OSError(e.errno, e.strerror, str(part)) from None
+    finally:
+        os.close(fd)
+
+
+def merge(out: Path, planned: list) -> bool:
+    """If every planned file is done, write manifest.jsonl (sorted, atomically) with every record whose image is
+    on disk -- also those a resumed run with a smaller --n did not plan -- and drop the parts."""
+    records = read_records(out)
+    if not set(planned) <= set(records):
+        return False
+    write_atomic(out / MERGED, "".join(json.dumps(records[f]) + "\n" for f in sorted(records)).encode())
+    for part in out.glob("manifest.part*.jsonl"):
+        part.unlink(missing_ok=True)
+    return True

@@ -1,0 +1,112 @@
+"""Issue 11's generation defects that are caught before any sampling: every one is refused in one line that
+names the flag (or variable, or file) in CLI words, with no traceback and no file or empty folder left behind."""
+import subprocess
+import sys
+
+import pytest
+from PIL import Image
+from test_generate import generate, model_files  # noqa: F401 (the fixture is used by name)
+
+from medti.files import claim_folder
+from medti.generate import main
+
+
+def one_line_error(capsys) -> str:
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("error: ") and "\n" not in err and "Traceback" not in err, err
+    return err
+
+
+@pytest.mark.parametrize("extra,env,words", [
+    (["--seed", str(2 ** 70)], {}, "torch takes seeds in [0, 2**64)"),
+    (["--seed", str(2 ** 64 - 2), "--n", "3"], {}, "must be at most 18446744073709551613"),   # seed + 2 overflows
+    (["--seed", "-1"], {}, "--seed -1: torch takes seeds"),
+    (["--device", "banana"], {}, "--device 'banana': not a device"),
+    (["--device", "cuda"], {}, "--device cuda: no CUDA GPU"),   # this machine has no GPU (a CPU build of torch)
+    ([], {"WORLD_SIZE": "0"}, "WORLD_SIZE='0': must be a whole number >= 1"),
+    ([], {"RANK": "abc", "WORLD_SIZE": "2"}, "RANK='abc': must be a whole number"),
+    ([], {"RANK": "3", "WORLD_SIZE": "2"}, "RANK must be below WORLD_SIZE (0 to 1)"),
+    (["--cfg", "nan", "--save-latents"], {}, "--cfg nan: must be a finite number"),
+    (["--cfg", "1e39"], {}, "--cfg 1e+39: must be a finite number"),
+    (["--prompt", "a :1000000000000000000000000000000000000000"], {}, "weight 1e+39: must be a finite number"),
+    (["--sweep", "a", "b", "--weights", "nan,inf"], {}, "--weights: weight nan"),
+    (["--mask-blur", "nan"], {}, "--mask-blur nan: must be finite"),
+    (["--paste-back"], {}, "--paste-back needs --init-image and --mask"),
+])
+def test_refused_up_front_in_one_line(model_files, tmp_path, capsys, monkeypatch, extra, env, words):  # noqa: F811
+    for name, value in env.items():
+        monkeypatch.setenv(name, value)
+    prompt = [] if "--prompt" in extra or "--sweep" in extra else ["--prompt", "x"]
+    assert generate(model_files, tmp_path / "o", *prompt, *extra) == 2
+    assert words in one_line_error(capsys)
+    assert not (tmp_path / "o").exists()   # checked before the folder is made
+
+
+@pytest.mark.parametrize("out,words", [
+    ("{tmp}/file.txt", "exists and is not a folder"),
+    ("/proc/medti-out", "cannot write there"),           # procfs: no folder can be made there
+    ("/sys/medti-out", "cannot write there"),            # sysfs: refuses writes even to root, like a read-only fs
+])
+def test_unusable_out_is_one_line(model_files, tmp_path, capsys, out, words):  # noqa: F811
+    (tmp_path / "file.txt").write_text("")
+    assert generate(model_files, out.replace("{tmp}", str(tmp_path)), "--prompt", "x") == 2
+    assert words in one_line_error(capsys)
+
+
+def test_failed_run_leaves_no_empty_folder(model_files, tmp_path, capsys):  # noqa: F811
+    """The folder is claimed before the model loads; an error found after that (an unknown token) removes it."""
+    assert generate(model_files, tmp_path / "new" / "o", "--prompt", "<nope> x") == 2
+    assert "matches no loaded embedding" in one_line_error(capsys)
+    assert not (tmp_path / "new" / "o").exists()
+
+
+def test_second_run_on_one_out_is_refused(model_files, tmp_path, capsys):  # noqa: F811
+    """Another run holds --out (here this process, through its own open file: flock locks are per open file, so
+    the kernel refuses the second claim exactly as it would for another process)."""
+    with claim_folder(tmp_path / "o"):
+        assert generate(model_files, tmp_path / "o", "--prompt", "x") == 2
+    assert "another run is writing there now" in one_line_error(capsys)
+    assert not list((tmp_path / "o").glob("*.png"))
+
+
+@pytest.mark.parametrize("extra,words", [
+    (["--size", "100000"], "needs about"),
+    (["--init-image", "{tmp}/bomb.png"], "bomb.png: too many pixels to open safely"),
+    (["--init-image", "{tmp}/square.png", "--mask", "{tmp}/bomb.png"], "bomb.png: too many pixels"),
+    (["--init-image", "{tmp}/stack.tif"], "stack.tif: holds 3 frames"),
+    (["--init-image", "{tmp}/lab.tif"], "lab.tif: mode LAB"),
+    (["--init-image", "{tmp}/square.png", "--mask", "{tmp}/square.png", "--mask-blur", "1e9"],
+     "--mask-blur 1e+09: at most 64 pixels"),
+])
+def test_refused_after_loading_in_one_line(model_files, tmp_path, capsys, extra, words):  # noqa: F811
+    Image.new("L", (64, 64)).save(tmp_path / "square.png")
+    # a decompression bomb: 20,000 x 20,000 = 400 Mpx, over twice PIL's 89 Mpx limit; a 1-bit PNG of ~50 kB
+    Image.new("1", (20000, 20000)).save(tmp_path / "bomb.png")
+    Image.new("L", (64, 64)).save(tmp_path / "stack.tif", save_all=True, append_images=[Image.new("L", (64, 64))] * 2)
+    Image.new("LAB", (64, 64)).save(tmp_path / "lab.tif")
+    extra = [e.replace("{tmp}", str(tmp_path)) for e in extra]
+    assert generate(model_files, tmp_path / "o", "--prompt", "x", *extra) == 2
+    err = one_line_error(capsys)
+    assert words in err
+    if "--size" in extra:   # both numbers: what the run needs and what the machine has
+        assert "available" in err and err.count(" TB") + err.count(" GB") == 2, err
+    assert not (tmp_path / "o").exists()
+
+
+def test_help_shows_defaults_and_an_example(capsys):
+    with pytest.raises(SystemExit):
+        main(["--help"])
+    text = " ".join(capsys.readouterr().out.split())
+    for default in ("(default: 100)", "(default: 2.0)", "(default: euler_a)", "(default: sd2-base)",
+                    "(default: 0,0.25,0.5,0.75,1)", "(default: False)"):
+        assert default in text, default
+    assert "example: python -m medti.generate" in text and "None" not in text
+
+
+def test_cli_process_prints_no_traceback_for_a_bad_environment(model_files, tmp_path):  # noqa: F811
+    model, config = model_files
+    result = subprocess.run([sys.executable, "-m", "medti.generate", "--model", str(model), "--config", str(config),
+                             "--prompt", "x", "--out", str(tmp_path / "o")], capture_output=True, text=True,
+                            env={"PATH": "/usr/bin:/bin", "RANK": "abc", "WORLD_SIZE": "2"}, timeout=120)
+    assert result.returncode == 2 and result.stderr.strip().count("\n") == 0, result.stderr
+    assert "RANK='abc'" in result.stderr
