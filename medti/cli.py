@@ -6,6 +6,7 @@ permission denied) into one line, because that is the user's to fix too, and Ctr
 traceback.
 """
 import argparse
+import os
 import sys
 from collections.abc import Callable
 
@@ -30,6 +31,9 @@ def run_main(parser: argparse.ArgumentParser, run: Callable, argv=None) -> int:
     except UserError as e:
         print(f"error: {one_line(e)}", file=sys.stderr)
         return 2
+    except BrokenPipeError:   # `... | head` closed our stdout: not an error, and nothing more can be printed there
+        sys.stdout = open(os.devnull, "w")
+        return 0
     except OSError as e:   # ENOSPC, EACCES, EROFS ... raised while writing outputs
         where = f"{e.filename}: " if e.filename else ""
         print(f"error: {where}{e.strerror or one_line(e)}", file=sys.stderr)

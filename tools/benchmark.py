@@ -34,13 +34,14 @@ from transformers import CLIPTextConfig, CLIPTextModel
 import minisd
 from medti import embeddings as emb
 from medti.inversion import denoising_loss, enable_checkpointing, initial_vectors
-from medti.pipeline import compile_for_inference, decode, sample
+from medti.pipeline import SampleSettings, compile_for_inference, decode, sample
 from minisd.load import PREFIXES
 from minisd.packing import pack_convs
-from minisd.sampling import Denoiser, GuidedDenoiser
+from minisd.sampling import GuidedDenoiser, denoiser
 
 TOOLS = Path(__file__).resolve().parent
 sys.path[:0] = [str(TOOLS), str(TOOLS.parent / "tests")]
+from bench_dataset import section8 as dataset_time  # noqa: E402
 from conftest import randomize_  # noqa: E402 (tests/ and tools/ are not packages)
 from convert_diffusers import convert_text, convert_unet, convert_vae  # noqa: E402
 
@@ -161,7 +162,8 @@ def unet_inputs(b, rows=2, size=None, dtype=torch.float32):
     return x.to(dtype), torch.full((rows,), 500.0), context.to(dtype)
 
 def txt2img_ours(sd, b):
-    return decode(sd, sample(sd, b.cond, b.uncond, [1.0], [0], width=b.size, height=b.size, cfg=2.0, steps=STEPS))
+    settings = SampleSettings(width=b.size, height=b.size, cfg=2.0, steps=STEPS)
+    return decode(sd, sample(sd, b.cond, b.uncond, [1.0], [0], settings))
 
 def ti_step_ours(sd, size):
     """One step of medti/train.py's loop: latents cached once, 64 fp32 vectors in AdamW (checkpointing: caller)."""
@@ -435,10 +437,10 @@ def section6(b):
     rows, first = [], None
     for size, images, terms in ((b.size, 1, 1), (b.big, 1, 1), (b.size, 4, 1), (b.size, 1, 3)):
         x = unet_inputs(b, images, size)[0]
-        model = GuidedDenoiser(Denoiser(packed(b).unet, b.sd.prediction), b.cond.repeat(terms, 1, 1), b.uncond,
+        model = GuidedDenoiser(denoiser(packed(b).unet, b.sd.prediction), b.cond.repeat(terms, 1, 1), b.uncond,
                                [1.0] * terms, cfg=2.0)
         with torch.no_grad():
-            s = medians({"": lambda model=model, x=x: model(x, 14.6, 999.0)}, b.runs)[""]
+            s = medians({"": lambda model=model, x=x: model(x, 14.6)}, b.runs)[""]
         first = first or s
         gen = estimate(estimate_generation, resolution=size, config=b.ours) if images == terms == 1 else "-"
         train = estimate(estimate_training, resolution=size, batch=images, config=b.ours) if terms == 1 else "-"
@@ -493,7 +495,7 @@ def section7(b):
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--quick", action="store_true", help="tiny models, 1 run each: checks the script, no meaning")
-    p.add_argument("--only", default="1,2,3,4,5,6,7", help="comma-separated section numbers")
+    p.add_argument("--only", default="1,2,3,4,5,6,7,8", help="comma-separated section numbers")
     p.add_argument("--runs", type=int, default=0, help="timed runs per side (median); default 3, 1 with --quick")
     args = p.parse_args(argv)
     args.runs = args.runs or (1 if args.quick else 3)
@@ -507,8 +509,9 @@ def main(argv=None):
         b.bf16 = speedup > 1
         print(f"# bf16 512² matmul {speedup:.3g}x the speed of fp32 on this CPU: bf16 variants "
               f"{'measured' if b.bf16 else 'skipped (emulated; a full-size bf16 UNet forward would take hours)'}")
-        functions = {1: section1, 2: section2, 3: section3, 4: section4, 5: section5, 6: section6, 7: section7}
-        for n in sections:
+        functions = {1: section1, 2: section2, 3: section3, 4: section4, 5: section5, 6: section6, 7: section7,
+                     8: lambda b: dataset_time(b, packed(b), table)}
+        for n in sorted(sections, key=lambda n: n == 4):   # 4 frees diffusers' models: run it after the others
             if n == 4:   # diffusers is done with: free its models before copies of ours are made
                 b.refs = None
                 gc.collect()

@@ -23,7 +23,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 import minisd
 from medti import embeddings as emb
 from medti.inversion import denoising_loss, enable_checkpointing
-from medti.pipeline import decode, sample
+from medti.pipeline import SampleSettings, decode, sample
 
 GiB, GB = 2 ** 30, 10 ** 9
 CONTEXT = 0.3 * GB, 0.5 * GB   # CUDA context: outside every tensor, its size depends on driver and GPU
@@ -199,8 +199,8 @@ def estimate_generation(resolution=512, cfg=True, dtype=torch.float16, config="s
         materialise(sd.unet, dtype), materialise(sd.text_encoder, dtype), materialise(sd.vae, dtype)
         weights = mem.peak = mem.now
         cond, uncond = emb.encode(sd, ["chest x-ray"]), emb.encode(sd, [""])
-        latents = sample(sd, cond, uncond, [1.0], [0], width=resolution, height=resolution,
-                         cfg=2.0 if cfg else 1.0, steps=1)
+        latents = sample(sd, cond, uncond, [1.0], [0], SampleSettings(width=resolution, height=resolution,
+                         cfg=2.0 if cfg else 1.0, steps=1))
         sampler_peak, mem.peak = mem.peak, mem.now
         decode(sd, latents)
     return {"weights": weights, "sampler_step": sampler_peak - weights, "vae_decode": mem.peak - weights,

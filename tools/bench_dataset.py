@@ -1,0 +1,79 @@
+"""Section 8 of tools/benchmark.py: how long the reference study's synthetic set (2,000 images, 512²) takes to
+generate, ours and diffusers', at the study's settings (Euler a, 100 steps, CFG 2) and with DPM++ 2M Karras at 25
+steps (A1111's usual choice), on this machine.
+
+A full 100-step image takes tens of minutes on a 2-core CPU, so each side is timed at two short step counts
+(k1 < k2) and the cost of n steps is extrapolated from the straight line t(k) = fixed + k * per_step: fixed is the
+VAE decode (the prompt is encoded once per set; excluded), per_step one guided UNet call. The line is exact up to
+timing noise, because every step does the same work; the fitted per-step times of both samplers are printed so
+the reader can check that the sampler's own arithmetic is negligible next to the UNet.
+"""
+import statistics
+import time
+
+import diffusers
+import torch
+
+from medti.pipeline import SampleSettings, decode, sample
+
+STUDY_IMAGES = 2000
+CONFIGS = (("Euler a, 100 steps (the study)", "euler_a", "linspace", 100),
+           ("DPM++ 2M Karras, 25 steps", "dpmpp_2m", "karras", 25))
+SHORT = (2, 4)   # the two step counts timed
+
+
+def reference_scheduler(sampler: str):
+    """diffusers' scheduler for each (tests/conftest.py has the full table; SD2's betas, steps_offset 1)."""
+    common = dict(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear", steps_offset=1)
+    if sampler == "euler_a":
+        return diffusers.EulerAncestralDiscreteScheduler(**common)
+    return diffusers.DPMSolverMultistepScheduler(**common, algorithm_type="dpmsolver++", solver_order=2,
+                                                 final_sigmas_type="zero", use_karras_sigmas=True)
+
+
+def timed(fn, runs: int) -> float:
+    times = []
+    for _ in range(runs):
+        start = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - start)
+    return statistics.median(times)
+
+
+@torch.no_grad()
+def fit(b, sd, sampler: str, spacing: str) -> dict:
+    """Seconds per image for both sides at each short step count -> {side: (fixed, per_step)}."""
+    pipe = diffusers.StableDiffusionPipeline(vae=b.refs["vae"], text_encoder=None, tokenizer=None,
+                                             unet=b.refs["unet"], scheduler=reference_scheduler(sampler),
+                                             safety_checker=None, feature_extractor=None,
+                                             requires_safety_checker=False)
+    pipe.set_progress_bar_config(disable=True)
+    found = {"ours": [], "theirs": []}
+    for k in SHORT:
+        settings = SampleSettings(width=b.size, height=b.size, steps=k, cfg=2.0, sampler=sampler, sigmas=spacing)
+        found["ours"].append(timed(lambda s=settings: decode(sd, sample(sd, b.cond, b.uncond, [1.0], [0], s)),
+                                   b.runs))
+        found["theirs"].append(timed(lambda k=k: pipe(
+            prompt_embeds=b.cond, negative_prompt_embeds=b.uncond, guidance_scale=2.0, width=b.size, height=b.size,
+            num_inference_steps=k, generator=torch.Generator().manual_seed(0), output_type="pt"), b.runs))
+    fits = {}
+    for side, (t1, t2) in found.items():
+        per_step = (t2 - t1) / (SHORT[1] - SHORT[0])
+        fits[side] = (t1 - SHORT[0] * per_step, per_step)
+    return fits
+
+
+def section8(b, sd, table):
+    """sd: ours as generation runs it on the CPU (packed convs); table: benchmark.py's table printer."""
+    rows = []
+    for label, sampler, spacing, steps in CONFIGS:
+        fits = fit(b, sd, sampler, spacing)
+        hours = {side: STUDY_IMAGES * (fixed + steps * per) / 3600 for side, (fixed, per) in fits.items()}
+        rows.append([f"{label}: {STUDY_IMAGES} images", f"{hours['ours']:.1f} h", f"{hours['theirs']:.1f} h",
+                     f"{hours['ours'] / hours['theirs']:.2f}×",
+                     f"per step {fits['ours'][1]:.2f} / {fits['theirs'][1]:.2f} s, fixed {fits['ours'][0]:.1f} / "
+                     f"{fits['theirs'][0]:.1f} s"])
+    ours_speedup = float(rows[0][1][:-2]) / float(rows[1][1][:-2])
+    table(f"8. the study's {STUDY_IMAGES}-image set at {b.size}², CFG 2, fp32, batch 1, extrapolated from "
+          f"{SHORT[0]} and {SHORT[1]} timed steps (DPM++ 2M Karras 25 steps is {ours_speedup:.1f}× faster than "
+          f"Euler a 100 for ours)", rows, ("", "ours", "diffusers", "ratio", "fitted (ours / diffusers)"))
