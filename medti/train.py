@@ -24,8 +24,9 @@ def build_parser() -> argparse.ArgumentParser:
         name, help_text = "--" + f.name.replace("_", "-"), f.metadata["help"]
         if isinstance(f.default, bool):
             p.add_argument(name, action="store_true", help=help_text)
-        else:   # every default shown: an empty one means "see the text" (derived at run time)
-            p.add_argument(name, type=type(f.default), default=f.default, help=f"{help_text} (default: %(default)r)")
+        else:   # every default shown, except an empty one: its help says what is derived at run time instead
+            shown = f" (default: {f.default})" if f.default != "" else ""
+            p.add_argument(name, type=type(f.default), default=f.default, help=help_text + shown.replace("%", "%%"))
     p.add_argument("--demo", action="store_true", help="run the offline demo on a tiny random model (medti/demo.py); "
                                                        "its outputs go to --out, default demo-run")
     return p

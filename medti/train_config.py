@@ -60,6 +60,7 @@ class TrainConfig:
 
 
 class Plan(NamedTuple):
+    """What check() resolved from the settings; the trainer follows it."""
     schedule: list          # [(rate, until step or None), ...] from --lr
     device: torch.device
     dtype: torch.dtype
