@@ -168,11 +168,6 @@ def output_folder(args, rank: int, world: int):
     yield out
 
 
-def check_unused(args, out: Path):
-    if not args.resume and (list(out.glob("manifest*.jsonl")) or list(out.glob("[0-9]*.png"))):
-        raise UsageError(f"--out {out} already holds a run; pass --resume to continue it or choose another folder")
-
-
 def conditioning(sd, texts: list, negative: str):
     """Encode the term texts and the negative prompt once: ([K, 77, width], [1, 77, width])."""
     for text in texts + [negative]:
@@ -289,7 +284,8 @@ def run(args):
     device = resolve_device(name)
     dtype = resolve_dtype(args.dtype, device)
     with output_folder(args, rank, world) as out:
-        check_unused(args, out)
+        if not args.resume and (list(out.glob("manifest*.jsonl")) or list(out.glob("[0-9]*.png"))):
+            raise UsageError(f"--out {out} already holds a run; pass --resume to continue it or choose another folder")
         generate(args, out, texts, jobs, rank, world, device, dtype)
 
 

@@ -110,3 +110,22 @@ def test_cli_process_prints_no_traceback_for_a_bad_environment(model_files, tmp_
                             env={"PATH": "/usr/bin:/bin", "RANK": "abc", "WORLD_SIZE": "2"}, timeout=120)
     assert result.returncode == 2 and result.stderr.strip().count("\n") == 0, result.stderr
     assert "RANK='abc'" in result.stderr
+
+
+def test_memory_estimate_follows_the_fake_tensor_count():
+    """preflight.estimate_bytes (a formula, instant) against tools/memory_estimate.py (the real pipeline on fake
+    tensors) for full-size SD2-base at 256², fp16, CFG, unpacked. The formula's constants are that tool's 512²
+    counts rounded up, so it must be at least the fake count and at most 30 % above it (the rounding up of the
+    constants is 6-8 %; the rest is margin for the count changing with the pixel count, which it does not)."""
+    sys.path.insert(0, "tools")
+    import torch
+    from memory_estimate import estimate_generation
+
+    import minisd
+    from medti.preflight import estimate_bytes
+    counted = estimate_generation(256, dtype=torch.float16)
+    sd = minisd.build(minisd.load_config("sd2-base"), device="meta")   # shapes only
+    sd.unet.half(), sd.vae.half()
+    ours = estimate_bytes(sd, 256, 256, rows=2, images=1, packed=False)
+    fake = max(counted["sampler_step"], counted["vae_decode"])
+    assert fake <= ours <= 1.3 * fake, (ours, counted)
