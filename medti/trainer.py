@@ -98,10 +98,8 @@ def load_data(cfg: TrainConfig):
 def attach_token(sd, cfg: TrainConfig, prompts: list) -> torch.Tensor:
     """Register the token with the tokenizer and return its start vectors; every prompt must still fit."""
     start = initial_vectors(sd, cfg.init, cfg.vectors, cfg.seed)
-    try:
-        emb.attach(sd, {cfg.token: emb.Embedding(cfg.token, start, {}, source=arg("token"))})
-    except emb.EmbeddingError as e:
-        raise TrainError(str(e)) from None
+    # a clash with a loaded word raises EmbeddingError, a UserError: it reaches the user as one line
+    emb.attach(sd, {cfg.token: emb.Embedding(cfg.token, start, {}, source=arg("token"))})
     longest = max(len(sd.tokenizer.encode(p)) for p in prompts)
     if longest > MAX_PROMPT_TOKENS:
         raise TrainError(f"a training prompt holds {longest} tokens with {arg('vectors')} {cfg.vectors}; at most "
