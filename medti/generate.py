@@ -59,7 +59,7 @@ class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter, argparse.RawDescript
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="python -m medti.generate", description=__doc__.split("\n\n")[0],
                                 epilog=EXAMPLE, formatter_class=HelpFormatter)
-    add = p.add_argument
+    add = p.add_argument   # every option has help text, so HelpFormatter can show its default
     add("--model", default="sd2-base", help="preset name or .safetensors file")
     add("--config", help="preset name or JSON config (needed for a file outside the presets)")
     add("--embeddings", action="append", default=[], help="embedding files or folders (repeatable)")
@@ -154,8 +154,8 @@ def plan(args) -> tuple[list, list]:
 @contextlib.contextmanager
 def output_folder(args, rank: int, world: int):
     """--out, held for this run (medti.files.claim_folder: a second run on it is refused; a failed run leaves no
-    empty folder). Under torchrun rank 0 holds the lock for the whole launch: the ranks of one launch write
-    disjoint files, so only a second launch must be kept out."""
+    empty folder). Under torchrun rank 0 holds the lock while it runs: the ranks of one launch write disjoint
+    files, so only a second launch must be kept out (claim_folder's lock is exclusive: one holder per folder)."""
     if rank == 0:
         with claim_folder(args.out) as out:
             yield out
@@ -240,29 +240,29 @@ def write_grid(args, out: Path, jobs: list):
 def generate(args, out: Path, texts: list, jobs: list, rank: int, world: int, device, dtype):
     sd, loaded, packed = load_model(args, device, dtype)
     width, height = image_size(args, sd)
-    per_call = max(1, args.batch // (len(texts) + 1)) if args.batch else 1
-    check_memory(sd, device, width, height, args.batch or len(texts) + 1, per_call, packed)
+    per_call = max(1, args.batch // (len(texts) + 1)) if args.batch else 1   # each image: K terms + uncond rows
+    check_memory(sd, device, width, height, args.batch or len(texts) + 1, per_call, packed)   # before any resize
     init, soft = init_inputs(args, sd, width, height)
     conds, uncond = conditioning(sd, texts, args.negative)
     settings = SampleSettings(width=width, height=height, steps=args.steps, cfg=args.cfg, sampler=args.sampler,
                               sigmas=args.sigmas, batch=args.batch)
-    model_hash = sha256_of(sd.path)
+    model_hash = sha256_of(sd.path)   # cached by medti.hashes: hashing GBs once, not per run
     planned = {job.file: record(args, job, width, height, model_hash, loaded) for job in jobs}
-    done = read_records(out)
+    done = read_records(out)   # only records whose PNG is on disk count
     changed = [f for f in done if f in planned and done[f] != planned[f]]
     if changed:
         raise UsageError(f"--out {out}: {changed[0]} was made with other parameters; --resume continues the same run")
-    mine = [job for job in jobs if job.index % world == rank]
+    mine = [job for job in jobs if job.index % world == rank]   # this rank's share, fixed by the index alone
     todo = [job for job in mine if job.file not in done]
     part = out / f"manifest.part{rank}.jsonl"
     repair(part)   # a torn last line from a crash would otherwise glue onto the next record
-    progress = Progress(len(todo), rank, world)
+    progress = Progress(len(todo), rank, world)   # stderr: a line per step, ETA, summary
     for group in batches(todo, per_call):
         progress.begin(len(group))
         latents = sample(sd, conds, uncond, group[0].weights, [job.seed for job in group], settings, init,
                          progress=progress.step)
         files = [job.file for job in group]
-        check_finite("latents", latents, files, dtype)
+        check_finite("latents", latents, files, dtype)   # both checks come before any file of the batch
         images = decode(sd, latents)
         check_finite("decoded images", images, files, dtype)
         if soft is not None:
@@ -278,11 +278,11 @@ def generate(args, out: Path, texts: list, jobs: list, rank: int, world: int, de
 def run(args):
     check_args(args)
     rank, world = shard()
-    texts, jobs = plan(args)
+    texts, jobs = plan(args)   # parses the prompt: its mistakes are reported before a folder is made
     local = os.environ.get("LOCAL_RANK", rank)   # torchrun: this process's index on its machine = its GPU
     name = f"cuda:{local}" if args.device == "cuda" and world > 1 else args.device
     device = resolve_device(name)
-    dtype = resolve_dtype(args.dtype, device)
+    dtype = resolve_dtype(args.dtype, device)   # the project's one dtype rule
     with output_folder(args, rank, world) as out:
         if not args.resume and (list(out.glob("manifest*.jsonl")) or list(out.glob("[0-9]*.png"))):
             raise UsageError(f"--out {out} already holds a run; pass --resume to continue it or choose another folder")
