@@ -14,14 +14,13 @@ from PIL import Image
 
 from minisd.errors import UserError
 
-from .images import ImageError, to_8bit
+from .images import REFUSED_MODES, ImageError, to_8bit
 
 EXTENSIONS = (".png", ".jpg", ".jpeg", ".tif", ".tiff", ".bmp")   # compared lower-case
 PREPROCESS = ("center", "cxr", "upsample", "none")
-# Colour modes skipped rather than converted: PIL's convert("RGB") reinterprets CIELAB's L, a, b bytes as if
-# they were R, G, B (a mid-grey L=50 a=10 b=10 pixel becomes (0, 82, 235)), and a correct conversion needs a
-# white point and an ICC transform the file may not state. Pathology slides exported in LAB are re-exported as RGB.
-REFUSED_MODES = {"LAB": "CIELAB colour, which PIL cannot convert to RGB correctly; export the image as RGB or gray"}
+# Colour modes PIL cannot convert correctly (LAB, CMYK) are skipped with the reason: one table for init images and
+# training data, medti.images.REFUSED_MODES. (PIL's convert("RGB") reinterprets CIELAB's L, a, b bytes as if they
+# were R, G, B: a mid-grey L=50 a=10 b=10 pixel becomes (0, 82, 235).)
 
 
 class DataError(UserError):

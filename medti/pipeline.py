@@ -15,7 +15,7 @@ from typing import Callable
 import torch
 import torch.nn.functional as F
 
-from minisd.errors import UserError, arg
+from minisd.errors import UserError
 from minisd.sampling import SAMPLERS, GuidedDenoiser, denoiser, draw, keep_unmasked, strength_start, to_output
 from minisd.schedule import step_schedule
 from minisd.vae import posterior_sample
@@ -84,7 +84,9 @@ def sample(sd, conds, uncond, weights, seeds, settings: SampleSettings, init: In
     steps = step_schedule(settings.steps, settings.sigmas, spec.family)
     if init is None:
         if sd.config.inpainting:
-            raise UserError(f"the inpainting model (9 input channels) needs an image and a mask: pass {arg('init')}")
+            # a Python caller's mistake only: medti.generate refuses it in its own words before loading anything
+            raise UserError("the inpainting model (9 input channels) needs an image and a mask: pass "
+                            "init=InitImage(image, mask)")
         x, keep, extra = draw(generators, like) * steps.init_sigma, None, None
     else:
         x, steps, keep, extra = start_from_image(sd, init, steps, generators, like)
