@@ -148,6 +148,8 @@ def start_or_resume(s: Session) -> int:
         write_log(log, [])
         return 0
     step, scaler_state, before = load_state(s.out / "state.safetensors", s.vectors, s.optimizer)
+    # runs saved before --demo left the training settings stored "demo": false; it never changed training
+    before = {k: v for k, v in before.items() if not (k == "demo" and v is False)}
     if before != s.settings:
         changed = sorted(k for k in s.settings.keys() | before.keys() if before.get(k) != s.settings.get(k))
         raise TrainError(f"{arg('resume')}: {s.cfg.out} was trained with other settings ({', '.join(changed)})")

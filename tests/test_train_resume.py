@@ -92,3 +92,17 @@ def test_no_non_finite_number_in_any_saved_file(finished, tmp_path):
     assert torch.isfinite(E.read(out / "t.safetensors").vectors).all()
     with safe_open(str(out / "state.safetensors"), framework="pt") as f:
         assert all(torch.isfinite(f.get_tensor(k)).all() for k in f.keys())
+
+
+def test_state_saved_before_the_demo_split_still_resumes(finished, tmp_path):
+    """State files written before --demo left the training settings hold "demo": false among them; such a run
+    must still resume (demo never changed training), while any other changed setting is still refused."""
+    from medti.files import safetensors_bytes, write_atomic
+    out, base = copy(finished, tmp_path)
+    state = out / "state.safetensors"
+    with safe_open(str(state), framework="pt") as f:
+        meta, tensors = f.metadata(), {k: f.get_tensor(k) for k in f.keys()}
+    settings = json.loads(meta["settings"])
+    write_atomic(state, safetensors_bytes(tensors, {**meta, "settings": json.dumps({**settings, "demo": False})}))
+    assert main([*base, "--max-steps", "4", "--out", str(out), "--resume"]) == 0
+    assert steps(out)[-1] == 4
