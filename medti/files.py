@@ -55,20 +55,28 @@ def write_atomic(path, data: bytes):
 LOCK_NAME = ".lock"
 
 
+def lock_name(rank: int) -> str:
+    """The lock file of one process of a launch: `.lock` for a single process (and torchrun's rank 0),
+    `.lock.rank<r>` for rank r > 0."""
+    return LOCK_NAME if rank == 0 else f"{LOCK_NAME}.rank{rank}"
+
+
 @contextlib.contextmanager
-def claim_folder(folder, flag: str = "out"):
+def claim_folder(folder, flag: str = "out", rank: int = 0):
     """Hold an output folder for one run: create it if needed, check it is writable, lock it, and on failure
     remove it again if this run created it and left nothing in it (a failed run leaves no empty folder).
 
     The lock is an flock on FOLDER/.lock, so the kernel releases it when the process dies: a crash never leaves
-    a stale lock, and a second run on the same folder is refused at once instead of mixing its files in."""
+    a stale lock, and a second run on the same folder is refused at once instead of mixing its files in. Under
+    torchrun each rank locks its own file (lock_name): the ranks of one launch never refuse each other, and every
+    rank of a second launch is refused by the first launch's process of the same rank while that one runs."""
     folder = Path(folder)
     if folder.exists() and not folder.is_dir():
         raise UserError(f"{arg(flag)} {folder}: exists and is not a folder; choose a folder path")
-    created = not folder.exists()
+    created, name = not folder.exists(), lock_name(rank)
     try:
         folder.mkdir(parents=True, exist_ok=True)
-        handle = open(folder / LOCK_NAME, "a")
+        handle = open(folder / name, "a")
     except OSError as e:
         raise UserError(f"{arg(flag)} {folder}: cannot write there ({e.strerror or e})") from None
     try:
@@ -79,9 +87,10 @@ def claim_folder(folder, flag: str = "out"):
                             "choose another folder") from None
         yield folder
     except BaseException:
-        if created and all(p.name == LOCK_NAME for p in folder.iterdir()):
-            (folder / LOCK_NAME).unlink(missing_ok=True)
-            folder.rmdir()
+        if created and all(p.name.startswith(LOCK_NAME) for p in folder.iterdir()):
+            (folder / name).unlink(missing_ok=True)
+            with contextlib.suppress(OSError):   # another rank's lock file may still be there: then it cleans up
+                folder.rmdir()
         raise
     finally:
         handle.close()   # closing releases the flock

@@ -154,18 +154,10 @@ def plan(args) -> tuple[list, list]:
 @contextlib.contextmanager
 def output_folder(args, rank: int, world: int):
     """--out, held for this run (medti.files.claim_folder: a second run on it is refused; a failed run leaves no
-    empty folder). Under torchrun rank 0 holds the lock while it runs: the ranks of one launch write disjoint
-    files, so only a second launch must be kept out (claim_folder's lock is exclusive: one holder per folder)."""
-    if rank == 0:
-        with claim_folder(args.out) as out:
-            yield out
-        return
-    out = Path(args.out)
-    try:
-        out.mkdir(parents=True, exist_ok=True)
-    except OSError as e:
-        raise UsageError(f"--out {out}: cannot write there ({e.strerror})") from None
-    yield out
+    empty folder). Under torchrun each rank holds its own lock file: the ranks of one launch write disjoint files
+    and never refuse each other, while each rank of a second launch is refused by its counterpart."""
+    with claim_folder(args.out, rank=rank) as out:
+        yield out
 
 
 def conditioning(sd, texts: list, negative: str):

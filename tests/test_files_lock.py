@@ -52,3 +52,21 @@ def test_file_and_unwritable_paths_are_user_errors(tmp_path):
     with pytest.raises(UserError, match="cannot write there"):
         with claim_folder("/proc/medti-out"):
             pass
+
+
+def test_ranks_of_one_launch_share_a_folder_and_a_second_launch_is_refused(tmp_path):
+    """torchrun: rank 0 and rank 1 of one launch both hold the folder; rank 1 of a second launch is refused while
+    the first launch's rank 1 runs (it would otherwise write its share into the same folder)."""
+    folder = tmp_path / "out"
+    with claim_folder(folder, rank=0), claim_folder(folder, rank=1):
+        holder = subprocess.Popen([sys.executable, "-c", HOLD.replace("claim_folder(sys.argv[1])",
+                                   "claim_folder(sys.argv[1], rank=2)"), str(folder)], stdout=subprocess.PIPE,
+                                  text=True)
+        try:
+            assert holder.stdout.readline().strip() == "held"
+        finally:
+            holder.kill()
+            holder.wait()
+        with pytest.raises(UserError, match="another run is writing there"):
+            with claim_folder(folder, rank=1):   # flock is per open file: a second open in one process conflicts too
+                pass
