@@ -265,9 +265,9 @@ def preview(s: Session, step: int):
     uncond = emb.encode(sd, [""])
     settings = SampleSettings(width=size, height=size, steps=s.cfg.preview_steps, cfg=2.0)
     latents = sample(sd, cond, uncond, [1.0], range(4), settings)
-    images = decode(sd, latents) if torch.isfinite(latents).all() else latents.new_full((1,), math.nan)
+    images = decode(sd, latents) if torch.isfinite(latents).all() else None   # a NaN latent is not decoded
     sd.vae.to("cpu")
-    if not torch.isfinite(images).all():
+    if images is None or not torch.isfinite(images).all():
         print(f"warning: step {step}: the preview is not finite; no preview written", file=sys.stderr)
         return
     save_png(s.out / f"preview-{step:06d}.png", contact_sheet([to_pil(i) for i in images], 4),
