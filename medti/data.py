@@ -27,8 +27,8 @@ class DataError(UserError):
     """A data problem, in one line that names the file or folder."""
 
 
-class _Skip(Exception):
-    """Internal: this file or case is unusable; the message is the reason (collected, or raised under strict)."""
+class Unusable(Exception):
+    """This file or case is unusable; the message is the reason (collected as a skip, or raised under strict)."""
 
 
 @dataclass
@@ -62,7 +62,7 @@ def _to_8bit(image: Image.Image) -> Image.Image:
     try:
         return to_8bit(image)
     except ImageError as e:
-        raise _Skip(str(e)) from None
+        raise Unusable(str(e)) from None
 
 
 def _bytes(path: Path) -> bytes:
@@ -76,28 +76,34 @@ def _bytes(path: Path) -> bytes:
             kind = os.fstat(f.fileno()).st_mode
             if not stat.S_ISREG(kind):
                 what = "a FIFO" if stat.S_ISFIFO(kind) else "a device or socket"
-                raise _Skip(f"not a regular file ({what}); only regular files are read")
+                raise Unusable(f"not a regular file ({what}); only regular files are read")
             return f.read()
     except OSError as e:   # permissions, a broken link, a file removed meanwhile
-        raise _Skip(f"cannot read the file ({e.strerror})") from None
+        raise Unusable(f"cannot read the file ({e.strerror})") from None
 
 
 def _read(path: Path, data: bytes) -> Image.Image:
-    """Decode one file's bytes to 8-bit L or RGB, or raise _Skip with the reason."""
+    """Decode one file's bytes to 8-bit L or RGB, or raise Unusable with the reason."""
     if not data:
-        raise _Skip("empty file (0 bytes)")
+        raise Unusable("empty file (0 bytes)")
     try:
         with Image.open(io.BytesIO(data)) as image:
             if getattr(image, "n_frames", 1) > 1:   # a stack/volume: taking slice 0 silently would be a guess
-                raise _Skip(f"{image.n_frames} frames in one file; export one slice per file")
+                raise Unusable(f"{image.n_frames} frames in one file; export one slice per file")
             if image.mode in REFUSED_MODES:
-                raise _Skip(f"mode {image.mode}: {REFUSED_MODES[image.mode]}")
+                raise Unusable(f"mode {image.mode}: {REFUSED_MODES[image.mode]}")
             image.load()   # decode now: a truncated file fails here, not later
             return _to_8bit(image)
-    except Image.UnidentifiedImageError:   # (_Skip is none of the classes caught here, so it passes through)
-        raise _Skip(f"not an image PIL can read ({path.suffix} extension)") from None
+    except Image.UnidentifiedImageError:   # (Unusable is none of the classes caught here, so it passes through)
+        raise Unusable(f"not an image PIL can read ({path.suffix} extension)") from None
     except (OSError, ValueError, SyntaxError, EOFError, Image.DecompressionBombError) as e:
-        raise _Skip(f"unreadable image: {str(e).splitlines()[0] if str(e) else type(e).__name__}") from None
+        raise Unusable(f"unreadable image: {str(e).splitlines()[0] if str(e) else type(e).__name__}") from None
+
+
+def read_image(path: Path) -> Image.Image:
+    """One file as training data reads it: 8-bit L or RGB (16-bit rescaled by medti.images.to_8bit), or Unusable
+    with the reason. medti.quality reads evaluation and audit sets through this, so every set obeys one rule."""
+    return _read(path, _bytes(path))
 
 
 def _square_crop(image: Image.Image) -> Image.Image:
@@ -113,7 +119,7 @@ def _cxr(image: Image.Image, resolution: int) -> Image.Image:
     `resolution` keeping the aspect, and zero-pad to a centred square (extra pixel right/bottom)."""
     box = image.getbbox()
     if box is None:
-        raise _Skip("all black: cxr crops to the non-zero pixels and there are none")
+        raise Unusable("all black: cxr crops to the non-zero pixels and there are none")
     image = image.crop(box)
     scale = resolution / max(image.size)
     size = (max(1, round(image.width * scale)), max(1, round(image.height * scale)))
@@ -129,7 +135,7 @@ def _fit(image: Image.Image, resolution: int, preprocess: str) -> Image.Image:
     PIL returns an unresampled copy when the size already matches, so an R x R square passes through exactly."""
     if preprocess == "none":
         if image.size != (resolution, resolution):
-            raise _Skip(f"wrong size: {image.width}x{image.height}, preprocess 'none' needs {resolution}x{resolution}")
+            raise Unusable(f"wrong size: {image.width}x{image.height}, preprocess 'none' needs {resolution}x{resolution}")
         return image
     if preprocess == "cxr":
         return _cxr(image, resolution)
@@ -171,18 +177,18 @@ def _load_case(folder: Path, found: dict[str, Path], channels: list[str]) -> tup
     in both, so resizing one onto the other would silently misregister them; resample when exporting instead."""
     missing = [c for c in channels if c not in found]
     if missing:
-        raise _Skip(f"missing channel {', '.join(missing)} (has {', '.join(sorted(found)) or 'none'})")
+        raise Unusable(f"missing channel {', '.join(missing)} (has {', '.join(sorted(found)) or 'none'})")
     grays, data = [], {}
     for channel in channels:
         rel = found[channel].relative_to(folder).as_posix()
         try:
             data[rel] = _bytes(found[channel])
             grays.append(_read(found[channel], data[rel]).convert("L"))
-        except _Skip as e:
-            raise _Skip(f"channel {channel} ({rel}): {e}") from None
+        except Unusable as e:
+            raise Unusable(f"channel {channel} ({rel}): {e}") from None
     if len({g.size for g in grays}) > 1:
         sizes = ", ".join(f"{c} {g.width}x{g.height}" for c, g in zip(channels, grays, strict=True))
-        raise _Skip(f"channel sizes differ ({sizes}); resample them to one grid when exporting")
+        raise Unusable(f"channel sizes differ ({sizes}); resample them to one grid when exporting")
     return Image.merge("RGB", grays if len(grays) == 3 else grays * 3), data
 
 
@@ -244,7 +250,7 @@ def load_dataset(folder, resolution: int, preprocess: str = "center", channels: 
                 data = {name: _bytes(source)}
                 image = _read(source, data[name])
             image = _fit(image, resolution, preprocess)
-        except _Skip as e:
+        except Unusable as e:
             skip(name, str(e))
             continue
         arrays.append(np.asarray(image.convert("RGB")))   # [R, R, 3] uint8; grayscale replicated to 3 channels
