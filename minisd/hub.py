@@ -12,7 +12,10 @@ the preset's size is that file. medti, which records the hash of any model with 
 """
 import hashlib
 import os
+import shutil
 import socket
+import sys
+import urllib.request
 from pathlib import Path
 from urllib.parse import urlparse
 
@@ -90,3 +93,27 @@ def verify(path: Path, preset: dict, name: str, downloaded_now: bool):
     if sha256_file(path) != expected:
         raise LoadError(f"{path}: sha256 differs from preset {name}'s ({expected[:12]}...); "
                         "the download is corrupt or not the official file -- delete it and retry")
+
+
+def download_file(url: str, target: Path, sha256_prefix: str, hint: str) -> Path:
+    """A plain URL -> `target`, atomically: a temporary name in the target's folder, fsync, then a rename only if the
+    file's sha256 starts with `sha256_prefix` (torch.hub's file naming carries it). A failed or interrupted download
+    leaves nothing behind. `hint`, what the user can do instead, ends every error. For files outside the HF hub
+    (torch-fidelity's Inception weights); the caller probes with hub_reachable first."""
+    target.parent.mkdir(parents=True, exist_ok=True)
+    tmp = target.with_name(f".{target.name}.{os.getpid()}.tmp")
+    print(f"downloading {url} to {target}", file=sys.stderr)
+    try:
+        with urllib.request.urlopen(url, timeout=60) as response, open(tmp, "wb") as f:
+            shutil.copyfileobj(response, f, 1 << 20)
+            f.flush()
+            os.fsync(f.fileno())
+        if not sha256_file(tmp).startswith(sha256_prefix):
+            raise LoadError(f"{url}: the download's sha256 does not start with {sha256_prefix} (corrupt); retry, or "
+                            f"{hint}")
+        os.replace(tmp, target)
+    except OSError as e:   # urllib's URLError/HTTPError, timeouts and disk errors are all OSError
+        raise LoadError(f"cannot download {url} ({type(e).__name__}); {hint}") from None
+    finally:
+        tmp.unlink(missing_ok=True)
+    return target
