@@ -116,3 +116,13 @@ def tiny(tmp_path_factory):
     path = write_official(folder / "tiny.safetensors", **refs)
     (folder / "tiny.json").write_text(json.dumps(TINY_CONFIG))
     return refs, minisd.load(path, config=folder / "tiny.json")
+
+
+@pytest.fixture(scope="session")
+def inception_file(tmp_path_factory) -> Path:
+    """A weights file in the layout of torch-fidelity's weights-inception-2015-12-05-6726825d.pth, with random
+    weights calibrated so activations stay O(1) (tests/test_inception.py: calibrated_state); made once per run."""
+    from test_inception import calibrated_state
+    path = tmp_path_factory.mktemp("inception") / "weights-inception-random.pth"
+    torch.save(calibrated_state(), path)
+    return path

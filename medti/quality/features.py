@@ -1,0 +1,98 @@
+"""The feature networks of evaluation (Inception-v3 for FID as torchmetrics computes it, DINOv2 for FD-DINOv2) and
+the one loop that turns an image set into a feature matrix.
+
+A network here is its module, its feature function (minisd.inception.features / minisd.dinov2.features: uint8
+images in, the reference's own resize and normalisation inside) and where its weights came from, because a
+figure is only comparable with another computed from the same weights file: reports and stats files carry the
+sha256, and a stats file made with other weights is refused.
+"""
+import functools
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch
+
+from minisd import dinov2, inception
+from minisd.errors import UserError, arg
+
+from ..hashes import sha256_of
+
+FEATURES = ("inception", "dinov2")
+# Stein et al. 2023 (FD-DINOv2) use ViT-L/14; torch-fidelity's default `dinov2-vit-l-14` is the same release.
+DEFAULT_DINOV2 = "facebook/dinov2-large"
+
+
+class EvalError(UserError):
+    """An evaluation input that cannot be used, in one line that names the flag or file."""
+
+
+@dataclass
+class Network:
+    name: str              # report.json "features": which network and release
+    model: torch.nn.Module
+    extract: Callable      # (model, uint8 [N, 3, H, W]) -> [N, dim] float32
+    dim: int
+    weights: str           # the file the weights came from
+    weights_sha256: str
+    official: bool | None  # Inception: the sha256 is that of torch-fidelity's file (None: nothing to compare with)
+
+
+def _inception(path, antialias: bool) -> Network:
+    """Resize: TF 1.x's bilinear by default, as torch-fidelity and the torchmetrics releases before 1.9 do (the
+    convention of published FIDs, the reference study's included); `antialias` is torch's antialiased bilinear,
+    torchmetrics 1.9's new default. The name says which, so statistics of the two are never mixed."""
+    file = inception.inception_weights(path)
+    sha = sha256_of(file)
+    model = inception.load_inception(file)
+    name = f"inception-v3-tf-2015-12-05, {'antialiased' if antialias else 'tf1'} resize"
+    return Network(name, model, functools.partial(inception.features, antialias=antialias), 2048, str(file), sha,
+                   sha.startswith(inception.OFFICIAL_SHA256_PREFIX))
+
+
+def _dinov2(name_or_folder) -> Network:
+    name_or_folder = name_or_folder or DEFAULT_DINOV2
+    model, file = dinov2.load_dinov2(name_or_folder, with_path=True)
+    return Network(f"dinov2 {name_or_folder}", model, dinov2.features, model.config.hidden_size, str(file),
+                   sha256_of(file), None)
+
+
+def load_network(features: str, inception_file=None, dinov2_name=None, device="cpu",
+                 antialias: bool = False) -> Network:
+    """The network `features` names, with its weights, in eval mode, float32, on `device`. Feature statistics are
+    computed in float32 as the references do: a half-precision Inception would change FID in the 2nd digit."""
+    if features not in FEATURES:
+        raise EvalError(f"{arg('features')} {features!r}: use one of {', '.join(FEATURES)}")
+    if antialias and features != "inception":
+        raise EvalError(f"{arg('antialias')} applies to Inception features only (DINOv2's resize is torch-fidelity's "
+                        "TF 1.x bilinear); leave it out")
+    net = _inception(inception_file, antialias) if features == "inception" else _dinov2(dinov2_name)
+    net.model.to(device=device, dtype=torch.float32).eval().requires_grad_(False)
+    return net
+
+
+def _runs(images: list, batch: int) -> list:
+    """(start, stop) index ranges of at most `batch` consecutive images of one size: a batch must be one tensor, and
+    images keep their own size (the network resizes each, as the reference does), so a size change ends a run."""
+    runs, start = [], 0
+    for stop in range(1, len(images) + 1):
+        if stop == len(images) or stop - start == batch or images[stop].shape != images[start].shape:
+            runs.append((start, stop))
+            start = stop
+    return runs
+
+
+def encode(net: Network, images: list, what: str, batch: int = 32, progress: Callable | None = None) -> torch.Tensor:
+    """[N, dim] float32 features of uint8 images [3, H, W], in order. Non-finite features mean broken weights (a
+    NaN image cannot come from uint8 input) and are an error naming the file, never a NaN figure."""
+    device = next(net.model.parameters()).device
+    parts = []
+    for start, stop in _runs(images, batch):
+        with torch.inference_mode():
+            parts.append(net.extract(net.model, torch.stack(images[start:stop]).to(device)).float().cpu())
+        if progress:
+            progress(what, stop, len(images))
+    features = torch.cat(parts)
+    if not torch.isfinite(features).all():
+        raise EvalError(f"{net.weights}: gives non-finite features for the {what} images; the weights file is "
+                        "damaged or of another network")
+    return features

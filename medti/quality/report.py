@@ -1,0 +1,135 @@
+"""What `python -m medti.evaluate` leaves in --out: report.json (every figure, for scripts), report.md (a table a
+person reads, with what each figure means and which to trust), samples.png (real and synthetic images side by
+side) and nearest.png (how far each synthetic image lies from its nearest real one, against how far real images
+lie from each other). Every file is written atomically."""
+import io
+import json
+import math
+
+import numpy as np
+import torch
+from PIL import Image, ImageDraw, PngImagePlugin
+
+from ..files import write_atomic
+from ..images import contact_sheet, save_png
+from ..plots import INK, _axes
+from .folders import ImageSet
+
+SAMPLES = 8          # images per row of samples.png
+THUMB = 128          # their side in pixels: enough to judge texture, small enough for a report
+COLOURS = {"synthetic to nearest real": (200, 40, 40), "real to nearest other real": (20, 40, 140)}
+
+
+def nearest(query: torch.Tensor, reference: torch.Tensor, same: bool = False) -> torch.Tensor:
+    """Euclidean distance of each query row to its nearest reference row, in float64; with `same` (query is the
+    reference) an image's distance to itself is left out, so real-to-real is leave-one-out."""
+    distance = torch.cdist(query.double(), reference.double())
+    if same:
+        distance.fill_diagonal_(math.inf)
+    return distance.min(dim=1).values
+
+
+def _thumbs(images: list, seed: int) -> list:
+    """Up to SAMPLES images drawn from the seed (not the first files: those are often one patient's)."""
+    order = torch.randperm(len(images), generator=torch.Generator().manual_seed(seed))[:SAMPLES].tolist()
+    out = []
+    for i in sorted(order):
+        image = Image.fromarray(images[i].permute(1, 2, 0).numpy())
+        image.thumbnail((THUMB, THUMB), Image.LANCZOS)   # keeps the aspect; then centred on a black square
+        square = Image.new("RGB", (THUMB, THUMB))
+        square.paste(image, ((THUMB - image.width) // 2, (THUMB - image.height) // 2))
+        out.append(square)
+    return out
+
+
+def samples_sheet(real_set: ImageSet | None, fake_set: ImageSet, seed: int) -> Image.Image:
+    """Row 1: real images (when the real set was given as images), row 2: synthetic ones, each labelled."""
+    rows = [("real", _thumbs(real_set.images, seed))] if real_set is not None else []
+    rows.append(("synthetic", _thumbs(fake_set.images, seed)))
+    columns = max(len(images) for _, images in rows)
+    items, labels = [], []
+    for name, images in rows:
+        padding = [Image.new("RGB", (THUMB, THUMB), "white")] * (columns - len(images))
+        items += images + padding
+        labels += [name] * len(images) + [""] * len(padding)
+    return contact_sheet(items, columns, labels)
+
+
+def histogram(series: dict, path, title: str, size=(640, 360)):
+    """Outlined histograms (fraction of each series per bin, one shared set of 30 bins) of several series."""
+    values = np.concatenate([v for v in series.values()])
+    low, high = float(values.min()), float(values.max())
+    high = high if high > low else low + 1.0
+    edges = np.linspace(low, high, 31)
+    fractions = {name: np.histogram(v, bins=edges)[0] / len(v) for name, v in series.items()}
+    top = max(float(f.max()) for f in fractions.values()) * 1.1
+    image = Image.new("RGB", size, "white")
+    draw = ImageDraw.Draw(image)
+    draw.text((72, 8), title, fill=INK)
+    to_pixel = _axes(draw, (72, 28, size[0] - 16, size[1] - 44), (low, high), (0.0, top))
+    for row, (name, fraction) in enumerate(fractions.items()):
+        points = []
+        for left, right, f in zip(edges[:-1], edges[1:], fraction, strict=True):
+            points += [to_pixel(left, f), to_pixel(right, f)]
+        points = [to_pixel(low, 0.0), *points, to_pixel(high, 0.0)]
+        draw.line(points, fill=COLOURS[name], width=2)
+        draw.text((size[0] - 220, 36 + 14 * row), name, fill=COLOURS[name])
+    draw.text((size[0] // 2 - 90, size[1] - 16), "feature distance to the nearest real image", fill=INK)
+    info = PngImagePlugin.PngInfo()
+    info.add_text("Title", title)
+    buffer = io.BytesIO()
+    image.save(buffer, format="PNG", pnginfo=info)
+    write_atomic(path, buffer.getvalue())
+
+
+def _value(x, digits: int) -> str:
+    return "not computed" if x is None else f"{x:.{digits}f}"
+
+
+def markdown(fig: dict, args) -> str:
+    """report.md: the table, then what to trust and where the weights came from."""
+    d = fig["ms_ssim_pairs"]
+    rows = [
+        ("FID", _value(fig["fid"], 2), "distance between Gaussians fitted to the two feature sets; lower is closer"),
+        ("KID, full sets", _value(fig["kid"], 5), "unbiased kernel distance (MMD², cubic kernel); lower is closer"),
+        ("KID, subsets", f"{_value(fig['kid_mean'], 5)} ± {_value(fig['kid_std'], 5)}",
+         f"mean ± std over {fig['kid_subsets']} subsets of {fig['kid_subset_size']} images per set"),
+        ("precision", _value(fig["precision"], 3), f"share of synthetic images inside the real set's k={fig['k']} "
+         "neighbourhoods (fidelity)"),
+        ("recall", _value(fig["recall"], 3), "share of real images inside the synthetic set's neighbourhoods "
+         "(coverage)"),
+        ("MS-SSIM, synthetic", _value(fig["ms_ssim_fake"], 4), f"mean over {d['fake']} pairs within the synthetic "
+         "set; higher = less diverse"),
+        ("MS-SSIM, real", _value(fig["ms_ssim_real"], 4), f"the same within the real set ({d['real']} pairs), "
+         "for comparison"),
+    ]
+    official = {True: "torch-fidelity's official file", False: "NOT the official file: figures are not comparable "
+                "with published ones", None: "no official hash to compare with"}[fig["weights_official"]]
+    lines = [f"# Evaluation of {args.fake} against {args.real}", "",
+             f"{fig['n_fake']} synthetic and {fig['n_real']} real images; features: {fig['features']} "
+             f"(weights sha256 {fig['weights_sha256'][:16]}…, {official}); seed {fig['seed']}.", "",
+             "| figure | value | what it measures |", "|---|---|---|",
+             *[f"| {a} | {b} | {c} |" for a, b, c in rows], "",
+             "**Which figure to trust.** "
+             + ("With fewer than 1,000 real images, trust KID over FID. " if fig["n_real"] < 1000 else "")
+             + "FID's covariance has 2,048 dimensions and is biased by the number of images (it falls as sets "
+             "grow, even for the same model), so FID figures are only comparable at equal set sizes; KID is "
+             "unbiased in the number of images and its subset spread says how far to trust it.", "",
+             *[f"MS-SSIM: {why}" for why in fig["ms_ssim_notes"]],
+             "Plots: `samples.png` (real and synthetic images drawn from the seed), `nearest.png` (distance of each "
+             "synthetic image to its nearest real one; synthetic images far to the left of the real-to-real "
+             "distances may be copies: run `python -m medti.audit`)."]
+    return "\n".join(lines) + "\n"
+
+
+def write_report(out, fig: dict, args, real, fake: torch.Tensor, real_set, fake_set):
+    """All four outputs; report.json last, so its presence means the rest is there too."""
+    save_png(out / "samples.png", samples_sheet(real_set, fake_set, args.seed))
+    series = {"synthetic to nearest real": nearest(fake, real.features).numpy(),
+              "real to nearest other real": nearest(real.features, real.features, same=True).numpy()}
+    histogram(series, out / "nearest.png", f"Nearest-neighbour distances in {fig['features']} feature space")
+    write_atomic(out / "report.md", markdown(fig, args).encode())
+    skipped = {"real": [list(s) for s in (real_set.skipped if real_set else [])],
+               "fake": [list(s) for s in fake_set.skipped]}
+    report = {**fig, "real": str(args.real), "fake": str(args.fake), "skipped": skipped}
+    write_atomic(out / "report.json", (json.dumps(report, indent=2, allow_nan=False) + "\n").encode())

@@ -1,0 +1,181 @@
+"""`python -m medti.evaluate` end to end: its figures against torchmetrics run on the same images with
+torch-fidelity's own Inception network loading the same (random) weights file; statistics and feature files; a
+run folder as --fake; and every bad input as one line with nothing half-written."""
+import json
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+from safetensors import safe_open
+
+from medti import evaluate
+
+
+def _write_set(folder, n: int, size=(64, 64), seed=0, mode="L"):
+    """n smooth random images (a blurred noise field, so Inception features differ between images)."""
+    folder.mkdir(parents=True, exist_ok=True)
+    g = np.random.default_rng(seed)
+    for i in range(n):
+        low = g.random((size[1] // 8 + 1, size[0] // 8 + 1, 3 if mode == "RGB" else 1))
+        image = Image.fromarray((low * 255).astype(np.uint8).squeeze()).resize(size, Image.BICUBIC)
+        image.convert(mode).save(folder / f"img{i:03d}.png")
+    return folder
+
+
+def _run(*argv) -> int:
+    return evaluate.main([str(a) for a in argv])
+
+
+def _uint8(folder) -> torch.Tensor:
+    files = sorted(folder.glob("*.png"))
+    return torch.stack([torch.from_numpy(np.asarray(Image.open(f).convert("RGB")).copy()).permute(2, 0, 1)
+                        for f in files])
+
+
+@pytest.fixture(scope="module")
+def sets(tmp_path_factory):
+    root = tmp_path_factory.mktemp("eval")
+    return _write_set(root / "real", 12, seed=1), _write_set(root / "fake", 10, seed=2, mode="RGB")
+
+
+@pytest.fixture(scope="module")
+def report(sets, inception_file, tmp_path_factory):
+    real, fake = sets
+    out = tmp_path_factory.mktemp("eval-out") / "report"
+    assert _run("--real", real, "--fake", fake, "--out", out, "--inception", inception_file, "--kid-subsets", 5,
+                "--kid-subset-size", 6, "--save-features", out.parent / "features.safetensors") == 0
+    return out, json.loads((out / "report.json").read_text())
+
+
+def test_figures_equal_torchmetrics_with_torch_fidelity_network(sets, report, inception_file):
+    """FID and full-set KID against torchmetrics, whose FID/KID call torch-fidelity's FeatureExtractorInceptionV3
+    (the network of the reference study) — here loading the same weights file, so the whole chain is compared:
+    image reading, resize, network, statistics and distance. KID with one subset of all images is the full-set
+    MMD² (a subset of all images is a permutation, and MMD² does not depend on the order)."""
+    from torch_fidelity.feature_extractor_inceptionv3 import FeatureExtractorInceptionV3
+    from torchmetrics.image.fid import FrechetInceptionDistance
+    from torchmetrics.image.kid import KernelInceptionDistance
+    real, fake = _uint8(sets[0]), _uint8(sets[1])
+    net = FeatureExtractorInceptionV3("inception-v3-compat", ["2048"], feature_extractor_weights_path=inception_file)
+    fid = FrechetInceptionDistance(feature=net)
+    kid = KernelInceptionDistance(feature=net, subsets=1, subset_size=len(fake))
+    for metric in (fid, kid):
+        metric.update(real, real=True)
+        metric.update(fake, real=False)
+    _, figures = report
+    # FID: both sides float64 statistics of float32 features that agree to ~1e-5 relative (summation order in
+    # the convolutions); FID is a difference of traces of ~1e2, so 1e-4 relative bounds it with room.
+    assert figures["fid"] == pytest.approx(float(fid.compute()), rel=1e-4)
+    assert figures["kid"] == pytest.approx(float(kid.compute()[0]), rel=1e-4, abs=1e-7)
+    assert figures["n_real"] == 12 and figures["n_fake"] == 10 and figures["kid_subset_size"] == 6
+    assert 0 <= figures["precision"] <= 1 and 0 <= figures["recall"] <= 1
+    assert figures["weights_official"] is False   # random weights: the report must not call them official
+
+
+def test_report_files(report):
+    out, figures = report
+    for key in ("fid", "kid", "kid_mean", "kid_std", "precision", "recall", "ms_ssim_fake", "ms_ssim_real",
+                "n_real", "n_fake", "features", "weights_sha256", "seed"):
+        assert key in figures
+    text = (out / "report.md").read_text()
+    assert "trust KID over FID" in text and "NOT the official file" in text
+    for name in ("samples.png", "nearest.png"):
+        assert Image.open(out / name).format == "PNG"
+    # 64-px images are below MS-SSIM's 5-scale minimum: reported as not computed, with the reason
+    assert figures["ms_ssim_fake"] is None and figures["ms_ssim_notes"]
+    assert not list(out.glob("*.tmp*"))
+
+
+def test_saved_features_are_the_rows_of_each_set(report, sets):
+    out, _ = report
+    with safe_open(out.parent / "features.safetensors", "pt") as f:
+        meta = f.metadata()
+        real, fake = f.get_tensor("real"), f.get_tensor("fake")
+    assert json.loads(meta["real_files"]) == [p.name for p in sorted(sets[0].glob("*.png"))]
+    assert json.loads(meta["fake_files"]) == [p.name for p in sorted(sets[1].glob("*.png"))]
+    assert real.shape == (12, 2048) and fake.shape == (10, 2048)
+
+
+def test_stats_file_gives_the_same_figures(sets, report, inception_file, tmp_path):
+    real, fake = sets
+    stats = tmp_path / "real-stats.npz"
+    assert _run("--real", real, "--save-stats", stats, "--inception", inception_file) == 0
+    out = tmp_path / "again"
+    assert _run("--real", stats, "--fake", fake, "--out", out, "--inception", inception_file, "--kid-subsets", 5,
+                "--kid-subset-size", 6) == 0
+    again, first = json.loads((out / "report.json").read_text()), report[1]
+    # The same float32 features and the same seed: identical arithmetic, so equal to the last bit.
+    for key in ("fid", "kid", "kid_mean", "kid_std", "precision", "recall"):
+        assert again[key] == first[key], key
+
+
+def test_stats_file_checks(sets, inception_file, tmp_path, capsys):
+    real, fake = sets
+    stats = tmp_path / "s.npz"
+    assert _run("--real", real, "--save-stats", stats, "--inception", inception_file) == 0
+    data = dict(np.load(stats))
+    bad = tmp_path / "bad.npz"
+    np.savez(bad, **{**data, "mu": data["mu"][:100]})
+    foreign = tmp_path / "foreign.npz"
+    np.savez(foreign, mu=data["mu"], sigma=data["sigma"])   # pytorch-fid's layout: no network, no weights hash
+    other = tmp_path / "other.npz"
+    np.savez(other, **{**data, "weights_sha256": np.array("0" * 64)})
+    for path, words in ((bad, "mu has shape"), (foreign, "not a medti statistics file"), (other, "made with")):
+        capsys.readouterr()
+        assert _run("--real", path, "--fake", fake, "--out", tmp_path / "o", "--inception", inception_file) == 2
+        err = capsys.readouterr().err
+        assert words in err and err.count("\n") == 1 and str(path) in err
+        assert not (tmp_path / "o").exists()
+
+
+def test_run_folder_as_fake_leaves_out_the_grid(sets, inception_file, tmp_path):
+    """A generation run's folder is read through its manifest: grid.png (the --grid contact sheet) is not a
+    sample, and counting it would shift every figure."""
+    run = _write_set(tmp_path / "run", 4, seed=3)
+    lines = [json.dumps({"file": p.name, "prompt": "x", "seed": i}) for i, p in enumerate(sorted(run.glob("*.png")))]
+    (run / "manifest.jsonl").write_text("\n".join(lines) + "\n")
+    Image.new("RGB", (256, 64)).save(run / "grid.png")
+    out = tmp_path / "o"
+    assert _run("--real", sets[0], "--fake", run, "--out", out, "--inception", inception_file,
+                "--kid-subset-size", 4) == 0
+    assert json.loads((out / "report.json").read_text())["n_fake"] == 4
+
+
+def test_sizes_may_differ(tmp_path, inception_file):
+    real = _write_set(tmp_path / "r", 5, size=(80, 64), seed=4)
+    fake = _write_set(tmp_path / "f", 5, size=(200, 200), seed=5)
+    out = tmp_path / "o"
+    assert _run("--real", real, "--fake", fake, "--out", out, "--inception", inception_file) == 0
+    figures = json.loads((out / "report.json").read_text())
+    assert figures["ms_ssim_fake"] is not None and figures["ms_ssim_real"] is None   # 200 px vs 64 px
+
+
+@pytest.mark.parametrize("case, words", [
+    ("empty", "0 usable image(s)"), ("single", "1 usable image(s)"), ("no-out", "--out DIR is needed"),
+    ("nothing", "nothing to do"), ("stats-suffix", "name the file *.npz"), ("missing", "no such folder"),
+])
+def test_bad_input_is_one_line(case, words, sets, inception_file, tmp_path, capsys):
+    real, fake = sets
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    single = _write_set(tmp_path / "single", 1)
+    out = tmp_path / "o"
+    argv = {"empty": ["--real", empty, "--fake", fake, "--out", out],
+            "single": ["--real", real, "--fake", single, "--out", out],
+            "no-out": ["--real", real, "--fake", fake], "nothing": ["--real", real],
+            "stats-suffix": ["--real", real, "--save-stats", tmp_path / "s.json"],
+            "missing": ["--real", tmp_path / "nope", "--fake", fake, "--out", out]}[case]
+    assert _run(*argv, "--inception", inception_file) == 2
+    err = capsys.readouterr().err
+    assert words in err and err.count("\n") == 1 and err.startswith("error: ")
+    assert not out.exists() and not (tmp_path / "s.json").exists()
+
+
+def test_wrong_weights_file_is_one_line(sets, tmp_path, capsys):
+    wrong = tmp_path / "unet.pth"
+    torch.save({"conv.weight": torch.zeros(1)}, wrong)
+    assert _run("--real", sets[0], "--fake", sets[1], "--out", tmp_path / "o", "--inception", wrong) == 2
+    err = capsys.readouterr().err
+    assert str(wrong) in err and err.count("\n") == 1
+    assert not (tmp_path / "o").exists()
