@@ -26,9 +26,9 @@ from minisd.load import PREFIXES
 from . import embeddings as emb
 from .data import load_dataset
 from .files import claim_folder, safetensors_bytes, write_atomic
-from .inversion import denoising_loss, initial_vectors
-from .train_config import TrainConfig, check_settings
-from .trainer import cache_latents, check_out, train
+from .inversion import cache_latents, denoising_loss, initial_vectors
+from .train_config import TrainConfig, check_out, check_settings
+from .trainer import train
 
 # SD2's block structure, shrunk: 2 UNet levels, a 4-level VAE (8x, as SD2), a 3-block 64-wide text tower with the
 # full CLIP vocabulary so real prompts tokenize.
@@ -91,8 +91,10 @@ def heldout_loss(sd, token: str, vectors, latents, draws: int = 64, seed: int = 
 
 
 def demo_settings(cfg: TrainConfig, out: Path) -> TrainConfig:
-    """The user's settings with the demo's model, data and a size that runs in minutes on a CPU."""
-    return dataclasses.replace(cfg, model=str(out / "model" / "tiny-random.safetensors"),
+    """The user's settings with the demo's model, data and a size that runs in minutes on a CPU. Validation on the
+    held-out phantoms, unless the user chose --val or --val-fraction."""
+    val = cfg.val or ("" if cfg.val_fraction else str(out / "phantoms-held-out"))
+    return dataclasses.replace(cfg, model=str(out / "model" / "tiny-random.safetensors"), val=val,
                                config=str(out / "model" / "tiny-random.json"), data=str(out / "phantoms"),
                                token=cfg.token or "<phantom>", vectors=min(cfg.vectors, 8),
                                max_steps=min(cfg.max_steps, 300), save_every=100, preview_every=100,
@@ -131,6 +133,11 @@ def run_demo(cfg: TrainConfig) -> tuple:
     after = heldout_loss(sd, learned.token, learned.vectors, latents)
     print(f"held-out denoising loss: initial vectors {before:.4f} -> learned {after:.4f} "
           f"({100 * (after - before) / before:+.1f} %)")
+    best = out / f"{learned.token.strip('<>')}-best.safetensors"
+    if best.exists():   # validation was on (always, unless the user's --val-fraction left no best yet)
+        meta = emb.read(best).meta
+        print(f"validation loss at each save: best at step {meta['step']} ({float(meta['val_loss']):.4f}), kept "
+              f"as {best}")
     print(f"written: {learned_path}, {out / 'log.jsonl'}, {out / 'loss.png'}, {out}/preview-*.png")
     print(f"next, generate with the demo's model and embedding:\n  {next_command(run_cfg, learned_path)}")
     return before, after

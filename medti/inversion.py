@@ -1,5 +1,6 @@
-"""The pieces of textual inversion that medti/trainer.py's loop is made of: initial vectors, the learning-rate
-schedule, the denoising loss, gradient checkpointing, per-step randomness, the resumable state file and the log.
+"""The pieces of textual inversion that medti/trainer.py's loop is made of: initial vectors, the latent cache, the
+learning-rate schedule, the denoising loss, gradient checkpointing, per-step randomness, the resumable state file
+and the log.
 
 Recipe (the reference study, after Gal et al. 2022 and A1111's implementation): only a [vectors, width] fp32
 tensor is trained; it is spliced into the frozen token embeddings wherever the placeholder token appears; the
@@ -19,6 +20,7 @@ from torch.utils.checkpoint import checkpoint
 
 from minisd.errors import UserError, arg
 from minisd.schedule import alphas_cumprod
+from minisd.vae import posterior_sample
 
 from . import embeddings as emb
 from .files import safetensors_bytes, write_atomic
@@ -41,6 +43,23 @@ def initial_vectors(sd, init: str, n: int, seed: int) -> torch.Tensor:
     return torch.stack([table[ids[i * len(ids) // n]] for i in range(n)]).clone()
 
 
+@torch.no_grad()
+def cache_latents(sd, images, flip: bool, seed: int) -> dict:
+    """Encode every training image once (and its mirror image with --flip): the VAE posterior's mean and
+    log-variance, plus one sample drawn now for --latents once. Kept on the CPU in fp32, unscaled."""
+    param = next(sd.vae.parameters())
+    if flip:
+        images = torch.cat([images, images.flip(-1)])   # rows N.. are the mirrored copies
+    means, logvars = [], []
+    for chunk in images.split(4):
+        mean, logvar = sd.vae.encode(chunk.to(param))
+        means.append(mean.float().cpu())
+        logvars.append(logvar.float().cpu())
+    mean, logvar = torch.cat(means), torch.cat(logvars)
+    noise = torch.randn(mean.shape, generator=torch.Generator().manual_seed(seed))
+    return {"mean": mean, "logvar": logvar, "once": posterior_sample(mean, logvar, noise)}
+
+
 def parse_lr(spec: str) -> list:
     """A1111's schedule "0.005:1000, 0.001": rate until step, ..., last rate for ever. A plain number = constant."""
     schedule = []
@@ -60,6 +79,12 @@ def parse_lr(spec: str) -> list:
 
 def lr_at(schedule: list, step: int) -> float:
     return next((rate for rate, until in schedule if until is None or step < until), schedule[-1][0])
+
+
+def set_lr(optimizer, lr: float) -> float:
+    for group in optimizer.param_groups:
+        group["lr"] = lr
+    return lr
 
 
 def step_generator(seed: int, step: int, micro: int) -> torch.Generator:

@@ -1,4 +1,5 @@
-"""A line plot with PIL alone (the run-time dependencies stay six: no matplotlib): the training loss curve.
+"""A line plot with PIL alone (the run-time dependencies stay six: no matplotlib): the training loss curve, and
+the validation loss at each save as a second series.
 
 The plot is meant to be read without the log beside it, so it has what a reader expects of a chart: a title,
 both axes with round-numbered ticks, axis labels, and the smoothing it applies stated in the title. The same
@@ -12,9 +13,10 @@ from PIL import Image, ImageDraw, PngImagePlugin
 
 from .files import write_atomic
 
-INK, GRID, LINE = (0, 0, 0), (225, 225, 225), (20, 40, 140)
+INK, GRID, LINE, VALIDATION = (0, 0, 0), (225, 225, 225), (20, 40, 140), (200, 60, 20)
 # Margins in pixels: tick labels and the rotated y label on the left, tick labels and the x label below.
 LEFT, RIGHT, TOP, BOTTOM = 72, 16, 28, 44
+KEY = 16   # the colour key's line, between the caption and the frame, when there is a second series
 
 
 def smoothing_window(n: int) -> int:
@@ -67,41 +69,69 @@ def _axes(draw: ImageDraw.ImageDraw, box: tuple, xs: tuple, ys: tuple):
     return to_pixel
 
 
+def _finite(steps: list, values: list) -> list:
+    """(step, value) pairs with None and non-finite values (skipped steps, a NaN validation) left out."""
+    return [(s, v) for s, v in zip(steps, values, strict=True) if v is not None and math.isfinite(v)]
+
+
+def _key(draw: ImageDraw.ImageDraw, x: int, y: int, entries: list):
+    """A colour key on one line from (x, y), above the frame where it hides no data: (label, colour, dots)."""
+    for label, colour, dots in entries:
+        draw.line((x, y + 6, x + 18, y + 6), fill=colour, width=2)
+        if dots:
+            draw.ellipse((x + 7, y + 4, x + 11, y + 8), fill=colour)
+        draw.text((x + 24, y), label, fill=INK)
+        x += 24 + draw.textlength(label) + 20
+
+
+def _draw_series(draw: ImageDraw.ImageDraw, points: list, colour: tuple, dots: bool):
+    """A polyline through the pixel points, with a dot at each one if `dots` (or if there is only one)."""
+    if len(points) > 1:
+        draw.line(points, fill=colour, width=2)
+    for px, py in points if dots or len(points) == 1 else []:
+        draw.ellipse((px - 2, py - 2, px + 2, py + 2), fill=colour)
+
+
 def plot_curve(steps: list, values: list, path, title: str, x_label: str = "step", y_label: str = "loss",
-               size: tuple = (640, 360)) -> str:
+               size: tuple = (640, 360), validation: list = ()) -> str:
     """Plot the moving average of `values` against `steps` (None or non-finite values, e.g. skipped steps, are
-    left out) and write it atomically as a PNG. Returns the caption written above the plot."""
-    pairs = [(s, v) for s, v in zip(steps, values, strict=True) if v is not None and math.isfinite(v)]
+    left out) and write it atomically as a PNG. `validation`: (step, value) pairs drawn unsmoothed, with a dot
+    each, as a second series on the same axes, with a key. Returns the caption written above the plot."""
+    pairs, val = _finite(steps, values), _finite([s for s, _ in validation], [v for _, v in validation])
     window = smoothing_window(len(pairs))
     caption = f"{title} (moving average over {window} step{'s' * (window > 1)})"
     image = Image.new("RGB", size, "white")
     draw = ImageDraw.Draw(image)
     draw.text((LEFT, 8), caption, fill=INK)
-    box = (LEFT, TOP, size[0] - RIGHT, size[1] - BOTTOM)
-    if pairs:
-        x = np.array([s for s, _ in pairs], dtype=float)
-        # "valid" convolution: point i averages values i .. i + window - 1 and is drawn at the window's last step
-        smooth = np.convolve([v for _, v in pairs], np.ones(window) / window, mode="valid")
-        x = x[window - 1:]
-        low, high = float(smooth.min()), float(smooth.max())
+    box = (LEFT, TOP + KEY * bool(validation), size[0] - RIGHT, size[1] - BOTTOM)   # a key needs a line more
+    # "valid" convolution: point i averages values i .. i + window - 1 and is drawn at the window's last step
+    smooth = np.convolve([v for _, v in pairs], np.ones(window) / window, mode="valid") if pairs else np.zeros(0)
+    x = np.array([s for s, _ in pairs], dtype=float)[window - 1:]
+    every = [*zip(x, smooth, strict=True), *val]
+    if every:
+        low, high = min(v for _, v in every), max(v for _, v in every)
         pad = (high - low) * 0.05 or abs(low) * 0.05 or 1.0   # a flat curve still gets a visible y range
-        xs = (x[0], x[-1]) if x[-1] > x[0] else (x[0] - 1, x[0] + 1)
-        to_pixel = _axes(draw, box, xs, (low - pad, high + pad))
-        points = [to_pixel(a, b) for a, b in zip(x, smooth, strict=True)]
-        if len(points) > 1:
-            draw.line(points, fill=LINE, width=2)
-        else:   # one point: a line of one point is invisible
-            (px, py), = points
-            draw.ellipse((px - 2, py - 2, px + 2, py + 2), fill=LINE)
+        first, last = min(s for s, _ in every), max(s for s, _ in every)
+        to_pixel = _axes(draw, box, (first, last) if last > first else (first - 1, first + 1), (low - pad, high + pad))
+        _draw_series(draw, [to_pixel(a, b) for a, b in zip(x, smooth, strict=True)], LINE, dots=False)
+        if validation:
+            _draw_series(draw, [to_pixel(a, b) for a, b in val], VALIDATION, dots=True)
+            _key(draw, LEFT, TOP - 4, [(f"training loss, moving average over {window}", LINE, False),
+                                       ("validation loss at each save", VALIDATION, True)])
     else:
         draw.rectangle(box, outline=INK)
         draw.text((box[0] + 10, box[1] + 10), "no finite values yet", fill=INK)
     draw.text(((box[0] + box[2] - draw.textlength(x_label)) / 2, size[1] - 16), x_label, fill=INK)
     _vertical_text(image, y_label, 4, (box[1] + box[3]) // 2)
+    _write(image, path, title, caption + (f"; validation loss at {len(val)} save(s), unsmoothed" * bool(validation)))
+    return caption
+
+
+def _write(image: Image.Image, path, title: str, description: str):
+    """Write the PNG atomically, with the title and what was plotted in its text chunks."""
     info = PngImagePlugin.PngInfo()
     info.add_text("Title", title)
-    info.add_text("Description", caption)
+    info.add_text("Description", description)
     buffer = io.BytesIO()
     image.save(buffer, format="PNG", pnginfo=info)
     write_atomic(path, buffer.getvalue())
-    return caption

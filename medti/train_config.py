@@ -5,6 +5,7 @@ Why all checks come first: a mistake found after the model has loaded costs minu
 output folder exists leaves debris. So `check` reads nothing big and writes nothing; it returns the Plan the
 trainer follows (learning-rate schedule, device, dtype, prompts).
 """
+import math
 import unicodedata
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -32,6 +33,11 @@ class TrainConfig:
     model: str = flag("sd2-base", "preset name or .safetensors file")
     config: str = flag("", "preset name or JSON config, for a file outside the presets")
     data: str = flag("", "folder of training images (searched recursively)")
+    val: str = flag("", "folder of validation images, never trained on, read and preprocessed like --data: the "
+                        "validation loss at every save, and the best step's embedding as <name>-best.safetensors")
+    val_fraction: str = flag("", "instead of --val: hold out this fraction of --data (0 < F < 1, e.g. 0.2), a "
+                                 "random choice from --seed, listed in val.txt")
+    val_draws: int = flag(8, "fixed (timestep, noise) draws per validation image, timesteps stratified over 0..999")
     token: str = flag("", 'the placeholder to learn, e.g. "<cardiomegaly>": one printable word (no spaces, control '
                           'characters or slashes), not an existing vocabulary word')
     vectors: int = flag(64, f"vectors per token (at most {MAX_PROMPT_TOKENS}: they must fit in the 77-token prompt)")
@@ -65,6 +71,7 @@ class Plan(NamedTuple):
     device: torch.device
     dtype: torch.dtype
     prompts: list           # training prompts with the token in them
+    val_fraction: float     # from --val-fraction; 0.0: none held out
 
 
 def _check_token(token: str):
@@ -84,7 +91,7 @@ def _check_numbers(cfg: TrainConfig):
     if not 1 <= cfg.vectors <= MAX_PROMPT_TOKENS:
         raise TrainError(f"{arg('vectors')} {cfg.vectors}: must be 1..{MAX_PROMPT_TOKENS} (the prompt holds "
                          f"{MAX_PROMPT_TOKENS} tokens between start and end)")
-    for name in ("max_steps", "batch", "grad_accum", "save_every", "preview_steps"):
+    for name in ("max_steps", "batch", "grad_accum", "save_every", "preview_steps", "val_draws"):
         if getattr(cfg, name) < 1:
             raise TrainError(f"{arg(name)} {getattr(cfg, name)}: must be at least 1")
     for name, zero in (("preview_every", "no previews"), ("resolution", "the model's native size")):
@@ -94,18 +101,49 @@ def _check_numbers(cfg: TrainConfig):
         raise TrainError(f"{arg('seed')} {cfg.seed}: must be 0 <= seed < 2**32")
 
 
+def _nested(a: Path, b: Path) -> bool:
+    """a and b are one folder, or one holds the other (the images of the inner one are read with the outer's)."""
+    a, b = a.resolve(), b.resolve()
+    return a == b or a in b.parents or b in a.parents
+
+
 def _check_folders(cfg: TrainConfig):
     """--data must be a folder, and --out must not lie inside it: the run's previews would become training images
-    of the next run in that folder, and change the data fingerprint so that --resume refuses the run."""
+    of the next run in that folder, and change the data fingerprint so that --resume refuses the run. The same
+    for --val; and --val must not hold or lie in --data: its images would be training images."""
     data = Path(cfg.data)
     if not cfg.data or not data.is_dir():
         raise TrainError(f"{arg('data')} {cfg.data!r}: not a folder of training images")
     if not cfg.out:
         raise TrainError(f"{arg('out')}: name an output folder")
+    if cfg.val and not Path(cfg.val).is_dir():
+        raise TrainError(f"{arg('val')} {cfg.val!r}: not a folder of validation images")
+    if cfg.val and _nested(Path(cfg.val), data):
+        raise TrainError(f"{arg('val')} {cfg.val} and {arg('data')} {cfg.data} overlap: validation images must be "
+                         f"ones the run never trains on; give a separate folder, or {arg('val_fraction')}")
     out = Path(cfg.out).resolve()
-    if out == data.resolve() or data.resolve() in out.parents:
-        raise TrainError(f"{arg('out')} {cfg.out} is inside {arg('data')} {cfg.data}: its previews would become "
-                         f"training images; choose an {arg('out')} outside the data folder")
+    for name in ("data", "val"):
+        folder = Path(getattr(cfg, name)).resolve()
+        if getattr(cfg, name) and (out == folder or folder in out.parents):
+            raise TrainError(f"{arg('out')} {cfg.out} is inside {arg(name)} {getattr(cfg, name)}: its previews would "
+                             f"become images there; choose an {arg('out')} outside that folder")
+
+
+def _val_fraction(cfg: TrainConfig) -> float:
+    """--val-fraction as a number in (0, 1), or 0.0 when not given; --val and --val-fraction exclude each other."""
+    if not cfg.val_fraction:
+        return 0.0
+    if cfg.val:
+        raise TrainError(f"{arg('val')} and {arg('val_fraction')}: give one of them (a folder, or a fraction of "
+                         f"{arg('data')} to hold out)")
+    try:
+        fraction = float(cfg.val_fraction)
+    except ValueError:
+        fraction = math.nan
+    if not 0 < fraction < 1:   # NaN fails too
+        raise TrainError(f"{arg('val_fraction')} {cfg.val_fraction!r}: must be a number between 0 and 1 "
+                         "(exclusive), e.g. 0.2")
+    return fraction
 
 
 def training_prompts(cfg: TrainConfig) -> list:
@@ -121,6 +159,16 @@ def training_prompts(cfg: TrainConfig) -> list:
         raise TrainError(f"{arg('template')} {cfg.template}: every line needs a {{}} for the token" +
                          (f" (not {bad!r})" if bad else " (the file is empty)"))
     return [line.replace("{}", cfg.token) for line in lines]
+
+
+def check_out(cfg: TrainConfig):
+    """A used --out needs --resume and --resume needs a used --out (checked once the folder is ours)."""
+    state = Path(cfg.out) / "state.safetensors"
+    if state.exists() and not cfg.resume:
+        raise TrainError(f"{arg('out')} {cfg.out} holds a run already; pass {arg('resume')} to continue it or "
+                         f"choose another {arg('out')} folder")
+    if cfg.resume and not state.exists():
+        raise TrainError(f"{arg('resume')}: {cfg.out} has no state.safetensors to continue from")
 
 
 def check(cfg: TrainConfig) -> Plan:
@@ -142,4 +190,4 @@ def check_settings(cfg: TrainConfig) -> Plan:
     if not cfg.init.strip():
         raise TrainError(f"{arg('init')} {cfg.init!r}: give word(s) such as \"*\" or \"chest x-ray\", or random")
     device = resolve_device(cfg.device or ("cuda" if torch.cuda.is_available() else "cpu"))
-    return Plan(parse_lr(cfg.lr), device, resolve_dtype(cfg.dtype, device), training_prompts(cfg))
+    return Plan(parse_lr(cfg.lr), device, resolve_dtype(cfg.dtype, device), training_prompts(cfg), _val_fraction(cfg))

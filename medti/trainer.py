@@ -1,6 +1,6 @@
 """Textual inversion: setup, then start or resume, then the one visible loop (get_batch, loss, backward, skip a
-non-finite step, optimizer step, log, save, preview). `python -m medti.train` is its command line (medti/train.py);
-the demo (medti/demo.py) is another user of it; neither is imported here.
+non-finite step, optimizer step, validation loss at a save, log, save, preview). `python -m medti.train` is its
+command line (medti/train.py); the demo (medti/demo.py) is another user of it; neither is imported here.
 
 The frozen UNet and text tower never change; only a [vectors, width] fp32 tensor is trained, spliced into the
 token embeddings wherever the token appears in the training prompt (the token alone, or --template lines).
@@ -21,12 +21,13 @@ from minisd.tokenizer import MAX_PROMPT_TOKENS
 from minisd.vae import posterior_sample
 
 from . import embeddings as emb
-from .data import load_dataset
-from .files import claim_folder
+from .data import DataError, load_dataset
+from .files import claim_folder, write_atomic
 from .hashes import sha256_of
 from .images import contact_sheet, save_png, to_pil
 from .inversion import (
     TrainError,
+    cache_latents,
     denoising_loss,
     enable_checkpointing,
     epoch_order,
@@ -36,17 +37,21 @@ from .inversion import (
     lr_at,
     read_log,
     save_state,
+    set_lr,
     step_generator,
     write_log,
 )
 from .pipeline import SampleSettings, decode, sample
 from .plots import plot_curve
-from .train_config import Plan, TrainConfig, check
+from .train_config import Plan, TrainConfig, check, check_out
+from .validation import ValidationSet, best_so_far, hold_out, keep_best, validation_loss
 
 # Settings a resumed run may change: how long and how often (max_steps, save_every, preview_*), where (device,
-# out, data: the data's identity is its fingerprint, not where it lies) and checkpointing (memory and time only).
+# out, data, val: the images' identity is their fingerprint, not where they lie) and checkpointing (memory and
+# time only). The validation settings are stored as one "validation" entry, and only when there is validation:
+# a run saved before validation existed still resumes, and adding, dropping or changing it is refused.
 MAY_CHANGE = ("max_steps", "save_every", "preview_every", "preview_steps", "resume", "device", "out", "data",
-              "checkpointing")
+              "checkpointing", "val", "val_fraction", "val_draws")
 SKIPS_TO_STOP = 10   # non-finite steps in a row after which the run stops: the lr or precision is wrong, not luck
 
 
@@ -62,35 +67,27 @@ class Session:
     scaler: torch.amp.GradScaler
     settings: dict                       # what a resumed run must share (saved in state.safetensors)
     meta: dict                           # metadata of the embedding file
+    val: ValidationSet | None            # fixed validation draws (medti/validation.py), or None
+    best: tuple | None = None            # (step, val_loss) of the best save so far
+
+    @property
+    def name(self) -> str:               # the token without <>: names the embedding files
+        return self.cfg.token.strip("<>")
 
     @property
     def out(self) -> Path:
         return Path(self.cfg.out)
 
 
-@torch.no_grad()
-def cache_latents(sd, images, flip: bool, seed: int) -> dict:
-    """Encode every training image once (and its mirror image with --flip): the VAE posterior's mean and
-    log-variance, plus one sample drawn now for --latents once. Kept on the CPU in fp32, unscaled."""
-    param = next(sd.vae.parameters())
-    if flip:
-        images = torch.cat([images, images.flip(-1)])   # rows N.. are the mirrored copies
-    means, logvars = [], []
-    for chunk in images.split(4):
-        mean, logvar = sd.vae.encode(chunk.to(param))
-        means.append(mean.float().cpu())
-        logvars.append(logvar.float().cpu())
-    mean, logvar = torch.cat(means), torch.cat(logvars)
-    noise = torch.randn(mean.shape, generator=torch.Generator().manual_seed(seed))
-    return {"mean": mean, "logvar": logvar, "once": posterior_sample(mean, logvar, noise)}
-
-
-def load_data(cfg: TrainConfig):
-    """The training images at cfg.resolution; skipped files are listed in one warning."""
+def load_data(cfg: TrainConfig, flag: str = "data"):
+    """The images of --data (or --val) at cfg.resolution; skipped files are listed in one warning."""
     channels = [c.strip() for c in cfg.channels.split(",")] if cfg.channels else None
-    data = load_dataset(cfg.data, cfg.resolution, cfg.preprocess, channels, cfg.strict)
+    try:
+        data = load_dataset(getattr(cfg, flag), cfg.resolution, cfg.preprocess, channels, cfg.strict)
+    except DataError as e:   # the message names the folder or file; say which flag it came from
+        raise TrainError(f"{arg(flag)} {e}") from None
     if data.skipped:
-        print(f"warning: skipped {len(data.skipped)} file(s): " +
+        print(f"warning: skipped {len(data.skipped)} file(s) in {arg(flag)}: " +
               "; ".join(f"{name} ({why})" for name, why in data.skipped), file=sys.stderr)
     return data
 
@@ -114,7 +111,11 @@ def setup(cfg: TrainConfig, plan: Plan) -> Session:
     if cfg.resolution % sd.config.size_multiple:
         raise TrainError(f"{arg('resolution')} {cfg.resolution}: must be a multiple of {sd.config.size_multiple}")
     data = load_data(cfg)
-    cache = cache_latents(sd, data.images, cfg.flip, cfg.seed)
+    images, held = hold_out(data, load_data(cfg, "val") if cfg.val else None, plan.val_fraction, cfg.seed)
+    cache = cache_latents(sd, images, cfg.flip, cfg.seed)
+    # validation latents: the posterior mean, unflipped (a fixed, noise-free latent of each image as it is)
+    val = held and ValidationSet(cache_latents(sd, held.images, False, 0)["mean"] * sd.scale_factor,
+                                 held.names, cfg.val_draws, cfg.seed, cfg.token, plan.prompts)
     sd.vae.to("cpu")
     vectors = torch.nn.Parameter(attach_token(sd, cfg, plan.prompts).to(plan.device))
     optimizer = torch.optim.AdamW([vectors], lr=lr_at(plan.schedule, 0), weight_decay=0.0)
@@ -124,29 +125,30 @@ def setup(cfg: TrainConfig, plan: Plan) -> Session:
     if cfg.checkpointing == "on" or (cfg.checkpointing == "auto" and plan.device.type == "cuda"):
         enable_checkpointing(sd)
     settings = {k: v for k, v in dataclasses.asdict(cfg).items() if k not in MAY_CHANGE}
-    settings["data_fingerprint"] = data.fingerprint
+    settings["data_fingerprint"] = data.fingerprint   # with --val-fraction: of all of --data, held-out part too
+    if held:
+        settings["validation"] = {**held.about, "draws": cfg.val_draws, "files": held.names}
     meta = {"token": cfg.token, "vectors": str(cfg.vectors), "base_model": str(sd.preset or cfg.model),
             "base_sha256": sha256_of(sd.path), "init": cfg.init, "lr": cfg.lr, "data_sha256": data.fingerprint}
-    return Session(cfg, plan, sd, cache, vectors, optimizer, scaler, settings, meta)
-
-
-def check_out(cfg: TrainConfig):
-    """A used --out needs --resume and --resume needs a used --out (checked once the folder is ours)."""
-    state = Path(cfg.out) / "state.safetensors"
-    if state.exists() and not cfg.resume:
-        raise TrainError(f"{arg('out')} {cfg.out} holds a run already; pass {arg('resume')} to continue it or "
-                         f"choose another {arg('out')} folder")
-    if cfg.resume and not state.exists():
-        raise TrainError(f"{arg('resume')}: {cfg.out} has no state.safetensors to continue from")
+    return Session(cfg, plan, sd, cache, vectors, optimizer, scaler, settings, meta, val)
 
 
 def start_or_resume(s: Session) -> int:
     """The step to start from: 0 with an empty log, or the last save's step with its vectors, AdamW and grad-scaler
-    state restored and the log cut back to that step (the steps after it are done again, identically)."""
+    state restored and the log cut back to that step (the steps after it are done again, identically). With
+    validation: val.txt names its images, and the best save so far is recovered (not reset) on resume."""
     log = s.out / "log.jsonl"
-    if not s.cfg.resume:
-        write_log(log, [])
-        return 0
+    step = resume(s) if s.cfg.resume else 0
+    records = [record for record in read_log(log) if record["step"] <= step] if s.cfg.resume else []
+    write_log(log, records)
+    if s.val:
+        write_atomic(s.out / "val.txt", "".join(f"{name}\n" for name in s.val.names).encode())
+        s.best = best_so_far(records, s.out / f"{s.name}-best.safetensors", step)
+    return step
+
+
+def resume(s: Session) -> int:
+    """Restore the last save (vectors, AdamW, grad scaler) after checking it was made with these settings."""
     step, scaler_state, before = load_state(s.out / "state.safetensors", s.vectors, s.optimizer)
     # runs saved before --demo left the training settings stored "demo": false; it never changed training
     before = {k: v for k, v in before.items() if not (k == "demo" and v is False)}
@@ -155,7 +157,6 @@ def start_or_resume(s: Session) -> int:
         raise TrainError(f"{arg('resume')}: {s.cfg.out} was trained with other settings ({', '.join(changed)})")
     if scaler_state:   # empty unless training in fp16
         s.scaler.load_state_dict(scaler_state)
-    write_log(log, [record for record in read_log(log) if record["step"] <= step])
     return step
 
 
@@ -181,12 +182,6 @@ def get_batch(s: Session, step: int, micro: int) -> tuple:
     texts = [s.plan.prompts[int(i)] for i in torch.randint(0, len(s.plan.prompts), (cfg.batch,), generator=g)]
     device = s.plan.device
     return (latents * s.sd.scale_factor).to(device), noise.to(device), t.to(device), texts
-
-
-def set_lr(optimizer, lr: float) -> float:
-    for group in optimizer.param_groups:
-        group["lr"] = lr
-    return lr
 
 
 def report(s: Session, record: dict):
@@ -230,29 +225,36 @@ def loop(s: Session, step: int) -> Path:
         s.scaler.update()
         step += 1
         rate = (step - first) / (time.perf_counter() - began)
-        report(s, {"step": step, "loss": loss_sum, "lr": lr, "grad_norm": grad_norm, "it_s": round(rate, 3),
-                   "vector_norm": s.vectors.detach().norm(dim=1).mean().item(), "skipped": not finite})
-        if step % cfg.save_every == 0 or step == cfg.max_steps:
-            save(s, step)
+        record = {"step": step, "loss": loss_sum, "lr": lr, "grad_norm": grad_norm, "it_s": round(rate, 3),
+                  "vector_norm": s.vectors.detach().norm(dim=1).mean().item(), "skipped": not finite}
+        saving = step % cfg.save_every == 0 or step == cfg.max_steps
+        if saving and s.val:   # on the save step's own record, before it is logged and plotted
+            record["val_loss"] = validation_loss(s.sd, s.vectors, s.val)
+        report(s, record)
+        if saving:
+            save(s, step, record.get("val_loss"))
         if cfg.preview_every and step % cfg.preview_every == 0:
             preview(s, step)
     print(f"done: {step} steps ({skipped} skipped as non-finite in this session)", file=sys.stderr)
-    return s.out / f"{cfg.token.strip('<>')}.safetensors"
+    return s.out / f"{s.name}.safetensors"
 
 
-def save(s: Session, step: int):
-    """Embedding (atomic; also a copy per step), resumable state and the loss plot. Never a NaN: non-finite
-    steps are skipped before they reach the vectors, and this is checked once more here."""
+def save(s: Session, step: int, val_loss: float | None):
+    """Embedding (atomic; also a copy per step), the best one by validation loss, resumable state and the loss plot.
+    Never a NaN: non-finite steps are skipped before they reach the vectors, and this is checked once more here.
+    The best file is written before the state: a crash between them resumes from the save before and redoes both."""
     if not torch.isfinite(s.vectors).all():
         raise TrainError(f"step {step}: the vectors are not finite; nothing was saved over the last good file")
-    name = s.cfg.token.strip("<>")
     learned = emb.Embedding(s.cfg.token, s.vectors.detach().float().cpu().clone(), {**s.meta, "step": str(step)})
-    emb.write(s.out / f"{name}.safetensors", learned)
-    emb.write(s.out / f"{name}-{step}.safetensors", learned)
+    emb.write(s.out / f"{s.name}.safetensors", learned)
+    emb.write(s.out / f"{s.name}-{step}.safetensors", learned)
+    if val_loss is not None:
+        s.best = keep_best(s.best, step, val_loss, learned, s.out / f"{s.name}-best.safetensors")
     save_state(s.out / "state.safetensors", s.vectors, s.optimizer, s.scaler.state_dict(), step, s.settings)
     records = read_log(s.out / "log.jsonl")
+    val = [(r["step"], r["val_loss"]) for r in records if "val_loss" in r]
     plot_curve([r["step"] for r in records], [r["loss"] for r in records], s.out / "loss.png",
-               f"{s.cfg.token}: training loss over {step} steps")
+               f"{s.cfg.token}: training loss over {step} steps", validation=val)
 
 
 @torch.no_grad()
