@@ -74,6 +74,16 @@ def check_args(args):
         raise EvalError(f"--kid-subset-size {args.kid_subset_size}: must be at least 2")
 
 
+def check_sizes(args, n_real: int, n_fake: int):
+    """The set sizes against --k and --kid-subset-size, before any image is encoded."""
+    if args.k >= min(n_real, n_fake):
+        raise EvalError(f"--k {args.k}: each set needs more than k images for a k-th neighbour ({n_real} real, "
+                        f"{n_fake} synthetic); give a smaller --k or more images")
+    if args.kid_subset_size is not None and args.kid_subset_size > min(n_real, n_fake):
+        raise EvalError(f"--kid-subset-size {args.kid_subset_size}: larger than the smaller set ({n_real} real, "
+                        f"{n_fake} synthetic images); give at most {min(n_real, n_fake)}")
+
+
 def progress(what: str, done: int, total: int):
     end = "\n" if done == total or not sys.stderr.isatty() else "\r"
     print(f"encoding {what} images: {done}/{total}", end=end, file=sys.stderr, flush=True)
@@ -119,9 +129,13 @@ def run(args):
     # Both sets are read before the network is loaded or anything encoded: a wrong folder fails in seconds.
     real_set = None if Path(args.real).suffix == STATS_SUFFIX else load_set(args.real, "real", minimum=2)
     fake_set = load_set(args.fake, "fake", minimum=2) if args.fake else None
+    if real_set and fake_set:
+        check_sizes(args, len(real_set.names), len(fake_set.names))
     net = load_network(args.features, args.inception, args.dinov2, device, args.antialias)
     print(f"{net.name}: {net.weights} (sha256 {net.weights_sha256[:12]})", file=sys.stderr)
     real = real_side(args, net, real_set)
+    if fake_set and not real_set:   # a statistics file: its image count is known once it is read
+        check_sizes(args, len(real.names), len(fake_set.names))
     if args.save_stats:
         save_stats(args.save_stats, real, net)
         print(f"wrote {args.save_stats} ({len(real.names)} images)", file=sys.stderr)

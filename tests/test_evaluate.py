@@ -27,6 +27,13 @@ def _run(*argv) -> int:
     return evaluate.main([str(a) for a in argv])
 
 
+def _error(capsys) -> str:
+    """The one error line of a failed run (stderr also carries progress lines, e.g. which weights were loaded)."""
+    errors = [line for line in capsys.readouterr().err.splitlines() if line.startswith("error: ")]
+    assert len(errors) == 1, errors
+    return errors[0]
+
+
 def _uint8(folder) -> torch.Tensor:
     files = sorted(folder.glob("*.png"))
     return torch.stack([torch.from_numpy(np.asarray(Image.open(f).convert("RGB")).copy()).permute(2, 0, 1)
@@ -36,7 +43,8 @@ def _uint8(folder) -> torch.Tensor:
 @pytest.fixture(scope="module")
 def sets(tmp_path_factory):
     root = tmp_path_factory.mktemp("eval")
-    return _write_set(root / "real", 12, seed=1), _write_set(root / "fake", 10, seed=2, mode="RGB")
+    # equal sizes: torchmetrics' KID is right only for equal set sizes (its cross term divides by m²)
+    return _write_set(root / "real", 6, seed=1), _write_set(root / "fake", 6, seed=2, mode="RGB")
 
 
 @pytest.fixture(scope="module")
@@ -44,7 +52,7 @@ def report(sets, inception_file, tmp_path_factory):
     real, fake = sets
     out = tmp_path_factory.mktemp("eval-out") / "report"
     assert _run("--real", real, "--fake", fake, "--out", out, "--inception", inception_file, "--kid-subsets", 5,
-                "--kid-subset-size", 6, "--save-features", out.parent / "features.safetensors") == 0
+                "--kid-subset-size", 4, "--save-features", out.parent / "features.safetensors") == 0
     return out, json.loads((out / "report.json").read_text())
 
 
@@ -53,11 +61,13 @@ def test_figures_equal_torchmetrics_with_torch_fidelity_network(sets, report, in
     (the network of the reference study) — here loading the same weights file, so the whole chain is compared:
     image reading, resize, network, statistics and distance. KID with one subset of all images is the full-set
     MMD² (a subset of all images is a permutation, and MMD² does not depend on the order)."""
-    from torch_fidelity.feature_extractor_inceptionv3 import FeatureExtractorInceptionV3
-    from torchmetrics.image.fid import FrechetInceptionDistance
+    from torchmetrics.image.fid import FrechetInceptionDistance, NoTrainInceptionV3
     from torchmetrics.image.kid import KernelInceptionDistance
     real, fake = _uint8(sets[0]), _uint8(sets[1])
-    net = FeatureExtractorInceptionV3("inception-v3-compat", ["2048"], feature_extractor_weights_path=inception_file)
+    # torchmetrics' own wrapper of torch-fidelity's FeatureExtractorInceptionV3; antialias=False is the TF 1.x
+    # resize (torchmetrics 1.9's default is antialiased: tested against --antialias below)
+    net = NoTrainInceptionV3("inception-v3-compat", ["2048"], feature_extractor_weights_path=str(inception_file),
+                             antialias=False)
     fid = FrechetInceptionDistance(feature=net)
     kid = KernelInceptionDistance(feature=net, subsets=1, subset_size=len(fake))
     for metric in (fid, kid):
@@ -68,7 +78,7 @@ def test_figures_equal_torchmetrics_with_torch_fidelity_network(sets, report, in
     # the convolutions); FID is a difference of traces of ~1e2, so 1e-4 relative bounds it with room.
     assert figures["fid"] == pytest.approx(float(fid.compute()), rel=1e-4)
     assert figures["kid"] == pytest.approx(float(kid.compute()[0]), rel=1e-4, abs=1e-7)
-    assert figures["n_real"] == 12 and figures["n_fake"] == 10 and figures["kid_subset_size"] == 6
+    assert figures["n_real"] == 6 and figures["n_fake"] == 6 and figures["kid_subset_size"] == 4
     assert 0 <= figures["precision"] <= 1 and 0 <= figures["recall"] <= 1
     assert figures["weights_official"] is False   # random weights: the report must not call them official
 
@@ -94,7 +104,7 @@ def test_saved_features_are_the_rows_of_each_set(report, sets):
         real, fake = f.get_tensor("real"), f.get_tensor("fake")
     assert json.loads(meta["real_files"]) == [p.name for p in sorted(sets[0].glob("*.png"))]
     assert json.loads(meta["fake_files"]) == [p.name for p in sorted(sets[1].glob("*.png"))]
-    assert real.shape == (12, 2048) and fake.shape == (10, 2048)
+    assert real.shape == (6, 2048) and fake.shape == (6, 2048)
 
 
 def test_stats_file_gives_the_same_figures(sets, report, inception_file, tmp_path):
@@ -103,7 +113,7 @@ def test_stats_file_gives_the_same_figures(sets, report, inception_file, tmp_pat
     assert _run("--real", real, "--save-stats", stats, "--inception", inception_file) == 0
     out = tmp_path / "again"
     assert _run("--real", stats, "--fake", fake, "--out", out, "--inception", inception_file, "--kid-subsets", 5,
-                "--kid-subset-size", 6) == 0
+                "--kid-subset-size", 4) == 0
     again, first = json.loads((out / "report.json").read_text()), report[1]
     # The same float32 features and the same seed: identical arithmetic, so equal to the last bit.
     for key in ("fid", "kid", "kid_mean", "kid_std", "precision", "recall"):
@@ -124,8 +134,8 @@ def test_stats_file_checks(sets, inception_file, tmp_path, capsys):
     for path, words in ((bad, "mu has shape"), (foreign, "not a medti statistics file"), (other, "made with")):
         capsys.readouterr()
         assert _run("--real", path, "--fake", fake, "--out", tmp_path / "o", "--inception", inception_file) == 2
-        err = capsys.readouterr().err
-        assert words in err and err.count("\n") == 1 and str(path) in err
+        err = _error(capsys)
+        assert words in err and str(path) in err
         assert not (tmp_path / "o").exists()
 
 
@@ -143,8 +153,8 @@ def test_run_folder_as_fake_leaves_out_the_grid(sets, inception_file, tmp_path):
 
 
 def test_sizes_may_differ(tmp_path, inception_file):
-    real = _write_set(tmp_path / "r", 5, size=(80, 64), seed=4)
-    fake = _write_set(tmp_path / "f", 5, size=(200, 200), seed=5)
+    real = _write_set(tmp_path / "r", 4, size=(80, 64), seed=4)
+    fake = _write_set(tmp_path / "f", 4, size=(200, 200), seed=5)
     out = tmp_path / "o"
     assert _run("--real", real, "--fake", fake, "--out", out, "--inception", inception_file) == 0
     figures = json.loads((out / "report.json").read_text())
@@ -154,6 +164,7 @@ def test_sizes_may_differ(tmp_path, inception_file):
 @pytest.mark.parametrize("case, words", [
     ("empty", "0 usable image(s)"), ("single", "1 usable image(s)"), ("no-out", "--out DIR is needed"),
     ("nothing", "nothing to do"), ("stats-suffix", "name the file *.npz"), ("missing", "no such folder"),
+    ("k", "--k 6: each set needs more than k images"), ("subset", "--kid-subset-size 9: larger than the smaller"),
 ])
 def test_bad_input_is_one_line(case, words, sets, inception_file, tmp_path, capsys):
     real, fake = sets
@@ -165,10 +176,11 @@ def test_bad_input_is_one_line(case, words, sets, inception_file, tmp_path, caps
             "single": ["--real", real, "--fake", single, "--out", out],
             "no-out": ["--real", real, "--fake", fake], "nothing": ["--real", real],
             "stats-suffix": ["--real", real, "--save-stats", tmp_path / "s.json"],
-            "missing": ["--real", tmp_path / "nope", "--fake", fake, "--out", out]}[case]
+            "missing": ["--real", tmp_path / "nope", "--fake", fake, "--out", out],
+            "k": ["--real", real, "--fake", fake, "--out", out, "--k", 6],
+            "subset": ["--real", real, "--fake", fake, "--out", out, "--kid-subset-size", 9]}[case]
     assert _run(*argv, "--inception", inception_file) == 2
-    err = capsys.readouterr().err
-    assert words in err and err.count("\n") == 1 and err.startswith("error: ")
+    assert words in _error(capsys)
     assert not out.exists() and not (tmp_path / "s.json").exists()
 
 
@@ -176,6 +188,15 @@ def test_wrong_weights_file_is_one_line(sets, tmp_path, capsys):
     wrong = tmp_path / "unet.pth"
     torch.save({"conv.weight": torch.zeros(1)}, wrong)
     assert _run("--real", sets[0], "--fake", sets[1], "--out", tmp_path / "o", "--inception", wrong) == 2
-    err = capsys.readouterr().err
-    assert str(wrong) in err and err.count("\n") == 1
+    assert str(wrong) in _error(capsys)
     assert not (tmp_path / "o").exists()
+
+
+def test_statistics_of_the_other_resize_are_refused(sets, inception_file, tmp_path, capsys):
+    """--antialias (torchmetrics 1.9's default resize) gives other features: a TF1-resize statistics file must
+    not silently be mixed with them."""
+    stats = tmp_path / "tf1.npz"
+    assert _run("--real", sets[0], "--save-stats", stats, "--inception", inception_file) == 0
+    assert _run("--real", stats, "--fake", sets[1], "--out", tmp_path / "o", "--inception", inception_file,
+                "--antialias") == 2
+    assert "antialiased resize" in _error(capsys) and not (tmp_path / "o").exists()
