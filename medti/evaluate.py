@@ -3,6 +3,7 @@
     python -m medti.evaluate --real data/cardiomegaly --fake synthetic/cardiomegaly --out eval/cardiomegaly
     python -m medti.evaluate --real data/cardiomegaly --save-stats real-stats.npz
     python -m medti.evaluate --real real-stats.npz --fake synthetic/cardiomegaly --out eval/cardiomegaly
+    python -m medti.evaluate --run runs/cardiomegaly --real data/cardiomegaly --out eval/run --n 50
 
 FID, KID (full sets, and mean +- std over subsets), precision/recall and MS-SSIM diversity, computed as
 torchmetrics, torch-fidelity and pytorch-msssim compute them (the equality is tested on identical weights), on
@@ -15,13 +16,16 @@ from pathlib import Path
 
 import torch
 
+from minisd.sampling import SAMPLERS
+
 from .cli import resolve_device, run_main
 from .files import claim_folder
-from .quality import metrics, msssim
 from .quality.features import DEFAULT_DINOV2, FEATURES, EvalError, encode, load_network
 from .quality.folders import load_set
 from .quality.report import write_report
-from .quality.stats import from_features, load_stats, save_features, save_stats
+from .quality.run_scores import score_run
+from .quality.scoring import check_sizes, progress, real_side, score
+from .quality.stats import save_features, save_stats
 
 EXAMPLE = """examples:
   python -m medti.evaluate --real data/cardiomegaly --fake synthetic/cardiomegaly --out eval/cardiomegaly
@@ -50,77 +54,39 @@ def build_parser() -> argparse.ArgumentParser:
     add("--ms-ssim-pairs", type=int, default=1000, help="at most this many random pairs per set (default: 1000)")
     add("--seed", type=int, default=0, help="draws KID subsets and MS-SSIM pairs (default: 0)")
     add("--batch", type=int, default=32, help="images per network call (default: 32)")
+    run = p.add_argument_group("scoring a training run's saved steps (--run)")
+    run.add_argument("--run", metavar="DIR", help="a medti.train --out folder: score each <name>-<step>.safetensors")
+    run.add_argument("--model", help="base model (default: the one the run's embedding names)")
+    run.add_argument("--config", help="config JSON for a --model file outside the presets")
+    run.add_argument("--prompt", help="prompt (default: the token alone, as the run trained)")
+    run.add_argument("--n", type=int, default=50, help="images per step (default: 50)")
+    run.add_argument("--steps", type=int, default=25, help="sampler steps (default: 25)")
+    run.add_argument("--sampler", choices=list(SAMPLERS), default="dpmpp_2m", help="sampler (default: dpmpp_2m)")
     add("--device", default="cuda" if torch.cuda.is_available() else "cpu", help="cpu or cuda[:N]")
     return p
 
 
 def check_args(args):
     """Every flag mistake before anything is loaded or encoded."""
-    if not args.fake and not args.save_stats:
-        raise EvalError("nothing to do: give --fake FOLDER (with --out DIR) to evaluate, or --save-stats FILE to "
-                        "encode the real set once")
-    if args.fake and not args.out:
-        raise EvalError("--out DIR is needed with --fake: it receives report.json, report.md and the plots")
+    if args.fake and args.run:
+        raise EvalError("--fake and --run exclude each other: score one folder of images, or a run's saved steps")
+    if not args.fake and not args.run and not args.save_stats:
+        raise EvalError("nothing to do: give --fake FOLDER (with --out DIR) to evaluate, --run DIR to score a "
+                        "training run's saved steps, or --save-stats FILE to encode the real set once")
+    if (args.fake or args.run) and not args.out:
+        raise EvalError(f"--out DIR is needed with {'--fake' if args.fake else '--run'}: it receives the reports "
+                        "and plots")
     if args.save_stats and Path(args.real).suffix == STATS_SUFFIX:
         raise EvalError(f"--real {args.real} is already a statistics file; --save-stats needs an image folder")
     if args.save_stats and Path(args.save_stats).suffix != STATS_SUFFIX:
         raise EvalError(f"--save-stats {args.save_stats}: name the file *{STATS_SUFFIX} (it is a NumPy archive)")
     if args.save_features and Path(args.save_features).suffix != ".safetensors":
         raise EvalError(f"--save-features {args.save_features}: name the file *.safetensors")
-    for flag in ("kid_subsets", "k", "ms_ssim_pairs", "batch"):
+    for flag in ("kid_subsets", "k", "ms_ssim_pairs", "batch", "n", "steps"):
         if getattr(args, flag) < 1:
             raise EvalError(f"--{flag.replace('_', '-')} {getattr(args, flag)}: must be at least 1")
     if args.kid_subset_size is not None and args.kid_subset_size < 2:
         raise EvalError(f"--kid-subset-size {args.kid_subset_size}: must be at least 2")
-
-
-def check_sizes(args, n_real: int, n_fake: int):
-    """The set sizes against --k and --kid-subset-size, before any image is encoded."""
-    if args.k >= min(n_real, n_fake):
-        raise EvalError(f"--k {args.k}: each set needs more than k images for a k-th neighbour ({n_real} real, "
-                        f"{n_fake} synthetic); give a smaller --k or more images")
-    if args.kid_subset_size is not None and args.kid_subset_size > min(n_real, n_fake):
-        raise EvalError(f"--kid-subset-size {args.kid_subset_size}: larger than the smaller set ({n_real} real, "
-                        f"{n_fake} synthetic images); give at most {min(n_real, n_fake)}")
-
-
-def progress(what: str, done: int, total: int):
-    end = "\n" if done == total or not sys.stderr.isatty() else "\r"
-    print(f"encoding {what} images: {done}/{total}", end=end, file=sys.stderr, flush=True)
-
-
-def diversity(images: list, args) -> dict:
-    """Mean pairwise MS-SSIM of one set, or the reason it could not be computed (images under the 5-scale minimum
-    size are reported, not upscaled: a diversity figure of upsampled images would describe the upsampling)."""
-    try:
-        mean, pairs = msssim.mean_pairwise(images, args.ms_ssim_pairs, torch.Generator().manual_seed(args.seed))
-    except msssim.MsSsimError as e:
-        return {"mean": None, "pairs": 0, "why": str(e)}
-    return {"mean": mean, "pairs": pairs}
-
-
-def real_side(args, net, real_set):
-    if real_set is None:
-        return load_stats(args.real, net)
-    features = encode(net, real_set.images, "real", args.batch, progress)
-    return from_features(features, real_set.names, diversity(real_set.images, args))
-
-
-def score(args, net, real, fake: torch.Tensor, fake_images: list) -> dict:
-    """Every figure of report.json, from the two feature sets (and the fake images for MS-SSIM)."""
-    mu, sigma = metrics.statistics(fake)
-    size = args.kid_subset_size or min(1000, len(real.names), len(fake))
-    kid = metrics.kid(real.features, fake, subset_size=size, subsets=args.kid_subsets,
-                      generator=torch.Generator().manual_seed(args.seed))
-    precision, recall = metrics.precision_recall(real.features, fake, k=args.k)
-    fake_diversity = diversity(fake_images, args)
-    real_diversity = real.ms_ssim or {"mean": None, "pairs": 0, "why": "not in the statistics file"}
-    return {"fid": metrics.frechet_distance(real.mu, real.sigma, mu, sigma), **kid,
-            "kid_subsets": args.kid_subsets, "kid_subset_size": size, "precision": precision, "recall": recall,
-            "k": args.k, "ms_ssim_fake": fake_diversity["mean"], "ms_ssim_real": real_diversity["mean"],
-            "ms_ssim_pairs": {"fake": fake_diversity["pairs"], "real": real_diversity["pairs"]},
-            "ms_ssim_notes": [d["why"] for d in (fake_diversity, real_diversity) if "why" in d],
-            "n_real": len(real.names), "n_fake": len(fake), "seed": args.seed}
 
 
 def run(args):
@@ -139,6 +105,11 @@ def run(args):
     if args.save_stats:
         save_stats(args.save_stats, real, net)
         print(f"wrote {args.save_stats} ({len(real.names)} images)", file=sys.stderr)
+    if args.run:
+        with claim_folder(args.out) as out:
+            score_run(args, net, real, out)
+        print(f"wrote {out / 'steps.md'}", file=sys.stderr)
+        return
     if fake_set is None:
         return
     with claim_folder(args.out) as out:

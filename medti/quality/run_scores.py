@@ -1,0 +1,103 @@
+"""Scoring a training run's saved steps: `python -m medti.evaluate --run runs/x --real data/x --out eval/x`.
+
+For every `<name>-<step>.safetensors` a training run saved, `--n` images are generated with that step's vectors
+(the same seeds for every step, so steps differ only by their vectors) into OUT/step-<step>/, and scored against
+the real set, which is encoded once. Written: OUT/steps.json (one record per step), OUT/steps.md (the table, with
+the run's val_loss beside it where the run logged one) and OUT/kid.png (KID against step). Re-running into the
+same OUT reuses the images already made (generation resumes), so adding steps or metrics costs only what is new.
+"""
+import json
+import re
+import sys
+from pathlib import Path
+
+from minisd.errors import arg
+
+from .. import generate
+from ..embeddings import read as read_embedding
+from ..files import write_atomic
+from ..plots import plot_curve
+from .features import EvalError, encode
+from .folders import load_set
+from .scoring import check_sizes, progress, score
+
+STEP_FILE = re.compile(r"^(?P<name>.+)-(?P<step>\d+)\.safetensors$")   # what medti.train writes at each save
+KEYS = ("fid", "kid", "kid_mean", "kid_std", "precision", "recall", "ms_ssim_fake", "n_fake")
+
+
+def step_files(run: Path) -> list:
+    """(step, file) of every saved step of a run, in step order."""
+    if not run.is_dir():
+        raise EvalError(f"{arg('run')} {run}: not a folder; give a medti.train --out folder")
+    found = sorted((int(m["step"]), p) for p in run.glob("*.safetensors") if (m := STEP_FILE.match(p.name)))
+    if not found:
+        raise EvalError(f"{arg('run')} {run}: no <name>-<step>.safetensors files; is this a medti.train --out "
+                        "folder with at least one save?")
+    return found
+
+
+def val_losses(run: Path) -> dict:
+    """step -> val_loss from the run's log.jsonl, where it logged one (medti.train --val); a torn line is skipped."""
+    losses = {}
+    log = run / "log.jsonl"
+    for line in log.read_text(encoding="utf-8").splitlines() if log.is_file() else []:
+        try:
+            record = json.loads(line)
+        except json.JSONDecodeError:
+            continue
+        if isinstance(record, dict) and record.get("val_loss") is not None:
+            losses[record["step"]] = record["val_loss"]
+    return losses
+
+
+def generation_argv(args, file: Path, folder: Path) -> list:
+    """medti.generate's command line for one step file; the base model defaults to the one the run trained on."""
+    emb = read_embedding(file)
+    model = args.model or emb.meta.get("base_model")
+    if not model:
+        raise EvalError(f"{file}: names no base model; give --model (and --config for a file outside the presets)")
+    argv = ["--model", model, "--embeddings", str(file), "--prompt", args.prompt or emb.token,
+            "--n", str(args.n), "--seed", str(args.seed), "--steps", str(args.steps), "--sampler", args.sampler,
+            "--device", args.device, "--out", str(folder)]
+    argv += ["--config", args.config] if args.config else []
+    return argv + (["--resume"] if (folder / "manifest.jsonl").exists() or list(folder.glob("*.png")) else [])
+
+
+def make_images(args, file: Path, folder: Path):
+    """Generate through medti.generate's own run(), so its checks and messages apply (its errors are user errors
+    and reach evaluate's one-line report), and its resume makes a re-run free."""
+    parsed = generate.build_parser().parse_args(generation_argv(args, file, folder))
+    generate.run(parsed)
+
+
+def markdown(rows: list, args) -> str:
+    best = min(rows, key=lambda r: r["kid"])
+    lines = [f"# Saved steps of {args.run} against {args.real}", "",
+             f"{args.n} images per step (seeds {args.seed}..{args.seed + args.n - 1}, {args.sampler}, "
+             f"{args.steps} steps); lowest KID at step {best['step']}.", "",
+             "| step | KID | KID subsets | FID | precision | recall | MS-SSIM | val_loss |", "|---" * 8 + "|"]
+    for r in rows:
+        ms = "-" if r["ms_ssim_fake"] is None else f"{r['ms_ssim_fake']:.4f}"
+        val = "-" if r["val_loss"] is None else f"{r['val_loss']:.5f}"
+        lines.append(f"| {r['step']} | {r['kid']:.5f} | {r['kid_mean']:.5f} ± {r['kid_std']:.5f} | {r['fid']:.2f} | "
+                     f"{r['precision']:.3f} | {r['recall']:.3f} | {ms} | {val} |")
+    return "\n".join(lines) + "\n"
+
+
+def score_run(args, net, real, out: Path):
+    """Generate, encode and score every saved step; steps.json is rewritten after each step, so a long run that
+    is interrupted keeps what it scored."""
+    steps, losses, rows = step_files(Path(args.run)), val_losses(Path(args.run)), []
+    for step, file in steps:
+        folder = out / f"step-{step}"
+        print(f"step {step}: generating {args.n} images into {folder}", file=sys.stderr)
+        make_images(args, file, folder)
+        fake_set = load_set(folder, "run", minimum=2)
+        check_sizes(args, len(real.names), len(fake_set.names))
+        fake = encode(net, fake_set.images, f"step {step}", args.batch, progress)
+        figures = score(args, net, real, fake, fake_set.images)
+        rows.append({"step": step, "file": file.name, **{k: figures[k] for k in KEYS}, "val_loss": losses.get(step)})
+        write_atomic(out / "steps.json", (json.dumps(rows, indent=2, allow_nan=False) + "\n").encode())
+    write_atomic(out / "steps.md", markdown(rows, args).encode())
+    plot_curve([r["step"] for r in rows], [r["kid"] for r in rows], out / "kid.png",
+               f"KID of {args.n} images per saved step against {len(real.names)} real images", y_label="KID")

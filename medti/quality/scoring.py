@@ -1,0 +1,58 @@
+"""The figures of one synthetic set against the real one, shared by `python -m medti.evaluate` on a folder and
+on a training run's saved steps (medti.quality.run_scores). `args` is evaluate's parsed command line."""
+import sys
+
+import torch
+
+from . import metrics, msssim
+from .features import EvalError, encode
+from .stats import from_features, load_stats
+
+
+def check_sizes(args, n_real: int, n_fake: int):
+    """The set sizes against --k and --kid-subset-size, before any image is encoded."""
+    if args.k >= min(n_real, n_fake):
+        raise EvalError(f"--k {args.k}: each set needs more than k images for a k-th neighbour ({n_real} real, "
+                        f"{n_fake} synthetic); give a smaller --k or more images")
+    if args.kid_subset_size is not None and args.kid_subset_size > min(n_real, n_fake):
+        raise EvalError(f"--kid-subset-size {args.kid_subset_size}: larger than the smaller set ({n_real} real, "
+                        f"{n_fake} synthetic images); give at most {min(n_real, n_fake)}")
+
+
+def progress(what: str, done: int, total: int):
+    end = "\n" if done == total or not sys.stderr.isatty() else "\r"
+    print(f"encoding {what} images: {done}/{total}", end=end, file=sys.stderr, flush=True)
+
+
+def diversity(images: list, args) -> dict:
+    """Mean pairwise MS-SSIM of one set, or the reason it could not be computed (images under the 5-scale minimum
+    size are reported, not upscaled: a diversity figure of upsampled images would describe the upsampling)."""
+    try:
+        mean, pairs = msssim.mean_pairwise(images, args.ms_ssim_pairs, torch.Generator().manual_seed(args.seed))
+    except msssim.MsSsimError as e:
+        return {"mean": None, "pairs": 0, "why": str(e)}
+    return {"mean": mean, "pairs": pairs}
+
+
+def real_side(args, net, real_set):
+    if real_set is None:
+        return load_stats(args.real, net)
+    features = encode(net, real_set.images, "real", args.batch, progress)
+    return from_features(features, real_set.names, diversity(real_set.images, args))
+
+
+def score(args, net, real, fake: torch.Tensor, fake_images: list) -> dict:
+    """Every figure of report.json, from the two feature sets (and the fake images for MS-SSIM)."""
+    mu, sigma = metrics.statistics(fake)
+    size = args.kid_subset_size or min(1000, len(real.names), len(fake))
+    kid = metrics.kid(real.features, fake, subset_size=size, subsets=args.kid_subsets,
+                      generator=torch.Generator().manual_seed(args.seed))
+    precision, recall = metrics.precision_recall(real.features, fake, k=args.k)
+    fake_diversity = diversity(fake_images, args)
+    real_diversity = real.ms_ssim or {"mean": None, "pairs": 0, "why": "not in the statistics file"}
+    return {"fid": metrics.frechet_distance(real.mu, real.sigma, mu, sigma), **kid,
+            "kid_subsets": args.kid_subsets, "kid_subset_size": size, "precision": precision, "recall": recall,
+            "k": args.k, "ms_ssim_fake": fake_diversity["mean"], "ms_ssim_real": real_diversity["mean"],
+            "ms_ssim_pairs": {"fake": fake_diversity["pairs"], "real": real_diversity["pairs"]},
+            "ms_ssim_notes": [d["why"] for d in (fake_diversity, real_diversity) if "why" in d],
+            "n_real": len(real.names), "n_fake": len(fake), "seed": args.seed}
