@@ -35,8 +35,9 @@ def test_dinov2_features_through_the_cli(tmp_path):
     against transformers and torch-fidelity's preparation in tests/test_dinov2.py)."""
     folder = tmp_path / "dinov2-small-random"
     torch.manual_seed(0)
-    randomize_(Dinov2Model(Dinov2Config(hidden_size=64, num_hidden_layers=2, num_attention_heads=4, patch_size=14,
-                                        image_size=98))).save_pretrained(folder)
+    ref = randomize_(Dinov2Model(Dinov2Config(hidden_size=64, num_hidden_layers=2, num_attention_heads=4,
+                                              patch_size=14, image_size=98)))
+    ref.save_pretrained(folder)
     real, fake = _write_set(tmp_path / "r", 6, seed=1), _write_set(tmp_path / "f", 6, seed=2)
     out = tmp_path / "o"
     assert evaluate.main(["--real", str(real), "--fake", str(fake), "--out", str(out), "--features", "dinov2",
@@ -44,8 +45,10 @@ def test_dinov2_features_through_the_cli(tmp_path):
     report = json.loads((out / "report.json").read_text())
     assert report["features"] == f"dinov2 {folder}" and report["weights_official"] is None
     want = _fid(Features(dinov2.features, dinov2.load_dinov2(folder), 64), _uint8(real), _uint8(fake))
-    # the same float32 features on both sides; float64 statistics and two eigen-solvers: 1e-6 relative is ample
-    assert abs(report["fid"] - want) <= 1e-6 * abs(want)
+    # The same float32 features on both sides, float64 statistics; torchmetrics' general (non-symmetric)
+    # eigen-solver leaves rounding-level terms in the 58 null directions of 6 images in 64 dimensions (1.5e-6
+    # relative measured here): 1e-5 relative. A wrong preparation moves the features by far more.
+    assert abs(report["fid"] - want) <= 1e-5 * abs(want)
 
 
 def test_antialias_equals_torchmetrics_19_default(inception_file, tmp_path):
