@@ -1,0 +1,152 @@
+"""Is any synthetic image a near-copy of a training patient? `python -m medti.audit`.
+
+    python -m medti.audit --train data/cardiomegaly --synthetic synthetic/cardiomegaly --out audit/cardiomegaly
+
+Every synthetic image gets its nearest training image and a similarity in [0, 1] (1: the same image up to noise,
+exposure, a shift of up to 6 % or a mirror); at or above --threshold it is flagged as a near-copy. No weights are
+downloaded: medti/quality/privacy.py explains the method and how the threshold was chosen.
+
+Writes into --out: audit.json (every image: file, nearest, similarity, flagged), audit.md (the report a privacy
+officer reads), flagged.png (each flagged image beside its nearest training image; only when something is flagged)
+and closest.png (the most similar unflagged pairs). Running again into the same folder replaces that audit, all of
+it; a folder holding anything else is refused. With --fail-on-flag the exit status is 3 when anything is flagged
+(after the outputs are written), so a pipeline can refuse to publish the set; 2 is a usage error.
+"""
+import argparse
+import sys
+from pathlib import Path
+
+from minisd.errors import UserError, arg
+
+from .cli import run_main
+from .files import claim_folder, write_atomic
+from .images import save_png
+from .quality import privacy
+from .quality.audit_report import Audit, outputs
+from .quality.folders import _manifest_records, load_set
+
+OUTPUTS = ("audit.json", "audit.md", "flagged.png", "closest.png")
+FLAGGED = 3   # exit status with --fail-on-flag when anything is flagged (argparse and user errors use 2)
+EXAMPLE = """example:
+  python -m medti.audit --train data/cardiomegaly --synthetic synthetic/cardiomegaly --out audit/cardiomegaly \\
+      --fail-on-flag"""
+
+
+class AuditError(UserError):
+    """A mistake in the audit's flags or folders, in one line."""
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="python -m medti.audit", description=__doc__.split("\n\n")[0], epilog=EXAMPLE,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--train", required=True, help="the training images (a folder, read like training data)")
+    p.add_argument("--synthetic", required=True, help="the synthetic images: a folder, a generation run's folder "
+                                                      "or its manifest.jsonl")
+    p.add_argument("--out", required=True, help="output folder (new, empty, or holding an earlier audit)")
+    p.add_argument("--manifest", help="the run's manifest.jsonl, for the prompt and seed of each flagged image "
+                                      "(found by itself when --synthetic is a run)")
+    p.add_argument("--threshold", type=float, default=privacy.THRESHOLD,
+                   help=f"flag at this similarity or more (default {privacy.THRESHOLD:g}, chosen and measured in "
+                        "tests/test_privacy.py)")
+    p.add_argument("--fail-on-flag", action="store_true", help=f"exit with status {FLAGGED} when anything is flagged")
+    return p
+
+
+def inside(path: Path, folder: Path) -> bool:
+    path, folder = path.resolve(), folder.resolve()
+    return path == folder or folder in path.parents
+
+
+def check_args(args):
+    """Everything that can be checked before a folder is made or an image read."""
+    if not 0 < args.threshold <= 1:   # NaN fails this too
+        raise AuditError(f"--threshold {args.threshold:g}: must be in (0, 1]; the default is {privacy.THRESHOLD:g}")
+    out, synthetic = Path(args.out), Path(args.synthetic)
+    synthetic = synthetic.parent if synthetic.is_file() else synthetic   # a manifest: its run's folder
+    for flag, given in (("train", Path(args.train)), ("synthetic", synthetic)):
+        if inside(out, given):
+            raise AuditError(f"--out {out} is inside {arg(flag)} {given}: the sheets hold training images and would "
+                             "be read as images next time; choose a folder outside it")
+    if args.manifest and not Path(args.manifest).is_file():
+        raise AuditError(f"--manifest {args.manifest}: no such file; give the run's manifest.jsonl")
+
+
+def check_folder(out: Path):
+    """Refuse a folder that holds anything but an earlier audit (hidden files, e.g. the lock, are ours or harmless)."""
+    strangers = sorted(p.name for p in out.iterdir() if p.name not in OUTPUTS and not p.name.startswith("."))
+    if strangers:
+        raise AuditError(f"--out {out} holds files that are not an audit's (e.g. {strangers[0]}); choose a new or "
+                         "empty folder")
+
+
+def manifest_records(args, synthetic) -> dict:
+    """Synthetic name -> manifest record: --manifest's, else the run's own (load_set found it)."""
+    if not args.manifest:
+        return synthetic.records
+    records = _manifest_records(Path(args.manifest), "manifest")
+    found = {name: records[name] for name in synthetic.names if name in records}
+    if not found:
+        raise AuditError(f"--manifest {args.manifest}: names none of the {len(synthetic.names)} images of --synthetic "
+                         "(its \"file\" entries must be their paths relative to that folder)")
+    return found
+
+
+def say(text: str):
+    """Progress, on stderr: stdout holds only the result line."""
+    print(f"medti.audit: {text}", file=sys.stderr)
+
+
+def compare(args) -> Audit:
+    say(f"reading {args.train} and {args.synthetic}")
+    train = load_set(args.train, "train", minimum=2)   # the template is the training set's mean: one is not a set
+    synthetic = load_set(args.synthetic, "synthetic")
+    records = manifest_records(args, synthetic)
+    say(f"comparing {len(synthetic.names)} synthetic with {len(train.names)} training images")
+    train_desc = privacy.descriptors(train.images)
+    ref = privacy.fit(train_desc)
+    match = privacy.nearest(ref, privacy.descriptors(synthetic.images))
+    own = privacy.nearest(ref, train_desc, exclude_self=True)   # how alike different training patients are
+    given = {"train": args.train, "synthetic": args.synthetic, "manifest": args.manifest}
+    return Audit(train, synthetic, match, own, args.threshold, records, given)
+
+
+def replace_outputs(out: Path, texts: dict, images: dict):
+    """The earlier audit's files go first, then the new ones, audit.json last: the folder never mixes two audits,
+    and a write that fails (disk full) takes the new files with it rather than leave half an audit."""
+    for name in OUTPUTS:
+        (out / name).unlink(missing_ok=True)
+    try:
+        for name, image in images.items():
+            save_png(out / name, image)
+        for name in ("audit.md", "audit.json"):
+            write_atomic(out / name, texts[name].encode())
+    except BaseException:
+        for name in OUTPUTS:
+            (out / name).unlink(missing_ok=True)
+        raise
+
+
+def run(args) -> int:
+    check_args(args)
+    with claim_folder(args.out) as out:
+        check_folder(out)
+        audit = compare(args)
+        replace_outputs(out, *outputs(audit))
+    n, m = len(audit.flagged), len(audit.synthetic.names)
+    print(f"{n} of {m} synthetic images flagged as near-copies (similarity >= {args.threshold:g}; highest "
+          f"{audit.match.similarity.max().item():.3f}); report: {out / 'audit.md'}")
+    if n and args.fail_on_flag:
+        print(f"flagged: {n} synthetic image(s) are near-copies of training images; see {out / 'audit.md'}",
+              file=sys.stderr)
+        return FLAGGED
+    return 0
+
+
+def main(argv=None) -> int:
+    status = []
+    code = run_main(build_parser(), lambda args: status.append(run(args)), argv)
+    return code or (status[0] if status else 0)
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

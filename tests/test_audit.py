@@ -1,0 +1,176 @@
+"""`python -m medti.audit` as a user meets it: its outputs, the manifest's prompts and seeds, --fail-on-flag as a
+gate, a second run into the same folder, and every bad input as one line with nothing left behind. The method's
+own figures are tests/test_privacy.py's; small simulated sets (128 px) keep this file quick."""
+import errno
+import json
+import subprocess
+import sys
+
+import pytest
+from PIL import Image, PngImagePlugin
+from test_privacy import chest
+
+from medti import audit as A
+from medti import files
+from medti.audit import main
+
+SIZE = 128
+
+
+def save(path, array, **text):
+    """A PNG; `text` goes into text chunks (how a DICOM export may carry a patient's name into a PNG)."""
+    info = PngImagePlugin.PngInfo()
+    for key, value in text.items():
+        info.add_text(key, value)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    Image.fromarray(array).save(path, pnginfo=info)
+
+
+@pytest.fixture
+def sets(tmp_path):
+    """train/ (10 patients, each PNG tagged with a fake patient name), run/ (a generation run: 00000.png copies
+    training patient 3, 00001.png is its mirror, 00002-00005.png are other patients, with manifest.jsonl) and
+    clean/ (the four other patients alone)."""
+    for i in range(10):
+        save(tmp_path / "train" / "case" / f"p{i}.png", chest(i, SIZE), PatientName=f"DOE^JOHN{i}")
+    images = [chest(3, SIZE), chest(3, SIZE)[:, ::-1].copy()] + [chest(500 + j, SIZE) for j in range(4)]
+    lines = []
+    for i, image in enumerate(images):
+        save(tmp_path / "run" / f"{i:05d}.png", image)
+        lines.append(json.dumps({"file": f"{i:05d}.png", "prompt": f"x-ray <cxr> {i}", "seed": 100 + i,
+                                 "init_image": "/secret/patient.png"}))
+        if i >= 2:
+            save(tmp_path / "clean" / f"{i:05d}.png", image)
+    (tmp_path / "run" / "manifest.jsonl").write_text("\n".join(lines) + "\n")
+    return tmp_path
+
+
+def audit(tmp, synthetic="run", out="out", *extra):
+    return main(["--train", str(tmp / "train"), "--synthetic", str(tmp / synthetic), "--out", str(tmp / out),
+                 *map(str, extra)])
+
+
+def one_line_error(capsys) -> str:
+    err = [line for line in capsys.readouterr().err.splitlines() if not line.startswith("medti.audit: ")]
+    assert len(err) == 1 and err[0].startswith("error: "), err
+    return err[0]
+
+
+def test_outputs_one_entry_per_image_with_prompt_and_seed_of_the_flagged(sets, capsys):
+    assert audit(sets) == 0
+    out = sets / "out"
+    assert sorted(p.name for p in out.iterdir()) == [".lock", "audit.json", "audit.md", "closest.png", "flagged.png"]
+    found = json.loads((out / "audit.json").read_text())
+    images, summary = found["images"], found["summary"]
+    assert [e["file"] for e in images] == [f"{i:05d}.png" for i in range(6)]   # relative to --synthetic
+    assert [e["flagged"] for e in images] == [True, True, False, False, False, False]
+    assert images[0]["nearest"] == images[1]["nearest"] == "case/p3.png"         # relative to --train
+    assert images[1]["mirrored"] and not images[0]["mirrored"]
+    assert (images[0]["prompt"], images[0]["seed"]) == ("x-ray <cxr> 0", 100) and "prompt" not in images[2]
+    assert all(0 <= e["similarity"] <= 1 for e in images) and images[0]["similarity"] == 1.0
+    assert (summary["flagged"], summary["n_synthetic"], summary["n_train"]) == (2, 6, 10)
+    assert summary["threshold"] == 0.9 and "no weights" in summary["method"]
+    assert summary["sheets"] == {"flagged.png": "flagged.png", "closest.png": "closest.png"}
+    flagged = Image.open(out / "flagged.png")
+    assert flagged.size == (4 * 256, 256)   # two pairs side by side: synthetic | training, synthetic | training
+    assert "Verdict: 2 of 6 synthetic images are flagged" in (out / "audit.md").read_text()
+    assert "2 of 6 synthetic images flagged" in capsys.readouterr().out
+
+
+def test_no_patient_identifier_reaches_an_output(sets):
+    """Only names relative to the folders given leave the audit (and audit.md names those folders as typed): not a
+    PNG text chunk of a training image, not the manifest's path of an init image; the sheets carry no text chunk."""
+    assert audit(sets) == 0
+    for path in (sets / "out").iterdir():
+        data = path.read_bytes()
+        assert b"DOE^JOHN" not in data and b"/secret/" not in data, path.name
+        if path.name == "audit.json":
+            assert str(sets).encode() not in data
+        if path.suffix == ".png":
+            assert not Image.open(path).text
+
+
+def test_manifest_flag_for_a_plain_folder(sets):
+    (sets / "plain").mkdir()
+    for i in (0, 2):
+        (sets / "plain" / f"{i:05d}.png").write_bytes((sets / "run" / f"{i:05d}.png").read_bytes())
+    assert audit(sets, "plain", "out", "--manifest", sets / "run" / "manifest.jsonl") == 0
+    images = json.loads((sets / "out" / "audit.json").read_text())["images"]
+    assert (images[0]["file"], images[0]["seed"]) == ("00000.png", 100)
+
+
+def test_fail_on_flag_exits_3_after_writing_and_0_when_clean(sets, capsys):
+    assert audit(sets, "run", "out", "--fail-on-flag") == A.FLAGGED == 3
+    err = capsys.readouterr().err.strip().splitlines()[-1]
+    assert err.startswith("flagged: 2 synthetic image(s) are near-copies") and (sets / "out" / "audit.json").exists()
+    assert audit(sets, "clean", "clean-out", "--fail-on-flag") == 0
+    out = sets / "clean-out"
+    assert not (out / "flagged.png").exists() and (out / "closest.png").exists()
+    assert "no synthetic image is a near-copy" in (out / "audit.md").read_text()
+    assert json.loads((out / "audit.json").read_text())["summary"]["sheets"]["flagged.png"] is None
+
+
+def test_a_second_run_replaces_the_audit_and_a_foreign_folder_is_refused(sets, capsys):
+    assert audit(sets) == 0 and (sets / "out" / "flagged.png").exists()
+    assert audit(sets, "clean") == 0   # same --out, nothing flagged now: the old flagged.png must not survive
+    assert not (sets / "out" / "flagged.png").exists()
+    assert json.loads((sets / "out" / "audit.json").read_text())["summary"]["n_synthetic"] == 4
+    (sets / "mine").mkdir()
+    (sets / "mine" / "notes.txt").write_text("keep")
+    capsys.readouterr()
+    assert audit(sets, "run", "mine") == 2
+    assert "holds files that are not an audit's (e.g. notes.txt)" in one_line_error(capsys)
+    assert sorted(p.name for p in (sets / "mine").iterdir()) == [".lock", "notes.txt"]
+
+
+@pytest.mark.parametrize("case, words", [
+    ("empty-train", "--train"), ("one-train", "at least 2 needed"), ("empty-synthetic", "--synthetic"),
+    ("threshold", "--threshold 1.5: must be in (0, 1]"), ("nan", "--threshold nan"),
+    ("out-in-train", "is inside --train"), ("out-in-run", "is inside --synthetic"),
+    ("manifest-missing", "--manifest"), ("manifest-foreign", "names none of the 4 images"),
+])
+def test_bad_input_is_one_line_and_leaves_nothing(sets, capsys, case, words):
+    (sets / "empty").mkdir()
+    save(sets / "one" / "p.png", chest(0, SIZE))
+    (sets / "other.jsonl").write_text(json.dumps({"file": "elsewhere.png", "prompt": "x", "seed": 0}) + "\n")
+    train = {"empty-train": sets / "empty", "one-train": sets / "one"}.get(case, sets / "train")
+    synthetic = sets / ("empty" if case == "empty-synthetic" else "clean" if case.startswith("manifest") else "run")
+    out = {"out-in-train": sets / "train" / "audit", "out-in-run": sets / "run" / "audit"}.get(case, sets / "o")
+    extra = {"threshold": ["--threshold", "1.5"], "nan": ["--threshold", "nan"],
+             "manifest-missing": ["--manifest", sets / "nope.jsonl"],
+             "manifest-foreign": ["--manifest", sets / "other.jsonl"]}
+    argv = ["--train", train, "--synthetic", synthetic, "--out", out, *extra.get(case, [])]
+    assert main([str(a) for a in argv]) == 2
+    assert words in one_line_error(capsys)
+    assert not out.exists()   # no empty output folder either
+
+
+def test_mismatched_sizes_are_resized_not_refused(sets):
+    image = Image.fromarray(chest(3, SIZE)).resize((96, 160))   # another size and aspect than the 128² training set
+    image.save(sets / "clean" / "odd.png")
+    assert audit(sets, "clean") == 0
+    images = {e["file"]: e for e in json.loads((sets / "out" / "audit.json").read_text())["images"]}
+    assert images["odd.png"]["nearest"] == "case/p3.png" and images["odd.png"]["flagged"]
+
+
+def test_unknown_flag_is_argparse_usage_error(capsys):
+    with pytest.raises(SystemExit) as stop:
+        main(["--train", "a", "--synthetic", "b", "--out", "c", "--bogus"])
+    assert stop.value.code == 2 and "unrecognized arguments: --bogus" in capsys.readouterr().err
+
+
+def test_disk_full_leaves_no_half_audit(sets, capsys, monkeypatch):
+    def full(*args):
+        raise OSError(errno.ENOSPC, "No space left on device")
+    monkeypatch.setattr(files.os, "fsync", full)
+    assert audit(sets) == 2
+    assert "No space left on device" in one_line_error(capsys)
+    assert not (sets / "out").exists()   # the files written before the failure went, and so did the new folder
+
+
+def test_the_process_exit_status(sets):
+    """The real command line: status 3 from --fail-on-flag reaches the shell, with no traceback."""
+    result = subprocess.run([sys.executable, "-m", "medti.audit", "--train", str(sets / "train"), "--synthetic",
+                             str(sets / "run"), "--out", str(sets / "p"), "--fail-on-flag"],
+                            capture_output=True, text=True, timeout=120)
+    assert result.returncode == 3 and "Traceback" not in result.stderr, result.stderr
