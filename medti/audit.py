@@ -18,11 +18,12 @@ from pathlib import Path
 
 from minisd.errors import UserError, arg
 
-from .cli import run_main
+from .cli import resolve_device, run_main
 from .files import claim_folder, write_atomic
 from .images import save_png
 from .quality import privacy
-from .quality.audit_report import Audit, outputs
+from .quality.audit_report import Audit, Opinion, outputs
+from .quality.features import DEFAULT_DINOV2, encode, load_network
 from .quality.folders import _manifest_records, load_set
 
 OUTPUTS = ("audit.json", "audit.md", "flagged.png", "closest.png")
@@ -49,6 +50,12 @@ def build_parser() -> argparse.ArgumentParser:
                    help=f"flag at this similarity or more (default {privacy.THRESHOLD:g}, chosen and measured in "
                         "tests/test_privacy.py)")
     p.add_argument("--fail-on-flag", action="store_true", help=f"exit with status {FLAGGED} when anything is flagged")
+    p.add_argument("--features", choices=("pixels", "dinov2"), default="pixels",
+                   help="pixels (default): the weight-free method alone; dinov2: also a second opinion, the cosine "
+                        "similarity of DINOv2 features (reported beside each image, never flagged on)")
+    p.add_argument("--dinov2", metavar="NAME_OR_FOLDER", help=f"DINOv2 release or local folder for --features "
+                                                               f"dinov2 (default {DEFAULT_DINOV2})")
+    p.add_argument("--device", default="cpu", help="where DINOv2 runs (cpu, cuda, cuda:N)")
     return p
 
 
@@ -67,6 +74,8 @@ def check_args(args):
         if inside(out, given):
             raise AuditError(f"--out {out} is inside {arg(flag)} {given}: the sheets hold training images and would "
                              "be read as images next time; choose a folder outside it")
+    if args.dinov2 and args.features != "dinov2":
+        raise AuditError("--dinov2 is the network of --features dinov2; add --features dinov2 or leave it out")
     if args.manifest and not Path(args.manifest).is_file():
         raise AuditError(f"--manifest {args.manifest}: no such file; give the run's manifest.jsonl")
 
@@ -107,7 +116,18 @@ def compare(args) -> Audit:
     match = privacy.nearest(ref, privacy.descriptors(synthetic.images))
     own = privacy.nearest(ref, train_desc, exclude_self=True)   # how alike different training patients are
     given = {"train": args.train, "synthetic": args.synthetic, "manifest": args.manifest}
-    return Audit(train, synthetic, match, own, args.threshold, records, given)
+    opinion = second_opinion(args, train.images, synthetic.images) if args.features == "dinov2" else None
+    return Audit(train, synthetic, match, own, args.threshold, records, given, opinion)
+
+
+def second_opinion(args, train: list, synthetic: list) -> Opinion:
+    """DINOv2 CLS features of both sets (and of the synthetic mirrors), nearest by cosine similarity."""
+    net = load_network("dinov2", dinov2_name=args.dinov2, device=resolve_device(args.device))
+    say(f"second opinion: {net.name} ({net.weights_sha256[:12]})")
+    feats = [encode(net, images, what) for images, what in ((train, "training"), (synthetic, "synthetic"),
+                                                             ([x.flip(-1) for x in synthetic], "mirrored synthetic"))]
+    index, cosine = privacy.feature_nearest(feats[1], feats[2], feats[0])
+    return Opinion(net.name, net.weights_sha256, index, cosine)
 
 
 def replace_outputs(out: Path, texts: dict, images: dict):

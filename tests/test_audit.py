@@ -174,3 +174,24 @@ def test_the_process_exit_status(sets):
                              str(sets / "run"), "--out", str(sets / "p"), "--fail-on-flag"],
                             capture_output=True, text=True, timeout=120)
     assert result.returncode == 3 and "Traceback" not in result.stderr, result.stderr
+
+
+def test_dinov2_second_opinion_beside_each_image(sets, tmp_path):
+    """--features dinov2 (a small random-weight release in the hub layout, tests/test_dinov2.py's): each image gets
+    its nearest training image by DINOv2 cosine too; an identical or mirrored copy has cosine 1 with its source
+    (1e-5: float32 features of a few hundred dimensions). The flags stay the pixel method's."""
+    from test_dinov2 import make_release
+    _, folder, _ = make_release(tmp_path / "dinov2", swiglu=False)
+    assert audit(sets, "run", "out", "--features", "dinov2", "--dinov2", folder) == 0
+    found = json.loads((sets / "out" / "audit.json").read_text())
+    for copy in found["images"][:2]:   # the copy and its mirror (the mirror's features are taken too)
+        assert copy["dinov2_nearest"] == "case/p3.png" and copy["dinov2_similarity"] > 1 - 1e-5
+    assert all(-1 <= e["dinov2_similarity"] <= 1 for e in found["images"])
+    assert found["summary"]["flagged"] == 2 and "dinov2" in found["summary"]["second_opinion"]["features"]
+    assert "## Second opinion" in (sets / "out" / "audit.md").read_text()
+
+
+def test_dinov2_flag_needs_its_features(sets, capsys):
+    assert audit(sets, "run", "o", "--dinov2", "facebook/dinov2-small") == 2
+    assert "--dinov2 is the network of --features dinov2" in one_line_error(capsys)
+    assert not (sets / "o").exists()

@@ -21,6 +21,15 @@ CLOSEST = 10       # unflagged images listed in audit.md, most similar first
 
 
 @dataclass
+class Opinion:
+    """The second opinion of a feature network (`--features dinov2`): nearest training image by cosine."""
+    network: str
+    weights_sha256: str
+    index: object    # [M] long tensor
+    cosine: object   # [M] float tensor
+
+
+@dataclass
 class Audit:
     """Everything the outputs are made from."""
     train: ImageSet
@@ -30,6 +39,7 @@ class Audit:
     threshold: float
     records: dict          # synthetic name -> manifest record (may be empty)
     given: dict            # flag -> the path as typed ("train", "synthetic", "manifest")
+    opinion: Opinion | None = None
 
     @property
     def flagged(self) -> list:
@@ -49,6 +59,9 @@ def entry(a: Audit, i: int) -> dict:
     found = {"file": a.synthetic.names[i], "nearest": a.train.names[a.match.index[i]], "similarity": round(sim, 4),
              "flagged": sim >= a.threshold, "mirrored": bool(a.match.mirrored[i]),
              "shift_percent": [round(100 * s / privacy.SIZE, 1) for s in a.match.shift[i].tolist()]}
+    if a.opinion:
+        found.update(dinov2_nearest=a.train.names[a.opinion.index[i]],
+                     dinov2_similarity=round(a.opinion.cosine[i].item(), 4))
     record = a.records.get(a.synthetic.names[i])
     if found["flagged"] and record:   # only what a person needs to find the prompt again: never init/mask paths
         found.update(prompt=record.get("prompt"), seed=record.get("seed"))
@@ -76,6 +89,9 @@ def report(a: Audit, sheets: dict) -> dict:
         "skipped": {"train": [list(s) for s in a.train.skipped], "synthetic": [list(s) for s in a.synthetic.skipped]},
         "sheets": {name: name if written else None for name, written in sheets.items()},
     }
+    if a.opinion:
+        summary["second_opinion"] = {"features": a.opinion.network, "weights_sha256": a.opinion.weights_sha256,
+                                     "highest_cosine": round(a.opinion.cosine.max().item(), 4)}
     return {"images": [entry(a, i) for i in range(len(a.synthetic.names))], "summary": summary}
 
 
@@ -166,6 +182,7 @@ def markdown(a: Audit, sheets: dict) -> str:
     lines += table(a, a.flagged) if a.flagged else ["None."]
     lines += ["", f"## The {CLOSEST} most similar unflagged images", ""]
     lines += table(a, a.closest_unflagged(CLOSEST)) if a.closest_unflagged(1) else ["None: every image is flagged."]
+    lines += opinion_lines(a)
     lines += ["", "## What this does not check", "",
               "- Copies rotated, rescaled, cropped or shifted by more than the range above, or re-using only part "
               "of a training image (a lesion of one patient in another body).",
@@ -179,6 +196,24 @@ def markdown(a: Audit, sheets: dict) -> str:
                       else "closest.png: not written, as every image is flagged."),
               "- The sheets show training images: keep them where the training data may be kept.", ""]
     return "\n".join(lines)
+
+
+def opinion_lines(a: Audit) -> list:
+    """audit.md's second-opinion section: the images DINOv2 finds most alike, with the pixel method's verdict."""
+    if not a.opinion:
+        return []
+    rows = a.opinion.cosine.argsort(descending=True)[:CLOSEST].tolist()
+    lines = ["", f"## Second opinion: {a.opinion.network} features", "",
+             "Cosine similarity of DINOv2 features (the image or its mirror), reported beside the score above and "
+             "never flagged on: no threshold for it has been measured here. Pairs it ranks high that the pixel "
+             "method does not flag are worth a look.", "",
+             "| synthetic | nearest by DINOv2 | cosine | pixel similarity to it | flagged |", "|---|---|---|---|---|"]
+    for i in rows:
+        j, e = a.opinion.index[i].item(), entry(a, i)
+        same = f"{e['similarity']:.3f}" if a.match.index[i].item() == j else "(another image is nearer)"
+        lines.append(f"| {e['file']} | {a.train.names[j]} | {a.opinion.cosine[i].item():.3f} | {same} | "
+                     f"{'yes' if e['flagged'] else 'no'} |")
+    return lines
 
 
 def outputs(a: Audit) -> tuple:

@@ -268,3 +268,13 @@ def nearest(ref: Reference, syn_desc: torch.Tensor, exclude_self: bool = False) 
     k = min(CANDIDATES, len(ref.images) - exclude_self)
     rows = candidates(variants(coarse, COARSE_PHASES), ref.coarse, k, exclude_self)
     return exact(variants(fine, PHASES), ref, rows)
+
+
+def feature_nearest(syn: torch.Tensor, mirrored: torch.Tensor, train: torch.Tensor) -> tuple:
+    """The second opinion (`--features dinov2`): (nearest training row [M], cosine similarity [M]) of network
+    features [M, d] of the synthetic images and of their mirrors against the training features [N, d]. Reported
+    beside the score above, never flagged on: no feature threshold has been measured here."""
+    train = F.normalize(train, dim=1)
+    cosine = torch.maximum(F.normalize(syn, dim=1) @ train.T, F.normalize(mirrored, dim=1) @ train.T)
+    best, index = cosine.max(dim=1)
+    return index, best
