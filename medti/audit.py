@@ -24,7 +24,7 @@ from .images import save_png
 from .quality import privacy
 from .quality.audit_report import Audit, Opinion, outputs
 from .quality.features import DEFAULT_DINOV2, encode, load_network
-from .quality.folders import _manifest_records, load_set
+from .quality.folders import load_set, read_manifest
 
 OUTPUTS = ("audit.json", "audit.md", "flagged.png", "closest.png")
 FLAGGED = 3   # exit status with --fail-on-flag when anything is flagged (argparse and user errors use 2)
@@ -92,7 +92,7 @@ def manifest_records(args, synthetic) -> dict:
     """Synthetic name -> manifest record: --manifest's, else the run's own (load_set found it)."""
     if not args.manifest:
         return synthetic.records
-    records = _manifest_records(Path(args.manifest), "manifest")
+    records = read_manifest(Path(args.manifest), "manifest")
     found = {name: records[name] for name in synthetic.names if name in records}
     if not found:
         raise AuditError(f"--manifest {args.manifest}: names none of the {len(synthetic.names)} images of --synthetic "

@@ -135,7 +135,8 @@ def _fit(image: Image.Image, resolution: int, preprocess: str) -> Image.Image:
     PIL returns an unresampled copy when the size already matches, so an R x R square passes through exactly."""
     if preprocess == "none":
         if image.size != (resolution, resolution):
-            raise Unusable(f"wrong size: {image.width}x{image.height}, preprocess 'none' needs {resolution}x{resolution}")
+            raise Unusable(f"wrong size: {image.width}x{image.height}, preprocess 'none' needs "
+                           f"{resolution}x{resolution}")
         return image
     if preprocess == "cxr":
         return _cxr(image, resolution)

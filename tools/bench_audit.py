@@ -93,5 +93,18 @@ def run(n_synthetic: int = 2000, n_train: int = 1000, size: int = 512) -> dict:
     return found
 
 
+def section10(runs: int, table, quick: bool = False):
+    """tools/benchmark.py's section 10 (one run: the audit is deterministic and its stages are printed too)."""
+    n_synthetic, n_train, size = (200, 100, 128) if quick else (2000, 1000, 512)
+    found = run(n_synthetic, n_train, size)
+    rows = [[f"python -m medti.audit, {n_synthetic} synthetic x {n_train} training at {size}²",
+             f"{found['total']:.1f} s", f"{found['flagged']} flagged of {PLANTED} planted",
+             "minutes on a CPU: " + ("met" if found["total"] < 600 else "NOT met")]]
+    rows += [[f"  {name}", f"{seconds:.1f} s", "", ""] for name, seconds in found.items()
+             if name not in ("total", "flagged")]
+    table(f"10. privacy audit (no reference tool has one), {torch.get_num_threads()} threads, CPU", rows,
+          ("", "time", "copies", "target (issue 12)"))
+
+
 if __name__ == "__main__":
     run(*map(int, sys.argv[1:]))

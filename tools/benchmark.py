@@ -8,7 +8,9 @@ diffusers' UNet/VAE and transformers' CLIPTextModel are built with SD2's configs
 the official layout by tools/convert_diffusers.py, saved, and loaded back with minisd.load: both sides compute with
 the same numbers. A time is the median of --runs calls per side, interleaved (ours, theirs, ours, ...) so that load
 drift hits both. Sections: 1 UNet forward, 2 text-to-image, 3 textual-inversion step, 4 fastest CPU path,
-5 FLOP/s vs a matmul, 6 cost growth + estimated GPU memory, 7 loading a fp16 file (each load in a fresh process).
+5 FLOP/s vs a matmul, 6 cost growth + estimated GPU memory, 7 loading a fp16 file (each load in a fresh process),
+8 the study's 2,000-image set, 9 evaluation vs torchmetrics (tools/bench_eval.py), 10 the privacy audit
+(tools/bench_audit.py). Sections 9 and 10 need no SD2 models: `--only 9,10` skips building them.
 """
 import argparse
 import contextlib
@@ -41,6 +43,9 @@ from minisd.sampling import GuidedDenoiser, denoiser
 
 TOOLS = Path(__file__).resolve().parent
 sys.path[:0] = [str(TOOLS), str(TOOLS.parent / "tests")]
+from bench_audit import section10 as audit_time  # noqa: E402
+from bench_eval import section9 as evaluation_time  # noqa: E402
+
 from bench_dataset import section8 as dataset_time  # noqa: E402
 from conftest import randomize_  # noqa: E402 (tests/ and tools/ are not packages)
 from convert_diffusers import convert_text, convert_unet, convert_vae  # noqa: E402
@@ -492,10 +497,16 @@ def section7(b):
             f"{peak['ours'] / peak['theirs']:.2f}×", verdict(peak["ours"] / size, 1.25, "× file")]])
     path.unlink()
 
+def evaluation_and_audit(args, sections, tmp: Path):
+    if 9 in sections:
+        evaluation_time(args.runs, table, verdict, tmp, n_images=16 if args.quick else 64)
+    if 10 in sections:
+        audit_time(args.runs, table, quick=args.quick)
+
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--quick", action="store_true", help="tiny models, 1 run each: checks the script, no meaning")
-    p.add_argument("--only", default="1,2,3,4,5,6,7,8", help="comma-separated section numbers")
+    p.add_argument("--only", default="1,2,3,4,5,6,7,8,9,10", help="comma-separated section numbers")
     p.add_argument("--runs", type=int, default=0, help="timed runs per side (median); default 3, 1 with --quick")
     args = p.parse_args(argv)
     args.runs = args.runs or (1 if args.quick else 3)
@@ -504,13 +515,18 @@ def main(argv=None):
     print(f"# {'TINY models (--quick): checks the script only' if args.quick else 'full-size SD2, random weights'}"
           f"; median of {args.runs} interleaved run(s); sections {sections}")
     with tempfile.TemporaryDirectory(prefix="medti-bench-") as tmp:
+        if not any(n <= 8 for n in sections):   # evaluation and audit only: no SD2 models to build
+            evaluation_and_audit(args, sections, Path(tmp))
+            return
         b = setup(args, TINY if args.quick else FULL, Path(tmp))
         speedup = bf16_speedup()
         b.bf16 = speedup > 1
         print(f"# bf16 512² matmul {speedup:.3g}x the speed of fp32 on this CPU: bf16 variants "
               f"{'measured' if b.bf16 else 'skipped (emulated; a full-size bf16 UNet forward would take hours)'}")
         functions = {1: section1, 2: section2, 3: section3, 4: section4, 5: section5, 6: section6, 7: section7,
-                     8: lambda b: dataset_time(b, packed(b), table)}
+                     8: lambda b: dataset_time(b, packed(b), table),
+                     9: lambda b: evaluation_and_audit(args, [9], b.tmp),
+                     10: lambda b: evaluation_and_audit(args, [10], b.tmp)}
         for n in sorted(sections, key=lambda n: n == 4):   # 4 frees diffusers' models: run it after the others
             if n == 4:   # diffusers is done with: free its models before copies of ours are made
                 b.refs = None

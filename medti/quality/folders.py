@@ -31,7 +31,7 @@ class ImageSet:
     records: dict = field(default_factory=dict)   # name -> manifest record (prompt, seed, ...) for a run
 
 
-def _manifest_records(path: Path, flag: str) -> dict:
+def read_manifest(path: Path, flag: str) -> dict:
     """name -> record from a manifest.jsonl, in file order; a damaged line is an error, not a silent skip."""
     records = {}
     for number, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1):
@@ -49,7 +49,7 @@ def _manifest_records(path: Path, flag: str) -> dict:
 def _files(path: Path, flag: str) -> tuple[Path, list, dict]:
     """(root, image paths, manifest records) for a folder, a folder with a manifest, or a manifest file."""
     if path.is_file() and path.suffix == ".jsonl":
-        records = _manifest_records(path, flag)
+        records = read_manifest(path, flag)
         return path.parent, [path.parent / name for name in records], records
     if path.is_dir() and (path / MERGED).is_file():
         # A generation run: its manifest names the images, so grid.png (the --grid contact sheet) stays out.
