@@ -8,7 +8,6 @@ network does not depend on its weight values.
 """
 import statistics
 import sys
-import time
 from pathlib import Path
 
 import torch
@@ -16,20 +15,13 @@ import torch
 from medti.quality import metrics, msssim
 from medti.quality.features import encode, load_network
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests"))
-from test_inception import calibrated_state  # noqa: E402 (tests/ is not a package)
+sys.path[:0] = [str(Path(__file__).resolve().parent), str(Path(__file__).resolve().parent.parent / "tests")]
+from test_inception import calibrated_state  # noqa: E402
+
+from bench_dataset import timed  # noqa: E402 (tools/ and tests/ are not packages)
 
 N_REAL, N_FAKE, DIM = 1000, 2000, 2048   # the study's synthetic set against a 1,000-image real set
 BATCH = 32
-
-
-def timed(fn, runs: int) -> float:
-    times = []
-    for _ in range(runs):
-        start = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - start)
-    return statistics.median(times)
 
 
 def images(n: int, size: int, seed: int = 0) -> torch.Tensor:
