@@ -1,4 +1,4 @@
-"""The CLIP BPE tokenizer as SD2 uses it, with textual-inversion placeholders.
+"""The CLIP BPE tokenizer as SD2 (and, with EOT padding, SD1) uses it, with textual-inversion placeholders.
 
 SD2's text tower was trained on OpenCLIP's `SimpleTokenizer` (mlfoundations/open_clip, src/open_clip/tokenizer.py,
 itself a copy of openai/CLIP clip/simple_tokenizer.py), default clean="lower". This file reproduces it on the
@@ -11,6 +11,10 @@ straightens curly quotes (“x” -> "x"), expands ligatures ("ﬁ" -> "fi"), na
 drops control characters and unescapes HTML to a fixed point ("&amp;amp;amp;" -> "&") when the text has no "<".
 ftfy is not a dependency here, so we skip it: for ordinary text (ASCII, composed accents, CJK, emoji, entities
 escaped at most twice) the ids are identical; for the cases above they differ. Normalise such text first if needed.
+
+SD1 (pad_id=PAD_SD1) was trained with transformers' CLIPTokenizer rather than OpenCLIP's; tests/test_clip_sd1.py
+checks the ids against it. That tokenizer applies Unicode NFC and no html.unescape, so ids differ for decomposed
+accents ("cafe" + U+0301) and HTML entities ("&amp;"); ordinary prompts, "!" included, give identical ids.
 
 A second, deliberate corner: OpenCLIP recognises its special-token texts "<start_of_text>"/"<end_of_text>" inside
 a prompt only where its regex starts a new piece there; we recognise them anywhere (tokenizers' added tokens), so
@@ -34,6 +38,10 @@ EOT = 49407  # "<end_of_text>"
 # outputs *at* the pad positions, which SD2's cross-attention reads. (transformers' SD2 tokenizer gets the same
 # ids by declaring pad_token "!", at the price of turning every literal "!" into a pad; see the tests.)
 PAD = 0
+# SD1 pads with EOT instead: it was trained with transformers' CLIPTokenizer of openai/clip-vit-large-patch14
+# (ldm FrozenCLIPEmbedder, padding="max_length"), whose pad_token is "<|endoftext|>" (id 49407); A1111 does the same
+# for SD1 (modules/sd_hijack_clip.py: id_pad = id_end). The model config states which one a model uses.
+PAD_SD1 = EOT
 CONTEXT_LENGTH = 77
 # What a prompt may hold: 77 positions, 2 of them the start and end tokens. The one home of the 75.
 MAX_PROMPT_TOKENS = CONTEXT_LENGTH - 2
@@ -74,18 +82,24 @@ def load_backend() -> BackendTokenizer:
 
 
 class Tokenizer:
-    """Text -> CLIP ids for SD2: `tok(["a cat", ...])` gives a LongTensor [B, 77] of SOT, ids, EOT, 0-padding."""
+    """Text -> CLIP ids: `tok(["a cat", ...])` gives a LongTensor [B, 77] of SOT, ids, EOT, then padding.
 
-    def __init__(self, context_length: int = CONTEXT_LENGTH):
+    pad_id: PAD (0, SD2's, the default) or PAD_SD1 (EOT, SD1's); the only thing the option changes.
+    """
+
+    def __init__(self, context_length: int = CONTEXT_LENGTH, pad_id: int = PAD):
+        if pad_id not in (PAD, PAD_SD1):
+            raise ValueError(f"pad_id must be {PAD} (SD2) or {PAD_SD1} (SD1), not {pad_id}")
         self.backend = load_backend()
         self.context_length = context_length
+        self.pad_id = pad_id
         self.placeholders: dict[str, list[int]] = {}  # textual-inversion name -> its ids (all >= VOCAB_SIZE)
         self._next_id = VOCAB_SIZE
         self._placeholder_re: re.Pattern | None = None
 
     def __call__(self, texts: list[str] | str) -> torch.Tensor:
         texts = [texts] if isinstance(texts, str) else list(texts)
-        out = torch.full((len(texts), self.context_length), PAD, dtype=torch.long)
+        out = torch.full((len(texts), self.context_length), self.pad_id, dtype=torch.long)
         for row, text in enumerate(texts):
             ids = [SOT, *self.encode(text), EOT]
             # OpenCLIP truncates to the context length, then overwrites the last id with EOT, so a long prompt
