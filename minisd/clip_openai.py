@@ -14,10 +14,12 @@ from .attention import attention
 
 PREFIX = "cond_stage_model.transformer.text_model."
 # Keys SD1 files may hold that the tower never reads. `embeddings.position_ids` (int64 [1, 77], 0..76) was a saved
-# buffer in the transformers versions SD1 was released with; it is ignored by name, not loaded: positions are always
+# buffer in the transformers versions SD1 was released with; some files lack it (kohya-ss/sd-scripts pull #694).
+# It is ignored by name, not loaded: positions are always
 # 0..L-1, as in training. Files made by checkpoint mergers often store it as corrupted floats (0.583, 1.166, ...:
-# A1111 pull #6728, arenasys/stable-diffusion-webui-model-toolkit issue #6), and transformers now keeps it as a
-# non-persistent buffer (not in its state dict), so diffusers and A1111 ignore the stored values as well.
+# A1111 pull #6728, arenasys/stable-diffusion-webui-model-toolkit issue #6). transformers (5.x, checked) keeps it
+# as a non-persistent buffer, outside its state dict, so diffusers' single-file loader skips the stored values too
+# (load_model_dict_into_meta drops keys the model's state dict lacks).
 IGNORED = (PREFIX + "embeddings.position_ids",)
 LAYERS = {"last": 0, "penultimate": 1}   # `layer` -> how many of the final encoder layers are skipped
 

@@ -59,7 +59,7 @@ def make_pair(name: str, folder):
     config = TINY if name == "tiny" else FULL
     torch.manual_seed(0)
     reference = randomize_(CLIPTextModel(CLIPTextConfig(**config)), 5)
-    stored = {POSITION_IDS: torch.arange(77).unsqueeze(0)}   # int64 [1, 77], as in v1-5-pruned-emaonly
+    stored = {POSITION_IDS: torch.arange(77).unsqueeze(0)}   # int64 [1, 77], as official SD1 files store it
     return reference, config, write_sd1(folder / "text.safetensors", reference, stored)
 
 
