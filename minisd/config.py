@@ -63,6 +63,8 @@ def presets() -> dict:
 SECTIONS = {"unet": UNetConfig, "vae": VAEConfig, "text": TextConfig}
 EXTRA = {"repo", "filename", "size", "sha256", "sha256_prefix", "sources", "note", "_comment"}   # preset facts
 GROUPS = 32   # every GroupNorm of SD2's UNet and VAE has 32 groups (ldm normalization(), Normalize())
+# Fields where -1 is a value: ldm's "not set" for the head rule (SD2 sets num_head_channels, SD1 num_heads).
+UNSET = {"unet.num_head_channels", "unet.num_heads"}
 
 
 def check_value(source: str, key: str, value, default):
@@ -71,7 +73,9 @@ def check_value(source: str, key: str, value, default):
     if isinstance(default, bool):
         ok, want = isinstance(value, bool), "true or false"
     elif isinstance(default, int):
-        ok, want = isinstance(value, int) and not isinstance(value, bool) and value > 0, "a positive integer"
+        unset = key in UNSET and value == -1
+        ok = isinstance(value, int) and not isinstance(value, bool) and (value > 0 or unset)
+        want = "a positive integer" + (" or -1 (not set)" if key in UNSET else "")
     elif isinstance(default, float):   # scale_factor: latents are divided by it, so 0 or NaN gives NaN images
         ok = isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value) and value > 0
         want = "a positive finite number (SD2: 0.18215)"
@@ -114,9 +118,14 @@ def check_consistent(source: str, cfg: "ModelConfig"):
                             f"multiples of {GROUPS}, the GroupNorm group count")
     attended = [unet.model_channels * unet.channel_mult[i] for i in levels
                 if 2 ** i in unet.attention_resolutions or i == levels[-1]]   # the middle block always attends
-    if any(width % unet.num_head_channels for width in attended):
-        raise LoadError(f"{source}: unet.num_head_channels {unet.num_head_channels} does not divide the attention "
-                        f"widths {attended}")
+    # ldm's head rule (minisd.unet.head_width): num_head_channels if set, else num_heads
+    head_key = "num_head_channels" if unet.num_head_channels != -1 else "num_heads"
+    heads = getattr(unet, head_key)
+    if heads == -1:
+        raise LoadError(f"{source}: unet.num_head_channels and unet.num_heads are both -1; set one "
+                        "(SD2: num_head_channels 64, SD1: num_heads 8)")
+    if any(width % heads for width in attended):
+        raise LoadError(f"{source}: unet.{head_key} {heads} does not divide the attention widths {attended}")
     if cfg.text.width % cfg.text.heads:
         raise LoadError(f"{source}: text.heads {cfg.text.heads} does not divide text.width {cfg.text.width}")
     if cfg.text.context_length != CONTEXT_LENGTH:

@@ -1,7 +1,8 @@
-"""The SD2 denoising UNet.
+"""The SD2 denoising UNet (and SD1's, which differs only in three config options).
 
 Source: ldm/modules/diffusionmodules/openaimodel.py (UNetModel, ResBlock, Downsample, Upsample) of
-Stability-AI/stablediffusion, configured by configs/stable-diffusion/v2-inference(-v).yaml. Module paths are
+Stability-AI/stablediffusion, configured by configs/stable-diffusion/v2-inference(-v).yaml (SD1: v1-inference.yaml
+of CompVis/stable-diffusion: num_heads 8, num_head_channels -1, 1x1-conv projections, context_dim 768). Module paths are
 the checkpoint keys under `model.diffusion_model.`; unused Sequential slots hold parameterless layers
 (SiLU, Dropout) so that indices such as `in_layers.2` and `out_layers.3` line up.
 """
@@ -17,19 +18,39 @@ from .attention import SpatialTransformer
 
 @dataclass(frozen=True)
 class UNetConfig:
-    """Field names from `unet_config.params` of the SD2 YAML; defaults are SD2 (base and 768-v alike)."""
+    """Field names from `unet_config.params` of the SD2 YAML; defaults are SD2 (base and 768-v alike).
+    SD1 (v1-inference.yaml) sets num_heads=8, num_head_channels=-1, use_linear_in_transformer=False,
+    context_dim=768; -1 is ldm's "not set" for the two head fields (see `head_width`)."""
     in_channels: int = 4              # 9 for the inpainting model: latent + mask + masked-image latent
     out_channels: int = 4
     model_channels: int = 320
     attention_resolutions: tuple = (4, 2, 1)   # downsampling factors whose levels get a SpatialTransformer
     num_res_blocks: int = 2
     channel_mult: tuple = (1, 2, 4, 4)
-    num_head_channels: int = 64       # fixed head width; head count = channels // 64
+    num_head_channels: int = 64       # SD2: fixed head width, heads = channels // 64; -1: use num_heads
+    num_heads: int = -1               # SD1: fixed head count 8, width = channels // 8; -1 (SD2): unused
     transformer_depth: int = 1
-    context_dim: int = 1024           # text tower width
+    # Why 1024: SD2's text tower (OpenCLIP ViT-H/14) is 1024 wide; SD1's (OpenAI CLIP ViT-L/14) 768.
+    context_dim: int = 1024
+    # Why a flag: SD2 projects proj_in/proj_out with Linear layers (weight [C, C]); SD1 (false) with 1x1 convs
+    # (weight [C, C, 1, 1]), the same maths on other stored shapes -- attention.Conv1x1.
     use_linear_in_transformer: bool = True
     # Not in the YAML: ldm set it globally (ATTN_PRECISION), diffusers per model (`upcast_attention`).
     upcast_attention: bool = False
+
+
+def head_width(cfg: UNetConfig, channels: int) -> int:
+    """Width of each attention head at a level with `channels` features, by ldm's rule (openaimodel.py UNetModel):
+    a set num_head_channels wins, otherwise the width follows from the fixed count num_heads.
+
+    Why two rules: SD2 fixes the width (64: 5/10/20 heads at 320/640/1280 channels), SD1 fixes the count (8 heads:
+    widths 40/80/160). The weights have the same shapes either way, but the split into heads is trained into them.
+    """
+    if cfg.num_head_channels != -1:
+        return cfg.num_head_channels
+    if cfg.num_heads == -1:
+        raise ValueError("UNetConfig: set num_head_channels (SD2: 64) or num_heads (SD1: 8); both are -1")
+    return channels // cfg.num_heads
 
 
 def timestep_embedding(t, dim: int, max_period: float = 10000.0):
@@ -117,7 +138,7 @@ class UNetModel(nn.Module):
             return ResBlock(cin, emb_ch, cout)
 
         def attn(ch):
-            return SpatialTransformer(ch, cfg.num_head_channels, cfg.transformer_depth, cfg.context_dim,
+            return SpatialTransformer(ch, head_width(cfg, ch), cfg.transformer_depth, cfg.context_dim,
                                       cfg.use_linear_in_transformer, cfg.upcast_attention)
 
         self.time_embed = nn.Sequential(nn.Linear(mc, emb_ch), nn.SiLU(), nn.Linear(emb_ch, emb_ch))

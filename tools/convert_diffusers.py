@@ -10,7 +10,7 @@ SD2 never uses. Every input tensor is renamed or the conversion fails naming it.
 
 The config JSON (default: OUT with a .json suffix) is medti's own format; names follow the ldm YAML / OpenCLIP:
     {"unet": {"model_channels", "channel_mult", "num_res_blocks", "attention_resolutions" (downsampling factors
-              with cross-attention, as in the YAML: SD2 [4, 2, 1]), "num_head_channels", "context_dim",
+              with cross-attention, as in the YAML: SD2 [4, 2, 1]), "num_head_channels" [, "num_heads"], "context_dim",
               "transformer_depth", "use_linear_in_transformer", "in_channels", "out_channels", "upcast_attention"},
      "vae": {"ch", "ch_mult", "num_res_blocks", "z_channels", "embed_dim", "in_channels", "out_ch"},
      "text": {"width", "layers" (OpenCLIP's count: diffusers' 23 + the unused 24th), "heads", "context_length",
@@ -68,7 +68,7 @@ def convert_unet(state_dict: dict) -> dict:
             side, level, kind, j, rest = m[1], int(m[2]), m[3], int(m[4]), m[5]
             block = f"input_blocks.{1 + level * per_level + j}" if side == "down" else \
                 f"output_blocks.{level * per_level + j}"
-            # Attentions (SpatialTransformer) keep diffusers' inner names: norm, proj_in, transformer_blocks...
+            # Attentions keep diffusers' inner names and shapes (proj_in: SD2 Linear [C, C], SD1 1x1 conv [C, C, 1, 1])
             new = f"{block}.0.{_rename(rest, UNET_RESNET, key)}" if kind == "resnets" else f"{block}.1.{rest}"
         elif m := re.fullmatch(r"down_blocks\.(\d+)\.downsamplers\.0\.conv\.(weight|bias)", key):
             new = f"input_blocks.{(int(m[1]) + 1) * per_level}.0.op.{m[2]}"
@@ -161,20 +161,21 @@ def _unet_config(u: dict) -> dict:
     _need(set(levels) <= {"CrossAttnDownBlock2D", "DownBlock2D"}, f"down_block_types {levels}")
     _need(isinstance(u.get("layers_per_block"), int), "layers_per_block must be one int")
     _need(u.get("addition_embed_type") is None and u.get("class_embed_type") is None, "extra embeddings")
-    # Why: diffusers' `attention_head_dim` is really the head COUNT for SD2 (5/10/20/20); ldm fixes head width.
+    # Why: diffusers' `attention_head_dim` is the head COUNT (SD2 5/10/20/20: ldm's width 64; SD1 8: ldm's num_heads)
     heads = u.get("num_attention_heads") or u["attention_head_dim"]
     heads = heads if isinstance(heads, list) else [heads] * len(widths)
     head_channels = {w / h for w, h in zip(widths, heads, strict=True)}
-    _need(len(head_channels) == 1 and float(next(iter(head_channels))).is_integer(),
-          f"attention_head_dim {heads} gives unequal head widths {sorted(head_channels)}")
+    equal_width = len(head_channels) == 1 and float(next(iter(head_channels))).is_integer()
+    _need(equal_width or len(set(heads)) == 1, f"attention_head_dim {heads}: neither head widths nor counts equal")
+    sd1_rule = {"num_head_channels": -1, "num_heads": heads[0]}   # a fixed head count, widths differ per level
     depth = u.get("transformer_layers_per_block", 1)
     _need(isinstance(depth, int) or len(set(depth)) == 1, "transformer_layers_per_block must be equal")
     cross_levels = [i for i, block in enumerate(levels) if block.startswith("CrossAttn")]
     return {"model_channels": widths[0], "channel_mult": [w // widths[0] for w in widths],
             "num_res_blocks": u["layers_per_block"],
             "attention_resolutions": [2**i for i in reversed(cross_levels)],  # YAML order: [4, 2, 1]
-            "num_head_channels": int(head_channels.pop()), "context_dim": u["cross_attention_dim"],
-            "transformer_depth": depth if isinstance(depth, int) else depth[0],
+            **({"num_head_channels": int(head_channels.pop())} if equal_width else sd1_rule),
+            "context_dim": u["cross_attention_dim"], "transformer_depth": depth if isinstance(depth, int) else depth[0],
             "use_linear_in_transformer": bool(u.get("use_linear_projection", False)),
             "in_channels": u.get("in_channels", 4), "out_channels": u.get("out_channels", 4),
             "upcast_attention": bool(u.get("upcast_attention", False))}
