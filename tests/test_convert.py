@@ -185,9 +185,14 @@ def test_cli_unmapped_key(converted, tmp_path):
 
 
 def test_cli_unequal_head_widths(converted, tmp_path):
+    """Neither a fixed head width (ldm's num_head_channels, SD2) nor a fixed head count (num_heads, SD1): refused.
+    (Equal counts with unequal widths, e.g. [1, 1], is SD1's rule and converts: tests/test_unet_sd1.py.)"""
     shutil.copytree(converted[0], tmp_path / "sd")
     config_path = tmp_path / "sd" / "unet" / "config.json"
-    config_path.write_text(json.dumps(json.loads(config_path.read_text()) | {"attention_head_dim": [1, 1]}))
+    config = json.loads(config_path.read_text())
+    c0, c1 = config["block_out_channels"]
+    assert c0 / 1 != c1 / 4   # heads [1, 4]: unequal widths as well as unequal counts
+    config_path.write_text(json.dumps(config | {"attention_head_dim": [1, 4]}))
     out = tmp_path / "out.safetensors"
     assert_one_line_error(run_tool(tmp_path / "sd", out), out, "config.json", "attention_head_dim")
 
