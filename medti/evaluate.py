@@ -23,7 +23,7 @@ from .files import claim_folder
 from .quality.features import DEFAULT_DINOV2, FEATURES, EvalError, encode, load_network
 from .quality.folders import load_set
 from .quality.report import write_report
-from .quality.run_scores import score_run
+from .quality.run_scores import score_run, step_files
 from .quality.scoring import check_sizes, progress, real_side, score
 from .quality.stats import save_features, save_stats
 
@@ -66,6 +66,32 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
+OURS = ("report.json", "report.md", "samples.png", "nearest.png", "steps.json", "steps.md", "kid.png")
+
+
+def inside(path: Path, folder: Path) -> bool:
+    path, folder = path.resolve(), folder.resolve()
+    return path == folder or folder in path.parents
+
+
+def check_out(args):
+    """--out: a folder that is new, empty or an earlier evaluation's (re-running replaces it), never inside an input
+    (its sheets show the images, and would be read as images by the next run)."""
+    out = Path(args.out)
+    if out.exists() and not out.is_dir():
+        raise EvalError(f"--out {out}: exists and is not a folder; choose a folder path")
+    inputs = [("real", args.real), ("fake", args.fake), ("run", args.run)]
+    for flag, given in inputs:
+        if given and Path(given).is_dir() and inside(out, Path(given)):
+            raise EvalError(f"--out {out} is inside --{flag} {given}: its sheets show the images and would be read "
+                            "as images next time; choose a folder outside it")
+    others = [p.name for p in out.iterdir() if p.name not in OURS and not p.name.startswith(".lock")
+              and not (p.is_dir() and p.name.startswith("step-"))] if out.is_dir() else []
+    if others:
+        raise EvalError(f"--out {out} holds other files (e.g. {sorted(others)[0]}); give a new or empty folder, or "
+                        "one an earlier evaluation wrote")
+
+
 def check_args(args):
     """Every flag mistake before anything is loaded or encoded."""
     if args.fake and args.run:
@@ -87,6 +113,15 @@ def check_args(args):
             raise EvalError(f"--{flag.replace('_', '-')} {getattr(args, flag)}: must be at least 1")
     if args.kid_subset_size is not None and args.kid_subset_size < 2:
         raise EvalError(f"--kid-subset-size {args.kid_subset_size}: must be at least 2")
+    for flag in ("save_stats", "save_features"):
+        path = getattr(args, flag)
+        if path and not Path(path).resolve().parent.is_dir():
+            raise EvalError(f"--{flag.replace('_', '-')} {path}: the folder {Path(path).parent} does not exist; "
+                            "create it first")
+    if args.out:
+        check_out(args)
+    if args.run:
+        step_files(Path(args.run))   # a folder without saved steps fails now, not after the real set is encoded
 
 
 def run(args):

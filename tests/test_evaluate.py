@@ -200,4 +200,31 @@ def test_statistics_of_the_other_resize_are_refused(sets, inception_file, tmp_pa
     assert _run("--real", sets[0], "--save-stats", stats, "--inception", inception_file) == 0
     assert _run("--real", stats, "--fake", sets[1], "--out", tmp_path / "o", "--inception", inception_file,
                 "--antialias") == 2
-    assert "antialiased resize" in _error(capsys) and not (tmp_path / "o").exists()
+    err = _error(capsys)
+    assert "antialiased resize" in err and "drop --antialias" in err and not (tmp_path / "o").exists()
+
+
+def test_out_inside_an_input_or_holding_other_files_is_refused_first(sets, inception_file, tmp_path, capsys):
+    """--out inside --real would put sheets of the images among the images (counted next time); a folder with
+    the user's own files is not ours to write into. Both refused before anything is encoded."""
+    real, fake = sets
+    mine = tmp_path / "mine"
+    mine.mkdir()
+    (mine / "notes.txt").write_text("x")
+    for out, words in ((real / "eval", "is inside --real"), (fake / "e", "is inside --fake"),
+                       (mine, "holds other files (e.g. notes.txt)"), (tmp_path / "nodir" / "s.npz", None)):
+        argv = ["--real", real, "--fake", fake, "--out", out] if words else ["--real", real, "--save-stats", out]
+        assert _run(*argv, "--inception", inception_file) == 2
+        err = capsys.readouterr().err
+        assert (words or "does not exist; create it first") in err and "encoding" not in err
+        assert len([line for line in err.splitlines() if line.startswith("error: ")]) == 1
+    assert not (real / "eval").exists() and not (fake / "e").exists()
+
+
+def test_default_kid_subsets_have_a_spread(sets, inception_file, tmp_path):
+    """Equal set sizes under 1,000: the default subset is half the smaller set, so the 100 subsets differ (a
+    subset of all images is the full set each time, and the spread of identical figures is 0)."""
+    out = tmp_path / "o"
+    assert _run("--real", sets[0], "--fake", sets[1], "--out", out, "--inception", inception_file) == 0
+    report = json.loads((out / "report.json").read_text())
+    assert report["kid_subset_size"] == 3 and report["kid_std"] > 1e-6 * abs(report["kid_mean"])

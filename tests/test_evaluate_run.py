@@ -69,7 +69,9 @@ def test_each_step_equals_generate_then_evaluate(run_folder, inception_file, tmp
 def test_run_errors_are_one_line(run_folder, inception_file, tmp_path, capsys):
     real = _write_set(tmp_path / "real", 5, seed=7)
     base = ["--real", str(real), "--inception", str(inception_file), *COMMON]
-    cases = [(["--run", str(tmp_path), "--out", str(tmp_path / "o")], "no <name>-<step>.safetensors"),
+    (tmp_path / "no-steps").mkdir()
+    cases = [(["--run", str(tmp_path / "no-steps"), "--out", str(tmp_path / "o")], "no <name>-<step>.safetensors"),
+             (["--run", str(run_folder / "runs"), "--out", str(run_folder / "runs" / "eval")], "is inside --run"),
              (["--run", str(run_folder / "runs"), "--fake", str(real), "--out", str(tmp_path / "o")],
               "exclude each other"),
              (["--run", str(run_folder / "runs")], "--out DIR is needed with --run"),

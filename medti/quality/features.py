@@ -37,6 +37,13 @@ class Network:
     official: bool | None  # Inception: the sha256 is that of torch-fidelity's file (None: nothing to compare with)
 
 
+def provenance(net_or_official) -> str:
+    """What a report says of the weights: whether a figure from them is comparable with published ones."""
+    official = getattr(net_or_official, "official", net_or_official)
+    return {True: "torch-fidelity's official file", False: "NOT the official file: figures are not comparable "
+            "with published ones", None: "no official hash to compare with"}[official]
+
+
 def _inception(path, antialias: bool) -> Network:
     """Resize: TF 1.x's bilinear by default, as torch-fidelity and the torchmetrics releases before 1.9 do (the
     convention of published FIDs, the reference study's included); `antialias` is torch's antialiased bilinear,

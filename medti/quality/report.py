@@ -12,7 +12,8 @@ from PIL import Image, ImageDraw, PngImagePlugin
 
 from ..files import write_atomic
 from ..images import contact_sheet, save_png
-from ..plots import INK, _axes
+from ..plots import INK, _axes, _vertical_text
+from .features import provenance
 from .folders import ImageSet
 
 SAMPLES = 8          # images per row of samples.png
@@ -58,8 +59,9 @@ def samples_sheet(real_set: ImageSet | None, fake_set: ImageSet, seed: int) -> I
 def histogram(series: dict, path, title: str, size=(640, 360)):
     """Outlined histograms (fraction of each series per bin, one shared set of 30 bins) of several series."""
     values = np.concatenate([v for v in series.values()])
-    low, high = float(values.min()), float(values.max())
-    high = high if high > low else low + 1.0
+    # from 0: a copy lies at (or near) distance 0, and the reader must see where 0 is to judge the left tail
+    low, high = 0.0, float(values.max())
+    high = high if high > low else 1.0
     edges = np.linspace(low, high, 31)
     fractions = {name: np.histogram(v, bins=edges)[0] / len(v) for name, v in series.items()}
     top = max(float(f.max()) for f in fractions.values()) * 1.1
@@ -75,6 +77,7 @@ def histogram(series: dict, path, title: str, size=(640, 360)):
         draw.line(points, fill=COLOURS[name], width=2)
         draw.text((size[0] - 220, 36 + 14 * row), name, fill=COLOURS[name])
     draw.text((size[0] // 2 - 90, size[1] - 16), "feature distance to the nearest real image", fill=INK)
+    _vertical_text(image, "fraction of images", 4, size[1] // 2)
     info = PngImagePlugin.PngInfo()
     info.add_text("Title", title)
     buffer = io.BytesIO()
@@ -86,7 +89,7 @@ def _value(x, digits: int) -> str:
     return "not computed" if x is None else f"{x:.{digits}f}"
 
 
-def markdown(fig: dict, args) -> str:
+def markdown(fig: dict, args, with_real: bool) -> str:
     """report.md: the table, then what to trust and where the weights came from."""
     d = fig["ms_ssim_pairs"]
     rows = [
@@ -99,12 +102,11 @@ def markdown(fig: dict, args) -> str:
         ("recall", _value(fig["recall"], 3), "share of real images inside the synthetic set's neighbourhoods "
          "(coverage)"),
         ("MS-SSIM, synthetic", _value(fig["ms_ssim_fake"], 4), f"mean over {d['fake']} pairs within the synthetic "
-         "set; higher = less diverse"),
+         "set; higher = less diverse" if d["fake"] else "see the note below"),
         ("MS-SSIM, real", _value(fig["ms_ssim_real"], 4), f"the same within the real set ({d['real']} pairs), "
-         "for comparison"),
+         "for comparison" if d["real"] else "see the note below"),
     ]
-    official = {True: "torch-fidelity's official file", False: "NOT the official file: figures are not comparable "
-                "with published ones", None: "no official hash to compare with"}[fig["weights_official"]]
+    official = provenance(fig["weights_official"])
     lines = [f"# Evaluation of {args.fake} against {args.real}", "",
              f"{fig['n_fake']} synthetic and {fig['n_real']} real images; features: {fig['features']} "
              f"(weights sha256 {fig['weights_sha256'][:16]}…, {official}); seed {fig['seed']}.", "",
@@ -115,8 +117,9 @@ def markdown(fig: dict, args) -> str:
              + "FID's covariance has 2,048 dimensions and is biased by the number of images (it falls as sets "
              "grow, even for the same model), so FID figures are only comparable at equal set sizes; KID is "
              "unbiased in the number of images and its subset spread says how far to trust it.", "",
-             *[f"MS-SSIM: {why}" for why in fig["ms_ssim_notes"]],
-             "Plots: `samples.png` (real and synthetic images drawn from the seed), `nearest.png` (distance of each "
+             *[f"MS-SSIM {why}." for why in fig["ms_ssim_notes"]], "",
+             f"Plots: `samples.png` ({'real and synthetic' if with_real else 'synthetic'} images drawn from the "
+             "seed), `nearest.png` (distance of each "
              "synthetic image to its nearest real one; synthetic images far to the left of the real-to-real "
              "distances may be copies: run `python -m medti.audit`)."]
     return "\n".join(lines) + "\n"
@@ -128,7 +131,7 @@ def write_report(out, fig: dict, args, real, fake: torch.Tensor, real_set, fake_
     series = {"synthetic to nearest real": nearest(fake, real.features).numpy(),
               "real to nearest other real": nearest(real.features, real.features, same=True).numpy()}
     histogram(series, out / "nearest.png", f"Nearest-neighbour distances in {fig['features']} feature space")
-    write_atomic(out / "report.md", markdown(fig, args).encode())
+    write_atomic(out / "report.md", markdown(fig, args, real_set is not None).encode())
     skipped = {"real": [list(s) for s in (real_set.skipped if real_set else [])],
                "fake": [list(s) for s in fake_set.skipped]}
     report = {**fig, "real": str(args.real), "fake": str(args.fake), "skipped": skipped}

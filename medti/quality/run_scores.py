@@ -17,7 +17,7 @@ from .. import generate
 from ..embeddings import read as read_embedding
 from ..files import write_atomic
 from ..plots import plot_curve
-from .features import EvalError, encode
+from .features import EvalError, encode, provenance
 from .folders import load_set
 from .scoring import check_sizes, progress, score
 
@@ -70,11 +70,13 @@ def make_images(args, file: Path, folder: Path):
     generate.run(parsed)
 
 
-def markdown(rows: list, args) -> str:
+def markdown(rows: list, args, net) -> str:
     best = min(rows, key=lambda r: r["kid"])
     lines = [f"# Saved steps of {args.run} against {args.real}", "",
              f"{args.n} images per step (seeds {args.seed}..{args.seed + args.n - 1}, {args.sampler}, "
-             f"{args.steps} steps); lowest KID at step {best['step']}.", "",
+             f"{args.steps} steps); lowest KID at step {best['step']}. Features: {net.name} (weights sha256 "
+             f"{net.weights_sha256[:16]}…, {provenance(net)}). MS-SSIM \"-\": images under 161 px (see report.md of "
+             "`medti.evaluate --fake` for the reason); val_loss \"-\": the run logged none at that step.", "",
              "| step | KID | KID subsets | FID | precision | recall | MS-SSIM | val_loss |", "|---" * 8 + "|"]
     for r in rows:
         ms = "-" if r["ms_ssim_fake"] is None else f"{r['ms_ssim_fake']:.4f}"
@@ -96,8 +98,9 @@ def score_run(args, net, real, out: Path):
         check_sizes(args, len(real.names), len(fake_set.names))
         fake = encode(net, fake_set.images, f"step {step}", args.batch, progress)
         figures = score(args, net, real, fake, fake_set.images)
-        rows.append({"step": step, "file": file.name, **{k: figures[k] for k in KEYS}, "val_loss": losses.get(step)})
+        rows.append({"step": step, "file": file.name, **{k: figures[k] for k in KEYS}, "val_loss": losses.get(step),
+                     "features": net.name, "weights_sha256": net.weights_sha256, "weights_official": net.official})
         write_atomic(out / "steps.json", (json.dumps(rows, indent=2, allow_nan=False) + "\n").encode())
-    write_atomic(out / "steps.md", markdown(rows, args).encode())
+    write_atomic(out / "steps.md", markdown(rows, args, net).encode())
     plot_curve([r["step"] for r in rows], [r["kid"] for r in rows], out / "kid.png",
                f"KID of {args.n} images per saved step against {len(real.names)} real images", y_label="KID")

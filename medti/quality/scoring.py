@@ -24,32 +24,40 @@ def progress(what: str, done: int, total: int):
     print(f"encoding {what} images: {done}/{total}", end=end, file=sys.stderr, flush=True)
 
 
-def diversity(images: list, args) -> dict:
+def diversity(images: list, args, what: str) -> dict:
     """Mean pairwise MS-SSIM of one set, or the reason it could not be computed (images under the 5-scale minimum
     size are reported, not upscaled: a diversity figure of upsampled images would describe the upsampling)."""
-    try:
-        mean, pairs = msssim.mean_pairwise(images, args.ms_ssim_pairs, torch.Generator().manual_seed(args.seed))
-    except msssim.MsSsimError as e:
-        return {"mean": None, "pairs": 0, "why": str(e)}
+    height, width = msssim.common_size(images)
+    if min(height, width) < msssim.MIN_SIDE:
+        return {"mean": None, "pairs": 0, "why": f"not computed for the {what} images: they are {width}x{height}, "
+                f"and MS-SSIM's 5 scales need at least {msssim.MIN_SIDE} pixels on the shorter side (not upsampled)"}
+    mean, pairs = msssim.mean_pairwise(images, args.ms_ssim_pairs, torch.Generator().manual_seed(args.seed))
     return {"mean": mean, "pairs": pairs}
+
+
+def kid_subset_size(args, n_real: int, n_fake: int) -> int:
+    """--kid-subset-size, or 1000 (torchmetrics' default) capped at half the smaller set: a subset of all images
+    of a set is the whole set every time, and the spread of 100 identical figures is 0, which says nothing."""
+    return args.kid_subset_size or max(2, min(1000, min(n_real, n_fake) // 2))
 
 
 def real_side(args, net, real_set):
     if real_set is None:
         return load_stats(args.real, net)
     features = encode(net, real_set.images, "real", args.batch, progress)
-    return from_features(features, real_set.names, diversity(real_set.images, args))
+    return from_features(features, real_set.names, diversity(real_set.images, args, "real"))
 
 
 def score(args, net, real, fake: torch.Tensor, fake_images: list) -> dict:
     """Every figure of report.json, from the two feature sets (and the fake images for MS-SSIM)."""
     mu, sigma = metrics.statistics(fake)
-    size = args.kid_subset_size or min(1000, len(real.names), len(fake))
+    size = kid_subset_size(args, len(real.names), len(fake))
     kid = metrics.kid(real.features, fake, subset_size=size, subsets=args.kid_subsets,
                       generator=torch.Generator().manual_seed(args.seed))
     precision, recall = metrics.precision_recall(real.features, fake, k=args.k)
-    fake_diversity = diversity(fake_images, args)
-    real_diversity = real.ms_ssim or {"mean": None, "pairs": 0, "why": "not in the statistics file"}
+    fake_diversity = diversity(fake_images, args, "synthetic")
+    real_diversity = real.ms_ssim or {"mean": None, "pairs": 0, "why": "not computed for the real images: not in "
+                                      "the statistics file"}
     return {"fid": metrics.frechet_distance(real.mu, real.sigma, mu, sigma), **kid,
             "kid_subsets": args.kid_subsets, "kid_subset_size": size, "precision": precision, "recall": recall,
             "k": args.k, "ms_ssim_fake": fake_diversity["mean"], "ms_ssim_real": real_diversity["mean"],

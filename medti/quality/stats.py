@@ -66,6 +66,10 @@ def load_stats(path, net: Network) -> RealSide:
     flag = f"{arg('real')} {path}"
     if str(data.get("format", "")) != FORMAT:
         raise EvalError(f"{flag}: not a medti statistics file (no format '{FORMAT}'); make one with --save-stats")
+    if str(data["weights_sha256"]) == net.weights_sha256 and str(data["network"]) != net.name:
+        fix = "drop --antialias" if "antialiased" in net.name else "add --antialias"
+        raise EvalError(f"{flag}: made with {data['network']}, not {net.name}: the same weights, another resize; "
+                        f"{fix} to match it, or re-encode the real set")
     if str(data["network"]) != net.name or str(data["weights_sha256"]) != net.weights_sha256:
         raise EvalError(f"{flag}: made with {data['network']} (weights sha256 {str(data['weights_sha256'])[:12]}), "
                         f"not {net.name} ({net.weights_sha256[:12]}); use the same weights or re-encode the real set")
