@@ -18,7 +18,7 @@ from pathlib import Path
 
 from minisd.errors import UserError, arg
 
-from .cli import resolve_device, run_main
+from .cli import ArgumentParser, resolve_device, run_main
 from .files import claim_folder, write_atomic
 from .images import save_png
 from .quality import privacy
@@ -38,7 +38,7 @@ class AuditError(UserError):
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="python -m medti.audit", description=__doc__.split("\n\n")[0], epilog=EXAMPLE,
+    p = ArgumentParser(prog="python -m medti.audit", description=__doc__.split("\n\n")[0], epilog=EXAMPLE,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--train", required=True, help="the training images (a folder, read like training data)")
     p.add_argument("--synthetic", required=True, help="the synthetic images: a folder, a generation run's folder "

@@ -22,6 +22,15 @@ def one_line(text: str) -> str:
     return " ".join(str(text).split())
 
 
+class ArgumentParser(argparse.ArgumentParser):
+    """Every medti command's parser: argparse's own errors (an unknown flag, a missing required one, a bad choice
+    or number) as one line too. argparse prints its whole usage block first, 13 lines in which the one that
+    matters is the last."""
+
+    def error(self, message: str):
+        self.exit(2, f"error: {one_line(message)} (see {self.prog} --help)\n")
+
+
 def run_main(parser: argparse.ArgumentParser, run: Callable, argv=None) -> int:
     """Parse argv with parser, call run(args); user errors and OS errors become one line and exit 2."""
     args = parser.parse_args(argv)

@@ -16,7 +16,6 @@ Formats (facts read from each project's source; no code taken from them):
     torch.save `.pt`, maybe fp16; the token is the file stem, as A1111 reads it (its one-tensor rule).
 Pickles are only ever opened with torch.load(weights_only=True): tensors and plain containers, never arbitrary code.
 """
-import argparse
 import io
 import os
 import re
@@ -29,7 +28,7 @@ from safetensors import safe_open
 from minisd.errors import UserError
 from minisd.tokenizer import VOCAB_SIZE
 
-from .cli import run_main
+from .cli import ArgumentParser, run_main
 from .files import safetensors_bytes, write_atomic
 
 EXTENSIONS = (".pt", ".bin", ".safetensors")
@@ -246,7 +245,7 @@ def run(args):
 
 
 def main(argv=None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m medti.embeddings", description=__doc__.splitlines()[0],
+    parser = ArgumentParser(prog="python -m medti.embeddings", description=__doc__.splitlines()[0],
                                      epilog="example: python -m medti.embeddings info tests/data/paper-embeddings/")
     sub = parser.add_subparsers(dest="command", required=True)
     p = sub.add_parser("export", help="convert one embedding file to A1111 .pt or diffusers .safetensors")

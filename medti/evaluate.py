@@ -18,7 +18,7 @@ import torch
 
 from minisd.sampling import SAMPLERS
 
-from .cli import resolve_device, run_main
+from .cli import ArgumentParser, resolve_device, run_main
 from .files import claim_folder
 from .quality.features import DEFAULT_DINOV2, FEATURES, EvalError, encode, load_network
 from .quality.folders import load_set
@@ -34,7 +34,7 @@ STATS_SUFFIX = ".npz"
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="python -m medti.evaluate", description=__doc__.split("\n\n")[0],
+    p = ArgumentParser(prog="python -m medti.evaluate", description=__doc__.split("\n\n")[0],
                                 epilog=EXAMPLE, formatter_class=argparse.RawDescriptionHelpFormatter)
     add = p.add_argument
     add("--real", required=True, help="the real images: a folder (read like training data) or a --save-stats file")

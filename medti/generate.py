@@ -28,7 +28,7 @@ from minisd.sampling import SAMPLERS, UNSUPPORTED
 from minisd.schedule import SPACINGS
 
 from . import embeddings as emb
-from .cli import resolve_device, resolve_dtype, run_main
+from .cli import ArgumentParser, resolve_device, resolve_dtype, run_main
 from .files import claim_folder, safetensors_bytes, write_atomic
 from .hashes import sha256_of
 from .images import contact_sheet, load_image, load_mask, paste_back, save_png, soft_mask, to_pil
@@ -57,7 +57,7 @@ class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter, argparse.RawDescript
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="python -m medti.generate", description=__doc__.split("\n\n")[0],
+    p = ArgumentParser(prog="python -m medti.generate", description=__doc__.split("\n\n")[0],
                                 epilog=EXAMPLE, formatter_class=HelpFormatter)
     add = p.add_argument   # every option has help text, so HelpFormatter can show its default
     add("--model", default="sd2-base", help="preset name or .safetensors file")

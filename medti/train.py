@@ -11,14 +11,14 @@ trainer like this command; --demo is therefore not a training setting and never 
 import argparse
 import dataclasses
 
-from .cli import run_main
+from .cli import ArgumentParser, run_main
 from .demo import run_demo
 from .train_config import TrainConfig
 from .trainer import run as train
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="python -m medti.train", description=__doc__.split("\n\n")[0],
+    p = ArgumentParser(prog="python -m medti.train", description=__doc__.split("\n\n")[0],
                                 epilog=__doc__.split("\n\n")[1], formatter_class=argparse.RawDescriptionHelpFormatter)
     for f in dataclasses.fields(TrainConfig):
         name, help_text = "--" + f.name.replace("_", "-"), f.metadata["help"]
