@@ -110,19 +110,21 @@ def compare(args) -> Audit:
     train = load_set(args.train, "train", minimum=2)   # the template is the training set's mean: one is not a set
     synthetic = load_set(args.synthetic, "synthetic")
     records = manifest_records(args, synthetic)
+    # the second opinion's network is loaded before the comparison: offline or a wrong folder fails in seconds
+    net = load_network("dinov2", dinov2_name=args.dinov2, device=resolve_device(args.device)) \
+        if args.features == "dinov2" else None
     say(f"comparing {len(synthetic.names)} synthetic with {len(train.names)} training images")
     train_desc = privacy.descriptors(train.images)
     ref = privacy.fit(train_desc)
     match = privacy.nearest(ref, privacy.descriptors(synthetic.images))
     own = privacy.nearest(ref, train_desc, exclude_self=True)   # how alike different training patients are
     given = {"train": args.train, "synthetic": args.synthetic, "manifest": args.manifest}
-    opinion = second_opinion(args, train.images, synthetic.images) if args.features == "dinov2" else None
+    opinion = second_opinion(net, train.images, synthetic.images) if net else None
     return Audit(train, synthetic, match, own, args.threshold, records, given, opinion)
 
 
-def second_opinion(args, train: list, synthetic: list) -> Opinion:
+def second_opinion(net, train: list, synthetic: list) -> Opinion:
     """DINOv2 CLS features of both sets (and of the synthetic mirrors), nearest by cosine similarity."""
-    net = load_network("dinov2", dinov2_name=args.dinov2, device=resolve_device(args.device))
     say(f"second opinion: {net.name} ({net.weights_sha256[:12]})")
     feats = [encode(net, images, what) for images, what in ((train, "training"), (synthetic, "synthetic"),
                                                              ([x.flip(-1) for x in synthetic], "mirrored synthetic"))]
