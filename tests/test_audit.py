@@ -195,3 +195,16 @@ def test_dinov2_flag_needs_its_features(sets, capsys):
     assert audit(sets, "run", "o", "--dinov2", "facebook/dinov2-small") == 2
     assert "--dinov2 is the network of --features dinov2" in one_line_error(capsys)
     assert not (sets / "o").exists()
+
+
+def test_large_images_are_reduced_as_read_and_still_matched(sets):
+    """A 1,200 x 1,000 export of training patient 3 (PNG exports of X-rays are often 2-3k pixels): read at most
+    READ_SIDE on its longer side, so memory stays bounded, and still flagged against the 128² training image."""
+    from medti.quality.folders import load_set
+    big = Image.fromarray(chest(3, SIZE)).resize((1200, 1000), Image.BICUBIC)
+    big.save(sets / "clean" / "big.png")
+    held = load_set(sets / "clean", "synthetic", max_side=A.READ_SIDE)
+    assert max(max(x.shape[1:]) for x in held.images) == A.READ_SIDE
+    assert audit(sets, "clean") == 0
+    images = {e["file"]: e for e in json.loads((sets / "out" / "audit.json").read_text())["images"]}
+    assert images["big.png"]["nearest"] == "case/p3.png" and images["big.png"]["flagged"]

@@ -12,6 +12,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from PIL import Image
 
 from minisd.errors import UserError, arg
 
@@ -66,9 +67,11 @@ def to_uint8(image) -> torch.Tensor:
     return torch.from_numpy(np.asarray(image.convert("RGB")).copy()).permute(2, 0, 1).contiguous()
 
 
-def load_set(path, flag: str, minimum: int = 1) -> ImageSet:
+def load_set(path, flag: str, minimum: int = 1, max_side: int | None = None) -> ImageSet:
     """Every usable image of a set; unusable files are listed in `skipped`. Fewer than `minimum` usable images is
-    a SetError that names the flag, the path and what was skipped."""
+    a SetError that names the flag, the path and what was skipped. `max_side`: images larger than that are reduced
+    (aspect kept, Lanczos) as they are read, for users of the set that never look closer (the audit); evaluation
+    keeps the native size, because its networks' resize from the full image is part of the reference figures."""
     path = Path(path)
     root, files, records = _files(path, flag)
     images, names, skipped = [], [], []
@@ -77,7 +80,10 @@ def load_set(path, flag: str, minimum: int = 1) -> ImageSet:
         try:
             if not file.is_file():
                 raise Unusable("listed in the manifest but missing")
-            images.append(to_uint8(read_image(file)))
+            image = read_image(file)
+            if max_side and max(image.size) > max_side:
+                image.thumbnail((max_side, max_side), Image.LANCZOS)
+            images.append(to_uint8(image))
             names.append(name)
         except Unusable as e:
             skipped.append((name, str(e)))
