@@ -19,7 +19,7 @@ from pathlib import Path
 from minisd.errors import UserError, arg
 
 from .cli import ArgumentParser, resolve_device, run_main
-from .files import claim_folder, write_atomic
+from .files import claim_folder, inside, write_atomic
 from .images import save_png
 from .quality import privacy
 from .quality.audit_report import Audit, Opinion, outputs
@@ -61,11 +61,6 @@ def build_parser() -> argparse.ArgumentParser:
                                                                f"dinov2 (default {DEFAULT_DINOV2})")
     p.add_argument("--device", default="cpu", help="where DINOv2 runs (cpu, cuda, cuda:N)")
     return p
-
-
-def inside(path: Path, folder: Path) -> bool:
-    path, folder = path.resolve(), folder.resolve()
-    return path == folder or folder in path.parents
 
 
 def check_args(args):

@@ -4,6 +4,7 @@ import hashlib
 import io
 import os
 import stat
+import sys
 from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
@@ -98,6 +99,14 @@ def _read(path: Path, data: bytes) -> Image.Image:
         raise Unusable(f"not an image PIL can read ({path.suffix} extension)") from None
     except (OSError, ValueError, SyntaxError, EOFError, Image.DecompressionBombError) as e:
         raise Unusable(f"unreadable image: {str(e).splitlines()[0] if str(e) else type(e).__name__}") from None
+
+
+def warn_skipped(skipped: list, where: str):
+    """The one warning for files left out of a set (training data, validation, evaluation, audit): a file the user
+    thinks is in the set but is not changes every figure, so it is said, in one line, naming at most 5."""
+    if skipped:
+        names = "; ".join(f"{name} ({why})" for name, why in skipped[:5]) + (" ..." if len(skipped) > 5 else "")
+        print(f"warning: skipped {len(skipped)} file(s) in {where}: {names}", file=sys.stderr)
 
 
 def read_image(path: Path) -> Image.Image:

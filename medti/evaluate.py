@@ -19,7 +19,7 @@ import torch
 from minisd.sampling import SAMPLERS
 
 from .cli import ArgumentParser, resolve_device, run_main
-from .files import claim_folder
+from .files import claim_folder, inside
 from .quality.features import DEFAULT_DINOV2, FEATURES, EvalError, encode, load_network
 from .quality.folders import load_set
 from .quality.report import write_report
@@ -67,11 +67,6 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 OURS = ("report.json", "report.md", "samples.png", "nearest.png", "steps.json", "steps.md", "kid.png")
-
-
-def inside(path: Path, folder: Path) -> bool:
-    path, folder = path.resolve(), folder.resolve()
-    return path == folder or folder in path.parents
 
 
 def check_out(args):

@@ -55,6 +55,13 @@ def write_atomic(path, data: bytes):
 LOCK_NAME = ".lock"
 
 
+def inside(path, folder) -> bool:
+    """Whether `path` is `folder` or lies below it, after resolving links and "..": the one rule by which every
+    command refuses an output folder inside one of its inputs."""
+    path, folder = Path(path).resolve(), Path(folder).resolve()
+    return path == folder or folder in path.parents
+
+
 def lock_name(rank: int) -> str:
     """The lock file of one process of a launch: `.lock` for a single process (and torchrun's rank 0),
     `.lock.rank<r>` for rank r > 0."""

@@ -18,6 +18,7 @@ from minisd.tokenizer import MAX_PROMPT_TOKENS
 
 from .cli import resolve_device, resolve_dtype
 from .data import PREPROCESS
+from .files import inside
 from .inversion import TrainError, parse_lr
 
 SEED_LIMIT = 2 ** 32   # step_generator multiplies the seed by ~1e9: below 2**32 the product fits torch's int64 seed
@@ -103,8 +104,7 @@ def _check_numbers(cfg: TrainConfig):
 
 def _nested(a: Path, b: Path) -> bool:
     """a and b are one folder, or one holds the other (the images of the inner one are read with the outer's)."""
-    a, b = a.resolve(), b.resolve()
-    return a == b or a in b.parents or b in a.parents
+    return inside(a, b) or inside(b, a)
 
 
 def _check_folders(cfg: TrainConfig):
@@ -121,10 +121,8 @@ def _check_folders(cfg: TrainConfig):
     if cfg.val and _nested(Path(cfg.val), data):
         raise TrainError(f"{arg('val')} {cfg.val} and {arg('data')} {cfg.data} overlap: validation images must be "
                          f"ones the run never trains on; give a separate folder, or {arg('val_fraction')}")
-    out = Path(cfg.out).resolve()
     for name in ("data", "val"):
-        folder = Path(getattr(cfg, name)).resolve()
-        if getattr(cfg, name) and (out == folder or folder in out.parents):
+        if getattr(cfg, name) and inside(cfg.out, getattr(cfg, name)):
             raise TrainError(f"{arg('out')} {cfg.out} is inside {arg(name)} {getattr(cfg, name)}: its previews would "
                              f"become images there; choose an {arg('out')} outside that folder")
 

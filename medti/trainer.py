@@ -21,7 +21,7 @@ from minisd.tokenizer import MAX_PROMPT_TOKENS
 from minisd.vae import posterior_sample
 
 from . import embeddings as emb
-from .data import DataError, load_dataset
+from .data import DataError, load_dataset, warn_skipped
 from .files import claim_folder, write_atomic
 from .hashes import sha256_of
 from .images import contact_sheet, save_png, to_pil
@@ -86,9 +86,7 @@ def load_data(cfg: TrainConfig, flag: str = "data"):
         data = load_dataset(getattr(cfg, flag), cfg.resolution, cfg.preprocess, channels, cfg.strict)
     except DataError as e:   # the message names the folder or file; say which flag it came from
         raise TrainError(f"{arg(flag)} {e}") from None
-    if data.skipped:
-        print(f"warning: skipped {len(data.skipped)} file(s) in {arg(flag)}: " +
-              "; ".join(f"{name} ({why})" for name, why in data.skipped), file=sys.stderr)
+    warn_skipped(data.skipped, arg(flag))
     return data
 
 

@@ -6,7 +6,6 @@ them themselves (to 299 for Inception, 224 for DINOv2), so the network code owns
 reference does. Sets of different sizes are therefore fine; MS-SSIM and the audit bring pairs to one size.
 """
 import json
-import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -16,7 +15,7 @@ from PIL import Image
 
 from minisd.errors import UserError, arg
 
-from ..data import Unusable, find_images, read_image
+from ..data import Unusable, find_images, read_image, warn_skipped
 from ..manifest import MERGED
 
 
@@ -87,10 +86,7 @@ def load_set(path, flag: str, minimum: int = 1, max_side: int | None = None) -> 
             names.append(name)
         except Unusable as e:
             skipped.append((name, str(e)))
-    if skipped:   # as medti.train warns: a file the user thinks is in the set but is not changes every figure
-        print(f"warning: skipped {len(skipped)} file(s) in {arg(flag)}: " +
-              "; ".join(f"{name} ({why})" for name, why in skipped[:5]) + (" ..." if len(skipped) > 5 else ""),
-              file=sys.stderr)
+    warn_skipped(skipped, arg(flag))
     if len(images) < minimum:
         found = f"{len(images)} usable image(s)" + (f", {len(skipped)} skipped, e.g. {': '.join(skipped[0])}"
                                                    if skipped else "")
