@@ -266,3 +266,16 @@ def test_nearest_real_is_the_exact_nearest_neighbour(monkeypatch):
     assert torch.equal(index, exact.indices) and index[0] == 7
     # |a|²+|b|²-2ab in float64 then sqrt: ~1e-8 absolute near 0 (sqrt of 1e-16-sized rounding), 1e-12 elsewhere
     torch.testing.assert_close(distance, exact.values, rtol=1e-12, atol=1e-7)
+
+
+def test_nearest_leave_one_out_equals_cdist_without_the_diagonal(monkeypatch):
+    """The report's real-to-real series: each image's nearest other image, also when computed in row blocks."""
+    import math
+    x = torch.randn(300, 8, generator=torch.Generator().manual_seed(0)).double()
+    want = torch.cdist(x, x).fill_diagonal_(math.inf).min(dim=1)
+    for block in (None, 8 * 300 * 5):   # one block; blocks of 40 rows
+        if block:
+            monkeypatch.setattr(metrics, "BLOCK_ELEMENTS", block)
+        distance, index = metrics.nearest_real(x, x, leave_one_out=True)
+        torch.testing.assert_close(distance, want.values, rtol=1e-12, atol=1e-12)   # float64, same formula
+        assert torch.equal(index, want.indices)

@@ -213,14 +213,17 @@ def precision_recall(real, fake, k: int = 3) -> tuple[float, float]:
     return float(fake_inside.double().mean()), float(real_inside.double().mean())
 
 
-def nearest_real(real, fake) -> tuple[torch.Tensor, torch.Tensor]:
+def nearest_real(real, fake, leave_one_out: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
     """(distance [M] float64, index [M]) of each fake image's nearest real image in feature space (Euclidean), for
     the report's histogram: a synthetic image much closer to a real one than real images are to each other
-    deserves a look."""
+    deserves a look. leave_one_out (fake is real): each image's distance to itself is left out, real-to-real."""
     real, fake = _pair(real, fake, minimum=1)
     distances, indices = [], []
     for rows in _blocks(fake.shape[0], real.shape[0]):
-        best = _squared_distances(fake[rows], real).min(dim=1)
+        squared = _squared_distances(fake[rows], real)
+        if leave_one_out:   # row i of this block is image rows.start + i
+            squared[torch.arange(squared.shape[0]), torch.arange(rows.start, rows.stop)] = math.inf
+        best = squared.min(dim=1)
         distances.append(best.values.sqrt())
         indices.append(best.indices)
     return torch.cat(distances), torch.cat(indices)

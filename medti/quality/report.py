@@ -4,7 +4,6 @@ side) and nearest.png (how far each synthetic image lies from its nearest real o
 lie from each other). Every file is written atomically."""
 import io
 import json
-import math
 
 import numpy as np
 import torch
@@ -15,19 +14,11 @@ from ..images import contact_sheet, save_png
 from ..plots import INK, _axes, _vertical_text
 from .features import provenance
 from .folders import ImageSet
+from .metrics import nearest_real
 
 SAMPLES = 8          # images per row of samples.png
 THUMB = 128          # their side in pixels: enough to judge texture, small enough for a report
 COLOURS = {"synthetic to nearest real": (200, 40, 40), "real to nearest other real": (20, 40, 140)}
-
-
-def nearest(query: torch.Tensor, reference: torch.Tensor, same: bool = False) -> torch.Tensor:
-    """Euclidean distance of each query row to its nearest reference row, in float64; with `same` (query is the
-    reference) an image's distance to itself is left out, so real-to-real is leave-one-out."""
-    distance = torch.cdist(query.double(), reference.double())
-    if same:
-        distance.fill_diagonal_(math.inf)
-    return distance.min(dim=1).values
 
 
 def _thumbs(images: list, seed: int) -> list:
@@ -128,8 +119,8 @@ def markdown(fig: dict, args, with_real: bool) -> str:
 def write_report(out, fig: dict, args, real, fake: torch.Tensor, real_set, fake_set):
     """All four outputs; report.json last, so its presence means the rest is there too."""
     save_png(out / "samples.png", samples_sheet(real_set, fake_set, args.seed))
-    series = {"synthetic to nearest real": nearest(fake, real.features).numpy(),
-              "real to nearest other real": nearest(real.features, real.features, same=True).numpy()}
+    series = {"synthetic to nearest real": nearest_real(real.features, fake)[0].numpy(),
+              "real to nearest other real": nearest_real(real.features, real.features, leave_one_out=True)[0].numpy()}
     histogram(series, out / "nearest.png", f"Nearest-neighbour distances in {fig['features']} feature space")
     write_atomic(out / "report.md", markdown(fig, args, real_set is not None).encode())
     skipped = {"real": [list(s) for s in (real_set.skipped if real_set else [])],
