@@ -36,7 +36,7 @@ def nice_ticks(low: float, high: float, most: int = 6) -> list[float]:
     return [round(first + i * step, 12) for i in range(int((high - first) / step + 1e-9) + 1)]
 
 
-def _vertical_text(image: Image.Image, text: str, x: int, y_centre: int):
+def vertical_text(image: Image.Image, text: str, x: int, y_centre: int):
     """Paste `text` rotated by 90 degrees (reading bottom to top), centred on y_centre: PIL draws only level text."""
     draw = ImageDraw.Draw(image)
     _, _, width, height = draw.textbbox((0, 0), text)
@@ -46,7 +46,7 @@ def _vertical_text(image: Image.Image, text: str, x: int, y_centre: int):
     image.paste(label, (x, y_centre - label.height // 2))
 
 
-def _axes(draw: ImageDraw.ImageDraw, box: tuple, xs: tuple, ys: tuple):
+def axes(draw: ImageDraw.ImageDraw, box: tuple, xs: tuple, ys: tuple):
     """Frame, grid lines, ticks and tick labels; returns the data -> pixel mapping. xs, ys: (low, high)."""
     left, top, right, bottom = box
 
@@ -112,7 +112,7 @@ def plot_curve(steps: list, values: list, path, title: str, x_label: str = "step
         low, high = min(v for _, v in every), max(v for _, v in every)
         pad = (high - low) * 0.05 or abs(low) * 0.05 or 1.0   # a flat curve still gets a visible y range
         first, last = min(s for s, _ in every), max(s for s, _ in every)
-        to_pixel = _axes(draw, box, (first, last) if last > first else (first - 1, first + 1), (low - pad, high + pad))
+        to_pixel = axes(draw, box, (first, last) if last > first else (first - 1, first + 1), (low - pad, high + pad))
         _draw_series(draw, [to_pixel(a, b) for a, b in zip(x, smooth, strict=True)], LINE, dots=False)
         if validation:
             _draw_series(draw, [to_pixel(a, b) for a, b in val], VALIDATION, dots=True)
@@ -122,7 +122,7 @@ def plot_curve(steps: list, values: list, path, title: str, x_label: str = "step
         draw.rectangle(box, outline=INK)
         draw.text((box[0] + 10, box[1] + 10), "no finite values yet", fill=INK)
     draw.text(((box[0] + box[2] - draw.textlength(x_label)) / 2, size[1] - 16), x_label, fill=INK)
-    _vertical_text(image, y_label, 4, (box[1] + box[3]) // 2)
+    vertical_text(image, y_label, 4, (box[1] + box[3]) // 2)
     _write(image, path, title, caption + (f"; validation loss at {len(val)} save(s), unsmoothed" * bool(validation)))
     return caption
 

@@ -11,7 +11,7 @@ from PIL import Image, ImageDraw, PngImagePlugin
 
 from ..files import write_atomic
 from ..images import contact_sheet, save_png
-from ..plots import INK, _axes, _vertical_text
+from ..plots import INK, axes, vertical_text
 from .features import provenance
 from .folders import ImageSet
 from .metrics import nearest_real
@@ -59,7 +59,7 @@ def histogram(series: dict, path, title: str, size=(640, 360)):
     image = Image.new("RGB", size, "white")
     draw = ImageDraw.Draw(image)
     draw.text((72, 8), title, fill=INK)
-    to_pixel = _axes(draw, (72, 28, size[0] - 16, size[1] - 44), (low, high), (0.0, top))
+    to_pixel = axes(draw, (72, 28, size[0] - 16, size[1] - 44), (low, high), (0.0, top))
     for row, (name, fraction) in enumerate(fractions.items()):
         points = []
         for left, right, f in zip(edges[:-1], edges[1:], fraction, strict=True):
@@ -68,7 +68,7 @@ def histogram(series: dict, path, title: str, size=(640, 360)):
         draw.line(points, fill=COLOURS[name], width=2)
         draw.text((size[0] - 220, 36 + 14 * row), name, fill=COLOURS[name])
     draw.text((size[0] // 2 - 90, size[1] - 16), "feature distance to the nearest real image", fill=INK)
-    _vertical_text(image, "fraction of images", 4, size[1] // 2)
+    vertical_text(image, "fraction of images", 4, size[1] // 2)
     info = PngImagePlugin.PngInfo()
     info.add_text("Title", title)
     buffer = io.BytesIO()
