@@ -1,0 +1,323 @@
+"""A diffusers Stable Diffusion folder (SD1.x or SD2.x) read directly, under the official single-file key names.
+
+`open_folder(path)` checks model_index.json and every component's config against what minisd implements -- each
+config field is either mapped to our config, required to have the one value minisd computes, or named as ignored
+(and why) -- and returns a FolderFile (the interface of minisd.load.TensorFile) plus the ModelConfig. Tensors are
+read lazily, one by one, from the component's weight files; names are mapped by minisd.diffusers_keys.
+
+Weights of a component (unet/, vae/: `diffusion_pytorch_model`; text_encoder/: `model`, `.bin`: `pytorch_model`),
+the first that exists: STEM.safetensors; STEM.safetensors.index.json (shards, by its weight_map); the fp16 variant
+STEM.fp16.safetensors; STEM.safetensors.index.fp16.json; then the pickles STEM.bin, STEM.fp16.bin, read with
+torch.load(weights_only=True) (minisd.load.TensorFile). Sharded pickles are not read.
+"""
+import json
+from pathlib import Path
+
+from . import clip, clip_openai, diffusers_keys
+from .config import LoadError, ModelConfig, parse_config
+from .load import UNET, VAE, TensorFile
+from .paths import weights_dir
+
+PIPELINES = ("StableDiffusionPipeline", "StableDiffusionInpaintPipeline", "StableDiffusionImg2ImgPipeline")
+COMPONENTS = {"unet": ("diffusers", "UNet2DConditionModel"), "vae": ("diffusers", "AutoencoderKL"),
+              "text_encoder": ("transformers", "CLIPTextModel"), "tokenizer": ("transformers", "CLIPTokenizer"),
+              "scheduler": ("diffusers", None)}
+OPTIONAL = ("safety_checker", "feature_extractor", "image_encoder")   # not part of the model: ignored
+# Every parameter of diffusers 0.42 UNet2DConditionModel.__init__. MAPPED go into our config; FIXED must hold the
+# value minisd computes (a list of all-equal values counts as that value); IGNORED do not change inference.
+UNET_MAPPED = {"sample_size", "in_channels", "out_channels", "down_block_types", "up_block_types",
+               "block_out_channels", "layers_per_block", "cross_attention_dim", "transformer_layers_per_block",
+               "attention_head_dim", "num_attention_heads", "use_linear_projection", "upcast_attention"}
+UNET_FIXED = {
+    "center_input_sample": False, "flip_sin_to_cos": True, "freq_shift": 0, "mid_block_type": "UNetMidBlock2DCrossAttn",
+    "only_cross_attention": False, "downsample_padding": 1, "mid_block_scale_factor": 1, "act_fn": "silu",
+    "norm_num_groups": 32, "norm_eps": 1e-5, "reverse_transformer_layers_per_block": None, "encoder_hid_dim": None,
+    "encoder_hid_dim_type": None, "dual_cross_attention": False, "class_embed_type": None,
+    "addition_embed_type": None, "addition_time_embed_dim": None, "num_class_embeds": None,
+    "resnet_time_scale_shift": "default", "resnet_skip_time_act": False, "resnet_out_scale_factor": 1.0,
+    "time_embedding_type": "positional", "time_embedding_dim": None, "time_embedding_act_fn": None,
+    "timestep_post_act": None, "time_cond_proj_dim": None, "conv_in_kernel": 3, "conv_out_kernel": 3,
+    "projection_class_embeddings_input_dim": None, "attention_type": "default", "class_embeddings_concat": False,
+    "mid_block_only_cross_attention": None, "cross_attention_norm": None}
+# dropout: training only. addition_embed_type_num_heads: read only with an addition_embed_type (which must be null).
+UNET_IGNORED = {"dropout", "addition_embed_type_num_heads"}
+VAE_MAPPED = {"in_channels", "out_channels", "down_block_types", "up_block_types", "block_out_channels",
+              "layers_per_block", "latent_channels", "scaling_factor"}
+VAE_FIXED = {"act_fn": "silu", "norm_num_groups": 32, "shift_factor": None, "latents_mean": None, "latents_std": None,
+             "use_quant_conv": True, "use_post_quant_conv": True, "mid_block_add_attention": True}
+# sample_size: the tile size of diffusers' tiled decoding (autoencoder_kl.py: tile_sample_min_size), not the
+# model's size. force_upcast: diffusers' hint to decode fp16 models in fp32 -- a precision policy, not weights.
+VAE_IGNORED = {"sample_size", "force_upcast"}
+SCHEDULERS = {f"{name}Scheduler" for name in (
+    "DDIM", "DDPM", "PNDM", "LMSDiscrete", "EulerDiscrete", "EulerAncestralDiscrete", "DPMSolverMultistep",
+    "DPMSolverSinglestep", "Heun", "KDPM2", "KDPM2Ancestral", "UniPCMultistep", "DEISMultistep")}
+# SD's training schedule (minisd.schedule); every other scheduler field is a sampler setting that does not change
+# the model (timestep_spacing, steps_offset, set_alpha_to_one, clip_sample, use_karras_sigmas, ...): minisd's own
+# samplers take those, so they are ignored here.
+SCHEDULE = {"num_train_timesteps": 1000, "beta_start": 0.00085, "beta_end": 0.012, "beta_schedule": "scaled_linear",
+            "trained_betas": None, "rescale_betas_zero_snr": False}
+PREDICTION = {"epsilon": "eps", "v_prediction": "v"}
+# hidden_act -> tower: OpenAI CLIP (SD1) was trained with quick_gelu, OpenCLIP ViT-H (SD2) with exact gelu.
+TOWERS = {"quick_gelu": "openai", "gelu": "openclip"}
+# The pad token each tower was trained with (minisd.tokenizer PAD_SD1 / PAD), as transformers' files name it.
+PADS = {"openai": "<|endoftext|>", "openclip": "!"}
+SPECIALS = {"<|startoftext|>": "<start_of_text>", "<|endoftext|>": "<end_of_text>"}   # transformers' -> ours
+STEMS = {"unet": ("diffusion_pytorch_model",) * 2, "vae": ("diffusion_pytorch_model",) * 2,
+         "text_encoder": ("model", "pytorch_model")}   # (safetensors stem, pickle stem)
+
+
+def read_json(path: Path) -> dict:
+    try:
+        data = json.loads(path.read_text())
+    except FileNotFoundError:
+        raise LoadError(f"{path}: missing -- not a complete diffusers folder") from None
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise LoadError(f"{path}: not readable JSON ({e})") from None
+    if not isinstance(data, dict):
+        raise LoadError(f"{path}: not a JSON object")
+    return data
+
+
+def same(value, fixed) -> bool:
+    """A value equals minisd's: diffusers accepts per-level lists for some fields; all equal is the one value."""
+    values = value if isinstance(value, list) and not isinstance(fixed, list) else [value]
+    return len(values) > 0 and all(type(v) is type(fixed) or {type(v), type(fixed)} <= {int, float} for v in values) \
+        and all(v == fixed for v in values)
+
+
+def check_fields(path: Path, data: dict, mapped: set, fixed: dict, ignored: set):
+    """Every field is mapped, fixed to minisd's value, ignored by name, or `_`-prefixed metadata."""
+    for key, value in data.items():
+        if key.startswith("_") or key in mapped or key in ignored:
+            continue
+        if key not in fixed:
+            raise LoadError(f"{path}: unknown field {key} ({json.dumps(value)}); minisd does not know what it "
+                            "changes, so it refuses the folder")
+        if not same(value, fixed[key]):
+            raise LoadError(f"{path}: {key} {value!r} is not supported by minisd (it implements "
+                            f"{json.dumps(fixed[key])})")
+
+
+def need(path: Path, ok: bool, message: str):
+    if not ok:
+        raise LoadError(f"{path}: {message}")
+
+
+def unet_section(path: Path, u: dict) -> dict:
+    """unet/config.json -> our `unet` section (ldm YAML names). Checks the field table first."""
+    check_fields(path, u, UNET_MAPPED, UNET_FIXED, UNET_IGNORED)
+    widths, down, up = u.get("block_out_channels"), u.get("down_block_types"), u.get("up_block_types")
+    need(path, isinstance(widths, list) and widths and all(isinstance(w, int) and w % widths[0] == 0 for w in widths),
+         f"block_out_channels {widths!r} must be multiples of the first width")
+    need(path, isinstance(down, list) and len(down) == len(widths) and set(down) <= {"CrossAttnDownBlock2D",
+         "DownBlock2D"}, f"down_block_types {down!r}: minisd has CrossAttnDownBlock2D and DownBlock2D, one per width")
+    mirrored = [b.replace("Down", "Up") for b in reversed(down)]   # ldm's output blocks mirror the input blocks
+    need(path, up == mirrored, f"up_block_types {up!r} must mirror down_block_types: {mirrored}")
+    need(path, isinstance(u.get("layers_per_block"), int), "layers_per_block must be one integer")
+    need(path, isinstance(u.get("cross_attention_dim"), int), "cross_attention_dim must be one integer")
+    # Why: diffusers' `attention_head_dim` is the head COUNT (SD2 5/10/20/20: ldm's width 64; SD1 8: ldm's num_heads);
+    # diffusers itself reads `num_attention_heads or attention_head_dim` (unet_2d_condition.py __init__).
+    heads = u.get("num_attention_heads") or u.get("attention_head_dim", 8)
+    heads = heads if isinstance(heads, list) else [heads] * len(widths)
+    head_channels = {w / h for w, h in zip(widths, heads, strict=True)}
+    equal_width = len(head_channels) == 1 and float(next(iter(head_channels))).is_integer()
+    need(path, equal_width or len(set(heads)) == 1, f"attention_head_dim {heads}: neither head widths nor counts equal")
+    sd1_rule = {"num_head_channels": -1, "num_heads": heads[0]}   # a fixed head count, widths differ per level
+    depth = u.get("transformer_layers_per_block", 1)
+    need(path, isinstance(depth, int) or len(set(depth)) == 1, "transformer_layers_per_block must be equal")
+    cross = [i for i, block in enumerate(down) if block.startswith("CrossAttn")]
+    return {"model_channels": widths[0], "channel_mult": [w // widths[0] for w in widths],
+            "num_res_blocks": u["layers_per_block"],
+            "attention_resolutions": [2 ** i for i in reversed(cross)],   # YAML order: [4, 2, 1]
+            **({"num_head_channels": int(head_channels.pop())} if equal_width else sd1_rule),
+            "context_dim": u["cross_attention_dim"], "transformer_depth": depth if isinstance(depth, int) else depth[0],
+            "use_linear_in_transformer": bool(u.get("use_linear_projection", False)),
+            "in_channels": u.get("in_channels", 4), "out_channels": u.get("out_channels", 4),
+            "upcast_attention": bool(u.get("upcast_attention", False))}
+
+
+def vae_section(path: Path, v: dict) -> dict:
+    """vae/config.json -> our `vae` section (ldm ddconfig names)."""
+    check_fields(path, v, VAE_MAPPED, VAE_FIXED, VAE_IGNORED)
+    widths = v.get("block_out_channels")
+    need(path, isinstance(widths, list) and widths and all(isinstance(w, int) and w % widths[0] == 0 for w in widths),
+         f"block_out_channels {widths!r} must be multiples of the first width")
+    for key, block in (("down_block_types", "DownEncoderBlock2D"), ("up_block_types", "UpDecoderBlock2D")):
+        need(path, v.get(key) == [block] * len(widths), f"{key} {v.get(key)!r} must be {block} at every level")
+    latent = v.get("latent_channels", 4)
+    return {"ch": widths[0], "ch_mult": [w // widths[0] for w in widths], "num_res_blocks": v.get("layers_per_block", 1),
+            "z_channels": latent, "embed_dim": latent, "in_channels": v.get("in_channels", 3),
+            "out_ch": v.get("out_channels", 3)}
+
+
+def text_section(path: Path, t: dict) -> dict:
+    """text_encoder/config.json -> our `text` section. Only the architecture fields are read: the rest is generic
+    transformers bookkeeping that does not change the forward pass (dtype/torch_dtype, transformers_version,
+    bos/eos/pad_token_id, initializer_*, dropout, attention_dropout, projection_dim -- CLIPTextModel has no
+    projection -- and whatever else PretrainedConfig serialises in a given transformers version)."""
+    kind = f"{t.get('model_type')} {t.get('architectures')}"
+    need(path, t.get("model_type") == "clip_text_model" and t.get("architectures", ["CLIPTextModel"]) ==
+         ["CLIPTextModel"], f"the text encoder is {kind}, not CLIP; minisd runs SD1/SD2 CLIP text towers")
+    tower = TOWERS.get(t.get("hidden_act"))
+    need(path, tower is not None, f"hidden_act {t.get('hidden_act')!r}: minisd runs quick_gelu (SD1, OpenAI CLIP) "
+         "and gelu (SD2, OpenCLIP)")
+    names = ("hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads",
+             "max_position_embeddings", "vocab_size", "layer_norm_eps")
+    missing = [n for n in names if n not in t]
+    need(path, not missing, f"missing field {missing[0] if missing else ''}")
+    need(path, t["vocab_size"] == 49408, f"vocab_size {t['vocab_size']} is not CLIP's 49408 (the tokenizer's)")
+    if tower == "openai":
+        return {"tower": "openai", "layer": "last", **{n: t[n] for n in names}}
+    # OpenCLIP's blocks have a 4x MLP and torch's LayerNorm eps (open_clip/transformer.py), which TextConfig fixes.
+    need(path, t["intermediate_size"] == 4 * t["hidden_size"], "intermediate_size must be 4 x hidden_size (OpenCLIP)")
+    need(path, t["layer_norm_eps"] == 1e-5, f"layer_norm_eps {t['layer_norm_eps']} is not OpenCLIP's 1e-5")
+    # diffusers' SD2 text encoder holds 23 of OpenCLIP's 24 blocks; SD2 runs the penultimate one's output.
+    return {"tower": "openclip", "layer": "penultimate", "width": t["hidden_size"],
+            "layers": t["num_hidden_layers"] + 1, "heads": t["num_attention_heads"],
+            "context_length": t["max_position_embeddings"], "vocab_size": t["vocab_size"]}
+
+
+def prediction(path: Path, s: dict) -> str:
+    """scheduler_config.json: a DDPM-family scheduler on SD's schedule -> "eps" or "v"."""
+    need(path, s.get("_class_name") in SCHEDULERS, f"scheduler {s.get('_class_name')!r} is not supported; minisd "
+         f"reads the DDPM-family schedulers ({', '.join(sorted(SCHEDULERS))})")
+    for key, value in SCHEDULE.items():
+        need(path, s.get(key, value) == value, f"{key} {s.get(key)!r} is not SD's schedule ({json.dumps(value)}); "
+             "minisd samples SD's training schedule only")
+    found = s.get("prediction_type", "epsilon")
+    need(path, found in PREDICTION, f"prediction_type {found!r}: minisd runs epsilon and v_prediction models")
+    return PREDICTION[found]
+
+
+def check_model_index(folder: Path):
+    index = read_json(folder / "model_index.json")
+    path, name = folder / "model_index.json", index.get("_class_name")
+    need(path, "XL" not in str(name) and "text_encoder_2" not in index, f"{name} is an SDXL pipeline, which minisd "
+         "does not load")
+    need(path, name in PIPELINES, f"{name!r} is not a Stable Diffusion 1/2 pipeline ({', '.join(PIPELINES)})")
+    for key, (library, cls) in COMPONENTS.items():
+        found = index.get(key)
+        need(path, isinstance(found, list) and found[0] == library and (cls is None or found[1] in (cls, cls + "Fast")),
+             f"component {key} is {found}, expected [{library!r}, {cls!r}]")
+        need(folder / key, (folder / key).is_dir(), f"missing component folder {key}/ -- not a complete folder")
+
+
+def tokenizer_files(folder: Path) -> tuple[dict, list, list]:
+    """(vocab, merges as "a b" strings, added tokens) from vocab.json + merges.txt (hub) or tokenizer.json
+    (transformers 5 saves only that one)."""
+    if (folder / "vocab.json").is_file():
+        merges = (folder / "merges.txt").read_text(encoding="utf-8").splitlines()
+        added = list(read_json(folder / "added_tokens.json")) if (folder / "added_tokens.json").is_file() else []
+        return read_json(folder / "vocab.json"), [m for m in merges if m and not m.startswith("#version")], added
+    data = read_json(folder / "tokenizer.json")
+    model = data.get("model", {})
+    merges = [m if isinstance(m, str) else " ".join(m) for m in model.get("merges", [])]
+    return model.get("vocab", {}), merges, [t.get("content") for t in data.get("added_tokens", [])]
+
+
+def check_tokenizer(folder: Path, tower: str):
+    """CLIP's standard vocabulary (minisd's files, special tokens under transformers' names), no added tokens, and
+    the pad token of the tower's training."""
+    vocab, merges, added = tokenizer_files(folder)
+    theirs = {v: k for k, v in SPECIALS.items()}   # ours -> transformers' names
+    ours = {theirs.get(k, k): v for k, v in json.loads((weights_dir() / "clip_vocab.json").read_text()).items()}
+    mine = (weights_dir() / "clip_merges.txt").read_text(encoding="utf-8").splitlines()[1:]
+    config = read_json(folder / "tokenizer_config.json") if (folder / "tokenizer_config.json").is_file() else {}
+    added += [t.get("content") for t in config.get("added_tokens_decoder", {}).values()]
+    # Why by the vocabulary: transformers lists the specials, and SD2's pad "!" (id 0), among its added tokens too.
+    extra = sorted({t for t in added if t not in ours})
+    need(folder, not extra, f"holds added tokens {extra} (a textual-inversion token?); load the embedding file with "
+         "--embeddings instead")
+    wrong = next((k for k in sorted(set(vocab) | set(ours)) if vocab.get(k) != ours.get(k)), None)
+    need(folder, wrong is None, f"vocabulary differs from CLIP's at {wrong!r} (id {vocab.get(wrong)}, CLIP: "
+         f"{ours.get(wrong)}); minisd runs CLIP's standard vocabulary only")
+    i = next((i for i, (a, b) in enumerate(zip(merges, mine, strict=False)) if a != b), min(len(merges), len(mine)))
+    need(folder, merges == mine, f"merges differ from CLIP's at entry {i} "
+         f"({merges[i] if i < len(merges) else 'end'!r}, CLIP: {mine[i] if i < len(mine) else 'end'!r})")
+    specials = read_json(folder / "special_tokens_map.json") if (folder / "special_tokens_map.json").is_file() else {}
+    pad = specials.get("pad_token", config.get("pad_token", "<|endoftext|>"))   # CLIPTokenizer's default
+    pad = pad.get("content") if isinstance(pad, dict) else pad
+    need(folder, pad == PADS[tower], f"pad_token {pad!r}, but this {tower} text tower was trained with padding "
+         f"{PADS[tower]!r}")
+
+
+def read_config(folder) -> dict:
+    """The folder's configs restated in minisd's JSON config format, every field checked."""
+    folder = Path(folder)
+    check_model_index(folder)
+    unet_path, vae_path = folder / "unet" / "config.json", folder / "vae" / "config.json"
+    unet, vae = read_json(unet_path), read_json(vae_path)
+    scheduler = folder / "scheduler" / "scheduler_config.json"
+    text = text_section(folder / "text_encoder" / "config.json", read_json(folder / "text_encoder" / "config.json"))
+    check_tokenizer(folder / "tokenizer", text["tower"])
+    scale = vae.get("scaling_factor", 0.18215)
+    size = unet.get("sample_size")
+    need(unet_path, isinstance(size, int), f"sample_size {size!r} must be one integer (the latent size)")
+    # The native size: diffusers' pipeline defaults to unet sample_size * vae_scale_factor, with
+    # vae_scale_factor = 2 ** (len(vae block_out_channels) - 1) (pipeline_stable_diffusion.py __init__, __call__).
+    levels = len(vae.get("block_out_channels") or [0])
+    return {"unet": unet_section(unet_path, unet), "vae": vae_section(vae_path, vae), "text": text,
+            "prediction": prediction(scheduler, read_json(scheduler)), "scale_factor": scale,
+            "resolution": size * 2 ** (levels - 1)}
+
+
+def weight_files(folder: Path) -> list[Path]:
+    """The component's weight files by the rule in the module docstring."""
+    st, pickle = STEMS[folder.name]
+    for name in (f"{st}.safetensors", f"{st}.safetensors.index.json", f"{st}.fp16.safetensors",
+                 f"{st}.safetensors.index.fp16.json", f"{pickle}.bin", f"{pickle}.fp16.bin"):
+        if (folder / name).is_file():
+            if not name.endswith(".json"):
+                return [folder / name]
+            shards = read_json(folder / name).get("weight_map", {})
+            need(folder / name, isinstance(shards, dict) and shards, "has no weight_map")
+            return [folder / shard for shard in sorted(set(shards.values()))]
+    raise LoadError(f"{folder}: no weights ({st}.safetensors, sharded or fp16, or {pickle}.bin)")
+
+
+class FolderFile:
+    """The weights of a folder under the official single-file key names, with TensorFile's interface. Each name
+    knows the source tensors it is made of (diffusers_keys.plan); tensors are read when asked for."""
+
+    def __init__(self, path: Path, cfg: dict):
+        self.path, self._parts = path, {}
+        layout = (cfg["unet"]["num_res_blocks"], tuple(2 ** (len(cfg["unet"]["channel_mult"]) - 1 - i) in
+                                                       cfg["unet"]["attention_resolutions"]
+                                                       for i in range(len(cfg["unet"]["channel_mult"]))))
+        text_prefix, text_name = ((clip_openai.PREFIX, diffusers_keys.openai_name) if cfg["text"]["tower"] ==
+                                  "openai" else (clip.PREFIX, diffusers_keys.openclip_name))
+        for sub, prefix, rename in (("unet", UNET, lambda k: diffusers_keys.unet_name(k, *layout)),
+                                    ("vae", VAE, lambda k: diffusers_keys.vae_name(k, len(cfg["vae"]["ch_mult"]))),
+                                    ("text_encoder", text_prefix, text_name)):
+            self._add(path / sub, prefix, rename)
+        self.keys = set(self._parts)
+
+    def _add(self, folder: Path, prefix: str, rename):
+        files = {}
+        for file in weight_files(folder):
+            if not file.is_file():
+                raise LoadError(f"{file}: missing (named by the shard index)")
+            tensors = TensorFile(file)
+            files |= {key: tensors for key in tensors.keys}
+        try:
+            plan = diffusers_keys.plan(files, rename)
+        except ValueError as e:
+            raise LoadError(f"{folder}: {e} -- not an SD1/SD2 {folder.name}") from None
+        self._parts |= {prefix + name: [(files[k], k) for k in keys] for name, keys in plan.items()}
+
+    def shape(self, key: str) -> tuple:
+        return diffusers_keys.assembled_shape(key, [file.shape(k) for file, k in self._parts[key]])
+
+    def dtype(self, key: str) -> str:
+        return self._parts[key][0][0].dtype(self._parts[key][0][1])
+
+    def get(self, key: str):
+        return diffusers_keys.assemble(key, [file.get(k) for file, k in self._parts[key]])
+
+
+def open_folder(path) -> tuple[FolderFile, ModelConfig]:
+    """(the folder's weights under official names, its ModelConfig); one-line LoadError for anything minisd does
+    not run."""
+    path = Path(path)
+    data = read_config(path)
+    return FolderFile(path, data), parse_config(data, str(path))
