@@ -23,50 +23,17 @@ COMPONENTS = {"unet": ("diffusers", "UNet2DConditionModel"), "vae": ("diffusers"
               "text_encoder": ("transformers", "CLIPTextModel"), "tokenizer": ("transformers", "CLIPTokenizer"),
               "scheduler": ("diffusers", None)}
 OPTIONAL = ("safety_checker", "feature_extractor", "image_encoder")   # not part of the model: ignored
-# Every parameter of diffusers 0.42 UNet2DConditionModel.__init__. MAPPED go into our config; FIXED must hold the
-# value minisd computes (a list of all-equal values counts as that value); IGNORED do not change inference.
-UNET_MAPPED = {"sample_size", "in_channels", "out_channels", "down_block_types", "up_block_types",
-               "block_out_channels", "layers_per_block", "cross_attention_dim", "transformer_layers_per_block",
-               "attention_head_dim", "num_attention_heads", "use_linear_projection", "upcast_attention"}
-UNET_FIXED = {
-    "center_input_sample": False, "flip_sin_to_cos": True, "freq_shift": 0, "mid_block_type": "UNetMidBlock2DCrossAttn",
-    "only_cross_attention": False, "downsample_padding": 1, "mid_block_scale_factor": 1, "act_fn": "silu",
-    "norm_num_groups": 32, "norm_eps": 1e-5, "reverse_transformer_layers_per_block": None, "encoder_hid_dim": None,
-    "encoder_hid_dim_type": None, "dual_cross_attention": False, "class_embed_type": None,
-    "addition_embed_type": None, "addition_time_embed_dim": None, "num_class_embeds": None,
-    "resnet_time_scale_shift": "default", "resnet_skip_time_act": False, "resnet_out_scale_factor": 1.0,
-    "time_embedding_type": "positional", "time_embedding_dim": None, "time_embedding_act_fn": None,
-    "timestep_post_act": None, "time_cond_proj_dim": None, "conv_in_kernel": 3, "conv_out_kernel": 3,
-    "projection_class_embeddings_input_dim": None, "attention_type": "default", "class_embeddings_concat": False,
-    "mid_block_only_cross_attention": None, "cross_attention_norm": None}
-# dropout: training only. addition_embed_type_num_heads: read only with an addition_embed_type (which must be null).
-UNET_IGNORED = {"dropout", "addition_embed_type_num_heads"}
-VAE_MAPPED = {"in_channels", "out_channels", "down_block_types", "up_block_types", "block_out_channels",
-              "layers_per_block", "latent_channels", "scaling_factor"}
-VAE_FIXED = {"act_fn": "silu", "norm_num_groups": 32, "shift_factor": None, "latents_mean": None, "latents_std": None,
-             "use_quant_conv": True, "use_post_quant_conv": True, "mid_block_add_attention": True}
-# sample_size: the tile size of diffusers' tiled decoding (autoencoder_kl.py: tile_sample_min_size), not the
-# model's size. force_upcast: diffusers' hint to decode fp16 models in fp32 -- a precision policy, not weights.
-VAE_IGNORED = {"sample_size", "force_upcast"}
-SCHEDULERS = {f"{name}Scheduler" for name in (
-    "DDIM", "DDPM", "PNDM", "LMSDiscrete", "EulerDiscrete", "EulerAncestralDiscrete", "DPMSolverMultistep",
-    "DPMSolverSinglestep", "Heun", "KDPM2", "KDPM2Ancestral", "UniPCMultistep", "DEISMultistep")}
-# SD's training schedule (minisd.schedule); every other scheduler field is a sampler setting that does not change
-# the model (timestep_spacing, steps_offset, set_alpha_to_one, clip_sample, use_karras_sigmas, ...): minisd's own
-# samplers take those, so they are ignored here.
-SCHEDULE = {"num_train_timesteps": 1000, "beta_start": 0.00085, "beta_end": 0.012, "beta_schedule": "scaled_linear",
-            "trained_betas": None, "rescale_betas_zero_snr": False}
-PREDICTION = {"epsilon": "eps", "v_prediction": "v"}
 # hidden_act -> tower: OpenAI CLIP (SD1) was trained with quick_gelu, OpenCLIP ViT-H (SD2) with exact gelu.
 TOWERS = {"quick_gelu": "openai", "gelu": "openclip"}
 # The pad token each tower was trained with (minisd.tokenizer PAD_SD1 / PAD), as transformers' files name it.
 PADS = {"openai": "<|endoftext|>", "openclip": "!"}
 SPECIALS = {"<|startoftext|>": "<start_of_text>", "<|endoftext|>": "<end_of_text>"}   # transformers' -> ours
-STEMS = {"unet": ("diffusion_pytorch_model",) * 2, "vae": ("diffusion_pytorch_model",) * 2,
-         "text_encoder": ("model", "pytorch_model")}   # (safetensors stem, pickle stem)
+STEMS = {"unet": ("diffusion_pytorch_model",) * 2, "vae": ("diffusion_pytorch_model",) * 2, "text_encoder": ("model",
+         "pytorch_model")}   # (safetensors stem, pickle stem): transformers names its pickle differently
 
 
 def read_json(path: Path) -> dict:
+    """A config file as a dict; missing or malformed: one line naming it."""
     try:
         data = json.loads(path.read_text())
     except FileNotFoundError:
@@ -99,22 +66,27 @@ def check_fields(path: Path, data: dict, mapped: set, fixed: dict, ignored: set)
 
 
 def need(path: Path, ok: bool, message: str):
-    if not ok:
+    if not ok:   # one line, naming the file
         raise LoadError(f"{path}: {message}")
+
+
+def level_widths(path: Path, data: dict) -> list:
+    widths = data.get("block_out_channels")
+    need(path, isinstance(widths, list) and widths and all(isinstance(w, int) and w % widths[0] == 0 for w in widths),
+         f"block_out_channels {widths!r} must be multiples of the first width")
+    return widths
 
 
 def unet_section(path: Path, u: dict) -> dict:
     """unet/config.json -> our `unet` section (ldm YAML names). Checks the field table first."""
-    check_fields(path, u, UNET_MAPPED, UNET_FIXED, UNET_IGNORED)
-    widths, down, up = u.get("block_out_channels"), u.get("down_block_types"), u.get("up_block_types")
-    need(path, isinstance(widths, list) and widths and all(isinstance(w, int) and w % widths[0] == 0 for w in widths),
-         f"block_out_channels {widths!r} must be multiples of the first width")
+    check_fields(path, u, diffusers_keys.UNET_MAPPED, diffusers_keys.UNET_FIXED, diffusers_keys.UNET_IGNORED)
+    widths, down, up = level_widths(path, u), u.get("down_block_types"), u.get("up_block_types")
     need(path, isinstance(down, list) and len(down) == len(widths) and set(down) <= {"CrossAttnDownBlock2D",
          "DownBlock2D"}, f"down_block_types {down!r}: minisd has CrossAttnDownBlock2D and DownBlock2D, one per width")
     mirrored = [b.replace("Down", "Up") for b in reversed(down)]   # ldm's output blocks mirror the input blocks
     need(path, up == mirrored, f"up_block_types {up!r} must mirror down_block_types: {mirrored}")
-    need(path, isinstance(u.get("layers_per_block"), int), "layers_per_block must be one integer")
-    need(path, isinstance(u.get("cross_attention_dim"), int), "cross_attention_dim must be one integer")
+    for key in ("layers_per_block", "cross_attention_dim"):   # diffusers allows per-level lists; SD has one value
+        need(path, isinstance(u.get(key), int), f"{key} {u.get(key)!r} must be one integer")
     # Why: diffusers' `attention_head_dim` is the head COUNT (SD2 5/10/20/20: ldm's width 64; SD1 8: ldm's num_heads);
     # diffusers itself reads `num_attention_heads or attention_head_dim` (unet_2d_condition.py __init__).
     heads = u.get("num_attention_heads") or u.get("attention_head_dim", 8)
@@ -138,15 +110,13 @@ def unet_section(path: Path, u: dict) -> dict:
 
 def vae_section(path: Path, v: dict) -> dict:
     """vae/config.json -> our `vae` section (ldm ddconfig names)."""
-    check_fields(path, v, VAE_MAPPED, VAE_FIXED, VAE_IGNORED)
-    widths = v.get("block_out_channels")
-    need(path, isinstance(widths, list) and widths and all(isinstance(w, int) and w % widths[0] == 0 for w in widths),
-         f"block_out_channels {widths!r} must be multiples of the first width")
+    check_fields(path, v, diffusers_keys.VAE_MAPPED, diffusers_keys.VAE_FIXED, diffusers_keys.VAE_IGNORED)
+    widths = level_widths(path, v)
     for key, block in (("down_block_types", "DownEncoderBlock2D"), ("up_block_types", "UpDecoderBlock2D")):
         need(path, v.get(key) == [block] * len(widths), f"{key} {v.get(key)!r} must be {block} at every level")
-    latent = v.get("latent_channels", 4)
-    return {"ch": widths[0], "ch_mult": [w // widths[0] for w in widths], "num_res_blocks": v.get("layers_per_block", 1),
-            "z_channels": latent, "embed_dim": latent, "in_channels": v.get("in_channels", 3),
+    latent = v.get("latent_channels", 4)   # ldm's z_channels and embed_dim are equal in SD1/SD2
+    return {"ch": widths[0], "ch_mult": [w // widths[0] for w in widths], "num_res_blocks": v.get("layers_per_block",
+            1), "z_channels": latent, "embed_dim": latent, "in_channels": v.get("in_channels", 3),
             "out_ch": v.get("out_channels", 3)}
 
 
@@ -179,14 +149,16 @@ def text_section(path: Path, t: dict) -> dict:
 
 def prediction(path: Path, s: dict) -> str:
     """scheduler_config.json: a DDPM-family scheduler on SD's schedule -> "eps" or "v"."""
-    need(path, s.get("_class_name") in SCHEDULERS, f"scheduler {s.get('_class_name')!r} is not supported; minisd "
-         f"reads the DDPM-family schedulers ({', '.join(sorted(SCHEDULERS))})")
-    for key, value in SCHEDULE.items():
+    known = diffusers_keys.SCHEDULERS
+    need(path, s.get("_class_name") in known, f"scheduler {s.get('_class_name')!r} is not supported; minisd reads "
+         f"the DDPM-family schedulers ({', '.join(sorted(known))})")
+    for key, value in diffusers_keys.SCHEDULE.items():
         need(path, s.get(key, value) == value, f"{key} {s.get(key)!r} is not SD's schedule ({json.dumps(value)}); "
              "minisd samples SD's training schedule only")
     found = s.get("prediction_type", "epsilon")
-    need(path, found in PREDICTION, f"prediction_type {found!r}: minisd runs epsilon and v_prediction models")
-    return PREDICTION[found]
+    need(path, found in diffusers_keys.PREDICTION, f"prediction_type {found!r}: minisd runs epsilon and v_prediction "
+         "models")
+    return diffusers_keys.PREDICTION[found]
 
 
 def check_model_index(folder: Path):
@@ -281,9 +253,9 @@ class FolderFile:
 
     def __init__(self, path: Path, cfg: dict):
         self.path, self._parts = path, {}
-        layout = (cfg["unet"]["num_res_blocks"], tuple(2 ** (len(cfg["unet"]["channel_mult"]) - 1 - i) in
-                                                       cfg["unet"]["attention_resolutions"]
-                                                       for i in range(len(cfg["unet"]["channel_mult"]))))
+        unet, levels = cfg["unet"], len(cfg["unet"]["channel_mult"])   # up level i mirrors down level levels-1-i
+        layout = unet["num_res_blocks"], tuple(2 ** (levels - 1 - i) in unet["attention_resolutions"]
+                                               for i in range(levels))
         text_prefix, text_name = ((clip_openai.PREFIX, diffusers_keys.openai_name) if cfg["text"]["tower"] ==
                                   "openai" else (clip.PREFIX, diffusers_keys.openclip_name))
         for sub, prefix, rename in (("unet", UNET, lambda k: diffusers_keys.unet_name(k, *layout)),
@@ -305,10 +277,10 @@ class FolderFile:
             raise LoadError(f"{folder}: {e} -- not an SD1/SD2 {folder.name}") from None
         self._parts |= {prefix + name: [(files[k], k) for k in keys] for name, keys in plan.items()}
 
-    def shape(self, key: str) -> tuple:
+    def shape(self, key: str) -> tuple:   # from the headers: no tensor is read
         return diffusers_keys.assembled_shape(key, [file.shape(k) for file, k in self._parts[key]])
 
-    def dtype(self, key: str) -> str:
+    def dtype(self, key: str) -> str:   # of the first part; q/k/v of one layer come from one file
         return self._parts[key][0][0].dtype(self._parts[key][0][1])
 
     def get(self, key: str):

@@ -1,4 +1,5 @@
-"""diffusers / transformers parameter names -> the official single-file names, one name at a time.
+"""diffusers / transformers names -> ours: parameter names -> the official single-file names, one name at a time,
+and the table of diffusers' config field names (which we map, which must hold minisd's value, which we ignore).
 
 Naming facts read from diffusers 0.42 `diffusers/loaders/single_file_utils.py`, which converts the other way
 (original -> diffusers: `convert_ldm_unet_checkpoint`, `convert_ldm_vae_checkpoint`, `convert_open_clip_checkpoint`);
@@ -15,6 +16,42 @@ import re
 import torch
 
 DROP = ""   # a key that is known and intentionally not loaded
+
+# Every parameter of diffusers 0.42 UNet2DConditionModel.__init__. MAPPED go into our config; FIXED must hold the
+# value minisd computes (a list of all-equal values counts as that value); IGNORED do not change inference.
+UNET_MAPPED = {"sample_size", "in_channels", "out_channels", "down_block_types", "up_block_types",
+               "block_out_channels", "layers_per_block", "cross_attention_dim", "transformer_layers_per_block",
+               "attention_head_dim", "num_attention_heads", "use_linear_projection", "upcast_attention"}
+UNET_FIXED = {
+    "center_input_sample": False, "flip_sin_to_cos": True, "freq_shift": 0, "mid_block_type": "UNetMidBlock2DCrossAttn",
+    "only_cross_attention": False, "downsample_padding": 1, "mid_block_scale_factor": 1, "act_fn": "silu",
+    "norm_num_groups": 32, "norm_eps": 1e-5, "reverse_transformer_layers_per_block": None, "encoder_hid_dim": None,
+    "encoder_hid_dim_type": None, "dual_cross_attention": False, "class_embed_type": None,
+    "addition_embed_type": None, "addition_time_embed_dim": None, "num_class_embeds": None,
+    "resnet_time_scale_shift": "default", "resnet_skip_time_act": False, "resnet_out_scale_factor": 1.0,
+    "time_embedding_type": "positional", "time_embedding_dim": None, "time_embedding_act_fn": None,
+    "timestep_post_act": None, "time_cond_proj_dim": None, "conv_in_kernel": 3, "conv_out_kernel": 3,
+    "projection_class_embeddings_input_dim": None, "attention_type": "default", "class_embeddings_concat": False,
+    "mid_block_only_cross_attention": None, "cross_attention_norm": None}
+# dropout: training only. addition_embed_type_num_heads: read only with an addition_embed_type (which must be null).
+UNET_IGNORED = {"dropout", "addition_embed_type_num_heads"}
+VAE_MAPPED = {"in_channels", "out_channels", "down_block_types", "up_block_types", "block_out_channels",
+              "layers_per_block", "latent_channels", "scaling_factor"}
+VAE_FIXED = {"act_fn": "silu", "norm_num_groups": 32, "shift_factor": None, "latents_mean": None, "latents_std": None,
+             "use_quant_conv": True, "use_post_quant_conv": True, "mid_block_add_attention": True}
+# sample_size: the tile size of diffusers' tiled decoding (autoencoder_kl.py: tile_sample_min_size), not the
+# model's size. force_upcast: diffusers' hint to decode fp16 models in fp32 -- a precision policy, not weights.
+VAE_IGNORED = {"sample_size", "force_upcast"}
+
+SCHEDULERS = {f"{name}Scheduler" for name in (
+    "DDIM", "DDPM", "PNDM", "LMSDiscrete", "EulerDiscrete", "EulerAncestralDiscrete", "DPMSolverMultistep",
+    "DPMSolverSinglestep", "Heun", "KDPM2", "KDPM2Ancestral", "UniPCMultistep", "DEISMultistep")}
+# SD's training schedule (minisd.schedule); every other scheduler field is a sampler setting that does not change
+# the model (timestep_spacing, steps_offset, set_alpha_to_one, clip_sample, use_karras_sigmas, ...): minisd's own
+# samplers take those, so they are ignored here.
+SCHEDULE = {"num_train_timesteps": 1000, "beta_start": 0.00085, "beta_end": 0.012, "beta_schedule": "scaled_linear",
+            "trained_betas": None, "rescale_betas_zero_snr": False}
+PREDICTION = {"epsilon": "eps", "v_prediction": "v"}
 
 
 def _module(name: str, table: dict[str, str]) -> str | None:

@@ -26,6 +26,7 @@ from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
 import minisd
 from conftest import randomize_, rel_err
 from minisd import diffusers as folders
+from minisd import diffusers_keys as names
 from minisd.config import LoadError
 from minisd.paths import weights_dir
 
@@ -127,8 +128,8 @@ def test_folder_file_reads_lazily_under_official_names(saved):
 
 
 @pytest.mark.parametrize("cls, table", [
-    (UNet2DConditionModel, folders.UNET_MAPPED | set(folders.UNET_FIXED) | folders.UNET_IGNORED),
-    (AutoencoderKL, folders.VAE_MAPPED | set(folders.VAE_FIXED) | folders.VAE_IGNORED)])
+    (UNet2DConditionModel, names.UNET_MAPPED | set(names.UNET_FIXED) | names.UNET_IGNORED),
+    (AutoencoderKL, names.VAE_MAPPED | set(names.VAE_FIXED) | names.VAE_IGNORED)])
 def test_every_diffusers_parameter_is_in_a_table(cls, table):
     """A config diffusers writes never hits "unknown field" merely by having a field."""
     assert set(inspect.signature(cls.__init__).parameters) - {"self"} <= table
