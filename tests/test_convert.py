@@ -11,7 +11,11 @@ import pytest
 import torch
 from diffusers import AutoencoderKL, DDIMScheduler, StableDiffusionPipeline, UNet2DConditionModel
 from safetensors.torch import load_file, save_file
+from test_load_diffusers import clip_tokenizer
 from transformers import CLIPTextConfig, CLIPTextModel
+
+import minisd
+from minisd import diffusers as folders
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "tools"))
@@ -34,13 +38,12 @@ def sd2_models(tiny: bool):
     vae = {"block_out_channels": (128, 256, 512, 512)}
     text = {"hidden_size": 1024, "num_hidden_layers": 23, "num_attention_heads": 16, "intermediate_size": 4096,
             "vocab_size": 49408}
-    if tiny:
-        unet |= {"block_out_channels": (32, 64), "attention_head_dim": (1, 2), "norm_num_groups": 8,
+    if tiny:   # 32 groups in every norm and CLIP's 49408 tokens, as minisd.diffusers requires of a folder
+        unet |= {"block_out_channels": (32, 64), "attention_head_dim": (1, 2),
                  "down_block_types": ("CrossAttnDownBlock2D", "DownBlock2D"),
                  "up_block_types": ("UpBlock2D", "CrossAttnUpBlock2D"), "cross_attention_dim": 32, "sample_size": 8}
-        vae |= {"block_out_channels": (8, 16), "norm_num_groups": 4, "sample_size": 16}
-        text |= {"hidden_size": 32, "num_hidden_layers": 3, "num_attention_heads": 2, "intermediate_size": 64,
-                 "vocab_size": 1000, "bos_token_id": 0, "eos_token_id": 2, "pad_token_id": 1}
+        vae |= {"block_out_channels": (32, 64), "sample_size": 16}
+        text |= {"hidden_size": 32, "num_hidden_layers": 3, "num_attention_heads": 2, "intermediate_size": 128}
     levels = len(vae["block_out_channels"])
     return (UNet2DConditionModel(layers_per_block=2, use_linear_projection=True, **unet),
             AutoencoderKL(latent_channels=4, layers_per_block=2, down_block_types=("DownEncoderBlock2D",) * levels,
@@ -54,7 +57,7 @@ def official_keys(prefix: str) -> dict[str, str]:
     return {name: shape for name, shape in rows if name.startswith(prefix) and not name.startswith(NOT_PRODUCED)}
 
 
-@pytest.mark.parametrize("index, component", enumerate(PREFIXES))
+@pytest.mark.parametrize("index, component", list(enumerate(PREFIXES)))
 def test_full_size_names_and_shapes(index, component):
     with torch.device("meta"):  # no memory: names and shapes only
         model = sd2_models(tiny=False)[index]
@@ -82,8 +85,8 @@ def converted(tmp_path_factory):
     scheduler = DDIMScheduler(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear",
                               prediction_type="epsilon", clip_sample=False, set_alpha_to_one=False, steps_offset=1)
     unet, vae, text = models
-    StableDiffusionPipeline(vae=vae, text_encoder=text, tokenizer=None, unet=unet, scheduler=scheduler,
-                            safety_checker=None, feature_extractor=None,
+    StableDiffusionPipeline(vae=vae, text_encoder=text, tokenizer=clip_tokenizer(tmp, "!"), unet=unet,
+                            scheduler=scheduler, safety_checker=None, feature_extractor=None,
                             requires_safety_checker=False).save_pretrained(tmp / "sd")
     result = run_tool(tmp / "sd", tmp / "sd2.safetensors")
     assert result.returncode == 0, result.stderr
@@ -107,9 +110,8 @@ def test_round_trip_unet_and_vae(converted):
 
 def test_round_trip_text_encoder(converted):
     # transformers models have no from_single_file: diffusers converts OpenCLIP text only through a pipeline.
-    # tokenizer=None is needed: the folder has none, and diffusers' own missing-module error path then crashes.
     folder, (_, _, text), file = converted
-    pipe = StableDiffusionPipeline.from_single_file(file, config=str(folder), local_files_only=True, tokenizer=None)
+    pipe = StableDiffusionPipeline.from_single_file(file, config=str(folder), local_files_only=True)
     assert_bit_identical(text, pipe.text_encoder)
 
 
@@ -122,10 +124,21 @@ def test_file_holds_only_official_prefixes_and_config(converted):
         "unet": {"model_channels": 32, "channel_mult": [1, 2], "num_res_blocks": 2, "attention_resolutions": [1],
                  "num_head_channels": 32, "context_dim": 32, "transformer_depth": 1,
                  "use_linear_in_transformer": True, "in_channels": 4, "out_channels": 4, "upcast_attention": False},
-        "vae": {"ch": 8, "ch_mult": [1, 2], "num_res_blocks": 2, "z_channels": 4, "embed_dim": 4, "in_channels": 3,
+        "vae": {"ch": 32, "ch_mult": [1, 2], "num_res_blocks": 2, "z_channels": 4, "embed_dim": 4, "in_channels": 3,
                 "out_ch": 3},
-        "text": {"width": 32, "layers": 4, "heads": 2, "context_length": 77, "vocab_size": 1000},
-        "prediction": "eps", "scale_factor": 0.18215}
+        "text": {"tower": "openclip", "layer": "penultimate", "width": 32, "layers": 4, "heads": 2,
+                 "context_length": 77, "vocab_size": 49408},
+        "prediction": "eps", "scale_factor": 0.18215, "resolution": 16}   # unet sample_size 8 x VAE factor 2
+
+
+def test_converted_file_loads_like_the_folder(converted):
+    """minisd.load of the written file + config gives the same weights as minisd.load of the folder."""
+    folder, _, file = converted
+    direct, single = minisd.load(folder), minisd.load(file, config=file.with_suffix(".json"))
+    assert direct.config == single.config
+    for part in ("unet", "vae"):
+        theirs = getattr(single, part).state_dict()
+        assert all(torch.equal(t, theirs[k]) for k, t in getattr(direct, part).state_dict().items())
 
 
 def test_sd2_config_matches_ldm_yaml(tmp_path):
@@ -135,16 +148,21 @@ def test_sd2_config_matches_ldm_yaml(tmp_path):
     unet.save_config(tmp_path / "unet")
     vae.save_config(tmp_path / "vae")
     text.config.save_pretrained(tmp_path / "text_encoder")
-    DDIMScheduler(prediction_type="v_prediction").save_config(tmp_path / "scheduler")
-    config = convert_diffusers.config_from_diffusers(tmp_path)
+    DDIMScheduler(prediction_type="v_prediction", beta_start=0.00085, beta_end=0.012,
+                  beta_schedule="scaled_linear").save_config(tmp_path / "scheduler")
+    sections = {"unet": ("unet/config.json", folders.unet_section), "vae": ("vae/config.json", folders.vae_section),
+                "text": ("text_encoder/config.json", folders.text_section),
+                "prediction": ("scheduler/scheduler_config.json", folders.prediction)}
+    config = {key: read(tmp_path / name, folders.read_json(tmp_path / name)) for key, (name, read) in sections.items()}
     assert config["unet"] == {"model_channels": 320, "channel_mult": [1, 2, 4, 4], "num_res_blocks": 2,
                               "attention_resolutions": [4, 2, 1], "num_head_channels": 64, "context_dim": 1024,
                               "transformer_depth": 1, "use_linear_in_transformer": True, "in_channels": 4,
                               "out_channels": 4, "upcast_attention": False}
     assert config["vae"] == {"ch": 128, "ch_mult": [1, 2, 4, 4], "num_res_blocks": 2, "z_channels": 4,
                              "embed_dim": 4, "in_channels": 3, "out_ch": 3}
-    assert config["text"] == {"width": 1024, "layers": 24, "heads": 16, "context_length": 77, "vocab_size": 49408}
-    assert (config["prediction"], config["scale_factor"]) == ("v", 0.18215)
+    assert config["text"] == {"tower": "openclip", "layer": "penultimate", "width": 1024, "layers": 24, "heads": 16,
+                              "context_length": 77, "vocab_size": 49408}
+    assert config["prediction"] == "v"
 
 
 def test_bin_weights_with_hub_prefix(converted, tmp_path):
@@ -173,7 +191,7 @@ def assert_one_line_error(result, out: Path, *words):
 def test_cli_missing_unet_folder(converted, tmp_path):
     shutil.copytree(converted[0], tmp_path / "sd", ignore=shutil.ignore_patterns("unet"))
     out = tmp_path / "out.safetensors"
-    assert_one_line_error(run_tool(tmp_path / "sd", out), out, "missing subfolder", "unet")
+    assert_one_line_error(run_tool(tmp_path / "sd", out), out, "missing component folder unet/")
 
 
 def test_cli_unmapped_key(converted, tmp_path):
@@ -181,7 +199,7 @@ def test_cli_unmapped_key(converted, tmp_path):
     weights = tmp_path / "sd" / "unet" / "diffusion_pytorch_model.safetensors"
     save_file(load_file(weights) | {"mid_block.resnets.0.extra.weight": torch.zeros(1)}, weights)
     out = tmp_path / "out.safetensors"
-    assert_one_line_error(run_tool(tmp_path / "sd", out), out, "unmapped key", "mid_block.resnets.0.extra.weight")
+    assert_one_line_error(run_tool(tmp_path / "sd", out), out, "mid_block.resnets.0.extra.weight does not map")
 
 
 def test_cli_unequal_head_widths(converted, tmp_path):
