@@ -164,8 +164,9 @@ def prediction(path: Path, s: dict) -> str:
 def check_model_index(folder: Path):
     index = read_json(folder / "model_index.json")
     path, name = folder / "model_index.json", index.get("_class_name")
-    need(path, "XL" not in str(name) and "text_encoder_2" not in index, f"{name} is an SDXL pipeline, which minisd "
-         "does not load")
+    # SDXL folders name an XL pipeline class or, in any case, hold its second text encoder.
+    need(path, "XL" not in str(name) and "text_encoder_2" not in index, f"an SDXL folder ({name}" + (
+         ", with text_encoder_2" if "text_encoder_2" in index else "") + "), which minisd does not load")
     need(path, name in PIPELINES, f"{name!r} is not a Stable Diffusion 1/2 pipeline ({', '.join(PIPELINES)})")
     for key, (library, cls) in COMPONENTS.items():
         found = index.get(key)
@@ -270,6 +271,8 @@ class FolderFile:
             if not file.is_file():
                 raise LoadError(f"{file}: missing (named by the shard index)")
             tensors = TensorFile(file)
+            twice = sorted(tensors.keys & set(files))
+            need(folder, not twice, f"{twice[0] if twice else ''} is in both {file.name} and another weight file")
             files |= {key: tensors for key in tensors.keys}
         try:
             plan = diffusers_keys.plan(files, rename)

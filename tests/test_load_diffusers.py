@@ -118,6 +118,18 @@ def test_fp16_variant_and_bin_weights(saved, variant):
     assert torch.equal(got.text.tower.token_embedding.weight, rounding(expected.text.tower.token_embedding.weight))
 
 
+def test_sharded_weights(saved, tmp_path):
+    """diffusers' sharded form (an index.json whose weight_map names the shard of every tensor) loads the same."""
+    folder = tmp_path / "sd2"
+    shutil.copytree(saved["sd2"], folder)
+    unet = UNet2DConditionModel.from_pretrained(folder / "unet")
+    (folder / "unet" / "diffusion_pytorch_model.safetensors").unlink()
+    unet.save_pretrained(folder / "unet", max_shard_size="100KB")
+    assert len(list((folder / "unet").glob("*.safetensors"))) > 2
+    expected, got = minisd.load(saved["sd2"]).unet.state_dict(), minisd.load(folder).unet.state_dict()
+    assert all(torch.equal(got[k], t) for k, t in expected.items())
+
+
 def test_folder_file_reads_lazily_under_official_names(saved):
     file, cfg = folders.open_folder(saved["sd2"])
     name = "first_stage_model.decoder.mid.attn_1.q.weight"
