@@ -179,6 +179,7 @@ def tokenizer_files(folder: Path) -> tuple[dict, list, list]:
     """(vocab, merges as "a b" strings, added tokens) from vocab.json + merges.txt (hub) or tokenizer.json
     (transformers 5 saves only that one)."""
     if (folder / "vocab.json").is_file():
+        need(folder, (folder / "merges.txt").is_file(), "has vocab.json but no merges.txt")
         merges = (folder / "merges.txt").read_text(encoding="utf-8").splitlines()
         added = list(read_json(folder / "added_tokens.json")) if (folder / "added_tokens.json").is_file() else []
         return read_json(folder / "vocab.json"), [m for m in merges if m and not m.startswith("#version")], added
