@@ -21,7 +21,7 @@ import torch
 from PIL import Image
 
 import minisd
-from minisd.load import PREFIXES
+from minisd.load import state_dict
 
 from . import embeddings as emb
 from .data import load_dataset
@@ -54,8 +54,7 @@ def tiny_model(folder: Path, seed: int = 0, sharpen: float = 8.0) -> tuple:
                 p.mul_(sharpen)
             if "attn2.to_out" in name:
                 p.mul_(sharpen / 2)
-    state = {prefix + k: v.contiguous() for part, prefix in PREFIXES.items()
-             for k, v in getattr(sd, part).state_dict().items()}
+    state = {k: v.contiguous() for k, v in state_dict(sd).items()}
     folder.mkdir(parents=True, exist_ok=True)
     # our writer, not safetensors' save_file: the same weights give the same bytes (and sha256) on every run
     write_atomic(folder / "tiny-random.safetensors", safetensors_bytes(state))

@@ -26,7 +26,6 @@ import torch
 from safetensors import safe_open
 
 from minisd.errors import UserError
-from minisd.tokenizer import VOCAB_SIZE
 
 from .cli import ArgumentParser, run_main
 from .files import safetensors_bytes, write_atomic
@@ -101,7 +100,7 @@ def read(path) -> Embedding:
                 if data.get(k) is not None}
         return Embedding(path.stem, vectors, meta, str(path))
     if "clip_l" in data or "clip_g" in data:
-        raise EmbeddingError(f"{path}: an SDXL embedding (clip_l/clip_g); SD2 has one 1024-wide text tower")
+        raise EmbeddingError(f"{path}: an SDXL embedding (clip_l/clip_g); SD1 and SD2 have one text tower")
     if len(data) != 1:
         keys = ", ".join(map(str, list(data)[:5])) + (", ..." if len(data) > 5 else "")
         raise EmbeddingError(f"{path}: {len(data)} entries ({keys}); expected one tensor, or A1111 string_to_param")
@@ -171,55 +170,26 @@ def export(emb: Embedding, path, fmt: str) -> None:
         raise EmbeddingError(f"{path}: unknown export format {fmt!r}; use a1111 or diffusers")
 
 
+# Text-tower width -> the models that have it, for refusing an embedding made for the other generation.
+WIDTHS = {768: "SD1.x (OpenAI CLIP ViT-L/14 text tower)", 1024: "SD2.x (OpenCLIP ViT-H/14 text tower)"}
+
+
 def attach(sd, embeddings: dict[str, Embedding]) -> None:
-    """Register each embedding's token with the tokenizer (n new ids >= 49408) and keep it in `sd.embeddings`
-    ({token: Embedding}) for encode(). All widths are checked before anything is registered."""
-    width = sd.text_encoder.cfg.width
+    """Teach the model's text conditioning each embedding's token (n new ids >= 49408 and its vectors). All
+    widths are checked before anything is added: vectors learned on one text tower mean nothing to another."""
+    width = sd.text.width
     for emb in embeddings.values():
         found = emb.vectors.shape[-1]
         if emb.vectors.ndim != 2 or found != width:
-            raise EmbeddingError(f"{emb.source or emb.token}: vectors are {found} wide; this model's text tower is "
-                                 f"{width} wide" + (" -- an SD1.x embedding?" if found == 768 else ""))
-    sd.embeddings = getattr(sd, "embeddings", {})
+            made = f" -- an embedding for {WIDTHS[found]}" if found in WIDTHS else ""
+            model = f" ({WIDTHS[width]})" if width in WIDTHS else ""
+            raise EmbeddingError(f"{emb.source or emb.token}: vectors are {found} wide; this model's text tower "
+                                 f"is {width} wide{model}{made}; use an embedding trained on this model's kind")
     for emb in embeddings.values():
         try:
-            sd.tokenizer.add_placeholder(emb.token, len(emb.vectors))
-        except ValueError as e:   # a vocabulary word, or already registered
+            sd.text.add(emb.token, emb.vectors)
+        except ValueError as e:   # a vocabulary word, or already added
             raise EmbeddingError(f"{emb.source or emb.token}: {e}") from None
-        sd.embeddings[emb.token] = emb
-
-
-def encode(sd, texts: list[str], override: dict[str, torch.Tensor] | None = None) -> torch.Tensor:
-    """Prompts -> text-tower output [B, 77, width], attached vectors spliced in at their placeholder ids.
-
-    override {token: tensor [n, width]} replaces an attached token's vectors for this call, e.g. the trainable
-    parameter of textual inversion; the result is differentiable with respect to it."""
-    attached, override = getattr(sd, "embeddings", {}), override or {}
-    if set(override) - set(attached):
-        raise EmbeddingError(f"override for {sorted(set(override) - set(attached))[0]!r}, which is not attached")
-    # detach(): the table is only read, and stays bit-identical even if the model was built with trainable weights.
-    table = sd.text_encoder.token_embedding.weight.detach()              # [49408, width]
-    ids = sd.tokenizer(texts).to(table.device)                           # [B, 77]
-    is_new = ids >= VOCAB_SIZE
-    x = torch.nn.functional.embedding(ids.masked_fill(is_new, 0), table)   # [B, 77, width]; placeholders: row 0
-    if not is_new.any():
-        return sd.text_encoder.forward_embeddings(x)
-    # One extra table for all placeholder ids, row = id - 49408. Rows of ids registered without vectors stay NaN
-    # and are refused below if a prompt uses them.
-    n_ids = max(i for ids_ in sd.tokenizer.placeholders.values() for i in ids_) - VOCAB_SIZE + 1
-    extra = table.new_full((n_ids, table.shape[1]), float("nan"))
-    for token, emb in attached.items():
-        vectors = override.get(token, emb.vectors)
-        if vectors.shape != emb.vectors.shape:
-            raise EmbeddingError(f"override for {token!r} has shape {list(vectors.shape)}, "
-                                 f"attached vectors are {list(emb.vectors.shape)}")
-        rows = torch.tensor(sd.tokenizer.placeholders[token], device=table.device) - VOCAB_SIZE
-        extra = extra.index_copy(0, rows, vectors.to(table))   # out of place: gradients flow to `vectors`
-    spliced = extra[(ids - VOCAB_SIZE).clamp(min=0)]              # [B, 77, width]
-    if spliced[is_new].isnan().any():
-        names = [t for t in sd.tokenizer.placeholders if t not in attached]
-        raise EmbeddingError(f"a prompt uses placeholder(s) {names} registered without vectors; attach() them")
-    return sd.text_encoder.forward_embeddings(torch.where(is_new[..., None], spliced, x))
 
 
 def summary(e: Embedding) -> str:

@@ -163,13 +163,13 @@ def output_folder(args, rank: int, world: int):
 def conditioning(sd, texts: list, negative: str):
     """Encode the term texts and the negative prompt once: ([K, 77, width], [1, 77, width])."""
     for text in texts + [negative]:
-        unknown = [w for w in re.findall(r"<[^<>\s]+>", text) if w not in sd.tokenizer.placeholders]
+        unknown = [w for w in re.findall(r"<[^<>\s]+>", text) if w not in sd.text.vectors]
         if unknown:
             raise UsageError(f"prompt token {unknown[0]} matches no loaded embedding; load it with --embeddings "
-                             f"(loaded: {', '.join(sd.tokenizer.placeholders) or 'none'})")
-    check_length([(t, 1.0) for t in texts + [negative]], lambda text: len(sd.tokenizer.encode(text)))
+                             f"(loaded: {', '.join(sd.text.vectors) or 'none'})")
+    check_length([(t, 1.0) for t in texts + [negative]], sd.text.count)
     with torch.no_grad():
-        return emb.encode(sd, texts), emb.encode(sd, [negative])
+        return sd.text(texts), sd.text([negative])
 
 
 def load_model(args, device, dtype):

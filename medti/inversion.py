@@ -22,7 +22,6 @@ from minisd.errors import UserError, arg
 from minisd.schedule import alphas_cumprod
 from minisd.vae import posterior_sample
 
-from . import embeddings as emb
 from .files import safetensors_bytes, write_atomic
 
 
@@ -34,10 +33,10 @@ def initial_vectors(sd, init: str, n: int, seed: int) -> torch.Tensor:
     """[n, width] fp32 start vectors. Words: their token embeddings spread over the n vectors, vector i taking
     token i * L // n of the L init tokens (A1111's rule; its default init text is "*"). "random": N(0, s^2) with
     s the token table's standard deviation, so the start has the scale of ordinary tokens."""
-    table = sd.text_encoder.token_embedding.weight.detach().float().cpu()
+    table = sd.text.tower.token_embedding.weight.detach().float().cpu()
     if init == "random":
         return torch.randn(n, table.shape[1], generator=torch.Generator().manual_seed(seed)) * table.std()
-    ids = sd.tokenizer.encode(init)
+    ids = sd.text.tokenizer.encode(init)
     if not ids:
         raise TrainError(f"{arg('init')} {init!r} gives no tokens; use words, or {arg('init')} random")
     return torch.stack([table[ids[i * len(ids) // n]] for i in range(n)]).clone()
@@ -106,7 +105,7 @@ def denoising_loss(sd, token: str, vectors, prompts: list, latents, noise, t):
     abar = alphas_cumprod().to(latents.device)[t].float()[:, None, None, None]
     noisy = abar.sqrt() * latents + (1 - abar).sqrt() * noise
     target = noise if sd.prediction == "eps" else abar.sqrt() * noise - (1 - abar).sqrt() * latents
-    context = emb.encode(sd, prompts, override={token: vectors})
+    context = sd.text(prompts, override={token: vectors})
     dtype = context.dtype
     prediction = sd.unet(noisy.to(dtype), t, context)
     return F.mse_loss(prediction.float(), target.float())
@@ -126,7 +125,7 @@ class Checkpointed(nn.Module):
 
 def enable_checkpointing(sd):
     """Wrap every UNet block and every text-tower block (the units that hold most activations)."""
-    for blocks in (sd.unet.input_blocks, sd.unet.output_blocks, sd.text_encoder.transformer.resblocks):
+    for blocks in (sd.unet.input_blocks, sd.unet.output_blocks, sd.text.tower.blocks):
         for i, block in enumerate(blocks):
             blocks[i] = Checkpointed(block)
     sd.unet.middle_block = Checkpointed(sd.unet.middle_block)

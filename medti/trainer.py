@@ -91,11 +91,11 @@ def load_data(cfg: TrainConfig, flag: str = "data"):
 
 
 def attach_token(sd, cfg: TrainConfig, prompts: list) -> torch.Tensor:
-    """Register the token with the tokenizer and return its start vectors; every prompt must still fit."""
+    """Add the token to the model's text conditioning and return its start vectors; every prompt must still fit."""
     start = initial_vectors(sd, cfg.init, cfg.vectors, cfg.seed)
     # a clash with a loaded word raises EmbeddingError, a UserError: it reaches the user as one line
     emb.attach(sd, {cfg.token: emb.Embedding(cfg.token, start, {}, source=arg("token"))})
-    longest = max(len(sd.tokenizer.encode(p)) for p in prompts)
+    longest = max(sd.text.count(p) for p in prompts)
     if longest > MAX_PROMPT_TOKENS:
         raise TrainError(f"a training prompt holds {longest} tokens with {arg('vectors')} {cfg.vectors}; at most "
                          f"{MAX_PROMPT_TOKENS} fit")
@@ -261,8 +261,8 @@ def preview(s: Session, step: int):
     that is not finite (fp16 overflow) is not written: a warning says so, and training goes on."""
     sd, size = s.sd, s.cfg.resolution
     sd.vae.to(s.plan.device)   # the VAE visits the device only for previews
-    cond = emb.encode(sd, [s.cfg.token], override={s.cfg.token: s.vectors.detach()})
-    uncond = emb.encode(sd, [""])
+    cond = sd.text([s.cfg.token], override={s.cfg.token: s.vectors.detach()})
+    uncond = sd.text([""])
     settings = SampleSettings(width=size, height=size, steps=s.cfg.preview_steps, cfg=2.0)
     latents = sample(sd, cond, uncond, [1.0], range(4), settings)
     images = decode(sd, latents) if torch.isfinite(latents).all() else None   # a NaN latent is not decoded

@@ -12,16 +12,36 @@ import torch.nn.functional as F
 from torch import nn
 
 from .attention import attention
+from .tokenizer import PAD
+
+PREFIX = "cond_stage_model.model."   # ldm FrozenOpenCLIPEmbedder's `model`, in the official SD2 files
+# CLIP's contrastive head, stored in the files and never used for conditioning.
+IGNORED = (PREFIX + "text_projection", PREFIX + "logit_scale")
+LAYERS = {"last": 0, "penultimate": 1}   # `layer` -> how many of the final blocks are skipped
 
 
 @dataclass(frozen=True)
 class TextConfig:
-    """OpenCLIP `text_cfg` names; defaults are ViT-H/14's text tower."""
+    """OpenCLIP `text_cfg` names; defaults are ViT-H/14's text tower as SD2 runs it."""
     width: int = 1024
     layers: int = 24
     heads: int = 16
     context_length: int = 77
     vocab_size: int = 49408
+    tower: str = "openclip"       # the config JSON's text.tower: which class of text tower this is
+    # SD2 was trained on "penultimate" (ldm FrozenOpenCLIPEmbedder layer="penultimate"): the output after block
+    # 23 of 24, then ln_final. "last" runs all blocks; no released model uses it, it is there for symmetry with SD1.
+    layer: str = "penultimate"
+
+    @property
+    def pad_id(self) -> int:
+        """The padding id SD2 was trained with (minisd.tokenizer.PAD)."""
+        return PAD
+
+    def unused(self) -> tuple:
+        """Key prefixes of blocks the file stores but `layer` never runs (the checkpoint's last block)."""
+        return tuple(f"{PREFIX}transformer.resblocks.{i}." for i in range(self.layers - LAYERS[self.layer],
+                                                                          self.layers))
 
 
 class SelfAttention(nn.Module):
@@ -62,8 +82,8 @@ class TextTransformer(nn.Module):
     """Token ids [B, 77] -> conditioning [B, 77, width].
 
     Why one block fewer: SD2 conditions on the "penultimate" layer -- the output after block 23 of 24,
-    then `ln_final`. We build only the blocks SD2 runs; the checkpoint's last block
-    (`transformer.resblocks.23`), `text_projection` and `logit_scale` serve CLIP's contrastive head and are
+    then `ln_final`. We build only the blocks `cfg.layer` runs; the checkpoint's last block
+    (`transformer.resblocks.23`, TextConfig.unused), `text_projection` and `logit_scale` (IGNORED) are
     skipped by name when loading. All 77 positions are returned (no pooling); padding positions too, since
     the UNet attends to them.
     """
@@ -75,8 +95,13 @@ class TextTransformer(nn.Module):
         self.positional_embedding = nn.Parameter(torch.randn(cfg.context_length, cfg.width) * 0.01)
         self.transformer = nn.Module()
         self.transformer.resblocks = nn.ModuleList(
-            ResidualAttentionBlock(cfg.width, cfg.heads) for _ in range(cfg.layers - 1))
+            ResidualAttentionBlock(cfg.width, cfg.heads) for _ in range(cfg.layers - LAYERS[cfg.layer]))
         self.ln_final = nn.LayerNorm(cfg.width)
+
+    @property
+    def blocks(self) -> nn.ModuleList:
+        """The transformer blocks, under one name for both towers (gradient checkpointing wraps them)."""
+        return self.transformer.resblocks
 
     def forward(self, ids):
         """ids: LongTensor [B, L], L <= context_length."""

@@ -11,6 +11,8 @@ import torch
 from torch import nn
 
 from .attention import attention
+from .clip import LAYERS
+from .tokenizer import PAD_SD1
 
 PREFIX = "cond_stage_model.transformer.text_model."
 # Keys SD1 files may hold that the tower never reads. `embeddings.position_ids` (int64 [1, 77], 0..76) was a saved
@@ -21,7 +23,6 @@ PREFIX = "cond_stage_model.transformer.text_model."
 # as a non-persistent buffer, outside its state dict, so diffusers' single-file loader skips the stored values too
 # (load_model_dict_into_meta drops keys the model's state dict lacks).
 IGNORED = (PREFIX + "embeddings.position_ids",)
-LAYERS = {"last": 0, "penultimate": 1}   # `layer` -> how many of the final encoder layers are skipped
 
 
 @dataclass(frozen=True)
@@ -38,11 +39,29 @@ class OpenAITextConfig:
     # "penultimate" is A1111's "Clip skip 2": the output of layer 11 of 12, then final_layer_norm
     # (modules/sd_hijack_clip.py: hidden_states[-2] -> final_layer_norm), which models fine-tuned that way expect.
     layer: str = "last"
+    tower: str = "openai"         # the config JSON's text.tower: which class of text tower this is
 
+    # The names the SD2 tower's config uses (TextConfig), so code around the towers reads either one.
     @property
     def width(self) -> int:
-        """The conditioning width, under the name the SD2 tower's config uses (TextConfig.width)."""
         return self.hidden_size
+
+    @property
+    def heads(self) -> int:
+        return self.num_attention_heads
+
+    @property
+    def context_length(self) -> int:
+        return self.max_position_embeddings
+
+    @property
+    def pad_id(self) -> int:
+        """SD1 pads with the end token (minisd.tokenizer.PAD_SD1)."""
+        return PAD_SD1
+
+    def unused(self) -> tuple:
+        """Every layer is built (see OpenAITextTransformer), so no stored key is skipped."""
+        return ()
 
 
 class QuickGELU(nn.Module):
@@ -124,6 +143,11 @@ class OpenAITextTransformer(nn.Module):
         for layer in self.encoder.layers[: self.depth]:
             x = layer(x)
         return self.final_layer_norm(x)
+
+    @property
+    def blocks(self) -> nn.ModuleList:
+        """The encoder layers, under one name for both towers (gradient checkpointing wraps them)."""
+        return self.encoder.layers
 
     @property
     def token_embedding(self) -> nn.Embedding:

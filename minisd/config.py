@@ -1,8 +1,9 @@
 """What a model is: the three networks' configs, the variant (eps or v), the native size, and the preset table.
 
 The JSON config format (documented in the README) has sections `unet`, `vae`, `text` with the original ldm
-YAML / OpenCLIP field names and top-level `prediction`, `scale_factor`, `resolution`; a missing key takes the SD2
-value. Presets in weights/presets.json use the same format plus the file's repo, name, size and sha256.
+YAML / OpenCLIP (SD2) / transformers CLIPTextConfig (SD1: `"tower": "openai"`) field names and top-level
+`prediction`, `scale_factor`, `resolution`; a missing key takes the SD2 value. Presets in weights/presets.json use
+the same format plus the file's repo, name, size and sha256.
 """
 import json
 import math
@@ -11,7 +12,8 @@ from pathlib import Path
 
 import torch
 
-from .clip import TextConfig
+from .clip import LAYERS, TextConfig
+from .clip_openai import OpenAITextConfig
 from .errors import UserError
 from .paths import weights_dir
 from .tokenizer import CONTEXT_LENGTH
@@ -31,10 +33,10 @@ def default_dtype(device) -> torch.dtype:
 
 @dataclass(frozen=True)
 class ModelConfig:
-    """Everything needed to build SD2 from a file: the three networks, the variant and the native size."""
+    """Everything needed to build SD1 or SD2 from a file: the three networks, the variant and the native size."""
     unet: UNetConfig = field(default_factory=UNetConfig)
     vae: VAEConfig = field(default_factory=VAEConfig)
-    text: TextConfig = field(default_factory=TextConfig)
+    text: TextConfig | OpenAITextConfig = field(default_factory=TextConfig)
     prediction: str = "eps"         # "eps" (-base files) or "v" (768-v files)
     scale_factor: float = 0.18215   # latent scale: latents are divided by this before decoding
     resolution: int = 512           # native image size in pixels
@@ -61,6 +63,11 @@ def presets() -> dict:
 
 
 SECTIONS = {"unet": UNetConfig, "vae": VAEConfig, "text": TextConfig}
+# text.tower -> the text section's dataclass: OpenCLIP's names for SD2's tower, transformers' for SD1's. Stated in
+# the config (default SD2's), never inferred from a file.
+TOWERS = {"openclip": TextConfig, "openai": OpenAITextConfig}
+# The string fields and their values.
+CHOICES = {"prediction": ("eps", "v"), "text.tower": tuple(TOWERS), "text.layer": tuple(LAYERS)}
 EXTRA = {"repo", "filename", "size", "sha256", "sha256_prefix", "sources", "note", "_comment"}   # preset facts
 GROUPS = 32   # every GroupNorm of SD2's UNet and VAE has 32 groups (ldm normalization(), Normalize())
 # Fields where -1 is a value: ldm's "not set" for the head rule (SD2 sets num_head_channels, SD1 num_heads).
@@ -84,15 +91,18 @@ def check_value(source: str, key: str, value, default):
             isinstance(v, int) and not isinstance(v, bool) and v > 0 for v in value)
         want = "a non-empty list of positive integers"
     else:
-        ok, want = value in ("eps", "v"), '"eps" or "v"'   # prediction, the only string field
+        ok, want = value in CHOICES[key], " or ".join(json.dumps(c) for c in CHOICES[key])
     if not ok:
         raise LoadError(f"{source}: {key} must be {want}, not {json.dumps(value)}")
     return tuple(value) if isinstance(default, tuple) else value
 
 
 def read_section(source: str, key: str, value) -> object:
-    """One of unet/vae/text: an object of known fields with valid values -> its dataclass."""
+    """One of unet/vae/text: an object of known fields with valid values -> its dataclass (for text, the one
+    its `tower` names)."""
     cls = SECTIONS[key]
+    if key == "text" and isinstance(value, dict) and "tower" in value:
+        cls = TOWERS[check_value(source, "text.tower", value["tower"], "")]
     known = {f.name: f for f in fields(cls)}
     if not isinstance(value, dict):
         raise LoadError(f"{source}: {key} must be an object of fields ({', '.join(sorted(known))}), "
@@ -126,10 +136,14 @@ def check_consistent(source: str, cfg: "ModelConfig"):
                         "(SD2: num_head_channels 64, SD1: num_heads 8)")
     if any(width % heads for width in attended):
         raise LoadError(f"{source}: unet.{head_key} {heads} does not divide the attention widths {attended}")
-    if cfg.text.width % cfg.text.heads:
-        raise LoadError(f"{source}: text.heads {cfg.text.heads} does not divide text.width {cfg.text.width}")
-    if cfg.text.context_length != CONTEXT_LENGTH:
-        raise LoadError(f"{source}: text.context_length must be {CONTEXT_LENGTH}, the tokenizer's length")
+    text = cfg.text
+    if text.width % text.heads:
+        raise LoadError(f"{source}: the text tower's {text.heads} heads do not divide its width {text.width}")
+    if text.context_length != CONTEXT_LENGTH:
+        raise LoadError(f"{source}: the text tower's context length must be {CONTEXT_LENGTH}, the tokenizer's")
+    if unet.context_dim != text.width:   # cross-attention reads the text tower's output
+        raise LoadError(f"{source}: unet.context_dim {unet.context_dim} differs from the {text.tower} text tower's "
+                        f"width {text.width} (SD1: 768, SD2: 1024)")
     if cfg.resolution % cfg.size_multiple:
         raise LoadError(f"{source}: resolution {cfg.resolution} is not a multiple of {cfg.size_multiple}")
 

@@ -1,8 +1,9 @@
-"""Loading SD2 from the official single-file checkpoint layout.
+"""Loading SD1 and SD2 from the official single-file checkpoint layout, or from a diffusers folder.
 
 Every key of the file goes to exactly one place: a component, by the prefix table below, loaded with a
 strict `load_state_dict`; or the named ignore list. Anything else is an error that names the key. Modules
 are built on the meta device and the file's tensors assigned to them, so memory stays near the weights' size.
+A diffusers folder is read through minisd.diffusers, which presents it under the official key names.
 """
 from dataclasses import dataclass
 from pathlib import Path
@@ -10,36 +11,43 @@ from pathlib import Path
 import torch
 from safetensors import safe_open
 
-from .clip import TextTransformer
+from . import clip, clip_openai
+from .conditioning import TextConditioning
 from .config import LoadError, ModelConfig, default_dtype, load_config, presets
 from .errors import arg
 from .hub import fetch
 from .schedule import alphas_cumprod
-from .tokenizer import Tokenizer
 from .unet import UNetModel
 from .vae import AutoencoderKL
 
-# Official checkpoint prefixes (ldm's LatentDiffusion attribute names) -> our components.
-PREFIXES = {"unet": "model.diffusion_model.", "vae": "first_stage_model.", "text_encoder": "cond_stage_model.model."}
+# Official checkpoint prefixes (ldm's LatentDiffusion attribute names) of the UNet and the VAE; the text tower's
+# prefix is its module's PREFIX (TEXT), since SD1 and SD2 store different towers under cond_stage_model.
+UNET, VAE = "model.diffusion_model.", "first_stage_model."
+TEXT = {"openclip": clip, "openai": clip_openai}   # text.tower -> the module with its PREFIX and IGNORED keys
 
-# Tensors the file holds that SD2 inference never reads: ldm's 12 DDPM schedule buffers (we compute the
-# schedule; `alphas_cumprod` is compared with it as a self-check) and CLIP's contrastive head. The text
-# tower's last block is ignored too (see `ignored_prefixes`).
-IGNORED = (
+# Tensors every file may hold that inference never reads: ldm's 12 DDPM schedule buffers (we compute the
+# schedule; `alphas_cumprod` is compared with it as a self-check). The towers add their own (TEXT), and blocks
+# a `layer` setting never runs are skipped by prefix (TextConfig.unused).
+SCHEDULE = (
     "betas", "alphas_cumprod", "alphas_cumprod_prev", "sqrt_alphas_cumprod", "sqrt_one_minus_alphas_cumprod",
     "log_one_minus_alphas_cumprod", "sqrt_recip_alphas_cumprod", "sqrt_recipm1_alphas_cumprod",
     "posterior_variance", "posterior_log_variance_clipped", "posterior_mean_coef1", "posterior_mean_coef2",
-    "cond_stage_model.model.text_projection", "cond_stage_model.model.logit_scale",
 )
 
-# What foreign layouts look like, for error messages: key prefix -> what the file probably is.
+# The two scalars of ldm's EMA bookkeeping, which SD1 release files keep (1145 tensors in v1-5-pruned-emaonly =
+# 1131 weights + 12 schedule buffers + these; A1111 skips them by name too, vae_ignore_keys).
+EMA_SCALARS = ("model_ema.decay", "model_ema.num_updates")
+
+# What foreign layouts look like, for error messages: key prefix -> what the file probably is. The two text
+# prefixes are here too: the one the config does not name means the config is for the other generation.
 FOREIGN = {
-    "cond_stage_model.transformer.": "an SD1.x checkpoint (OpenAI CLIP ViT-L/14 text encoder, 768 wide)",
-    "conditioner.": "an SDXL checkpoint",
+    clip_openai.PREFIX: "an SD1.x checkpoint (OpenAI CLIP text tower); pass an SD1 config such as the preset sd15",
+    clip.PREFIX: "an SD2.x checkpoint (OpenCLIP text tower); pass an SD2 config such as the preset sd21-base",
+    "conditioner.": "an SDXL checkpoint, which minisd does not load",
     "model_ema.": "a training checkpoint with an EMA copy; use the ema-pruned release file",
-    "down_blocks.": "a diffusers UNet file; convert the whole folder with tools/convert_diffusers.py",
-    "text_model.": "a transformers CLIP text encoder file; convert the whole folder with tools/convert_diffusers.py",
-    "encoder.down_blocks.": "a diffusers VAE file; convert the whole folder with tools/convert_diffusers.py",
+    "down_blocks.": "a diffusers UNet file; load the whole diffusers folder instead (it holds unet/, vae/, ...)",
+    "text_model.": "a transformers CLIP text encoder file; load the whole diffusers folder instead",
+    "encoder.down_blocks.": "a diffusers VAE file; load the whole diffusers folder instead",
 }
 
 # The float dtypes a weight may be stored in (safetensors' names). Anything else (I8, U8: a quantised file; BOOL)
@@ -89,20 +97,31 @@ class TensorFile:
         return self._st.get_tensor(key) if self._st else self._dict[key]
 
 
-def ignored_prefixes(cfg: ModelConfig) -> tuple:
-    # SD2 runs text blocks 0..layers-2 ("penultimate"); the last block is stored but never used.
-    return (f"cond_stage_model.model.transformer.resblocks.{cfg.text.layers - 1}.",)
+def ignored(cfg: ModelConfig) -> tuple:
+    """Keys stored in the files of this model that nothing reads."""
+    return SCHEDULE + EMA_SCALARS + TEXT[cfg.text.tower].IGNORED
 
 
-def check_keys(file: TensorFile, cfg: ModelConfig):
+def components(sd) -> dict:
+    """Checkpoint prefix -> the module loaded from the keys under it."""
+    return {UNET: sd.unet, VAE: sd.vae, TEXT[sd.config.text.tower].PREFIX: sd.text.tower}
+
+
+def state_dict(sd) -> dict:
+    """The model's weights under the official single-file key names (what `load` reads back)."""
+    return {prefix + k: v for prefix, module in components(sd).items() for k, v in module.state_dict().items()}
+
+
+def check_keys(file, cfg: ModelConfig):
     """Every key is a component's or ignored by name; otherwise say what the file looks like."""
-    skip = ignored_prefixes(cfg)
+    skip, names = cfg.text.unused(), ignored(cfg)
+    own = (UNET, VAE, TEXT[cfg.text.tower].PREFIX)
     for key in sorted(file.keys):
-        if key in IGNORED or key.startswith(skip) or key.startswith(tuple(PREFIXES.values())):
+        if key in names or key.startswith(skip) or key.startswith(own):
             continue
         hint = next((what for prefix, what in FOREIGN.items() if key.startswith(prefix)), None)
         raise LoadError(f"{file.path}: unexpected key {key}" + (f" -- this looks like {hint}" if hint else
-                        " (not part of the SD2 single-file layout)"))
+                        " (not part of the SD1/SD2 single-file layout)"))
 
 
 def check_stored(file: TensorFile, prefix: str, expected: dict):
@@ -110,8 +129,9 @@ def check_stored(file: TensorFile, prefix: str, expected: dict):
     for name, tensor in expected.items():
         found = file.shape(prefix + name)
         if found != tuple(tensor.shape):
-            hint = (" -- a 768-wide text tower: this is an SD1.x file, minisd loads SD2 files"
-                    if name == "token_embedding.weight" and found[-1:] == (768,) else
+            generation = {768: "SD1.x", 1024: "SD2.x"}.get(found[-1] if found else 0)
+            hint = (f" -- a {found[-1]}-wide text tower, as in {generation}: pass an {generation[:3]} "
+                    f"{arg('config')}" if name.endswith("token_embedding.weight") and generation else
                     f" -- pass a {arg('config')} that matches this file")
             raise LoadError(f"{file.path}: {prefix}{name} has shape {list(found)}, "
                             f"expected {list(tensor.shape)}{hint}")
@@ -144,11 +164,12 @@ def check_finite(file: TensorFile, prefix: str, state: dict, dtype):
                     "diverged training run; use another copy of the model")
 
 
-def load_component(file: TensorFile, prefix: str, module: torch.nn.Module, skip: tuple, dtype, device):
-    """Strict load of one meta-built component: names, shapes and float dtypes must match, values be finite."""
+def load_component(file, prefix: str, module: torch.nn.Module, skip: tuple, dtype, device, names=SCHEDULE):
+    """Strict load of one meta-built component: names, shapes and float dtypes must match, values be finite.
+    Keys in `names` or under a prefix in `skip` are left out."""
     expected = module.state_dict()
     present = {k[len(prefix):] for k in file.keys
-               if k.startswith(prefix) and k not in IGNORED and not k.startswith(skip)}
+               if k.startswith(prefix) and k not in names and not k.startswith(skip)}
     missing, unexpected = sorted(set(expected) - present), sorted(present - set(expected))
     if unexpected:
         raise LoadError(f"{file.path}: unexpected key {prefix}{unexpected[0]}" +
@@ -157,7 +178,7 @@ def load_component(file: TensorFile, prefix: str, module: torch.nn.Module, skip:
     if missing:
         raise LoadError(f"{file.path}: missing key {prefix}{missing[0]}" +
                         (f" (and {len(missing) - 1} more)" if len(missing) > 1 else "") +
-                        " -- not a complete SD2 single-file checkpoint")
+                        " -- not a complete checkpoint of this model")
     check_stored(file, prefix, expected)
     # Cast tensor by tensor as it is read, so a fp32 file loaded as fp16 never holds both copies.
     state = {name: file.get(prefix + name).to(device=device, dtype=dtype) for name in expected}
@@ -166,8 +187,9 @@ def load_component(file: TensorFile, prefix: str, module: torch.nn.Module, skip:
     return module.eval().requires_grad_(False)
 
 
-def check_schedule(file: TensorFile):
-    """The file's alphas_cumprod, if it has one, is SD2's schedule -- compared at the precision the file stores.
+def check_schedule(file):
+    """The file's alphas_cumprod, if it has one, is SD's schedule (SD1 and SD2 share it) -- compared at the
+    precision the file stores.
 
     Tolerance: |file - ours| <= 1e-6 + eps(file dtype) * |ours|. ldm computes the schedule in float64 and stores
     it rounded to the file's dtype; ours is float32 (minisd.schedule, as diffusers computes it). In float32 files
@@ -181,18 +203,18 @@ def check_schedule(file: TensorFile):
     name = file.dtype("alphas_cumprod")
     ours = alphas_cumprod()
     if name not in FLOATS or tuple(theirs.shape) != tuple(ours.shape):
-        raise LoadError(f"{file.path}: its alphas_cumprod is {name} {list(theirs.shape)}, not SD2's float [1000]")
+        raise LoadError(f"{file.path}: its alphas_cumprod is {name} {list(theirs.shape)}, not SD's float [1000]")
     tolerance = 1e-6 + torch.finfo(FLOATS[name]).eps * ours.abs()
     if not ((theirs.double() - ours.double()).abs() <= tolerance).all():
-        raise LoadError(f"{file.path}: its alphas_cumprod is not SD2's schedule (linear 0.00085..0.012 in sqrt "
+        raise LoadError(f"{file.path}: its alphas_cumprod is not SD's schedule (linear 0.00085..0.012 in sqrt "
                         "beta) -- a model trained with another noise schedule, which minisd does not sample")
 
 
 @dataclass
 class StableDiffusion:
-    """The loaded model: components as attributes, plus the facts samplers need."""
-    tokenizer: Tokenizer
-    text_encoder: TextTransformer
+    """The loaded model: components as attributes, plus the facts samplers need. `text` owns the tokenizer,
+    the text tower (`text.tower`) and any textual-inversion vectors."""
+    text: TextConditioning
     unet: UNetModel
     vae: AutoencoderKL
     config: ModelConfig
@@ -211,8 +233,7 @@ class StableDiffusion:
 def build(cfg: ModelConfig, device="meta") -> StableDiffusion:
     """The three networks of a config, on `device` (meta: shapes only, no memory)."""
     with torch.device(device):
-        return StableDiffusion(Tokenizer(), TextTransformer(cfg.text), UNetModel(cfg.unet), AutoencoderKL(cfg.vae),
-                               cfg)
+        return StableDiffusion(TextConditioning(cfg.text), UNetModel(cfg.unet), AutoencoderKL(cfg.vae), cfg)
 
 
 def spoken(name: str, cli_value: str, python_value: str | None = None) -> str:
@@ -223,41 +244,42 @@ def spoken(name: str, cli_value: str, python_value: str | None = None) -> str:
 
 
 def resolve(model, config) -> tuple:
-    """(file path, ModelConfig, preset name or None) for a preset name or a local file."""
+    """(file, ModelConfig, preset name or None) for a preset name, a local file or a diffusers folder; the file
+    is a TensorFile, or for a folder minisd.diffusers' view of it under the official key names."""
     table = presets()
     if config is None and str(model) in table:
-        return fetch(str(model)), load_config(str(model)), str(model)
+        return TensorFile(fetch(str(model))), load_config(str(model)), str(model)
     path = Path(model)
     if path.is_dir():
-        what = "a diffusers folder: convert it with python tools/convert_diffusers.py" \
-            if (path / "unet").is_dir() else "a folder"
-        raise LoadError(f"{path}: {what}; minisd loads one single-file checkpoint (.safetensors)")
+        if config is not None:   # the folder's own config.json files state the architecture
+            raise LoadError(f"{path}: a diffusers folder states its own configuration; leave out {arg('config')}")
+        from .diffusers import open_folder  # not needed for single files
+        return (*open_folder(path), None)
     if not path.is_file():
         raise LoadError(f"{model}: no such file, and not a preset ({', '.join(table)})")
     if config is None:
         guess = next((n for n, p in table.items() if p["filename"] == path.name), None)
         raise LoadError(f"{path}: which model is this? " + (f"pass {spoken('config', guess)}" if guess else
                         f"pass a preset name or a JSON config file as {arg('config')}") + " (minisd does not guess)")
-    return path, load_config(config), str(config) if str(config) in table else None
+    return TensorFile(path), load_config(config), str(config) if str(config) in table else None
 
 
 def load(model, config=None, dtype=None, device=None) -> StableDiffusion:
-    """Load SD2 from a preset name ("sd2-base", ...; downloaded once) or a local single-file checkpoint.
+    """Load SD1 or SD2 from a preset name ("sd21-base", "sd15", ...; downloaded once), a local single-file
+    checkpoint or a diffusers folder.
 
-    config: a preset name, a JSON config path or dict (needed for a local file). dtype: default fp16 on CUDA,
-    fp32 elsewhere. device: default "cpu".
+    config: a preset name, a JSON config path or dict (needed for a local file; a folder has its own). dtype:
+    default fp16 on CUDA, fp32 elsewhere. device: default "cpu".
     """
-    path, cfg, preset = resolve(model, config)
+    file, cfg, preset = resolve(model, config)
     device = torch.device(device or "cpu")
     dtype = dtype or default_dtype(device)
-    file = TensorFile(path)
     check_keys(file, cfg)
     check_schedule(file)
     sd = build(cfg)
-    skip = ignored_prefixes(cfg)
-    for name, prefix in PREFIXES.items():
-        load_component(file, prefix, getattr(sd, name), skip, dtype, device)
-    sd.path, sd.preset = path, preset
+    for prefix, module in components(sd).items():
+        load_component(file, prefix, module, cfg.text.unused(), dtype, device, ignored(cfg))
+    sd.path, sd.preset = file.path, preset
     return sd
 
 

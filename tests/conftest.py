@@ -61,14 +61,14 @@ TINY_UNET = dict(sample_size=16, block_out_channels=(32, 64, 64, 64), layers_per
                  up_block_types=("UpBlock2D",) + ("CrossAttnUpBlock2D",) * 3)
 TINY_VAE = dict(block_out_channels=(32, 64, 64), layers_per_block=2, latent_channels=4,
                 down_block_types=("DownEncoderBlock2D",) * 3, up_block_types=("UpDecoderBlock2D",) * 3)
-TINY_TEXT = dict(vocab_size=1000, hidden_size=64, intermediate_size=256, num_hidden_layers=3,
+TINY_TEXT = dict(vocab_size=1000, hidden_size=32, intermediate_size=128, num_hidden_layers=3,
                  num_attention_heads=4, max_position_embeddings=77, hidden_act="gelu",
                  bos_token_id=998, eos_token_id=999, pad_token_id=0)
 TINY_CONFIG = {
     "unet": {"model_channels": 32, "channel_mult": [1, 2, 2, 2], "num_res_blocks": 2,
              "attention_resolutions": [4, 2, 1], "num_head_channels": 16, "context_dim": 32},
     "vae": {"ch": 32, "ch_mult": [1, 2, 2]},
-    "text": {"width": 64, "layers": 4, "heads": 4, "vocab_size": 1000},
+    "text": {"width": 32, "layers": 4, "heads": 4, "vocab_size": 1000},   # width = unet.context_dim
 }
 
 

@@ -55,10 +55,10 @@ def test_text_tower_matches_transformers(tiny):
     ids = torch.randint(0, 1000, (3, 77), generator=torch.Generator().manual_seed(3))
     ids[:, 10:] = 0    # SD2 pads with id 0 and conditions on every position, padding included
     ref = refs["text"](input_ids=ids).last_hidden_state
-    err = rel_err(sd.text_encoder(ids), ref)
+    err = rel_err(sd.text.tower(ids), ref)
     assert err <= TOL, f"text tower relative error {err:.2e}"
     # token embeddings in, same result: the path textual inversion uses
-    err = rel_err(sd.text_encoder.forward_embeddings(sd.text_encoder.token_embedding(ids)), ref)
+    err = rel_err(sd.text.tower.forward_embeddings(sd.text.tower.token_embedding(ids)), ref)
     assert err <= TOL
 
 
@@ -69,7 +69,7 @@ def test_causal_mask_is_applied(tiny):
     ids = torch.randint(1, 1000, (1, 77), generator=torch.Generator().manual_seed(4))
     other = ids.clone()
     other[0, 40] = (ids[0, 40] + 1) % 1000
-    a, b = sd.text_encoder(ids), sd.text_encoder(other)
+    a, b = sd.text.tower(ids), sd.text.tower(other)
     assert torch.equal(a[:, :40], b[:, :40]) and not torch.allclose(a[:, 40:], b[:, 40:])
 
 

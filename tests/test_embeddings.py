@@ -37,7 +37,7 @@ def tiny():
     return minisd.build(cfg, device="cpu")
 
 
-def emb(token="<x>", n=3, width=64, seed=0, **meta) -> E.Embedding:
+def emb(token="<x>", n=3, width=32, seed=0, **meta) -> E.Embedding:
     return E.Embedding(token, torch.randn(n, width, generator=torch.Generator().manual_seed(seed)), meta)
 
 
@@ -231,16 +231,18 @@ def test_attach_refuses_sd1_width_on_sd2():
     e = E.Embedding("<sd1>", torch.zeros(2, 768), {}, "old/sd1.pt")
     with pytest.raises(E.EmbeddingError) as info:
         E.attach(sd, {"ok": E.read(CORE), "<sd1>": e})
-    assert str(info.value) == ("old/sd1.pt: vectors are 768 wide; this model's text tower is 1024 wide "
-                               "-- an SD1.x embedding?")
-    assert sd.tokenizer.placeholders == {}               # nothing registered when any width is wrong
+    assert str(info.value) == ("old/sd1.pt: vectors are 768 wide; this model's text tower is 1024 wide (SD2.x "
+                               "(OpenCLIP ViT-H/14 text tower)) -- an embedding for SD1.x (OpenAI CLIP ViT-L/14 "
+                               "text tower); use an embedding trained on this model's kind")
+    assert sd.text.tokenizer.placeholders == {}               # nothing registered when any width is wrong
     E.attach(sd, {"chexpert_cardiomegaly": E.read(CORE)})
-    assert len(sd.tokenizer.placeholders["chexpert_cardiomegaly"]) == 64
+    assert len(sd.text.tokenizer.placeholders["chexpert_cardiomegaly"]) == 64
 
 
 def test_attach_refuses_width_on_tiny(tiny):
-    with pytest.raises(E.EmbeddingError, match="vectors are 32 wide; this model's text tower is 64 wide$"):
-        E.attach(tiny, {"<x>": emb(width=32)})
+    with pytest.raises(E.EmbeddingError, match="vectors are 48 wide; this model's text tower is 32 wide; use an "
+                                               "embedding trained on this model's kind$"):
+        E.attach(tiny, {"<x>": emb(width=48)})
 
 
 def test_attach_refuses_vocabulary_words_and_repeats(tiny):
@@ -253,12 +255,12 @@ def test_attach_refuses_vocabulary_words_and_repeats(tiny):
 
 def reference_encode(sd, texts, vectors_of):
     """By hand: the frozen table's row for ordinary ids, the right learned vector for placeholder ids."""
-    table = sd.text_encoder.token_embedding.weight
-    owner = {i: (tok, j) for tok, ids in sd.tokenizer.placeholders.items() for j, i in enumerate(ids)}
+    table = sd.text.tower.token_embedding.weight
+    owner = {i: (tok, j) for tok, ids in sd.text.tokenizer.placeholders.items() for j, i in enumerate(ids)}
     rows = []
-    for ids in sd.tokenizer(texts).tolist():
+    for ids in sd.text.tokenizer(texts).tolist():
         rows.append(torch.stack([vectors_of[owner[i][0]][owner[i][1]] if i in owner else table[i] for i in ids]))
-    return sd.text_encoder.forward_embeddings(torch.stack(rows))
+    return sd.text.tower.forward_embeddings(torch.stack(rows))
 
 
 def test_encode_matches_hand_reference(tiny):
@@ -266,40 +268,40 @@ def test_encode_matches_hand_reference(tiny):
     E.attach(tiny, embs)
     texts = ["a chest x-ray, <lung> with <dot>", "<dot><lung> <lung>", "no placeholder here"]
     with torch.no_grad():
-        ours = E.encode(tiny, texts)
+        ours = tiny.text(texts)
         ref = reference_encode(tiny, texts, {t: e.vectors for t, e in embs.items()})
-        plain = tiny.text_encoder(tiny.tokenizer(texts[2:]))
-    assert ours.shape == (3, 77, 64)
+        plain = tiny.text.tower(tiny.text.tokenizer(texts[2:]))
+    assert ours.shape == (3, 77, 32)
     assert torch.equal(ours, ref)
     assert torch.equal(ours[2:], plain)
-    assert sum(i >= VOCAB_SIZE for i in tiny.tokenizer(texts[:1])[0].tolist()) == 4
+    assert sum(i >= VOCAB_SIZE for i in tiny.text.tokenizer(texts[:1])[0].tolist()) == 4
 
 
 def test_encode_gradients_reach_the_override_only(tiny):
     E.attach(tiny, {"<lung>": emb("<lung>", 3, seed=1), "<dot>": emb("<dot>", 1, seed=2)})
-    table = tiny.text_encoder.token_embedding.weight
+    table = tiny.text.tower.token_embedding.weight
     before = table.clone()
     param = torch.nn.Parameter(emb("<lung>", 3, seed=5).vectors)
-    out = E.encode(tiny, ["a photo of <lung>", "<dot> and <lung>"], override={"<lung>": param})
+    out = tiny.text(["a photo of <lung>", "<dot> and <lung>"], override={"<lung>": param})
     with torch.no_grad():
         ref = reference_encode(tiny, ["a photo of <lung>", "<dot> and <lung>"],
-                               {"<lung>": param, "<dot>": tiny.embeddings["<dot>"].vectors})
+                               {"<lung>": param, "<dot>": tiny.text.vectors["<dot>"]})
     assert torch.equal(out.detach(), ref)
     out.square().mean().backward()
     assert param.grad is not None and (param.grad.norm(dim=1) > 0).all()
     assert table.grad is None and torch.equal(table, before)
-    with pytest.raises(E.EmbeddingError, match="override for '<dot>' has shape"):
-        E.encode(tiny, ["<dot>"], override={"<dot>": param})
-    with pytest.raises(E.EmbeddingError, match="override for '<nope>', which is not attached"):
-        E.encode(tiny, ["x"], override={"<nope>": param})
+    with pytest.raises(ValueError, match="override for '<dot>' has shape"):
+        tiny.text(["<dot>"], override={"<dot>": param})
+    with pytest.raises(ValueError, match="override for '<nope>', which was never added"):
+        tiny.text(["x"], override={"<nope>": param})
 
 
 def test_encode_refuses_placeholder_without_vectors(tiny):
     E.attach(tiny, {"<x>": emb()})
-    tiny.tokenizer.add_placeholder("<bare>", 2)
-    E.encode(tiny, ["<x> only"])
-    with pytest.raises(E.EmbeddingError, match=r"\['<bare>'\] registered without vectors"):
-        E.encode(tiny, ["<bare> <x>"])
+    tiny.text(["<x> only"])
+    tiny.text.tokenizer.add_placeholder("<bare>", 2)   # ids without vectors: every row after them would misalign
+    with pytest.raises(ValueError, match=r"\['<bare>'\] have ids but no vectors"):
+        tiny.text(["<x> only"])
 
 
 # --- atomic writes ---------------------------------------------------------------------------------------------

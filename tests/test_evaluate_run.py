@@ -10,7 +10,7 @@ from test_evaluate import _error, _write_set
 import minisd
 from medti import embeddings as E
 from medti import evaluate, generate
-from minisd.load import PREFIXES
+from minisd.load import state_dict
 
 CONFIG = {"unet": {"model_channels": 32, "channel_mult": [1, 2], "attention_resolutions": [1],
                    "num_head_channels": 16, "context_dim": 32},
@@ -25,7 +25,7 @@ def run_folder(tmp_path_factory):
     root = tmp_path_factory.mktemp("run")
     torch.manual_seed(0)
     sd = minisd.build(minisd.load_config(CONFIG), device="cpu")
-    save_file({prefix + k: v for name, prefix in PREFIXES.items() for k, v in getattr(sd, name).state_dict().items()},
+    save_file(state_dict(sd),
               str(root / "tiny.safetensors"))
     (root / "tiny.json").write_text(json.dumps(CONFIG))
     run = root / "runs"

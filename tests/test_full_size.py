@@ -16,7 +16,8 @@ from transformers import CLIPTextConfig, CLIPTextModel
 
 import minisd
 from conftest import randomize_, rel_err, write_official
-from minisd.load import IGNORED, PREFIXES, ignored_prefixes
+from minisd.load import ignored as IGNORED
+from minisd.load import state_dict
 
 KEYS_TSV = Path(__file__).with_name("sd2_checkpoint_keys.tsv")
 
@@ -41,12 +42,11 @@ def official_keys() -> dict:
 def test_module_names_and_shapes_are_the_official_keys():
     cfg = minisd.ModelConfig()
     sd = minisd.build(cfg)   # meta device: shapes only
-    ours = {prefix + k: tuple(v.shape) for name, prefix in PREFIXES.items()
-            for k, v in getattr(sd, name).state_dict().items()}
+    ours = {k: tuple(v.shape) for k, v in state_dict(sd).items()}
     official = official_keys()
     assert len(official) == 1228
-    skip = ignored_prefixes(cfg)
-    ignored = {k for k in official if k in IGNORED or k.startswith(skip)}
+    skip = cfg.text.unused()
+    ignored = {k for k in official if k in IGNORED(cfg) or k.startswith(skip)}
     # everything the file holds is either ours, with the same shape, or ignored by name
     assert ours == {k: v for k, v in official.items() if k not in ignored}
     assert len(ignored) == 14   # 12 text-block-23 tensors + text_projection + logit_scale (schedule not listed)
@@ -89,5 +89,5 @@ def test_full_size_text(full):
     refs, sd = full
     ids = torch.randint(0, 49406, (1, 77), generator=torch.Generator().manual_seed(3))
     ids[0, 0], ids[0, 20], ids[0, 21:] = 49406, 49407, 0
-    err = rel_err(sd.text_encoder(ids), refs["text"](input_ids=ids).last_hidden_state)
+    err = rel_err(sd.text.tower(ids), refs["text"](input_ids=ids).last_hidden_state)
     assert err <= TOL, f"full-size text relative error {err:.2e}"

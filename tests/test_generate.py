@@ -13,7 +13,7 @@ from safetensors.torch import save_file
 
 import minisd
 from medti.generate import main
-from minisd.load import PREFIXES
+from minisd.load import state_dict
 from minisd.packing import pack_convs
 
 # tiny SD2-shaped model with the full CLIP vocabulary, so real prompts tokenize
@@ -29,7 +29,7 @@ def model_files(tmp_path_factory):
     folder = tmp_path_factory.mktemp("gen")
     torch.manual_seed(0)
     sd = minisd.build(minisd.load_config(GEN_CONFIG), device="cpu")
-    state = {prefix + k: v for name, prefix in PREFIXES.items() for k, v in getattr(sd, name).state_dict().items()}
+    state = state_dict(sd)
     save_file(state, str(folder / "tiny.safetensors"))
     (folder / "tiny.json").write_text(json.dumps(GEN_CONFIG))
     return folder / "tiny.safetensors", folder / "tiny.json"
@@ -104,8 +104,7 @@ def test_inpainting_cli_equals_pipeline(model_files, tmp_path):
     model, config = model_files
     sd = minisd.load(model, config=config)
     pack_convs(sd.unet), pack_convs(sd.vae)   # as the CLI does on the CPU unless --no-pack
-    from medti import embeddings as E
-    cond, uncond = E.encode(sd, ["chest x-ray"]), E.encode(sd, [""])
+    cond, uncond = sd.text(["chest x-ray"]), sd.text([""])
     init, m = load_image(tmp_path / "init.png", 64, 64), load_mask(tmp_path / "mask.png", 64, 64, 1.5)
     ref = sample(sd, cond, uncond, [1.0], [3], SampleSettings(width=64, height=64, cfg=2.0, steps=3),
                  InitImage(init, m, 0.8))

@@ -31,8 +31,7 @@ def test_cli_runs_each_sampler_and_records_it(model_files, tmp_path, sampler, sp
     sd = minisd.load(model, config=config)
     from minisd.packing import pack_convs
     pack_convs(sd.unet), pack_convs(sd.vae)   # as the CLI does on the CPU
-    from medti import embeddings as E
-    ref = sample(sd, E.encode(sd, ["chest x-ray"]), E.encode(sd, [""]), [1.0], [0],
+    ref = sample(sd, sd.text(["chest x-ray"]), sd.text([""]), [1.0], [0],
                  SampleSettings(width=64, height=64, steps=3, sampler=sampler, sigmas=spacing))
     assert torch.equal(saved, ref[0])
 

@@ -8,7 +8,7 @@ from safetensors.torch import save_file
 
 import minisd
 from conftest import TINY_CONFIG
-from minisd.load import PREFIXES
+from minisd.load import state_dict
 from minisd.schedule import alphas_cumprod
 
 TINY = minisd.load_config(TINY_CONFIG)
@@ -18,8 +18,7 @@ def tiny_state(cfg=TINY) -> dict:
     """A randomly initialised tiny model in the official layout (our names are the official names)."""
     torch.manual_seed(0)
     sd = minisd.build(cfg, device="cpu")
-    return {prefix + k: v.clone() for name, prefix in PREFIXES.items()
-            for k, v in getattr(sd, name).state_dict().items()}
+    return {k: v.clone() for k, v in state_dict(sd).items()}
 
 
 @pytest.fixture
@@ -42,9 +41,8 @@ def load_error(*args, **kwargs) -> str:
 def test_loads_strictly_and_equals_the_file(tiny_file):
     state = tiny_state()
     sd = minisd.load(tiny_file(state), config=TINY_CONFIG)
-    for name, prefix in PREFIXES.items():
-        for k, v in getattr(sd, name).state_dict().items():
-            assert torch.equal(v, state[prefix + k]), k
+    for k, v in state_dict(sd).items():
+        assert torch.equal(v, state[k]), k
     assert sd.prediction == "eps" and sd.scale_factor == 0.18215
     assert not any(p.requires_grad for p in sd.unet.parameters())
 
@@ -71,7 +69,7 @@ def test_schedule_self_check(tiny_file):
     state = tiny_state()
     # SD1-era DDPM linear schedule (linear in beta, 1e-4..0.02): not SD2
     state["alphas_cumprod"] = torch.cumprod(1 - torch.linspace(1e-4, 0.02, 1000), 0)
-    assert "alphas_cumprod is not SD2's schedule" in load_error(tiny_file(state), config=TINY_CONFIG)
+    assert "alphas_cumprod is not SD's schedule" in load_error(tiny_file(state), config=TINY_CONFIG)
 
 
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16, torch.float32])
@@ -92,10 +90,10 @@ def test_wrong_schedule_in_half_precision_is_refused(tiny_file, dtype):
                   torch.cat([ldm_schedule()[1:], ldm_schedule()[-1:] * 0.988])):
         state = tiny_state()
         state["alphas_cumprod"] = wrong.to(dtype)
-        assert "alphas_cumprod is not SD2's schedule" in load_error(tiny_file(state), config=TINY_CONFIG)
+        assert "alphas_cumprod is not SD's schedule" in load_error(tiny_file(state), config=TINY_CONFIG)
     state = tiny_state()
     state["alphas_cumprod"] = ldm_schedule()[:999].half()
-    assert "not SD2's float [1000]" in load_error(tiny_file(state), config=TINY_CONFIG)
+    assert "not SD's float [1000]" in load_error(tiny_file(state), config=TINY_CONFIG)
 
 
 KEY = "model.diffusion_model.input_blocks.1.0.in_layers.2.weight"
@@ -150,7 +148,7 @@ def test_missing_key_is_named(tiny_file):
 
 def test_wrong_shape_is_named(tiny_file):
     wider = json.loads(json.dumps(TINY_CONFIG))
-    wider["unet"]["context_dim"] = 48
+    wider["unet"]["context_dim"] = wider["text"]["width"] = 48
     message = load_error(tiny_file(), config=wider)
     assert "has shape" in message and "attn2.to_k.weight" in message
 
@@ -167,9 +165,10 @@ def test_sd1_files_are_recognised(tiny_file):
 
 def test_diffusers_folder_and_component_files(tmp_path, tiny_file):
     (tmp_path / "unet").mkdir()
-    assert "tools/convert_diffusers.py" in load_error(tmp_path, config=TINY_CONFIG)
+    assert "a diffusers folder states its own configuration; leave out config=" in load_error(
+        tmp_path, config=TINY_CONFIG)
     path = tiny_file({"down_blocks.0.resnets.0.conv1.weight": torch.zeros(1)}, "unet.safetensors")
-    assert "diffusers UNet" in load_error(path, config=TINY_CONFIG)
+    assert "a diffusers UNet file; load the whole diffusers folder instead" in load_error(path, config=TINY_CONFIG)
 
 
 def test_file_needs_a_config(tiny_file):
@@ -220,14 +219,20 @@ def test_config_json(tmp_path):
 
 def test_presets_state_the_variant():
     table = minisd.presets()
-    assert set(table) == {"sd2-base", "sd2", "sd21-base", "sd21", "sd2-inpainting"}
+    assert set(table) == {"sd2-base", "sd2", "sd21-base", "sd21", "sd2-inpainting", "sd15", "sd15-inpainting"}
     for name, preset in table.items():
         assert preset["sha256"] is None or len(preset["sha256"]) == 64, name
         cfg = minisd.load_config(name)
         assert (cfg.prediction, cfg.resolution) == {"sd2-base": ("eps", 512), "sd2": ("v", 768),
                                                     "sd21-base": ("eps", 512), "sd21": ("v", 768),
-                                                    "sd2-inpainting": ("eps", 512)}[name]
+                                                    "sd2-inpainting": ("eps", 512), "sd15": ("eps", 512),
+                                                    "sd15-inpainting": ("eps", 512)}[name]
+        assert cfg.text.tower == ("openai" if name.startswith("sd15") else "openclip"), name
     assert minisd.load_config("sd2-inpainting").unet.in_channels == 9
+    assert minisd.load_config("sd15-inpainting").unet.in_channels == 9
+    sd15 = minisd.load_config("sd15")   # v1-inference.yaml: 8 heads, 768-wide context, 1x1-conv projections
+    assert (sd15.unet.num_heads, sd15.unet.num_head_channels, sd15.unet.context_dim) == (8, -1, 768)
+    assert not sd15.unet.use_linear_in_transformer and sd15.text.layer == "last" and sd15.text.width == 768
     assert minisd.load_config("sd21").unet.upcast_attention and not minisd.load_config("sd2").unet.upcast_attention
 
 

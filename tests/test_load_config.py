@@ -48,8 +48,8 @@ CASES = [
     (changed("unet", "model_channels", 40), "unet.model_channels 40 x channel_mult [1, 2, 2, 2]"),
     (changed("vae", "ch", 16), "not multiples of 32, the GroupNorm group count"),
     (changed("unet", "num_head_channels", 24), "unet.num_head_channels 24 does not divide"),
-    (changed("text", "heads", 5), "text.heads 5 does not divide text.width 64"),
-    (changed("text", "context_length", 64), "text.context_length must be 77"),
+    (changed("text", "heads", 5), "the text tower's 5 heads do not divide its width 32"),
+    (changed("text", "context_length", 64), "the text tower's context length must be 77"),
 ]
 
 

@@ -19,7 +19,7 @@ def test_wheel_install_works_offline(tmp_path):
              "assert minisd.__file__.startswith(sys.argv[1]), minisd.__file__; "
              "print(minisd.paths.weights_dir()); "
              "print(minisd.load_config('sd2').prediction); "
-             "print(minisd.build(minisd.load_config('sd2-base')).tokenizer(['a chest x-ray'])[0, :5].tolist())")
+             "print(minisd.build(minisd.load_config('sd2-base')).text.tokenizer(['a chest x-ray'])[0, :5].tolist())")
     out = run(python, "-c", probe, str(tmp_path / "site"), cwd=tmp_path,
               env={"PYTHONPATH": str(tmp_path / "site"), "HF_HUB_OFFLINE": "1"}).stdout.splitlines()
     assert out[0].startswith(str(tmp_path / "site")) and out[0].endswith("minisd/weights")

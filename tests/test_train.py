@@ -27,7 +27,7 @@ TOKEN, N_VECTORS = "<lesion>", 3
 @pytest.fixture(scope="module")
 def reference(tmp_path_factory):
     """Tiny diffusers UNet + transformers CLIP text model with the full CLIP vocabulary, and our loaded copy."""
-    unet = randomize_(UNet2DConditionModel(**{**TINY_UNET, "cross_attention_dim": 64}), 11)   # text width 64
+    unet = randomize_(UNet2DConditionModel(**TINY_UNET), 11)
     text = randomize_(CLIPTextModel(CLIPTextConfig(**{**TINY_TEXT, "vocab_size": 49408})), 12)
     from diffusers import AutoencoderKL
 
@@ -36,7 +36,6 @@ def reference(tmp_path_factory):
     path = write_official(tmp_path_factory.mktemp("ti") / "ti.safetensors", unet=unet, vae=vae, text=text)
     config = json.loads(json.dumps(TINY_CONFIG))
     config["text"]["vocab_size"] = 49408
-    config["unet"]["context_dim"] = 64
     return unet, text, path, config
 
 
@@ -49,7 +48,7 @@ def test_loss_and_gradient_equal_reference(reference, prediction, checkpointing)
     if checkpointing:
         enable_checkpointing(sd)
     gen = torch.Generator().manual_seed(0)
-    vectors = torch.randn(N_VECTORS, 64, generator=gen)
+    vectors = torch.randn(N_VECTORS, 32, generator=gen)
     E.attach(sd, {TOKEN: E.Embedding(TOKEN, vectors, {})})
     latents, noise = torch.randn(2, 4, 16, 16, generator=gen), torch.randn(2, 4, 16, 16, generator=gen)
     t = torch.tensor([17, 801])
@@ -69,7 +68,7 @@ def test_loss_and_gradient_equal_reference(reference, prediction, checkpointing)
     table.grad = None
     sched = DDPMScheduler(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear",
                           prediction_type={"eps": "epsilon", "v": "v_prediction"}[prediction])
-    context = text(input_ids=sd.tokenizer(prompts)).last_hidden_state
+    context = text(input_ids=sd.text.tokenizer(prompts)).last_hidden_state
     pred = unet(sched.add_noise(latents, noise, t), t, encoder_hidden_states=context).sample
     target = noise if prediction == "eps" else sched.get_velocity(latents, noise, t)
     ref_loss = torch.nn.functional.mse_loss(pred.float(), target.float())
@@ -91,11 +90,11 @@ def secret_data(tmp_path_factory):
     folder = tmp_path_factory.mktemp("learn")
     model, config = tiny_model(folder / "model", seed=0)
     sd = minisd.load(model, config=config)
-    table_std = sd.text_encoder.token_embedding.weight.std()
+    table_std = sd.text.tower.token_embedding.weight.std()
     secret = torch.randn(4, 64, generator=torch.Generator().manual_seed(99)) * table_std * 3
     E.attach(sd, {"<secret>": E.Embedding("<secret>", secret, {})})
     with torch.no_grad():
-        cond, uncond = E.encode(sd, ["<secret>"]), E.encode(sd, [""])
+        cond, uncond = sd.text(["<secret>"]), sd.text([""])
     for name, seeds in (("train", range(24)), ("held-out", range(1000, 1012))):
         (folder / name).mkdir()
         latents = sample(sd, cond, uncond, [1.0], list(seeds), SampleSettings(width=64, height=64, cfg=2.0, steps=10))
@@ -180,7 +179,7 @@ def test_outputs_and_frozen_weights(secret_data, tmp_path, monkeypatch):
                            "--preview-every", "4", "--preview-steps", "2", "--template", str(template),
                            "--init", "lung nodule")) == 0
     fresh = real_load(model, config=config)
-    for ours, theirs in ((loaded[0].unet, fresh.unet), (loaded[0].text_encoder, fresh.text_encoder)):
+    for ours, theirs in ((loaded[0].unet, fresh.unet), (loaded[0].text.tower, fresh.text.tower)):
         assert all(torch.equal(a, b) for a, b in zip(ours.parameters(), theirs.parameters(), strict=True))
     run_dir = tmp_path / "run"
     assert {p.name for p in run_dir.iterdir()} >= {"r.safetensors", "r-2.safetensors", "r-4.safetensors",
@@ -245,8 +244,8 @@ def test_lr_schedule_and_initial_vectors(secret_data):
     assert lr_at(parse_lr("0.02"), 123) == 0.02
     _, model, config = secret_data
     sd = minisd.load(model, config=config)
-    table = sd.text_encoder.token_embedding.weight
-    ids = sd.tokenizer.encode("lung nodule")            # 4 BPE tokens spread over 5 vectors: token i * 4 // 5
+    table = sd.text.tower.token_embedding.weight
+    ids = sd.text.tokenizer.encode("lung nodule")            # 4 BPE tokens spread over 5 vectors: token i * 4 // 5
     vectors = initial_vectors(sd, "lung nodule", 5, 0)
     for i, row in enumerate(vectors):
         assert torch.equal(row, table[ids[i * len(ids) // 5]])

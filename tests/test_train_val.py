@@ -67,7 +67,7 @@ def by_hand(data, vectors: torch.Tensor, seed: int = 5, draws: int = 4) -> float
     sched = DDPMScheduler(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear")
     with torch.no_grad():
         latents = sd.vae.encode(load_dataset(val, 64).images)[0] * sd.scale_factor
-        context = E.encode(sd, ["<t>"] * draws)
+        context = sd.text(["<t>"] * draws)
         losses = []
         for i, latent in enumerate(latents):
             digest = hashlib.sha256(f"medti validation draws {seed} {i}".encode()).digest()

@@ -39,13 +39,14 @@ SD1 = {"in_channels": 4, "out_channels": 4, "model_channels": 320, "attention_re
 # diffusers' SD1 UNet: its defaults give SD1's blocks (320/640/1280/1280, 8 heads, conv projections); text is 768 wide.
 SD1_DIFFUSERS = dict(sample_size=64, cross_attention_dim=768, attention_head_dim=8, use_linear_projection=False)
 
-# Tiny SD1-shaped: channel_mult (1, 2, 4, 4) as SD1, 8 heads of width 4/8/16, conv projections, context 64.
+# Tiny SD1-shaped: channel_mult (1, 2, 4, 4) as SD1, 8 heads of width 4/8/16, conv projections, context 32 (the
+# tiny text tower's width).
 TINY_SD1_DIFFUSERS = dict(sample_size=16, block_out_channels=(32, 64, 128, 128), layers_per_block=2,
-                          attention_head_dim=8, cross_attention_dim=64, use_linear_projection=False,
+                          attention_head_dim=8, cross_attention_dim=32, use_linear_projection=False,
                           down_block_types=("CrossAttnDownBlock2D",) * 3 + ("DownBlock2D",),
                           up_block_types=("UpBlock2D",) + ("CrossAttnUpBlock2D",) * 3)
 TINY_SD1 = {"model_channels": 32, "channel_mult": [1, 2, 4, 4], "num_res_blocks": 2, "attention_resolutions": [4, 2, 1],
-            "num_heads": 8, "num_head_channels": -1, "context_dim": 64, "use_linear_in_transformer": False}
+            "num_heads": 8, "num_head_channels": -1, "context_dim": 32, "use_linear_in_transformer": False}
 
 
 def official_unet_keys() -> dict:
@@ -58,8 +59,11 @@ def official_unet_keys() -> dict:
     return keys
 
 
+SD1_TEXT = {"tower": "openai"}   # SD1's text tower: 768 wide, the UNet's context_dim
+
+
 def sd1_config() -> UNetConfig:
-    return parse_config({"unet": SD1}, "SD1 config").unet
+    return parse_config({"unet": SD1, "text": SD1_TEXT}, "SD1 config").unet
 
 
 def test_defaults_stay_sd2():
@@ -94,12 +98,12 @@ def test_sd1_config_builds_sd1_shapes():
 ])
 def test_bad_head_fields_are_one_line(change, message):
     with pytest.raises(LoadError, match=re.escape(message)):
-        parse_config({"unet": SD1 | change}, "cfg.json")
+        parse_config({"unet": SD1 | change, "text": SD1_TEXT}, "cfg.json")
 
 
 def test_set_head_width_wins_as_in_ldm():
     """ldm: num_head_channels, when set, overrides num_heads (openaimodel.py UNetModel.__init__)."""
-    cfg = parse_config({"unet": SD1 | {"num_head_channels": 64}}, "cfg.json").unet
+    cfg = parse_config({"unet": SD1 | {"num_head_channels": 64}, "text": SD1_TEXT}, "cfg.json").unet
     with torch.device("meta"):
         heads = {m.heads for m in UNetModel(cfg).modules() if isinstance(m, CrossAttention)}
     assert heads == {5, 10, 20}
@@ -111,7 +115,7 @@ def test_converter_restates_sd1_config(tmp_path):
         UNet2DConditionModel(**SD1_DIFFUSERS).save_config(tmp_path)
     restated = convert_diffusers._section(convert_diffusers._unet_config, tmp_path / "config.json")
     assert restated == SD1 | {"upcast_attention": False}
-    assert parse_config({"unet": restated}, "restated").unet == sd1_config()
+    assert parse_config({"unet": restated, "text": SD1_TEXT}, "restated").unet == sd1_config()
 
 
 def test_module_names_and_shapes_are_the_official_sd1_keys():
@@ -155,7 +159,7 @@ def test_tiny_sd1_unet_matches_diffusers(tiny_sd1):
     assert ours.state_dict()["input_blocks.1.1.proj_in.weight"].shape == (32, 32, 1, 1)
     gen = torch.Generator().manual_seed(0)
     x = torch.randn(2, 4, 16, 16, generator=gen)
-    context = torch.randn(2, 77, 64, generator=gen)
+    context = torch.randn(2, 77, 32, generator=gen)
     for t in (torch.tensor([999.0, 0.0]), torch.tensor([417.25, 3.5])):   # fractional t, as samplers give
         err = rel_err(ours(x, t, context), ref(x, t, encoder_hidden_states=context).sample)
         assert err <= TOL, f"tiny SD1 UNet relative error {err:.2e} at t={t.tolist()}"

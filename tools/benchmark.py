@@ -37,7 +37,7 @@ import minisd
 from medti import embeddings as emb
 from medti.inversion import denoising_loss, enable_checkpointing, initial_vectors
 from medti.pipeline import SampleSettings, compile_for_inference, decode, sample
-from minisd.load import PREFIXES
+from minisd.load import state_dict
 from minisd.packing import pack_convs
 from minisd.sampling import GuidedDenoiser, denoiser
 
@@ -48,6 +48,7 @@ from bench_eval import section9 as evaluation_time  # noqa: E402
 
 from bench_dataset import section8 as dataset_time  # noqa: E402
 from conftest import randomize_  # noqa: E402 (tests/ and tools/ are not packages)
+from convert_diffusers import PREFIXES as CONVERT_PREFIXES  # noqa: E402
 from convert_diffusers import convert_text, convert_unet, convert_vae  # noqa: E402
 
 try:   # tools/memory_estimate.py: fake-tensor estimates of peak GPU memory
@@ -125,7 +126,7 @@ def checkpointing(sd):
     try:
         yield
     finally:
-        for blocks in (sd.unet.input_blocks, sd.unet.output_blocks, sd.text_encoder.transformer.resblocks):
+        for blocks in (sd.unet.input_blocks, sd.unet.output_blocks, sd.text.tower.blocks):
             for i, block in enumerate(blocks):
                 blocks[i] = block.block
         sd.unet.middle_block = sd.unet.middle_block.block
@@ -143,7 +144,7 @@ def setup(args, cfg, tmp: Path) -> argparse.Namespace:
     state = {}
     for name, convert, ref in (("unet", convert_unet, "unet"), ("vae", convert_vae, "vae"),
                                ("text_encoder", convert_text, "text")):
-        state |= {PREFIXES[name] + k: v.contiguous() for k, v in convert(refs[ref].state_dict()).items()}
+        state |= {CONVERT_PREFIXES[name] + k: v.contiguous() for k, v in convert(refs[ref].state_dict()).items()}
     save_file(state, str(tmp / "sd2.safetensors"))
     del state
     folder = tmp / "diffusers"   # configs only, for from_single_file(config=...)
@@ -156,7 +157,7 @@ def setup(args, cfg, tmp: Path) -> argparse.Namespace:
     (folder / "model_index.json").write_text(json.dumps(index))
     sd = minisd.load(tmp / "sd2.safetensors", config=cfg["ours"])
     with torch.no_grad():
-        cond, uncond = sd.text_encoder(sd.tokenizer(["chest x-ray, PA view"])), sd.text_encoder(sd.tokenizer([""]))
+        cond, uncond = sd.text(["chest x-ray, PA view"]), sd.text([""])
     return argparse.Namespace(cfg=cfg, refs=refs, sd=sd, folder=folder, cond=cond, uncond=uncond, tmp=tmp,
                               size=cfg["size"],
                               big=cfg["big"], ours=cfg["ours"], runs=args.runs, results={})
@@ -172,8 +173,8 @@ def txt2img_ours(sd, b):
 
 def ti_step_ours(sd, size):
     """One step of medti/train.py's loop: latents cached once, 64 fp32 vectors in AdamW (checkpointing: caller)."""
-    if TOKEN not in getattr(sd, "embeddings", {}):
-        emb.attach(sd, {TOKEN: emb.Embedding(TOKEN, torch.zeros(N_VECTORS, sd.text_encoder.cfg.width))})
+    if TOKEN not in sd.text.vectors:
+        emb.attach(sd, {TOKEN: emb.Embedding(TOKEN, torch.zeros(N_VECTORS, sd.text.width))})
     vectors = torch.nn.Parameter(initial_vectors(sd, "*", N_VECTORS, 0))
     optimizer = torch.optim.AdamW([vectors], lr=5e-3, weight_decay=0.0)
     with torch.no_grad():
@@ -307,13 +308,13 @@ def ti_flops(b) -> tuple:
     token vectors (ours); the same plus the example's VAE encode (diffusers). Their ratio is the time ratio at
     equal FLOP/s -- the floor that a faster implementation of the same kernels cannot go below."""
     sd, h = minisd.build(minisd.load_config(b.ours)), b.size // 8
-    for module in (sd.unet, sd.text_encoder):
+    for module in (sd.unet, sd.text.tower):
         module.requires_grad_(False)
     with torch.device("meta"):
-        tokens = torch.zeros(1, 77, sd.text_encoder.cfg.width, requires_grad=True)   # the spliced embeddings
+        tokens = torch.zeros(1, 77, sd.text.width, requires_grad=True)   # the spliced embeddings
         latents, t = torch.zeros(1, 4, h, h), torch.tensor([500.0])
         with FlopCounterMode(display=False) as ours:
-            F.mse_loss(sd.unet(latents, t, sd.text_encoder.forward_embeddings(tokens)), latents).backward()
+            F.mse_loss(sd.unet(latents, t, sd.text.tower.forward_embeddings(tokens)), latents).backward()
         unet = diffusers.UNet2DConditionModel(**b.cfg["unet"]).requires_grad_(False)
         vae = diffusers.AutoencoderKL(**b.cfg["vae"]).requires_grad_(False)
         text = CLIPTextModel(CLIPTextConfig(**b.cfg["text"], hidden_act="gelu")).requires_grad_(False)
@@ -474,8 +475,7 @@ def section7(b):
     """Each load in a fresh process: time, and peak RSS (VmHWM, mapped file pages included) above the RSS after
     imports, after every weight was read once."""
     path = b.tmp / "sd2-fp16.safetensors"
-    save_file({prefix + k: v.half().contiguous() for name, prefix in PREFIXES.items()
-               for k, v in getattr(b.sd, name).state_dict().items()}, str(path))
+    save_file({k: v.half().contiguous() for k, v in state_dict(b.sd).items()}, str(path))
     size = path.stat().st_size
     loads = {"ours": f"minisd.load({str(path)!r}, config={b.ours!r}, dtype=torch.float16)",
              "theirs": f"StableDiffusionPipeline.from_single_file({str(path)!r}, config={str(b.folder)!r}, "

@@ -81,7 +81,7 @@ def ours_ti_step(sd, size: int, device):
     from medti import embeddings as emb
     from medti.inversion import denoising_loss, enable_checkpointing, initial_vectors
     enable_checkpointing(sd)
-    emb.attach(sd, {TOKEN: emb.Embedding(TOKEN, torch.zeros(N_VECTORS, sd.text_encoder.cfg.width))})
+    emb.attach(sd, {TOKEN: emb.Embedding(TOKEN, torch.zeros(N_VECTORS, sd.text.width))})
     vectors = torch.nn.Parameter(initial_vectors(sd, "*", N_VECTORS, 0).to(device))
     optimizer = torch.optim.AdamW([vectors], lr=5e-3, weight_decay=0.0)
     dtype = next(sd.unet.parameters()).dtype

@@ -133,10 +133,10 @@ def estimate_training(resolution=512, batch=1, checkpointing=True, dtype=torch.f
     sd = minisd.build(minisd.load_config(config), device="meta")
     if checkpointing:
         enable_checkpointing(sd)
-    width, h = sd.text_encoder.cfg.width, resolution // sd.config.latent_factor
+    width, h = sd.text.width, resolution // sd.config.latent_factor
     emb.attach(sd, {TOKEN: emb.Embedding(TOKEN, torch.zeros(N_VECTORS, width))})   # real: the start vectors
     with fake_device() as mem:
-        materialise(sd.unet, dtype), materialise(sd.text_encoder, dtype)
+        materialise(sd.unet, dtype), materialise(sd.text.tower, dtype)
         weights = mem.now
         vectors = torch.nn.Parameter(on_device(N_VECTORS, width))   # fp32 whatever the model's dtype
         optimizer = adamw([vectors])
@@ -196,9 +196,9 @@ def estimate_generation(resolution=512, cfg=True, dtype=torch.float16, config="s
     """medti.pipeline: one sampler step (UNet at batch 2 with CFG, no grad), then the VAE decode; all resident."""
     sd = minisd.build(minisd.load_config(config), device="meta")
     with fake_device() as mem, torch.no_grad():
-        materialise(sd.unet, dtype), materialise(sd.text_encoder, dtype), materialise(sd.vae, dtype)
+        materialise(sd.unet, dtype), materialise(sd.text.tower, dtype), materialise(sd.vae, dtype)
         weights = mem.peak = mem.now
-        cond, uncond = emb.encode(sd, ["chest x-ray"]), emb.encode(sd, [""])
+        cond, uncond = sd.text(["chest x-ray"]), sd.text([""])
         latents = sample(sd, cond, uncond, [1.0], [0], SampleSettings(width=resolution, height=resolution,
                          cfg=2.0 if cfg else 1.0, steps=1))
         sampler_peak, mem.peak = mem.peak, mem.now
