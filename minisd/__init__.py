@@ -1,9 +1,12 @@
-"""minisd: Stable Diffusion 2 from scratch, loading the official checkpoint files."""
+"""minisd: Stable Diffusion 1.x and 2.x from scratch, loading the official checkpoint files and diffusers folders."""
 from .clip import TextConfig, TextTransformer
+from .clip_openai import OpenAITextConfig, OpenAITextTransformer
+from .conditioning import TextConditioning
 from .config import LoadError, ModelConfig, load_config, presets
 from .load import StableDiffusion, build, load
 from .unet import UNetConfig, UNetModel
 from .vae import AutoencoderKL, VAEConfig
 
 __all__ = ["load", "build", "load_config", "presets", "LoadError", "ModelConfig", "StableDiffusion",
-           "UNetConfig", "UNetModel", "VAEConfig", "AutoencoderKL", "TextConfig", "TextTransformer"]
+           "UNetConfig", "UNetModel", "VAEConfig", "AutoencoderKL", "TextConfig", "TextTransformer",
+           "OpenAITextConfig", "OpenAITextTransformer", "TextConditioning"]
