@@ -2,7 +2,7 @@
 
 Formats (facts read from each project's source; no code taken from them):
   * ours: `.safetensors`, one float32 tensor [n, width] under the key = the token ("<healthy>"), string metadata
-    (token, vectors, step, base_preset, base_sha256, init, lr, data_sha256). It is also a valid diffusers file.
+    (token, vectors, step, base_model, base_sha256, init, lr, data_sha256). It is also a valid diffusers file.
   * AUTOMATIC1111 `.pt`/`.bin` (stable-diffusion-webui modules/textual_inversion/textual_inversion.py, Embedding.save
     and load_from_file): a pickled dict {"string_to_token": {"*": 265}, "string_to_param": {"*": [n, width]}, "name",
     "step", "sd_checkpoint", "sd_checkpoint_name"}. A1111's token is the FILE STEM, and ours; diffusers takes "name",

@@ -56,8 +56,10 @@ def build_parser() -> argparse.ArgumentParser:
     add("--batch", type=int, default=32, help="images per network call (default: 32)")
     run = p.add_argument_group("scoring a training run's saved steps (--run)")
     run.add_argument("--run", metavar="DIR", help="a medti.train --out folder: score each <name>-<step>.safetensors")
-    run.add_argument("--model", help="base model (default: the one the run's embedding names)")
-    run.add_argument("--config", help="config JSON for a --model file outside the presets")
+    run.add_argument("--model", help="base model: preset, file or diffusers folder (default: the one the run's "
+                     "embedding names)")
+    run.add_argument("--config", help="config JSON for a --model file outside the presets "
+                     "(not with a diffusers folder)")
     run.add_argument("--prompt", help="prompt (default: the token alone, as the run trained)")
     run.add_argument("--n", type=int, default=50, help="images per step (default: 50)")
     run.add_argument("--steps", type=int, default=25, help="sampler steps (default: 25)")

@@ -1,4 +1,4 @@
-"""Generate images with SD2 and learned embeddings: `python -m medti.generate`.
+"""Generate images with SD1/SD2 and learned embeddings: `python -m medti.generate`.
 
     python -m medti.generate --model sd2-base --embeddings embeddings/ \\
         --prompt "chexpert_healthy :0.25 AND chexpert_cardiomegaly :0.75" --n 4 --seed 0 --out out/
@@ -60,8 +60,10 @@ def build_parser() -> argparse.ArgumentParser:
     p = ArgumentParser(prog="python -m medti.generate", description=__doc__.split("\n\n")[0],
                                 epilog=EXAMPLE, formatter_class=HelpFormatter)
     add = p.add_argument   # every option has help text, so HelpFormatter can show its default
-    add("--model", default="sd2-base", help="preset name or .safetensors file")
-    add("--config", help="preset name or JSON config (needed for a file outside the presets)")
+    add("--model", default="sd2-base", help="preset name (sd2-base, sd15, ...), .safetensors/.ckpt file or "
+                                            "diffusers folder")
+    add("--config", help="preset name or JSON config (needed for a file outside the presets; a diffusers folder "
+                         "has its own)")
     add("--embeddings", action="append", default=[], help="embedding files or folders (repeatable)")
     add("--prompt", help='terms joined by AND, each with an optional ":weight" (":0.3", ":30%%", ":-1")')
     add("--negative", default="", help="negative prompt (the unconditional term)")
@@ -109,6 +111,9 @@ def check_args(args):
     """Everything that can be checked before the model is loaded or a folder is made."""
     if (args.prompt is None) == (args.sweep is None):
         raise UsageError("give either --prompt or --sweep A B")
+    if args.config and Path(args.model).is_dir():   # minisd.load refuses it too, but only after the checks
+        raise UsageError(f"--config {args.config}: --model {args.model} is a diffusers folder, which states its own "
+                         "configuration; leave out --config")
     for name in ("n", "steps"):
         if getattr(args, name) < 1:
             raise UsageError(f"--{name} must be at least 1")

@@ -9,6 +9,7 @@ The cache is a convenience, never trusted: a file it cannot read or parse, or an
 ignored and rebuilt; an entry counts only for the same path, size and modification time (ns), so a changed file
 is hashed again; and a cache that cannot be written (read-only home) only costs the time to hash again next run.
 """
+import hashlib
 import json
 import os
 import re
@@ -42,8 +43,11 @@ def read_cache(path: Path) -> dict:
 
 
 def sha256_of(path) -> str:
-    """sha256 of a file, hashed once per (path, size, mtime) and remembered in cache_path()."""
+    """sha256 of a file, hashed once per (path, size, mtime) and remembered in cache_path(); of a folder (a
+    diffusers model), see folder_sha256."""
     path = Path(path).resolve()
+    if path.is_dir():
+        return folder_sha256(path)
     stat = path.stat()
     memo = cache_path()
     files = read_cache(memo)
@@ -59,3 +63,14 @@ def sha256_of(path) -> str:
     except OSError:   # read-only or full home: the hash is still right, only not remembered
         pass
     return digest
+
+
+def folder_sha256(folder: Path) -> str:
+    """A diffusers folder has no one file to hash: the sha256 of its listing, one line "relative/path sha256" per
+    file in sorted order, each file hashed (and cached) by sha256_of. Hidden files and folders (.cache/ left by a
+    hub download, .DS_Store) are not part of the model and are left out; renaming or changing any other file changes
+    the hash."""
+    files = sorted(f for f in folder.rglob("*") if f.is_file() and
+                   not any(part.startswith(".") for part in f.relative_to(folder).parts))
+    listing = "".join(f"{f.relative_to(folder).as_posix()} {sha256_of(f)}\n" for f in files)
+    return hashlib.sha256(listing.encode()).hexdigest()

@@ -28,11 +28,20 @@ def flag(default, help_text: str):
     return field(default=default, metadata={"help": help_text})
 
 
+# Defaults against A1111's textual inversion (stable-diffusion-webui modules/ui.py, "Create embedding" and "Train"
+# tabs), which uses the same defaults for SD1 and SD2 -- so nothing here differs for SD1; the only SD1/SD2
+# difference, the vectors' width (768 / 1024), is read from the model's text tower, never from a setting.
+#   same as A1111: lr "0.005" (and its "rate:step, ..." schedule syntax), init text "*", batch 1, gradient
+#     accumulation 1, latent sampling "once", an embedding copy and a preview every 500 steps, no gradient clipping.
+#   the study's instead: vectors 64 (A1111: 1 per token), max_steps 50,000 (A1111: 100,000), the token alone as the
+#     prompt (A1111: style_filewords.txt templates; --template gives templates), resolution the model's native size
+#     (A1111: 512x512, which is SD1's and SD2-base's native size).
 @dataclass
 class TrainConfig:
     """Every setting of a training run (`python -m medti.train` has one flag per field)."""
-    model: str = flag("sd2-base", "preset name or .safetensors file")
-    config: str = flag("", "preset name or JSON config, for a file outside the presets")
+    model: str = flag("sd2-base", "preset name (sd2-base, sd15, ...), .safetensors/.ckpt file or diffusers folder")
+    config: str = flag("", "preset name or JSON config, for a file outside the presets (a diffusers folder has its "
+                           "own: leave it out)")
     data: str = flag("", "folder of training images (searched recursively)")
     val: str = flag("", "folder of validation images, never trained on, read and preprocessed like --data: the "
                         "validation loss at every save, and the best step's embedding as <name>-best.safetensors")
@@ -175,8 +184,16 @@ def check(cfg: TrainConfig) -> Plan:
     return check_settings(cfg)
 
 
+def _check_model(cfg: TrainConfig):
+    """A diffusers folder states its own configuration (minisd.load refuses both, but only once it runs)."""
+    if cfg.config and Path(cfg.model).is_dir():
+        raise TrainError(f"{arg('config')} {cfg.config}: {arg('model')} {cfg.model} is a diffusers folder, which "
+                         f"states its own configuration; leave out {arg('config')}")
+
+
 def check_settings(cfg: TrainConfig) -> Plan:
     """check() without the folders: for a caller that makes them itself, after this (the demo)."""
+    _check_model(cfg)
     _check_token(cfg.token)
     _check_numbers(cfg)
     if cfg.latents not in ("once", "random", "mean"):

@@ -44,6 +44,7 @@ TERMS = ["an x-ray of healthy lungs", "cardiomegaly"]
 
 def sd1_pipeline(folder, channels: int = 4, seed: int = 0):
     """A tiny random SD1 (in_channels 4) or SD1-inpainting (9) pipeline, saved to `folder`; returns it."""
+    torch.manual_seed(seed)   # the libraries' own init, which randomize_ perturbs, comes from the global generator
     unet = UNet2DConditionModel(**{**TINY_SD1_DIFFUSERS, "in_channels": channels})
     cls = StableDiffusionInpaintPipeline if channels == 9 else StableDiffusionPipeline
     folder.mkdir(parents=True, exist_ok=True)
