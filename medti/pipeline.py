@@ -71,7 +71,7 @@ def start_from_image(sd, init: InitImage, steps, generators, like):
 @torch.no_grad()
 def sample(sd, conds, uncond, weights, seeds, settings: SampleSettings, init: InitImage | None = None,
            progress: Callable[[int, int], None] | None = None):
-    """Final (scaled) latents [len(seeds), 4, height/8, width/8] (SD2's factor 8; see ModelConfig.latent_factor).
+    """Final (scaled) latents [len(seeds), 4, height/8, width/8] (8: SD1's and SD2's ModelConfig.latent_factor).
 
     conds [K, 77, w] with K weights, uncond [1, 77, w]: see GuidedDenoiser. progress(done, total) is called after
     every sampler step (for a progress line; it must not change anything)."""

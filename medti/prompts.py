@@ -88,7 +88,7 @@ def check_length(terms: list[tuple[str, float]], count_tokens: Callable[[str], i
     """Raise PromptError for the first term longer than `limit` tokens.
 
     `count_tokens(text)` counts a term's tokens after each placeholder is expanded to its embedding's vectors,
-    without the start/end tokens. SD2's text encoder sees 77 positions, 2 of them start and end, so 75
+    without the start/end tokens. SD1's and SD2's text encoders see 77 positions, 2 of them start and end, so 75
     (MAX_PROMPT_TOKENS) remain:
     a 64-vector embedding leaves 11 for the rest of the term. We raise instead of truncating silently.
     """

@@ -192,3 +192,26 @@ def test_cli_refuses_an_sd2_embedding_on_sd1(tmp_path, capsys, monkeypatch):
     err = one_line_error(capsys)
     assert str(tmp_path / "sd2.pt") in err and "768" in err and "1024" in err and "SD1.x" in err and "SD2.x" in err
     assert not (tmp_path / "gen").exists()
+
+
+def test_a_folder_hashes_as_its_file_listing(sd1, tmp_path, monkeypatch):
+    """A diffusers folder's sha256 (base_sha256 of an embedding, model_sha256 of an image): the sha256 of the lines
+    "relative/path sha256" of its files, sorted; a changed file changes it, a hidden one (.cache/ of a hub download)
+    does not."""
+    import hashlib
+    import shutil
+
+    from medti.hashes import sha256_of
+    monkeypatch.setenv("MEDTI_CACHE", str(tmp_path / "cache"))
+    folder = tmp_path / "copy"
+    shutil.copytree(sd1[1], folder)
+    files = sorted(p for p in folder.rglob("*") if p.is_file())
+    listing = "".join(f"{p.relative_to(folder).as_posix()} {hashlib.sha256(p.read_bytes()).hexdigest()}\n"
+                      for p in files)
+    expected = hashlib.sha256(listing.encode()).hexdigest()
+    assert sha256_of(folder) == expected
+    (folder / ".cache").mkdir()
+    (folder / ".cache" / "download.lock").write_text("")
+    assert sha256_of(folder) == expected
+    (folder / "scheduler" / "scheduler_config.json").write_text("{}")
+    assert sha256_of(folder) != expected
