@@ -20,7 +20,7 @@ from transformers import CLIPTextConfig, CLIPTextModel
 
 import convert_diffusers
 import minisd
-from conftest import randomize_, rel_err
+from conftest import rel_err
 from medti import embeddings as E
 from medti import generate, train
 from medti.demo import phantoms
@@ -170,27 +170,37 @@ def test_sd1_embedding_files_attach_and_other_widths_are_refused(tmp_path, file)
             words in message for words in ("SD1.x", "SD2.x", f"{other} wide", f"{width} wide")), message
 
 
-def test_cli_refuses_an_sd2_embedding_on_sd1(tmp_path, capsys, monkeypatch):
-    """A real SD1-wide (768) tiny model as a diffusers folder; medti.generate --embeddings with 1024-wide vectors."""
-    monkeypatch.setenv("MEDTI_CACHE", str(tmp_path / "cache"))
-    unet = UNet2DConditionModel(sample_size=8, block_out_channels=(32, 64), layers_per_block=1, attention_head_dim=2,
-                                cross_attention_dim=768, down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"),
-                                up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"))
-    text = CLIPTextModel(CLIPTextConfig(vocab_size=49408, hidden_size=768, intermediate_size=64, num_hidden_layers=1,
-                                        num_attention_heads=12, hidden_act="quick_gelu"))
+def full_width_folder(tmp_path, kind: str):
+    """A tiny diffusers folder whose text tower has its generation's real width (SD1 768 quick_gelu, end-token pad;
+    SD2 1024 gelu, "!" pad), one layer: what medti.generate checks an embedding's width against."""
     from diffusers import AutoencoderKL, DDIMScheduler
+    width, sd2 = (1024, True) if kind == "sd2" else (768, False)
+    unet = UNet2DConditionModel(sample_size=8, block_out_channels=(32, 64), layers_per_block=1,
+                                attention_head_dim=(2, 4) if sd2 else 2, use_linear_projection=sd2,
+                                cross_attention_dim=width, down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"),
+                                up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"))
+    text = CLIPTextModel(CLIPTextConfig(vocab_size=49408, hidden_size=width, intermediate_size=4 * width,
+                                        num_hidden_layers=1, num_attention_heads=16 if sd2 else 12,
+                                        hidden_act="gelu" if sd2 else "quick_gelu"))
     vae = AutoencoderKL(block_out_channels=(32, 64), layers_per_block=1, down_block_types=("DownEncoderBlock2D",) * 2,
                         up_block_types=("UpDecoderBlock2D",) * 2)
-    StableDiffusionPipeline(vae=vae, text_encoder=randomize_(text), unet=unet, safety_checker=None,
-                            tokenizer=clip_tokenizer(tmp_path, "<|endoftext|>"), feature_extractor=None,
-                            scheduler=DDIMScheduler(beta_schedule="scaled_linear", beta_start=0.00085, beta_end=0.012),
-                            requires_safety_checker=False).save_pretrained(tmp_path / "sd1-768")
+    scheduler = DDIMScheduler(beta_schedule="scaled_linear", beta_start=0.00085, beta_end=0.012)
+    StableDiffusionPipeline(vae=vae, text_encoder=text, unet=unet, tokenizer=clip_tokenizer(tmp_path, "!" if sd2 else
+                            "<|endoftext|>"), scheduler=scheduler, safety_checker=None, feature_extractor=None,
+                            requires_safety_checker=False).save_pretrained(tmp_path / kind)
+    return tmp_path / kind
+
+
+@pytest.mark.parametrize("kind, width, other", [("sd1", 768, 1024), ("sd2", 1024, 768)])
+def test_cli_refuses_an_embedding_of_the_other_generation(tmp_path, capsys, monkeypatch, kind, width, other):
+    monkeypatch.setenv("MEDTI_CACHE", str(tmp_path / "cache"))
+    folder = full_width_folder(tmp_path, kind)
     capsys.readouterr()   # save_pretrained's progress bar
-    E.export(E.Embedding("<sd2>", torch.randn(2, 1024), {}), tmp_path / "sd2.pt", "a1111")
-    assert generate.main(generate_args(tmp_path / "sd1-768", tmp_path / "sd2.pt", tmp_path / "gen", "--prompt",
-                                       "<sd2>")) == 2
+    E.export(E.Embedding("<other>", torch.randn(2, other), {}), tmp_path / "other.pt", "a1111")
+    assert generate.main(generate_args(folder, tmp_path / "other.pt", tmp_path / "gen", "--prompt", "other")) == 2
     err = one_line_error(capsys)
-    assert str(tmp_path / "sd2.pt") in err and "768" in err and "1024" in err and "SD1.x" in err and "SD2.x" in err
+    assert all(words in err for words in (str(tmp_path / "other.pt"), f"{other} wide", f"{width} wide", "SD1.x",
+                                          "SD2.x")), err
     assert not (tmp_path / "gen").exists()
 
 
