@@ -2,10 +2,17 @@
 import sys
 from pathlib import Path
 
+import pytest
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tools"))
-from memory_estimate import estimate_generation, estimate_training, fake_device, on_device  # noqa: E402 (tools/)
+from memory_estimate import (  # noqa: E402 (tools/)
+    estimate_diffusers_recipe,
+    estimate_generation,
+    estimate_training,
+    fake_device,
+    on_device,
+)
 
 # A tiny SD2-shaped model (the text tower keeps SD2's vocabulary: the tokenizer's ids must fit its table).
 TINY = {"unet": {"model_channels": 32, "channel_mult": [1, 2, 2, 2], "num_head_channels": 16, "context_dim": 64},
@@ -64,3 +71,45 @@ def test_checkpointing_lowers_the_activation_peak():
 def test_generation_estimate_runs():
     parts = estimate_generation(resolution=128, config=TINY)
     assert parts["total"] > parts["weights"] > 0 and parts["vae_decode"] > 0
+
+
+def diffusers_sd1_parameters() -> dict:
+    """Parameter counts of diffusers' SD1 networks (stable-diffusion-v1-5's config.json values), built on meta
+    tensors from diffusers/transformers alone: an independent count of what the `sd15` estimate must hold."""
+    from diffusers import AutoencoderKL, UNet2DConditionModel
+    from transformers import CLIPTextConfig, CLIPTextModel
+    with torch.device("meta"):
+        unet = UNet2DConditionModel(cross_attention_dim=768, attention_head_dim=8)   # block types: the defaults
+        vae = AutoencoderKL(block_out_channels=(128, 256, 512, 512), layers_per_block=2,
+                            down_block_types=("DownEncoderBlock2D",) * 4, up_block_types=("UpDecoderBlock2D",) * 4)
+        text = CLIPTextModel(CLIPTextConfig(hidden_size=768, intermediate_size=3072, num_hidden_layers=12,
+                                            num_attention_heads=12, hidden_act="quick_gelu"))
+    return {name: sum(p.numel() for p in m.parameters()) for name, m in (("unet", unet), ("vae", vae),
+                                                                          ("text", text))}
+
+
+def test_sd1_estimates_hold_sd1_networks_and_sit_below_sd2():
+    """Full-size widths at a small resolution (64 px: weights do not depend on it, activations stay cheap)."""
+    count = diffusers_sd1_parameters()
+    assert sum(count.values()) == 1_066_235_307   # SD1.5: 859.5 M UNet + 83.7 M VAE + 123.1 M text
+    sd1, sd2 = (estimate_generation(resolution=64, config=c) for c in ("sd15", "sd2-base"))
+    assert sd1["weights"] == 2 * sum(count.values())   # fp16
+    assert sd2["weights"] - sd1["weights"] > 2 * 200e6   # SD2's text tower: 340 M parameters against 123 M
+    train1, train2 = (estimate_training(resolution=64, config=c) for c in ("sd15", "sd2-base"))
+    assert train1["weights"] == 2 * (count["unet"] + count["text"])   # the VAE stays off the device
+    assert train1["trainable"] == 3 * 64 * 768 * 4    # 64 vectors of SD1's width 768 + 2 AdamW moments, fp32
+    # a 768-wide, 12-layer tower and 768-wide cross-attention keys/values keep less for backward than SD2's
+    assert train1["saved_for_backward"] < train2["saved_for_backward"]
+    # the diffusers recipe with SD1's CLIPTextModel (fp32, whole 49,409 x 768 table + a copy + 2 AdamW moments)
+    recipe = estimate_diffusers_recipe(resolution=64, config="sd15")
+    table = 49409 * 768 * 4
+    assert recipe["trainable"] == 4 * table
+    position_ids = 77 * 8   # transformers' CLIPTextEmbeddings buffer, int64 [1, 77]: on the device too
+    assert recipe["weights"] == 2 * (count["unet"] + count["vae"]) + 4 * (count["text"] + 768) - table + position_ids
+
+
+def test_inpainting_model_estimates_generation_only():
+    parts = estimate_generation(resolution=64, config="sd15-inpainting")
+    assert parts["weights"] == 2 * (sum(diffusers_sd1_parameters().values()) + 5 * 320 * 9)   # 9 input channels
+    with pytest.raises(ValueError, match="inpainting"):
+        estimate_training(resolution=64, config="sd15-inpainting")

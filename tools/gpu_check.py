@@ -1,6 +1,7 @@
 """The figures that need a GPU, ours and diffusers side by side on identical random full-size SD2 weights (issue 11).
 
     python tools/gpu_check.py --json gpu-figures.json      # one CUDA GPU, full size: a few minutes (< 8 on an H200)
+    python tools/gpu_check.py --model sd15                 # the same for SD1's networks (sd15's configuration)
     python tools/gpu_check.py --tiny --device cpu          # tiny random models on any device: checks the script only
 
 What it measures (fp16 on CUDA, the training and generation default there):
@@ -10,9 +11,10 @@ What it measures (fp16 on CUDA, the training and generation default there):
      "allocated"; neither includes the CUDA context);
   2. textual-inversion steps per second (ours: medti's step; diffusers: its examples/textual_inversion recipe);
   3. text-to-image images per second at 512², 25 Euler-a steps, CFG, VAE decode included, batch 1 and 4;
-  4. fp16 sanity: no NaN/inf in latents or decoded images with the `sd21` configuration (attention upcast to fp32).
-The models are tools/benchmark.py's (diffusers/transformers modules with random weights, converted to the official
-layout by tools/convert_diffusers.py and loaded back by minisd.load), so both sides compute with the same numbers.
+  4. fp16 sanity: no NaN/inf in latents or decoded images with the `sd21` configuration (attention upcast to fp32);
+     with --model sd15, SD1 as it runs (no upcast; SD1 has no such problem, the check shows it).
+The models are tools/bench_models.py's (diffusers/transformers modules with random weights, converted to the official
+layout and loaded back by minisd.load), so both sides compute with the same numbers.
 Random weights give meaningless images; speed and memory do not depend on the values.
 """
 import argparse
@@ -28,6 +30,8 @@ import torch
 
 TOOLS = Path(__file__).resolve().parent
 TOKEN, N_VECTORS, GIB = "<gpu-check>", 64, 2 ** 30
+# --model -> tools/bench_models.py's MODELS name (+ "-tiny" with --tiny)
+MODELS = {"sd2-base": "sd2", "sd15": "sd1"}
 
 
 def fail(message: str) -> int:
@@ -103,7 +107,7 @@ def ours_ti_step(sd, size: int, device):
     return step
 
 
-def diffusers_ti_step(refs, size: int, device, dtype):
+def diffusers_ti_step(refs, size: int, device, dtype, pad: int):
     """diffusers' examples/textual_inversion/textual_inversion.py step: fp16 UNet and VAE, fp32 text encoder under
     fp16 autocast whose whole (resized) token table is in AdamW, a VAE encode every step, checkpointing on."""
     import diffusers
@@ -117,7 +121,7 @@ def diffusers_ti_step(refs, size: int, device, dtype):
     scaler = torch.amp.GradScaler(device.type, enabled=dtype == torch.float16)
     scheduler = diffusers.DDPMScheduler(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear")
     pixels = (torch.rand(1, 3, size, size, generator=torch.Generator().manual_seed(0)) * 2 - 1).to(device, dtype)
-    ids = torch.tensor([[49406, len(table) - 1, 49407] + [0] * 74], device=device)
+    ids = torch.tensor([[49406, len(table) - 1, 49407] + [pad] * 74], device=device)   # the model's padding
 
     def step():
         latents = vae.encode(pixels).latent_dist.sample().detach() * vae.config.scaling_factor
@@ -166,23 +170,31 @@ def finite_ours(sd, cond, uncond, size: int, steps: int) -> bool:
     return bool(torch.isfinite(latents).all() and torch.isfinite(images).all())
 
 
+def sanity_ours(b, sd, load: dict, cond, uncond, steps: int) -> dict:
+    """SD2: with the sd21 configuration (v, attention upcast to fp32) and without the upcast. SD1 (no sd21):
+    as it is configured."""
+    import minisd
+    if b.model.startswith("sd1"):
+        return {"sd15": finite_ours(sd, cond, uncond, b.size, steps)}
+    upcast = {**(b.ours if isinstance(b.ours, dict) else {}), "prediction": "v",
+              "unet": {**(b.ours.get("unet", {}) if isinstance(b.ours, dict) else {}), "upcast_attention": True}}
+    sd21 = minisd.load(b.file, **{**load, "config": upcast})
+    return {"sd21 (upcast)": finite_ours(sd21, cond, uncond, b.size, steps),
+            "sd2 (no upcast)": finite_ours(sd, cond, uncond, b.size, steps)}
+
+
 def measure_ours(b, args, device, dtype) -> dict:
     from memory_estimate import estimate_training
 
     import minisd
     load = {"config": b.ours, "dtype": dtype, "device": device}
-    sd = minisd.load(b.tmp / "sd2.safetensors", **load)
+    sd = minisd.load(b.file, **load)
     cond, uncond = b.cond.to(device, dtype), b.uncond.to(device, dtype)
     out = {"txt2img_images_per_s": {}}
     for batch in (1, 4):
         fn = ours_txt2img(sd, cond, uncond, batch, b.size, args.steps)
         out["txt2img_images_per_s"][f"batch {batch}"] = batch / seconds(fn, device, args.runs)
-    upcast = {**(b.ours if isinstance(b.ours, dict) else {}), "prediction": "v",
-              "unet": {**(b.ours.get("unet", {}) if isinstance(b.ours, dict) else {}), "upcast_attention": True}}
-    sd21 = minisd.load(b.tmp / "sd2.safetensors", **{**load, "config": upcast})
-    out["fp16_sanity_no_nan"] = {"sd21 (upcast)": finite_ours(sd21, cond, uncond, b.size, args.steps),
-                                 "sd2 (no upcast)": finite_ours(sd, cond, uncond, b.size, args.steps)}
-    del sd21
+    out["fp16_sanity_no_nan"] = sanity_ours(b, sd, load, cond, uncond, args.steps)
     step = ours_ti_step(sd, b.size, device)
     out["ti_step_peak"] = peak_memory(step, device)
     out["ti_step_peak"]["estimated_gib"] = estimated(estimate_training, resolution=b.size, batch=1,
@@ -194,24 +206,27 @@ def measure_ours(b, args, device, dtype) -> dict:
 def measure_diffusers(b, args, device, dtype) -> dict:
     from diffusers.models.attention_processor import Attention
     from memory_estimate import estimate_diffusers_recipe
+
+    import minisd
     refs = {name: m.to(device, dtype) for name, m in b.refs.items()}
     cond, uncond = b.cond.to(device, dtype), b.uncond.to(device, dtype)
     pipe, out = diffusers_pipe(refs), {"txt2img_images_per_s": {}}
     for batch in (1, 4):
         fn = diffusers_txt2img(pipe, cond, uncond, batch, b.size, args.steps)
         out["txt2img_images_per_s"][f"batch {batch}"] = batch / seconds(fn, device, args.runs)
+    sd1 = b.model.startswith("sd1")
     attention = [m for m in refs["unet"].modules() if isinstance(m, Attention)]
-    for m in attention:   # what diffusers' SD2.1 config sets (upcast_attention: true)
-        m.upcast_attention = True
-    images = diffusers_txt2img(diffusers_pipe(refs, "v_prediction"), cond, uncond, 1, b.size, args.steps)()
-    out["fp16_sanity_no_nan"] = {"sd21 (upcast)": bool(torch.isfinite(images).all())}
+    for m in attention:   # what diffusers' SD2.1 config sets (upcast_attention: true); SD1 runs as it is
+        m.upcast_attention = not sd1
+    images = diffusers_txt2img(diffusers_pipe(refs, "epsilon" if sd1 else "v_prediction"), cond, uncond, 1, b.size,
+                               args.steps)()
+    out["fp16_sanity_no_nan"] = {"sd15" if sd1 else "sd21 (upcast)": bool(torch.isfinite(images).all())}
     for m in attention:
         m.upcast_attention = False
-    step = diffusers_ti_step(refs, b.size, device, dtype)
+    step = diffusers_ti_step(refs, b.size, device, dtype, minisd.load_config(b.ours).text.pad_id)
     out["ti_step_peak"] = peak_memory(step, device)
-    full = not args.tiny   # the estimate is written for SD2's full-size recipe only
     out["ti_step_peak"]["estimated_gib"] = estimated(estimate_diffusers_recipe, resolution=b.size, batch=1,
-                                                     checkpointing=True) if full else "n/a (full size only)"
+                                                     checkpointing=True, config=b.ours)
     out["ti_steps_per_s"] = 1 / seconds(step, device, args.runs)
     return out
 
@@ -240,6 +255,8 @@ def report(results: dict):
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--tiny", action="store_true", help="tiny random models on any device: checks the script only")
+    p.add_argument("--model", default="sd2-base", choices=tuple(MODELS),
+                   help="whose networks: SD2 (default) or SD1 (sd15); random weights either way")
     p.add_argument("--device", default=None, help="default: cuda (required without --tiny)")
     p.add_argument("--steps", type=int, default=25, help="sampler steps per image (default 25)")
     p.add_argument("--runs", type=int, default=3, help="timed runs per figure, median (default 3)")
@@ -253,19 +270,18 @@ def main(argv=None) -> int:
         return fail(f"--device {args.device}: no CUDA GPU is visible to torch here")
     if args.json and not args.json.parent.is_dir():
         return fail(f"--json {args.json}: the folder {args.json.parent} does not exist")
-    sys.path.insert(0, str(TOOLS))
-    import benchmark  # diffusers, transformers and the identical-weights setup: only once the checks passed
+    sys.path[:0] = [str(TOOLS), str(TOOLS.parent / "tests")]   # tools/ and tests/ (conftest) are not packages
+    from bench_models import setup  # diffusers, transformers and the identical-weights setup: after the checks
 
     from minisd.config import default_dtype
     dtype = default_dtype(device)
     with tempfile.TemporaryDirectory(prefix="medti-gpu-check-") as tmp:
-        b = benchmark.setup(argparse.Namespace(runs=args.runs), benchmark.TINY if args.tiny else benchmark.FULL,
-                            Path(tmp))
+        b = setup(argparse.Namespace(runs=args.runs), MODELS[args.model] + ("-tiny" if args.tiny else ""), Path(tmp))
         b.sd = None   # the fp32 CPU copy setup() made: only its prompt embeddings are needed
         results = {"device": torch.cuda.get_device_name(device) if device.type == "cuda" else str(device),
                    "dtype": str(dtype).replace("torch.", ""), "size": b.size, "steps": args.steps,
                    "torch": torch.__version__, "mode": "tiny models (checks the script only)" if args.tiny else
-                   "full-size SD2, random weights", "ours": measure_ours(b, args, device, dtype)}
+                   f"full-size {args.model}, random weights", "ours": measure_ours(b, args, device, dtype)}
         gc.collect()   # our models are unreachable now; free their GPU memory before diffusers' peak is taken
         if device.type == "cuda":
             torch.cuda.empty_cache()

@@ -1,8 +1,10 @@
 """ESTIMATED peak GPU memory of one textual-inversion training step (and of generation), without a GPU.
 
-    python tools/memory_estimate.py [--resolution 768] [--batch N] [--no-checkpointing]
+    python tools/memory_estimate.py [--model sd15] [--resolution 768] [--batch N] [--no-checkpointing]
 
-The real code runs on fake tensors (FakeTensorMode: shapes, dtypes, storages; no data, no memory): full-size SD2 is
+--model: a preset (sd2-base, sd21, sd15, sd15-inpainting, ...), a JSON config file or a diffusers folder (only its
+config files are read); default SD2 at the --resolution it was trained at. The real code runs on fake tensors
+(FakeTensorMode: shapes, dtypes, storages; no data, no memory): the full-size model is
 built on the meta device and materialised as fake fp16 tensors, then one training step runs through medti.inversion
 (denoising_loss, backward, AdamW). A dispatch mode sums the bytes of each storage while it lives; the peak of that sum
 is the estimate (estimate_*() -> {category: bytes}). Not included: the CUDA context (~300-500 MB), the caching
@@ -14,8 +16,10 @@ kernel which, like CUDA's flash and memory-efficient kernels, never stores the [
 import argparse
 import contextlib
 import weakref
+from pathlib import Path
 
 import torch
+from bench_models import diffusers_configs  # tools/, the script's folder (not a package)
 from torch._subclasses.fake_tensor import FakeTensor, FakeTensorMode, unset_fake_temporarily
 from torch.utils import _pytree as pytree
 from torch.utils._python_dispatch import TorchDispatchMode
@@ -23,7 +27,9 @@ from torch.utils._python_dispatch import TorchDispatchMode
 import minisd
 from medti import embeddings as emb
 from medti.inversion import denoising_loss, enable_checkpointing
-from medti.pipeline import SampleSettings, decode, sample
+from medti.pipeline import InitImage, SampleSettings, decode, sample
+from minisd.clip import LAYERS
+from minisd.config import ModelConfig, parse_config
 
 GiB, GB = 2 ** 30, 10 ** 9
 CONTEXT = 0.3 * GB, 0.5 * GB   # CUDA context: outside every tensor, its size depends on driver and GPU
@@ -128,9 +134,21 @@ def training_step(mem, loss_fn, params, optimizer) -> dict:
             "total": max(backward_peak, mem.peak)}
 
 
+def model_config(model) -> ModelConfig:
+    """A preset name, JSON config (path or dict), ModelConfig or diffusers folder (its config files, checked by
+    minisd.diffusers; no weight is read) -> the ModelConfig to build."""
+    if isinstance(model, (str, Path)) and Path(model).is_dir():
+        from minisd.diffusers import read_config
+        return parse_config(read_config(model), str(model))
+    return minisd.load_config(model)
+
+
 def estimate_training(resolution=512, batch=1, checkpointing=True, dtype=torch.float16, config="sd2-base") -> dict:
     """Bytes per category of one step of medti/train.py's loop on the device (the VAE stays off it)."""
-    sd = minisd.build(minisd.load_config(config), device="meta")
+    cfg = model_config(config)
+    if cfg.inpainting:   # medti.inversion feeds the UNet 4-channel latents: TI trains on the plain model
+        raise ValueError("textual inversion trains on a 4-channel model, not on the 9-channel inpainting UNet")
+    sd = minisd.build(cfg, device="meta")
     if checkpointing:
         enable_checkpointing(sd)
     width, h = sd.text.width, resolution // sd.config.latent_factor
@@ -150,22 +168,22 @@ def estimate_training(resolution=512, batch=1, checkpointing=True, dtype=torch.f
     return {"weights": weights, "trainable": trainable, "inputs": inputs, **step, "cpu_cached_latents": cached}
 
 
-def estimate_diffusers_recipe(resolution=512, batch=1, checkpointing=True, dtype=torch.float16) -> dict:
+def estimate_diffusers_recipe(resolution=512, batch=1, checkpointing=True, dtype=torch.float16,
+                              config="sd2-base") -> dict:
     """diffusers' examples/textual_inversion/textual_inversion.py: fp16 UNet and VAE, fp32 text encoder under
     accelerate's fp16 autocast, its WHOLE token table trained by AdamW (and a copy kept to restore all rows but
-    the new token's), a VAE encode every step."""
+    the new token's), a VAE encode every step. The networks: `config`'s, in diffusers' classes."""
     from diffusers import AutoencoderKL, DDPMScheduler, UNet2DConditionModel
     from transformers import CLIPTextConfig, CLIPTextModel
+    cfg = model_config(config)
+    if cfg.inpainting:   # the example feeds the UNet 4-channel latents
+        raise ValueError("the diffusers example trains a 4-channel model, not the 9-channel inpainting UNet")
+    kwargs = diffusers_configs(cfg, resolution)
     scheduler = DDPMScheduler(beta_schedule="scaled_linear", beta_start=0.00085, beta_end=0.012)
-    with torch.device("meta"):   # SD2's sizes (stabilityai/stable-diffusion-2-base's config files)
-        unet = UNet2DConditionModel(sample_size=resolution // 8, block_out_channels=(320, 640, 1280, 1280),
-                                    attention_head_dim=(5, 10, 20, 20), cross_attention_dim=1024,
-                                    use_linear_projection=True)   # block types: the defaults, SD2's
-        vae = AutoencoderKL(block_out_channels=(128, 256, 512, 512), layers_per_block=2,
-                            down_block_types=("DownEncoderBlock2D",) * 4, up_block_types=("UpDecoderBlock2D",) * 4)
+    with torch.device("meta"):
+        unet, vae = UNet2DConditionModel(**kwargs["unet"]), AutoencoderKL(**kwargs["vae"])
         # 49,408 + 1 rows: the example adds one placeholder token (num_vectors=1) and resizes the table
-        text = CLIPTextModel(CLIPTextConfig(vocab_size=49409, hidden_size=1024, intermediate_size=4096,
-                                            num_hidden_layers=23, num_attention_heads=16, hidden_act="gelu"))
+        text = CLIPTextModel(CLIPTextConfig(**{**kwargs["text"], "vocab_size": kwargs["text"]["vocab_size"] + 1}))
     if checkpointing:   # the example calls gradient_checkpointing_enable(), transformers 5's old name for this
         unet.enable_gradient_checkpointing(), text.activation_checkpointing_enable()
     with fake_device() as mem:
@@ -179,7 +197,7 @@ def estimate_diffusers_recipe(resolution=512, batch=1, checkpointing=True, dtype
         inputs = mem.now - weights - trainable
         keep = torch.arange(len(table)) != len(table) - 1   # index_no_updates: all rows but the placeholder's
         def loss_fn():
-            latents = vae.encode(pixels).latent_dist.sample().detach() * 0.18215
+            latents = vae.encode(pixels).latent_dist.sample().detach() * cfg.scale_factor
             noise, t = torch.randn_like(latents), torch.randint(0, 1000, (batch,))
             with torch.autocast(DEVICE, dtype=dtype):   # accelerate wraps the prepared text encoder's forward
                 context = text(ids)[0].float().to(dtype)
@@ -193,14 +211,17 @@ def estimate_diffusers_recipe(resolution=512, batch=1, checkpointing=True, dtype
 
 
 def estimate_generation(resolution=512, cfg=True, dtype=torch.float16, config="sd2-base") -> dict:
-    """medti.pipeline: one sampler step (UNet at batch 2 with CFG, no grad), then the VAE decode; all resident."""
-    sd = minisd.build(minisd.load_config(config), device="meta")
+    """medti.pipeline: one sampler step (UNet at batch 2 with CFG, no grad), then the VAE decode; all resident.
+    An inpainting model samples from an image and a mask (its VAE encode counts in the sampler step)."""
+    sd = minisd.build(model_config(config), device="meta")
     with fake_device() as mem, torch.no_grad():
         materialise(sd.unet, dtype), materialise(sd.text.tower, dtype), materialise(sd.vae, dtype)
         weights = mem.peak = mem.now
         cond, uncond = sd.text(["chest x-ray"]), sd.text([""])
+        init = InitImage(on_device(1, 3, resolution, resolution, dtype=dtype),
+                         on_device(1, 1, resolution, resolution, dtype=dtype)) if sd.config.inpainting else None
         latents = sample(sd, cond, uncond, [1.0], [0], SampleSettings(width=resolution, height=resolution,
-                         cfg=2.0 if cfg else 1.0, steps=1))
+                         cfg=2.0 if cfg else 1.0, steps=1), init)
         sampler_peak, mem.peak = mem.peak, mem.now
         decode(sd, latents)
     return {"weights": weights, "sampler_step": sampler_peak - weights, "vae_decode": mem.peak - weights,
@@ -224,26 +245,44 @@ def report(title: str, parts: dict, labels: dict, limits: dict):
               f"(with a 0.5 GB CUDA context: {'met' if total + CONTEXT[1] <= limit else 'NOT met'})")
 
 
+def describe(cfg: ModelConfig) -> str:
+    """SD1 or SD2, in the words of the report lines."""
+    t = cfg.text
+    if t.tower == "openai":
+        return f"SD1 (OpenAI CLIP text tower, {t.num_hidden_layers} layers of {t.width})"
+    return f"SD2 (OpenCLIP text tower, {t.layers - LAYERS[t.layer]} of {t.layers} layers of {t.width})"
+
+
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--model", default=None, help="preset, JSON config or diffusers folder (default: SD2, sd2-base "
+                   "below 768 px, sd2 from 768)")
     p.add_argument("--resolution", type=int, default=512, help="image size; latents are 1/8 of it")
     p.add_argument("--batch", type=int, default=1, help="images per training micro-batch")
     p.add_argument("--no-checkpointing", action="store_true", help="without gradient checkpointing")
     args = p.parse_args(argv)
     res, checkpointing = args.resolution, not args.no_checkpointing
-    config = "sd2" if res >= 768 else "sd2-base"   # the model trained at that size; the networks are the same
+    # default: the SD2 file trained at that size; the networks are the same
+    model = args.model or ("sd2" if res >= 768 else "sd2-base")
+    cfg = model_config(model)
+    width, rows = cfg.text.width, cfg.text.vocab_size + 1
     print(f"ESTIMATED peak device memory (live tensor bytes on fake tensors), BEFORE the CUDA context (~300-500 MB) "
-          f"and allocator fragmentation.\nSD2 ({config}), {res}x{res} (latents {res // 8}x{res // 8}), batch "
-          f"{args.batch}, fp16, gradient checkpointing {'on' if checkpointing else 'off'}")
-    ours = estimate_training(res, args.batch, checkpointing, config=config)
-    report(f"medti training step: fp16 UNet + text tower; 64x1024 fp32 vectors trained; latents cached on the CPU "
-           f"(not counted: {CACHED_IMAGES} images x mean, logvar, sample = {ours['cpu_cached_latents'] / 2 ** 20:.1f}"
-           " MiB)", ours, TRAINING, LIMITS)
-    report("diffusers textual_inversion example: fp16 UNet + VAE (encode every step), fp32 text encoder whose whole "
-           "49,409x1024 table is trained (+ a copy of it)", estimate_diffusers_recipe(res, args.batch, checkpointing),
-           TRAINING, LIMITS)
-    report("medti generation, fp16: text tower, a sampler step (UNet at batch 2 for CFG, no grad), VAE decode",
-           estimate_generation(res, config=config), GENERATION, {"target": 3 * GB})
+          f"and allocator fragmentation.\n{describe(cfg)}, {model}, {res}x{res} (latents {res // 8}x{res // 8}), "
+          f"batch {args.batch}, fp16, gradient checkpointing {'on' if checkpointing else 'off'}")
+    if cfg.inpainting:   # neither medti nor the diffusers example trains TI on the 9-channel UNet
+        print("\nTraining: not estimated -- textual inversion trains on the 4-channel model; the inpainting UNet "
+              "is for generation")
+    else:
+        ours = estimate_training(res, args.batch, checkpointing, config=cfg)
+        report(f"medti training step: fp16 UNet + text tower; {N_VECTORS}x{width} fp32 vectors trained; latents "
+               f"cached on the CPU (not counted: {CACHED_IMAGES} images x mean, logvar, sample = "
+               f"{ours['cpu_cached_latents'] / 2 ** 20:.1f} MiB)", ours, TRAINING, LIMITS)
+        report(f"diffusers textual_inversion example: fp16 UNet + VAE (encode every step), fp32 text encoder whose "
+               f"whole {rows:,}x{width} table is trained (+ a copy of it)",
+               estimate_diffusers_recipe(res, args.batch, checkpointing, config=cfg), TRAINING, LIMITS)
+    report("medti generation, fp16: text tower, a sampler step (UNet at batch 2 for CFG, no grad), VAE decode"
+           + (" (inpainting: from an image and a mask)" if cfg.inpainting else ""),
+           estimate_generation(res, config=cfg), GENERATION, {"target": 3 * GB})
 
 
 if __name__ == "__main__":
