@@ -171,7 +171,7 @@ def export(emb: Embedding, path, fmt: str) -> None:
 
 
 # Text-tower width -> the models that have it, for refusing an embedding made for the other generation.
-WIDTHS = {768: "SD1.x (OpenAI CLIP ViT-L/14 text tower)", 1024: "SD2.x (OpenCLIP ViT-H/14 text tower)"}
+WIDTHS = {768: ("SD1.x", "OpenAI CLIP ViT-L/14"), 1024: ("SD2.x", "OpenCLIP ViT-H/14")}
 
 
 def attach(sd, embeddings: dict[str, Embedding]) -> None:
@@ -181,8 +181,8 @@ def attach(sd, embeddings: dict[str, Embedding]) -> None:
     for emb in embeddings.values():
         found = emb.vectors.shape[-1]
         if emb.vectors.ndim != 2 or found != width:
-            made = f" -- an embedding for {WIDTHS[found]}" if found in WIDTHS else ""
-            model = f" ({WIDTHS[width]})" if width in WIDTHS else ""
+            made = " -- an embedding for {} ({} text tower)".format(*WIDTHS[found]) if found in WIDTHS else ""
+            model = " ({}, {})".format(*WIDTHS[width]) if width in WIDTHS else ""
             raise EmbeddingError(f"{emb.source or emb.token}: vectors are {found} wide; this model's text tower "
                                  f"is {width} wide{model}{made}; use an embedding trained on this model's kind")
     for emb in embeddings.values():

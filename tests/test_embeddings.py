@@ -231,9 +231,9 @@ def test_attach_refuses_sd1_width_on_sd2():
     e = E.Embedding("<sd1>", torch.zeros(2, 768), {}, "old/sd1.pt")
     with pytest.raises(E.EmbeddingError) as info:
         E.attach(sd, {"ok": E.read(CORE), "<sd1>": e})
-    assert str(info.value) == ("old/sd1.pt: vectors are 768 wide; this model's text tower is 1024 wide (SD2.x "
-                               "(OpenCLIP ViT-H/14 text tower)) -- an embedding for SD1.x (OpenAI CLIP ViT-L/14 "
-                               "text tower); use an embedding trained on this model's kind")
+    assert str(info.value) == ("old/sd1.pt: vectors are 768 wide; this model's text tower is 1024 wide (SD2.x, "
+                               "OpenCLIP ViT-H/14) -- an embedding for SD1.x (OpenAI CLIP ViT-L/14 text tower); use "
+                               "an embedding trained on this model's kind")
     assert sd.text.tokenizer.placeholders == {}               # nothing registered when any width is wrong
     E.attach(sd, {"chexpert_cardiomegaly": E.read(CORE)})
     assert len(sd.text.tokenizer.placeholders["chexpert_cardiomegaly"]) == 64
