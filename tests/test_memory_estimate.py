@@ -113,3 +113,13 @@ def test_inpainting_model_estimates_generation_only():
     assert parts["weights"] == 2 * (sum(diffusers_sd1_parameters().values()) + 5 * 320 * 9)   # 9 input channels
     with pytest.raises(ValueError, match="inpainting"):
         estimate_training(resolution=64, config="sd15-inpainting")
+
+
+def test_diffusers_folder_is_estimated_from_its_config_files(tmp_path):
+    """A saved tiny SD1 pipeline as --model: the estimate's fp16 weights are its three networks' parameters."""
+    from test_load_diffusers import pipeline  # tests/ is on sys.path under pytest (rootdir conftest)
+    pipe = pipeline("sd1", tmp_path)
+    pipe.save_pretrained(tmp_path / "sd1")
+    parts = estimate_generation(resolution=64, config=str(tmp_path / "sd1"))
+    count = sum(p.numel() for m in (pipe.unet, pipe.vae, pipe.text_encoder) for p in m.parameters())
+    assert parts["weights"] == 2 * count
