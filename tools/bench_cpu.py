@@ -5,11 +5,11 @@ import dataclasses
 
 import torch
 import torch.nn.functional as F
-from bench_common import CL, autocast, medians, pack_sd, packed, psnr, row, table, txt2img_ours, unet_inputs, verdict
-from bench_training import ti_step_ours
 from torch.utils.flop_counter import FlopCounterMode
 
 import minisd
+from bench_common import CL, autocast, medians, pack_sd, packed, psnr, row, table, txt2img_ours, unet_inputs, verdict
+from bench_training import ti_step_ours
 
 
 def bf16_speedup() -> float:

@@ -6,9 +6,9 @@ import subprocess
 import sys
 
 import torch
-from bench_common import GB, medians, packed, row, table, unet_inputs, verdict
 from safetensors.torch import save_file
 
+from bench_common import GB, medians, packed, row, table, unet_inputs, verdict
 from minisd.load import state_dict
 from minisd.sampling import GuidedDenoiser, denoiser
 

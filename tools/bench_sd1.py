@@ -7,6 +7,7 @@ The models are tools/bench_models.py's "sd1" ("sd1-tiny" with --quick), built ap
 1-8: the SD2 models are freed first, so the two never share the machine's memory.
 """
 import torch
+
 from bench_common import medians, packed, row, table, unet_inputs
 from bench_models import setup
 

@@ -5,11 +5,11 @@ import contextlib
 import diffusers
 import torch
 import torch.nn.functional as F
-from bench_common import N_VECTORS, TOKEN, medians, row, table
 from torch.utils.flop_counter import FlopCounterMode
 from transformers import CLIPTextConfig, CLIPTextModel
 
 import minisd
+from bench_common import N_VECTORS, TOKEN, medians, row, table
 from medti import embeddings as emb
 from medti.inversion import denoising_loss, enable_checkpointing, initial_vectors
 

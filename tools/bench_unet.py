@@ -2,6 +2,7 @@
 torch.compile) against diffusers on the same random weights."""
 import diffusers
 import torch
+
 from bench_common import (
     STEPS,
     compiled,
@@ -16,7 +17,6 @@ from bench_common import (
     unet_inputs,
 )
 from bench_models import euler_a
-
 from minisd.packing import pack_convs
 
 KERNELS = ("convolution", "addmm", "aten::mm", "aten::bmm", "scaled_dot_product")

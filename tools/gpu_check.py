@@ -272,7 +272,6 @@ def main(argv=None) -> int:
         return fail(f"--json {args.json}: the folder {args.json.parent} does not exist")
     sys.path[:0] = [str(TOOLS), str(TOOLS.parent / "tests")]   # tools/ and tests/ (conftest) are not packages
     from bench_models import setup  # diffusers, transformers and the identical-weights setup: after the checks
-
     from minisd.config import default_dtype
     dtype = default_dtype(device)
     with tempfile.TemporaryDirectory(prefix="medti-gpu-check-") as tmp:

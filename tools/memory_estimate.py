@@ -19,12 +19,12 @@ import weakref
 from pathlib import Path
 
 import torch
-from bench_models import diffusers_configs  # tools/, the script's folder (not a package)
 from torch._subclasses.fake_tensor import FakeTensor, FakeTensorMode, unset_fake_temporarily
 from torch.utils import _pytree as pytree
 from torch.utils._python_dispatch import TorchDispatchMode
 
 import minisd
+from bench_models import diffusers_configs  # tools/, the script's folder (not a package)
 from medti import embeddings as emb
 from medti.inversion import denoising_loss, enable_checkpointing
 from medti.pipeline import InitImage, SampleSettings, decode, sample
