@@ -25,7 +25,11 @@ def one_line(text: str) -> str:
 class ArgumentParser(argparse.ArgumentParser):
     """Every medti command's parser: argparse's own errors (an unknown flag, a missing required one, a bad choice
     or number) as one line too. argparse prints its whole usage block first, 13 lines in which the one that
-    matters is the last."""
+    matters is the last. No abbreviations: argparse would take a mistyped `--max-step` as `--max-steps` without a
+    word, and a flag added later would silently change what an old abbreviation means."""
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, allow_abbrev=False, **kwargs)
 
     def error(self, message: str):
         self.exit(2, f"error: {one_line(message)} (see {self.prog} --help)\n")

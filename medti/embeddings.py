@@ -19,6 +19,7 @@ Pickles are only ever opened with torch.load(weights_only=True): tensors and pla
 import io
 import os
 import re
+import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -101,6 +102,9 @@ def read(path) -> Embedding:
         return Embedding(path.stem, vectors, meta, str(path))
     if "clip_l" in data or "clip_g" in data:
         raise EmbeddingError(f"{path}: an SDXL embedding (clip_l/clip_g); SD1 and SD2 have one text tower")
+    if "settings" in meta and "vectors" in data:   # medti.train's state.safetensors (inversion.save_state)
+        raise EmbeddingError(f"{path}: medti.train's resumable state, not an embedding; pass the run's embedding "
+                             f"file (<token>.safetensors in the same folder) instead of the folder or this file")
     if len(data) != 1:
         keys = ", ".join(map(str, list(data)[:5])) + (", ..." if len(data) > 5 else "")
         raise EmbeddingError(f"{path}: {len(data)} entries ({keys}); expected one tensor, or A1111 string_to_param")
@@ -134,7 +138,9 @@ def read_all(paths) -> dict[str, Embedding]:
     for f in embedding_files(paths):
         emb = read(f)
         if emb.token in found:
-            raise EmbeddingError(f"{f}: token {emb.token!r} is also defined by {found[emb.token].source}")
+            # the usual cause: a training run's folder, which keeps a copy per save beside the final file
+            raise EmbeddingError(f"{f}: token {emb.token!r} is also defined by {found[emb.token].source}; pass one "
+                                 "of the files rather than their folder")
         found[emb.token] = emb
     return found
 
@@ -190,6 +196,17 @@ def attach(sd, embeddings: dict[str, Embedding]) -> None:
             sd.text.add(emb.token, emb.vectors)
         except ValueError as e:   # a vocabulary word, or already added
             raise EmbeddingError(f"{emb.source or emb.token}: {e}") from None
+
+
+def warn_other_base(embeddings: dict[str, Embedding], model_sha256: str) -> None:
+    """The width check cannot tell two models of one generation apart (SD1.5 and a medical SD1 fine-tune are both
+    768 wide), but our files record the model they were trained on: say so when it is another one. A warning, not
+    an error: trying an embedding on a related model is a legitimate experiment."""
+    for e in embeddings.values():
+        base = e.meta.get("base_sha256", "")
+        if base and base != model_sha256:
+            print(f"warning: {e.source}: trained on the model with sha256 {base[:10]}, not this one "
+                  f"({model_sha256[:10]}); its vectors were learned for that model's text tower", file=sys.stderr)
 
 
 def summary(e: Embedding) -> str:

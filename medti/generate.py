@@ -244,6 +244,7 @@ def generate(args, out: Path, texts: list, jobs: list, rank: int, world: int, de
     settings = SampleSettings(width=width, height=height, steps=args.steps, cfg=args.cfg, sampler=args.sampler,
                               sigmas=args.sigmas, batch=args.batch)
     model_hash = sha256_of(sd.path)   # cached by medti.hashes: hashing GBs once, not per run
+    emb.warn_other_base(loaded, model_hash)
     planned = {job.file: record(args, job, width, height, model_hash, loaded) for job in jobs}
     done = read_records(out)   # only records whose PNG is on disk count
     changed = [f for f in done if f in planned and done[f] != planned[f]]

@@ -19,6 +19,7 @@ from torch import nn
 from torch.utils.checkpoint import checkpoint
 
 from minisd.errors import UserError, arg
+from minisd.load import spoken
 from minisd.schedule import alphas_cumprod
 from minisd.vae import posterior_sample
 
@@ -160,7 +161,9 @@ def load_state(path, vectors, optimizer) -> tuple:
                          ".safetensors there)") from None
     if saved.shape != vectors.shape:
         raise TrainError(f"{arg('resume')}: {path} holds vectors of shape {list(saved.shape)}, this run trains "
-                         f"{list(vectors.shape)}")
+                         f"{list(vectors.shape)}; resume with the run's own settings "
+                         f"({spoken('vectors', *[str(saved.shape[0])] * 2)}, the same model) or start a new run in another "
+                         f"{arg('out')}")
     with torch.no_grad():
         vectors.copy_(saved)
     if "exp_avg" in tensors:

@@ -16,6 +16,7 @@ import torch
 
 import minisd
 from minisd.errors import arg
+from minisd.load import spoken
 from minisd.schedule import NUM_TIMESTEPS
 from minisd.tokenizer import MAX_PROMPT_TOKENS
 from minisd.vae import posterior_sample
@@ -198,6 +199,10 @@ def loop(s: Session, step: int) -> Path:
     """The training loop, from `step` to --max-steps; returns the path of the learned embedding."""
     cfg = s.cfg
     in_a_row, skipped, began, first = 0, 0, time.perf_counter(), step
+    if step >= cfg.max_steps:   # resumed with a --max-steps the run has already reached
+        reached = spoken("max_steps", *[str(cfg.max_steps)] * 2)
+        print(f"note: the run is at step {step} already, {reached}: nothing to train; raise {arg('max_steps')} to "
+              "go on", file=sys.stderr)
     while step < cfg.max_steps:
         lr = set_lr(s.optimizer, lr_at(s.plan.schedule, step))
         s.optimizer.zero_grad(set_to_none=True)

@@ -154,7 +154,7 @@ def prediction(path: Path, s: dict) -> str:
          f"the DDPM-family schedulers ({', '.join(sorted(known))})")
     for key, value in diffusers_keys.SCHEDULE.items():
         need(path, s.get(key, value) == value, f"{key} {s.get(key)!r} is not SD's schedule ({json.dumps(value)}); "
-             "minisd samples SD's training schedule only")
+             "trained with another noise schedule, which minisd does not sample (use an SD1/SD2 model)")
     found = s.get("prediction_type", "epsilon")
     need(path, found in diffusers_keys.PREDICTION, f"prediction_type {found!r}: minisd runs epsilon and v_prediction "
          "models")
@@ -172,7 +172,8 @@ def check_model_index(folder: Path):
         found = index.get(key)
         need(path, isinstance(found, list) and found[0] == library and (cls is None or found[1] in (cls, cls + "Fast")),
              f"component {key} is {found}, expected [{library!r}, {cls!r}]")
-        need(folder / key, (folder / key).is_dir(), f"missing component folder {key}/ -- not a complete folder")
+        need(folder, (folder / key).is_dir(), f"has no {key}/ folder, which model_index.json names -- an incomplete "
+             "download or copy; fetch the whole folder again")
 
 
 def tokenizer_files(folder: Path) -> tuple[dict, list, list]:

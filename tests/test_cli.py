@@ -55,3 +55,14 @@ def test_device_and_dtype_rules():
     assert resolve_dtype(None, torch.device("cuda")) == torch.float16
     with pytest.raises(UserError, match="fp8"):
         resolve_dtype("fp8", torch.device("cpu"))
+
+
+def test_flags_are_never_abbreviated(capsys):
+    """`--max-step 2` must not train as `--max-steps 2`: medti's parser takes whole flag names only."""
+    from medti.cli import ArgumentParser
+    p = ArgumentParser(prog="x")
+    p.add_argument("--max-steps", type=int)
+    assert p.parse_args(["--max-steps", "2"]).max_steps == 2
+    with pytest.raises(SystemExit) as info:
+        p.parse_args(["--max-step", "2"])
+    assert info.value.code == 2 and "unrecognized arguments: --max-step 2" in capsys.readouterr().err

@@ -191,7 +191,7 @@ def assert_one_line_error(result, out: Path, *words):
 def test_cli_missing_unet_folder(converted, tmp_path):
     shutil.copytree(converted[0], tmp_path / "sd", ignore=shutil.ignore_patterns("unet"))
     out = tmp_path / "out.safetensors"
-    assert_one_line_error(run_tool(tmp_path / "sd", out), out, "missing component folder unet/")
+    assert_one_line_error(run_tool(tmp_path / "sd", out), out, "has no unet/ folder, which model_index.json names")
 
 
 def test_cli_unmapped_key(converted, tmp_path):
@@ -220,3 +220,19 @@ def test_cli_failed_write_leaves_nothing(converted, tmp_path):
     out = tmp_path / "out.safetensors"
     result = run_tool(converted[0], out, "--config-out", tmp_path / "no-such-dir" / "out.json")
     assert_one_line_error(result, out, "no-such-dir")
+
+
+def test_cli_output_is_readable_and_never_overwritten_silently(converted, tmp_path):
+    """safetensors creates its file 0600; the model gets the umask's mode like the config. An existing output is
+    refused unless --force."""
+    import os
+    folder, _, first = converted
+    umask = os.umask(0)
+    os.umask(umask)
+    assert first.stat().st_mode & 0o777 == 0o666 & ~umask == first.with_suffix(".json").stat().st_mode & 0o777
+    out = tmp_path / "again.safetensors"
+    out.write_bytes(b"mine")
+    result = run_tool(folder, out)
+    assert result.returncode != 0 and "again.safetensors exists" in result.stderr and "--force" in result.stderr
+    assert out.read_bytes() == b"mine"
+    assert run_tool(folder, out, "--force").returncode == 0 and out.read_bytes() == first.read_bytes()

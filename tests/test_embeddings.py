@@ -327,3 +327,34 @@ def test_written_files_follow_the_umask(tmp_path):
     umask = os.umask(0)
     os.umask(umask)
     assert (tmp_path / "x.safetensors").stat().st_mode & 0o777 == 0o666 & ~umask
+
+
+# --- a training run's folder used as an embeddings folder -------------------------------------------------------
+
+def test_a_training_folder_is_named_as_such(tmp_path, capsys):
+    """What medti.train leaves in --out: the embedding, a copy per save and state.safetensors. Passing that folder
+    names the state file for what it is and, for the copies, says to pass one file."""
+    from medti.inversion import save_state
+    vectors = torch.nn.Parameter(torch.zeros(2, 32))
+    save_state(tmp_path / "state.safetensors", vectors, torch.optim.AdamW([vectors]), {}, 4, {"lr": "0.005"})
+    with pytest.raises(E.EmbeddingError, match="medti.train's resumable state, not an embedding; pass the run's "
+                                               r"embedding file \(<token>.safetensors"):
+        E.read(tmp_path / "state.safetensors")
+    (tmp_path / "state.safetensors").unlink()
+    E.write(tmp_path / "mine.safetensors", emb("<mine>"))
+    E.write(tmp_path / "mine-2.safetensors", emb("<mine>"))
+    with pytest.raises(E.EmbeddingError, match="is also defined by .*; pass one of the files rather than their "
+                                               "folder$"):
+        E.read_all(tmp_path)
+
+
+def test_an_embedding_of_another_base_model_is_warned_about(capsys):
+    """Same width, other model (SD1.5 vs an SD1 fine-tune): a warning naming both hashes; none without a record."""
+    mine = emb("<a>", base_sha256="ab" * 32)
+    mine.source = "runs/a/a.safetensors"
+    E.warn_other_base({"<a>": mine, "<b>": emb("<b>")}, "cd" * 32)
+    err = capsys.readouterr().err
+    assert err == ("warning: runs/a/a.safetensors: trained on the model with sha256 ababababab, not this one "
+                   "(cdcdcdcdcd); its vectors were learned for that model's text tower\n")
+    E.warn_other_base({"<a>": mine}, "ab" * 32)
+    assert capsys.readouterr().err == ""

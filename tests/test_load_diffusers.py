@@ -170,7 +170,7 @@ def assert_refused(folder, *words, **kwargs):
 def test_refused_missing_component(saved, tmp_path):
     folder = broken(saved, tmp_path)
     shutil.rmtree(folder / "vae")
-    assert_refused(folder, "missing component folder vae/")
+    assert_refused(folder, "has no vae/ folder, which model_index.json names")
 
 
 @pytest.mark.parametrize("file, change, words", [

@@ -123,3 +123,14 @@ def test_diffusers_folder_is_estimated_from_its_config_files(tmp_path):
     parts = estimate_generation(resolution=64, config=str(tmp_path / "sd1"))
     count = sum(p.numel() for m in (pipe.unet, pipe.vae, pipe.text_encoder) for p in m.parameters())
     assert parts["weights"] == 2 * count
+
+
+def test_bad_model_is_one_line_in_the_flag_s_words(tmp_path):
+    import subprocess
+    tool = Path(__file__).resolve().parent.parent / "tools" / "memory_estimate.py"
+    for model, words in (("nonsense", "neither a preset"), (tmp_path, "model_index.json: missing")):
+        result = subprocess.run([sys.executable, str(tool), "--model", str(model)], capture_output=True, text=True,
+                                timeout=120, check=False)
+        assert result.returncode != 0 and "Traceback" not in result.stderr, result.stderr
+        assert result.stderr.startswith(f"memory_estimate: error: --model {model}: ") and words in result.stderr
+        assert len(result.stderr.strip().splitlines()) == 1

@@ -106,3 +106,24 @@ def test_state_saved_before_the_demo_split_still_resumes(finished, tmp_path):
     write_atomic(state, safetensors_bytes(tensors, {**meta, "settings": json.dumps({**settings, "demo": False})}))
     assert main([*base, "--max-steps", "4", "--out", str(out), "--resume"]) == 0
     assert steps(out)[-1] == 4
+
+
+def test_resume_with_other_vectors_says_what_to_pass(tmp_path):
+    from medti.inversion import TrainError, load_state, save_state
+    saved = torch.nn.Parameter(torch.zeros(2, 8))
+    save_state(tmp_path / "state.safetensors", saved, torch.optim.AdamW([saved]), {}, 3, {})
+    other = torch.nn.Parameter(torch.zeros(3, 8))
+    with pytest.raises(TrainError, match=r"holds vectors of shape \[2, 8\], this run trains \[3, 8\]; resume with the "
+                                         r"run's own settings \(vectors=2, the same model\) or start a new run in "
+                                         r"another out=$"):
+        load_state(tmp_path / "state.safetensors", other, torch.optim.AdamW([other]))
+
+
+def test_a_run_already_at_max_steps_says_so(tmp_path, capsys):
+    """Resumed with a --max-steps the run has reached: a note, no step, the embedding path as usual."""
+    from types import SimpleNamespace
+
+    from medti.trainer import loop
+    s = SimpleNamespace(cfg=SimpleNamespace(max_steps=4), out=tmp_path, name="mine")
+    assert loop(s, 6) == tmp_path / "mine.safetensors"
+    assert "note: the run is at step 6 already, max_steps=4: nothing to train" in capsys.readouterr().err

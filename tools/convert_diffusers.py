@@ -96,6 +96,11 @@ def write_outputs(state_dict: dict, config: dict, out: Path, config_out: Path):
     tmp_out, tmp_config = (path.with_name(f".{path.name}.{os.getpid()}.tmp") for path in (out, config_out))
     try:
         save_file(state_dict, tmp_out, metadata={"format": "pt"})
+        # Why: safetensors' save_file creates its file with mode 0600; the model should be as readable as any file
+        # the user writes (mode 0666 less the umask), like the config beside it.
+        umask = os.umask(0)
+        os.umask(umask)
+        os.chmod(tmp_out, 0o666 & ~umask)
         tmp_config.write_text(json.dumps(config, indent=2) + "\n")
         os.replace(tmp_out, out)
         os.replace(tmp_config, config_out)
@@ -109,8 +114,13 @@ def main(argv=None):
     parser.add_argument("folder", type=Path, help="diffusers SD1/SD2 folder (model_index.json, unet/, vae/, ...)")
     parser.add_argument("out", type=Path, help="output .safetensors")
     parser.add_argument("--config-out", type=Path, help="output config JSON (default: OUT with .json suffix)")
+    parser.add_argument("--force", action="store_true", help="overwrite existing output files")
     args = parser.parse_args(argv)
     config_out = args.config_out or args.out.with_suffix(".json")
+    existing = [p for p in (args.out, config_out) if p.exists()]
+    if existing and not args.force:
+        sys.exit(f"convert_diffusers: error: {existing[0]} exists; choose another output, or pass --force to "
+                 "overwrite it")
     try:
         state_dict, config = convert_folder(args.folder)
         write_outputs(state_dict, config, args.out, config_out)

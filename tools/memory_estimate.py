@@ -15,6 +15,7 @@ kernel which, like CUDA's flash and memory-efficient kernels, never stores the [
 """
 import argparse
 import contextlib
+import sys
 import weakref
 from pathlib import Path
 
@@ -264,7 +265,10 @@ def main(argv=None):
     res, checkpointing = args.resolution, not args.no_checkpointing
     # default: the SD2 file trained at that size; the networks are the same
     model = args.model or ("sd2" if res >= 768 else "sd2-base")
-    cfg = model_config(model)
+    try:
+        cfg = model_config(model)
+    except minisd.LoadError as e:   # one line in the flag's words, not a traceback
+        sys.exit(f"memory_estimate: error: --model {model}: {str(e).removeprefix(f'config {model}: ')}")
     width, rows = cfg.text.width, cfg.text.vocab_size + 1
     print(f"ESTIMATED peak device memory (live tensor bytes on fake tensors), BEFORE the CUDA context (~300-500 MB) "
           f"and allocator fragmentation.\n{describe(cfg)}, {model}, {res}x{res} (latents {res // 8}x{res // 8}), "
