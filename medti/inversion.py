@@ -162,8 +162,8 @@ def load_state(path, vectors, optimizer) -> tuple:
     if saved.shape != vectors.shape:
         raise TrainError(f"{arg('resume')}: {path} holds vectors of shape {list(saved.shape)}, this run trains "
                          f"{list(vectors.shape)}; resume with the run's own settings "
-                         f"({spoken('vectors', *[str(saved.shape[0])] * 2)}, the same model) or start a new run in another "
-                         f"{arg('out')}")
+                         f"({spoken('vectors', *[str(saved.shape[0])] * 2)}, the same model) or start a new run "
+                         f"in another {arg('out')}")
     with torch.no_grad():
         vectors.copy_(saved)
     if "exp_avg" in tensors:
