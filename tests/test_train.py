@@ -39,6 +39,18 @@ def reference(tmp_path_factory):
     return unet, text, path, config
 
 
+def our_step(sd, token, vectors, prompts, gen):
+    """Our side of one TI step with `vectors` attached as `token`: (loss, the trained copy with its gradient, and the
+    latents, noise and timesteps the reference must use)."""
+    E.attach(sd, {token: E.Embedding(token, vectors, {})})
+    latents, noise = torch.randn(2, 4, 16, 16, generator=gen), torch.randn(2, 4, 16, 16, generator=gen)
+    t = torch.tensor([17, 801])
+    ours_vectors = vectors.clone().requires_grad_(True)
+    loss = denoising_loss(sd, token, ours_vectors, prompts, latents, noise, t)
+    loss.backward()
+    return loss, ours_vectors, latents, noise, t
+
+
 @pytest.mark.parametrize("prediction, checkpointing", [("eps", False), ("v", False), ("eps", True)])
 def test_loss_and_gradient_equal_reference(reference, prediction, checkpointing):
     """With gradient checkpointing (--checkpointing on) the gradient must be the same: it only recomputes."""
@@ -49,14 +61,8 @@ def test_loss_and_gradient_equal_reference(reference, prediction, checkpointing)
         enable_checkpointing(sd)
     gen = torch.Generator().manual_seed(0)
     vectors = torch.randn(N_VECTORS, 32, generator=gen)
-    E.attach(sd, {TOKEN: E.Embedding(TOKEN, vectors, {})})
-    latents, noise = torch.randn(2, 4, 16, 16, generator=gen), torch.randn(2, 4, 16, 16, generator=gen)
-    t = torch.tensor([17, 801])
     prompts = [TOKEN, f"a chest x-ray with a {TOKEN}"]
-
-    ours_vectors = vectors.clone().requires_grad_(True)
-    loss = denoising_loss(sd, TOKEN, ours_vectors, prompts, latents, noise, t)
-    loss.backward()
+    loss, ours_vectors, latents, noise, t = our_step(sd, TOKEN, vectors, prompts, gen)
 
     # Reference: the diffusers textual-inversion recipe -- new rows appended to the token table, DDPM add_noise /
     # get_velocity, MSE in fp32 -- with our tokenizer's ids (placeholder ids 49408.. are the new rows).

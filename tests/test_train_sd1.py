@@ -16,6 +16,7 @@ from diffusers import DDPMScheduler, StableDiffusionPipeline, UNet2DConditionMod
 from safetensors.torch import save_file
 from test_load_diffusers import clip_tokenizer
 from test_sd1_pipeline import sd1_pipeline
+from test_train import our_step
 from transformers import CLIPTextConfig, CLIPTextModel
 
 import convert_diffusers
@@ -24,7 +25,7 @@ from conftest import rel_err
 from medti import embeddings as E
 from medti import generate, train
 from medti.demo import phantoms
-from medti.inversion import denoising_loss, enable_checkpointing
+from medti.inversion import enable_checkpointing
 from minisd.conditioning import TextConditioning
 from minisd.config import parse_config
 
@@ -49,13 +50,8 @@ def test_loss_and_gradient_equal_reference(sd1, checkpointing):
         enable_checkpointing(sd)
     gen = torch.Generator().manual_seed(0)
     vectors = torch.randn(N_VECTORS, 32, generator=gen) * 0.02
-    E.attach(sd, {TOKEN: E.Embedding(TOKEN, vectors, {})})
-    latents, noise = torch.randn(2, 4, 16, 16, generator=gen), torch.randn(2, 4, 16, 16, generator=gen)
-    t = torch.tensor([17, 801])
     prompts = [TOKEN, f"a chest x-ray with a {TOKEN}!"]
-    ours_vectors = vectors.clone().requires_grad_(True)
-    loss = denoising_loss(sd, TOKEN, ours_vectors, prompts, latents, noise, t)
-    loss.backward()
+    loss, ours_vectors, latents, noise, t = our_step(sd, TOKEN, vectors, prompts, gen)
 
     # Reference: diffusers' examples/textual_inversion recipe -- one added tokenizer token per vector ("<lesion>",
     # "<lesion>_1", ...; the prompt's placeholder expanded to all of them), new rows appended to the token table,
