@@ -1,0 +1,206 @@
+"""DICOM files -> float32 pixels in modality units (CT in HU), the few header fields training needs, and series
+ordered in space. pydicom reads the files (`pip install "medti[medical]"`); it is imported inside functions only,
+so medti works without it. Section numbers are DICOM PS3.3 (information objects) and PS3.10 (file format).
+
+Scope, stated: grayscale only (MONOCHROME1/2). Windowing, the VOI LUT, is defined for grayscale images
+(PS3.3 C.11.2), and color DICOM (ultrasound, secondary capture, slide microscopy) would need its own path; it is
+refused in one line. The file's VOI LUT Function (0028,1056) and any VOI LUT Sequence are not applied: every window
+here is LINEAR (medti.medical.window), so the same numbers give the same image whichever file they came from."""
+import os
+import re
+import stat
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from . import MedicalError, require
+from .window import Window, to_uint8
+
+PIXEL_KEYWORDS = ("PixelData", "FloatPixelData", "DoubleFloatPixelData")   # PS3.3 C.7.6.3 and C.7.6.24
+
+
+@dataclass
+class DicomImage:
+    pixels: np.ndarray            # [F, H, W] float32 in modality units (after the Modality LUT); F = 1 for one frame
+    photometric: str              # "MONOCHROME1" (low = white) or "MONOCHROME2" (low = black)
+    window: Window | None         # the file's own first Window Center/Width, if it has one
+    patient_id: str | None
+    series_uid: str | None
+    position: tuple | None        # Image Position (Patient), mm: the first voxel's centre (PS3.3 C.7.6.2.1.1)
+    orientation: tuple | None     # Image Orientation (Patient): row then column direction cosines
+    spacing: tuple | None         # Pixel Spacing: (between rows, between columns) in mm
+    path: Path
+
+
+@dataclass
+class Series:
+    uid: str | None
+    images: list                  # DicomImage, ordered along the slice normal (one multi-frame file: itself)
+
+    @property
+    def pixels(self) -> np.ndarray:
+        return np.concatenate([image.pixels for image in self.images])   # [slices, H, W]
+
+
+def is_dicom(path) -> bool:
+    """A regular file that is a DICOM file: "DICM" after the 128-byte preamble (PS3.10 7.1), whatever its name
+    (DICOMDIR exports and PACS dumps often have no extension), or any file named *.dcm, so a damaged .dcm is read
+    and reported by read_dicom instead of being passed over in silence. Opened with O_NONBLOCK and checked on the
+    open file, as medti.data does: a FIFO named like an image must not hang the search."""
+    path = Path(path)
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK)
+        with os.fdopen(fd, "rb") as f:
+            if not stat.S_ISREG(os.fstat(f.fileno()).st_mode):
+                return False
+            head = f.read(132)
+    except OSError:
+        return False
+    return path.suffix.lower() == ".dcm" or head[128:132] == b"DICM"
+
+
+def _first(value):
+    """Window Center/Width may hold several values (one per window, PS3.3 C.11.2.1.2); the first is the default."""
+    return float(np.atleast_1d(np.asarray(value, dtype=np.float64))[0])
+
+
+def _shared(ds, sequence: str):
+    """The one item of a functional-group sequence shared by every frame of an enhanced multi-frame image
+    (PS3.3 C.7.6.16): Enhanced CT/MR keep rescale and window there instead of at the top level."""
+    groups = ds.get("SharedFunctionalGroupsSequence")
+    item = groups[0].get(sequence) if groups else None
+    return item[0] if item else None
+
+
+def _window(ds) -> Window | None:
+    source = ds if "WindowWidth" in ds else _shared(ds, "FrameVOILUTSequence")
+    if source is None or "WindowWidth" not in source or "WindowCenter" not in source:
+        return None
+    window = Window(_first(source.WindowCenter), _first(source.WindowWidth))
+    return window if window.width >= 1 else None   # a width below 1 breaks LINEAR: treat as no window
+
+
+def _modality(ds, stored: np.ndarray, pydicom) -> np.ndarray:
+    """Stored values -> modality units, the Modality LUT (PS3.3 C.11.1): value * RescaleSlope + RescaleIntercept
+    (CT: HU, e.g. slope 1 and intercept -1024), or a Modality LUT Sequence, which pydicom applies."""
+    if "ModalityLUTSequence" in ds:
+        return pydicom.pixels.apply_modality_lut(stored, ds).astype(np.float32)
+    source = ds if "RescaleSlope" in ds else _shared(ds, "PixelValueTransformationSequence")
+    slope = float(source.RescaleSlope) if source is not None and "RescaleSlope" in source else 1.0
+    intercept = float(source.RescaleIntercept) if source is not None and "RescaleIntercept" in source else 0.0
+    # float64 for the product: slopes like 0.000123 on 16-bit values lose digits in float32 before the cast
+    return (stored.astype(np.float64) * slope + intercept).astype(np.float32)
+
+
+def _decode(ds, path: Path, pydicom) -> np.ndarray:
+    """ds.pixel_array, or one line naming the transfer syntax and the decoders pydicom lists for it. Compressed
+    syntaxes need plugins (pydicom's "Plugins for Pixel Data compression and decompression" table: JPEG 2000 ->
+    pylibjpeg + pylibjpeg-openjpeg, python-gdcm or pillow; JPEG-LS -> pylibjpeg-libjpeg, gdcm or pyjpegls)."""
+    syntax = getattr(ds, "file_meta", {}).get("TransferSyntaxUID")
+    try:
+        return ds.pixel_array
+    except Exception as e:   # pydicom raises RuntimeError, ValueError, NotImplementedError... by plugin
+        if syntax is None or not syntax.is_compressed:
+            raise MedicalError(f"{path}: its pixel data cannot be read ({_line(e)})") from None
+        try:
+            decoder = pydicom.pixels.get_decoder(syntax)
+        except NotImplementedError:   # no decoder at all in pydicom for this syntax (e.g. MPEG video)
+            raise MedicalError(f"{path}: pixel data is {syntax.name} ({syntax}), which pydicom cannot decode") from None
+        missing = _requirements(decoder)
+        if not decoder.is_available:
+            raise MedicalError(f"{path}: pixel data is {syntax.name} ({syntax}), and no decoder for it is "
+                               f"installed; pydicom needs one of: {missing}") from None
+        hint = f"; other decoders: {missing}" if missing else ""
+        raise MedicalError(f"{path}: pixel data is {syntax.name} ({syntax}) and could not be decoded by "
+                           f"{', '.join(decoder.available_plugins)} ({_line(e)}): a damaged file or a variant that "
+                           f"decoder lacks{hint}") from None
+
+
+def _requirements(decoder) -> str:
+    """pydicom's "gdcm - requires gdcm>=3.0.10" lines as pip requirements: gdcm's distribution is python-gdcm."""
+    needs = [line.split(" - requires ", 1)[-1].replace("gdcm>=", "python-gdcm>=").replace("numpy and ", "")
+             for line in decoder.missing_dependencies]
+    return " | ".join(needs)
+
+
+def _line(error: Exception) -> str:
+    """An exception's text on one line, without pydicom's preamble and object addresses (noise to a user)."""
+    text = " ".join(str(error).split()).split("raised by all available plugins: ")[-1]
+    return re.sub(r" ?<[^<>]* object at 0x[0-9a-f]+>", "", text)
+
+
+def read_dicom(path) -> DicomImage:
+    """One DICOM file -> DicomImage, or a MedicalError of one line saying why it cannot be used."""
+    pydicom = require("pydicom", str(path))
+    path = Path(path)
+    try:
+        ds = pydicom.dcmread(path)
+    except (pydicom.errors.InvalidDicomError, OSError, EOFError) as e:
+        raise MedicalError(f"{path}: not a readable DICOM file ({_line(e)})") from None
+    if not any(keyword in ds for keyword in PIXEL_KEYWORDS):
+        sop = ds.get("SOPClassUID")
+        kind = f"SOP Class {sop.name}" if sop is not None else "no SOP Class"
+        raise MedicalError(f"{path}: holds no image (Modality {ds.get('Modality', 'unknown')}, {kind}): structured "
+                           "reports, RT structures and the like have no pixel data")
+    photometric = str(ds.get("PhotometricInterpretation", "")).strip()
+    if photometric not in ("MONOCHROME1", "MONOCHROME2"):
+        raise MedicalError(f"{path}: photometric interpretation {photometric or 'missing'}; only grayscale "
+                           "(MONOCHROME1/MONOCHROME2) DICOM is read")
+    stored = _decode(ds, path, pydicom)
+    pixels = _modality(ds, stored, pydicom).reshape(-1, int(ds.Rows), int(ds.Columns))   # [F, H, W]
+    floats = lambda keyword: tuple(float(v) for v in ds[keyword].value) if keyword in ds else None   # noqa: E731
+    return DicomImage(pixels=pixels, photometric=photometric, window=_window(ds),
+                      patient_id=ds.get("PatientID"), series_uid=ds.get("SeriesInstanceUID"),
+                      position=floats("ImagePositionPatient"), orientation=floats("ImageOrientationPatient"),
+                      spacing=floats("PixelSpacing"), path=path)
+
+
+def render(image: DicomImage, window: Window | None = None) -> np.ndarray:
+    """[F, H, W] uint8 for display or training. The window is the one given, else the file's own, else the
+    image's own min-max (the project's rule for images without a known scale); MONOCHROME1 comes out inverted so
+    that dense is bright, as in MONOCHROME2 (see medti.medical.window.to_uint8)."""
+    return to_uint8(image.pixels, window or image.window, image.photometric)
+
+
+def _along_normal(image: DicomImage) -> float:
+    """Distance of the slice along its normal: the row and column direction cosines (PS3.3 C.7.6.2.1.1) span the
+    slice plane; their cross product is its normal, and the dot product of Image Position with it orders slices
+    in space whatever the tilt, where file names and Instance Number often do not."""
+    row, column = np.array(image.orientation[:3]), np.array(image.orientation[3:])
+    return float(np.dot(image.position, np.cross(row, column)))
+
+
+def _order(uid: str | None, images: list) -> Series:
+    if len(images) == 1:
+        return Series(uid, images)
+    first = images[0]
+    for image in images:
+        if image.position is None or image.orientation is None:
+            raise MedicalError(f"{image.path}: series {uid} has {len(images)} files but this one has no Image "
+                               "Position/Orientation (Patient), so the slices cannot be ordered in space")
+        if not np.allclose(image.orientation, first.orientation, atol=1e-4):
+            raise MedicalError(f"{image.path}: series {uid} mixes slice orientations ({first.path.name} differs); "
+                               "a volume needs one orientation: localizers and reformats belong apart")
+        if image.pixels.shape[1:] != first.pixels.shape[1:]:
+            raise MedicalError(f"{image.path}: series {uid} mixes image sizes ({first.path.name} differs)")
+    ordered = sorted(images, key=_along_normal)
+    depths = [_along_normal(image) for image in ordered]
+    for i in range(1, len(ordered)):
+        image, b = ordered[i], depths[i]
+        if abs(b - depths[i - 1]) < 1e-3:   # several echoes or time points share positions: which one is "the" slice?
+            raise MedicalError(f"{image.path}: series {uid} has two slices at the same position ({b:.3f} mm "
+                               "along the normal): several echoes or time points; split them first")
+    return Series(uid, ordered)
+
+
+def series(paths) -> list[Series]:
+    """Read DICOM files and group them into volumes: single-frame files by Series Instance UID, each series
+    ordered along the slice normal (not by file name); a multi-frame file is a volume on its own. Series come in
+    the order their first file was given."""
+    groups: dict = {}   # series UID (or a multi-frame file's path) -> images, in the order first met
+    for path in paths:
+        image = read_dicom(path)
+        key = ("file", image.path) if image.pixels.shape[0] > 1 else image.series_uid
+        groups.setdefault(key, []).append(image)
+    return [_order(images[0].series_uid, images) for images in groups.values()]

@@ -1,0 +1,85 @@
+"""Gray-level windowing: modality values (CT in HU) -> 8-bit display values, by the DICOM VOI LUT function
+LINEAR, DICOM PS3.3 C.11.2.1.2.1, and the project's min-max rule when no window is known. numpy only: this module
+works without the medical extra."""
+from dataclasses import dataclass
+
+import numpy as np
+
+from . import MedicalError
+
+
+@dataclass(frozen=True)
+class Window:
+    center: float   # Window Center (0028,1050), in modality units (HU for CT)
+    width: float    # Window Width (0028,1051); LINEAR requires >= 1 (PS3.3 C.11.2.1.2.1)
+
+
+# Conventional CT windows in HU (center, width), the values radiology teaching uses (e.g. Radiopaedia, "Windowing
+# (CT)"); sites and vendors vary by some tens of HU. They are a starting point to name, not a standard: the DICOM
+# standard defines how a window maps values, never which window suits an organ.
+PRESETS = {
+    "lung": Window(-600, 1500),
+    "mediastinum": Window(50, 350),
+    "bone": Window(400, 1800),
+    "brain": Window(40, 80),
+    "abdomen": Window(50, 400),
+    "liver": Window(30, 150),
+    "soft_tissue": Window(50, 350),
+}
+
+
+def parse_window(spec: str, flag: str = "--window") -> Window:
+    """"CENTER,WIDTH" in modality units ("40,400", "-600,1500") or a preset name from PRESETS.
+    A center below zero must be glued to the flag (`--window=-600,1500`): argparse reads "-600,..." as a flag."""
+    names = ", ".join(PRESETS)
+    if spec.strip().lower() in PRESETS:
+        return PRESETS[spec.strip().lower()]
+    parts = spec.split(",")
+    try:
+        center, width = (float(p) for p in parts) if len(parts) == 2 else (None, None)
+    except ValueError:
+        center = width = None
+    if center is None or not np.isfinite([center, width]).all():
+        raise MedicalError(f"{flag} {spec!r}: expected CENTER,WIDTH in modality units (HU for CT), e.g. 40,400, "
+                           f"or one of {names}")
+    if width < 1:
+        # PS3.3 C.11.2.1.2.1: "Window Width (0028,1051) shall always be greater than or equal to 1" for LINEAR
+        raise MedicalError(f"{flag} {spec!r}: the width must be at least 1 (DICOM PS3.3 C.11.2.1.2.1); "
+                           f"or use one of {names}")
+    return Window(center, width)
+
+
+def voi_linear(x: np.ndarray, window: Window, ymin: float = 0.0, ymax: float = 255.0) -> np.ndarray:
+    """The VOI LUT function LINEAR of PS3.3 C.11.2.1.2.1, element-wise, as float64:
+        x <= c - 0.5 - (w-1)/2  -> ymin
+        x >  c - 0.5 + (w-1)/2  -> ymax
+        else                    -> ((x - (c - 0.5)) / (w-1) + 0.5) * (ymax - ymin) + ymin
+    The -0.5 and w-1 make the window cover w discrete input values centred on c (the standard's own note)."""
+    c, w = float(window.center), float(window.width)
+    if not w >= 1:
+        raise MedicalError(f"window width {w:g}: must be at least 1 (DICOM PS3.3 C.11.2.1.2.1)")
+    x = np.asarray(x, dtype=np.float64)
+    low, high = c - 0.5 - (w - 1) / 2, c - 0.5 + (w - 1) / 2
+    # w == 1 makes the middle branch empty (low == high); max() only keeps numpy from dividing by zero there
+    ramp = ((x - (c - 0.5)) / max(w - 1, 1e-12) + 0.5) * (ymax - ymin) + ymin
+    return np.where(x <= low, ymin, np.where(x > high, ymax, ramp))
+
+
+def min_max(x: np.ndarray) -> np.ndarray:
+    """The project's rule when no window is known (as medti.images.to_8bit): the array's own [min, max] -> [0, 255]
+    linearly, float64; a constant array becomes 0 (black). Over the whole array given, so a volume keeps one scale."""
+    x = np.asarray(x, dtype=np.float64)
+    low, high = float(x.min()), float(x.max())
+    return (x - low) * (255 / (high - low)) if high > low else np.zeros_like(x)
+
+
+def to_uint8(pixels: np.ndarray, window: Window | None, photometric: str = "MONOCHROME2") -> np.ndarray:
+    """Modality values -> uint8 display values: the LINEAR window if one is given, else min-max.
+    MONOCHROME1 is inverted after windowing, on the output scale: PS3.3 C.7.6.3.1.2 says its minimum sample value
+    "is intended to be displayed as white after any VOI gray scale transformations have been performed", so the
+    window is applied to the stored sense of the values and only the displayed result is flipped (dense is then
+    bright, as in MONOCHROME2, which is what the training images and the model expect)."""
+    y = min_max(pixels) if window is None else voi_linear(pixels, window)
+    if photometric == "MONOCHROME1":
+        y = 255 - y
+    return np.floor(y + 0.5).astype(np.uint8)   # round half up, as medti.images.to_8bit
