@@ -5,7 +5,7 @@
 
 Image i uses its own generator seeded with seed + i, so any image can be remade alone, whatever the batch or the
 number of processes. Each PNG carries its parameters in a `parameters` text chunk (the A1111 convention) and one
-line in DIR/manifest.jsonl. Every user mistake is reported in one line before any sampling starts.
+line in DIR/manifest.jsonl (`--format dicom`: also NNNNN.dcm). Every mistake is one line before any sampling.
 
 Sharding: under `torchrun --nproc_per_node N -m medti.generate -- ...` (the `--` keeps torchrun from reading
 `--n` as an abbreviation of its own options; it drops the `--`), or any launcher that sets RANK and
@@ -33,6 +33,7 @@ from .files import claim_folder, safetensors_bytes, write_atomic
 from .hashes import sha256_of
 from .images import contact_sheet, load_image, load_mask, paste_back, save_png, soft_mask, to_pil
 from .manifest import Job, append, batches, merge, parameters_text, read_records, record, repair
+from .medical import require, synthetic
 from .pipeline import InitImage, SampleSettings, compile_for_inference, decode, sample
 from .preflight import GenerateError, check_finite, check_memory, check_scale, check_seeds, shard
 from .progress import Progress
@@ -100,8 +101,8 @@ def build_parser() -> argparse.ArgumentParser:
              "A1111 does (diffusers does not)")
     add("--strength", type=float, default=1.0, help="1: start from pure noise; < 1: keep that much of the init")
     add("--save-latents", action="store_true", help="also write each final latent as NNNNN.safetensors")
-    add("--grid", action="store_true", help="also write grid.png, a contact sheet of all images labelled with "
-                                            "their seeds (and --sweep weights)")
+    add("--grid", action="store_true", help="also write grid.png: all images, labelled with seeds (and weights)")
+    add("--format", choices=["png", "dicom"], default="png", help="dicom: also NNNNN.dcm, Secondary Capture, synthetic")
     add("--resume", action="store_true", help="continue a run in --out, skipping images its manifest holds")
     add("--out", required=True, help="output folder")
     return p
@@ -114,6 +115,8 @@ def check_args(args):
     if args.config and Path(args.model).is_dir():   # minisd.load refuses it too, but only after the checks
         raise UsageError(f"--config {args.config}: --model {args.model} is a diffusers folder, which states its own "
                          "configuration; leave out --config")
+    if args.format == "dicom":   # pydicom is the optional extra: say so before anything is loaded
+        require("pydicom", "--format dicom")
     for name in ("n", "steps"):
         if getattr(args, name) < 1:
             raise UsageError(f"--{name} must be at least 1")
@@ -221,6 +224,8 @@ def write_outputs(args, out: Path, sd, job: Job, rec: dict, latent, image, part:
             write_atomic(out / f"{job.index:05d}.safetensors", safetensors_bytes(
                 {"latent": latent.float()}, {"scale_factor": sd.scale_factor, "file": job.file}))
         save_png(out / job.file, to_pil(image), parameters_text(rec))
+        if args.format == "dicom":   # NNNNN.dcm beside the PNG; its UIDs derive from the run's settings
+            synthetic.write_dicom(out / f"{job.index:05d}.dcm", to_pil(image), parameters_text(rec), vars(args))
         append(part, rec)
     except OSError as e:
         raise GenerateError(f"{e.filename or out}: {e.strerror or e}; nothing half-written was left behind: free "

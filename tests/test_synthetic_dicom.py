@@ -6,6 +6,7 @@ import numpy as np
 import pydicom
 import pytest
 from PIL import Image
+from test_generate import model_files  # noqa: F401, F811 (the fixture)
 
 from medti.medical import MedicalError
 from medti.medical.synthetic import EMPTY_TYPE2, SECONDARY_CAPTURE, new_uid, synthetic_dicom
@@ -54,3 +55,24 @@ def test_every_file_gets_its_own_instance_uid():
 def test_wrong_pixels_are_one_line():
     with pytest.raises(MedicalError, match=r"uint8 \[H, W\] or \[H, W, 3\] pixels, not float32 \[4, 4\]"):
         synthetic_dicom(np.zeros((4, 4), np.float32), "", "1.2", "1.2.3")
+
+
+def test_generate_format_dicom_writes_each_image_as_synthetic_dicom(model_files, tmp_path):  # noqa: F811
+    """`medti.generate --format dicom`: NNNNN.dcm beside each PNG with the PNG's pixels and parameters; one study and
+    series per run; a --resume that remakes an image gives it the same UIDs; another run never shares one."""
+    from test_generate import generate
+    assert generate(model_files, tmp_path / "a", "--prompt", "chest x-ray", "--n", "2", "--format", "dicom") == 0
+    files = [pydicom.dcmread(tmp_path / "a" / f"0000{i}.dcm") for i in range(2)]
+    for i, ds in enumerate(files):
+        png = Image.open(tmp_path / "a" / f"0000{i}.png")
+        assert np.array_equal(ds.pixel_array, np.asarray(png)) and ds.ConversionType == "SYN"
+        assert png.text["parameters"] in ds.ImageComments
+    assert files[0].SeriesInstanceUID == files[1].SeriesInstanceUID != files[0].StudyInstanceUID
+    assert files[0].SOPInstanceUID != files[1].SOPInstanceUID
+    (tmp_path / "a" / "00001.png").unlink()   # lost: --resume remakes it
+    before = files[1].SOPInstanceUID
+    assert generate(model_files, tmp_path / "a", "--prompt", "chest x-ray", "--n", "2", "--format", "dicom",
+                    "--resume") == 0
+    assert pydicom.dcmread(tmp_path / "a" / "00001.dcm").SOPInstanceUID == before
+    assert generate(model_files, tmp_path / "b", "--prompt", "chest x-ray", "--n", "1", "--format", "dicom") == 0
+    assert pydicom.dcmread(tmp_path / "b" / "00000.dcm").SeriesInstanceUID != files[0].SeriesInstanceUID

@@ -25,16 +25,18 @@ EMPTY_TYPE2 = ("PatientName", "PatientID", "PatientBirthDate", "PatientSex", "St
 MARK = "SYNTHETIC IMAGE (medti): not an acquisition of any patient."
 
 
-def synthetic_dicom(pixels: np.ndarray, comments: str, study_uid: str, series_uid: str) -> bytes:
+def synthetic_dicom(pixels: np.ndarray, comments: str, study_uid: str, series_uid: str,
+                    instance_uid: str | None = None) -> bytes:
     """The bytes of one Secondary Capture file for uint8 pixels [H, W] or [H, W, 3]; `comments` (the generation
-    parameters) go into ImageComments after the SYNTHETIC mark. One study and series UID per generated set."""
+    parameters) go into ImageComments after the SYNTHETIC mark. One study and series UID per generated set; the
+    instance UID is new unless given."""
     pydicom = require("pydicom", "--format dicom")
     if pixels.dtype != np.uint8 or pixels.ndim not in (2, 3) or (pixels.ndim == 3 and pixels.shape[2] != 3):
         raise MedicalError(f"a synthetic DICOM takes uint8 [H, W] or [H, W, 3] pixels, not {pixels.dtype} "
                            f"{list(pixels.shape)}")
     from pydicom.dataset import Dataset, FileMetaDataset
     from pydicom.uid import ExplicitVRLittleEndian, generate_uid
-    instance = generate_uid()
+    instance = instance_uid or generate_uid()
     meta = FileMetaDataset()
     meta.MediaStorageSOPClassUID, meta.MediaStorageSOPInstanceUID = SECONDARY_CAPTURE, instance
     meta.TransferSyntaxUID = ExplicitVRLittleEndian
@@ -62,6 +64,18 @@ def synthetic_dicom(pixels: np.ndarray, comments: str, study_uid: str, series_ui
     return buffer.getvalue()
 
 
-def new_uid() -> str:
-    """A fresh UID for a generated study or series."""
-    return require("pydicom", "--format dicom").uid.generate_uid()
+def new_uid(*entropy: str) -> str:
+    """A fresh random UID; with `entropy`, the UID derived from those strings (pydicom hashes them under its UID
+    root), so the same run's shards and resumed processes give its files the same study, series and instance UIDs."""
+    return require("pydicom", "--format dicom").uid.generate_uid(entropy_srcs=list(entropy) or None)
+
+
+def write_dicom(path, image, comments: str, settings: dict):
+    """`path` (NNNNN.dcm beside the PNG) for one generated PIL image, atomically. The run's settings (the command
+    line, --out included, the same in every shard and on --resume; --n may grow on a resume) name it: the study and
+    series UIDs derive from them, the instance UID from them and the file name, so a file rewritten on --resume
+    keeps its UID and two runs never share one."""
+    from ..files import write_atomic
+    run = str(sorted((k, str(v)) for k, v in settings.items() if k not in ("resume", "n")))
+    study, series = new_uid(run, "study"), new_uid(run, "series")
+    write_atomic(path, synthetic_dicom(np.asarray(image), comments, study, series, new_uid(run, str(path.name))))
