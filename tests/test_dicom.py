@@ -1,7 +1,11 @@
 """medti.medical.dicom and .window on DICOM files written here with pydicom (synthetic values, no patient data):
 windowing against a per-pixel loop of the standard's formula, rescale to HU, MONOCHROME1, series order in space,
 multi-frame, and one-line refusals."""
+import os
 import random
+import subprocess
+import sys
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -96,6 +100,7 @@ def test_mr_without_rescale_uses_its_window(tmp_path):
 def test_no_window_is_min_max_and_width_one_is_a_threshold():
     values = np.array([[-5.0, 0.0, 5.0]])
     np.testing.assert_array_equal(to_uint8(values, None), [[0, 128, 255]])
+    np.testing.assert_array_equal(to_uint8(values, None, "MONOCHROME1"), [[255, 128, 0]])   # 127.5 rounds up
     np.testing.assert_array_equal(to_uint8(values, Window(0.5, 1)), [[0, 0, 255]])   # x <= c - 0.5 -> ymin
 
 
@@ -150,6 +155,8 @@ def test_multi_frame_is_one_volume(tmp_path):
     assert read.pixels.shape == (3, 5, 6)
     np.testing.assert_array_equal(read.pixels, stored * 2.0 - 10)
     assert [s.pixels.shape for s in series([path])] == [(3, 5, 6)]
+    shown = render(read)   # no window in the file: min-max over the whole volume, one scale for all frames
+    assert shown.min() == 0 and shown.max() == 255 and shown[0].max() < 128 < shown[2].min()
 
 
 def test_is_dicom_by_content(tmp_path):
@@ -193,3 +200,42 @@ def test_parse_window():
     assert "CENTER,WIDTH" in message
     one_line(lambda: parse_window("40,0", flag="window="), "window= '40,0'", "at least 1")
     one_line(lambda: parse_window("40,nan"), "CENTER,WIDTH")
+
+
+def test_enhanced_multi_frame_reads_shared_functional_groups(tmp_path):
+    """Enhanced CT/MR keep rescale and window in the Shared Functional Groups Sequence (PS3.3 C.7.6.16)."""
+    ds = image(np.full((2, 3, 3), 1100, np.uint16), Modality="CT")
+    transform, voi, shared = Dataset(), Dataset(), Dataset()
+    transform.RescaleSlope, transform.RescaleIntercept = 1, -1024
+    voi.WindowCenter, voi.WindowWidth = 50, 350
+    shared.PixelValueTransformationSequence, shared.FrameVOILUTSequence = [transform], [voi]
+    ds.SharedFunctionalGroupsSequence = [shared]
+    read = read_dicom(save(ds, tmp_path / "enhanced.dcm"))
+    assert read.pixels.shape == (2, 3, 3) and (read.pixels == 76).all() and read.window == Window(50, 350)
+
+
+def test_series_refuses_unorderable_slices(tmp_path):
+    uid = generate_uid()
+    flat = {"SeriesInstanceUID": uid, "ImageOrientationPatient": [1.0, 0, 0, 0, 1, 0]}
+    a = save(image(np.zeros((4, 4), np.uint16), ImagePositionPatient=[0, 0, 1.0], **flat), tmp_path / "a.dcm")
+    b = save(image(np.zeros((4, 4), np.uint16), ImagePositionPatient=[5, 5, 1.0], **flat), tmp_path / "b.dcm")
+    one_line(lambda: series([a, b]), "same position", "split them")   # in-plane shift only: same depth
+    c = save(image(np.zeros((4, 4), np.uint16), SeriesInstanceUID=uid), tmp_path / "c.dcm")
+    one_line(lambda: series([a, c]), "no Image Position/Orientation")
+
+
+def test_not_a_regular_file_is_not_dicom(tmp_path):
+    fifo = tmp_path / "pipe.dcm"
+    os.mkfifo(fifo)
+    assert not is_dicom(fifo) and not is_dicom(tmp_path)   # returns at once: a FIFO is never read
+
+
+def test_without_pydicom_one_line_names_the_extra(tmp_path):
+    """medti imports without the extra; reading a DICOM file then says which extra to install."""
+    code = ("import sys; sys.modules['pydicom'] = None\n"
+            "from medti.medical.dicom import read_dicom\n"
+            "try:\n    read_dicom('x.dcm')\nexcept Exception as e:\n    print(type(e).__name__, e)")
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=tmp_path,
+                          env={**os.environ, "PYTHONPATH": str(Path(__file__).parent.parent)})
+    assert done.stdout.strip().endswith('pip install "medti[medical]"'), done.stdout + done.stderr
+    assert done.stdout.startswith("MedicalError x.dcm:")

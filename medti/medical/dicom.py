@@ -130,13 +130,17 @@ def _line(error: Exception) -> str:
     return re.sub(r" ?<[^<>]* object at 0x[0-9a-f]+>", "", text)
 
 
+def _floats(ds, keyword: str) -> tuple | None:
+    return tuple(float(v) for v in ds[keyword].value) if keyword in ds else None
+
+
 def read_dicom(path) -> DicomImage:
     """One DICOM file -> DicomImage, or a MedicalError of one line saying why it cannot be used."""
     pydicom = require("pydicom", str(path))
     path = Path(path)
     try:
         ds = pydicom.dcmread(path)
-    except (pydicom.errors.InvalidDicomError, OSError, EOFError) as e:
+    except Exception as e:   # InvalidDicomError, OSError, and struct/value errors from a truncated or damaged file
         raise MedicalError(f"{path}: not a readable DICOM file ({_line(e)})") from None
     if not any(keyword in ds for keyword in PIXEL_KEYWORDS):
         sop = ds.get("SOPClassUID")
@@ -149,11 +153,10 @@ def read_dicom(path) -> DicomImage:
                            "(MONOCHROME1/MONOCHROME2) DICOM is read")
     stored = _decode(ds, path, pydicom)
     pixels = _modality(ds, stored, pydicom).reshape(-1, int(ds.Rows), int(ds.Columns))   # [F, H, W]
-    floats = lambda keyword: tuple(float(v) for v in ds[keyword].value) if keyword in ds else None   # noqa: E731
     return DicomImage(pixels=pixels, photometric=photometric, window=_window(ds),
                       patient_id=ds.get("PatientID"), series_uid=ds.get("SeriesInstanceUID"),
-                      position=floats("ImagePositionPatient"), orientation=floats("ImageOrientationPatient"),
-                      spacing=floats("PixelSpacing"), path=path)
+                      position=_floats(ds, "ImagePositionPatient"), orientation=_floats(ds, "ImageOrientationPatient"),
+                      spacing=_floats(ds, "PixelSpacing"), path=path)
 
 
 def render(image: DicomImage, window: Window | None = None) -> np.ndarray:
