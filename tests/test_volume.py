@@ -2,6 +2,8 @@
 sequences meeting in physical space, the --slices forms, and one-line refusals. Every file is made here: the
 geometry is computed by hand (numpy), written with SimpleITK (.mha/.nrrd) or nibabel (NIfTI, RAS+ affine), so
 the reader's LPS reorientation is checked against an independent statement of where each voxel is."""
+import sys
+
 import numpy as np
 import pytest
 
@@ -49,13 +51,23 @@ def _write_sitk(path, array, direction, spacing, origin):
     return path
 
 
-def _write_nifti(path, array, direction, spacing, origin):
-    """nibabel's voxel array is indexed [x, y, z] (SimpleITK's order, numpy's reversed); its affine maps to RAS+."""
+def _write_nifti(path, array, direction, spacing, origin, qform_only=False):
+    """nibabel's voxel array is indexed [x, y, z] (SimpleITK's order, numpy's reversed); its affine maps to RAS+.
+    nibabel stores the affine as the sform (code 2); `qform_only` stores it as the qform alone, as some scanners'
+    converters do, so both header fields are read."""
     affine = np.eye(4)
     affine[:3, :3] = LPS_TO_RAS @ direction @ np.diag(spacing)
     affine[:3, 3] = LPS_TO_RAS @ np.asarray(origin, float)
-    nib.save(nib.Nifti1Image(np.ascontiguousarray(np.asarray(array, np.float32).T), affine), str(path))
+    image = nib.Nifti1Image(np.ascontiguousarray(np.asarray(array, np.float32).T), affine)
+    if qform_only:
+        image.set_qform(affine, code=1)
+        image.set_sform(np.eye(4), code=0)    # a wrong matrix, marked unused: reading it would fail the test
+    nib.save(image, str(path))
     return path
+
+
+def _write_nifti_qform(path, *geometry):
+    return _write_nifti(path, *geometry, qform_only=True)
 
 
 def _asymmetric():
@@ -68,7 +80,7 @@ def test_the_same_anatomy_in_any_storage_gives_identical_slices(tmp_path):
     reference = read_volume(_write_sitk(tmp_path / "ref.mha", canonical, np.eye(3), spacing, origin))
     np.testing.assert_array_equal(reference.array, canonical)
     variants = [(_write_sitk, "a.mha", (2, 0, 1), (0, 2)), (_write_nifti, "b.nii.gz", (1, 2, 0), (1,)),
-                (_write_sitk, "c.nrrd", (0, 2, 1), (0, 1, 2)), (_write_nifti, "d.nii", (2, 1, 0), (0, 1))]
+                (_write_sitk, "c.nrrd", (0, 2, 1), (0, 1, 2)), (_write_nifti_qform, "d.nii", (2, 1, 0), (0, 1))]
     for write, name, order, flips in variants:
         stored = _stored(canonical, spacing, origin, order, flips)
         assert stored[0].shape != canonical.shape or flips, "each variant changes the storage"
@@ -80,6 +92,21 @@ def test_the_same_anatomy_in_any_storage_gives_identical_slices(tmp_path):
             assert [k for k, _ in got] == [k for k, _ in want]
             for (_, a), (_, b) in zip(got, want, strict=True):
                 np.testing.assert_array_equal(a, b, err_msg=f"{name} {plane}")
+
+
+def test_an_oblique_acquisition_keeps_its_plane(tmp_path):
+    """Tilted 20° about z, stored in two axis orders: the same array either way (axes permuted and flipped to the
+    closest LPS order, never interpolated)."""
+    canonical, spacing, origin = _asymmetric()
+    c, s = np.cos(np.radians(20)), np.sin(np.radians(20))
+    tilt = np.array([[c, -s, 0], [s, c, 0], [0, 0, 1]])
+    stored, direction, spacing_out, origin_out = _stored(canonical, spacing, (0, 0, 0), (1, 0, 2), (0, 2))
+    volumes = [read_volume(_write_sitk(tmp_path / "plain.mha", canonical, tilt, spacing, origin)),
+               read_volume(_write_nifti(tmp_path / "tilted.nii.gz", stored, tilt @ direction, spacing_out,
+                                        tilt @ origin_out + origin))]
+    for volume in volumes:
+        np.testing.assert_allclose(volume.array, canonical, atol=1e-6)
+        np.testing.assert_allclose(np.reshape(volume.image.GetDirection(), (3, 3)), tilt, atol=1e-5)
 
 
 def test_radiological_display_orientation(tmp_path):
@@ -170,6 +197,19 @@ def test_a_2d_file_is_one_slice(tmp_path):
     volume = read_volume(tmp_path / "flat.mha")
     assert volume.array.shape == (1, 3, 4)
     np.testing.assert_array_equal(slices(volume)[0][1], np.arange(12).reshape(3, 4))
+    data = np.zeros((4, 3), np.float32)      # a 2-D NIfTI, nibabel [x, y] on R, A: the marker is right-anterior
+    data[-1, -1] = 1
+    nib.save(nib.Nifti1Image(data, np.eye(4)), str(tmp_path / "flat.nii.gz"))
+    [(_, axial)] = slices(read_volume(tmp_path / "flat.nii.gz"))
+    assert axial.shape == (3, 4) and axial[0, 0] == 1 and axial.sum() == 1
+
+
+def test_without_the_extra_one_line_names_it(tmp_path, monkeypatch):
+    path = _write_sitk(tmp_path / "t2w.mha", np.zeros((2, 3, 4)), np.eye(3), (1, 1, 1), (0, 0, 0))
+    monkeypatch.setitem(sys.modules, "SimpleITK", None)    # `import SimpleITK` now raises ImportError
+    with pytest.raises(MedicalError) as e:
+        read_volume(path)
+    _one_line(e, "t2w.mha", "SimpleITK", 'pip install "medti[medical]"')
 
 
 def _one_line(excinfo, *words):

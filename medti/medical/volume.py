@@ -75,8 +75,8 @@ def read_volume(path, case: str | None = None) -> Volume:
     """Read a NIfTI, MetaImage or NRRD file (any axis order and direction) as a Volume in LPS array order.
     `case` is the case's name (its folder), carried along for messages and data sets."""
     path = Path(path)
+    _check_suffix(path)     # before the import: a wrong file is named as such even without the extra
     sitk = require("SimpleITK", str(path))
-    _check_suffix(path)
     try:
         image = sitk.ReadImage(str(path))
     except RuntimeError as e:   # ITK's message is many lines; its last non-empty line says what went wrong
@@ -116,8 +116,9 @@ def parse_slices(text: str, flag: str = "--slices") -> SliceSpec:
 
 
 def display(array: np.ndarray, plane: str, index: int) -> np.ndarray:
-    """One slice of an LPS-ordered array in the radiological display orientation (mr-tip.com "Image orientation",
-    after the DICOM/ACR-NEMA practice; nibabel "Radiological vs neurological conventions"): axial seen from the
+    """One slice of an LPS-ordered array in the radiological display orientation (MR-TIP "Orientation": "transverse:
+    A to top of image and L to right; coronal: H to top of image and L to right; sagittal: H to top of image and A to
+    left"; nibabel "Radiological vs neurological conventions": as if seen from the patient's feet): axial seen from the
     feet, anterior at the top and the patient's right on the image's left; coronal seen from the front, superior at
     the top and the patient's right on the left; sagittal seen from the patient's left, superior at the top and
     anterior on the left."""
@@ -179,7 +180,6 @@ def slices(volume: Volume, plane: str = "axial", spec="all", mask: Volume | None
     return [(k, np.ascontiguousarray(display(volume.array, plane, k))) for k in chosen]
 
 
-
 def resample_onto(moving, reference: Volume, label: bool = False) -> Volume:
     """`moving` (a path or a Volume) resampled onto `reference`'s voxel grid in physical (LPS) space: each output
     voxel takes the moving image's value at the same point in the patient, so a lesion lands on the same voxel in
@@ -231,8 +231,9 @@ def _resize_axis(array: np.ndarray, n: int, axis: int) -> np.ndarray:
 def square_pixels(slice2d: np.ndarray, spacing_row: float, spacing_col: float) -> np.ndarray:
     """A slice with rows `spacing_row` mm apart and columns `spacing_col` mm apart, resampled (linear) to square
     pixels of the finer spacing, keeping its physical extent: so a later resize to the model's size does not
-    stretch the anatomy (a 0.5 × 3 mm coronal slice of an axial T2w is 6 times too flat as stored). The new spacing
-    is extent / round(extent / finer), within half a pixel of the finer spacing over the whole slice."""
+    stretch the anatomy (a coronal slice of a 0.5 × 0.5 × 3 mm T2w is 6 times too flat as stored). The extent is
+    kept exactly, so the new spacing is extent / round(extent / finer): the finer spacing to within half a pixel
+    over the whole slice."""
     finer = min(spacing_row, spacing_col)
     rows, cols = slice2d.shape
     out = np.asarray(slice2d, np.float32)
