@@ -80,7 +80,8 @@ def test_the_same_anatomy_in_any_storage_gives_identical_slices(tmp_path):
     reference = read_volume(_write_sitk(tmp_path / "ref.mha", canonical, np.eye(3), spacing, origin))
     np.testing.assert_array_equal(reference.array, canonical)
     variants = [(_write_sitk, "a.mha", (2, 0, 1), (0, 2)), (_write_nifti, "b.nii.gz", (1, 2, 0), (1,)),
-                (_write_sitk, "c.nrrd", (0, 2, 1), (0, 1, 2)), (_write_nifti_qform, "d.nii", (2, 1, 0), (0, 1))]
+                (_write_sitk, "c.nrrd", (0, 2, 1), (0, 1, 2)), (_write_nifti_qform, "d.nii", (2, 1, 0), (0, 1)),
+                (_write_sitk, "e.mhd", (1, 0, 2), (2,))]                 # .mhd: header with a separate .raw
     for write, name, order, flips in variants:
         stored = _stored(canonical, spacing, origin, order, flips)
         assert stored[0].shape != canonical.shape or flips, "each variant changes the storage"
@@ -222,6 +223,10 @@ def test_refusals_are_one_line(tmp_path):
     with pytest.raises(MedicalError) as e:
         read_volume(tmp_path / "dwi4d.nii.gz")
     _one_line(e, "dwi4d.nii.gz", "4-D", "(4, 5, 6, 3)")
+    sitk.WriteImage(sitk.GetImageFromArray(np.zeros((4, 5, 6, 2), np.float32), isVector=True), str(tmp_path / "v.mha"))
+    with pytest.raises(MedicalError) as e:                     # 2 values per voxel (a vector image): refused too
+        read_volume(tmp_path / "v.mha")
+    _one_line(e, "v.mha", "4-D", "(6, 5, 4, 2)")
     image = _volume(tmp_path, "image.mha", np.zeros((10, 4, 3), np.float32))
     other_grids = [("coarse.mha", (1.0, 1.0, 3.0), (0, 0, 0)), ("moved.mha", (1.0, 1.0, 2.0), (0, 5, 0))]
     for name, spacing, origin in other_grids:
