@@ -16,6 +16,8 @@ from PIL import Image
 from minisd.errors import UserError
 
 from .images import REFUSED_MODES, ImageError, to_8bit
+from .medical import MedicalError, MissingExtra
+from .medical.dicom import is_dicom, training_image
 
 EXTENSIONS = (".png", ".jpg", ".jpeg", ".tif", ".tiff", ".bmp")   # compared lower-case
 PREPROCESS = ("center", "cxr", "upsample", "none")
@@ -36,6 +38,9 @@ class Unusable(Exception):
 class Dataset:
     images: torch.Tensor   # [N, 3, R, R] float32 in [-1, 1]
     names: list[str]       # relative paths (POSIX), or case names with `channels`
+    # per image: its patient -- the DICOM PatientID, else its case (with `channels`) or file name. In memory only:
+    # validation splits by it, and no output file ever holds it.
+    patients: list[str]
     skipped: list[tuple[str, str]]   # (relative path or case name, reason), in the order met
     fingerprint: str       # sha256 over the used files' paths and bytes: see _fingerprint
 
@@ -55,7 +60,9 @@ def find_images(folder) -> list[Path]:
     folder = Path(folder)
     if not folder.is_dir():
         raise DataError(f"{folder}: not a folder")
-    return [p for p in _walk(folder) if p.suffix.lower() in EXTENSIONS]
+    # DICOM: *.dcm, or a file without an extension that has DICOM's preamble (PS3.10; PACS exports often have none)
+    return [p for p in _walk(folder) if p.suffix.lower() in EXTENSIONS or (p.suffix in ("", ".dcm", ".DCM") and
+                                                                             is_dicom(p))]
 
 
 def _to_8bit(image: Image.Image) -> Image.Image:
@@ -83,10 +90,21 @@ def _bytes(path: Path) -> bytes:
         raise Unusable(f"cannot read the file ({e.strerror})") from None
 
 
-def _read(path: Path, data: bytes) -> Image.Image:
-    """Decode one file's bytes to 8-bit L or RGB, or raise Unusable with the reason."""
+def _read(path: Path, data: bytes, window=None) -> Image.Image:
+    """Decode one file's bytes to 8-bit L or RGB, or raise Unusable with the reason. DICOM files go through
+    medti.medical.dicom (window: a medti.medical.window.Window, else the file's own, else min-max); the patient
+    is kept in the image's `info["patient"]`, in memory only."""
     if not data:
         raise Unusable("empty file (0 bytes)")
+    if data[128:132] == b"DICM" or path.suffix.lower() == ".dcm":
+        try:
+            image, patient = training_image(path, window)
+        except MissingExtra:   # the run's problem (one line naming the extra), not this file's
+            raise
+        except MedicalError as e:
+            raise Unusable(str(e).removeprefix(f"{path}: ")) from None
+        image.info["patient"] = patient
+        return image
     try:
         with Image.open(io.BytesIO(data)) as image:
             if getattr(image, "n_frames", 1) > 1:   # a stack/volume: taking slice 0 silently would be a guess
@@ -109,10 +127,10 @@ def warn_skipped(skipped: list, where: str):
         print(f"warning: skipped {len(skipped)} file(s) in {where}: {names}", file=sys.stderr)
 
 
-def read_image(path: Path) -> Image.Image:
+def read_image(path: Path, window=None) -> Image.Image:
     """One file as training data reads it: 8-bit L or RGB (16-bit rescaled by medti.images.to_8bit), or Unusable
     with the reason. medti.quality reads evaluation and audit sets through this, so every set obeys one rule."""
-    return _read(path, _bytes(path))
+    return _read(path, _bytes(path), window)
 
 
 def _square_crop(image: Image.Image) -> Image.Image:
@@ -220,8 +238,9 @@ def _nothing_usable(folder: Path, skipped: list, channels: list | None) -> str:
     common = f", most often '{kind}', e.g. {': '.join(skipped[kinds.index(kind)])}" if kinds else ""
     if not files:
         fix = "is this the right folder?"
-    elif not any(p.suffix.lower() in EXTENSIONS for p in files):
-        fix = f"images must be {' '.join(EXTENSIONS)} (export DICOM/NIfTI to PNG or TIFF first)"
+    elif not any(p.suffix.lower() in EXTENSIONS or is_dicom(p) for p in files):
+        fix = (f"images must be {' '.join(EXTENSIONS)} or DICOM (NIfTI and MetaImage volumes are not read as "
+               "training images yet: export slices to PNG)")
     elif channels:
         fix = f"with --channels {','.join(channels)}, name files CASE/{channels[0]}.png or CASE_{channels[0]}.png"
     else:
@@ -230,7 +249,7 @@ def _nothing_usable(folder: Path, skipped: list, channels: list | None) -> str:
 
 
 def load_dataset(folder, resolution: int, preprocess: str = "center", channels: list[str] | None = None,
-                 strict: bool = False) -> Dataset:
+                 strict: bool = False, window=None) -> Dataset:
     """All usable images under `folder`, unflipped (flips are the trainer's). Unusable files/cases go to `skipped`;
     with strict=True the first one is a DataError instead. No usable image at all is always a DataError."""
     folder = Path(folder)
@@ -249,7 +268,7 @@ def load_dataset(folder, resolution: int, preprocess: str = "center", channels: 
             raise DataError(f"{folder / name}: {reason}")
         skipped.append((name, reason))
 
-    arrays, names, used = [], [], {}
+    arrays, names, patients, used = [], [], [], {}
     items = (_group_cases(folder, files, channels, skip).items() if channels
              else [(p.relative_to(folder).as_posix(), p) for p in files])   # (name, file or {channel: file})
     for name, source in items:
@@ -258,16 +277,18 @@ def load_dataset(folder, resolution: int, preprocess: str = "center", channels: 
                 image, data = _load_case(folder, source, channels)
             else:
                 data = {name: _bytes(source)}
-                image = _read(source, data[name])
+                image = _read(source, data[name], window)
+            patient = image.info.get("patient") or name
             image = _fit(image, resolution, preprocess)
         except Unusable as e:
             skip(name, str(e))
             continue
         arrays.append(np.asarray(image.convert("RGB")))   # [R, R, 3] uint8; grayscale replicated to 3 channels
         names.append(name)
+        patients.append(patient)
         used.update(data)
     if not arrays:
         raise DataError(_nothing_usable(folder, skipped, channels))
     # [N, R, R, 3] uint8 -> [N, 3, R, R] float32 in [-1, 1]; 0 -> -1 and 255 -> 1 exactly
     images = torch.from_numpy(np.stack(arrays)).permute(0, 3, 1, 2).contiguous().float().div_(127.5).sub_(1)
-    return Dataset(images, names, skipped, _fingerprint(used))
+    return Dataset(images, names, patients, skipped, _fingerprint(used))

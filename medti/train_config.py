@@ -20,6 +20,7 @@ from .cli import resolve_device, resolve_dtype
 from .data import PREPROCESS
 from .files import inside
 from .inversion import TrainError, parse_lr
+from .medical.window import parse_window
 
 SEED_LIMIT = 2 ** 32   # step_generator multiplies the seed by ~1e9: below 2**32 the product fits torch's int64 seed
 
@@ -59,6 +60,8 @@ class TrainConfig:
     resolution: int = flag(0, "training image size; 0: the model's native size")
     preprocess: str = flag("center", "center | cxr | upsample | none")
     channels: str = flag("", 'e.g. "t2w,adc,dwi": stack per-case gray images into RGB')
+    window: str = flag("", "DICOM window: CENTER,WIDTH (write --window=-600,1500) or lung, mediastinum, bone, brain, "
+                           "abdomen, liver, soft_tissue; default: the file's own, else min-max")
     latents: str = flag("once", "once (sampled once) | random (resampled every use) | mean")
     flip: bool = flag(False, "random horizontal flips; off: laterality matters in medical images")
     strict: bool = flag(False, "an unreadable or odd training file is an error (default: listed, skipped)")
@@ -200,6 +203,8 @@ def check_settings(cfg: TrainConfig) -> Plan:
         raise TrainError(f"{arg('latents')} {cfg.latents!r}: once, random or mean")
     if cfg.preprocess not in PREPROCESS:
         raise TrainError(f"{arg('preprocess')} {cfg.preprocess!r}: one of {', '.join(PREPROCESS)}")
+    if cfg.window:
+        parse_window(cfg.window, arg("window"))   # a MedicalError (one line) for a bad spec, before anything loads
     if cfg.checkpointing not in ("on", "off", "auto"):
         raise TrainError(f"{arg('checkpointing')} {cfg.checkpointing!r}: on, off or auto")
     if not cfg.init.strip():

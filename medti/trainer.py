@@ -42,6 +42,7 @@ from .inversion import (
     step_generator,
     write_log,
 )
+from .medical.window import parse_window
 from .pipeline import SampleSettings, decode, sample
 from .plots import plot_curve
 from .train_config import Plan, TrainConfig, check, check_out
@@ -83,11 +84,15 @@ class Session:
 def load_data(cfg: TrainConfig, flag: str = "data"):
     """The images of --data (or --val) at cfg.resolution; skipped files are listed in one warning."""
     channels = [c.strip() for c in cfg.channels.split(",")] if cfg.channels else None
+    window = parse_window(cfg.window, arg("window")) if cfg.window else None
     try:
-        data = load_dataset(getattr(cfg, flag), cfg.resolution, cfg.preprocess, channels, cfg.strict)
+        data = load_dataset(getattr(cfg, flag), cfg.resolution, cfg.preprocess, channels, cfg.strict, window)
     except DataError as e:   # the message names the folder or file; say which flag it came from
         raise TrainError(f"{arg(flag)} {e}") from None
     warn_skipped(data.skipped, arg(flag))
+    if len(set(data.patients)) < len(data.names):   # several images of one patient (DICOM PatientID): say so
+        print(f"{arg(flag)}: {len(data.names)} image(s) of {len(set(data.patients))} patient(s) (DICOM PatientID)",
+              file=sys.stderr)
     return data
 
 

@@ -40,15 +40,25 @@ class HeldOut(NamedTuple):
     about: dict            # {"fraction": F} or {"folder_sha256": fingerprint of --val}
 
 
-def split(n: int, fraction: float, seed: int) -> tuple[list, list]:
-    """(training rows, validation rows), each sorted, of n images: round(fraction * n) rows (halves up) held out, a
-    random choice from --seed. Refused unless both sides keep at least one image."""
+def split(n: int, fraction: float, seed: int, unit: str = "image") -> tuple[list, list]:
+    """(training rows, validation rows), each sorted, of n images (or patients): round(fraction * n) rows (halves
+    up) held out, a random choice from --seed. Refused unless both sides keep at least one."""
     n_val = math.floor(fraction * n + 0.5)
     if n_val < 1 or n_val > n - 1:
-        raise TrainError(f"{arg('val_fraction')} {fraction:g} of {n} image(s) holds out {n_val}: at least one "
-                         "image must be left for training and one for validation")
+        raise TrainError(f"{arg('val_fraction')} {fraction:g} of {n} {unit}(s) holds out {n_val}: at least one "
+                         f"{unit} must be left for training and one for validation")
     order = torch.randperm(n, generator=torch.Generator().manual_seed(derived_seed("split", seed))).tolist()
     return sorted(order[n_val:]), sorted(order[:n_val])
+
+
+def split_patients(patients: list, fraction: float, seed: int) -> tuple[list, list]:
+    """split() over patients, not images: a patient's images (the slices of one scan, two views of one chest) all
+    land on one side, so the held-out loss never measures a patient the run trained on. With one image per patient
+    (files without a PatientID) it is exactly split() over the images."""
+    unique = list(dict.fromkeys(patients))   # in the order of the images
+    unit = "image" if len(unique) == len(patients) else "patient"
+    held = {unique[i] for i in split(len(unique), fraction, seed, unit)[1]}
+    return ([i for i, p in enumerate(patients) if p not in held], [i for i, p in enumerate(patients) if p in held])
 
 
 def _warn_duplicates(train: torch.Tensor, held: HeldOut):
@@ -70,7 +80,7 @@ def hold_out(data, val_data, fraction: float, seed: int) -> tuple:
         return data.images, held
     if not fraction:
         return data.images, None
-    train, val = split(len(data.names), fraction, seed)
+    train, val = split_patients(data.patients, fraction, seed)
     return data.images[train], HeldOut(data.images[val], [data.names[i] for i in val], {"fraction": fraction})
 
 

@@ -33,9 +33,12 @@ def test_find_images_recursive_sorted_hidden(tmp_path):
                  ".hidden.png", ".cache/x.png", "sub/._c.png"]:
         save(tmp_path / name, Image.new("L", (4, 4)))
     (tmp_path / "notes.txt").write_text("x")
-    (tmp_path / "scan.dcm").write_bytes(b"DICM")
+    (tmp_path / "scan.dcm").write_bytes(b"DICM")   # a (damaged) DICOM file: found, so that reading it reports it
+    (tmp_path / "IM0001").write_bytes(bytes(128) + b"DICM")   # DICOM's preamble without an extension: found
+    (tmp_path / "README").write_bytes(b"no preamble")
     found = [p.relative_to(tmp_path).as_posix() for p in find_images(tmp_path)]
-    assert found == ["A.PNG", "b.png", "e.bmp", "f.jpeg", "g.tif", "sub/c.JPG", "sub/deeper/d.Tiff"]
+    assert found == ["A.PNG", "IM0001", "b.png", "e.bmp", "f.jpeg", "g.tif", "scan.dcm", "sub/c.JPG",
+                     "sub/deeper/d.Tiff"]
     with pytest.raises(DataError, match="not a folder"):
         find_images(tmp_path / "missing")
 
@@ -224,13 +227,14 @@ def test_no_usable_image_says_what_was_found_and_how_to_fix(tmp_path):
     (tmp_path / "scan1.dcm").write_bytes(b"DICM")
     (tmp_path / "scan2.dcm").write_bytes(b"DICM")
     (tmp_path / "notes.txt").write_text("x")
-    with pytest.raises(DataError, match=r"3 file\(s\): 2 \.dcm, 1 \.txt; 0 skipped\).*export DICOM"):
+    with pytest.raises(DataError, match=r"3 file\(s\): 2 \.dcm, 1 \.txt; 2 skipped, most often 'not a readable "
+                                        r"DICOM file'.*fix or re-export those files"):
         load_dataset(tmp_path, 16)
     for name in ("a.png", "b.png"):
         (tmp_path / name).write_bytes(b"junk")
     save(tmp_path / "c.png", np.ones((8, 4), np.uint8))
     most = r"most often 'not an image PIL can read', e\.g\. a\.png: not an image"
-    with pytest.raises(DataError, match=r"6 file\(s\): .*3 skipped, " + most):
+    with pytest.raises(DataError, match=r"6 file\(s\): .*5 skipped, " + most):   # 2 junk .png, c.png, 2 .dcm
         load_dataset(tmp_path, 16, preprocess="none")
     save(tmp_path / "case1" / "T2.png", np.ones((8, 8), np.uint8))
     with pytest.raises(DataError, match=r"unknown channel.*name files CASE/t2w\.png or CASE_t2w\.png") as error:

@@ -4,11 +4,10 @@ geometry is computed by hand (numpy), written with SimpleITK (.mha/.nrrd) or nib
 the reader's LPS reorientation is checked against an independent statement of where each voxel is."""
 import sys
 
+import nibabel as nib  # the test extra pins both: never skipped
 import numpy as np
 import pytest
-
-sitk = pytest.importorskip("SimpleITK")
-nib = pytest.importorskip("nibabel")
+import SimpleITK as sitk
 
 from medti.medical import MedicalError  # noqa: E402
 from medti.medical.volume import (  # noqa: E402

@@ -11,9 +11,13 @@ class MedicalError(UserError):
     """A medical file or setting we cannot use, in one line naming the file or flag."""
 
 
+class MissingExtra(MedicalError):
+    """One of the extra's libraries is not installed: the run's problem (one line for the run), not one file's."""
+
+
 def require(module: str, what: str):
     """Import one of the extra's libraries, or one line saying which extra to install for `what` (a file)."""
     try:
         return importlib.import_module(module)
     except ImportError:
-        raise MedicalError(f"{what}: reading it needs {module}, which is not installed; {EXTRA}") from None
+        raise MissingExtra(f"{what}: reading it needs {module}, which is not installed; {EXTRA}") from None

@@ -207,3 +207,16 @@ def series(paths) -> list[Series]:
         key = ("file", image.path) if image.pixels.shape[0] > 1 else image.series_uid
         groups.setdefault(key, []).append(image)
     return [_order(images[0].series_uid, images) for images in groups.values()]
+
+
+def training_image(path, window: Window | None):
+    """One single-frame DICOM file as medti.data reads images: (8-bit L PIL image, PatientID or None). pydicom missing
+    is the user's to fix (MedicalError, one line for the run); a file that cannot be used is the `MedicalError` that
+    medti.data turns into a skip with its reason. A multi-frame file is a volume and is refused here: volumes are
+    sliced by medti.medical.volume."""
+    from PIL import Image
+    image = read_dicom(path)
+    if len(image.pixels) > 1:
+        raise MedicalError(f"{path}: {len(image.pixels)} frames: a volume, not one image (volumes are not read as "
+                           "training images yet: issue 14)")
+    return Image.fromarray(render(image, window)[0]), image.patient_id
