@@ -6,6 +6,7 @@ import os
 import stat
 import sys
 from collections import Counter
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -18,6 +19,8 @@ from minisd.errors import UserError
 from .images import REFUSED_MODES, ImageError, to_8bit
 from .medical import MedicalError, MissingExtra
 from .medical.dicom import is_dicom, training_image
+from .medical.slices import check_options, is_volume, stem
+from .medical.slices import item as volume_item
 
 EXTENSIONS = (".png", ".jpg", ".jpeg", ".tif", ".tiff", ".bmp")   # compared lower-case
 PREPROCESS = ("center", "cxr", "upsample", "none")
@@ -56,13 +59,14 @@ def _walk(folder: Path) -> list[Path]:
 
 
 def find_images(folder) -> list[Path]:
-    """Image files under `folder`, recursive and sorted (see _walk); extensions are matched case-insensitively."""
+    """Image and volume files under `folder`, recursive and sorted (see _walk); extensions are matched
+    case-insensitively. Volumes: medti.medical.slices (a `.mhd` header is listed, its `.raw` data file is not)."""
     folder = Path(folder)
     if not folder.is_dir():
         raise DataError(f"{folder}: not a folder")
     # DICOM: *.dcm, or a file without an extension that has DICOM's preamble (PS3.10; PACS exports often have none)
-    return [p for p in _walk(folder) if p.suffix.lower() in EXTENSIONS or (p.suffix in ("", ".dcm", ".DCM") and
-                                                                             is_dicom(p))]
+    return [p for p in _walk(folder) if p.suffix.lower() in EXTENSIONS or is_volume(p) or
+            (p.suffix in ("", ".dcm", ".DCM") and is_dicom(p))]
 
 
 def _to_8bit(image: Image.Image) -> Image.Image:
@@ -90,6 +94,18 @@ def _bytes(path: Path) -> bytes:
         raise Unusable(f"cannot read the file ({e.strerror})") from None
 
 
+@contextmanager
+def _medical(path):
+    """A MedicalError of medti.medical as Unusable, without the path it starts with (the skip names the file);
+    MissingExtra passes: the run's problem (one line naming the extra), not this file's."""
+    try:
+        yield
+    except MissingExtra:
+        raise
+    except MedicalError as e:
+        raise Unusable(str(e).removeprefix(f"{path}: ")) from None
+
+
 def _read(path: Path, data: bytes, window=None) -> Image.Image:
     """Decode one file's bytes to 8-bit L or RGB, or raise Unusable with the reason. DICOM files go through
     medti.medical.dicom (window: a medti.medical.window.Window, else the file's own, else min-max); the patient
@@ -97,12 +113,8 @@ def _read(path: Path, data: bytes, window=None) -> Image.Image:
     if not data:
         raise Unusable("empty file (0 bytes)")
     if data[128:132] == b"DICM" or path.suffix.lower() == ".dcm":
-        try:
+        with _medical(path):
             image, patient = training_image(path, window)
-        except MissingExtra:   # the run's problem (one line naming the extra), not this file's
-            raise
-        except MedicalError as e:
-            raise Unusable(str(e).removeprefix(f"{path}: ")) from None
         image.info["patient"] = patient
         return image
     try:
@@ -179,9 +191,9 @@ def _group_cases(folder: Path, files: list[Path], channels: list[str], skip) -> 
     cases: dict[str, dict[str, Path]] = {}
     for path in files:
         rel = path.relative_to(folder)
-        prefix, _, suffix = path.stem.rpartition("_")
-        if path.stem.lower() in channels:
-            case, channel = rel.parent.as_posix(), path.stem.lower()
+        prefix, _, suffix = stem(path).rpartition("_")   # stem: without `.nii.gz`'s two suffixes too
+        if stem(path).lower() in channels:
+            case, channel = rel.parent.as_posix(), stem(path).lower()
             if case == ".":
                 skip(rel.as_posix(), f"no case: use a folder per case (CASE/{path.name}) or CASE_{path.name}")
                 continue
@@ -238,9 +250,8 @@ def _nothing_usable(folder: Path, skipped: list, channels: list | None) -> str:
     common = f", most often '{kind}', e.g. {': '.join(skipped[kinds.index(kind)])}" if kinds else ""
     if not files:
         fix = "is this the right folder?"
-    elif not any(p.suffix.lower() in EXTENSIONS or is_dicom(p) for p in files):
-        fix = (f"images must be {' '.join(EXTENSIONS)} or DICOM (NIfTI and MetaImage volumes are not read as "
-               "training images yet: export slices to PNG)")
+    elif not any(p.suffix.lower() in EXTENSIONS or is_volume(p) or is_dicom(p) for p in files):
+        fix = f"images must be {' '.join(EXTENSIONS)}, DICOM, or volumes (.nii, .nii.gz, .mha, .mhd, .nrrd)"
     elif channels:
         fix = f"with --channels {','.join(channels)}, name files CASE/{channels[0]}.png or CASE_{channels[0]}.png"
     else:
@@ -248,10 +259,28 @@ def _nothing_usable(folder: Path, skipped: list, channels: list | None) -> str:
     return f"{folder}: no usable image ({len(files)} file(s): {found}; {len(skipped)} skipped{common}); {fix}"
 
 
+def _item_images(folder: Path, name: str, source, channels, options) -> tuple[list, dict]:
+    """([(name, 8-bit image, patient)], {relative path: bytes}) of one file or case (`source`: a file or
+    {channel: file}). Volumes give one image per chosen slice, all of one patient: medti.medical.slices.item."""
+    with _medical(source):
+        volume = volume_item(name, source, channels, options)   # None: not a volume (or a case of volumes)
+    if volume:
+        images, patient, files = volume
+        return [(n, im, patient) for n, im in images], {f.relative_to(folder).as_posix(): _bytes(f) for f in files}
+    if channels:
+        image, data = _load_case(folder, source, channels)
+    else:
+        data = {name: _bytes(source)}
+        image = _read(source, data[name], options.window)
+    return [(name, image, image.info.get("patient") or name)], data
+
+
 def load_dataset(folder, resolution: int, preprocess: str = "center", channels: list[str] | None = None,
-                 strict: bool = False, window=None) -> Dataset:
+                 strict: bool = False, window=None, *, plane: str = "axial", slices: str = "all",
+                 slice_mask: str = "") -> Dataset:
     """All usable images under `folder`, unflipped (flips are the trainer's). Unusable files/cases go to `skipped`;
-    with strict=True the first one is a DataError instead. No usable image at all is always a DataError."""
+    with strict=True the first one is a DataError instead. No usable image at all is always a DataError.
+    Volumes become one image per slice chosen by `plane`, `slices`, `slice_mask` (medti.medical.slices)."""
     folder = Path(folder)
     if preprocess not in PREPROCESS:
         raise DataError(f"preprocess '{preprocess}' is not one of {', '.join(PREPROCESS)}")
@@ -260,7 +289,8 @@ def load_dataset(folder, resolution: int, preprocess: str = "center", channels: 
     channels = None if channels is None else [c.lower() for c in channels]   # channel names match any case
     if channels is not None and (len(channels) not in (1, 3) or len(set(channels)) != len(channels)):
         raise DataError(f"channels must be 3 distinct names (stacked as R, G, B) or 1, got {channels}")
-    files = find_images(folder)
+    options = check_options(plane, slices, slice_mask, window)   # a bad flag: a MedicalError naming it
+    files = [p for p in find_images(folder) if not options.is_mask(p)]   # a case's mask is not a training image
     skipped: list[tuple[str, str]] = []
 
     def skip(name: str, reason: str):
@@ -273,19 +303,15 @@ def load_dataset(folder, resolution: int, preprocess: str = "center", channels: 
              else [(p.relative_to(folder).as_posix(), p) for p in files])   # (name, file or {channel: file})
     for name, source in items:
         try:
-            if channels:
-                image, data = _load_case(folder, source, channels)
-            else:
-                data = {name: _bytes(source)}
-                image = _read(source, data[name], window)
-            patient = image.info.get("patient") or name
-            image = _fit(image, resolution, preprocess)
+            images, data = _item_images(folder, name, source, channels, options)
+            fitted = [(n, _fit(image, resolution, preprocess), patient) for n, image, patient in images]
         except Unusable as e:
             skip(name, str(e))
             continue
-        arrays.append(np.asarray(image.convert("RGB")))   # [R, R, 3] uint8; grayscale replicated to 3 channels
-        names.append(name)
-        patients.append(patient)
+        for n, image, patient in fitted:
+            arrays.append(np.asarray(image.convert("RGB")))   # [R, R, 3] uint8; grayscale replicated to 3 channels
+            names.append(n)
+            patients.append(patient)
         used.update(data)
     if not arrays:
         raise DataError(_nothing_usable(folder, skipped, channels))

@@ -20,6 +20,7 @@ from .cli import resolve_device, resolve_dtype
 from .data import PREPROCESS
 from .files import inside
 from .inversion import TrainError, parse_lr
+from .medical.slices import check_options
 from .medical.window import parse_window
 
 SEED_LIMIT = 2 ** 32   # step_generator multiplies the seed by ~1e9: below 2**32 the product fits torch's int64 seed
@@ -62,6 +63,11 @@ class TrainConfig:
     channels: str = flag("", 'e.g. "t2w,adc,dwi": stack per-case gray images into RGB')
     window: str = flag("", "DICOM window: CENTER,WIDTH (write --window=-600,1500) or lung, mediastinum, bone, brain, "
                            "abdomen, liver, soft_tissue; default: the file's own, else min-max")
+    plane: str = flag("axial", "volumes (.nii, .nii.gz, .mha, .mhd, .nrrd): slice plane, axial | coronal | sagittal")
+    slices: str = flag("all", "volumes: which slices, all | START:STOP[:STEP] | middle:N | mask (needs "
+                              "--slice-mask); each becomes one image named FILE#PLANEnnn")
+    slice_mask: str = flag("", "volumes: keep slices where this mask is non-empty; a file name (no '/') is looked "
+                               "up in each volume's folder (and is no training image there), a path is one mask")
     latents: str = flag("once", "once (sampled once) | random (resampled every use) | mean")
     flip: bool = flag(False, "random horizontal flips; off: laterality matters in medical images")
     strict: bool = flag(False, "an unreadable or odd training file is an error (default: listed, skipped)")
@@ -205,6 +211,7 @@ def check_settings(cfg: TrainConfig) -> Plan:
         raise TrainError(f"{arg('preprocess')} {cfg.preprocess!r}: one of {', '.join(PREPROCESS)}")
     if cfg.window:
         parse_window(cfg.window, arg("window"))   # a MedicalError (one line) for a bad spec, before anything loads
+    check_options(cfg.plane, cfg.slices, cfg.slice_mask)   # a MedicalError naming the flag, before anything loads
     if cfg.checkpointing not in ("on", "off", "auto"):
         raise TrainError(f"{arg('checkpointing')} {cfg.checkpointing!r}: on, off or auto")
     if not cfg.init.strip():

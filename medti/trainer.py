@@ -86,13 +86,14 @@ def load_data(cfg: TrainConfig, flag: str = "data"):
     channels = [c.strip() for c in cfg.channels.split(",")] if cfg.channels else None
     window = parse_window(cfg.window, arg("window")) if cfg.window else None
     try:
-        data = load_dataset(getattr(cfg, flag), cfg.resolution, cfg.preprocess, channels, cfg.strict, window)
+        data = load_dataset(getattr(cfg, flag), cfg.resolution, cfg.preprocess, channels, cfg.strict, window,
+                            plane=cfg.plane, slices=cfg.slices, slice_mask=cfg.slice_mask)
     except DataError as e:   # the message names the folder or file; say which flag it came from
         raise TrainError(f"{arg(flag)} {e}") from None
     warn_skipped(data.skipped, arg(flag))
-    if len(set(data.patients)) < len(data.names):   # several images of one patient (DICOM PatientID): say so
-        print(f"{arg(flag)}: {len(data.names)} image(s) of {len(set(data.patients))} patient(s) (DICOM PatientID)",
-              file=sys.stderr)
+    if (patients := len(set(data.patients))) < len(data.names):   # several images of one patient: say so
+        how = "volume slices by case" if any("#" in name for name in data.names) else "DICOM PatientID"
+        print(f"{arg(flag)}: {len(data.names)} image(s) of {patients} patient(s) ({how})", file=sys.stderr)
     return data
 
 

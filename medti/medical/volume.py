@@ -172,7 +172,7 @@ def slices(volume: Volume, plane: str = "axial", spec="all", mask: Volume | None
     axis = PLANES[_plane(plane)]
     spec = parse_slices(spec) if isinstance(spec, str) else spec
     if spec.kind == "mask" and mask is None:
-        raise MedicalError("--slices mask: needs a mask volume (--mask)")
+        raise MedicalError("--slices mask: needs a mask volume (--slice-mask)")
     chosen = spec.indices(volume.array.shape[axis])
     if mask is not None:
         keep = _mask_keep(volume, mask, axis)

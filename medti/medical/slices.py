@@ -1,0 +1,149 @@
+"""3-D volumes (NIfTI, MetaImage, NRRD) as training images: each chosen slice of a volume (or of a case's sequences,
+stacked as R, G, B) becomes one 8-bit image with square pixels, named `<file>#<plane><index>` (`case1/t2w.mha#axial012`)
+so val.txt and the skip list name the slice. medti.data calls this for every volume file it finds.
+
+Intensities: the --window if given (LINEAR, as for DICOM), else min-max over the whole VOLUME, never per slice: the
+slices of one scan keep one scale, so an organ that is dark in one slice is not stretched to white in the next (MR
+values have no absolute unit, but within one series they are comparable; a per-slice rescale would destroy that).
+
+--slice-mask, one rule: a bare file name (no "/") is looked up in each volume's own folder (`case1/mask.nii.gz` for
+`case1/t2w.mha`), and files of that name are masks, never training images; a path (with a "/") is one mask file for
+every volume. A volume whose folder has no such file is skipped with the reason.
+"""
+from dataclasses import dataclass, replace
+from pathlib import Path
+
+import numpy as np
+from PIL import Image
+
+from . import MedicalError
+from .volume import (
+    PLANES,
+    SUFFIXES,
+    SliceSpec,
+    case_slices,
+    parse_slices,
+    plane_spacing,
+    read_case,
+    read_volume,
+    square_pixels,
+)
+from .volume import slices as volume_slices
+from .window import Window, min_max, voi_linear
+
+
+def is_volume(path) -> bool:
+    """A volume file by its name (`.nii.gz` has two suffixes; a `.mhd` header's `.raw`/`.zraw` data is not one)."""
+    return Path(path).name.lower().endswith(SUFFIXES)
+
+
+def stem(path) -> str:
+    """The file name without its volume suffix: `t2w.nii.gz` -> `t2w`."""
+    name = Path(path).name
+    return next((name[: -len(s)] for s in SUFFIXES if name.lower().endswith(s)), Path(path).stem)
+
+
+@dataclass(frozen=True)
+class SliceOptions:
+    """--plane, --slices, --slice-mask and --window, checked once (check_options) before any file is read."""
+    plane: str = "axial"
+    spec: SliceSpec = SliceSpec("all")
+    mask: str = ""                 # --slice-mask: a file name in each volume's folder, or a path (see above)
+    window: Window | None = None
+
+    def is_mask(self, path: Path) -> bool:
+        """A file that is some volume's mask (a bare --slice-mask name): not a training image."""
+        return bool(self.mask) and "/" not in self.mask and path.name == self.mask
+
+
+def check_options(plane: str = "axial", slices: str = "all", slice_mask: str = "", window=None) -> SliceOptions:
+    """SliceOptions from the flags' text, or one MedicalError line naming the flag."""
+    if plane not in PLANES:
+        raise MedicalError(f"--plane {plane!r}: expected one of {', '.join(PLANES)}")
+    spec = parse_slices(slices, "--slices")
+    if spec.kind == "mask" and not slice_mask:
+        raise MedicalError("--slices mask: needs --slice-mask (a mask file name found in each case folder, or a path)")
+    if "/" in slice_mask and not Path(slice_mask).is_file():
+        raise MedicalError(f"--slice-mask {slice_mask}: no such file (a name without '/' is looked up in each "
+                           "volume's folder)")
+    return SliceOptions(plane, spec, slice_mask, window)
+
+
+def _mask_for(path: Path, options: SliceOptions):
+    """The mask Volume for the volume at `path`, or None without --slice-mask."""
+    if not options.mask:
+        return None
+    mask = Path(options.mask) if "/" in options.mask else path.parent / options.mask
+    if not mask.is_file():
+        raise MedicalError(f"no --slice-mask {options.mask} in its folder")
+    return read_volume(mask)
+
+
+def _scaled(volume, window: Window | None):
+    """The volume's values on the 0..255 display scale (float, rounded only after resampling to square pixels):
+    the window, else min-max over the whole volume (see the module's docstring)."""
+    scale = min_max(volume.array) if window is None else voi_linear(volume.array, window)
+    return replace(volume, array=scale.astype(np.float32))
+
+
+def _to_image(array: np.ndarray, spacing) -> Image.Image:
+    """[H, W] or [H, W, 3] on the 0..255 scale -> an 8-bit L or RGB image with square pixels."""
+    planes = [square_pixels(array[..., c], *spacing) for c in range(array.shape[-1])] if array.ndim == 3 \
+        else [square_pixels(array, *spacing)]
+    pixels = np.floor(np.clip(np.stack(planes, -1), 0, 255) + 0.5).astype(np.uint8)   # round half up
+    return Image.fromarray(pixels[..., 0]) if len(planes) == 1 else Image.fromarray(pixels, "RGB")
+
+
+def _named(name: str, options: SliceOptions, chosen) -> list[tuple[str, Image.Image]]:
+    if not chosen:
+        raise MedicalError(f"no slice chosen by --slices and --slice-mask ({options.plane})")
+    return [(f"{name}#{options.plane}{index:03d}", image) for index, image in chosen]
+
+
+def volume_images(path: Path, name: str, options: SliceOptions) -> list[tuple[str, Image.Image]]:
+    """[(`name#planeNNN`, 8-bit L image)] of one volume file; a MedicalError (one line) when it is unusable."""
+    volume = _scaled(read_volume(path), options.window)
+    spacing = plane_spacing(volume, options.plane)
+    chosen = volume_slices(volume, options.plane, options.spec, _mask_for(path, options))
+    return _named(name, options, [(k, _to_image(s, spacing)) for k, s in chosen])
+
+
+def case_images(paths: list[Path], case: str, options: SliceOptions) -> list[tuple[str, Image.Image]]:
+    """[(`case#planeNNN`, RGB image)]: a case's sequence volumes on the first one's grid (read_case), each scaled
+    over its own volume (sequences have unrelated units), slices stacked in `paths` order; one volume: gray."""
+    volumes = [_scaled(v, options.window) for v in read_case(paths, case)]
+    spacing = plane_spacing(volumes[0], options.plane)
+    chosen = case_slices(volumes, options.plane, options.spec, _mask_for(paths[0], options))
+    rgb = [(k, s if s.shape[-1] == 3 else np.repeat(s, 3, -1)) for k, s in chosen]
+    return _named(case, options, [(k, _to_image(s, spacing)) for k, s in rgb])
+
+
+def item(name: str, source, channels: list | None, options: SliceOptions):
+    """(images [(name, Image)], patient, files read) of one volume file (`source` a Path) or one case of volume
+    sequences (`source` {channel: Path}), else None (not volumes: medti.data reads it). The patient is the case:
+    the file's folder relative to --data (`name`'s parent), or its stem for a file directly in --data; with
+    channels, the case name. So every slice of a volume lands on one side of --val-fraction's split."""
+    if channels:
+        if not (set(channels) <= set(source) and all(is_volume(p) for p in source.values())):
+            if any(is_volume(p) for p in source.values()) and set(channels) <= set(source):
+                raise MedicalError("channels mix volumes and 2-D images; give every sequence as a volume")
+            return None
+        paths = [source[c] for c in channels]
+        return case_images(paths, name, options), name, [f for p in paths for f in data_files(p)]
+    if not is_volume(source):
+        return None
+    patient = name.rpartition("/")[0] or stem(source)
+    return volume_images(source, name, options), patient, data_files(source)
+
+
+def data_files(path: Path) -> list[Path]:
+    """The files a volume's pixels come from, for the data fingerprint: the file, and a `.mhd` header's
+    ElementDataFile (`.raw`/`.zraw`) when it is one file in the same folder."""
+    if not path.name.lower().endswith(".mhd"):
+        return [path]
+    for line in path.read_text(errors="replace").splitlines():
+        key, _, value = line.partition("=")
+        if key.strip() == "ElementDataFile" and value.strip() not in ("LOCAL", "LIST") and "%" not in value:
+            extra = path.parent / value.strip()
+            return [path, extra] if extra.is_file() else [path]
+    return [path]
