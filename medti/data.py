@@ -59,12 +59,12 @@ def _walk(folder: Path) -> list[Path]:
 
 
 def find_images(folder) -> list[Path]:
-    """Image and volume files under `folder`, recursive and sorted (see _walk); extensions are matched
-    case-insensitively. Volumes: medti.medical.slices (a `.mhd` header is listed, its `.raw` data file is not)."""
+    """Image and volume files under `folder`, recursive and sorted (see _walk); extensions matched in any case."""
     folder = Path(folder)
     if not folder.is_dir():
         raise DataError(f"{folder}: not a folder")
-    # DICOM: *.dcm, or a file without an extension that has DICOM's preamble (PS3.10; PACS exports often have none)
+    # volumes: medti.medical.slices.is_volume (a .mhd header is listed, its .raw data file not); DICOM: *.dcm,
+    # or a file without an extension that has DICOM's preamble (PS3.10; PACS exports often have none)
     return [p for p in _walk(folder) if p.suffix.lower() in EXTENSIONS or is_volume(p) or
             (p.suffix in ("", ".dcm", ".DCM") and is_dicom(p))]
 
@@ -96,8 +96,7 @@ def _bytes(path: Path) -> bytes:
 
 @contextmanager
 def _medical(path):
-    """A MedicalError of medti.medical as Unusable, without the path it starts with (the skip names the file);
-    MissingExtra passes: the run's problem (one line naming the extra), not this file's."""
+    """A MedicalError as Unusable minus its leading path; MissingExtra passes (the run's problem, not the file's)."""
     try:
         yield
     except MissingExtra:
@@ -304,13 +303,17 @@ def load_dataset(folder, resolution: int, preprocess: str = "center", channels: 
     for name, source in items:
         try:
             images, data = _item_images(folder, name, source, channels, options)
-            fitted = [(n, _fit(image, resolution, preprocess), patient) for n, image, patient in images]
         except Unusable as e:
             skip(name, str(e))
             continue
-        for n, image, patient in fitted:
+        for name, image, patient in images:   # one image, or a volume's slices: an all-black slice skips alone
+            try:
+                image = _fit(image, resolution, preprocess)
+            except Unusable as e:
+                skip(name, str(e))
+                continue
             arrays.append(np.asarray(image.convert("RGB")))   # [R, R, 3] uint8; grayscale replicated to 3 channels
-            names.append(n)
+            names.append(name)
             patients.append(patient)
         used.update(data)
     if not arrays:
