@@ -21,9 +21,10 @@ from .medical import MedicalError, MissingExtra
 from .medical.dicom import is_dicom, training_image
 from .medical.slices import check_options, is_volume, stem
 from .medical.slices import item as volume_item
+from .preprocess import PREPROCESS, Unusable
+from .preprocess import fit as _fit
 
 EXTENSIONS = (".png", ".jpg", ".jpeg", ".tif", ".tiff", ".bmp")   # compared lower-case
-PREPROCESS = ("center", "cxr", "upsample", "none")
 # Colour modes PIL cannot convert correctly (LAB, CMYK) are skipped with the reason: one table for init images and
 # training data, medti.images.REFUSED_MODES. (PIL's convert("RGB") reinterprets CIELAB's L, a, b bytes as if they
 # were R, G, B: a mid-grey L=50 a=10 b=10 pixel becomes (0, 82, 235).)
@@ -31,10 +32,6 @@ PREPROCESS = ("center", "cxr", "upsample", "none")
 
 class DataError(UserError):
     """A data problem, in one line that names the file or folder."""
-
-
-class Unusable(Exception):
-    """This file or case is unusable; the message is the reason (collected as a skip, or raised under strict)."""
 
 
 @dataclass
@@ -144,44 +141,6 @@ def read_image(path: Path, window=None) -> Image.Image:
     return _read(path, _bytes(path), window)
 
 
-def _square_crop(image: Image.Image) -> Image.Image:
-    """The centred square of side min(width, height); with an odd excess the extra pixel goes right/bottom."""
-    side = min(image.size)
-    left, top = (image.width - side) // 2, (image.height - side) // 2
-    return image.crop((left, top, left + side, top + side))
-
-
-def _cxr(image: Image.Image, resolution: int) -> Image.Image:
-    """The reference study's chest X-ray recipe: crop to the bounding box of non-zero pixels (strictly
-    non-zero, any channel; JPEG noise in a black border therefore stays in), resize so the longest edge is
-    `resolution` keeping the aspect, and zero-pad to a centred square (extra pixel right/bottom)."""
-    box = image.getbbox()
-    if box is None:
-        raise Unusable("all black: cxr crops to the non-zero pixels and there are none")
-    image = image.crop(box)
-    scale = resolution / max(image.size)
-    size = (max(1, round(image.width * scale)), max(1, round(image.height * scale)))
-    canvas = Image.new(image.mode, (resolution, resolution))   # zeros = black
-    canvas.paste(image.resize(size, Image.LANCZOS), ((resolution - size[0]) // 2, (resolution - size[1]) // 2))
-    return canvas
-
-
-def _fit(image: Image.Image, resolution: int, preprocess: str) -> Image.Image:
-    """Apply a PREPROCESS preset. Downscaling (center, cxr) uses Lanczos: the least aliasing of PIL's filters,
-    and the filter medti.images uses for init images, so training and img2img inputs are resampled alike.
-    `upsample` uses bicubic, which rings less than Lanczos when enlarging small patches (96-px histology).
-    PIL returns an unresampled copy when the size already matches, so an R x R square passes through exactly."""
-    if preprocess == "none":
-        if image.size != (resolution, resolution):
-            raise Unusable(f"wrong size: {image.width}x{image.height}, preprocess 'none' needs "
-                           f"{resolution}x{resolution}")
-        return image
-    if preprocess == "cxr":
-        return _cxr(image, resolution)
-    resample = Image.BICUBIC if preprocess == "upsample" else Image.LANCZOS
-    return _square_crop(image).resize((resolution, resolution), resample)
-
-
 def _group_cases(folder: Path, files: list[Path], channels: list[str], skip) -> dict[str, dict[str, Path]]:
     """Match files to (case, channel). A file whose stem is a channel name (any case) belongs to the case named
     by its folder: `CASE/t2w.png` -> case "CASE". Otherwise the text after the stem's last underscore is the
@@ -274,20 +233,25 @@ def _item_images(folder: Path, name: str, source, channels, options) -> tuple[li
     return [(name, image, image.info.get("patient") or name)], data
 
 
+def _checked(preprocess: str, resolution: int, channels: list[str] | None) -> list[str] | None:
+    """load_dataset's own arguments checked; the channel names lower-cased (they match files in any case)."""
+    if preprocess not in PREPROCESS:
+        raise DataError(f"preprocess '{preprocess}' is not one of {', '.join(PREPROCESS)}")
+    if resolution < 1:
+        raise DataError(f"resolution must be positive, got {resolution}")
+    channels = None if channels is None else [c.lower() for c in channels]
+    if channels is not None and (len(channels) not in (1, 3) or len(set(channels)) != len(channels)):
+        raise DataError(f"channels must be 3 distinct names (stacked as R, G, B) or 1, got {channels}")
+    return channels
+
+
 def load_dataset(folder, resolution: int, preprocess: str = "center", channels: list[str] | None = None,
                  strict: bool = False, window=None, *, plane: str = "axial", slices: str = "all",
                  slice_mask: str = "") -> Dataset:
     """All usable images under `folder`, unflipped (flips are the trainer's). Unusable files/cases go to `skipped`;
     with strict=True the first one is a DataError instead. No usable image at all is always a DataError.
     Volumes become one image per slice chosen by `plane`, `slices`, `slice_mask` (medti.medical.slices)."""
-    folder = Path(folder)
-    if preprocess not in PREPROCESS:
-        raise DataError(f"preprocess '{preprocess}' is not one of {', '.join(PREPROCESS)}")
-    if resolution < 1:
-        raise DataError(f"resolution must be positive, got {resolution}")
-    channels = None if channels is None else [c.lower() for c in channels]   # channel names match any case
-    if channels is not None and (len(channels) not in (1, 3) or len(set(channels)) != len(channels)):
-        raise DataError(f"channels must be 3 distinct names (stacked as R, G, B) or 1, got {channels}")
+    folder, channels = Path(folder), _checked(preprocess, resolution, channels)
     options = check_options(plane, slices, slice_mask, window)   # a bad flag: a MedicalError naming it
     files = [p for p in find_images(folder) if not options.is_mask(p)]   # a case's mask is not a training image
     skipped: list[tuple[str, str]] = []

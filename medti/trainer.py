@@ -162,6 +162,9 @@ def resume(s: Session) -> int:
         raise TrainError(f"{arg('resume')}: {s.cfg.out} was trained with other settings ({', '.join(changed)})")
     if scaler_state:   # empty unless training in fp16
         s.scaler.load_state_dict(scaler_state)
+    if step >= s.cfg.max_steps:   # --max-steps is no setting: a resume may raise it, or name one already reached
+        print(f"note: the run is at step {step} already, {spoken('max_steps', *[str(s.cfg.max_steps)] * 2)}: "
+              f"nothing to train; raise {arg('max_steps')} to go on", file=sys.stderr)
     return step
 
 
@@ -205,10 +208,6 @@ def loop(s: Session, step: int) -> Path:
     """The training loop, from `step` to --max-steps; returns the path of the learned embedding."""
     cfg = s.cfg
     in_a_row, skipped, began, first = 0, 0, time.perf_counter(), step
-    if step >= cfg.max_steps:   # resumed with a --max-steps the run has already reached
-        reached = spoken("max_steps", *[str(cfg.max_steps)] * 2)
-        print(f"note: the run is at step {step} already, {reached}: nothing to train; raise {arg('max_steps')} to "
-              "go on", file=sys.stderr)
     while step < cfg.max_steps:
         lr = set_lr(s.optimizer, lr_at(s.plan.schedule, step))
         s.optimizer.zero_grad(set_to_none=True)

@@ -119,11 +119,11 @@ def test_resume_with_other_vectors_says_what_to_pass(tmp_path):
         load_state(tmp_path / "state.safetensors", other, torch.optim.AdamW([other]))
 
 
-def test_a_run_already_at_max_steps_says_so(tmp_path, capsys):
-    """Resumed with a --max-steps the run has reached: a note, no step, the embedding path as usual."""
-    from types import SimpleNamespace
-
-    from medti.trainer import loop
-    s = SimpleNamespace(cfg=SimpleNamespace(max_steps=4), out=tmp_path, name="mine")
-    assert loop(s, 6) == tmp_path / "mine.safetensors"
-    assert "note: the run is at step 6 already, max_steps=4: nothing to train" in capsys.readouterr().err
+def test_a_run_already_at_max_steps_says_so(finished, tmp_path, capsys):
+    """Resumed with a --max-steps the run has reached: a note in the flag's words, no step trained."""
+    out, base = copy(finished, tmp_path)
+    before = (out / "t.safetensors").read_bytes()
+    assert main([*base, "--max-steps", "1", "--resume", "--out", str(out)]) == 0
+    assert "note: the run is at step 2 already, --max-steps 1: nothing to train; raise --max-steps to go on" in \
+        capsys.readouterr().err
+    assert steps(out) == [1, 2] and (out / "t.safetensors").read_bytes() == before
