@@ -188,3 +188,24 @@ def test_bad_volume_flags_are_one_line_before_anything_loads(tmp_path, capsys, f
     err = capsys.readouterr().err.strip()
     assert err.startswith("error: --") and words in err and "\n" not in err
     assert not (tmp_path / "r").exists()
+
+
+def test_the_pi_cai_layout_trains_by_patient(tmp_path):
+    """PI-CAI (the study's prostate set): images/<patient>/<patient>_<study>_{t2w,adc,hbv}.mha, T2W at 0.5 mm and
+    ADC/HBV at 2 mm. `--channels t2w,adc,hbv` groups each study's three sequences; a patient's two studies are one
+    patient, so --val-fraction never puts them on both sides."""
+    rng = np.random.default_rng(0)
+    for patient, studies in (("10000", ("1000000", "1000001")), ("10001", ("1000002",)), ("10002", ("1000003",))):
+        for study in studies:
+            for channel, spacing, side in (("t2w", (0.5, 0.5, 3.0), 32), ("adc", (2.0, 2.0, 3.0), 8),
+                                           ("hbv", (2.0, 2.0, 3.0), 8)):
+                volume = sitk.GetImageFromArray(rng.random((3, side, side)).astype(np.float32))
+                volume.SetSpacing(spacing)
+                (tmp_path / patient).mkdir(exist_ok=True)
+                sitk.WriteImage(volume, str(tmp_path / patient / f"{patient}_{study}_{channel}.mha"))
+    data = load_dataset(tmp_path, 32, channels=["t2w", "adc", "hbv"])
+    assert len(data.names) == 4 * 3 and data.skipped == []
+    assert data.names[0] == "10000/10000_1000000#axial000" and set(data.patients) == {"10000", "10001", "10002"}
+    for seed in range(10):
+        train, val = split_patients(data.patients, 0.34, seed)
+        assert not {data.patients[i] for i in train} & {data.patients[i] for i in val}

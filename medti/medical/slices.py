@@ -122,14 +122,17 @@ def item(name: str, source, channels: list | None, options: SliceOptions):
     """(images [(name, Image)], patient, files read) of one volume file (`source` a Path) or one case of volume
     sequences (`source` {channel: Path}), else None (not volumes: medti.data reads it). The patient is the case:
     the file's folder relative to --data (`name`'s parent), or its stem for a file directly in --data; with
-    channels, the case name. So every slice of a volume lands on one side of --val-fraction's split."""
+    channels, the case's folder too (PI-CAI: images/10000/10000_1000000_t2w.mha is patient 10000, whose second
+    study 10000_1000001 must land on the same side), else the case name. So no patient's slices are on both sides
+    of --val-fraction's split."""
     if channels:
         if not (set(channels) <= set(source) and all(is_volume(p) for p in source.values())):
             if any(is_volume(p) for p in source.values()) and set(channels) <= set(source):
                 raise MedicalError("channels mix volumes and 2-D images; give every sequence as a volume")
             return None
         paths = [source[c] for c in channels]
-        return case_images(paths, name, options), name, [f for p in paths for f in data_files(p)]
+        patient = name.rpartition("/")[0] or name
+        return case_images(paths, name, options), patient, [f for p in paths for f in data_files(p)]
     if not is_volume(source):
         return None
     patient = name.rpartition("/")[0] or stem(source)
