@@ -285,3 +285,8 @@ def load_dataset(folder, resolution: int, preprocess: str = "center", channels: 
     # [N, R, R, 3] uint8 -> [N, 3, R, R] float32 in [-1, 1]; 0 -> -1 and 255 -> 1 exactly
     images = torch.from_numpy(np.stack(arrays)).permute(0, 3, 1, 2).contiguous().float().div_(127.5).sub_(1)
     return Dataset(images, names, patients, skipped, _fingerprint(used))
+
+
+if __name__ == "__main__":   # `python -m medti.data preview ...`: the command lives in medti/preview.py
+    from medti.preview import main
+    raise SystemExit(main())

@@ -1,0 +1,83 @@
+"""Look before training: `python -m medti.data preview --data DIR --out DIR [medti.train's data flags]`.
+
+Writes the exact images medti.train would train on -- read, windowed, sliced, resampled and preprocessed by the same
+code (medti.trainer.load_data) -- as PNGs, with a contact sheet and data.jsonl (one line per image: file, source,
+slice, patient, window), so a person can check windowing, orientation and cropping before hours of GPU time.
+
+    python -m medti.data preview --data picai/images --channels t2w,adc,hbv --resolution 512 --out preview/
+
+`patient` in data.jsonl is a pseudonym (patient-001, ... in the order met), never the PatientID: the file is made
+to be looked at and passed around, and no patient identifier reaches an output file.
+"""
+import argparse
+import dataclasses
+import json
+from pathlib import Path
+
+import numpy as np
+from PIL import Image
+
+from .cli import ArgumentParser, run_main
+from .files import inside, write_atomic
+from .images import contact_sheet, save_png
+from .train_config import TrainConfig, TrainError
+from .trainer import load_data
+
+# medti.train's flags that decide what the training images are (the same names, helps and defaults)
+DATA_FLAGS = ("data", "preprocess", "channels", "window", "plane", "slices", "slice_mask", "strict")
+SHEET_MAX = 256   # images on the contact sheet; data.jsonl and the PNGs hold all of them
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = ArgumentParser(prog="python -m medti.data", description=__doc__.split("\n\n")[0])
+    sub = p.add_subparsers(dest="command", required=True)
+    q = sub.add_parser("preview", help="write the exact training images, a contact sheet and data.jsonl")
+    for f in (f for f in dataclasses.fields(TrainConfig) if f.name in DATA_FLAGS):
+        name = "--" + f.name.replace("_", "-")
+        if isinstance(f.default, bool):
+            q.add_argument(name, action="store_true", help=f.metadata["help"])
+        else:
+            q.add_argument(name, type=type(f.default), default=f.default, help=f.metadata["help"].replace("%", "%%"))
+    q.add_argument("--resolution", type=int, default=512, help="training image size: the model's native size "
+                   "(SD2-base, SD1.5: 512; SD2 768-v: 768) unless you train at another one (default: 512)")
+    q.add_argument("--out", required=True, help="a new or empty folder, not inside --data")
+    return p
+
+
+def check_out(args):
+    out = Path(args.out)
+    if not args.data or not Path(args.data).is_dir():
+        raise TrainError(f"--data {args.data!r}: not a folder of images")
+    if inside(out, args.data):
+        raise TrainError(f"--out {out} is inside --data {args.data}: its PNGs would become training images there; "
+                         "choose an --out outside that folder")
+    if out.exists() and (not out.is_dir() or any(out.iterdir())):
+        raise TrainError(f"--out {out}: exists and is not an empty folder; choose a new one")
+    return out
+
+
+def run(args):
+    out = check_out(args)
+    settings = {k: v for k, v in vars(args).items() if k in DATA_FLAGS}
+    data = load_data(TrainConfig(**settings, resolution=args.resolution))   # checks the flags, then reads
+    out.mkdir(parents=True, exist_ok=True)
+    pseudonyms = {p: f"patient-{i + 1:03d}" for i, p in enumerate(dict.fromkeys(data.patients))}
+    pixels = ((data.images + 1) * 127.5).round().clamp(0, 255).byte().permute(0, 2, 3, 1).numpy()
+    lines, files = [], []
+    for row, (name, patient) in enumerate(zip(data.names, data.patients, strict=True)):
+        file = f"{row:05d}.png"
+        save_png(out / file, Image.fromarray(np.ascontiguousarray(pixels[row])))
+        source, _, piece = name.partition("#")
+        lines.append({"file": file, "source": source, "slice": piece or None, "patient": pseudonyms[patient],
+                      "window": args.window or "the file's own, else min-max"})
+        files.append(out / file)
+    write_atomic(out / "data.jsonl", "".join(json.dumps(line) + "\n" for line in lines).encode())
+    save_png(out / "contact-sheet.png", contact_sheet(files[:SHEET_MAX], labels=[str(i) for i in
+                                                                                   range(min(len(files), SHEET_MAX))]))
+    more = f" (the first {SHEET_MAX} on the sheet)" if len(files) > SHEET_MAX else ""
+    print(f"wrote {len(files)} image(s) of {len(pseudonyms)} patient(s) to {out}: 00000.png ..., contact-sheet.png"
+          f"{more}, data.jsonl")
+
+
+def main(argv=None) -> int:
+    return run_main(build_parser(), run, argv)
