@@ -106,9 +106,17 @@ def test_failed_run_leaves_no_folder_and_two_runs_do_not_share_one(tiny, tmp_pat
         holder.wait()
 
 
+def is_main_block(node) -> bool:
+    return (isinstance(node, ast.If) and isinstance(node.test, ast.Compare) and
+            getattr(node.test.left, "id", "") == "__name__")
+
+
 def imports(module: str) -> set:
-    """The medti modules `module` imports, anywhere in the file (a late import inside a function counts too)."""
+    """The medti modules `module` imports, anywhere in the file (a late import inside a function counts too) --
+    except in its `if __name__ == "__main__":` block: that code runs only when the module is the program
+    (`python -m medti.data preview`), as the module `__main__`, so what it imports can never import it back."""
     tree = ast.parse((ROOT / "medti" / f"{module}.py").read_text())
+    tree.body = [node for node in tree.body if not is_main_block(node)]
     found = set()
     for node in ast.walk(tree):
         if isinstance(node, ast.ImportFrom) and node.level == 1:
