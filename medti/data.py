@@ -63,7 +63,7 @@ def find_images(folder) -> list[Path]:
     # volumes: medti.medical.slices.is_volume (a .mhd header is listed, its .raw data file not); DICOM: *.dcm,
     # or a file without an extension that has DICOM's preamble (PS3.10; PACS exports often have none)
     return [p for p in _walk(folder) if p.suffix.lower() in EXTENSIONS or is_volume(p) or
-            (p.suffix in ("", ".dcm", ".DCM") and is_dicom(p))]
+            (p.suffix.lower() in ("", ".dcm") and is_dicom(p))]
 
 
 def _to_8bit(image: Image.Image) -> Image.Image:

@@ -223,9 +223,10 @@ def write_outputs(args, out: Path, sd, job: Job, rec: dict, latent, image, part:
         if args.save_latents:   # scaled latent, as the sampler ends; divide by scale_factor to decode
             write_atomic(out / f"{job.index:05d}.safetensors", safetensors_bytes(
                 {"latent": latent.float()}, {"scale_factor": sd.scale_factor, "file": job.file}))
-        save_png(out / job.file, to_pil(image), parameters_text(rec))
+        picture, text = to_pil(image), parameters_text(rec)
+        save_png(out / job.file, picture, text)
         if args.format == "dicom":   # NNNNN.dcm beside the PNG; its UIDs derive from the run's settings
-            synthetic.write_dicom(out / f"{job.index:05d}.dcm", to_pil(image), parameters_text(rec), vars(args))
+            synthetic.write_dicom(out / f"{job.index:05d}.dcm", picture, text, vars(args))
         append(part, rec)
     except OSError as e:
         raise GenerateError(f"{e.filename or out}: {e.strerror or e}; nothing half-written was left behind: free "

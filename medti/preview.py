@@ -10,7 +10,6 @@ slice, patient, window), so a person can check windowing, orientation and croppi
 to be looked at and passed around, and no patient identifier reaches an output file.
 """
 import argparse
-import dataclasses
 import json
 from pathlib import Path
 
@@ -20,7 +19,7 @@ from PIL import Image
 from .cli import ArgumentParser, run_main
 from .files import inside, write_atomic
 from .images import contact_sheet, save_png
-from .train_config import TrainConfig, TrainError
+from .train_config import TrainConfig, TrainError, add_flags
 from .trainer import load_data
 
 # medti.train's flags that decide what the training images are (the same names, helps and defaults)
@@ -32,12 +31,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = ArgumentParser(prog="python -m medti.data", description=__doc__.split("\n\n")[0])
     sub = p.add_subparsers(dest="command", required=True)
     q = sub.add_parser("preview", help="write the exact training images, a contact sheet and data.jsonl")
-    for f in (f for f in dataclasses.fields(TrainConfig) if f.name in DATA_FLAGS):
-        name = "--" + f.name.replace("_", "-")
-        if isinstance(f.default, bool):
-            q.add_argument(name, action="store_true", help=f.metadata["help"])
-        else:
-            q.add_argument(name, type=type(f.default), default=f.default, help=f.metadata["help"].replace("%", "%%"))
+    add_flags(q, DATA_FLAGS)
     q.add_argument("--resolution", type=int, default=512, help="training image size: the model's native size "
                    "(SD2-base, SD1.5: 512; SD2 768-v: 768) unless you train at another one (default: 512)")
     q.add_argument("--out", required=True, help="a new or empty folder, not inside --data")

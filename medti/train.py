@@ -9,24 +9,17 @@ hands the settings to the trainer (medti/trainer.py) or to the demo (medti/demo.
 trainer like this command; --demo is therefore not a training setting and never reaches a run's saved state.
 """
 import argparse
-import dataclasses
 
 from .cli import ArgumentParser, run_main
 from .demo import run_demo
-from .train_config import TrainConfig
+from .train_config import TrainConfig, add_flags
 from .trainer import run as train
 
 
 def build_parser() -> argparse.ArgumentParser:
     p = ArgumentParser(prog="python -m medti.train", description=__doc__.split("\n\n")[0],
                                 epilog=__doc__.split("\n\n")[1], formatter_class=argparse.RawDescriptionHelpFormatter)
-    for f in dataclasses.fields(TrainConfig):
-        name, help_text = "--" + f.name.replace("_", "-"), f.metadata["help"]
-        if isinstance(f.default, bool):
-            p.add_argument(name, action="store_true", help=help_text)
-        else:   # every default shown, except an empty one: its help says what is derived at run time instead
-            shown = f" (default: {f.default})" if f.default != "" else ""
-            p.add_argument(name, type=type(f.default), default=f.default, help=help_text + shown.replace("%", "%%"))
+    add_flags(p)
     p.add_argument("--demo", action="store_true", help="run the offline demo on a tiny random model (medti/demo.py); "
                                                        "its outputs go to --out, default demo-run")
     return p

@@ -5,6 +5,7 @@ Why all checks come first: a mistake found after the model has loaded costs minu
 output folder exists leaves debris. So `check` reads nothing big and writes nothing; it returns the Plan the
 trainer follows (learning-rate schedule, device, dtype, prompts).
 """
+import dataclasses
 import math
 import unicodedata
 from dataclasses import dataclass, field
@@ -28,6 +29,21 @@ SEED_LIMIT = 2 ** 32   # step_generator multiplies the seed by ~1e9: below 2**32
 
 def flag(default, help_text: str):
     return field(default=default, metadata={"help": help_text})
+
+
+def add_flags(parser, names=None):
+    """One argparse flag per TrainConfig field (or per field in `names`): the one place a setting becomes a flag,
+    for medti.train and for `medti.data preview`, which takes the data flags under the same names and helps."""
+    for f in dataclasses.fields(TrainConfig):
+        if names is not None and f.name not in names:
+            continue
+        name, help_text = "--" + f.name.replace("_", "-"), f.metadata["help"]
+        if isinstance(f.default, bool):
+            parser.add_argument(name, action="store_true", help=help_text)
+        else:   # every default shown, except an empty one: its help says what is derived at run time instead
+            shown = f" (default: {f.default})" if f.default != "" else ""
+            parser.add_argument(name, type=type(f.default), default=f.default,
+                                help=(help_text + shown).replace("%", "%%"))
 
 
 # Defaults against A1111's textual inversion (stable-diffusion-webui modules/ui.py, "Create embedding" and "Train"
