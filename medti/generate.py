@@ -13,7 +13,6 @@ WORLD_SIZE) rank r makes the images i with i % N == r and logs them to its own D
 process finishes last (or a later `--resume`) merges the parts into manifest.jsonl. No process group is needed.
 """
 import argparse
-import contextlib
 import math
 import os
 import re
@@ -159,15 +158,6 @@ def plan(args) -> tuple[list, list]:
     return [a, b], jobs
 
 
-@contextlib.contextmanager
-def output_folder(args, rank: int, world: int):
-    """--out, held for this run (medti.files.claim_folder: a second run on it is refused; a failed run leaves no
-    empty folder). Under torchrun each rank holds its own lock file: the ranks of one launch write disjoint files
-    and never refuse each other, while each rank of a second launch is refused by its counterpart."""
-    with claim_folder(args.out, rank=rank) as out:
-        yield out
-
-
 def conditioning(sd, texts: list, negative: str):
     """Encode the term texts and the negative prompt once: ([K, 77, width], [1, 77, width])."""
     for text in texts + [negative]:
@@ -287,7 +277,9 @@ def run(args):
     name = f"cuda:{local}" if args.device == "cuda" and world > 1 else args.device
     device = resolve_device(name)
     dtype = resolve_dtype(args.dtype, device)   # the project's one dtype rule
-    with output_folder(args, rank, world) as out:
+    # a second run on --out is refused (medti.files.claim_folder); under torchrun each rank holds its own lock
+    # file: the ranks of one launch write disjoint files, while each rank of a second launch meets its counterpart
+    with claim_folder(args.out, rank=rank) as out:
         if not args.resume and (list(out.glob("manifest*.jsonl")) or list(out.glob("[0-9]*.png"))):
             raise UsageError(f"--out {out} already holds a run; pass --resume to continue it or choose another folder")
         generate(args, out, texts, jobs, rank, world, device, dtype)

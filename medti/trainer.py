@@ -22,7 +22,7 @@ from minisd.tokenizer import MAX_PROMPT_TOKENS
 from minisd.vae import posterior_sample
 
 from . import embeddings as emb
-from .data import DataError, load_dataset, warn_skipped
+from .data import DataError, load_dataset, summary, warn_skipped
 from .files import claim_folder, write_atomic
 from .hashes import sha256_of
 from .images import contact_sheet, save_png, to_pil
@@ -91,9 +91,7 @@ def load_data(cfg: TrainConfig, flag: str = "data"):
     except DataError as e:   # the message names the folder or file; say which flag it came from
         raise TrainError(f"{arg(flag)} {e}") from None
     warn_skipped(data.skipped, arg(flag))
-    if (patients := len(set(data.patients))) < len(data.names):   # several images of one patient: say so
-        how = "volume slices by case" if any("#" in name for name in data.names) else "DICOM PatientID"
-        print(f"{arg(flag)}: {len(data.names)} image(s) of {patients} patient(s) ({how})", file=sys.stderr)
+    print(f"{arg(flag)}: {summary(data)}")   # stdout, with the step lines: stderr keeps errors to one line
     return data
 
 

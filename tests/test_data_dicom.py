@@ -98,7 +98,7 @@ def test_train_on_a_dicom_folder_holds_out_whole_patients(tmp_path, capsys):
             "--vectors", "2", "--max-steps", "2", "--resolution", "64", "--preview-every", "0", "--save-every", "2",
             "--val-fraction", "0.34", "--val-draws", "2", "--preprocess", "cxr", "--out", str(tmp_path / "run")]
     assert main(args) == 0
-    assert "--data: 9 image(s) of 3 patient(s) (DICOM PatientID)" in capsys.readouterr().err
+    assert "--data: 9 image(s): 9 image file(s); 3 patient(s)" in capsys.readouterr().out
     held = (tmp_path / "run" / "val.txt").read_text().split()
     assert held and len({name.split("/")[0] for name in held}) == 1   # one study folder = one patient here
     for path in (tmp_path / "run").rglob("*"):

@@ -174,7 +174,7 @@ def test_train_on_volumes_holds_out_whole_cases(tmp_path, capsys):
     from medti.train import main
     _cases(tmp_path / "data", 2)
     assert main(_train_args(tmp_path, "--val-fraction", "0.5")) == 0
-    assert "--data: 10 image(s) of 2 patient(s) (volume slices by case)" in capsys.readouterr().err
+    assert "--data: 10 image(s): 10 slice(s) of 2 volume(s) or series; 2 patient(s)" in capsys.readouterr().out
     held = (tmp_path / "run" / "val.txt").read_text().split()
     assert len(held) == 5 and len({name.split("/")[0] for name in held}) == 1 and all("#axial" in n for n in held)
 

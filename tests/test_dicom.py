@@ -22,7 +22,8 @@ from pydicom.uid import (  # noqa: E402
 )
 
 from medti.medical import MedicalError  # noqa: E402
-from medti.medical.dicom import is_dicom, read_dicom, render, series  # noqa: E402
+from medti.medical.dicom import is_dicom, read_dicom, render  # noqa: E402
+from medti.medical.dicom_series import series  # noqa: E402
 from medti.medical.window import PRESETS, Window, parse_window, to_uint8  # noqa: E402
 
 

@@ -1,6 +1,7 @@
-"""DICOM files -> float32 pixels in modality units (CT in HU), the few header fields training needs, and series
-ordered in space. pydicom reads the files (`pip install "medti[medical]"`); it is imported inside functions only,
-so medti works without it. Section numbers are DICOM PS3.3 (information objects) and PS3.10 (file format).
+"""DICOM files -> float32 pixels in modality units (CT in HU) and the few header fields training needs (series and
+multi-frame volumes: medti.medical.dicom_series). pydicom reads the files (`pip install "medti[medical]"`); it is
+imported inside functions only, so medti works without it. Section numbers are DICOM PS3.3 (information objects)
+and PS3.10 (file format).
 
 Scope, stated: grayscale only (MONOCHROME1/2). Windowing, the VOI LUT, is defined for grayscale images
 (PS3.3 C.11.2), and color DICOM (ultrasound, secondary capture, slide microscopy) would need its own path; it is
@@ -27,20 +28,14 @@ class DicomImage:
     window: Window | None         # the file's own first Window Center/Width, if it has one
     patient_id: str | None
     series_uid: str | None
-    position: tuple | None        # Image Position (Patient), mm: the first voxel's centre (PS3.3 C.7.6.2.1.1)
+    positions: tuple | None       # Image Position (Patient) of each frame, mm: its first voxel's centre (C.7.6.2.1.1)
     orientation: tuple | None     # Image Orientation (Patient): row then column direction cosines
     spacing: tuple | None         # Pixel Spacing: (between rows, between columns) in mm
     path: Path
 
-
-@dataclass
-class Series:
-    uid: str | None
-    images: list                  # DicomImage, ordered along the slice normal (one multi-frame file: itself)
-
     @property
-    def pixels(self) -> np.ndarray:
-        return np.concatenate([image.pixels for image in self.images])   # [slices, H, W]
+    def position(self) -> tuple | None:
+        return self.positions[0] if self.positions else None
 
 
 def is_dicom(path) -> bool:
@@ -65,12 +60,16 @@ def _first(value):
     return float(np.atleast_1d(np.asarray(value, dtype=np.float64))[0])
 
 
-def _shared(ds, sequence: str):
-    """The one item of a functional-group sequence shared by every frame of an enhanced multi-frame image
-    (PS3.3 C.7.6.16): Enhanced CT/MR keep rescale and window there instead of at the top level."""
-    groups = ds.get("SharedFunctionalGroupsSequence")
-    item = groups[0].get(sequence) if groups else None
-    return item[0] if item else None
+def _shared(ds, sequence: str, frame: int = 0):
+    """The item of a functional-group sequence of an enhanced multi-frame image (PS3.3 C.7.6.16): in the Shared
+    Functional Groups Sequence (one item for every frame), else in frame `frame`'s item of the Per-Frame one.
+    Enhanced CT/MR keep rescale, window and geometry there instead of at the top level."""
+    for groups, index in (("SharedFunctionalGroupsSequence", 0), ("PerFrameFunctionalGroupsSequence", frame)):
+        group = ds.get(groups)
+        item = group[index].get(sequence) if group and len(group) > index else None
+        if item:
+            return item[0]
+    return None
 
 
 def _window(ds) -> Window | None:
@@ -131,7 +130,21 @@ def _line(error: Exception) -> str:
 
 
 def _floats(ds, keyword: str) -> tuple | None:
-    return tuple(float(v) for v in ds[keyword].value) if keyword in ds else None
+    return tuple(float(v) for v in ds[keyword].value) if ds is not None and keyword in ds else None
+
+
+def _geometry(ds, frames: int) -> tuple:
+    """(per-frame positions, orientation, pixel spacing), each None where the file lacks it: at the top level
+    (single-frame CT/MR, PS3.3 C.7.6.2), else in the functional groups (enhanced multi-frame: Plane Position
+    per frame, Plane Orientation and Pixel Measures usually shared, C.7.6.16.2.3-4 and .1)."""
+    if "ImagePositionPatient" in ds and frames == 1:
+        return (_floats(ds, "ImagePositionPatient"),), _floats(ds, "ImageOrientationPatient"), \
+            _floats(ds, "PixelSpacing")
+    positions = tuple(_floats(_shared(ds, "PlanePositionSequence", f), "ImagePositionPatient") for f in range(frames))
+    orientation = _floats(ds, "ImageOrientationPatient") or _floats(_shared(ds, "PlaneOrientationSequence"),
+                                                                    "ImageOrientationPatient")
+    spacing = _floats(ds, "PixelSpacing") or _floats(_shared(ds, "PixelMeasuresSequence"), "PixelSpacing")
+    return (positions if all(positions) else None), orientation, spacing
 
 
 def read_dicom(path) -> DicomImage:
@@ -153,10 +166,10 @@ def read_dicom(path) -> DicomImage:
                            "(MONOCHROME1/MONOCHROME2) DICOM is read")
     stored = _decode(ds, path, pydicom)
     pixels = _modality(ds, stored, pydicom).reshape(-1, int(ds.Rows), int(ds.Columns))   # [F, H, W]
-    return DicomImage(pixels=pixels, photometric=photometric, window=_window(ds),
-                      patient_id=ds.get("PatientID"), series_uid=ds.get("SeriesInstanceUID"),
-                      position=_floats(ds, "ImagePositionPatient"), orientation=_floats(ds, "ImageOrientationPatient"),
-                      spacing=_floats(ds, "PixelSpacing"), path=path)
+    positions, orientation, spacing = _geometry(ds, len(pixels))
+    return DicomImage(pixels=pixels, photometric=photometric, window=_window(ds), patient_id=ds.get("PatientID"),
+                      series_uid=ds.get("SeriesInstanceUID"), positions=positions, orientation=orientation,
+                      spacing=spacing, path=path)
 
 
 def render(image: DicomImage, window: Window | None = None) -> np.ndarray:
@@ -166,57 +179,14 @@ def render(image: DicomImage, window: Window | None = None) -> np.ndarray:
     return to_uint8(image.pixels, window or image.window, image.photometric)
 
 
-def _along_normal(image: DicomImage) -> float:
-    """Distance of the slice along its normal: the row and column direction cosines (PS3.3 C.7.6.2.1.1) span the
-    slice plane; their cross product is its normal, and the dot product of Image Position with it orders slices
-    in space whatever the tilt, where file names and Instance Number often do not."""
-    row, column = np.array(image.orientation[:3]), np.array(image.orientation[3:])
-    return float(np.dot(image.position, np.cross(row, column)))
-
-
-def _order(uid: str | None, images: list) -> Series:
-    if len(images) == 1:
-        return Series(uid, images)
-    first = images[0]
-    for image in images:
-        if image.position is None or image.orientation is None:
-            raise MedicalError(f"{image.path}: series {uid} has {len(images)} files but this one has no Image "
-                               "Position/Orientation (Patient), so the slices cannot be ordered in space")
-        if not np.allclose(image.orientation, first.orientation, atol=1e-4):
-            raise MedicalError(f"{image.path}: series {uid} mixes slice orientations ({first.path.name} differs); "
-                               "a volume needs one orientation: localizers and reformats belong apart")
-        if image.pixels.shape[1:] != first.pixels.shape[1:]:
-            raise MedicalError(f"{image.path}: series {uid} mixes image sizes ({first.path.name} differs)")
-    ordered = sorted(images, key=_along_normal)
-    depths = [_along_normal(image) for image in ordered]
-    for i in range(1, len(ordered)):
-        image, b = ordered[i], depths[i]
-        if abs(b - depths[i - 1]) < 1e-3:   # several echoes or time points share positions: which one is "the" slice?
-            raise MedicalError(f"{image.path}: series {uid} has two slices at the same position ({b:.3f} mm "
-                               "along the normal): several echoes or time points; split them first")
-    return Series(uid, ordered)
-
-
-def series(paths) -> list[Series]:
-    """Read DICOM files and group them into volumes: single-frame files by Series Instance UID, each series
-    ordered along the slice normal (not by file name); a multi-frame file is a volume on its own. Series come in
-    the order their first file was given."""
-    groups: dict = {}   # series UID (or a multi-frame file's path) -> images, in the order first met
-    for path in paths:
-        image = read_dicom(path)
-        key = ("file", image.path) if image.pixels.shape[0] > 1 else image.series_uid
-        groups.setdefault(key, []).append(image)
-    return [_order(images[0].series_uid, images) for images in groups.values()]
-
-
 def training_image(path, window: Window | None):
     """One single-frame DICOM file as medti.data reads images: (8-bit L PIL image, PatientID or None). pydicom missing
     is the user's to fix (MedicalError, one line for the run); a file that cannot be used is the `MedicalError` that
-    medti.data turns into a skip with its reason. A multi-frame file is a volume and is refused here: volumes are
-    sliced by medti.medical.volume."""
+    medti.data turns into a skip with its reason. Multi-frame files and series are volumes, read by
+    medti.medical.dicom_series; one reaching this function has frames but no geometry, and is refused."""
     from PIL import Image
     image = read_dicom(path)
     if len(image.pixels) > 1:
-        raise MedicalError(f"{path}: {len(image.pixels)} frames: a volume, not one image (volumes are not read as "
-                           "training images yet: issue 14)")
+        raise MedicalError(f"{path}: {len(image.pixels)} frames without per-frame positions: not a volume and not one "
+                           "image; export the frames you want as single images")
     return Image.fromarray(render(image, window)[0]), image.patient_id

@@ -6,9 +6,14 @@ Intensities: the --window if given (LINEAR, as for DICOM), else min-max over the
 slices of one scan keep one scale, so an organ that is dark in one slice is not stretched to white in the next (MR
 values have no absolute unit, but within one series they are comparable; a per-slice rescale would destroy that).
 
---slice-mask, one rule: a bare file name (no "/") is looked up in each volume's own folder (`case1/mask.nii.gz` for
-`case1/t2w.mha`), and files of that name are masks, never training images; a path (with a "/") is one mask file for
-every volume. A volume whose folder has no such file is skipped with the reason.
+--slice-mask, three forms, in this order: a FOLDER holds one mask per volume, named after it -- the volume file's stem
+(the Medical Segmentation Decathlon's labelsTr/prostate_00.nii.gz for imagesTr/prostate_00.nii.gz), a case's name
+(PI-CAI's whole-gland masks, anatomical_delineations/whole_gland/AI/10000_1000000.nii.gz, for the case
+10000/10000_1000000) or a DICOM series' name -- with any volume suffix; a bare file name (no "/") is looked up in each
+volume's own folder (`case1/mask.nii.gz` for `case1/t2w.mha`); a path (with a "/") is one mask file for every volume.
+Mask files (that name, or anything in that folder) are never training images. A volume without its mask is skipped
+with the reason. DICOM series and multi-frame files (medti.medical.dicom_series) are volumes like the others, scaled by
+--window, else their first file's own window, else min-max over the whole series.
 """
 from dataclasses import dataclass, replace
 from pathlib import Path
@@ -17,6 +22,7 @@ import numpy as np
 from PIL import Image
 
 from . import MedicalError
+from .dicom_series import DicomVolume
 from .volume import (
     PLANES,
     SUFFIXES,
@@ -29,7 +35,7 @@ from .volume import (
     square_pixels,
 )
 from .volume import slices as volume_slices
-from .window import Window, min_max, voi_linear
+from .window import Window, display_scale
 
 
 def is_volume(path) -> bool:
@@ -48,12 +54,17 @@ class SliceOptions:
     """--plane, --slices, --slice-mask and --window, checked once (check_options) before any file is read."""
     plane: str = "axial"
     spec: SliceSpec = SliceSpec("all")
-    mask: str = ""                 # --slice-mask: a file name in each volume's folder, or a path (see above)
+    mask: str = ""                 # --slice-mask: a folder, a file name in each volume's folder, or a path (see above)
     window: Window | None = None
 
     def is_mask(self, path: Path) -> bool:
-        """A file that is some volume's mask (a bare --slice-mask name): not a training image."""
-        return bool(self.mask) and "/" not in self.mask and path.name == self.mask
+        """A file that is some volume's mask (a bare --slice-mask name, or in the --slice-mask folder): not a
+        training image."""
+        if not self.mask:
+            return False
+        if Path(self.mask).is_dir():
+            return Path(path).resolve().is_relative_to(Path(self.mask).resolve())
+        return "/" not in self.mask and Path(path).name == self.mask
 
 
 def check_options(plane: str = "axial", slices: str = "all", slice_mask: str = "", window=None) -> SliceOptions:
@@ -63,27 +74,33 @@ def check_options(plane: str = "axial", slices: str = "all", slice_mask: str = "
     spec = parse_slices(slices, "--slices")
     if spec.kind == "mask" and not slice_mask:
         raise MedicalError("--slices mask: needs --slice-mask (a mask file name found in each case folder, or a path)")
-    if "/" in slice_mask and not Path(slice_mask).is_file():
-        raise MedicalError(f"--slice-mask {slice_mask}: no such file (a name without '/' is looked up in each "
-                           "volume's folder)")
+    if "/" in slice_mask and not Path(slice_mask).exists():
+        raise MedicalError(f"--slice-mask {slice_mask}: no such file or folder (a name without '/' is looked up in "
+                           "each volume's folder)")
     return SliceOptions(plane, spec, slice_mask, window)
 
 
-def _mask_for(path: Path, options: SliceOptions):
-    """The mask Volume for the volume at `path`, or None without --slice-mask."""
+def _mask_for(path: Path, key: str, options: SliceOptions):
+    """The mask Volume for the volume at `path` named `key` (its stem, case or series name), None without
+    --slice-mask; the three forms of the module's docstring."""
     if not options.mask:
         return None
-    mask = Path(options.mask) if "/" in options.mask else path.parent / options.mask
+    given = Path(options.mask)
+    if given.is_dir():
+        found = [given / f"{key}{suffix}" for suffix in SUFFIXES if (given / f"{key}{suffix}").is_file()]
+        if not found:
+            raise MedicalError(f"no mask {key}{{{','.join(SUFFIXES)}}} in --slice-mask {options.mask}")
+        return read_volume(found[0])
+    mask = given if "/" in options.mask else path.parent / options.mask
     if not mask.is_file():
         raise MedicalError(f"no --slice-mask {options.mask} in its folder")
     return read_volume(mask)
 
 
-def _scaled(volume, window: Window | None):
+def _scaled(volume, window: Window | None, photometric: str = "MONOCHROME2"):
     """The volume's values on the 0..255 display scale (float, rounded only after resampling to square pixels):
-    the window, else min-max over the whole volume (see the module's docstring)."""
-    scale = min_max(volume.array) if window is None else voi_linear(volume.array, window)
-    return replace(volume, array=scale.astype(np.float32))
+    the window, else min-max over the whole volume (see the module's docstring); MONOCHROME1 inverted."""
+    return replace(volume, array=display_scale(volume.array, window, photometric).astype(np.float32))
 
 
 def _to_image(array: np.ndarray, spacing) -> Image.Image:
@@ -102,10 +119,21 @@ def _named(name: str, options: SliceOptions, chosen) -> list[tuple[str, Image.Im
 
 def volume_images(path: Path, name: str, options: SliceOptions) -> list[tuple[str, Image.Image]]:
     """[(`name#planeNNN`, 8-bit L image)] of one volume file; a MedicalError (one line) when it is unusable."""
-    volume = _scaled(read_volume(path), options.window)
+    return _sliced(_scaled(read_volume(path), options.window), name, options, _mask_for(path, stem(path), options))
+
+
+def _sliced(volume, name: str, options: SliceOptions, mask) -> list[tuple[str, Image.Image]]:
     spacing = plane_spacing(volume, options.plane)
-    chosen = volume_slices(volume, options.plane, options.spec, _mask_for(path, options))
+    chosen = volume_slices(volume, options.plane, options.spec, mask)
     return _named(name, options, [(k, _to_image(s, spacing)) for k, s in chosen])
+
+
+def dicom_images(source: DicomVolume, name: str, options: SliceOptions) -> tuple[list, str | None]:
+    """([(`name#planeNNN`, 8-bit L image)], PatientID or None) of a DICOM series or multi-frame file."""
+    volume, first = source.read(name)
+    volume = _scaled(volume, options.window or first.window, first.photometric)
+    mask = _mask_for(Path(source.paths[0]), name.rpartition("/")[2], options)
+    return _sliced(volume, name, options, mask), first.patient_id
 
 
 def case_images(paths: list[Path], case: str, options: SliceOptions) -> list[tuple[str, Image.Image]]:
@@ -113,7 +141,8 @@ def case_images(paths: list[Path], case: str, options: SliceOptions) -> list[tup
     over its own volume (sequences have unrelated units), slices stacked in `paths` order; one volume: gray."""
     volumes = [_scaled(v, options.window) for v in read_case(paths, case)]
     spacing = plane_spacing(volumes[0], options.plane)
-    chosen = case_slices(volumes, options.plane, options.spec, _mask_for(paths[0], options))
+    mask = _mask_for(paths[0], case.rpartition("/")[2], options)
+    chosen = case_slices(volumes, options.plane, options.spec, mask)
     rgb = [(k, s if s.shape[-1] == 3 else np.repeat(s, 3, -1)) for k, s in chosen]
     return _named(case, options, [(k, _to_image(s, spacing)) for k, s in rgb])
 
@@ -124,7 +153,10 @@ def item(name: str, source, channels: list | None, options: SliceOptions):
     the file's folder relative to --data (`name`'s parent), or its stem for a file directly in --data; with
     channels, the case's folder too (PI-CAI: images/10000/10000_1000000_t2w.mha is patient 10000, whose second
     study 10000_1000001 must land on the same side), else the case name. So no patient's slices are on both sides
-    of --val-fraction's split."""
+    of --val-fraction's split. A DICOM volume's patient is its PatientID, else its folder like a volume file's."""
+    if isinstance(source, DicomVolume):
+        images, patient = dicom_images(source, name, options)
+        return images, patient or name.rpartition("/")[0] or name, list(source.paths)
     if channels:
         if not (set(channels) <= set(source) and all(is_volume(p) for p in source.values())):
             if any(is_volume(p) for p in source.values()) and set(channels) <= set(source):

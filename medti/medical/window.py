@@ -73,13 +73,17 @@ def min_max(x: np.ndarray) -> np.ndarray:
     return (x - low) * (255 / (high - low)) if high > low else np.zeros_like(x)
 
 
-def to_uint8(pixels: np.ndarray, window: Window | None, photometric: str = "MONOCHROME2") -> np.ndarray:
-    """Modality values -> uint8 display values: the LINEAR window if one is given, else min-max.
+def display_scale(pixels: np.ndarray, window: Window | None, photometric: str = "MONOCHROME2") -> np.ndarray:
+    """Modality values -> display values on the 0..255 scale, float64, not yet rounded (volumes are resampled to
+    square pixels before rounding): the LINEAR window if one is given, else min-max.
     MONOCHROME1 is inverted after windowing, on the output scale: PS3.3 C.7.6.3.1.2 says its minimum sample value
     "is intended to be displayed as white after any VOI gray scale transformations have been performed", so the
     window is applied to the stored sense of the values and only the displayed result is flipped (dense is then
     bright, as in MONOCHROME2, which is what the training images and the model expect)."""
     y = min_max(pixels) if window is None else voi_linear(pixels, window)
-    if photometric == "MONOCHROME1":
-        y = 255 - y
-    return np.floor(y + 0.5).astype(np.uint8)   # round half up, as medti.images.to_8bit
+    return 255 - y if photometric == "MONOCHROME1" else y
+
+
+def to_uint8(pixels: np.ndarray, window: Window | None, photometric: str = "MONOCHROME2") -> np.ndarray:
+    """display_scale, rounded half up to uint8, as medti.images.to_8bit."""
+    return np.floor(display_scale(pixels, window, photometric) + 0.5).astype(np.uint8)

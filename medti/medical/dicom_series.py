@@ -1,0 +1,160 @@
+"""DICOM series and multi-frame files as volumes: slices grouped by Series Instance UID, ordered along the slice
+normal (never by file name or Instance Number), checked for even spacing, and placed in patient space as a
+medti.medical.volume.Volume, so a CT or MR series is sliced, reoriented and windowed exactly like a NIfTI or .mha
+volume of the same anatomy. Section numbers are DICOM PS3.3.
+
+Geometry (C.7.6.2.1.1): Image Orientation (Patient) gives the direction of a row (the column index increases along
+it) and of a column; their cross product is the slice normal. Image Position (Patient) is the centre of the first
+voxel. Pixel Spacing is (between rows, between columns). As a SimpleITK image, whose physical frame is DICOM's own
+(LPS), that is: x = row direction, spacing Pixel Spacing[1]; y = column direction, Pixel Spacing[0]; z = the normal,
+spacing the distance between consecutive positions; origin = the first slice's position."""
+from dataclasses import dataclass
+
+import numpy as np
+
+from . import MedicalError, require
+from .dicom import DicomImage, read_dicom
+from .volume import Volume, from_image
+
+# Slices count as evenly spaced when every gap is within 1 % of the median gap (+ 1 µm): positions are written as
+# decimal strings of at most 16 characters, good to far better than that, so a larger spread is a missing slice.
+EVEN = 0.01
+
+
+@dataclass
+class Series:
+    uid: str | None
+    images: list                  # the DicomImage files, in the order of their first slice along the normal
+    pixels: np.ndarray            # [S, H, W] float32: every frame, ordered along the normal when positions are known
+    positions: list | None        # each slice's Image Position (Patient), in that order; None: the file gives none
+    files: list                   # each slice's file (a multi-frame file's path repeats), for messages
+
+
+def _along_normal(orientation, position) -> float:
+    """Distance along the slice normal: the dot product of Image Position with row x column orders slices in
+    space whatever the tilt of the plane."""
+    return float(np.dot(position, np.cross(orientation[:3], orientation[3:])))
+
+
+def _check_alike(uid, images: list):
+    first = images[0]
+    for image in images:
+        if image.positions is None or image.orientation is None:
+            raise MedicalError(f"{image.path}: its series has {sum(len(i.pixels) for i in images)} slices but "
+                               "this file has no Image Position/Orientation (Patient), so they cannot be ordered in "
+                               "space")
+        if not np.allclose(image.orientation, first.orientation, atol=1e-4):
+            raise MedicalError(f"{image.path}: its series mixes slice orientations ({first.path.name} differs); "
+                               "a volume needs one orientation: localizers and reformats belong apart")
+        if image.pixels.shape[1:] != first.pixels.shape[1:]:
+            raise MedicalError(f"{image.path}: its series mixes image sizes ({first.path.name} differs)")
+
+
+def _order(uid, images: list) -> Series:
+    if len(images) == 1 and images[0].positions is None:   # one file and no geometry: its frames as stored
+        image = images[0]
+        return Series(uid, images, image.pixels, None, [image.path] * len(image.pixels))
+    _check_alike(uid, images)
+    orientation = images[0].orientation
+    planes = sorted(((_along_normal(orientation, p), f, image) for image in images
+                     for f, p in enumerate(image.positions)), key=lambda plane: plane[0])
+    for (before, _, _), (depth, _, image) in zip(planes, planes[1:], strict=False):
+        if abs(depth - before) < 1e-3:   # several echoes or time points share positions: which is "the" slice?
+            raise MedicalError(f"{image.path}: its series has two slices at the same position ({depth:.3f} mm "
+                               "along the normal): several echoes or time points; split them first")
+    ordered = list({id(image): image for _, _, image in planes}.values())
+    return Series(uid, ordered, np.stack([image.pixels[f] for _, f, image in planes]),
+                  [image.positions[f] for _, f, image in planes], [image.path for _, _, image in planes])
+
+
+def series(paths) -> list[Series]:
+    """Read DICOM files and group them into volumes: single-frame files by Series Instance UID, each series
+    ordered along the slice normal (not by file name); a multi-frame file is a volume on its own, its frames
+    ordered by their Plane Position when it gives them. Series come in the order their first file was given."""
+    groups: dict = {}   # series UID (or a multi-frame file's path) -> images, in the order first met
+    for path in paths:
+        image = read_dicom(path)
+        key = ("file", image.path) if image.pixels.shape[0] > 1 else image.series_uid
+        groups.setdefault(key, []).append(image)
+    return [_order(images[0].series_uid, images) for images in groups.values()]
+
+
+def _step(s: Series, normal: np.ndarray) -> float:
+    """The even distance between consecutive slices along the normal, or one line saying where it is not even
+    (a missing slice) or where the slices shift sideways (a gantry tilt: the volume would be sheared)."""
+    if len(s.positions) == 1:
+        return 1.0   # one slice: no distance to measure; it only scales a one-pixel-thick coronal/sagittal view
+    deltas = np.diff(np.asarray(s.positions, np.float64), axis=0)
+    along = deltas @ normal
+    step = float(np.median(along))
+    sideways = np.linalg.norm(deltas - along[:, None] * normal, axis=1)
+    for k in range(len(along)):
+        if abs(along[k] - step) > EVEN * step + 1e-3:
+            raise MedicalError(f"{s.files[k + 1]}: {along[k]:.3f} mm from the previous slice, where the others are "
+                               f"{step:.3f} mm apart (a missing or extra slice?); a volume needs even spacing")
+        if sideways[k] > EVEN * step + 1e-3:
+            raise MedicalError(f"{s.files[k + 1]}: shifted {sideways[k]:.3f} mm sideways from the previous slice (a "
+                               "gantry tilt?); resample the series to an upright grid first")
+    return step
+
+
+def to_volume(s: Series, name: str, case: str | None = None) -> Volume:
+    """A Series as a Volume in LPS array order (medti.medical.volume), or one line saying why it is no volume."""
+    first = s.images[0]
+    if s.positions is None:
+        raise MedicalError(f"{first.path}: {len(s.pixels)} frames without Image Position (Patient): a cine or time "
+                           "series, not a volume; export the frames you want as single images")
+    if first.spacing is None or any(not np.allclose(i.spacing or (), first.spacing, atol=1e-4) for i in s.images):
+        raise MedicalError(f"{first.path}: its series has no single Pixel Spacing, so its slices cannot be placed "
+                           "in space")
+    sitk = require("SimpleITK", str(first.path))
+    row, column = np.array(first.orientation[:3]), np.array(first.orientation[3:])
+    normal = np.cross(row, column)
+    step = _step(s, normal)
+    image = sitk.GetImageFromArray(np.ascontiguousarray(s.pixels, np.float32))   # [z, y, x] = [slice, row, column]
+    image.SetSpacing((first.spacing[1], first.spacing[0], step))
+    image.SetOrigin(tuple(float(v) for v in s.positions[0]))
+    image.SetDirection(tuple(float(v) for v in np.column_stack([row, column, normal]).ravel()))   # row-major 3x3
+    return from_image(image, name, case)
+
+
+@dataclass(frozen=True)
+class DicomVolume:
+    """The files of one DICOM volume, as medti.data finds them: a series of single-frame files or one multi-frame
+    file. `number` is the Series Number, to name one of several series in a folder."""
+    paths: tuple
+    number: int | None = None
+
+    def read(self, name: str, case: str | None = None) -> tuple[Volume, DicomImage]:
+        """(the Volume, its first file: window, photometric interpretation and PatientID)."""
+        s = _order(None, [read_dicom(p) for p in self.paths]) if len(self.paths) > 1 else series(self.paths)[0]
+        return to_volume(s, name, case), s.images[0]
+
+
+def _header(path, pydicom):
+    try:
+        return pydicom.dcmread(path, stop_before_pixels=True)
+    except Exception:   # damaged or not DICOM: read as an image, whose reader says why in its own line
+        return None
+
+
+def find_volumes(paths) -> list:
+    """DICOM files -> [Path (a 2-D image) or DicomVolume], in the order of each one's first file. Single-frame files
+    with a position, an orientation and a Series Instance UID are grouped by that UID, and a group of two or more
+    is a volume; a multi-frame file is a volume; everything else (radiographs: CR/DX files carry no Image Position;
+    a series of one slice; an unreadable file) is a 2-D image. Only headers are read here."""
+    paths = list(paths)
+    if not paths:
+        return []
+    pydicom = require("pydicom", str(paths[0]))
+    found: dict = {}   # key -> (paths, series number), in the order first met
+    for path in paths:
+        ds = _header(path, pydicom)
+        frames = int(ds.get("NumberOfFrames") or 1) if ds is not None else 1
+        positioned = ds is not None and "ImagePositionPatient" in ds and "ImageOrientationPatient" in ds
+        uid = ds.get("SeriesInstanceUID") if positioned and frames == 1 else None
+        key = ("series", str(uid)) if uid else (("volume" if frames > 1 else "image"), path)
+        number = ds.get("SeriesNumber") if ds is not None else None
+        found.setdefault(key, ([], int(number) if number not in (None, "") else None))[0].append(path)
+    return [DicomVolume(tuple(files), number) if kind == "volume" or len(files) > 1 else files[0]
+            for (kind, _), (files, number) in found.items()]

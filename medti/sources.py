@@ -1,0 +1,189 @@
+"""What the files under a data folder are, and how each is read: a 2-D image (PNG, TIFF, JPEG, a DICOM radiograph),
+a volume (NIfTI, MetaImage, NRRD, a DICOM series or multi-frame file: one image per chosen slice), or a case of
+--channels stacked as R, G, B. medti.data (training and validation) and medti.quality (evaluation and the audit)
+read folders through `items` and `item_images`, so every set obeys one rule."""
+import io
+import os
+import stat
+from contextlib import contextmanager
+from pathlib import Path
+
+from PIL import Image
+
+from .images import REFUSED_MODES, ImageError, to_8bit
+from .medical import MedicalError, MissingExtra
+from .medical.dicom import training_image
+from .medical.dicom_series import DicomVolume, find_volumes
+from .medical.slices import item as volume_item
+from .medical.slices import stem
+from .preprocess import Unusable
+
+
+def _to_8bit(image: Image.Image) -> Image.Image:
+    """medti.images.to_8bit (16-bit and float images rescaled from their own range), a failure as a skip."""
+    try:
+        return to_8bit(image)
+    except ImageError as e:
+        raise Unusable(str(e)) from None
+
+
+def file_bytes(path: Path) -> bytes:
+    """The bytes of a regular file. Anything else named like an image is skipped without reading it: opening a
+    FIFO for reading waits for a writer forever, and a device or socket has no end. O_NONBLOCK makes the open itself
+    return at once for a FIFO; the type is then checked on the opened file, so a file swapped meanwhile cannot slip
+    through (reads from a regular file are unaffected by O_NONBLOCK)."""
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK)
+        with os.fdopen(fd, "rb") as f:
+            kind = os.fstat(f.fileno()).st_mode
+            if not stat.S_ISREG(kind):
+                what = "a FIFO" if stat.S_ISFIFO(kind) else "a device or socket"
+                raise Unusable(f"not a regular file ({what}); only regular files are read")
+            return f.read()
+    except OSError as e:   # permissions, a broken link, a file removed meanwhile
+        raise Unusable(f"cannot read the file ({e.strerror})") from None
+
+
+@contextmanager
+def medical_errors(source):
+    """A MedicalError as Unusable minus its leading path, which the skip list names already (a DICOM volume's: just
+    the file's name, to say which of its files); MissingExtra passes (the run's problem, not the file's)."""
+    try:
+        yield
+    except MissingExtra:
+        raise
+    except MedicalError as e:
+        text, paths = str(e), source.paths if isinstance(source, DicomVolume) else [source]
+        for path in paths:
+            if text.startswith(f"{path}: "):
+                text = text.removeprefix(f"{path}: ")
+                text = f"{Path(path).name}: {text}" if len(paths) > 1 else text
+                break
+        raise Unusable(text) from None
+
+
+def decode(path: Path, data: bytes, window=None) -> Image.Image:
+    """Decode one file's bytes to 8-bit L or RGB, or raise Unusable with the reason. DICOM files go through
+    medti.medical.dicom (window: a medti.medical.window.Window, else the file's own, else min-max); the patient
+    is kept in the image's `info["patient"]`, in memory only."""
+    if not data:
+        raise Unusable("empty file (0 bytes)")
+    if data[128:132] == b"DICM" or path.suffix.lower() == ".dcm":
+        with medical_errors(path):
+            image, patient = training_image(path, window)
+        image.info["patient"] = patient
+        return image
+    try:
+        with Image.open(io.BytesIO(data)) as image:
+            if getattr(image, "n_frames", 1) > 1:   # a stack/volume: taking slice 0 silently would be a guess
+                raise Unusable(f"{image.n_frames} frames in one file; export one slice per file")
+            if image.mode in REFUSED_MODES:
+                raise Unusable(f"mode {image.mode}: {REFUSED_MODES[image.mode]}")
+            image.load()   # decode now: a truncated file fails here, not later
+            return _to_8bit(image)
+    except Image.UnidentifiedImageError:   # (Unusable is none of the classes caught here, so it passes through)
+        raise Unusable(f"not an image PIL can read ({path.suffix} extension)") from None
+    except (OSError, ValueError, SyntaxError, EOFError, Image.DecompressionBombError) as e:
+        raise Unusable(f"unreadable image: {str(e).splitlines()[0] if str(e) else type(e).__name__}") from None
+
+
+
+def read_image(path: Path, window=None) -> Image.Image:
+    """One file as training data reads it: 8-bit L or RGB (16-bit rescaled by medti.images.to_8bit), or Unusable
+    with the reason. medti.quality reads evaluation and audit sets through this, so every set obeys one rule."""
+    return decode(path, file_bytes(path), window)
+
+
+def _group_cases(folder: Path, files: list[Path], channels: list[str], skip) -> dict[str, dict[str, Path]]:
+    """Match files to (case, channel). A file whose stem is a channel name (any case) belongs to the case named
+    by its folder: `CASE/t2w.png` -> case "CASE". Otherwise the text after the stem's last underscore is the
+    channel: `CASE_t2w.png` -> case "CASE" (or "sub/CASE" in a subfolder). The first rule wins. The layouts
+    may be mixed: `p1/T2W.png` and `p1_adc.png` both belong to case "p1". Other files are skipped, listed."""
+    cases: dict[str, dict[str, Path]] = {}
+    for path in files:
+        rel = path.relative_to(folder)
+        prefix, _, suffix = stem(path).rpartition("_")   # stem: without `.nii.gz`'s two suffixes too
+        if stem(path).lower() in channels:
+            case, channel = rel.parent.as_posix(), stem(path).lower()
+            if case == ".":
+                skip(rel.as_posix(), f"no case: use a folder per case (CASE/{path.name}) or CASE_{path.name}")
+                continue
+        elif prefix and suffix.lower() in channels:
+            case, channel = (rel.parent / prefix).as_posix(), suffix.lower()
+        else:
+            skip(rel.as_posix(), f"unknown channel: '{suffix}' is not one of {', '.join(channels)}")
+            continue
+        found = cases.setdefault(case, {})
+        if channel in found:
+            skip(rel.as_posix(), f"duplicate channel: {case} {channel} is {found[channel].relative_to(folder)}")
+            continue
+        found[channel] = path
+    return dict(sorted(cases.items()))
+
+
+def _load_case(folder: Path, found: dict[str, Path], channels: list[str]) -> tuple[Image.Image, dict]:
+    """Stack one case's channels as R, G, B in `channels` order (one channel: replicated like grayscale), each
+    read as 8-bit gray first (RGB exports go through PIL's ITU-R 601 luma; R=G=B stays exact). Channels of
+    different sizes skip the case: a PNG carries no spacing or field of view, and T2W and DWI/ADC usually differ
+    in both, so resizing one onto the other would silently misregister them; resample when exporting instead."""
+    missing = [c for c in channels if c not in found]
+    if missing:
+        raise Unusable(f"missing channel {', '.join(missing)} (has {', '.join(sorted(found)) or 'none'})")
+    grays, data = [], {}
+    for channel in channels:
+        rel = found[channel].relative_to(folder).as_posix()
+        try:
+            data[rel] = file_bytes(found[channel])
+            grays.append(decode(found[channel], data[rel]).convert("L"))
+        except Unusable as e:
+            raise Unusable(f"channel {channel} ({rel}): {e}") from None
+    if len({g.size for g in grays}) > 1:
+        sizes = ", ".join(f"{c} {g.width}x{g.height}" for c, g in zip(channels, grays, strict=True))
+        raise Unusable(f"channel sizes differ ({sizes}); resample them to one grid when exporting")
+    return Image.merge("RGB", grays if len(grays) == 3 else grays * 3), data
+
+
+
+def item_images(folder: Path, name: str, source, channels, options) -> tuple[list, dict]:
+    """([(name, 8-bit image, patient)], {relative path: bytes}) of one file or case (`source`: a file or
+    {channel: file}). Volumes give one image per chosen slice, all of one patient: medti.medical.slices.item."""
+    with medical_errors(source):
+        volume = volume_item(name, source, channels, options)   # None: not a volume (or a case of volumes)
+    if volume:
+        images, patient, files = volume
+        return [(n, im, patient) for n, im in images], {f.relative_to(folder).as_posix(): file_bytes(f) for f in files}
+    if channels:
+        image, data = _load_case(folder, source, channels)
+    else:
+        data = {name: file_bytes(source)}
+        image = decode(source, data[name], options.window)
+    return [(name, image, image.info.get("patient") or name)], data
+
+
+def _dicom_name(folder: Path, volume: DicomVolume, shared: bool) -> str:
+    """A DICOM volume's name: a multi-frame file's relative path; a series', its folder (`ct/case1`), or with
+    several series in that folder `ct/case1/series-3` (its Series Number, else its first file's name). No UID:
+    names reach val.txt and data.jsonl, and UIDs are identifiers under DICOM's de-identification profile."""
+    first = volume.paths[0].relative_to(folder)
+    if len(volume.paths) == 1:
+        return first.as_posix()
+    where = first.parent.as_posix()
+    if not shared:
+        return "series" if where == "." else where
+    own = f"series-{volume.number}" if volume.number is not None else first.name
+    return own if where == "." else f"{where}/{own}"
+
+
+def items(folder: Path, files: list[Path], channels: list[str] | None, skip) -> list[tuple[str, object]]:
+    """[(name, source)] in the order of each item's first file: with channels, the cases ({channel: file});
+    otherwise each file, except that DICOM files forming a volume (a series, a multi-frame file) are one item
+    (medti.medical.dicom_series.find_volumes). DICOM files are .dcm or extension-less files (medti.data.find_images
+    has checked the preamble)."""
+    if channels:
+        return list(_group_cases(folder, files, channels, skip).items())
+    dicom = [p for p in files if p.suffix.lower() in ("", ".dcm")]
+    volumes = [v for v in find_volumes(dicom) if isinstance(v, DicomVolume)]   # no pydicom: MissingExtra, one line
+    folders = [v.paths[0].parent for v in volumes if len(v.paths) > 1]
+    first = {v.paths[0]: (_dicom_name(folder, v, folders.count(v.paths[0].parent) > 1), v) for v in volumes}
+    inside = {p for v in volumes for p in v.paths[1:]}
+    return [first.get(p, (p.relative_to(folder).as_posix(), p)) for p in files if p not in inside]
