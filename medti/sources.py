@@ -94,13 +94,15 @@ def read_image(path: Path, window=None) -> Image.Image:
     return decode(path, file_bytes(path), window)
 
 
-def _group_cases(folder: Path, files: list[Path], channels: list[str], skip) -> dict[str, dict[str, Path]]:
-    """Match files to (case, channel). A file whose stem is a channel name (any case) belongs to the case named
-    by its folder: `CASE/t2w.png` -> case "CASE". Otherwise the text after the stem's last underscore is the
-    channel: `CASE_t2w.png` -> case "CASE" (or "sub/CASE" in a subfolder). The first rule wins. The layouts
-    may be mixed: `p1/T2W.png` and `p1_adc.png` both belong to case "p1". Other files are skipped, listed."""
-    cases: dict[str, dict[str, Path]] = {}
-    for path in files:
+def _group_cases(folder: Path, entries: list, channels: list[str], skip) -> dict[str, dict]:
+    """Match files to (case, channel); `entries` are (path, source): a file is its own source, and a DICOM series
+    comes as (its folder, the DicomVolume), so `CASE/t2w/IM0001...` is channel t2w of case CASE. A file whose stem
+    is a channel name (any case) belongs to the case named by its folder: `CASE/t2w.png` -> case "CASE". Otherwise
+    the text after the stem's last underscore is the channel: `CASE_t2w.png` -> case "CASE" (or "sub/CASE" in a
+    subfolder). The first rule wins. The layouts may be mixed: `p1/T2W.png` and `p1_adc.png` both belong to case
+    "p1". Other files are skipped, listed."""
+    cases: dict[str, dict] = {}
+    for path, source in entries:
         rel = path.relative_to(folder)
         prefix, _, suffix = stem(path).rpartition("_")   # stem: without `.nii.gz`'s two suffixes too
         if stem(path).lower() in channels:
@@ -115,10 +117,16 @@ def _group_cases(folder: Path, files: list[Path], channels: list[str], skip) -> 
             continue
         found = cases.setdefault(case, {})
         if channel in found:
-            skip(rel.as_posix(), f"duplicate channel: {case} {channel} is {found[channel].relative_to(folder)}")
+            skip(rel.as_posix(), f"duplicate channel: {case} {channel} is {_where(found[channel], folder)}")
             continue
-        found[channel] = path
+        found[channel] = source
     return dict(sorted(cases.items()))
+
+
+def _where(source, folder: Path) -> str:
+    path = source.paths[0].parent if isinstance(source, DicomVolume) and len(source.paths) > 1 else \
+        getattr(source, "paths", [source])[0]
+    return path.relative_to(folder).as_posix()
 
 
 def _load_case(folder: Path, found: dict[str, Path], channels: list[str]) -> tuple[Image.Image, dict]:
@@ -175,15 +183,18 @@ def _dicom_name(folder: Path, volume: DicomVolume, shared: bool) -> str:
 
 
 def items(folder: Path, files: list[Path], channels: list[str] | None, skip) -> list[tuple[str, object]]:
-    """[(name, source)] in the order of each item's first file: with channels, the cases ({channel: file});
-    otherwise each file, except that DICOM files forming a volume (a series, a multi-frame file) are one item
-    (medti.medical.dicom_series.find_volumes). DICOM files are .dcm or extension-less files (medti.data.find_images
-    has checked the preamble)."""
-    if channels:
-        return list(_group_cases(folder, files, channels, skip).items())
+    """[(name, source)] in the order of each item's first file: each file, except that DICOM files forming a volume
+    (a series, a multi-frame file: medti.medical.dicom_series.find_volumes) are one item; with channels, the cases
+    ({channel: source}), where a DICOM series is the channel its folder names. DICOM files are .dcm or
+    extension-less files (medti.data.find_images has checked the preamble)."""
     dicom = [p for p in files if p.suffix.lower() in ("", ".dcm")]
     volumes = [v for v in find_volumes(dicom) if isinstance(v, DicomVolume)]   # no pydicom: MissingExtra, one line
+    inside = {p for v in volumes for p in v.paths[1:]}
+    if channels:
+        # a series stands for its folder (`CASE/t2w/`), a multi-frame file for itself (`CASE/t2w.dcm`)
+        as_path = {v.paths[0]: (v.paths[0].parent if len(v.paths) > 1 else v.paths[0], v) for v in volumes}
+        entries = [as_path.get(p, (p, p)) for p in files if p not in inside]
+        return list(_group_cases(folder, entries, channels, skip).items())
     folders = [v.paths[0].parent for v in volumes if len(v.paths) > 1]
     first = {v.paths[0]: (_dicom_name(folder, v, folders.count(v.paths[0].parent) > 1), v) for v in volumes}
-    inside = {p for v in volumes for p in v.paths[1:]}
     return [first.get(p, (p.relative_to(folder).as_posix(), p)) for p in files if p not in inside]

@@ -207,3 +207,28 @@ def test_slice_mask_folder_for_pi_cai_cases_and_dicom_series(tmp_path):
     _write_sitk(tmp_path / "labels" / "case7.mha", mask, direction, spacing, ORIGIN)
     data = load_dataset(tmp_path / "ct", 8, slices="mask", slice_mask=str(tmp_path / "labels"))
     assert data.names == ["case7#axial003"]
+
+
+def test_channels_from_dicom_series_folders_equal_the_same_case_as_mha(tmp_path):
+    """A hospital's prostate MRI: one DICOM series per sequence, `CASE/t2w/`, `CASE/adc/`, `CASE/hbv/`, of
+    different grids; stacked exactly as the same sequences saved as `CASE/t2w.mha` ... are (resampled onto the
+    first one's grid in patient space)."""
+    grids = {"t2w": (_hu(6, 8, 8, seed=3), (0.5, 0.5), 1.5), "adc": (_hu(3, 4, 4, seed=4), (1.0, 1.0), 3.0),
+             "hbv": (_hu(3, 4, 4, seed=5), (1.0, 1.0), 3.0)}
+    (tmp_path / "mha" / "case1").mkdir(parents=True)
+    for channel, (hu, spacing, step) in grids.items():
+        uid, folder = generate_uid(), tmp_path / "dicom" / "case1" / channel
+        folder.mkdir(parents=True)
+        for k in range(len(hu)):
+            position = [float(v) for v in ORIGIN + k * step * NORMAL]
+            save(_ct(hu, k, uid, ImagePositionPatient=position, PixelSpacing=list(spacing), PatientID="PHANTOM-9"),
+                 folder / f"{channel.upper()}{k:03d}")
+        _write_sitk(tmp_path / "mha" / "case1" / f"{channel}.mha", hu.astype(np.float32),
+                    np.column_stack([ROW, COLUMN, NORMAL]), (spacing[1], spacing[0], step), ORIGIN)
+    channels = ["t2w", "adc", "hbv"]
+    dicom = load_dataset(tmp_path / "dicom", 16, channels=channels, window=None)
+    mha = load_dataset(tmp_path / "mha", 16, channels=channels)
+    assert dicom.skipped == [] and dicom.names == mha.names == [f"case1#axial{k:03d}" for k in range(6)]
+    assert dicom.patients == ["PHANTOM-9"] * 6 and mha.patients == ["case1"] * 6
+    assert (dicom.images == mha.images).all()
+    assert not (dicom.images[:, 0] == dicom.images[:, 1]).all()   # the channels differ: really three sequences

@@ -30,8 +30,8 @@ from .volume import (
     case_slices,
     parse_slices,
     plane_spacing,
-    read_case,
     read_volume,
+    resample_onto,
     square_pixels,
 )
 from .volume import slices as volume_slices
@@ -39,8 +39,9 @@ from .window import Window, display_scale
 
 
 def is_volume(path) -> bool:
-    """A volume file by its name (`.nii.gz` has two suffixes; a `.mhd` header's `.raw`/`.zraw` data is not one)."""
-    return Path(path).name.lower().endswith(SUFFIXES)
+    """A DICOM volume, or a volume file by its name (`.nii.gz` has two suffixes; a `.mhd` header's `.raw`/`.zraw`
+    data is not one)."""
+    return isinstance(path, DicomVolume) or Path(path).name.lower().endswith(SUFFIXES)
 
 
 def stem(path) -> str:
@@ -136,15 +137,29 @@ def dicom_images(source: DicomVolume, name: str, options: SliceOptions) -> tuple
     return _sliced(volume, name, options, mask), first.patient_id
 
 
-def case_images(paths: list[Path], case: str, options: SliceOptions) -> list[tuple[str, Image.Image]]:
-    """[(`case#planeNNN`, RGB image)]: a case's sequence volumes on the first one's grid (read_case), each scaled
-    over its own volume (sequences have unrelated units), slices stacked in `paths` order; one volume: gray."""
-    volumes = [_scaled(v, options.window) for v in read_case(paths, case)]
+def _read_source(source, case: str):
+    """(Volume, its own window, photometric interpretation, PatientID) of a volume file or a DICOM volume."""
+    if isinstance(source, DicomVolume):
+        volume, first = source.read(str(source.paths[0]), case)
+        return volume, first.window, first.photometric, first.patient_id
+    return read_volume(source, case), None, "MONOCHROME2", None
+
+
+def case_images(sources: list, case: str, options: SliceOptions) -> tuple[list, str | None]:
+    """([(`case#planeNNN`, RGB image)], the first sequence's PatientID or None): a case's sequence volumes (files or
+    DICOM series) on the first one's grid (resample_onto, as read_case), each scaled over its own volume (sequences
+    have unrelated units) by --window, else its own window, else min-max; slices stacked in `sources` order; one
+    volume: gray."""
+    read = [_read_source(s, case) for s in sources]
+    reference = read[0][0]
+    volumes = [reference] + [resample_onto(v, reference) for v, *_ in read[1:]]
+    volumes = [_scaled(v, options.window or own, photometric)
+               for v, (_, own, photometric, _) in zip(volumes, read, strict=True)]
     spacing = plane_spacing(volumes[0], options.plane)
-    mask = _mask_for(paths[0], case.rpartition("/")[2], options)
+    mask = _mask_for(data_files(sources[0])[0], case.rpartition("/")[2], options)
     chosen = case_slices(volumes, options.plane, options.spec, mask)
     rgb = [(k, s if s.shape[-1] == 3 else np.repeat(s, 3, -1)) for k, s in chosen]
-    return _named(case, options, [(k, _to_image(s, spacing)) for k, s in rgb])
+    return _named(case, options, [(k, _to_image(s, spacing)) for k, s in rgb]), read[0][3]
 
 
 def item(name: str, source, channels: list | None, options: SliceOptions):
@@ -162,18 +177,20 @@ def item(name: str, source, channels: list | None, options: SliceOptions):
             if any(is_volume(p) for p in source.values()) and set(channels) <= set(source):
                 raise MedicalError("channels mix volumes and 2-D images; give every sequence as a volume")
             return None
-        paths = [source[c] for c in channels]
-        patient = name.rpartition("/")[0] or name
-        return case_images(paths, name, options), patient, [f for p in paths for f in data_files(p)]
+        sources = [source[c] for c in channels]
+        images, patient = case_images(sources, name, options)
+        return images, patient or name.rpartition("/")[0] or name, [f for p in sources for f in data_files(p)]
     if not is_volume(source):
         return None
     patient = name.rpartition("/")[0] or stem(source)
     return volume_images(source, name, options), patient, data_files(source)
 
 
-def data_files(path: Path) -> list[Path]:
-    """The files a volume's pixels come from, for the data fingerprint: the file, and a `.mhd` header's
-    ElementDataFile (`.raw`/`.zraw`) when it is one file in the same folder."""
+def data_files(path) -> list[Path]:
+    """The files a volume's pixels come from, for the data fingerprint: a DICOM volume's files; the file, and a
+    `.mhd` header's ElementDataFile (`.raw`/`.zraw`) when it is one file in the same folder."""
+    if isinstance(path, DicomVolume):
+        return list(path.paths)
     if not path.name.lower().endswith(".mhd"):
         return [path]
     for line in path.read_text(errors="replace").splitlines():
