@@ -238,3 +238,26 @@ def test_without_pydicom_one_line_names_the_extra(tmp_path):
                           env={**os.environ, "PYTHONPATH": str(Path(__file__).parent.parent)})
     assert done.stdout.strip().endswith('pip install "medti[medical]"'), done.stdout + done.stderr
     assert done.stdout.startswith("MissingExtra x.dcm:")   # MedicalError's subclass for the extra
+
+
+def test_compressed_syntaxes_pydicom_decodes_itself(tmp_path):
+    """RLE Lossless (pydicom's own encoder and decoder, PS3.5 Annex G) and Deflated Explicit VR (zlib, PS3.5 A.5)
+    need no extra codec: read back to the same modality values as the uncompressed file."""
+    from pydicom.uid import DeflatedExplicitVRLittleEndian, RLELossless
+    stored = np.random.default_rng(7).integers(0, 4000, (2, 9, 11)).astype(np.uint16)   # two frames
+    plain = read_dicom(save(image(stored, Modality="CT", RescaleSlope=1, RescaleIntercept=-1024), tmp_path / "a.dcm"))
+    ds = image(stored, Modality="CT", RescaleSlope=1, RescaleIntercept=-1024)
+    ds.compress(RLELossless)
+    rle = read_dicom(save(ds, tmp_path / "rle.dcm"))
+    deflated = image(stored, syntax=DeflatedExplicitVRLittleEndian, Modality="CT", RescaleSlope=1,
+                     RescaleIntercept=-1024)
+    flat = read_dicom(save(deflated, tmp_path / "deflated.dcm"))
+    assert str(pydicom_syntax(tmp_path / "rle.dcm")) == RLELossless   # really compressed on disk
+    for other in (rle, flat):
+        np.testing.assert_array_equal(other.pixels, plain.pixels)
+    np.testing.assert_array_equal(plain.pixels, stored.astype(np.float32) - 1024)
+
+
+def pydicom_syntax(path):
+    import pydicom
+    return pydicom.dcmread(path, stop_before_pixels=True).file_meta.TransferSyntaxUID
