@@ -162,6 +162,15 @@ def adapters(model: nn.Module) -> dict[str, LoRA]:
     return {name: module for name, module in model.named_modules() if isinstance(module, LoRA)}
 
 
+def owner(model: nn.Module, adapter: str) -> str:
+    """The layer path `attach` takes for an adapter path (as `adapters` names them): `x.lora` -> x, `attn.lora_q` ->
+    attn, and SD2's `attn.out_proj.lora` -> attn (its LoRAFusedAttention adapts out_proj too)."""
+    layer = adapter.rpartition(".")[0]
+    parent = layer.rpartition(".")[0]
+    fused = layer.endswith(".out_proj") and isinstance(model.get_submodule(parent), (SelfAttention, LoRAFusedAttention))
+    return parent if fused else layer
+
+
 def install(model: nn.Module, name: str, lora: LoRA):
     """Put `lora` at the adapter path `name` (as `adapters` names them), replacing the one there: files may hold
     a different rank or alpha per layer (kohya's rank_pattern/alpha_pattern, peft's rank_pattern)."""
