@@ -95,7 +95,11 @@ def test_cli_train_and_generate_on_sd1_folder_and_file(sd1, tmp_path, monkeypatc
     learned = E.read(tmp_path / "run" / "t.safetensors")
     assert learned.vectors.shape == (2, 32) and learned.meta["base_model"] == str(folder)
     assert train.main(train_args(file, data, tmp_path / "run-file", "--config", str(config))) == 0
-    assert torch.equal(E.read(tmp_path / "run-file" / "t.safetensors").vectors, learned.vectors)
+    # Same weights through two loaders: equal to float rounding, not bit for bit -- oneDNN picks CPU kernels by the
+    # tensors' alignment and layout, which differ between a folder's assembled tensors and one file's (Zen 4 with
+    # AVX-512: 3.4e-6 of the largest entry after 2 steps; 0 on Sapphire Rapids). Bound: 1e-5 of the largest entry.
+    vectors = E.read(tmp_path / "run-file" / "t.safetensors").vectors
+    assert (vectors - learned.vectors).abs().max() <= 1e-5 * learned.vectors.abs().max()
 
     embedding = tmp_path / "run" / "t.safetensors"
     assert generate.main(generate_args(folder, embedding, tmp_path / "gen", "--prompt", "<t> :0.6 AND a chest x-ray "
