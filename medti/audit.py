@@ -4,7 +4,10 @@
 
 Every synthetic image gets its nearest training image and a similarity in [0, 1] (1: the same image up to noise,
 exposure, a shift of up to 6 % or a mirror); at or above --threshold it is flagged as a near-copy. No weights are
-downloaded: medti/quality/privacy.py explains the method and how the threshold was chosen.
+downloaded: medti/quality/privacy.py explains the method and how the threshold was chosen. --train is read as
+medti.train reads --data (DICOM series, volumes, --channels cases; the data flags under the same names), and
+patients as training knows them: the baseline compares different patients only, and the report names the patient
+each flagged image copies by a pseudonym (patient-001, ... in the order met), never by its PatientID.
 
 Writes into --out: audit.json (every image: file, nearest, similarity, flagged), audit.md (the report a privacy
 officer reads), flagged.png (each flagged image beside its nearest training image; only when something is flagged)
@@ -16,6 +19,8 @@ import argparse
 import sys
 from pathlib import Path
 
+import torch
+
 from minisd.errors import UserError, arg
 
 from .cli import ArgumentParser, resolve_device, run_main
@@ -24,7 +29,8 @@ from .images import save_png
 from .quality import privacy
 from .quality.audit_report import Audit, Opinion, outputs
 from .quality.features import DEFAULT_DINOV2, encode, load_network
-from .quality.folders import load_set, read_manifest
+from .quality.folders import DATA_FLAGS, Reading, load_set, read_manifest, reading
+from .train_config import add_flags
 
 # Images are reduced to this side as they are read: the method compares 64-px descriptors and the sheets show
 # thumbnails, so a 3,000 x 3,000 chest X-ray export costs 0.8 MB in memory instead of 27 MB (3,000 of them: 2.4
@@ -60,11 +66,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--dinov2", metavar="NAME_OR_FOLDER", help=f"DINOv2 release or local folder for --features "
                                                                f"dinov2 (default {DEFAULT_DINOV2})")
     p.add_argument("--device", default="cpu", help="where DINOv2 runs (cpu, cuda, cuda:N)")
+    # medti.train's own flags (names, helps, defaults): --train is then read exactly as training read --data
+    add_flags(p.add_argument_group("how --train is read (as medti.train reads --data)"), DATA_FLAGS)
     return p
 
 
-def check_args(args):
-    """Everything that can be checked before a folder is made or an image read."""
+def check_args(args) -> Reading:
+    """Everything that can be checked before a folder is made or an image read; returns how --train is read."""
     if not 0 < args.threshold <= 1:   # NaN fails this too
         raise AuditError(f"--threshold {args.threshold:g}: must be in (0, 1]; the default is {privacy.THRESHOLD:g}")
     out, synthetic = Path(args.out), Path(args.synthetic)
@@ -77,6 +85,7 @@ def check_args(args):
         raise AuditError("--dinov2 is the network of --features dinov2; add --features dinov2 or leave it out")
     if args.manifest and not Path(args.manifest).is_file():
         raise AuditError(f"--manifest {args.manifest}: no such file; give the run's manifest.jsonl")
+    return reading(args)
 
 
 def check_folder(out: Path):
@@ -104,20 +113,31 @@ def say(text: str):
     print(f"medti.audit: {text}", file=sys.stderr)
 
 
-def compare(args) -> Audit:
+def baseline(ref: privacy.Reference, train_desc: torch.Tensor, patients: list) -> privacy.Match | None:
+    """How alike different training patients are: each training image's nearest image of another patient (never
+    of its own: a scan's adjacent slices are near-copies of each other). None when all are of one patient."""
+    number = {p: i for i, p in enumerate(dict.fromkeys(patients))}
+    if len(number) < 2:
+        say(f"all {len(patients)} training images are of one patient: no baseline between different patients")
+        return None
+    return privacy.nearest(ref, train_desc, groups=torch.tensor([number[p] for p in patients]))
+
+
+def compare(args, how: Reading) -> Audit:
     say(f"reading {args.train} and {args.synthetic}")
     # minimum 2: the template is the training set's mean, and one image is not a set
-    train = load_set(args.train, "train", minimum=2, max_side=READ_SIDE)
+    train = load_set(args.train, "train", minimum=2, max_side=READ_SIDE, how=how)
     synthetic = load_set(args.synthetic, "synthetic", max_side=READ_SIDE)
     records = manifest_records(args, synthetic)
     # the second opinion's network is loaded before the comparison: offline or a wrong folder fails in seconds
     net = load_network("dinov2", dinov2_name=args.dinov2, device=resolve_device(args.device)) \
         if args.features == "dinov2" else None
-    say(f"comparing {len(synthetic.names)} synthetic with {len(train.names)} training images")
+    say(f"comparing {len(synthetic.names)} synthetic with {len(train.names)} training images of "
+        f"{len(set(train.patients))} patient(s)")
     train_desc = privacy.descriptors(train.images)
     ref = privacy.fit(train_desc)
     match = privacy.nearest(ref, privacy.descriptors(synthetic.images))
-    own = privacy.nearest(ref, train_desc, exclude_self=True)   # how alike different training patients are
+    own = baseline(ref, train_desc, train.patients)
     given = {"train": args.train, "synthetic": args.synthetic, "manifest": args.manifest}
     opinion = second_opinion(net, train.images, synthetic.images) if net else None
     return Audit(train, synthetic, match, own, args.threshold, records, given, opinion)
@@ -149,10 +169,10 @@ def replace_outputs(out: Path, texts: dict, images: dict):
 
 
 def run(args) -> int:
-    check_args(args)
+    how = check_args(args)
     with claim_folder(args.out) as out:
         check_folder(out)
-        audit = compare(args)
+        audit = compare(args, how)
         replace_outputs(out, *outputs(audit))
     n, m = len(audit.flagged), len(audit.synthetic.names)
     print(f"{n} of {m} synthetic images flagged as near-copies (similarity >= {args.threshold:g}; highest "

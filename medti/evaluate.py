@@ -8,7 +8,9 @@
 FID, KID (full sets, and mean +- std over subsets), precision/recall and MS-SSIM diversity, computed as
 torchmetrics, torch-fidelity and pytorch-msssim compute them (the equality is tested on identical weights), on
 Inception-v3 features (FID's network, from torch-fidelity's weights file) or DINOv2 features (FD-DINOv2).
-Writes OUT/report.json, OUT/report.md, OUT/samples.png and OUT/nearest.png.
+Writes OUT/report.json, OUT/report.md, OUT/samples.png and OUT/nearest.png. A --real folder is read as medti.train
+reads --data (DICOM series, volumes, --channels cases; the data flags under the same names), with its patients: the
+real-to-real baseline of nearest.png compares images of different patients only.
 """
 import argparse
 import sys
@@ -21,11 +23,12 @@ from minisd.sampling import SAMPLERS
 from .cli import ArgumentParser, resolve_device, run_main
 from .files import claim_folder, inside
 from .quality.features import DEFAULT_DINOV2, FEATURES, EvalError, encode, load_network
-from .quality.folders import load_set
+from .quality.folders import DATA_FLAGS, Reading, load_set, reading, set_flags
 from .quality.report import write_report
 from .quality.run_scores import score_run, step_files
 from .quality.scoring import check_sizes, progress, real_side, score
 from .quality.stats import save_features, save_stats
+from .train_config import add_flags
 
 EXAMPLE = """examples:
   python -m medti.evaluate --real data/cardiomegaly --fake synthetic/cardiomegaly --out eval/cardiomegaly
@@ -65,6 +68,8 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--steps", type=int, default=25, help="sampler steps (default: 25)")
     run.add_argument("--sampler", choices=list(SAMPLERS), default="dpmpp_2m", help="sampler (default: dpmpp_2m)")
     add("--device", default="cuda" if torch.cuda.is_available() else "cpu", help="cpu or cuda[:N]")
+    # medti.train's own flags (names, helps, defaults): a --real folder is then read exactly as training read --data
+    add_flags(p.add_argument_group("how a --real folder is read (as medti.train reads --data)"), DATA_FLAGS)
     return p
 
 
@@ -89,8 +94,8 @@ def check_out(args):
                         "one an earlier evaluation wrote")
 
 
-def check_args(args):
-    """Every flag mistake before anything is loaded or encoded."""
+def check_args(args) -> Reading:
+    """Every flag mistake before anything is loaded or encoded; returns how a --real folder is read."""
     if args.fake and args.run:
         raise EvalError("--fake and --run exclude each other: score one folder of images, or a run's saved steps")
     if not args.fake and not args.run and not args.save_stats:
@@ -119,13 +124,17 @@ def check_args(args):
         check_out(args)
     if args.run:
         step_files(Path(args.run))   # a folder without saved steps fails now, not after the real set is encoded
+    if Path(args.real).suffix == STATS_SUFFIX and set_flags(args):
+        raise EvalError(f"{set_flags(args)[0]} says how a --real folder is read; --real {args.real} is a statistics "
+                        "file, read when it was saved: leave it out")
+    return reading(args)
 
 
 def run(args):
-    check_args(args)
+    how = check_args(args)
     device = resolve_device(args.device)
     # Both sets are read before the network is loaded or anything encoded: a wrong folder fails in seconds.
-    real_set = None if Path(args.real).suffix == STATS_SUFFIX else load_set(args.real, "real", minimum=2)
+    real_set = None if Path(args.real).suffix == STATS_SUFFIX else load_set(args.real, "real", minimum=2, how=how)
     fake_set = load_set(args.fake, "fake", minimum=2) if args.fake else None
     if real_set and fake_set:
         check_sizes(args, len(real_set.names), len(fake_set.names))

@@ -3,16 +3,19 @@ privacy officer reads) and the contact sheets flagged.png / closest.png, which p
 nearest training image so that a person can judge the pair.
 
 Nothing here reads image metadata: the only names that leave the audit are the images' paths relative to the
-folders given (and, for flagged images, the prompt and seed of the run's manifest).
+folders given (and, for flagged images, the prompt and seed of the run's manifest). Training patients are named
+by pseudonyms alone (medti.quality.folders.pseudonyms): the patient itself (a DICOM PatientID) is never written.
 """
 import json
 from dataclasses import dataclass
+from functools import cached_property
 
 import numpy as np
 from PIL import Image, ImageOps
 
 from ..images import contact_sheet, label
 from . import privacy
+from .audit_patients import copied_lines, copied_patients, described, patient_rows, training_set
 from .folders import ImageSet
 
 SHEET_PAIRS = 24   # pairs per sheet at most: beyond that a sheet is too large to look at; audit.md lists them all
@@ -35,7 +38,7 @@ class Audit:
     train: ImageSet
     synthetic: ImageSet
     match: privacy.Match   # nearest training image of each synthetic image
-    own: privacy.Match     # nearest *other* training image of each training image
+    own: privacy.Match | None   # nearest image of another patient of each training image; None: one patient
     threshold: float
     records: dict          # synthetic name -> manifest record (may be empty)
     given: dict            # flag -> the path as typed ("train", "synthetic", "manifest")
@@ -47,6 +50,15 @@ class Audit:
         sim = self.match.similarity
         return sorted((i for i in range(len(sim)) if sim[i] >= self.threshold), key=lambda i: -sim[i].item())
 
+    @cached_property
+    def patient(self) -> list:
+        """The pseudonym of each training row's patient."""
+        return patient_rows(self.train)
+
+    @property
+    def copied(self) -> list:
+        return copied_patients(self.patient, [self.match.index[i].item() for i in self.flagged])
+
     def closest_unflagged(self, n: int) -> list:
         sim = self.match.similarity
         return sorted((i for i in range(len(sim)) if sim[i] < self.threshold), key=lambda i: -sim[i].item())[:n]
@@ -56,7 +68,9 @@ def entry(a: Audit, i: int) -> dict:
     """One synthetic image's line in audit.json. shift_percent: [down, right] in percent of the height and width,
     of the synthetic image's content (mirrored back first when `mirrored`) relative to the training image."""
     sim = a.match.similarity[i].item()
-    found = {"file": a.synthetic.names[i], "nearest": a.train.names[a.match.index[i]], "similarity": round(sim, 4),
+    j = a.match.index[i].item()
+    found = {"file": a.synthetic.names[i], "nearest": a.train.names[j], "nearest_patient": a.patient[j],
+             "similarity": round(sim, 4),
              "flagged": sim >= a.threshold, "mirrored": bool(a.match.mirrored[i]),
              "shift_percent": [round(100 * s / privacy.SIZE, 1) for s in a.match.shift[i].tolist()]}
     if a.opinion:
@@ -69,22 +83,33 @@ def entry(a: Audit, i: int) -> dict:
 
 
 def near_duplicates(a: Audit) -> list:
-    """Training images whose nearest other training image scores at or above the threshold (a patient twice?)."""
+    """Training images whose nearest image of another patient scores at or above the threshold (one patient under
+    two IDs? a threshold too low for the modality?)."""
+    if a.own is None:
+        return []
     sim = a.own.similarity
     return [{"file": a.train.names[i], "nearest": a.train.names[a.own.index[i]], "similarity": round(sim[i].item(), 4)}
             for i in range(len(sim)) if sim[i] >= a.threshold]
 
 
+def baseline_summary(a: Audit) -> dict:
+    if a.own is None:
+        return {"highest": None, "median": None, "near_duplicates": [],
+                "note": "one patient: no images of different patients to compare"}
+    own = a.own.similarity
+    return {"highest": round(own.max().item(), 4), "median": round(own.median().item(), 4),
+            "near_duplicates": near_duplicates(a)}
+
+
 def report(a: Audit, sheets: dict) -> dict:
     """The content of audit.json. sheets: output name -> written or not."""
-    own = a.own.similarity
     summary = {
-        "n_synthetic": len(a.synthetic.names), "n_train": len(a.train.names), "flagged": len(a.flagged),
+        "n_synthetic": len(a.synthetic.names), "n_train": len(a.train.names), "train_set": training_set(a.train),
+        "flagged": len(a.flagged), "flagged_by_patient": a.copied,
         "threshold": a.threshold, "highest_similarity": round(a.match.similarity.max().item(), 4),
         "method": "whitened normalised cross-correlation, shared template removed, over shifts up to "
                   f"{100 * privacy.MARGIN / privacy.SIZE:g} % and the mirror (medti.quality.privacy); no weights",
-        "train_vs_train": {"highest": round(own.max().item(), 4), "median": round(own.median().item(), 4),
-                           "near_duplicates": near_duplicates(a)},
+        "train_vs_train": baseline_summary(a),   # images of different patients only
         "calibration": privacy.MEASURED,
         "skipped": {"train": [list(s) for s in a.train.skipped], "synthetic": [list(s) for s in a.synthetic.skipped]},
         "sheets": {name: name if written else None for name, written in sheets.items()},
@@ -119,17 +144,18 @@ def sheet(a: Audit, rows: list) -> Image.Image:
         how = ("mirrored, " if a.match.mirrored[i] else "") + "shift {:+.1f} %, {:+.1f} %".format(
             *(100 * s / privacy.SIZE for s in a.match.shift[i].tolist()))
         items += [tile(a.synthetic.images[i], caption(a, i)),
-                  tile(a.train.images[j], f"training: {a.train.names[j]}\n{how}")]
+                  tile(a.train.images[j], f"training: {a.train.names[j]}\n{a.patient[j]}\n{how}")]
     return contact_sheet(items, columns=4 if len(items) > 2 else 2)
 
 
 def table(a: Audit, rows: list) -> list:
-    lines = ["| synthetic | nearest training image | similarity | mirrored | prompt | seed |",
-             "|---|---|---|---|---|---|"]
+    lines = ["| synthetic | nearest training image | its patient | similarity | mirrored | prompt | seed |",
+             "|---|---|---|---|---|---|---|"]
     for i in rows:
         e, record = entry(a, i), a.records.get(a.synthetic.names[i]) or {}
         prompt = str(record.get("prompt", "")).replace("|", "\\|")
-        lines.append(f"| {e['file']} | {e['nearest']} | {e['similarity']:.3f} | {'yes' if e['mirrored'] else 'no'} "
+        lines.append(f"| {e['file']} | {e['nearest']} | {e['nearest_patient']} | {e['similarity']:.3f} | "
+                     f"{'yes' if e['mirrored'] else 'no'} "
                      f"| {prompt} | {record.get('seed', '')} |")
     return lines
 
@@ -145,21 +171,29 @@ def verdict(a: Audit) -> str:
             "see *What this does not check*.")
 
 
+def baseline_line(a: Audit) -> str:
+    if a.own is None:
+        return (f"- This training set against itself: not computed, as all {len(a.train.names)} training images are "
+                "of one patient (there is no other patient to compare with).")
+    own = a.own.similarity
+    return (f"- This training set against itself: the most similar pair of images of different training patients "
+            f"scores {own.max().item():.3f} (median nearest {own.median().item():.3f}). Images of one patient are "
+            "not compared with each other: adjacent slices of a scan, or two views of a chest, are near-copies.")
+
+
 def calibration_lines(a: Audit) -> list:
-    m, own = privacy.MEASURED, a.own.similarity
+    m = privacy.MEASURED
     lines = [f"- Threshold: **{a.threshold:g}** (`--threshold`; default {privacy.THRESHOLD:g}).",
              f"- Measured at the default on a simulated chest X-ray modality whose patients all share the look "
              f"(`python tests/test_privacy.py`): planted copies flagged **{m['copies_flagged']} of {m['copies']}** "
              "(identical, noise, brightness/contrast, gamma, a 2 %/5 % shift, mirrored, JPEG, all at once); "
              f"other patients and look-alikes flagged **{m['others_flagged']} of {m['others']}**. Lowest copy "
-             f"{m['lowest_copy']}, highest non-copy {m['highest_other']}.",
-             f"- This training set against itself: the most similar pair of different training images scores "
-             f"{own.max().item():.3f} (median nearest {own.median().item():.3f})."]
+             f"{m['lowest_copy']}, highest non-copy {m['highest_other']}.", baseline_line(a)]
     dupes = near_duplicates(a)
     if dupes:
-        lines.append(f"- **Warning: {len(dupes)} training images have a near-duplicate in the training set** (e.g. "
+        lines.append(f"- **Warning: {len(dupes)} training images have a near-duplicate of another patient** (e.g. "
                      f"{dupes[0]['file']} ~ {dupes[0]['nearest']}, {dupes[0]['similarity']:.3f}; all in audit.json, "
-                     "summary.train_vs_train.near_duplicates): the same patient twice, or a threshold too low for "
+                     "summary.train_vs_train.near_duplicates): one patient under two IDs, or a threshold too low for "
                      "this modality. A copy of such an image may name either as its nearest.")
     return lines
 
@@ -170,7 +204,7 @@ def markdown(a: Audit, sheets: dict) -> str:
     lines = ["# Privacy audit: are synthetic images near-copies of training images?", "", verdict(a), "",
              "## What was checked", "",
              f"- Synthetic set `{a.given['synthetic']}`: {len(a.synthetic.names)} images; training set "
-             f"`{a.given['train']}`: {len(a.train.names)} images"
+             f"`{a.given['train']}`: {described(training_set(a.train))}"
              + (f" ({skipped} unreadable files skipped, listed in audit.json)." if skipped else "."),
              "- Every synthetic image against every training image, with no downloaded weights: both in gray, at "
              f"{privacy.SIZE} x {privacy.SIZE}, brightness and contrast normalised, what all training images share "
@@ -179,7 +213,7 @@ def markdown(a: Audit, sheets: dict) -> str:
              "mirror image. Similarity 1 = the same image up to those changes and mild noise; on simulated chest "
              "X-rays other patients scored 0.53-0.79 (this set's own figure is below).", "",
              "## The threshold and how well it works", "", *calibration_lines(a), "", "## Flagged images", ""]
-    lines += table(a, a.flagged) if a.flagged else ["None."]
+    lines += table(a, a.flagged) + copied_lines(a.copied) if a.flagged else ["None."]
     lines += ["", f"## The {CLOSEST} most similar unflagged images", ""]
     lines += table(a, a.closest_unflagged(CLOSEST)) if a.closest_unflagged(1) else ["None: every image is flagged."]
     lines += opinion_lines(a)

@@ -1,5 +1,6 @@
-"""The image sets that evaluation and the audit compare: a folder read like training data, or a generation run
-(its manifest.jsonl, or a folder that holds one), each image kept as uint8 RGB at its own size.
+"""The image sets that evaluation and the audit compare: a folder read like training data (through
+medti.data.read_items, the reader training uses: DICOM series, volumes and --channels cases included), or a
+generation run (its manifest.jsonl, or a folder that holds one), each image kept as uint8 RGB at its own size.
 
 Why uint8 at the native size: torch-fidelity's and torchmetrics' feature extractors take uint8 images and resize
 them themselves (to 299 for Inception, 224 for DINOv2), so the network code owns the one resize, exactly as the
@@ -15,8 +16,16 @@ from PIL import Image
 
 from minisd.errors import UserError, arg
 
-from ..data import Unusable, find_images, read_image, warn_skipped
+from ..data import DataError, Unusable, _checked, read_image, read_items, warn_skipped
 from ..manifest import MERGED
+from ..medical.slices import SliceOptions, check_options
+from ..medical.window import parse_window
+from ..train_config import TrainConfig
+
+# medti.train's flags that decide what a folder's images are, taken by evaluate (--real) and the audit (--train)
+# under the same names and helps (medti.train_config.add_flags). --preprocess is not among them: both keep the
+# native size (see above); nor --strict: a skipped file is listed, as in training by default.
+DATA_FLAGS = ("channels", "window", "plane", "slices", "slice_mask")
 
 
 class SetError(UserError):
@@ -30,6 +39,39 @@ class ImageSet:
     root: Path              # the folder the names are relative to
     skipped: list = field(default_factory=list)   # (name, reason)
     records: dict = field(default_factory=dict)   # name -> manifest record (prompt, seed, ...) for a run
+    # per image: its patient as training reads it (the DICOM PatientID, else the case folder or file; for a run,
+    # the image's own name). In memory only: outputs name patients by pseudonyms() alone.
+    patients: list = field(default_factory=list)
+
+
+@dataclass(frozen=True)
+class Reading:
+    """How a folder's images are read: the data flags, checked (reading())."""
+    channels: list | None = None
+    options: SliceOptions = field(default_factory=check_options)
+
+
+def reading(args) -> Reading:
+    """The data flags of `args` (DATA_FLAGS, as add_flags made them) checked before any image is read; a mistake
+    is one line naming the flag."""
+    channels = [c.strip() for c in args.channels.split(",")] if args.channels else None
+    try:
+        channels = _checked("center", 1, channels)   # training's own rule for --channels (medti.data)
+    except DataError as e:
+        raise SetError(f"--channels {args.channels}: {e}") from None
+    window = parse_window(args.window, "--window") if args.window else None
+    return Reading(channels, check_options(args.plane, args.slices, args.slice_mask, window))
+
+
+def set_flags(args) -> list:
+    """The data flags set to something other than medti.train's default (for a set they cannot apply to)."""
+    return [f"--{name.replace('_', '-')}" for name in DATA_FLAGS if getattr(args, name) != getattr(TrainConfig, name)]
+
+
+def pseudonyms(patients: list) -> dict:
+    """patient -> "patient-001", ... numbered in the order met, as `python -m medti.data preview` numbers them:
+    the only way a patient is named in an output file (a PatientID is an identifier)."""
+    return {p: f"patient-{i + 1:03d}" for i, p in enumerate(dict.fromkeys(patients))}
 
 
 def read_manifest(path: Path, flag: str) -> dict:
@@ -47,8 +89,9 @@ def read_manifest(path: Path, flag: str) -> dict:
     return records
 
 
-def _files(path: Path, flag: str) -> tuple[Path, list, dict]:
-    """(root, image paths, manifest records) for a folder, a folder with a manifest, or a manifest file."""
+def _files(path: Path, flag: str) -> tuple[Path, list | None, dict]:
+    """(root, image paths, manifest records) for a manifest file or a folder with one; (the folder, None, {}) for
+    a folder, which read_items lists itself."""
     if path.is_file() and path.suffix == ".jsonl":
         records = read_manifest(path, flag)
         return path.parent, [path.parent / name for name in records], records
@@ -56,7 +99,7 @@ def _files(path: Path, flag: str) -> tuple[Path, list, dict]:
         # A generation run: its manifest names the images, so grid.png (the --grid contact sheet) stays out.
         return _files(path / MERGED, flag)
     if path.is_dir():
-        return path, find_images(path), {}
+        return path, None, {}
     hint = "no such folder or file" if not path.exists() else "not a folder of images or a manifest.jsonl"
     raise SetError(f"{arg(flag)} {path}: {hint}")
 
@@ -66,29 +109,48 @@ def to_uint8(image) -> torch.Tensor:
     return torch.from_numpy(np.asarray(image.convert("RGB")).copy()).permute(2, 0, 1).contiguous()
 
 
-def load_set(path, flag: str, minimum: int = 1, max_side: int | None = None) -> ImageSet:
-    """Every usable image of a set; unusable files are listed in `skipped`. Fewer than `minimum` usable images is
-    a SetError that names the flag, the path and what was skipped. `max_side`: images larger than that are reduced
-    (aspect kept, Lanczos) as they are read, for users of the set that never look closer (the audit); evaluation
-    keeps the native size, because its networks' resize from the full image is part of the reference figures."""
-    path = Path(path)
-    root, files, records = _files(path, flag)
-    images, names, skipped = [], [], []
+def _small(image, max_side: int | None):
+    if max_side and max(image.size) > max_side:
+        image.thumbnail((max_side, max_side), Image.LANCZOS)
+    return to_uint8(image)
+
+
+def _run_images(root: Path, files: list, max_side, skipped: list):
+    """(name, uint8 image, patient) of each image a manifest lists, read file by file (a run's images are PNG or
+    DICOM files of their own; each is its own "patient")."""
     for file in files:
         name = file.relative_to(root).as_posix()
         try:
             if not file.is_file():
                 raise Unusable("listed in the manifest but missing")
-            image = read_image(file)
-            if max_side and max(image.size) > max_side:
-                image.thumbnail((max_side, max_side), Image.LANCZOS)
-            images.append(to_uint8(image))
-            names.append(name)
+            yield name, _small(read_image(file), max_side), name
         except Unusable as e:
             skipped.append((name, str(e)))
+
+
+def _folder_images(folder: Path, how: Reading, max_side, skipped: list):
+    """(name, uint8 image, patient) of each image of a folder, exactly as training lists and reads them (before
+    --preprocess); the files' bytes, which training hashes, are dropped at once."""
+    for images, _ in read_items(folder, how.channels, how.options, lambda name, why: skipped.append((name, why))):
+        for name, image, patient in images:
+            yield name, _small(image, max_side), patient
+
+
+def load_set(path, flag: str, minimum: int = 1, max_side: int | None = None, how: Reading = Reading()) -> ImageSet:
+    """Every usable image of a set; unusable files are listed in `skipped`. Fewer than `minimum` usable images is
+    a SetError that names the flag, the path and what was skipped. `max_side`: images larger than that are reduced
+    (aspect kept, Lanczos) as they are read, for users of the set that never look closer (the audit); evaluation
+    keeps the native size, because its networks' resize from the full image is part of the reference figures.
+    `how`: the data flags for a folder (a run's images are read as they are)."""
+    path = Path(path)
+    root, files, records = _files(path, flag)
+    skipped = []
+    rows = list(_run_images(root, files, max_side, skipped) if files is not None else
+                _folder_images(root, how, max_side, skipped))
+    names, images, patients = ([row[i] for row in rows] for i in range(3))
     warn_skipped(skipped, arg(flag))
     if len(images) < minimum:
         found = f"{len(images)} usable image(s)" + (f", {len(skipped)} skipped, e.g. {': '.join(skipped[0])}"
                                                    if skipped else "")
         raise SetError(f"{arg(flag)} {path}: {found}; at least {minimum} needed")
-    return ImageSet(images, names, root, skipped, {n: records[n] for n in names if n in records})
+    return ImageSet(images, names, root, skipped, {n: records[n] for n in names if n in records}, patients)

@@ -213,16 +213,22 @@ def precision_recall(real, fake, k: int = 3) -> tuple[float, float]:
     return float(fake_inside.double().mean()), float(real_inside.double().mean())
 
 
-def nearest_real(real, fake, leave_one_out: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+def nearest_real(real, fake, leave_one_out: bool = False,
+                 groups: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """(distance [M] float64, index [M]) of each fake image's nearest real image in feature space (Euclidean), for
     the report's histogram: a synthetic image much closer to a real one than real images are to each other
-    deserves a look. leave_one_out (fake is real): each image's distance to itself is left out, real-to-real."""
+    deserves a look. groups [N] (fake is real): each image's patient (integer labels); every image of its own
+    patient is left out, real to nearest real of another patient (adjacent slices of one scan are near-copies and
+    would make real images look like copies of each other). leave_one_out: the same with every image its own
+    patient. A patient holding every image has no other: its distances are inf (the caller says so instead)."""
     real, fake = _pair(real, fake, minimum=1)
+    if leave_one_out and groups is None:
+        groups = torch.arange(real.shape[0])
     distances, indices = [], []
     for rows in _blocks(fake.shape[0], real.shape[0]):
         squared = _squared_distances(fake[rows], real)
-        if leave_one_out:   # row i of this block is image rows.start + i
-            squared[torch.arange(squared.shape[0]), torch.arange(rows.start, rows.stop)] = math.inf
+        if groups is not None:   # row i of this block is image rows.start + i
+            squared[groups[rows, None] == groups[None]] = math.inf
         best = squared.min(dim=1)
         distances.append(best.values.sqrt())
         indices.append(best.indices)

@@ -202,10 +202,10 @@ def residual_windows(windows: torch.Tensor, template: torch.Tensor) -> torch.Ten
     return (left / energy.clamp_min(1e-30).sqrt()[..., None, None] * usable[..., None, None]).flatten(-2)
 
 
-def candidates(syn: list, coarse: Reference, k: int, exclude_self: bool) -> torch.Tensor:
+def candidates(syn: list, coarse: Reference, k: int, groups: torch.Tensor | None) -> torch.Tensor:
     """[M, k] training rows with the best NCC at half size over every coarse shift and every variant (all pairs:
     one matrix product per shift). syn: variants() of the half-size descriptors whitened by coarse.gain.
-    exclude_self: synthetic row i is training row i."""
+    groups: synthetic row i is training row i, and no row of its group (groups[i]) may be a candidate."""
     margin, images, template = MARGIN // 2, coarse.images, coarse.template
     side = images.shape[-1] - 2 * margin
     windows = [(..., slice(dy, dy + side), slice(dx, dx + side))
@@ -218,9 +218,8 @@ def candidates(syn: list, coarse: Reference, k: int, exclude_self: bool) -> torc
         for w, t in zip(windows, train, strict=True):
             u = residual_windows(crops, template[w])                                           # [V, m, side²]
             best = torch.maximum(best, (u.flatten(0, 1) @ t.T).view(*u.shape[:2], -1).amax(0))
-        if exclude_self:
-            rows = torch.arange(len(best))
-            best[rows, rows + start] = -2.0   # below any NCC
+        if groups is not None:
+            best[groups[start:start + CHUNK, None] == groups[None]] = -2.0   # below any NCC
         found.append(best.topk(k, dim=1).indices)
     return torch.cat(found)
 
@@ -260,13 +259,22 @@ def match(rows: torch.Tensor, best: torch.Tensor, where: torch.Tensor) -> Match:
     return Match(index, best.float().clamp(0, 1), where[:, 1] >= len(PHASES), shift)
 
 
-def nearest(ref: Reference, syn_desc: torch.Tensor, exclude_self: bool = False) -> Match:
-    """The nearest training image of every synthetic one ([M, SIZE, SIZE] descriptors). exclude_self: syn_desc
-    are the training descriptors themselves and an image may not match itself (how alike different training
-    patients are). The gains are mirror-symmetric, so mirroring after whitening equals whitening the mirror."""
+def nearest(ref: Reference, syn_desc: torch.Tensor, exclude_self: bool = False,
+            groups: torch.Tensor | None = None) -> Match:
+    """The nearest training image of every synthetic one ([M, SIZE, SIZE] descriptors). groups: syn_desc are the
+    training descriptors themselves, groups [N] their patients (any integer labels), and an image may match no
+    image of its own patient: how alike *different* patients are. Why not only itself: a volume's adjacent slices
+    or two views of one chest are near-copies of each other, and would make the baseline look like copying.
+    exclude_self: the same with every image its own patient. The gains are mirror-symmetric, so mirroring after
+    whitening equals whitening the mirror."""
+    if exclude_self and groups is None:
+        groups = torch.arange(len(syn_desc))
+    largest = 0 if groups is None else int(torch.unique(groups, return_counts=True)[1].max())
+    if len(ref.images) - largest < 1:
+        raise ValueError("every training image is of one patient: there is no other patient to compare with")
     fine, coarse = whiten(syn_desc, ref.gain), whiten(halve(syn_desc), ref.coarse.gain)
-    k = min(CANDIDATES, len(ref.images) - exclude_self)
-    rows = candidates(variants(coarse, COARSE_PHASES), ref.coarse, k, exclude_self)
+    k = min(CANDIDATES, len(ref.images) - largest)   # every row keeps at least k candidates of other patients
+    rows = candidates(variants(coarse, COARSE_PHASES), ref.coarse, k, groups)
     return exact(variants(fine, PHASES), ref, rows)
 
 

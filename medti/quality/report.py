@@ -18,7 +18,8 @@ from .metrics import nearest_real
 
 SAMPLES = 8          # images per row of samples.png
 THUMB = 128          # their side in pixels: enough to judge texture, small enough for a report
-COLOURS = {"synthetic to nearest real": (200, 40, 40), "real to nearest other real": (20, 40, 140)}
+BASELINE = "real to nearest, other patient"
+COLOURS = {"synthetic to nearest real": (200, 40, 40), BASELINE: (20, 40, 140)}
 
 
 def _thumbs(images: list, seed: int) -> list:
@@ -80,7 +81,25 @@ def _value(x, digits: int) -> str:
     return "not computed" if x is None else f"{x:.{digits}f}"
 
 
-def markdown(fig: dict, args, with_real: bool) -> str:
+def real_baseline(real, real_set: ImageSet | None) -> tuple[dict, str]:
+    """({BASELINE: each real image's distance to its nearest real image of another patient}, what it is, for
+    report.md). Why not just the nearest other image: a scan's adjacent slices (two views of a chest) are
+    near-copies, and would put the baseline near zero, where copies lie. A statistics file holds no patients: each
+    image is left out alone. One patient: no baseline, said instead."""
+    if real_set is None:
+        groups, what = torch.arange(len(real.names)), "the nearest other real image (the statistics file names " \
+            "no patients, so images of one patient may be each other's nearest)"
+    else:
+        number = {p: i for i, p in enumerate(dict.fromkeys(real_set.patients))}
+        if len(number) < 2:
+            return {}, f"no real-to-real baseline: all {len(real_set.names)} real images are of one patient"
+        groups = torch.tensor([number[p] for p in real_set.patients])
+        what = f"the nearest real image of another patient ({len(number)} patients)"
+    distances = nearest_real(real.features, real.features, groups=groups)[0].numpy()
+    return {BASELINE: distances}, f"against each real image's distance to {what}"
+
+
+def markdown(fig: dict, args, with_real: bool, baseline: str = "against real-to-real distances") -> str:
     """report.md: the table, then what to trust and where the weights came from."""
     d = fig["ms_ssim_pairs"]
     rows = [
@@ -110,20 +129,21 @@ def markdown(fig: dict, args, with_real: bool) -> str:
              "unbiased in the number of images and its subset spread says how far to trust it.", "",
              *[f"MS-SSIM {why}." for why in fig["ms_ssim_notes"]], "",
              f"Plots: `samples.png` ({'real and synthetic' if with_real else 'synthetic'} images drawn from the "
-             "seed), `nearest.png` (distance of each "
-             "synthetic image to its nearest real one; synthetic images far to the left of the real-to-real "
-             "distances may be copies: run `python -m medti.audit`)."]
+             "seed), `nearest.png` (distance of each synthetic image to its nearest real one, "
+             f"{baseline}; synthetic images far to the left of the real-to-real distances may be copies: run "
+             "`python -m medti.audit`)."]
     return "\n".join(lines) + "\n"
 
 
 def write_report(out, fig: dict, args, real, fake: torch.Tensor, real_set, fake_set):
     """All four outputs; report.json last, so its presence means the rest is there too."""
     save_png(out / "samples.png", samples_sheet(real_set, fake_set, args.seed))
-    series = {"synthetic to nearest real": nearest_real(real.features, fake)[0].numpy(),
-              "real to nearest other real": nearest_real(real.features, real.features, leave_one_out=True)[0].numpy()}
+    others, baseline = real_baseline(real, real_set)
+    series = {"synthetic to nearest real": nearest_real(real.features, fake)[0].numpy(), **others}
     histogram(series, out / "nearest.png", f"Nearest-neighbour distances in {fig['features']} feature space")
-    write_atomic(out / "report.md", markdown(fig, args, real_set is not None).encode())
+    write_atomic(out / "report.md", markdown(fig, args, real_set is not None, baseline).encode())
     skipped = {"real": [list(s) for s in (real_set.skipped if real_set else [])],
                "fake": [list(s) for s in fake_set.skipped]}
-    report = {**fig, "real": str(args.real), "fake": str(args.fake), "skipped": skipped}
+    patients = len(set(real_set.patients)) if real_set else None   # a count only: no patient is named
+    report = {**fig, "real": str(args.real), "fake": str(args.fake), "n_real_patients": patients, "skipped": skipped}
     write_atomic(out / "report.json", (json.dumps(report, indent=2, allow_nan=False) + "\n").encode())
