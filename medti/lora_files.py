@@ -68,11 +68,13 @@ def _unet_names(unet) -> dict[str, str]:
 
 def _text_names(tower) -> dict[str, str]:
     """Our adapter paths in the text tower -> transformers CLIPTextModel module paths: SD1's are the same paths;
-    SD2's q/k/v are row blocks of OpenCLIP's fused in_proj (adapters lora_q/lora_k/lora_v of LoRAFusedAttention)."""
+    SD2's q/k/v are row blocks of OpenCLIP's fused in_proj (adapters lora_q/lora_k/lora_v of LoRAFusedAttention),
+    its mlp.fc1/fc2 are mlp.c_fc/c_proj."""
     rename, names = (openai_name if tower.cfg.tower == "openai" else openclip_name), {}
     for i in range(len(tower.blocks)):
-        for proj in ("q", "k", "v", "out"):
-            path = f"text_model.encoder.layers.{i}.self_attn.{proj}_proj"
+        for layer in ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.out_proj", "mlp.fc1",
+                      "mlp.fc2"):
+            path = f"text_model.encoder.layers.{i}.{layer}"
             ours = rename(path + ".weight")
             if isinstance(ours, tuple):   # (in_proj name, index among q, k, v)
                 names[f"{ours[0].removesuffix('.in_proj_weight')}.lora_{QKV[ours[1]]}"] = path

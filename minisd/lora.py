@@ -29,14 +29,17 @@ QKV = "qkv"   # the row blocks of OpenCLIP's fused in_proj, in nn.MultiheadAtten
 # What can be adapted, as regular expressions over module paths (full match). The UNet's (ldm SpatialTransformer):
 # attention projections in every transformer block, the gated feed-forward, the 1x1-conv (SD1) or Linear (SD2)
 # projections around the blocks. The text tower's self-attention: SD1's separate q/k/v/out projections, or SD2's
-# whole attention module (fused in_proj + out_proj, see LoRAFusedAttention).
+# whole attention module (fused in_proj + out_proj, see LoRAFusedAttention); and its MLP (SD1 fc1/fc2, SD2
+# c_fc/c_proj), which kohya adapts by default (sd-scripts TEXT_ENCODER_TARGET_REPLACE_MODULE: CLIPAttention, CLIPMLP),
+# so most kohya SD1 files carry it.
 TARGETS = {
     "attention": r".+\.transformer_blocks\.\d+\.attn[12]\.(to_q|to_k|to_v|to_out\.0)",
     "ff": r".+\.transformer_blocks\.\d+\.ff\.net\.(0\.proj|2)",
     "proj": r".+\.proj_(in|out)",
     "text": r"encoder\.layers\.\d+\.self_attn\.(q|k|v|out)_proj|transformer\.resblocks\.\d+\.attn",
+    "text_ff": r"encoder\.layers\.\d+\.mlp\.fc[12]|transformer\.resblocks\.\d+\.mlp\.c_(fc|proj)",
 }
-UNET_TARGETS, TEXT_TARGETS = ("attention", "ff", "proj"), ("text",)
+UNET_TARGETS, TEXT_TARGETS = ("attention", "ff", "proj"), ("text", "text_ff")
 DEFAULT = ("attention",)   # kohya's and diffusers' (train_dreambooth_lora.py) default: the UNet's attention
 
 

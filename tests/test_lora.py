@@ -24,7 +24,7 @@ from minisd import lora
 TOL = 1e-4
 RANK, ALPHA = 4, 8.0   # scale 2: a scale of 1 would hide alpha / rank being read as alpha or as 1
 UNET_LAYERS = ["to_q", "to_k", "to_v", "to_out.0", "ff.net.0.proj", "ff.net.2", "proj_in", "proj_out"]
-TEXT_LAYERS = ["q_proj", "k_proj", "v_proj", "out_proj"]
+TEXT_LAYERS = ["q_proj", "k_proj", "v_proj", "out_proj", "fc1", "fc2"]
 
 
 def tiny(kind: str, tmp):
@@ -97,17 +97,17 @@ def test_unet_forward_and_gradients_match_peft(kind, tmp_path):
 @pytest.mark.parametrize("kind", ["sd1", "sd2"])
 def test_text_tower_matches_peft(kind, tmp_path):
     """SD1: separate q/k/v/out; SD2: three deltas on the row blocks of OpenCLIP's fused in_proj, plus out_proj,
-    against transformers' CLIPTextModel (separate q/k/v) with peft on each."""
+    against transformers' CLIPTextModel (separate q/k/v) with peft on each; the MLP's two layers in both."""
     pipe, sd = tiny(kind, tmp_path)
     ref = inject_adapter_in_model(LoraConfig(r=RANK, lora_alpha=ALPHA, target_modules=TEXT_LAYERS,
                                              init_lora_weights=False), pipe.text_encoder)
     tower = sd.text.tower
     lora.attach(tower, lora.targets(tower, lora.TEXT_TARGETS), RANK, ALPHA)
     wrapped = lora.LoRAFusedAttention if kind == "sd2" else lora.LoRALinear
-    assert all(isinstance(tower.get_submodule(n), wrapped) for n in lora.targets(tower, lora.TEXT_TARGETS))
+    assert all(isinstance(tower.get_submodule(n), wrapped) for n in lora.targets(tower, ("text",)))
     names = lora_files.diffusers_names(sd.unet, tower)
     pairs = copy_from_peft(tower, ref, "text", names)
-    assert len(pairs) == 4 * len(submodule(ref, "text_model.encoder.layers"))
+    assert len(pairs) == 6 * len(submodule(ref, "text_model.encoder.layers"))
     ids = text_ids()
     with torch.no_grad():
         plain = tower(ids)

@@ -46,11 +46,12 @@ def test_our_file_loads_in_diffusers(kind, tmp_path):
     with safe_open(str(path), framework="pt") as f:
         meta, keys = f.metadata(), list(f.keys())
     assert {k: meta[k] for k in ("format", "rank", "alpha", "targets", "base_model", "step", "ss_network_dim")} == \
-        {"format": "kohya-lora", "rank": "4", "alpha": "8", "targets": "attention,ff,proj,text", "base_model": "tiny",
+        {"format": "kohya-lora", "rank": "4", "alpha": "8", "targets": "attention,ff,proj,text,text_ff",
+         "base_model": "tiny",
          "step": "7", "ss_network_dim": "4"}
     assert all(k.startswith(("lora_unet_down_blocks_", "lora_unet_mid_block_", "lora_unet_up_blocks_",
                              "lora_te_text_model_encoder_layers_")) for k in keys)
-    assert " rank 4, targets attention,ff,proj,text, base tiny;" in lora_files.info(path)
+    assert " rank 4, targets attention,ff,proj,text,text_ff, base tiny;" in lora_files.info(path)
     ours = outputs(sd.unet, sd.text.tower)
     pipe.load_lora_weights(str(path))
     ref = theirs(pipe)
@@ -90,9 +91,16 @@ def test_kohya_file_reads_as_in_diffusers(kind, tmp_path):
     lora_files.read(path, sd.unet, sd.text.tower)
     ranks = {a.rank for a in lora.adapters(sd.unet).values()}
     assert ranks == {2, 4} and {a.alpha for a in lora.adapters(sd.text.tower).values()} == {3.0}
-    pipe.load_lora_weights(str(path))
+    pipe.load_lora_weights(str(path), adapter_name="kohya")
     ours, ref = outputs(sd.unet, sd.text.tower), theirs(pipe)
     assert moved(ref[0], before[0]) > 1e-2 and moved(ref[1], before[1]) > 1e-2
+    assert rel_err(ours[0], ref[0]) < TOL
+    assert rel_err(ours[1], ref[1]) < TOL
+    # A strength (A1111's <lora:name:0.6>) is diffusers' adapter weight: the same scale on every delta.
+    lora.set_weight(sd.unet, 0.6)
+    lora.set_weight(sd.text.tower, 0.6)
+    pipe.set_adapters("kohya", adapter_weights=0.6)
+    ours, ref = outputs(sd.unet, sd.text.tower), theirs(pipe)
     assert rel_err(ours[0], ref[0]) < TOL
     assert rel_err(ours[1], ref[1]) < TOL
 
