@@ -15,6 +15,7 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 from test_lora import ALPHA, RANK, TEXT_LAYERS, TOL, UNET_LAYERS, inputs, moved, randomize_adapters_, text_ids, tiny
 
+import minisd
 from conftest import rel_err
 from medti import lora_files
 from medti.lora_files import LoRAFileError
@@ -172,3 +173,27 @@ def test_bad_files_are_refused_in_one_line(tmp_path):
     assert "\n" not in str(err.value)
     with pytest.raises(LoRAFileError, match="no LoRA adapters attached"):
         lora_files.write(tmp_path / "none.safetensors", lora.remove(unet))
+
+
+@pytest.mark.parametrize("preset, text", [("sd15", 72), ("sd2", 138)])
+def test_full_size_kohya_names(preset, text):
+    """Full-size names on the meta device: kohya's trainer logs "create LoRA for U-Net: 192 modules" and, for
+    the text encoder, 72 (SD1: 12 layers x q/k/v/out/fc1/fc2) or 138 (SD2's 23 layers) with its default targets,
+    which are ours with every kind selected; spot checks of the diffusers block numbering."""
+    sd = minisd.build(minisd.load_config(preset))
+    names = lora_files.kohya_names(sd.unet, sd.text.tower)
+    assert len(set(names.values())) == len(names)
+    assert (sum(k.startswith("unet.") for k in names), sum(k.startswith("text.") for k in names)) == (192, text)
+    spots = {"unet.input_blocks.1.1.transformer_blocks.0.attn1.to_q.lora":
+             "lora_unet_down_blocks_0_attentions_0_transformer_blocks_0_attn1_to_q",
+             "unet.input_blocks.8.1.proj_out.lora": "lora_unet_down_blocks_2_attentions_1_proj_out",
+             "unet.middle_block.1.transformer_blocks.0.ff.net.0.proj.lora":
+             "lora_unet_mid_block_attentions_0_transformer_blocks_0_ff_net_0_proj",
+             "unet.output_blocks.3.1.transformer_blocks.0.attn2.to_out.0.lora":
+             "lora_unet_up_blocks_1_attentions_0_transformer_blocks_0_attn2_to_out_0",
+             "unet.output_blocks.11.1.transformer_blocks.0.ff.net.2.lora":
+             "lora_unet_up_blocks_3_attentions_2_transformer_blocks_0_ff_net_2"}
+    assert {k: names[k] for k in spots} == spots
+    last = {"sd15": ("text.encoder.layers.11.self_attn.q_proj.lora", 11),
+            "sd2": ("text.transformer.resblocks.22.attn.lora_q", 22)}[preset]   # SD2: q, a row block of in_proj
+    assert names[last[0]] == f"lora_te_text_model_encoder_layers_{last[1]}_self_attn_q_proj"
