@@ -130,6 +130,23 @@ def test_audit_reads_the_slices_training_reads(tmp_path):
         (6, 3, 3)
 
 
+def test_audit_reads_channel_cases_as_training_does(tmp_path):
+    """--channels t2w,adc,hbv: each case folder is one RGB image named by its case and of that patient, as in
+    load_dataset; a case missing a channel is skipped there and here alike."""
+    for c in range(3):
+        for k, channel in enumerate(("T2W", "adc", "hbv")):   # channel names match files in any case
+            (tmp_path / "train" / f"case{c}").mkdir(parents=True, exist_ok=True)
+            Image.fromarray(chest(60 + 3 * c + k, SIDE)).save(tmp_path / "train" / f"case{c}" / f"{channel}.png")
+    (tmp_path / "train" / "case2" / "adc.png").unlink()
+    args = A.build_parser().parse_args(["--train", str(tmp_path / "train"), "--synthetic", "s", "--out",
+                                        str(tmp_path / "out"), "--channels", "t2w,adc,hbv"])
+    held = load_set(tmp_path / "train", "train", how=A.check_args(args))
+    want = load_dataset(tmp_path / "train", 32, channels=["t2w", "adc", "hbv"])
+    assert held.names == want.names == ["case0", "case1"] and held.patients == want.patients
+    assert [name for name, _ in held.skipped] == [name for name, _ in want.skipped] == ["case2"]
+    assert held.images[0].shape == (3, SIDE, SIDE)   # the native size: no --preprocess
+
+
 def dicom_train(folder, n_png: int = 4) -> None:
     """Two CT series (folders ser_a, ser_b) of patients whose PatientID and name hold SECRET, and n_png PNGs."""
     for k, sub in enumerate(("ser_a", "ser_b")):
