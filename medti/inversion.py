@@ -99,17 +99,20 @@ def epoch_order(seed: int, epoch: int, n: int) -> torch.Tensor:
     return torch.randperm(n, generator=torch.Generator().manual_seed(seed * 7_919 + epoch + 1))
 
 
-def denoising_loss(sd, token: str, vectors, prompts: list, latents, noise, t):
-    """MSE between the UNet's prediction and its target, for scaled latents [B, 4, h, w], noise like them and
-    integer timesteps t [B]. The target is the noise for eps models and v = sqrt(abar) noise - sqrt(1 - abar) x0
-    for v models (diffusers' add_noise / get_velocity, in fp32)."""
+def diffusion_loss(sd, context, latents, noise, t):
+    """MSE between the UNet's prediction and its target, for scaled latents [B, 4, h, w], noise like them, integer
+    timesteps t [B] and the text conditioning [B, 77, width]. The target is the noise for eps models and
+    v = sqrt(abar) noise - sqrt(1 - abar) x0 for v models (diffusers' add_noise / get_velocity, in fp32)."""
     abar = alphas_cumprod().to(latents.device)[t].float()[:, None, None, None]
     noisy = abar.sqrt() * latents + (1 - abar).sqrt() * noise
     target = noise if sd.prediction == "eps" else abar.sqrt() * noise - (1 - abar).sqrt() * latents
-    context = sd.text(prompts, override={token: vectors})
-    dtype = context.dtype
-    prediction = sd.unet(noisy.to(dtype), t, context)
+    prediction = sd.unet(noisy.to(context.dtype), t, context)
     return F.mse_loss(prediction.float(), target.float())
+
+
+def denoising_loss(sd, token: str, vectors, prompts: list, latents, noise, t):
+    """diffusion_loss with `token` spliced in as `vectors` wherever `prompts` hold it: textual inversion's loss."""
+    return diffusion_loss(sd, sd.text(prompts, override={token: vectors}), latents, noise, t)
 
 
 class Checkpointed(nn.Module):
@@ -132,45 +135,66 @@ def enable_checkpointing(sd):
     sd.unet.middle_block = Checkpointed(sd.unet.middle_block)
 
 
-def save_state(path, vectors, optimizer, scaler: dict, step: int, settings: dict):
-    """Everything a resumed run needs, pickle-free: vectors, AdamW moments and step, the grad scaler's state and
-    the run's settings (to refuse resuming a different run). The random draws need no state (step_generator).
-    Atomic."""
-    state = optimizer.state[vectors]
-    tensors = {"vectors": vectors.detach().cpu().contiguous()}
-    if state:
-        tensors |= {"exp_avg": state["exp_avg"].cpu().contiguous(),
-                    "exp_avg_sq": state["exp_avg_sq"].cpu().contiguous(),
-                    "adam_step": torch.as_tensor(state["step"]).reshape(1).float().cpu()}
+def _key(kind: str, name: str) -> str:
+    """A trained tensor's entries in state.safetensors: `name`, `exp_avg.name`, ... Textual inversion's one tensor,
+    "vectors", keeps the bare `exp_avg`, `exp_avg_sq`, `adam_step` of the files earlier runs saved, so they resume."""
+    return name if kind == "" else kind if name == "vectors" else f"{kind}.{name}"
+
+
+def _named(params) -> dict:
+    return params if isinstance(params, dict) else {"vectors": params}   # one tensor: textual inversion's vectors
+
+
+def save_state(path, params, optimizer, scaler: dict, step: int, settings: dict):
+    """Everything a resumed run needs, pickle-free: the trained tensors (`params`: {name: Parameter}, or TI's one
+    tensor), their AdamW moments and step, the grad scaler's state and the run's settings (to refuse resuming a
+    different run). The random draws need no state (step_generator). Atomic."""
+    tensors = {}
+    for name, param in _named(params).items():
+        state = optimizer.state[param]
+        tensors[_key("", name)] = param.detach().cpu().contiguous()
+        if state:
+            tensors |= {_key("exp_avg", name): state["exp_avg"].cpu().contiguous(),
+                        _key("exp_avg_sq", name): state["exp_avg_sq"].cpu().contiguous(),
+                        _key("adam_step", name): torch.as_tensor(state["step"]).reshape(1).float().cpu()}
     write_atomic(path, safetensors_bytes(tensors, {"step": step, "scaler": json.dumps(scaler, sort_keys=True),
                                                    "settings": json.dumps(settings, sort_keys=True)}))
 
 
-def load_state(path, vectors, optimizer) -> tuple:
-    """Restore vectors and optimizer in place; returns (step, grad scaler state, settings). A file that is
-    truncated, not safetensors or missing an entry (a crash during a copy, a disk full before our atomic writes
-    existed) is a TrainError: it cannot be repaired, but the per-save embedding copies are still there."""
+def _damaged(path, e: Exception) -> TrainError:
+    return TrainError(f"{arg('resume')}: {path} is damaged ({type(e).__name__}: {str(e)[:80]}); start a new run in "
+                      f"another {arg('out')} (what each save learned is in its <name>-<step>.safetensors there)")
+
+
+def load_state(path, params, optimizer) -> tuple:
+    """Restore the trained tensors and their optimizer state in place; returns (step, grad scaler state, settings).
+    A file that is truncated, not safetensors or missing an entry (a crash during a copy, a disk full before our
+    atomic writes existed) is a TrainError: it cannot be repaired, but the per-save copies are still there."""
+    params = _named(params)
     try:
         with safe_open(str(path), framework="pt") as f:
             meta, tensors = f.metadata() or {}, {k: f.get_tensor(k) for k in f.keys()}
         step, scaler, settings = int(meta["step"]), json.loads(meta["scaler"]), json.loads(meta["settings"])
-        saved = tensors["vectors"]
+        saved = {name: tensors[_key("", name)] for name in params}
     except (SafetensorError, OSError, KeyError, ValueError) as e:   # JSONDecodeError is a ValueError
-        raise TrainError(f"{arg('resume')}: {path} is damaged ({type(e).__name__}: {str(e)[:80]}); start a new run "
-                         f"in another {arg('out')} (the learned vectors of each save are in <token>-<step>"
-                         ".safetensors there)") from None
-    if saved.shape != vectors.shape:
-        raise TrainError(f"{arg('resume')}: {path} holds vectors of shape {list(saved.shape)}, this run trains "
-                         f"{list(vectors.shape)}; resume with the run's own settings "
-                         f"({spoken('vectors', *[str(saved.shape[0])] * 2)}, the same model) or start a new run "
-                         f"in another {arg('out')}")
-    with torch.no_grad():
-        vectors.copy_(saved)
-    if "exp_avg" in tensors:
-        optimizer.state[vectors] = {"step": tensors["adam_step"].reshape(()),
-                                    "exp_avg": tensors["exp_avg"].to(vectors.device),
-                                    "exp_avg_sq": tensors["exp_avg_sq"].to(vectors.device)}
+        raise _damaged(path, e) from None
+    for name, param in params.items():
+        if saved[name].shape != param.shape:
+            raise TrainError(f"{arg('resume')}: {path} holds {name} of shape {list(saved[name].shape)}, this run "
+                             f"trains {list(param.shape)}; resume with the run's own settings "
+                             f"({_same(name, saved[name])}the same model) or start a new run in another {arg('out')}")
+        with torch.no_grad():
+            param.copy_(saved[name])
+        if _key("exp_avg", name) in tensors:
+            optimizer.state[param] = {"step": tensors[_key("adam_step", name)].reshape(()),
+                                      "exp_avg": tensors[_key("exp_avg", name)].to(param.device),
+                                      "exp_avg_sq": tensors[_key("exp_avg_sq", name)].to(param.device)}
     return step, scaler, settings
+
+
+def _same(name: str, saved: torch.Tensor) -> str:
+    """The flag that gave the saved shape, where one flag does (TI's --vectors)."""
+    return f"{spoken('vectors', *[str(saved.shape[0])] * 2)}, " if name == "vectors" else ""
 
 
 def read_log(path) -> list[dict]:

@@ -1,9 +1,9 @@
-"""Textual inversion: setup, then start or resume, then the one visible loop (get_batch, loss, backward, skip a
-non-finite step, optimizer step, validation loss at a save, log, save, preview). `python -m medti.train` is its
-command line (medti/train.py); the demo (medti/demo.py) is another user of it; neither is imported here.
+"""Training: setup, then start or resume, then the one visible loop (get_batch, loss, backward, skip a non-finite
+step, optimizer step, validation loss at a save, log, save, preview). `python -m medti.train` is its command line
+(medti/train.py); the demo (medti/demo.py) is another user of it; neither is imported here.
 
-The frozen UNet and text tower never change; only a [vectors, width] fp32 tensor is trained, spliced into the
-token embeddings wherever the token appears in the training prompt (the token alone, or --template lines).
+What trains is the method's (medti/methods.py, --method): textual inversion's [vectors, width] fp32 tensor spliced
+into the token embeddings, with the UNet and text tower frozen. The loop is the same for every method.
 """
 import dataclasses
 import math
@@ -18,10 +18,9 @@ import minisd
 from minisd.errors import arg
 from minisd.load import spoken
 from minisd.schedule import NUM_TIMESTEPS
-from minisd.tokenizer import MAX_PROMPT_TOKENS
 from minisd.vae import posterior_sample
 
-from . import embeddings as emb
+from . import methods
 from .data import DataError, load_dataset, summary, warn_skipped
 from .files import claim_folder, write_atomic
 from .hashes import sha256_of
@@ -29,10 +28,9 @@ from .images import contact_sheet, save_png, to_pil
 from .inversion import (
     TrainError,
     cache_latents,
-    denoising_loss,
+    diffusion_loss,
     enable_checkpointing,
     epoch_order,
-    initial_vectors,
     load_state,
     log_line,
     lr_at,
@@ -64,7 +62,7 @@ class Session:
     plan: Plan
     sd: object                           # minisd model, frozen
     cache: dict                          # cache_latents() of the training images
-    vectors: torch.nn.Parameter          # [vectors, width] fp32: the only trained tensor
+    method: object                       # what trains (medti.methods): its params are all AdamW sees
     optimizer: torch.optim.Optimizer
     scaler: torch.amp.GradScaler
     settings: dict                       # what a resumed run must share (saved in state.safetensors)
@@ -73,8 +71,8 @@ class Session:
     best: tuple | None = None            # (step, val_loss) of the best save so far
 
     @property
-    def name(self) -> str:               # the token without <>: names the embedding files
-        return self.cfg.token.strip("<>")
+    def name(self) -> str:               # names the saved files: the token without <> for textual inversion
+        return self.method.stem
 
     @property
     def out(self) -> Path:
@@ -95,20 +93,8 @@ def load_data(cfg: TrainConfig, flag: str = "data"):
     return data
 
 
-def attach_token(sd, cfg: TrainConfig, prompts: list) -> torch.Tensor:
-    """Add the token to the model's text conditioning and return its start vectors; every prompt must still fit."""
-    start = initial_vectors(sd, cfg.init, cfg.vectors, cfg.seed)
-    # a clash with a loaded word raises EmbeddingError, a UserError: it reaches the user as one line
-    emb.attach(sd, {cfg.token: emb.Embedding(cfg.token, start, {}, source=arg("token"))})
-    longest = max(sd.text.count(p) for p in prompts)
-    if longest > MAX_PROMPT_TOKENS:
-        raise TrainError(f"a training prompt holds {longest} tokens with {arg('vectors')} {cfg.vectors}; at most "
-                         f"{MAX_PROMPT_TOKENS} fit")
-    return start
-
-
 def setup(cfg: TrainConfig, plan: Plan) -> Session:
-    """Model, data -> cached latents (the VAE then leaves the device), the trainable vectors and their optimizer."""
+    """Model, data -> cached latents (the VAE then leaves the device), what trains (the method) and its optimizer."""
     sd = minisd.load(cfg.model, config=cfg.config or None, dtype=plan.dtype, device=plan.device)
     cfg = dataclasses.replace(cfg, resolution=cfg.resolution or sd.config.resolution)
     if cfg.resolution % sd.config.size_multiple:
@@ -120,8 +106,8 @@ def setup(cfg: TrainConfig, plan: Plan) -> Session:
     val = held and ValidationSet(cache_latents(sd, held.images, False, 0)["mean"] * sd.scale_factor,
                                  held.names, cfg.val_draws, cfg.seed, cfg.token, plan.prompts)
     sd.vae.to("cpu")
-    vectors = torch.nn.Parameter(attach_token(sd, cfg, plan.prompts).to(plan.device))
-    optimizer = torch.optim.AdamW([vectors], lr=lr_at(plan.schedule, 0), weight_decay=0.0)
+    method = methods.make(sd, cfg, plan.prompts, plan.device)
+    optimizer = torch.optim.AdamW(list(method.params.values()), lr=lr_at(plan.schedule, 0), weight_decay=0.0)
     scaler = torch.amp.GradScaler(plan.device.type, enabled=plan.dtype == torch.float16)
     # Checkpointing recomputes each block's activations in the backward pass: same gradients, ~1/3 more UNet
     # work (tools/benchmark.py section 3), far less activation memory (tools/memory_estimate.py).
@@ -133,11 +119,11 @@ def setup(cfg: TrainConfig, plan: Plan) -> Session:
         settings["validation"] = {**held.about, "draws": cfg.val_draws, "files": held.names}
     meta = {"token": cfg.token, "vectors": str(cfg.vectors), "base_model": str(sd.preset or cfg.model),
             "base_sha256": sha256_of(sd.path), "init": cfg.init, "lr": cfg.lr, "data_sha256": data.fingerprint}
-    return Session(cfg, plan, sd, cache, vectors, optimizer, scaler, settings, meta, val)
+    return Session(cfg, plan, sd, cache, method, optimizer, scaler, settings, meta, val)
 
 
 def start_or_resume(s: Session) -> int:
-    """The step to start from: 0 with an empty log, or the last save's step with its vectors, AdamW and grad-scaler
+    """The step to start from: 0 with an empty log, or the last save's step with what trains, AdamW and grad-scaler
     state restored and the log cut back to that step (the steps after it are done again, identically). With
     validation: val.txt names its images, and the best save so far is recovered (not reset) on resume."""
     log = s.out / "log.jsonl"
@@ -151,8 +137,8 @@ def start_or_resume(s: Session) -> int:
 
 
 def resume(s: Session) -> int:
-    """Restore the last save (vectors, AdamW, grad scaler) after checking it was made with these settings."""
-    step, scaler_state, before = load_state(s.out / "state.safetensors", s.vectors, s.optimizer)
+    """Restore the last save (what trains, AdamW, grad scaler) after checking it was made with these settings."""
+    step, scaler_state, before = load_state(s.out / "state.safetensors", s.method.params, s.optimizer)
     # runs saved before --demo left the training settings stored "demo": false; it never changed training
     before = {k: v for k, v in before.items() if not (k == "demo" and v is False)}
     if before != s.settings:
@@ -160,6 +146,7 @@ def resume(s: Session) -> int:
         raise TrainError(f"{arg('resume')}: {s.cfg.out} was trained with other settings ({', '.join(changed)})")
     if scaler_state:   # empty unless training in fp16
         s.scaler.load_state_dict(scaler_state)
+    s.method.sync()
     if step >= s.cfg.max_steps:   # --max-steps is no setting: a resume may raise it, or name one already reached
         print(f"note: the run is at step {step} already, {spoken('max_steps', *[str(s.cfg.max_steps)] * 2)}: "
               f"nothing to train; raise {arg('max_steps')} to go on", file=sys.stderr)
@@ -202,8 +189,15 @@ def report(s: Session, record: dict):
               f"ETA {eta:.1f} min", file=sys.stderr)
 
 
+def total_norm(grads: list) -> float:
+    """The L2 norm of all gradients together. One tensor's own norm when there is one (TI): the norm of the norms
+    would round sqrt(x^2) and change the logged number in its last bit, and old logs must match new runs."""
+    norms = [g.norm() for g in grads]
+    return (norms[0] if len(norms) == 1 else torch.linalg.vector_norm(torch.stack(norms))).item()
+
+
 def loop(s: Session, step: int) -> Path:
-    """The training loop, from `step` to --max-steps; returns the path of the learned embedding."""
+    """The training loop, from `step` to --max-steps; returns the path of the saved file (the embedding for TI)."""
     cfg = s.cfg
     in_a_row, skipped, began, first = 0, 0, time.perf_counter(), step
     while step < cfg.max_steps:
@@ -212,16 +206,17 @@ def loop(s: Session, step: int) -> Path:
         loss_sum = 0.0
         for micro in range(cfg.grad_accum):
             latents, noise, t, texts = get_batch(s, step, micro)
-            loss = denoising_loss(s.sd, cfg.token, s.vectors, texts, latents, noise, t) / cfg.grad_accum
+            loss = diffusion_loss(s.sd, s.method.context(texts), latents, noise, t) / cfg.grad_accum
             s.scaler.scale(loss).backward()
             loss_sum += loss.item()
         s.scaler.unscale_(s.optimizer)
-        grad_norm = s.vectors.grad.norm().item()
+        grad_norm = total_norm([p.grad for p in s.method.params.values()])
         finite = math.isfinite(loss_sum) and math.isfinite(grad_norm)
         if finite:
             s.scaler.step(s.optimizer)
+            s.method.sync()
             in_a_row = 0
-        else:   # skip: the vectors stay as they were (with fp16 the scaler also lowers its scale)
+        else:   # skip: what trains stays as it was (with fp16 the scaler also lowers its scale)
             in_a_row, skipped = in_a_row + 1, skipped + 1
             print(f"warning: step {step}: non-finite loss or gradient, step skipped", file=sys.stderr)
             if in_a_row == SKIPS_TO_STOP:
@@ -232,10 +227,10 @@ def loop(s: Session, step: int) -> Path:
         step += 1
         rate = (step - first) / (time.perf_counter() - began)
         record = {"step": step, "loss": loss_sum, "lr": lr, "grad_norm": grad_norm, "it_s": round(rate, 3),
-                  "vector_norm": s.vectors.detach().norm(dim=1).mean().item(), "skipped": not finite}
+                  **s.method.record(), "skipped": not finite}
         saving = step % cfg.save_every == 0 or step == cfg.max_steps
         if saving and s.val:   # on the save step's own record, before it is logged and plotted
-            record["val_loss"] = validation_loss(s.sd, s.vectors, s.val)
+            record["val_loss"] = validation_loss(s.sd, s.method.context, s.val)
         report(s, record)
         if saving:
             save(s, step, record.get("val_loss"))
@@ -246,17 +241,18 @@ def loop(s: Session, step: int) -> Path:
 
 
 def save(s: Session, step: int, val_loss: float | None):
-    """Embedding (atomic; also a copy per step), the best one by validation loss, resumable state and the loss plot.
-    Never a NaN: non-finite steps are skipped before they reach the vectors, and this is checked once more here.
-    The best file is written before the state: a crash between them resumes from the save before and redoes both."""
-    if not torch.isfinite(s.vectors).all():
-        raise TrainError(f"step {step}: the vectors are not finite; nothing was saved over the last good file")
-    learned = emb.Embedding(s.cfg.token, s.vectors.detach().float().cpu().clone(), {**s.meta, "step": str(step)})
-    emb.write(s.out / f"{s.name}.safetensors", learned)
-    emb.write(s.out / f"{s.name}-{step}.safetensors", learned)
+    """The method's file (atomic; also a copy per step), the best one by validation loss, resumable state and the
+    loss plot. Never a NaN: non-finite steps are skipped before they reach what trains, and this is checked once
+    more here. The best file is written before the state: a crash between them resumes from the save before and
+    redoes both."""
+    if not all(torch.isfinite(p).all() for p in s.method.params.values()):
+        raise TrainError(f"step {step}: what trains is not finite; nothing was saved over the last good file")
+    meta = {**s.meta, "step": str(step)}
+    s.method.write(s.out / f"{s.name}.safetensors", meta)
+    s.method.write(s.out / f"{s.name}-{step}.safetensors", meta)
     if val_loss is not None:
-        s.best = keep_best(s.best, step, val_loss, learned, s.out / f"{s.name}-best.safetensors")
-    save_state(s.out / "state.safetensors", s.vectors, s.optimizer, s.scaler.state_dict(), step, s.settings)
+        s.best = keep_best(s.best, step, val_loss, s.method.write, meta, s.out / f"{s.name}-best.safetensors")
+    save_state(s.out / "state.safetensors", s.method.params, s.optimizer, s.scaler.state_dict(), step, s.settings)
     records = read_log(s.out / "log.jsonl")
     val = [(r["step"], r["val_loss"]) for r in records if "val_loss" in r]
     plot_curve([r["step"] for r in records], [r["loss"] for r in records], s.out / "loss.png",
@@ -265,11 +261,12 @@ def save(s: Session, step: int, val_loss: float | None):
 
 @torch.no_grad()
 def preview(s: Session, step: int):
-    """Four images of the token alone from fixed seeds, with the study's sampler settings (Euler a, CFG 2). An image
-    that is not finite (fp16 overflow) is not written: a warning says so, and training goes on."""
+    """Four images of the method's prompt (TI: the token alone) from fixed seeds, with the study's sampler settings
+    (Euler a, CFG 2). An image that is not finite (fp16 overflow) is not written: a warning says so, and training
+    goes on."""
     sd, size = s.sd, s.cfg.resolution
     sd.vae.to(s.plan.device)   # the VAE visits the device only for previews
-    cond = sd.text([s.cfg.token], override={s.cfg.token: s.vectors.detach()})
+    cond = s.method.context([s.method.prompt])
     uncond = sd.text([""])
     settings = SampleSettings(width=size, height=size, steps=s.cfg.preview_steps, cfg=2.0)
     latents = sample(sd, cond, uncond, [1.0], range(4), settings)
@@ -279,7 +276,7 @@ def preview(s: Session, step: int):
         print(f"warning: step {step}: the preview is not finite; no preview written", file=sys.stderr)
         return
     save_png(s.out / f"preview-{step:06d}.png", contact_sheet([to_pil(i) for i in images], 4),
-             f"{s.cfg.token} (training step {step})")
+             f"{s.method.prompt} (training step {step})")
 
 
 def train(cfg: TrainConfig, plan: Plan) -> Path:

@@ -18,12 +18,12 @@ from dataclasses import dataclass
 from typing import NamedTuple
 
 import torch
+from safetensors import SafetensorError, safe_open
 
 from minisd.errors import arg
 from minisd.schedule import NUM_TIMESTEPS
 
-from . import embeddings as emb
-from .inversion import TrainError, denoising_loss
+from .inversion import TrainError, diffusion_loss
 
 
 def derived_seed(what: str, seed: int, index: int = 0) -> int:
@@ -113,15 +113,26 @@ def fixed_draws(v: ValidationSet, i: int) -> tuple:
 
 
 @torch.no_grad()
-def validation_loss(sd, vectors, v: ValidationSet) -> float:
+def validation_loss(sd, context, v: ValidationSet) -> float:
     """Mean denoising loss over every image's fixed draws (one UNet batch of `draws` per image): the training
-    loss's expectation, estimated on images the run never trains on."""
-    device, total = vectors.device, 0.0
+    loss's expectation, estimated on images the run never trains on. `context(texts)` is the method's
+    conditioning (medti.methods), so what is validated is exactly what trains."""
+    device, total = next(sd.unet.parameters()).device, 0.0
     for i, latent in enumerate(v.latents):
         t, noise, texts = fixed_draws(v, i)
         latents = latent.expand(v.draws, *latent.shape).to(device)
-        total += denoising_loss(sd, v.token, vectors, texts, latents, noise.to(device), t.to(device)).item()
+        total += diffusion_loss(sd, context(texts), latents, noise.to(device), t.to(device)).item()
     return total / len(v.latents)
+
+
+def _metadata(path) -> dict:
+    """A saved file's safetensors metadata, or one line saying it cannot be read (resume cannot trust it)."""
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            return f.metadata() or {}
+    except (SafetensorError, OSError) as e:
+        raise TrainError(f"{arg('resume')}: {path} is not a readable safetensors file ({str(e)[:80]}); move it away "
+                         "and resume again") from None
 
 
 def best_so_far(records: list, best_file, step: int) -> tuple | None:
@@ -134,7 +145,7 @@ def best_so_far(records: list, best_file, step: int) -> tuple | None:
         return at, loss
     if not best_file.exists():
         return None
-    meta = emb.read(best_file).meta   # a damaged file is one EmbeddingError line: resume cannot trust it
+    meta = _metadata(best_file)
     try:
         at, loss = int(meta["step"]), float(meta["val_loss"])
     except (KeyError, ValueError):
@@ -143,13 +154,13 @@ def best_so_far(records: list, best_file, step: int) -> tuple | None:
     return (at, loss) if at <= step else None
 
 
-def keep_best(best: tuple | None, step: int, val_loss: float, learned: emb.Embedding, path) -> tuple | None:
-    """The new (step, val_loss) best, after writing `learned` to `path` (atomically) if this save improves on
-    `best`: strictly lower and finite, so a tie keeps the earlier step and a NaN (fp16 overflow) never wins."""
+def keep_best(best: tuple | None, step: int, val_loss: float, write, meta: dict, path) -> tuple | None:
+    """The new (step, val_loss) best, after `write(path, meta)` of this save (the method's file, atomic) if it
+    improves on `best`: strictly lower and finite, so a tie keeps the earlier step and a NaN (fp16 overflow) never
+    wins."""
     if math.isfinite(val_loss) and (best is None or val_loss < best[1]):
         best = (step, val_loss)
-        meta = {**learned.meta, "step": str(step), "val_loss": repr(val_loss)}   # repr: round-trips exactly
-        emb.write(path, emb.Embedding(learned.token, learned.vectors, meta))
+        write(path, {**meta, "step": str(step), "val_loss": repr(val_loss)})   # repr: round-trips exactly
     print(f"step {step}: validation loss {val_loss:.5f}" +
           (f" (best {best[1]:.5f} at step {best[0]})" if best else ""), file=sys.stderr)
     return best

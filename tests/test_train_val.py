@@ -105,12 +105,16 @@ def test_best_file_is_the_argmin_of_the_log_and_holds_its_vectors(whole):
 
 def test_keep_best_writes_only_a_strictly_lower_finite_loss(tmp_path):
     learned = E.Embedding("<t>", torch.ones(2, 4), {"step": "4"})
+
+    def write(path, meta):
+        E.write(path, E.Embedding(learned.token, learned.vectors, meta))
+
     path = tmp_path / "t-best.safetensors"
-    assert keep_best(None, 2, 1.5, learned, path) == (2, 1.5)
+    assert keep_best(None, 2, 1.5, write, learned.meta, path) == (2, 1.5)
     first = path.read_bytes()
     for worse in (1.5, 1.6, math.nan, math.inf):   # a tie keeps the earlier step; NaN/inf never win
-        assert keep_best((2, 1.5), 4, worse, learned, path) == (2, 1.5) and path.read_bytes() == first
-    assert keep_best((2, 1.5), 4, 1.25, learned, path) == (4, 1.25)
+        assert keep_best((2, 1.5), 4, worse, write, learned.meta, path) == (2, 1.5) and path.read_bytes() == first
+    assert keep_best((2, 1.5), 4, 1.25, write, learned.meta, path) == (4, 1.25)
     assert E.read(path).meta["step"] == "4" and E.read(path).meta["val_loss"] == "1.25"
 
 
