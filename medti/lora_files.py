@@ -170,7 +170,7 @@ def _peft_alphas(path: Path, meta: dict) -> dict[str, float]:
 def _hint(entries: dict, width: int) -> str:
     """Which base the file was made for, from the text width its cross-attention (or text tower) reads."""
     found = {e["down"].shape[1] for name, e in entries.items()
-             if "down" in e and ("attn2_to_k" in name or name.startswith("lora_te_"))}
+             if "down" in e and ("attn2_to_k" in name or "_self_attn_" in name)}   # layers that read [.., width]
     if not found or found == {width}:
         return ""
     made = "/".join(f"{w} ({WIDTHS[w][0]})" if w in WIDTHS else str(w) for w in sorted(found))
