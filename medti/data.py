@@ -19,8 +19,8 @@ from .preprocess import PREPROCESS, Unusable
 from .preprocess import fit as _fit
 from .sources import item_images, items, read_image
 
-__all__ = ["DataError", "Dataset", "PREPROCESS", "Unusable", "find_images", "load_dataset", "read_image",
-           "read_items", "summary", "warn_skipped"]
+__all__ = ["DataError", "Dataset", "PREPROCESS", "Unusable", "check_channels", "find_images", "load_dataset",
+           "parse_channels", "pseudonyms", "read_image", "read_items", "summary", "warn_skipped"]
 
 EXTENSIONS = (".png", ".jpg", ".jpeg", ".tif", ".tiff", ".bmp")   # compared lower-case
 # Colour modes PIL cannot convert correctly (LAB, CMYK) are skipped with the reason: one table for init images and
@@ -99,16 +99,32 @@ def _nothing_usable(folder: Path, skipped: list, channels: list | None) -> str:
     return f"{folder}: no usable image ({len(files)} file(s): {found}; {len(skipped)} skipped{common}); {fix}"
 
 
+def check_channels(channels: list[str] | None) -> list[str] | None:
+    """The channel names lower-cased (they match files in any case), 3 distinct ones or 1, else a DataError."""
+    channels = None if channels is None else [c.strip().lower() for c in channels]
+    if channels is not None and (len(channels) not in (1, 3) or len(set(channels)) != len(channels)):
+        raise DataError(f"channels must be 3 distinct names (stacked as R, G, B) or 1, got {channels}")
+    return channels
+
+
+def parse_channels(text: str) -> list[str] | None:
+    """The --channels flag's text ("t2w,adc,hbv"; empty: no channels) as check_channels' list."""
+    return check_channels(text.split(",")) if text else None
+
+
+def pseudonyms(patients: list) -> dict:
+    """patient -> "patient-001", ... numbered in the order met: the only way a patient is named in an output file
+    (data preview's data.jsonl, the audit's report), since a PatientID is an identifier."""
+    return {p: f"patient-{i + 1:03d}" for i, p in enumerate(dict.fromkeys(patients))}
+
+
 def _checked(preprocess: str, resolution: int, channels: list[str] | None) -> list[str] | None:
-    """load_dataset's own arguments checked; the channel names lower-cased (they match files in any case)."""
+    """load_dataset's own arguments checked; the channel names as check_channels gives them."""
     if preprocess not in PREPROCESS:
         raise DataError(f"preprocess '{preprocess}' is not one of {', '.join(PREPROCESS)}")
     if resolution < 1:
         raise DataError(f"resolution must be positive, got {resolution}")
-    channels = None if channels is None else [c.lower() for c in channels]
-    if channels is not None and (len(channels) not in (1, 3) or len(set(channels)) != len(channels)):
-        raise DataError(f"channels must be 3 distinct names (stacked as R, G, B) or 1, got {channels}")
-    return channels
+    return check_channels(channels)
 
 
 def summary(data: Dataset) -> str:

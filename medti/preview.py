@@ -17,6 +17,7 @@ import numpy as np
 from PIL import Image
 
 from .cli import ArgumentParser, run_main
+from .data import pseudonyms
 from .files import inside, write_atomic
 from .images import contact_sheet, save_png
 from .train_config import TrainConfig, TrainError, add_flags
@@ -55,21 +56,21 @@ def run(args):
     settings = {k: v for k, v in vars(args).items() if k in DATA_FLAGS}
     data = load_data(TrainConfig(**settings, resolution=args.resolution))   # checks the flags, then reads
     out.mkdir(parents=True, exist_ok=True)
-    pseudonyms = {p: f"patient-{i + 1:03d}" for i, p in enumerate(dict.fromkeys(data.patients))}
+    names = pseudonyms(data.patients)
     pixels = ((data.images + 1) * 127.5).round().clamp(0, 255).byte().permute(0, 2, 3, 1).numpy()
     lines, files = [], []
     for row, (name, patient) in enumerate(zip(data.names, data.patients, strict=True)):
         file = f"{row:05d}.png"
         save_png(out / file, Image.fromarray(np.ascontiguousarray(pixels[row])))
         source, _, piece = name.partition("#")
-        lines.append({"file": file, "source": source, "slice": piece or None, "patient": pseudonyms[patient],
+        lines.append({"file": file, "source": source, "slice": piece or None, "patient": names[patient],
                       "window": args.window or "the file's own, else min-max"})
         files.append(out / file)
     write_atomic(out / "data.jsonl", "".join(json.dumps(line) + "\n" for line in lines).encode())
     save_png(out / "contact-sheet.png", contact_sheet(files[:SHEET_MAX], labels=[str(i) for i in
                                                                                    range(min(len(files), SHEET_MAX))]))
     more = f" (the first {SHEET_MAX} on the sheet)" if len(files) > SHEET_MAX else ""
-    print(f"wrote {len(files)} image(s) of {len(pseudonyms)} patient(s) to {out}: 00000.png ..., contact-sheet.png"
+    print(f"wrote {len(files)} image(s) of {len(names)} patient(s) to {out}: 00000.png ..., contact-sheet.png"
           f"{more}, data.jsonl")
 
 

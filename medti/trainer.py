@@ -21,7 +21,7 @@ from minisd.schedule import NUM_TIMESTEPS
 from minisd.vae import posterior_sample
 
 from . import methods
-from .data import DataError, load_dataset, summary, warn_skipped
+from .data import DataError, load_dataset, parse_channels, summary, warn_skipped
 from .files import claim_folder, write_atomic
 from .hashes import sha256_of
 from .images import contact_sheet, save_png, to_pil
@@ -81,9 +81,9 @@ class Session:
 
 def load_data(cfg: TrainConfig, flag: str = "data"):
     """The images of --data (or --val) at cfg.resolution; skipped files are listed in one warning."""
-    channels = [c.strip() for c in cfg.channels.split(",")] if cfg.channels else None
     window = parse_window(cfg.window, arg("window")) if cfg.window else None
     try:
+        channels = parse_channels(cfg.channels)
         data = load_dataset(getattr(cfg, flag), cfg.resolution, cfg.preprocess, channels, cfg.strict, window,
                             plane=cfg.plane, slices=cfg.slices, slice_mask=cfg.slice_mask)
     except DataError as e:   # the message names the folder or file; say which flag it came from

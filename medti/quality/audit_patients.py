@@ -4,7 +4,8 @@ alone (patient-001, ... in the order the training folder lists them, the numberi
 preview`): the patient as read (a DICOM PatientID) is an identifier and is never written."""
 from collections import Counter
 
-from .folders import ImageSet, pseudonyms
+from ..data import pseudonyms
+from .folders import ImageSet
 
 
 def patient_rows(train: ImageSet) -> list:

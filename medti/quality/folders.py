@@ -16,7 +16,7 @@ from PIL import Image
 
 from minisd.errors import UserError, arg
 
-from ..data import DataError, Unusable, _checked, read_image, read_items, warn_skipped
+from ..data import DataError, Unusable, parse_channels, read_image, read_items, warn_skipped
 from ..manifest import MERGED
 from ..medical.slices import SliceOptions, check_options
 from ..medical.window import parse_window
@@ -54,9 +54,8 @@ class Reading:
 def reading(args) -> Reading:
     """The data flags of `args` (DATA_FLAGS, as add_flags made them) checked before any image is read; a mistake
     is one line naming the flag."""
-    channels = [c.strip() for c in args.channels.split(",")] if args.channels else None
     try:
-        channels = _checked("center", 1, channels)   # training's own rule for --channels (medti.data)
+        channels = parse_channels(args.channels)   # training's own rule for --channels (medti.data)
     except DataError as e:
         raise SetError(f"--channels {args.channels}: {e}") from None
     window = parse_window(args.window, "--window") if args.window else None
@@ -66,12 +65,6 @@ def reading(args) -> Reading:
 def set_flags(args) -> list:
     """The data flags set to something other than medti.train's default (for a set they cannot apply to)."""
     return [f"--{name.replace('_', '-')}" for name in DATA_FLAGS if getattr(args, name) != getattr(TrainConfig, name)]
-
-
-def pseudonyms(patients: list) -> dict:
-    """patient -> "patient-001", ... numbered in the order met, as `python -m medti.data preview` numbers them:
-    the only way a patient is named in an output file (a PatientID is an identifier)."""
-    return {p: f"patient-{i + 1:03d}" for i, p in enumerate(dict.fromkeys(patients))}
 
 
 def read_manifest(path: Path, flag: str) -> dict:
