@@ -117,14 +117,17 @@ def denoising_loss(sd, token: str, vectors, prompts: list, latents, noise, t):
 
 class Checkpointed(nn.Module):
     """Gradient checkpointing: keep only this block's inputs and recompute its activations in the backward pass.
-    The block sits under `.block`; only training wraps blocks, so checkpoint keys are unaffected."""
+    It holds the block's own children, parameters and buffers (the same dicts, not copies), so every module path and
+    state-dict key stays what it was (`input_blocks.1.1.transformer_blocks...`): LoRA files and state files name
+    layers by those paths. The block itself sits in a tuple, unregistered, to be called."""
 
     def __init__(self, block: nn.Module):
         super().__init__()
-        self.block = block
+        self.block = (block,)
+        self._modules, self._parameters, self._buffers = block._modules, block._parameters, block._buffers
 
     def forward(self, *args):
-        return checkpoint(self.block, *args, use_reentrant=False)
+        return checkpoint(self.block[0], *args, use_reentrant=False)
 
 
 def enable_checkpointing(sd):

@@ -1,5 +1,5 @@
-"""The settings of a textual-inversion run (TrainConfig: the CLI of `python -m medti.train` is generated from
-it) and every check that can be made before a model is loaded or a file is written.
+"""The settings of a training run (TrainConfig: the CLI of `python -m medti.train` is generated from it) and
+every check that can be made before a model is loaded or a file is written.
 
 Why all checks come first: a mistake found after the model has loaded costs minutes, and one found after the
 output folder exists leaves debris. So `check` reads nothing big and writes nothing; it returns the Plan the
@@ -23,6 +23,7 @@ from .files import inside
 from .inversion import TrainError, parse_lr
 from .medical.slices import check_options
 from .medical.window import parse_window
+from .methods import check_method, learning_rate
 
 SEED_LIMIT = 2 ** 32   # step_generator multiplies the seed by ~1e9: below 2**32 the product fits torch's int64 seed
 
@@ -66,11 +67,21 @@ class TrainConfig:
     val_fraction: str = flag("", "instead of --val: hold out this fraction of --data (0 < F < 1, e.g. 0.2), a "
                                  "random choice from --seed, listed in val.txt")
     val_draws: int = flag(8, "fixed (timestep, noise) draws per validation image, timesteps stratified over 0..999")
-    token: str = flag("", 'the placeholder to learn, e.g. "<cardiomegaly>": one printable word (no spaces, control '
-                          'characters or slashes), not an existing vocabulary word')
-    vectors: int = flag(64, f"vectors per token (at most {MAX_PROMPT_TOKENS}: they must fit in the 77-token prompt)")
-    init: str = flag("*", 'word(s) whose token embeddings start the vectors, or "random"')
-    lr: str = flag("0.005", 'constant, or A1111\'s schedule "0.005:1000, 0.001"')
+    method: str = flag("ti", "what trains: ti (textual inversion: a token's vectors) | lora (rank-r adapters on the "
+                             "frozen model, saved as lora.safetensors)")
+    token: str = flag("", 'ti: the placeholder to learn, e.g. "<cardiomegaly>": one printable word (no spaces, '
+                          'control characters or slashes), not an existing vocabulary word')
+    vectors: int = flag(64, f"ti: vectors per token (at most {MAX_PROMPT_TOKENS}: they must fit in the 77-token "
+                            "prompt)")
+    init: str = flag("*", 'ti: word(s) whose token embeddings start the vectors, or "random"')
+    instance_prompt: str = flag("", 'lora: the training prompt, e.g. "a chest x-ray of sks" (--template lines: "{}" '
+                                    "= this prompt)")
+    rank: int = flag(4, "lora: adapter rank (diffusers' train_dreambooth_lora.py default)")
+    alpha: float = flag(0.0, "lora: adapter alpha, scale alpha/rank; 0: the rank (scale 1)")
+    lora_targets: str = flag("attention", "lora: what gets adapters, comma-separated: attention (the UNet's "
+                                          "q/k/v/out), ff, proj (the UNet's), text, text_ff (the text tower's)")
+    lr: str = flag("", 'constant, or A1111\'s schedule "0.005:1000, 0.001"; default: 0.005 for ti (A1111), 1e-4 '
+                       "for lora (diffusers' DreamBooth LoRA example)")
     max_steps: int = flag(50000, "optimizer steps (the study: 50,000; 100,000 for prostate MRI)")
     batch: int = flag(1, "images per micro-batch")
     grad_accum: int = flag(1, "micro-batches per optimizer step")
@@ -179,9 +190,11 @@ def _val_fraction(cfg: TrainConfig) -> float:
 
 
 def training_prompts(cfg: TrainConfig) -> list:
-    """The token alone (the study's recipe), or one prompt per --template line with "{}" replaced by the token."""
+    """The token alone (the study's recipe) or the instance prompt (lora), or one prompt per --template line with
+    "{}" replaced by it."""
+    subject = cfg.token if cfg.method == "ti" else cfg.instance_prompt
     if not cfg.template:
-        return [cfg.token]
+        return [subject]
     try:
         lines = [line.strip() for line in Path(cfg.template).read_text().splitlines() if line.strip()]
     except (OSError, UnicodeDecodeError) as e:
@@ -190,7 +203,7 @@ def training_prompts(cfg: TrainConfig) -> list:
     if not lines or bad is not None:
         raise TrainError(f"{arg('template')} {cfg.template}: every line needs a {{}} for the token" +
                          (f" (not {bad!r})" if bad else " (the file is empty)"))
-    return [line.replace("{}", cfg.token) for line in lines]
+    return [line.replace("{}", subject) for line in lines]
 
 
 def check_out(cfg: TrainConfig):
@@ -219,7 +232,9 @@ def _check_model(cfg: TrainConfig):
 def check_settings(cfg: TrainConfig) -> Plan:
     """check() without the folders: for a caller that makes them itself, after this (the demo)."""
     _check_model(cfg)
-    _check_token(cfg.token)
+    check_method(cfg)
+    if cfg.method == "ti":
+        _check_token(cfg.token)
     _check_numbers(cfg)
     if cfg.latents not in ("once", "random", "mean"):
         raise TrainError(f"{arg('latents')} {cfg.latents!r}: once, random or mean")
@@ -233,4 +248,5 @@ def check_settings(cfg: TrainConfig) -> Plan:
     if not cfg.init.strip():
         raise TrainError(f"{arg('init')} {cfg.init!r}: give word(s) such as \"*\" or \"chest x-ray\", or random")
     device = resolve_device(cfg.device or ("cuda" if torch.cuda.is_available() else "cpu"))
-    return Plan(parse_lr(cfg.lr), device, resolve_dtype(cfg.dtype, device), training_prompts(cfg), _val_fraction(cfg))
+    return Plan(parse_lr(learning_rate(cfg)), device, resolve_dtype(cfg.dtype, device), training_prompts(cfg),
+                _val_fraction(cfg))

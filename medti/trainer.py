@@ -96,7 +96,7 @@ def load_data(cfg: TrainConfig, flag: str = "data"):
 def setup(cfg: TrainConfig, plan: Plan) -> Session:
     """Model, data -> cached latents (the VAE then leaves the device), what trains (the method) and its optimizer."""
     sd = minisd.load(cfg.model, config=cfg.config or None, dtype=plan.dtype, device=plan.device)
-    cfg = dataclasses.replace(cfg, resolution=cfg.resolution or sd.config.resolution)
+    cfg = dataclasses.replace(cfg, resolution=cfg.resolution or sd.config.resolution, lr=methods.learning_rate(cfg))
     if cfg.resolution % sd.config.size_multiple:
         raise TrainError(f"{arg('resolution')} {cfg.resolution}: must be a multiple of {sd.config.size_multiple}")
     data = load_data(cfg)
@@ -117,8 +117,8 @@ def setup(cfg: TrainConfig, plan: Plan) -> Session:
     settings["data_fingerprint"] = data.fingerprint   # with --val-fraction: of all of --data, held-out part too
     if held:
         settings["validation"] = {**held.about, "draws": cfg.val_draws, "files": held.names}
-    meta = {"token": cfg.token, "vectors": str(cfg.vectors), "base_model": str(sd.preset or cfg.model),
-            "base_sha256": sha256_of(sd.path), "init": cfg.init, "lr": cfg.lr, "data_sha256": data.fingerprint}
+    meta = {**method.meta, "base_model": str(sd.preset or cfg.model), "base_sha256": sha256_of(sd.path),
+            "lr": cfg.lr, "data_sha256": data.fingerprint}
     return Session(cfg, plan, sd, cache, method, optimizer, scaler, settings, meta, val)
 
 
@@ -141,6 +141,9 @@ def resume(s: Session) -> int:
     step, scaler_state, before = load_state(s.out / "state.safetensors", s.method.params, s.optimizer)
     # runs saved before --demo left the training settings stored "demo": false; it never changed training
     before = {k: v for k, v in before.items() if not (k == "demo" and v is False)}
+    # a setting added since the run was saved (--method and its flags) has its default there: that is how it ran
+    defaults = dataclasses.asdict(TrainConfig())
+    before = {**{k: defaults[k] for k in s.settings.keys() - before.keys() if k in defaults}, **before}
     if before != s.settings:
         changed = sorted(k for k in s.settings.keys() | before.keys() if before.get(k) != s.settings.get(k))
         raise TrainError(f"{arg('resume')}: {s.cfg.out} was trained with other settings ({', '.join(changed)})")

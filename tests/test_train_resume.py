@@ -108,6 +108,25 @@ def test_state_saved_before_the_demo_split_still_resumes(finished, tmp_path):
     assert steps(out)[-1] == 4
 
 
+def test_state_saved_before_the_methods_still_resumes(finished, tmp_path, capsys):
+    """State files written before --method existed hold none of its settings; they ran textual inversion, which
+    is the default of each: they resume, and a changed one of those settings is still refused."""
+    from medti.files import safetensors_bytes, write_atomic
+    out, base = copy(finished, tmp_path)
+    state = out / "state.safetensors"
+    with safe_open(str(state), framework="pt") as f:
+        meta, tensors = f.metadata(), {k: f.get_tensor(k) for k in f.keys()}
+    settings = json.loads(meta["settings"])
+    new = ("method", "instance_prompt", "rank", "alpha", "lora_targets")
+    assert set(new) <= set(settings)   # this test would pass vacuously otherwise
+    old = {k: v for k, v in settings.items() if k not in new}
+    write_atomic(state, safetensors_bytes(tensors, {**meta, "settings": json.dumps(old)}))
+    assert main([*base, "--max-steps", "3", "--rank", "8", "--out", str(out), "--resume"]) == 2
+    assert "other settings (rank)" in capsys.readouterr().err
+    assert main([*base, "--max-steps", "4", "--out", str(out), "--resume"]) == 0
+    assert steps(out)[-1] == 4
+
+
 def test_resume_with_other_vectors_says_what_to_pass(tmp_path):
     from medti.inversion import TrainError, load_state, save_state
     saved = torch.nn.Parameter(torch.zeros(2, 8))

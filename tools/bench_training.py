@@ -24,8 +24,8 @@ def checkpointing(sd):
     finally:
         for blocks in (sd.unet.input_blocks, sd.unet.output_blocks, sd.text.tower.blocks):
             for i, block in enumerate(blocks):
-                blocks[i] = block.block
-        sd.unet.middle_block = sd.unet.middle_block.block
+                blocks[i] = block.block[0]
+        sd.unet.middle_block = sd.unet.middle_block.block[0]
 
 def ti_step_ours(sd, size):
     """One step of medti/train.py's loop: latents cached once, 64 fp32 vectors in AdamW (checkpointing: caller)."""
