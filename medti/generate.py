@@ -27,6 +27,7 @@ from minisd.sampling import SAMPLERS, UNSUPPORTED
 from minisd.schedule import SPACINGS
 
 from . import embeddings as emb
+from . import loras
 from .cli import ArgumentParser, resolve_device, resolve_dtype, run_main
 from .files import claim_folder, safetensors_bytes, write_atomic
 from .hashes import sha256_of
@@ -65,6 +66,7 @@ def build_parser() -> argparse.ArgumentParser:
     add("--config", help="preset name or JSON config (needed for a file outside the presets; a diffusers folder "
                          "has its own)")
     add("--embeddings", action="append", default=[], help="embedding files or folders (repeatable)")
+    loras.add_arguments(add)   # --lora FILE[:WEIGHT], --lora-dir DIR (for <lora:NAME:WEIGHT> in the prompt)
     add("--prompt", help='terms joined by AND, each with an optional ":weight" (":0.3", ":30%%", ":-1")')
     add("--negative", default="", help="negative prompt (the unconditional term)")
     add("--sweep", nargs=2, metavar=("A", "B"), help='interpolation grid "A :1-w AND B :w", one column per weight')
@@ -139,7 +141,7 @@ def check_args(args):
 def plan(args) -> tuple[list, list]:
     """(term texts, jobs). --sweep A B: row r (seed + r) has one image per weight w, prompt "A :1-w AND B :w"."""
     if args.sweep is None:
-        terms = parse(args.prompt)
+        terms = parse(loras.strip_tags(args.prompt))   # A1111 drops <lora:...> tags before splitting on AND
         for text, weight in terms:
             check_scale(f"--prompt term {text.strip()!r}: weight", weight)
         weights = [w for _, w in terms]
@@ -155,7 +157,7 @@ def plan(args) -> tuple[list, list]:
         check_scale("--weights: weight", w)
     jobs = [Job(r * len(ws) + c, args.seed + r, f"{a} :{1 - w:g} AND {b} :{w:g}", [1 - w, w])
             for r in range(args.n) for c, w in enumerate(ws)]
-    return [a, b], jobs
+    return [loras.strip_tags(a), loras.strip_tags(b)], jobs
 
 
 def conditioning(sd, texts: list, negative: str):
@@ -170,10 +172,11 @@ def conditioning(sd, texts: list, negative: str):
         return sd.text(texts), sd.text([negative])
 
 
-def load_model(args, device, dtype):
-    """The model with the embeddings attached, packed or compiled for inference; (sd, embeddings, packed)."""
+def load_model(args, device, dtype, specs: list):
+    """The model with the LoRAs merged and the embeddings attached, packed or compiled for inference; (sd,
+    embeddings, packed)."""
     loaded = emb.read_all(args.embeddings) if args.embeddings else {}
-    sd = minisd.load(args.model, config=args.config, dtype=dtype, device=device)
+    sd = loras.apply(minisd.load(args.model, config=args.config, dtype=dtype, device=device), specs)   # before packing
     emb.attach(sd, loaded)
     packed = not args.compile and not args.no_pack and can_pack(sd.unet)
     if args.compile:
@@ -213,7 +216,7 @@ def write_outputs(args, out: Path, sd, job: Job, rec: dict, latent, image, part:
         if args.save_latents:   # scaled latent, as the sampler ends; divide by scale_factor to decode
             write_atomic(out / f"{job.index:05d}.safetensors", safetensors_bytes(
                 {"latent": latent.float()}, {"scale_factor": sd.scale_factor, "file": job.file}))
-        picture, text = to_pil(image), parameters_text(rec)
+        picture, text = to_pil(image), loras.parameters(rec, parameters_text(rec))
         save_png(out / job.file, picture, text)
         if args.format == "dicom":   # NNNNN.dcm beside the PNG; its UIDs derive from the run's settings
             synthetic.write_dicom(out / f"{job.index:05d}.dcm", picture, text, vars(args))
@@ -230,8 +233,8 @@ def write_grid(args, out: Path, jobs: list):
     save_png(out / "grid.png", contact_sheet([out / j.file for j in jobs], columns, labels))
 
 
-def generate(args, out: Path, texts: list, jobs: list, rank: int, world: int, device, dtype):
-    sd, loaded, packed = load_model(args, device, dtype)
+def generate(args, out: Path, texts: list, jobs: list, specs: list, rank: int, world: int, device, dtype):
+    sd, loaded, packed = load_model(args, device, dtype, specs)
     width, height = image_size(args, sd)
     per_call = max(1, args.batch // (len(texts) + 1)) if args.batch else 1   # each image: K terms + uncond rows
     check_memory(sd, device, width, height, args.batch or len(texts) + 1, per_call, packed)   # before any resize
@@ -241,7 +244,7 @@ def generate(args, out: Path, texts: list, jobs: list, rank: int, world: int, de
                               sigmas=args.sigmas, batch=args.batch)
     model_hash = sha256_of(sd.path)   # cached by medti.hashes: hashing GBs once, not per run
     emb.warn_other_base(loaded, model_hash)
-    planned = {job.file: record(args, job, width, height, model_hash, loaded) for job in jobs}
+    planned = {job.file: record(args, job, width, height, model_hash, loaded) | loras.record(specs) for job in jobs}
     done = read_records(out)   # only records whose PNG is on disk count
     changed = [f for f in done if f in planned and done[f] != planned[f]]
     if changed:
@@ -273,6 +276,7 @@ def run(args):
     check_args(args)
     rank, world = shard()
     texts, jobs = plan(args)   # parses the prompt: its mistakes are reported before a folder is made
+    specs = loras.plan(args.lora, args.lora_dir, [args.prompt] if args.sweep is None else args.sweep, args.negative)
     local = os.environ.get("LOCAL_RANK", rank)   # torchrun: this process's index on its machine = its GPU
     name = f"cuda:{local}" if args.device == "cuda" and world > 1 else args.device
     device = resolve_device(name)
@@ -282,7 +286,7 @@ def run(args):
     with claim_folder(args.out, rank=rank) as out:
         if not args.resume and (list(out.glob("manifest*.jsonl")) or list(out.glob("[0-9]*.png"))):
             raise UsageError(f"--out {out} already holds a run; pass --resume to continue it or choose another folder")
-        generate(args, out, texts, jobs, rank, world, device, dtype)
+        generate(args, out, texts, jobs, specs, rank, world, device, dtype)
 
 
 def main(argv=None) -> int:
