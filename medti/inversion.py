@@ -115,6 +115,20 @@ def denoising_loss(sd, token: str, vectors, prompts: list, latents, noise, t):
     return diffusion_loss(sd, sd.text(prompts, override={token: vectors}), latents, noise, t)
 
 
+def precision(method, device: torch.device):
+    """The method's autocast (a full fine-tune in fp16/bf16 keeps fp32 weights: medti.methods.UNetFineTune), or
+    nothing: textual inversion and LoRA run in the model's dtype, their fp32 tensors cast where they enter."""
+    return torch.autocast(device.type, dtype=method.autocast or torch.float32, enabled=method.autocast is not None)
+
+
+def total_norm(grads: list) -> float:
+    """The L2 norm of all gradients together (None: a weight the loss does not reach, such as the last text block
+    when the penultimate layer conditions). One tensor's own norm when there is one (TI): the norm of the norms
+    would round sqrt(x^2) and change the logged number in its last bit, and old logs must match new runs."""
+    norms = [g.norm() for g in grads if g is not None]
+    return (norms[0] if len(norms) == 1 else torch.linalg.vector_norm(torch.stack(norms))).item()
+
+
 class Checkpointed(nn.Module):
     """Gradient checkpointing: keep only this block's inputs and recompute its activations in the backward pass.
     It holds the block's own children, parameters and buffers (the same dicts, not copies), so every module path and
@@ -148,11 +162,12 @@ def _named(params) -> dict:
     return params if isinstance(params, dict) else {"vectors": params}   # one tensor: textual inversion's vectors
 
 
-def save_state(path, params, optimizer, scaler: dict, step: int, settings: dict):
+def save_state(path, params, optimizer, scaler: dict, step: int, settings: dict, buffers: dict | None = None):
     """Everything a resumed run needs, pickle-free: the trained tensors (`params`: {name: Parameter}, or TI's one
-    tensor), their AdamW moments and step, the grad scaler's state and the run's settings (to refuse resuming a
-    different run). The random draws need no state (step_generator). Atomic."""
-    tensors = {}
+    tensor), their AdamW moments and step, state that is no parameter (`buffers`: an EMA), the grad scaler's state
+    and the run's settings (to refuse resuming a different run). The random draws need no state
+    (step_generator). Atomic."""
+    tensors = {f"buffer.{name}": t.detach().cpu().contiguous() for name, t in (buffers or {}).items()}
     for name, param in _named(params).items():
         state = optimizer.state[param]
         tensors[_key("", name)] = param.detach().cpu().contiguous()
@@ -169,8 +184,9 @@ def _damaged(path, e: Exception) -> TrainError:
                       f"another {arg('out')} (what each save learned is in its <name>-<step>.safetensors there)")
 
 
-def load_state(path, params, optimizer) -> tuple:
-    """Restore the trained tensors and their optimizer state in place; returns (step, grad scaler state, settings).
+def load_state(path, params, optimizer, buffers: dict | None = None) -> tuple:
+    """Restore the trained tensors, their optimizer state and `buffers` in place; returns (step, grad scaler state,
+    settings).
     A file that is truncated, not safetensors or missing an entry (a crash during a copy, a disk full before our
     atomic writes existed) is a TrainError: it cannot be repaired, but the per-save copies are still there."""
     params = _named(params)
@@ -179,6 +195,7 @@ def load_state(path, params, optimizer) -> tuple:
             meta, tensors = f.metadata() or {}, {k: f.get_tensor(k) for k in f.keys()}
         step, scaler, settings = int(meta["step"]), json.loads(meta["scaler"]), json.loads(meta["settings"])
         saved = {name: tensors[_key("", name)] for name in params}
+        kept = {name: tensors[f"buffer.{name}"] for name in buffers or {}}
     except (SafetensorError, OSError, KeyError, ValueError) as e:   # JSONDecodeError is a ValueError
         raise _damaged(path, e) from None
     for name, param in params.items():
@@ -192,6 +209,9 @@ def load_state(path, params, optimizer) -> tuple:
             optimizer.state[param] = {"step": tensors[_key("adam_step", name)].reshape(()),
                                       "exp_avg": tensors[_key("exp_avg", name)].to(param.device),
                                       "exp_avg_sq": tensors[_key("exp_avg_sq", name)].to(param.device)}
+    with torch.no_grad():
+        for name, tensor in kept.items():
+            buffers[name].copy_(tensor)
     return step, scaler, settings
 
 

@@ -10,24 +10,31 @@ A method is a small object with:
   meta       what the saved file's metadata says of the method (the trainer adds base model, data and lr)
   record()   extra numbers for each log.jsonl line
   write(path, meta)   the shareable file (atomic)
-  sync()     after each optimizer step: copy what trained into the model where the model holds a copy of it
+  copies     whether each save also keeps `<stem>-<step>.safetensors` (not for a whole model: gigabytes each)
+  buffers    {name: tensor} of state that is no parameter (an EMA), saved and restored with the run
+  autocast   the dtype the forward runs in under torch.autocast, or None (what trains already runs in it)
+  sync()     after each optimizer step (and a resume): update what follows the weights (the EMA)
 """
 import math
+import re
 
 import torch
 from torch import nn
 
 from minisd import lora
 from minisd.errors import arg
+from minisd.load import components
 from minisd.tokenizer import MAX_PROMPT_TOKENS
 
 from . import embeddings as emb
 from . import lora_files
+from .files import safetensors_bytes, write_atomic
 from .inversion import TrainError, initial_vectors
 
 # The learning rate when --lr is not given: textual inversion's is A1111's (0.005, tuned for a few vectors); LoRA's
 # is the diffusers DreamBooth LoRA example's (README of examples/dreambooth, train_dreambooth_lora.py: 1e-4).
-LEARNING_RATES = {"ti": "0.005", "lora": "1e-4"}
+# The full fine-tune's is the diffusers text-to-image example's (README of examples/text_to_image: 1e-5).
+LEARNING_RATES = {"ti": "0.005", "lora": "1e-4", "unet": "1e-5"}
 
 
 def attach_token(sd, cfg, prompts: list) -> torch.Tensor:
@@ -53,6 +60,7 @@ class TextualInversion:
         self.stem = cfg.token.strip("<>")   # the token without <>: names the embedding files
         self.prompt = cfg.token              # previews: the token alone
         self.meta = {"token": cfg.token, "vectors": str(cfg.vectors), "init": cfg.init}
+        self.buffers, self.autocast, self.copies = {}, None, True
 
     def context(self, texts: list) -> torch.Tensor:
         return self.sd.text(texts, override={self.token: self.vectors})
@@ -87,6 +95,7 @@ class LoRAMethod:
                        for name, p in model.named_parameters() if ".lora" in name}
         self.stem, self.prompt = "lora", prompts[0]
         self.meta = {"method": "lora", "instance_prompt": cfg.instance_prompt}
+        self.buffers, self.autocast, self.copies = {}, None, True
 
     def context(self, texts: list) -> torch.Tensor:
         return self.sd.text(texts)   # the text tower's own adapters, if any, act inside it
@@ -101,7 +110,66 @@ class LoRAMethod:
         pass   # the adapters are used where they are
 
 
-METHODS = {"ti": TextualInversion, "lora": LoRAMethod}
+# --trainable attention: the attention layers of the UNet's transformer blocks (self and cross), q/k/v/out, the
+# cheapest full-weight variant that still changes how the image attends to the prompt (Chambon et al. compare it)
+ATTENTION = re.compile(r".+\.transformer_blocks\.\d+\.attn[12]\..+")
+SAVE_DTYPES = {"fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.float32}
+
+
+class UNetFineTune:
+    """--method unet: the UNet's own weights train (all, or --trainable attention), optionally the text tower's too
+    (--train-text); AdamW keeps fp32 masters of exactly what trains: those weights are held in fp32 in the model,
+    the frozen rest in the run's dtype, and the forward runs under autocast in that dtype (`autocast`), so the
+    fp16/bf16 compute sees rounded copies while updates accumulate in fp32 (the diffusers examples' mixed
+    precision). --ema DECAY keeps an exponential moving average of what trains, saved instead of the raw weights.
+    What is saved is the whole model as one official-layout file, model.safetensors (fp16 unless --save-dtype)."""
+
+    def __init__(self, sd, cfg, prompts: list, device):
+        self.sd, self.decay, self.save_dtype = sd, cfg.ema, SAVE_DTYPES[cfg.save_dtype]
+        dtype = next(sd.vae.parameters()).dtype
+        self.autocast = dtype if dtype != torch.float32 else None
+        parts = [("unet", sd.unet)] + ([("text", sd.text.tower)] if cfg.train_text else [])
+        sd.unet.requires_grad_(False), sd.text.tower.requires_grad_(False)
+        self.params = {}
+        for part, model in parts:
+            for name, param in model.named_parameters():
+                if part == "text" or cfg.trainable == "all" or ATTENTION.fullmatch(name):
+                    param.data = param.data.float()   # the fp32 master is the model's own weight
+                    self.params[f"{part}.{name}"] = param.requires_grad_(True)
+        self.buffers = {f"ema.{n}": p.detach().clone() for n, p in self.params.items()} if self.decay else {}
+        self.stem, self.prompt, self.copies = "model", prompts[0], False
+        self.meta = {"method": "unet", "instance_prompt": cfg.instance_prompt, "trainable": cfg.trainable,
+                     "train_text": str(cfg.train_text), "ema": f"{cfg.ema:g}"}
+
+    def context(self, texts: list) -> torch.Tensor:
+        return self.sd.text(texts)
+
+    def record(self) -> dict:
+        return {}
+
+    @torch.no_grad()
+    def sync(self):
+        """The EMA step after each optimizer step: ema = decay * ema + (1 - decay) * weight, in fp32."""
+        for name, ema in self.buffers.items():
+            ema.lerp_(self.params[name.removeprefix("ema.")], 1 - self.decay)
+
+    def write(self, path, meta: dict):
+        """The whole model in the official single-file layout (minisd.load reads it; so do A1111 and diffusers'
+        from_single_file), with the EMA weights in place of the trained ones when --ema is on."""
+        parts = {id(self.sd.unet): "unet", id(self.sd.text.tower): "text"}
+        state = {}
+        for prefix, module in components(self.sd).items():   # the official key prefixes (minisd.load)
+            for key, value in module.state_dict().items():
+                ema = self.buffers.get(f"ema.{parts.get(id(module))}.{key}")
+                state[prefix + key] = (value if ema is None else ema).to(self.save_dtype)
+        bad = next((k for k, v in state.items() if not torch.isfinite(v).all()), None)
+        if bad is not None:
+            raise TrainError(f"{bad} is not finite in {str(self.save_dtype)[6:]}; use {arg('save_dtype')} fp32")
+        write_atomic(path, safetensors_bytes(state, {**meta, "format": "medti-unet",
+                                                     "dtype": str(self.save_dtype)[6:]}))
+
+
+METHODS = {"ti": TextualInversion, "lora": LoRAMethod, "unet": UNetFineTune}
 
 
 def targets(cfg) -> list:
@@ -117,11 +185,14 @@ def check_method(cfg):
     """The method's own settings, before anything loads; one line naming the flag."""
     if cfg.method not in METHODS:
         raise TrainError(f"{arg('method')} {cfg.method!r}: one of {', '.join(METHODS)}")
+    defaults = type(cfg)()   # TrainConfig's defaults: a flag left alone is no mistake
+    given = [name for name, methods in FLAG_METHODS.items()
+             if getattr(cfg, name) != getattr(defaults, name) and cfg.method not in methods]
+    if given:
+        raise TrainError(f"{arg(given[0])} is for {arg('method')} {' or '.join(FLAG_METHODS[given[0]])}, not "
+                         f"{cfg.method}")
     if cfg.method == "ti":
         return
-    if cfg.token:
-        raise TrainError(f"{arg('token')} is textual inversion's; {arg('method')} {cfg.method} trains on "
-                         f"{arg('instance_prompt')} (e.g. \"a chest x-ray of sks\")")
     if not cfg.instance_prompt.strip():
         raise TrainError(f"{arg('method')} {cfg.method}: give {arg('instance_prompt')}, the training prompt, e.g. "
                          "\"a chest x-ray of sks\"")
@@ -133,6 +204,20 @@ def check_method(cfg):
         raise TrainError(f"{arg('rank')} {cfg.rank}: must be at least 1")
     if not (math.isfinite(cfg.alpha) and cfg.alpha >= 0):
         raise TrainError(f"{arg('alpha')} {cfg.alpha:g}: must be 0 (= the rank) or more")
+    if cfg.trainable not in ("all", "attention"):
+        raise TrainError(f"{arg('trainable')} {cfg.trainable!r}: all or attention")
+    if not 0 <= cfg.ema < 1:   # NaN fails too
+        raise TrainError(f"{arg('ema')} {cfg.ema:g}: a decay in [0, 1), e.g. 0.9999; 0: no EMA")
+    if cfg.save_dtype not in SAVE_DTYPES:
+        raise TrainError(f"{arg('save_dtype')} {cfg.save_dtype!r}: one of {', '.join(SAVE_DTYPES)}")
+
+
+# Each method's own flags and the methods they belong to: given to another method, they would be silently
+# ignored, so they are refused.
+FLAG_METHODS = {"token": ("ti",), "vectors": ("ti",), "init": ("ti",), "instance_prompt": ("lora", "unet"),
+                "rank": ("lora",), "alpha": ("lora",),
+                "lora_targets": ("lora",), "trainable": ("unet",), "train_text": ("unet",), "ema": ("unet",),
+                "save_dtype": ("unet",)}
 
 
 def make(sd, cfg, prompts: list, device):

@@ -68,20 +68,25 @@ class TrainConfig:
                                  "random choice from --seed, listed in val.txt")
     val_draws: int = flag(8, "fixed (timestep, noise) draws per validation image, timesteps stratified over 0..999")
     method: str = flag("ti", "what trains: ti (textual inversion: a token's vectors) | lora (rank-r adapters on the "
-                             "frozen model, saved as lora.safetensors)")
+                             "frozen model, saved as lora.safetensors) | unet (the UNet's weights, saved as "
+                             "model.safetensors)")
     token: str = flag("", 'ti: the placeholder to learn, e.g. "<cardiomegaly>": one printable word (no spaces, '
                           'control characters or slashes), not an existing vocabulary word')
     vectors: int = flag(64, f"ti: vectors per token (at most {MAX_PROMPT_TOKENS}: they must fit in the 77-token "
                             "prompt)")
     init: str = flag("*", 'ti: word(s) whose token embeddings start the vectors, or "random"')
-    instance_prompt: str = flag("", 'lora: the training prompt, e.g. "a chest x-ray of sks" (--template lines: "{}" '
-                                    "= this prompt)")
+    instance_prompt: str = flag("", 'lora, unet: the training prompt, e.g. "a chest x-ray of sks" (--template '
+                                    'lines: "{}" = this prompt)')
     rank: int = flag(4, "lora: adapter rank (diffusers' train_dreambooth_lora.py default)")
     alpha: float = flag(0.0, "lora: adapter alpha, scale alpha/rank; 0: the rank (scale 1)")
     lora_targets: str = flag("attention", "lora: what gets adapters, comma-separated: attention (the UNet's "
                                           "q/k/v/out), ff, proj (the UNet's), text, text_ff (the text tower's)")
+    trainable: str = flag("all", "unet: all (every UNet weight) | attention (the transformer blocks' attention)")
+    train_text: bool = flag(False, "unet: train the text tower's weights too")
+    ema: float = flag(0.0, "unet: keep an EMA of the weights with this decay (e.g. 0.9999) and save it; 0: none")
+    save_dtype: str = flag("fp16", "unet: dtype of model.safetensors, fp16 | bf16 | fp32")
     lr: str = flag("", 'constant, or A1111\'s schedule "0.005:1000, 0.001"; default: 0.005 for ti (A1111), 1e-4 '
-                       "for lora (diffusers' DreamBooth LoRA example)")
+                       "for lora (diffusers' DreamBooth LoRA example), 1e-5 for unet (its text-to-image example)")
     max_steps: int = flag(50000, "optimizer steps (the study: 50,000; 100,000 for prostate MRI)")
     batch: int = flag(1, "images per micro-batch")
     grad_accum: int = flag(1, "micro-batches per optimizer step")

@@ -34,10 +34,12 @@ from .inversion import (
     load_state,
     log_line,
     lr_at,
+    precision,
     read_log,
     save_state,
     set_lr,
     step_generator,
+    total_norm,
     write_log,
 )
 from .medical.window import parse_window
@@ -138,7 +140,8 @@ def start_or_resume(s: Session) -> int:
 
 def resume(s: Session) -> int:
     """Restore the last save (what trains, AdamW, grad scaler) after checking it was made with these settings."""
-    step, scaler_state, before = load_state(s.out / "state.safetensors", s.method.params, s.optimizer)
+    step, scaler_state, before = load_state(s.out / "state.safetensors", s.method.params, s.optimizer,
+                                            s.method.buffers)
     # runs saved before --demo left the training settings stored "demo": false; it never changed training
     before = {k: v for k, v in before.items() if not (k == "demo" and v is False)}
     # a setting added since the run was saved (--method and its flags) has its default there: that is how it ran
@@ -149,7 +152,6 @@ def resume(s: Session) -> int:
         raise TrainError(f"{arg('resume')}: {s.cfg.out} was trained with other settings ({', '.join(changed)})")
     if scaler_state:   # empty unless training in fp16
         s.scaler.load_state_dict(scaler_state)
-    s.method.sync()
     if step >= s.cfg.max_steps:   # --max-steps is no setting: a resume may raise it, or name one already reached
         print(f"note: the run is at step {step} already, {spoken('max_steps', *[str(s.cfg.max_steps)] * 2)}: "
               f"nothing to train; raise {arg('max_steps')} to go on", file=sys.stderr)
@@ -192,13 +194,6 @@ def report(s: Session, record: dict):
               f"ETA {eta:.1f} min", file=sys.stderr)
 
 
-def total_norm(grads: list) -> float:
-    """The L2 norm of all gradients together. One tensor's own norm when there is one (TI): the norm of the norms
-    would round sqrt(x^2) and change the logged number in its last bit, and old logs must match new runs."""
-    norms = [g.norm() for g in grads]
-    return (norms[0] if len(norms) == 1 else torch.linalg.vector_norm(torch.stack(norms))).item()
-
-
 def loop(s: Session, step: int) -> Path:
     """The training loop, from `step` to --max-steps; returns the path of the saved file (the embedding for TI)."""
     cfg = s.cfg
@@ -209,7 +204,8 @@ def loop(s: Session, step: int) -> Path:
         loss_sum = 0.0
         for micro in range(cfg.grad_accum):
             latents, noise, t, texts = get_batch(s, step, micro)
-            loss = diffusion_loss(s.sd, s.method.context(texts), latents, noise, t) / cfg.grad_accum
+            with precision(s.method, s.plan.device):
+                loss = diffusion_loss(s.sd, s.method.context(texts), latents, noise, t) / cfg.grad_accum
             s.scaler.scale(loss).backward()
             loss_sum += loss.item()
         s.scaler.unscale_(s.optimizer)
@@ -233,7 +229,8 @@ def loop(s: Session, step: int) -> Path:
                   **s.method.record(), "skipped": not finite}
         saving = step % cfg.save_every == 0 or step == cfg.max_steps
         if saving and s.val:   # on the save step's own record, before it is logged and plotted
-            record["val_loss"] = validation_loss(s.sd, s.method.context, s.val)
+            with precision(s.method, s.plan.device):
+                record["val_loss"] = validation_loss(s.sd, s.method.context, s.val)
         report(s, record)
         if saving:
             save(s, step, record.get("val_loss"))
@@ -252,10 +249,12 @@ def save(s: Session, step: int, val_loss: float | None):
         raise TrainError(f"step {step}: what trains is not finite; nothing was saved over the last good file")
     meta = {**s.meta, "step": str(step)}
     s.method.write(s.out / f"{s.name}.safetensors", meta)
-    s.method.write(s.out / f"{s.name}-{step}.safetensors", meta)
+    if s.method.copies:
+        s.method.write(s.out / f"{s.name}-{step}.safetensors", meta)
     if val_loss is not None:
         s.best = keep_best(s.best, step, val_loss, s.method.write, meta, s.out / f"{s.name}-best.safetensors")
-    save_state(s.out / "state.safetensors", s.method.params, s.optimizer, s.scaler.state_dict(), step, s.settings)
+    save_state(s.out / "state.safetensors", s.method.params, s.optimizer, s.scaler.state_dict(), step, s.settings,
+               s.method.buffers)
     records = read_log(s.out / "log.jsonl")
     val = [(r["step"], r["val_loss"]) for r in records if "val_loss" in r]
     plot_curve([r["step"] for r in records], [r["loss"] for r in records], s.out / "loss.png",
@@ -269,10 +268,10 @@ def preview(s: Session, step: int):
     goes on."""
     sd, size = s.sd, s.cfg.resolution
     sd.vae.to(s.plan.device)   # the VAE visits the device only for previews
-    cond = s.method.context([s.method.prompt])
-    uncond = sd.text([""])
-    settings = SampleSettings(width=size, height=size, steps=s.cfg.preview_steps, cfg=2.0)
-    latents = sample(sd, cond, uncond, [1.0], range(4), settings)
+    with precision(s.method, s.plan.device):
+        cond, uncond = s.method.context([s.method.prompt]), sd.text([""])
+        latents = sample(sd, cond, uncond, [1.0], range(4),
+                         SampleSettings(width=size, height=size, steps=s.cfg.preview_steps, cfg=2.0))
     images = decode(sd, latents) if torch.isfinite(latents).all() else None   # a NaN latent is not decoded
     sd.vae.to("cpu")
     if images is None or not torch.isfinite(images).all():

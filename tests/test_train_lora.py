@@ -138,7 +138,7 @@ def test_lora_training_lowers_held_out_loss(secret_data, tmp_path):  # noqa: F81
 @pytest.mark.parametrize("extra, words", [
     (["--method", "dora"], "--method 'dora'"),
     (["--method", "lora"], "--instance-prompt"),
-    (["--method", "lora", "--instance-prompt", "x", "--token", "<t>"], "--token is textual inversion's"),
+    (["--method", "lora", "--instance-prompt", "x", "--token", "<t>"], "--token is for --method ti, not lora"),
     (["--method", "lora", "--instance-prompt", "x", "--lora-targets", "attention,conv"], "--lora-targets"),
     (["--method", "lora", "--instance-prompt", "x", "--rank", "0"], "--rank 0"),
     (["--method", "lora", "--instance-prompt", "x", "--alpha", "-1"], "--alpha -1"),
