@@ -39,6 +39,7 @@ class Dataset:
     # per image: its patient -- the DICOM PatientID, else its case (with `channels`) or file name. In memory only:
     # validation splits by it, and no output file ever holds it.
     patients: list[str]
+    windows: list[str]     # per image: which window scaled it (`--window 40,400`, `the file's ...`, min-max, ...)
     skipped: list[tuple[str, str]]   # (relative path or case name, reason), in the order met
     fingerprint: str       # sha256 over the used files' paths and bytes: see _fingerprint
 
@@ -80,23 +81,40 @@ def _fingerprint(data: dict[str, bytes]) -> str:
     return hashlib.sha256(lines.encode()).hexdigest()
 
 
+NAMING = ("unknown channel", "missing channel", "no case", "duplicate channel")   # --channels naming problems
+PREPROCESSING = ("wrong size", "all black")                                       # --preprocess refusals
+
+
+def _suffix(path: Path) -> str:
+    """A file's kind for the summary: `.nii.gz` as one (not `.gz`), no suffix as "(none)"."""
+    name = path.name.lower()
+    return ".nii.gz" if name.endswith(".nii.gz") else path.suffix.lower() or "(no extension)"
+
+
+def _fix(files: list, kind: str, channels: list | None) -> str:
+    """The advice of the "no usable image" line, by what was found and the most common reason."""
+    if not files:
+        return "is this the right folder?"
+    if not any(p.suffix.lower() in EXTENSIONS or is_volume(p) or is_dicom(p) for p in files):
+        return f"images must be {' '.join(EXTENSIONS)}, DICOM, or volumes (.nii, .nii.gz, .mha, .mhd, .nrrd)"
+    if channels and kind.startswith(NAMING):
+        return f"with --channels {','.join(channels)}, name files CASE/{channels[0]}.png or CASE_{channels[0]}.png"
+    if kind.startswith(PREPROCESSING):
+        return "choose another --preprocess or re-export those files"
+    return "fix or re-export those files"
+
+
 def _nothing_usable(folder: Path, skipped: list, channels: list | None) -> str:
     """The one-line "no usable image" message: what was found, the most common skip reason, and a fix."""
     files = _walk(folder)
-    extensions = Counter(p.suffix.lower() or "(none)" for p in files)
-    found = ", ".join(f"{n} {ext}" for ext, n in extensions.most_common(5)) or "nothing"
-    kinds = [reason.split(":")[0].split(" (")[0] for _, reason in skipped]   # "wrong size: 64x48, ..." -> kind
+    found = ", ".join(f"{n} {ext}" for ext, n in Counter(map(_suffix, files)).most_common(5)) or "nothing"
+    # "wrong size: 64x48, ..." -> "wrong size"; a series' "IM0004: 5.000 mm from ..." -> the reason, not the file
+    kinds = [(part[1] if len(part) > 1 and " " not in part[0] else part[0]).split(" (")[0]
+             for part in (reason.split(": ") for _, reason in skipped)]
     kind = Counter(kinds).most_common(1)[0][0] if kinds else ""
     common = f", most often '{kind}', e.g. {': '.join(skipped[kinds.index(kind)])}" if kinds else ""
-    if not files:
-        fix = "is this the right folder?"
-    elif not any(p.suffix.lower() in EXTENSIONS or is_volume(p) or is_dicom(p) for p in files):
-        fix = f"images must be {' '.join(EXTENSIONS)}, DICOM, or volumes (.nii, .nii.gz, .mha, .mhd, .nrrd)"
-    elif channels:
-        fix = f"with --channels {','.join(channels)}, name files CASE/{channels[0]}.png or CASE_{channels[0]}.png"
-    else:
-        fix = "fix or re-export those files, or choose another --preprocess"
-    return f"{folder}: no usable image ({len(files)} file(s): {found}; {len(skipped)} skipped{common}); {fix}"
+    return (f"{folder}: no usable image ({len(files)} file(s): {found}; {len(skipped)} skipped{common}); "
+            f"{_fix(files, kind, channels)}")
 
 
 def check_channels(channels: list[str] | None) -> list[str] | None:
@@ -165,9 +183,10 @@ def load_dataset(folder, resolution: int, preprocess: str = "center", channels: 
             raise DataError(f"{folder / name}: {reason}")
         skipped.append((name, reason))
 
-    arrays, names, patients, used = [], [], [], {}
+    arrays, names, patients, windows, used = [], [], [], [], {}
     for images, data in read_items(folder, channels, options, skip):
         for name, image, patient in images:   # one image, or a volume's slices: an all-black slice skips alone
+            window = image.info.get("window", "as stored")   # medical readers say; other files are 8-bit as read
             try:
                 image = _fit(image, resolution, preprocess)
             except Unusable as e:
@@ -176,12 +195,13 @@ def load_dataset(folder, resolution: int, preprocess: str = "center", channels: 
             arrays.append(np.asarray(image.convert("RGB")))   # [R, R, 3] uint8; grayscale replicated to 3 channels
             names.append(name)
             patients.append(patient)
+            windows.append(window)
         used.update(data)
     if not arrays:
         raise DataError(_nothing_usable(folder, skipped, channels))
     # [N, R, R, 3] uint8 -> [N, 3, R, R] float32 in [-1, 1]; 0 -> -1 and 255 -> 1 exactly
     images = torch.from_numpy(np.stack(arrays)).permute(0, 3, 1, 2).contiguous().float().div_(127.5).sub_(1)
-    return Dataset(images, names, patients, skipped, _fingerprint(used))
+    return Dataset(images, names, patients, windows, skipped, _fingerprint(used))
 
 
 if __name__ == "__main__":   # `python -m medti.data preview ...`: the command lives in medti/preview.py

@@ -59,12 +59,12 @@ def run(args):
     names = pseudonyms(data.patients)
     pixels = ((data.images + 1) * 127.5).round().clamp(0, 255).byte().permute(0, 2, 3, 1).numpy()
     lines, files = [], []
-    for row, (name, patient) in enumerate(zip(data.names, data.patients, strict=True)):
+    for row, (name, patient, window) in enumerate(zip(data.names, data.patients, data.windows, strict=True)):
         file = f"{row:05d}.png"
         save_png(out / file, Image.fromarray(np.ascontiguousarray(pixels[row])))
         source, _, piece = name.partition("#")
         lines.append({"file": file, "source": source, "slice": piece or None, "patient": names[patient],
-                      "window": args.window or "the file's own, else min-max"})
+                      "window": window})
         files.append(out / file)
     write_atomic(out / "data.jsonl", "".join(json.dumps(line) + "\n" for line in lines).encode())
     save_png(out / "contact-sheet.png", contact_sheet(files[:SHEET_MAX], labels=[str(i) for i in

@@ -10,7 +10,7 @@ from pathlib import Path
 
 from PIL import Image
 
-from .images import REFUSED_MODES, ImageError, to_8bit
+from .images import REFUSED_MODES, WIDE_MODES, ImageError, to_8bit
 from .medical import MedicalError, MissingExtra
 from .medical.dicom import training_image
 from .medical.dicom_series import DicomVolume, find_volumes
@@ -80,7 +80,10 @@ def decode(path: Path, data: bytes, window=None) -> Image.Image:
             if image.mode in REFUSED_MODES:
                 raise Unusable(f"mode {image.mode}: {REFUSED_MODES[image.mode]}")
             image.load()   # decode now: a truncated file fails here, not later
-            return _to_8bit(image)
+            shown = _to_8bit(image)
+            if image.mode in WIDE_MODES:   # data.jsonl says which scale made the 8 bits
+                shown.info["window"] = "min-max of the image (16-bit or float)"
+            return shown
     except Image.UnidentifiedImageError:   # (Unusable is none of the classes caught here, so it passes through)
         raise Unusable(f"not an image PIL can read ({path.suffix} extension)") from None
     except (OSError, ValueError, SyntaxError, EOFError, Image.DecompressionBombError) as e:

@@ -98,8 +98,9 @@ class TrainConfig:
     plane: str = flag("axial", "volumes (.nii, .nii.gz, .mha, .mhd, .nrrd): slice plane, axial | coronal | sagittal")
     slices: str = flag("all", "volumes: which slices, all | START:STOP[:STEP] | middle:N | mask (needs "
                               "--slice-mask); each becomes one image named FILE#PLANEnnn")
-    slice_mask: str = flag("", "volumes: keep slices where this mask is non-empty; a file name (no '/') is looked "
-                               "up in each volume's folder (and is no training image there), a path is one mask")
+    slice_mask: str = flag("", "volumes: keep slices where this mask is non-empty: a folder of masks named after each "
+                               "volume or case (MSD labelsTr, PI-CAI whole-gland masks), a file name (no '/') "
+                               "looked up in each volume's folder, or a path to one mask")
     latents: str = flag("once", "once (sampled once) | random (resampled every use) | mean")
     flip: bool = flag(False, "random horizontal flips; off: laterality matters in medical images")
     strict: bool = flag(False, "an unreadable or odd training file is an error (default: listed, skipped)")

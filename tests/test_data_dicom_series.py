@@ -232,3 +232,30 @@ def test_channels_from_dicom_series_folders_equal_the_same_case_as_mha(tmp_path)
     assert dicom.patients == ["PHANTOM-9"] * 6 and mha.patients == ["case1"] * 6
     assert (dicom.images == mha.images).all()
     assert not (dicom.images[:, 0] == dicom.images[:, 1]).all()   # the channels differ: really three sequences
+
+
+def test_messages_say_what_was_there(tmp_path):
+    """From the new-user trial: a mask on another grid names both grids the right way round; a --slices range
+    past the end says how many slices there are; the "no usable image" advice fits the reason (not --preprocess
+    for a volume problem); the window each image was scaled by is recorded."""
+    from medti.data import DataError
+    hu = _hu().astype(np.float32)
+    direction, spacing = np.column_stack([ROW, COLUMN, NORMAL]), (SPACING[1], SPACING[0], STEP)
+    (tmp_path / "data" / "c").mkdir(parents=True)
+    _write_sitk(tmp_path / "data" / "c" / "ct.mha", hu, direction, spacing, ORIGIN)
+    (tmp_path / "masks").mkdir()
+    _write_sitk(tmp_path / "masks" / "ct.mha", np.ones((6, 5, 3), np.float32), direction, spacing, ORIGIN)
+    with pytest.raises(DataError) as e:
+        load_dataset(tmp_path / "data", 8, slices="mask", slice_mask=str(tmp_path / "masks"), strict=True)
+    assert "shape (6, 3, 5) where the image's is (6, 7, 5)" in str(e.value), e.value   # LPS order
+    with pytest.raises(DataError) as e:
+        load_dataset(tmp_path / "data", 8, slices="40:50")
+    assert "no slice chosen by --slices 40:50 of the 6 axial slices" in str(e.value)
+    assert "--preprocess" not in str(e.value) and "fix or re-export those files" in str(e.value)
+    assert "1 .mha" in str(e.value)
+    from medti.medical.window import parse_window
+    data = load_dataset(tmp_path / "data", 8, window=parse_window("lung"))
+    assert set(data.windows) == {"--window -600,1500"}
+    assert set(load_dataset(tmp_path / "data", 8).windows) == {"min-max over the volume"}
+    _series(tmp_path / "dicom" / "case1", _hu(), WindowCenter=40, WindowWidth=400)
+    assert set(load_dataset(tmp_path / "dicom", 8).windows) == {"the file's 40,400"}

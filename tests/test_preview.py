@@ -29,6 +29,8 @@ def test_preview_writes_the_training_images_and_no_patient_id(tmp_path, capsys):
         tensor = ((data.images[row] + 1) * 127.5).round().permute(1, 2, 0).numpy()
         assert np.array_equal(png, tensor), line                      # exactly what training sees
         assert line["source"] == data.names[row] and line["slice"] is None
+        # the DX files carry their own window (test_data_dicom); the PNG is 8-bit as stored
+        assert line["window"] == ("as stored" if line["source"] == "extra.png" else "the file's 2048,3000"), line
     # in the order met: extra.png (its own patient), then the three DICOM patients
     assert [line["patient"] for line in lines] == ["patient-001"] + ["patient-002"] * 3 + ["patient-003"] * 2 + \
         ["patient-004"] * 4

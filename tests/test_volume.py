@@ -232,7 +232,7 @@ def test_refusals_are_one_line(tmp_path):
         mask = _volume(tmp_path, name, np.ones((10, 4, 3), np.float32), spacing, origin)
         with pytest.raises(MedicalError) as e:
             slices(image, "axial", "mask", mask)
-        _one_line(e, name, "another grid", "spacing" if name == "coarse.mha" else "origin")
+        _one_line(e, name, "not on the grid", "spacing" if name == "coarse.mha" else "origin")
     for bad in ("middle:0", "1:5:0", "some", "1-5", "middle", "1:2:3:4", ""):
         with pytest.raises(MedicalError) as e:
             parse_slices(bad)

@@ -16,7 +16,7 @@ from pathlib import Path
 import numpy as np
 
 from . import MedicalError, require
-from .window import Window, to_uint8
+from .window import Window, described, to_uint8
 
 PIXEL_KEYWORDS = ("PixelData", "FloatPixelData", "DoubleFloatPixelData")   # PS3.3 C.7.6.3 and C.7.6.24
 
@@ -189,4 +189,6 @@ def training_image(path, window: Window | None):
     if len(image.pixels) > 1:
         raise MedicalError(f"{path}: {len(image.pixels)} frames without per-frame positions: not a volume and not one "
                            "image; export the frames you want as single images")
-    return Image.fromarray(render(image, window)[0]), image.patient_id
+    shown = Image.fromarray(render(image, window)[0])
+    shown.info["window"] = described(window, image.window)
+    return shown, image.patient_id

@@ -35,7 +35,7 @@ from .volume import (
     square_pixels,
 )
 from .volume import slices as volume_slices
-from .window import Window, display_scale
+from .window import Window, described, display_scale
 
 
 def is_volume(path) -> bool:
@@ -74,7 +74,8 @@ def check_options(plane: str = "axial", slices: str = "all", slice_mask: str = "
         raise MedicalError(f"--plane {plane!r}: expected one of {', '.join(PLANES)}")
     spec = parse_slices(slices, "--slices")
     if spec.kind == "mask" and not slice_mask:
-        raise MedicalError("--slices mask: needs --slice-mask (a mask file name found in each case folder, or a path)")
+        raise MedicalError("--slices mask: needs --slice-mask: a folder of masks named after each volume or case, a "
+                           "mask file name found in each volume's folder, or one mask file's path")
     if "/" in slice_mask and not Path(slice_mask).exists():
         raise MedicalError(f"--slice-mask {slice_mask}: no such file or folder (a name without '/' is looked up in "
                            "each volume's folder)")
@@ -112,21 +113,28 @@ def _to_image(array: np.ndarray, spacing) -> Image.Image:
     return Image.fromarray(pixels[..., 0]) if len(planes) == 1 else Image.fromarray(pixels, "RGB")
 
 
-def _named(name: str, options: SliceOptions, chosen) -> list[tuple[str, Image.Image]]:
+def _named(name: str, options: SliceOptions, chosen, total: int, window: str) -> list[tuple[str, Image.Image]]:
+    """[(`name#planeNNN`, image)], each image saying in info["window"] which window scaled it (data.jsonl)."""
     if not chosen:
-        raise MedicalError(f"no slice chosen by --slices and --slice-mask ({options.plane})")
+        mask = f" and --slice-mask {options.mask} (empty on those slices?)" if options.mask else ""
+        raise MedicalError(f"no slice chosen by --slices {options.spec.text}{mask} of the {total} {options.plane} "
+                           "slices")
+    for _, image in chosen:
+        image.info["window"] = window
     return [(f"{name}#{options.plane}{index:03d}", image) for index, image in chosen]
 
 
 def volume_images(path: Path, name: str, options: SliceOptions) -> list[tuple[str, Image.Image]]:
     """[(`name#planeNNN`, 8-bit L image)] of one volume file; a MedicalError (one line) when it is unusable."""
-    return _sliced(_scaled(read_volume(path), options.window), name, options, _mask_for(path, stem(path), options))
+    return _sliced(_scaled(read_volume(path), options.window), name, options, _mask_for(path, stem(path), options),
+                   described(options.window, None, "min-max over the volume"))
 
 
-def _sliced(volume, name: str, options: SliceOptions, mask) -> list[tuple[str, Image.Image]]:
+def _sliced(volume, name: str, options: SliceOptions, mask, window: str) -> list[tuple[str, Image.Image]]:
     spacing = plane_spacing(volume, options.plane)
     chosen = volume_slices(volume, options.plane, options.spec, mask)
-    return _named(name, options, [(k, _to_image(s, spacing)) for k, s in chosen])
+    total = volume.array.shape[PLANES[options.plane]]
+    return _named(name, options, [(k, _to_image(s, spacing)) for k, s in chosen], total, window)
 
 
 def dicom_images(source: DicomVolume, name: str, options: SliceOptions) -> tuple[list, str | None]:
@@ -134,7 +142,8 @@ def dicom_images(source: DicomVolume, name: str, options: SliceOptions) -> tuple
     volume, first = source.read(name)
     volume = _scaled(volume, options.window or first.window, first.photometric)
     mask = _mask_for(Path(source.paths[0]), name.rpartition("/")[2], options)
-    return _sliced(volume, name, options, mask), first.patient_id
+    window = described(options.window, first.window, "min-max over the series")
+    return _sliced(volume, name, options, mask, window), first.patient_id
 
 
 def _read_source(source, case: str):
@@ -159,7 +168,9 @@ def case_images(sources: list, case: str, options: SliceOptions) -> tuple[list, 
     mask = _mask_for(data_files(sources[0])[0], case.rpartition("/")[2], options)
     chosen = case_slices(volumes, options.plane, options.spec, mask)
     rgb = [(k, s if s.shape[-1] == 3 else np.repeat(s, 3, -1)) for k, s in chosen]
-    return _named(case, options, [(k, _to_image(s, spacing)) for k, s in rgb]), read[0][3]
+    total = volumes[0].array.shape[PLANES[options.plane]]
+    window = "; ".join(described(options.window, own, "min-max over the volume") for _, own, _, _ in read)
+    return _named(case, options, [(k, _to_image(s, spacing)) for k, s in rgb], total, window), read[0][3]
 
 
 def item(name: str, source, channels: list | None, options: SliceOptions):

@@ -99,6 +99,16 @@ class SliceSpec:
             return list(range(start, min(n, start + self.count)))
         return list(range(n))[slice(*self.span)]
 
+    @property
+    def text(self) -> str:
+        """As the user writes it (--slices)."""
+        if self.kind == "middle":
+            return f"middle:{self.count}"
+        if self.kind == "range":
+            start, stop, step = ("" if v is None else str(v) for v in self.span)
+            return f"{start}:{stop}" + (f":{step}" if step else "")
+        return self.kind
+
 
 def parse_slices(text: str, flag: str = "--slices") -> SliceSpec:
     """The `--slices` forms: all | mask | middle:N | START:STOP[:STEP] (START or STOP may be empty)."""
@@ -141,16 +151,19 @@ def _plane(plane: str) -> str:
     return plane
 
 
-def same_grid(a: Volume, b: Volume) -> str | None:
-    """None when `a` and `b` share one voxel grid, else what differs (shape, spacing, origin or direction)."""
-    checks = {"shape": (a.array.shape, b.array.shape), "spacing": (a.spacing, b.spacing),
-              "origin": (a.image.GetOrigin(), b.image.GetOrigin()),
-              "direction": (a.image.GetDirection(), b.image.GetDirection())}
+def same_grid(image: Volume, other: Volume) -> str | None:
+    """None when `other` lies on `image`'s voxel grid, else every difference, the other's value first:
+    "shape (20, 48, 48) where the image's is (20, 96, 96); spacing ..."."""
+    checks = {"shape": (other.array.shape, image.array.shape), "spacing": (other.spacing, image.spacing),
+              "origin": (other.image.GetOrigin(), image.image.GetOrigin()),
+              "direction": (other.image.GetDirection(), image.image.GetDirection())}
+    found = []
     for what, (x, y) in checks.items():
         # 1e-4 (mm, or cosine): headers round-trip through text (.mhd/.nrrd) and float32 (NIfTI) with small errors
         if np.shape(x) != np.shape(y) or not np.allclose(x, y, rtol=0, atol=1e-4):
-            return f"{what} {tuple(np.round(x, 4).tolist())} vs {tuple(np.round(y, 4).tolist())}"
-    return None
+            found.append(f"{what} {tuple(np.round(x, 4).tolist())} where the image's is "
+                         f"{tuple(np.round(y, 4).tolist())}")
+    return "; ".join(found) or None
 
 
 def _mask_keep(volume: Volume, mask: Volume, axis: int) -> np.ndarray:
@@ -158,8 +171,8 @@ def _mask_keep(volume: Volume, mask: Volume, axis: int) -> np.ndarray:
     would select slices of other anatomy (resample it first: resample_onto(label=True))."""
     differs = same_grid(volume, mask)
     if differs:
-        raise MedicalError(f"{mask.path}: mask is on another grid than {volume.path} ({differs}); "
-                           "resample it onto the image first")
+        raise MedicalError(f"{mask.path}: the mask is not on the grid of {volume.path}: its {differs}; resample "
+                           "it onto the image first (SimpleITK Resample, nearest neighbour)")
     other = tuple(a for a in range(3) if a != axis)
     return np.any(mask.array != 0, axis=other)
 

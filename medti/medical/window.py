@@ -73,6 +73,13 @@ def min_max(x: np.ndarray) -> np.ndarray:
     return (x - low) * (255 / (high - low)) if high > low else np.zeros_like(x)
 
 
+def described(given: Window | None, own: Window | None = None, otherwise: str = "min-max") -> str:
+    """Which window scaled an image, for data.jsonl: `--window 40,400`, `the file's 40,400`, or `otherwise`."""
+    if given is not None:
+        return f"--window {given.center:g},{given.width:g}"
+    return f"the file's {own.center:g},{own.width:g}" if own is not None else otherwise
+
+
 def display_scale(pixels: np.ndarray, window: Window | None, photometric: str = "MONOCHROME2") -> np.ndarray:
     """Modality values -> display values on the 0..255 scale, float64, not yet rounded (volumes are resampled to
     square pixels before rounding): the LINEAR window if one is given, else min-max.
