@@ -5,9 +5,10 @@
 Every synthetic image gets its nearest training image and a similarity in [0, 1] (1: the same image up to noise,
 exposure, a shift of up to 6 % or a mirror); at or above --threshold it is flagged as a near-copy. No weights are
 downloaded: medti/quality/privacy.py explains the method and how the threshold was chosen. --train is read as
-medti.train reads --data (DICOM series, volumes, --channels cases; the data flags under the same names), and
-patients as training knows them: the baseline compares different patients only, and the report names the patient
-each flagged image copies by a pseudonym (patient-001, ... in the order met), never by its PatientID.
+medti.train reads --data (DICOM series, volumes, --channels cases; the data flags under the same names, --preprocess
+included: give the training run's own), and patients as training knows them: the baseline compares different
+patients only, and the report names the patient each flagged image copies by a pseudonym (patient-001, ... in the
+order met), never by its PatientID.
 
 Writes into --out: audit.json (every image: file, nearest, similarity, flagged), audit.md (the report a privacy
 officer reads), flagged.png (each flagged image beside its nearest training image; only when something is flagged)
@@ -16,6 +17,7 @@ it; a folder holding anything else is refused. With --fail-on-flag the exit stat
 (after the outputs are written), so a pipeline can refuse to publish the set; 2 is a usage error.
 """
 import argparse
+import dataclasses
 import sys
 from pathlib import Path
 
@@ -26,6 +28,7 @@ from minisd.errors import UserError, arg
 from .cli import ArgumentParser, resolve_device, run_main
 from .files import claim_folder, inside, write_atomic
 from .images import save_png
+from .preprocess import PREPROCESS
 from .quality import privacy
 from .quality.audit_report import Audit, Opinion, outputs
 from .quality.features import DEFAULT_DINOV2, encode, load_network
@@ -66,8 +69,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--dinov2", metavar="NAME_OR_FOLDER", help=f"DINOv2 release or local folder for --features "
                                                                f"dinov2 (default {DEFAULT_DINOV2})")
     p.add_argument("--device", default="cpu", help="where DINOv2 runs (cpu, cuda, cuda:N)")
-    # medti.train's own flags (names, helps, defaults): --train is then read exactly as training read --data
-    add_flags(p.add_argument_group("how --train is read (as medti.train reads --data)"), DATA_FLAGS)
+    # medti.train's own flags (names, helps, defaults): --train is then read exactly as training read --data, and
+    # brought to the squares training made of it (--preprocess), which are what a memorising model reproduces
+    add_flags(p.add_argument_group("how --train is read (as medti.train reads --data)"), DATA_FLAGS + ("preprocess",))
     return p
 
 
@@ -81,6 +85,9 @@ def check_args(args) -> Reading:
         if inside(out, given):
             raise AuditError(f"--out {out} is inside {arg(flag)} {given}: the sheets hold training images and would "
                              "be read as images next time; choose a folder outside it")
+    if args.preprocess not in PREPROCESS:
+        raise AuditError(f"--preprocess {args.preprocess!r}: one of {', '.join(PREPROCESS)}, as medti.train takes it; "
+                         "give the training run's own")
     if args.dinov2 and args.features != "dinov2":
         raise AuditError("--dinov2 is the network of --features dinov2; add --features dinov2 or leave it out")
     if args.manifest and not Path(args.manifest).is_file():
@@ -123,11 +130,23 @@ def baseline(ref: privacy.Reference, train_desc: torch.Tensor, patients: list) -
     return privacy.nearest(ref, train_desc, groups=torch.tensor([number[p] for p in patients]))
 
 
+def resolution(synthetic) -> int:
+    """The side --train is preprocessed at. Synthetic images all of one square size are the model's output at its
+    training resolution, so that size; otherwise (sizes that differ, or not square: no one training square to match)
+    READ_SIDE, the side both sets are reduced to anyway. Either way both sets then pass the same reduction to at
+    most READ_SIDE, so a copy of a training square and that square reach the descriptors alike."""
+    sides = {side for size in synthetic.sizes for side in size}   # one element: every image is that square
+    return sides.pop() if len(sides) == 1 else READ_SIDE
+
+
 def compare(args, how: Reading) -> Audit:
-    say(f"reading {args.train} and {args.synthetic}")
+    say(f"reading {args.synthetic} and {args.train}")
+    # the synthetic set first: its size is the resolution --train is preprocessed at; it is never preprocessed
+    synthetic = load_set(args.synthetic, "synthetic", max_side=READ_SIDE)
+    how = dataclasses.replace(how, preprocess=args.preprocess, resolution=resolution(synthetic))
+    say(f"training images preprocessed as training does: --preprocess {how.preprocess} at {how.resolution} px")
     # minimum 2: the template is the training set's mean, and one image is not a set
     train = load_set(args.train, "train", minimum=2, max_side=READ_SIDE, how=how)
-    synthetic = load_set(args.synthetic, "synthetic", max_side=READ_SIDE)
     records = manifest_records(args, synthetic)
     # the second opinion's network is loaded before the comparison: offline or a wrong folder fails in seconds
     net = load_network("dinov2", dinov2_name=args.dinov2, device=resolve_device(args.device)) \
@@ -138,7 +157,8 @@ def compare(args, how: Reading) -> Audit:
     ref = privacy.fit(train_desc)
     match = privacy.nearest(ref, privacy.descriptors(synthetic.images))
     own = baseline(ref, train_desc, train.patients)
-    given = {"train": args.train, "synthetic": args.synthetic, "manifest": args.manifest}
+    given = {"train": args.train, "synthetic": args.synthetic, "manifest": args.manifest,
+             "preprocess": how.preprocess, "resolution": how.resolution}
     opinion = second_opinion(net, train.images, synthetic.images) if net else None
     return Audit(train, synthetic, match, own, args.threshold, records, given, opinion)
 

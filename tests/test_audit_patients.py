@@ -158,9 +158,10 @@ def dicom_train(folder, n_png: int = 4) -> None:
 
 def test_no_patient_id_reaches_an_audit_output(tmp_path):
     """(d) DICOM series whose PatientID is SECRET: read as two patients, and the copy of one slice is flagged and
-    named by its series folder and pseudonym; SECRET's bytes are in no output file (text or PNG)."""
+    named by its series folder and pseudonym; SECRET's bytes are in no output file (text or PNG). The slices are
+    96 x 123 as read: the copy is the square training made of one (--preprocess center at the synthetic size)."""
     dicom_train(tmp_path / "train")
-    held = load_set(tmp_path / "train", "train")
+    held = load_set(tmp_path / "train", "train", how=Reading(preprocess="center", resolution=SIDE))
     assert sorted(set(held.patients))[:2] == [f"{SECRET}-0", f"{SECRET}-1"]   # the patients, in memory
     (tmp_path / "syn").mkdir()
     Image.fromarray(held.images[2].permute(1, 2, 0).numpy()).save(tmp_path / "syn" / "copy.png")

@@ -41,7 +41,7 @@ class Audit:
     own: privacy.Match | None   # nearest image of another patient of each training image; None: one patient
     threshold: float
     records: dict          # synthetic name -> manifest record (may be empty)
-    given: dict            # flag -> the path as typed ("train", "synthetic", "manifest")
+    given: dict            # flag -> the path as typed ("train", "synthetic", "manifest"); "preprocess", "resolution"
     opinion: Opinion | None = None
 
     @property
@@ -105,6 +105,7 @@ def report(a: Audit, sheets: dict) -> dict:
     """The content of audit.json. sheets: output name -> written or not."""
     summary = {
         "n_synthetic": len(a.synthetic.names), "n_train": len(a.train.names), "train_set": training_set(a.train),
+        "train_preprocess": {"preprocess": a.given.get("preprocess"), "resolution": a.given.get("resolution")},
         "flagged": len(a.flagged), "flagged_by_patient": a.copied,
         "threshold": a.threshold, "highest_similarity": round(a.match.similarity.max().item(), 4),
         "method": "whitened normalised cross-correlation, shared template removed, over shifts up to "
@@ -206,6 +207,8 @@ def markdown(a: Audit, sheets: dict) -> str:
              f"- Synthetic set `{a.given['synthetic']}`: {len(a.synthetic.names)} images; training set "
              f"`{a.given['train']}`: {described(training_set(a.train))}"
              + (f" ({skipped} unreadable files skipped, listed in audit.json)." if skipped else "."),
+             f"- Training images as the model saw them: --preprocess {a.given.get('preprocess')} at "
+             f"{a.given.get('resolution')} px (give the training run's data flags, or copies are missed).",
              "- Every synthetic image against every training image, with no downloaded weights: both in gray, at "
              f"{privacy.SIZE} x {privacy.SIZE}, brightness and contrast normalised, what all training images share "
              "removed, each spatial frequency weighted by how much training patients differ there, then the best "

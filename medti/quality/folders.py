@@ -5,6 +5,8 @@ generation run (its manifest.jsonl, or a folder that holds one), each image kept
 Why uint8 at the native size: torch-fidelity's and torchmetrics' feature extractors take uint8 images and resize
 them themselves (to 299 for Inception, 224 for DINOv2), so the network code owns the one resize, exactly as the
 reference does. Sets of different sizes are therefore fine; MS-SSIM and the audit bring pairs to one size.
+The audit alone also applies medti.train's --preprocess to its --train folder (Reading.preprocess): a memorising
+model reproduces the squares it was trained on, not the files as stored.
 """
 import json
 from dataclasses import dataclass, field
@@ -20,11 +22,12 @@ from ..data import DataError, Unusable, parse_channels, read_image, read_items, 
 from ..manifest import MERGED
 from ..medical.slices import SliceOptions, check_options
 from ..medical.window import parse_window
+from ..preprocess import fit
 from ..train_config import TrainConfig
 
 # medti.train's flags that decide what a folder's images are, taken by evaluate (--real) and the audit (--train)
-# under the same names and helps (medti.train_config.add_flags). --preprocess is not among them: both keep the
-# native size (see above); nor --strict: a skipped file is listed, as in training by default.
+# under the same names and helps (medti.train_config.add_flags). --preprocess is not among them: evaluation keeps
+# the native size (see above), the audit adds it itself; nor --strict: a skipped file is listed, as in training.
 DATA_FLAGS = ("channels", "window", "plane", "slices", "slice_mask")
 
 
@@ -42,6 +45,7 @@ class ImageSet:
     # per image: its patient as training reads it (the DICOM PatientID, else the case folder or file; for a run,
     # the image's own name). In memory only: outputs name patients by pseudonyms() alone.
     patients: list = field(default_factory=list)
+    sizes: list = field(default_factory=list)   # per image: (width, height) as read, before any reduction
 
 
 @dataclass(frozen=True)
@@ -49,6 +53,10 @@ class Reading:
     """How a folder's images are read: the data flags, checked (reading())."""
     channels: list | None = None
     options: SliceOptions = field(default_factory=check_options)
+    # medti.train's --preprocess at `resolution` (medti.preprocess.fit), applied before any reduction; None: the
+    # images as read (evaluation, every synthetic set). The audit sets both once it knows the synthetic size.
+    preprocess: str | None = None
+    resolution: int = 0
 
 
 def reading(args) -> Reading:
@@ -102,31 +110,39 @@ def to_uint8(image) -> torch.Tensor:
     return torch.from_numpy(np.asarray(image.convert("RGB")).copy()).permute(2, 0, 1).contiguous()
 
 
-def _small(image, max_side: int | None):
+def _small(image, max_side: int | None, how: Reading):
+    """(uint8 image, size as read): preprocessed first when `how` says so (training's fit() on the full image, as
+    training applies it), then reduced; fit's Unusable (all black under cxr, wrong size under none) propagates."""
+    size = image.size
+    if how.preprocess:
+        image = fit(image, how.resolution, how.preprocess)
     if max_side and max(image.size) > max_side:
         image.thumbnail((max_side, max_side), Image.LANCZOS)
-    return to_uint8(image)
+    return to_uint8(image), size
 
 
-def _run_images(root: Path, files: list, max_side, skipped: list):
-    """(name, uint8 image, patient) of each image a manifest lists, read file by file (a run's images are PNG or
-    DICOM files of their own; each is its own "patient")."""
+def _run_images(root: Path, files: list, max_side, how: Reading, skipped: list):
+    """(name, (uint8 image, size), patient) of each image a manifest lists, read file by file (a run's images are
+    PNG or DICOM files of their own; each is its own "patient")."""
     for file in files:
         name = file.relative_to(root).as_posix()
         try:
             if not file.is_file():
                 raise Unusable("listed in the manifest but missing")
-            yield name, _small(read_image(file), max_side), name
+            yield name, _small(read_image(file), max_side, how), name
         except Unusable as e:
             skipped.append((name, str(e)))
 
 
 def _folder_images(folder: Path, how: Reading, max_side, skipped: list):
-    """(name, uint8 image, patient) of each image of a folder, exactly as training lists and reads them (before
-    --preprocess); the files' bytes, which training hashes, are dropped at once."""
+    """(name, (uint8 image, size), patient) of each image of a folder, exactly as training lists and reads them
+    (and preprocesses them, when `how` says so); the files' bytes, which training hashes, are dropped at once."""
     for images, _ in read_items(folder, how.channels, how.options, lambda name, why: skipped.append((name, why))):
-        for name, image, patient in images:
-            yield name, _small(image, max_side), patient
+        for name, image, patient in images:   # a volume's slices: one that preprocess makes unusable skips alone
+            try:
+                yield name, _small(image, max_side, how), patient
+            except Unusable as e:
+                skipped.append((name, str(e)))
 
 
 def load_set(path, flag: str, minimum: int = 1, max_side: int | None = None, how: Reading = Reading()) -> ImageSet:
@@ -134,16 +150,17 @@ def load_set(path, flag: str, minimum: int = 1, max_side: int | None = None, how
     a SetError that names the flag, the path and what was skipped. `max_side`: images larger than that are reduced
     (aspect kept, Lanczos) as they are read, for users of the set that never look closer (the audit); evaluation
     keeps the native size, because its networks' resize from the full image is part of the reference figures.
-    `how`: the data flags for a folder (a run's images are read as they are)."""
+    `how`: the data flags for a folder (a run's images are read as they are, preprocessed if `how` says so)."""
     path = Path(path)
     root, files, records = _files(path, flag)
     skipped = []
-    rows = list(_run_images(root, files, max_side, skipped) if files is not None else
+    rows = list(_run_images(root, files, max_side, how, skipped) if files is not None else
                 _folder_images(root, how, max_side, skipped))
-    names, images, patients = ([row[i] for row in rows] for i in range(3))
+    names, read, patients = ([row[i] for row in rows] for i in range(3))
+    images, sizes = [image for image, _ in read], [size for _, size in read]
     warn_skipped(skipped, arg(flag))
     if len(images) < minimum:
         found = f"{len(images)} usable image(s)" + (f", {len(skipped)} skipped, e.g. {': '.join(skipped[0])}"
                                                    if skipped else "")
         raise SetError(f"{arg(flag)} {path}: {found}; at least {minimum} needed")
-    return ImageSet(images, names, root, skipped, {n: records[n] for n in names if n in records}, patients)
+    return ImageSet(images, names, root, skipped, {n: records[n] for n in names if n in records}, patients, sizes)
