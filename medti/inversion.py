@@ -99,14 +99,20 @@ def epoch_order(seed: int, epoch: int, n: int) -> torch.Tensor:
     return torch.randperm(n, generator=torch.Generator().manual_seed(seed * 7_919 + epoch + 1))
 
 
-def diffusion_loss(sd, context, latents, noise, t):
-    """MSE between the UNet's prediction and its target, for scaled latents [B, 4, h, w], noise like them, integer
-    timesteps t [B] and the text conditioning [B, 77, width]. The target is the noise for eps models and
-    v = sqrt(abar) noise - sqrt(1 - abar) x0 for v models (diffusers' add_noise / get_velocity, in fp32)."""
+def prediction_and_target(sd, context, latents, noise, t) -> tuple:
+    """The UNet's prediction for scaled latents [B, 4, h, w] noised with `noise` at integer timesteps t [B], and
+    its target: the noise for eps models, v = sqrt(abar) noise - sqrt(1 - abar) x0 for v models (diffusers'
+    add_noise / get_velocity, in fp32)."""
     abar = alphas_cumprod().to(latents.device)[t].float()[:, None, None, None]
     noisy = abar.sqrt() * latents + (1 - abar).sqrt() * noise
     target = noise if sd.prediction == "eps" else abar.sqrt() * noise - (1 - abar).sqrt() * latents
-    prediction = sd.unet(noisy.to(context.dtype), t, context)
+    return sd.unet(noisy.to(context.dtype), t, context), target
+
+
+def diffusion_loss(sd, context, latents, noise, t):
+    """MSE between the UNet's prediction and its target (prediction_and_target), with the text conditioning
+    `context` [B, 77, width]."""
+    prediction, target = prediction_and_target(sd, context, latents, noise, t)
     return F.mse_loss(prediction.float(), target.float())
 
 
@@ -184,19 +190,25 @@ def _damaged(path, e: Exception) -> TrainError:
                       f"another {arg('out')} (what each save learned is in its <name>-<step>.safetensors there)")
 
 
-def load_state(path, params, optimizer, buffers: dict | None = None) -> tuple:
-    """Restore the trained tensors, their optimizer state and `buffers` in place; returns (step, grad scaler state,
-    settings).
-    A file that is truncated, not safetensors or missing an entry (a crash during a copy, a disk full before our
-    atomic writes existed) is a TrainError: it cannot be repaired, but the per-save copies are still there."""
-    params = _named(params)
+def read_state(path) -> tuple:
+    """(step, grad scaler state, settings, tensors) of a state file, checked for nothing but being readable. A file
+    that is truncated, not safetensors or missing an entry (a crash during a copy, a disk full before our atomic
+    writes existed) is a TrainError: it cannot be repaired, but the per-save copies are still there."""
     try:
         with safe_open(str(path), framework="pt") as f:
             meta, tensors = f.metadata() or {}, {k: f.get_tensor(k) for k in f.keys()}
-        step, scaler, settings = int(meta["step"]), json.loads(meta["scaler"]), json.loads(meta["settings"])
+        return int(meta["step"]), json.loads(meta["scaler"]), json.loads(meta["settings"]), tensors
+    except (SafetensorError, OSError, KeyError, ValueError) as e:   # JSONDecodeError is a ValueError
+        raise _damaged(path, e) from None
+
+
+def restore_state(path, tensors: dict, params, optimizer, buffers: dict | None = None):
+    """Put a state file's tensors (read_state) back: the trained tensors, their AdamW state and `buffers`."""
+    params = _named(params)
+    try:
         saved = {name: tensors[_key("", name)] for name in params}
         kept = {name: tensors[f"buffer.{name}"] for name in buffers or {}}
-    except (SafetensorError, OSError, KeyError, ValueError) as e:   # JSONDecodeError is a ValueError
+    except KeyError as e:
         raise _damaged(path, e) from None
     for name, param in params.items():
         if saved[name].shape != param.shape:
@@ -212,6 +224,12 @@ def load_state(path, params, optimizer, buffers: dict | None = None) -> tuple:
     with torch.no_grad():
         for name, tensor in kept.items():
             buffers[name].copy_(tensor)
+
+
+def load_state(path, params, optimizer, buffers: dict | None = None) -> tuple:
+    """read_state, then restore_state in place; returns (step, grad scaler state, settings)."""
+    step, scaler, settings, tensors = read_state(path)
+    restore_state(path, tensors, params, optimizer, buffers)
     return step, scaler, settings
 
 

@@ -17,6 +17,7 @@ import torch
 from minisd.errors import arg
 from minisd.tokenizer import MAX_PROMPT_TOKENS
 
+from . import dreambooth
 from .cli import resolve_device, resolve_dtype
 from .data import PREPROCESS
 from .files import inside
@@ -85,6 +86,10 @@ class TrainConfig:
     train_text: bool = flag(False, "unet: train the text tower's weights too")
     ema: float = flag(0.0, "unet: keep an EMA of the weights with this decay (e.g. 0.9999) and save it; 0: none")
     save_dtype: str = flag("fp16", "unet: dtype of model.safetensors, fp16 | bf16 | fp32")
+    class_prompt: str = flag("", 'lora, unet: DreamBooth\'s prior preservation, the class prompt, e.g. "a chest x-ray"')
+    class_images: str = flag("", "with --class-prompt: a folder of class images, or N for N made once by the frozen "
+                                 "model (kept in --out/class-images)")
+    prior_weight: float = flag(1.0, "with --class-prompt: weight of the class images' loss (Ruiz et al.: 1)")
     lr: str = flag("", 'constant, or A1111\'s schedule "0.005:1000, 0.001"; default: 0.005 for ti (A1111), 1e-4 '
                        "for lora (diffusers' DreamBooth LoRA example), 1e-5 for unet (its text-to-image example)")
     max_steps: int = flag(50000, "optimizer steps (the study: 50,000; 100,000 for prostate MRI)")
@@ -239,6 +244,7 @@ def check_settings(cfg: TrainConfig) -> Plan:
     """check() without the folders: for a caller that makes them itself, after this (the demo)."""
     _check_model(cfg)
     check_method(cfg)
+    dreambooth.check(cfg)
     if cfg.method == "ti":
         _check_token(cfg.token)
     _check_numbers(cfg)

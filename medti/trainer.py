@@ -22,31 +22,29 @@ from minisd.vae import posterior_sample
 
 from . import methods
 from .data import DataError, load_dataset, parse_channels, summary, warn_skipped
+from .dreambooth import class_cache, prior_preservation_loss
 from .files import claim_folder, write_atomic
 from .hashes import sha256_of
-from .images import contact_sheet, save_png, to_pil
 from .inversion import (
     TrainError,
     cache_latents,
     diffusion_loss,
     enable_checkpointing,
     epoch_order,
-    load_state,
-    log_line,
     lr_at,
     precision,
     read_log,
-    save_state,
+    read_state,
+    restore_state,
     set_lr,
     step_generator,
     total_norm,
     write_log,
 )
 from .medical.window import parse_window
-from .pipeline import SampleSettings, decode, sample
-from .plots import plot_curve
 from .train_config import Plan, TrainConfig, check, check_out
-from .validation import ValidationSet, best_so_far, hold_out, keep_best, validation_loss
+from .train_outputs import preview, report, save
+from .validation import ValidationSet, best_so_far, hold_out, validation_loss
 
 # Settings a resumed run may change: how long and how often (max_steps, save_every, preview_*), where (device,
 # out, data, val: the images' identity is their fingerprint, not where they lie) and checkpointing (memory and
@@ -70,6 +68,7 @@ class Session:
     settings: dict                       # what a resumed run must share (saved in state.safetensors)
     meta: dict                           # metadata of the embedding file
     val: ValidationSet | None            # fixed validation draws (medti/validation.py), or None
+    prior: dict | None = None            # DreamBooth's class images' latent cache (medti.dreambooth), or None
     best: tuple | None = None            # (step, val_loss) of the best save so far
 
     @property
@@ -108,6 +107,9 @@ def setup(cfg: TrainConfig, plan: Plan) -> Session:
     val = held and ValidationSet(cache_latents(sd, held.images, False, 0)["mean"] * sd.scale_factor,
                                  held.names, cfg.val_draws, cfg.seed, cfg.token, plan.prompts)
     sd.vae.to("cpu")
+    # the class images come from the model before anything trains (the frozen model's own view of the class)
+    prior = class_cache(sd, cfg, Path(cfg.out), plan.device,
+                        lambda folder: load_data(dataclasses.replace(cfg, class_images=str(folder)), "class_images"))
     method = methods.make(sd, cfg, plan.prompts, plan.device)
     optimizer = torch.optim.AdamW(list(method.params.values()), lr=lr_at(plan.schedule, 0), weight_decay=0.0)
     scaler = torch.amp.GradScaler(plan.device.type, enabled=plan.dtype == torch.float16)
@@ -121,7 +123,7 @@ def setup(cfg: TrainConfig, plan: Plan) -> Session:
         settings["validation"] = {**held.about, "draws": cfg.val_draws, "files": held.names}
     meta = {**method.meta, "base_model": str(sd.preset or cfg.model), "base_sha256": sha256_of(sd.path),
             "lr": cfg.lr, "data_sha256": data.fingerprint}
-    return Session(cfg, plan, sd, cache, method, optimizer, scaler, settings, meta, val)
+    return Session(cfg, plan, sd, cache, method, optimizer, scaler, settings, meta, val, prior)
 
 
 def start_or_resume(s: Session) -> int:
@@ -140,8 +142,8 @@ def start_or_resume(s: Session) -> int:
 
 def resume(s: Session) -> int:
     """Restore the last save (what trains, AdamW, grad scaler) after checking it was made with these settings."""
-    step, scaler_state, before = load_state(s.out / "state.safetensors", s.method.params, s.optimizer,
-                                            s.method.buffers)
+    path = s.out / "state.safetensors"
+    step, scaler_state, before, tensors = read_state(path)   # the settings first: another run's tensors differ
     # runs saved before --demo left the training settings stored "demo": false; it never changed training
     before = {k: v for k, v in before.items() if not (k == "demo" and v is False)}
     # a setting added since the run was saved (--method and its flags) has its default there: that is how it ran
@@ -150,6 +152,7 @@ def resume(s: Session) -> int:
     if before != s.settings:
         changed = sorted(k for k in s.settings.keys() | before.keys() if before.get(k) != s.settings.get(k))
         raise TrainError(f"{arg('resume')}: {s.cfg.out} was trained with other settings ({', '.join(changed)})")
+    restore_state(path, tensors, s.method.params, s.optimizer, s.method.buffers)
     if scaler_state:   # empty unless training in fp16
         s.scaler.load_state_dict(scaler_state)
     if step >= s.cfg.max_steps:   # --max-steps is no setting: a resume may raise it, or name one already reached
@@ -158,40 +161,50 @@ def resume(s: Session) -> int:
     return step
 
 
+def draw_latents(cache: dict, rows: list, mode: str, g: torch.Generator) -> torch.Tensor:
+    """The cached latents of `rows`: a fresh posterior draw at every use (--latents random), else the draw made
+    when caching ("once") or the posterior mean ("mean")."""
+    if mode == "random":
+        mean = cache["mean"][rows]
+        return posterior_sample(mean, cache["logvar"][rows], torch.randn(mean.shape, generator=g))
+    return cache[mode][rows]
+
+
 def get_batch(s: Session, step: int, micro: int) -> tuple:
     """Micro-batch `micro` of optimizer step `step`: (scaled latents, noise, timesteps, prompt texts) on the device.
 
     Images: running sample numbers k = (step * grad_accum + micro) * batch + 0..batch-1, epoch k // N through a
     fresh shuffle of the N images. Flips, posterior draws (--latents random), timesteps, noise and prompts come from
-    the (seed, step, micro) generator, so a resumed run draws exactly what an uninterrupted one would."""
+    the (seed, step, micro) generator, so a resumed run draws exactly what an uninterrupted one would. With
+    DreamBooth's prior preservation, as many class images follow (drawn after the instance images' draws, so those
+    stay what they would be without it), under --class-prompt."""
     cfg, g = s.cfg, step_generator(s.cfg.seed, step, micro)
     n = len(s.cache["mean"]) // (2 if cfg.flip else 1)   # with --flip, row i + n is image i mirrored
     first = (step * cfg.grad_accum + micro) * cfg.batch
     rows = [int(epoch_order(cfg.seed, k // n, n)[k % n]) for k in range(first, first + cfg.batch)]
     if cfg.flip:
         rows = [i + n * int(torch.rand((), generator=g) < 0.5) for i in rows]
-    if cfg.latents == "random":   # a fresh posterior draw at every use
-        mean = s.cache["mean"][rows]
-        latents = posterior_sample(mean, s.cache["logvar"][rows], torch.randn(mean.shape, generator=g))
-    else:                         # "once": drawn when cached; "mean": no draw at all
-        latents = s.cache[cfg.latents][rows]
+    latents = draw_latents(s.cache, rows, cfg.latents, g)
     t = torch.randint(0, NUM_TIMESTEPS, (cfg.batch,), generator=g)
     noise = torch.randn(latents.shape, generator=g)
     texts = [s.plan.prompts[int(i)] for i in torch.randint(0, len(s.plan.prompts), (cfg.batch,), generator=g)]
+    if s.prior:   # class rows at random, mirrored ones included with --flip (the cache holds them)
+        rows = torch.randint(0, len(s.prior["mean"]), (cfg.batch,), generator=g).tolist()
+        extra = draw_latents(s.prior, rows, cfg.latents, g)
+        latents, noise = torch.cat([latents, extra]), torch.cat([noise, torch.randn(extra.shape, generator=g)])
+        t = torch.cat([t, torch.randint(0, NUM_TIMESTEPS, (cfg.batch,), generator=g)])
+        texts = texts + [cfg.class_prompt] * cfg.batch
     device = s.plan.device
     return (latents * s.sd.scale_factor).to(device), noise.to(device), t.to(device), texts
 
 
-def report(s: Session, record: dict):
-    """Append the step's record to log.jsonl (a line per step: a crash loses at most the line being written) and
-    print progress about 100 times per run."""
-    with open(s.out / "log.jsonl", "a") as f:
-        f.write(log_line(record))
-    step, total, rate = record["step"], s.cfg.max_steps, record["it_s"]
-    if step % max(1, total // 100) == 0 or step == total:
-        eta = (total - step) / rate / 60 if rate else math.inf   # it_s is rounded: 0 for a step over 30 min
-        print(f"step {step}/{total}  loss {record['loss']:.4f}  lr {record['lr']:g}  {rate:.2f} it/s  "
-              f"ETA {eta:.1f} min", file=sys.stderr)
+def batch_loss(s: Session, latents, noise, t, texts):
+    """The step's objective: the denoising loss, or with prior preservation the instance rows' plus
+    --prior-weight times the class rows' (medti.dreambooth)."""
+    context = s.method.context(texts)
+    if s.prior:
+        return prior_preservation_loss(s.sd, context, latents, noise, t, s.cfg.batch, s.cfg.prior_weight)
+    return diffusion_loss(s.sd, context, latents, noise, t)
 
 
 def loop(s: Session, step: int) -> Path:
@@ -205,7 +218,7 @@ def loop(s: Session, step: int) -> Path:
         for micro in range(cfg.grad_accum):
             latents, noise, t, texts = get_batch(s, step, micro)
             with precision(s.method, s.plan.device):
-                loss = diffusion_loss(s.sd, s.method.context(texts), latents, noise, t) / cfg.grad_accum
+                loss = batch_loss(s, latents, noise, t, texts) / cfg.grad_accum
             s.scaler.scale(loss).backward()
             loss_sum += loss.item()
         s.scaler.unscale_(s.optimizer)
@@ -238,47 +251,6 @@ def loop(s: Session, step: int) -> Path:
             preview(s, step)
     print(f"done: {step} steps ({skipped} skipped as non-finite in this session)", file=sys.stderr)
     return s.out / f"{s.name}.safetensors"
-
-
-def save(s: Session, step: int, val_loss: float | None):
-    """The method's file (atomic; also a copy per step), the best one by validation loss, resumable state and the
-    loss plot. Never a NaN: non-finite steps are skipped before they reach what trains, and this is checked once
-    more here. The best file is written before the state: a crash between them resumes from the save before and
-    redoes both."""
-    if not all(torch.isfinite(p).all() for p in s.method.params.values()):
-        raise TrainError(f"step {step}: what trains is not finite; nothing was saved over the last good file")
-    meta = {**s.meta, "step": str(step)}
-    s.method.write(s.out / f"{s.name}.safetensors", meta)
-    if s.method.copies:
-        s.method.write(s.out / f"{s.name}-{step}.safetensors", meta)
-    if val_loss is not None:
-        s.best = keep_best(s.best, step, val_loss, s.method.write, meta, s.out / f"{s.name}-best.safetensors")
-    save_state(s.out / "state.safetensors", s.method.params, s.optimizer, s.scaler.state_dict(), step, s.settings,
-               s.method.buffers)
-    records = read_log(s.out / "log.jsonl")
-    val = [(r["step"], r["val_loss"]) for r in records if "val_loss" in r]
-    plot_curve([r["step"] for r in records], [r["loss"] for r in records], s.out / "loss.png",
-               f"{s.cfg.token}: training loss over {step} steps", validation=val)
-
-
-@torch.no_grad()
-def preview(s: Session, step: int):
-    """Four images of the method's prompt (TI: the token alone) from fixed seeds, with the study's sampler settings
-    (Euler a, CFG 2). An image that is not finite (fp16 overflow) is not written: a warning says so, and training
-    goes on."""
-    sd, size = s.sd, s.cfg.resolution
-    sd.vae.to(s.plan.device)   # the VAE visits the device only for previews
-    with precision(s.method, s.plan.device):
-        cond, uncond = s.method.context([s.method.prompt]), sd.text([""])
-        latents = sample(sd, cond, uncond, [1.0], range(4),
-                         SampleSettings(width=size, height=size, steps=s.cfg.preview_steps, cfg=2.0))
-    images = decode(sd, latents) if torch.isfinite(latents).all() else None   # a NaN latent is not decoded
-    sd.vae.to("cpu")
-    if images is None or not torch.isfinite(images).all():
-        print(f"warning: step {step}: the preview is not finite; no preview written", file=sys.stderr)
-        return
-    save_png(s.out / f"preview-{step:06d}.png", contact_sheet([to_pil(i) for i in images], 4),
-             f"{s.method.prompt} (training step {step})")
 
 
 def train(cfg: TrainConfig, plan: Plan) -> Path:

@@ -16,7 +16,8 @@ from medti.demo import phantoms, tiny_model
 from medti.train import main
 
 ROOT = Path(__file__).resolve().parent.parent
-TRAINING_MODULES = {"train", "trainer", "train_config", "demo", "inversion", "data", "plots"}
+TRAINING_MODULES = {"train", "trainer", "train_config", "train_outputs", "methods", "dreambooth", "demo", "inversion",
+                    "data", "plots"}
 
 
 @pytest.fixture(scope="module")

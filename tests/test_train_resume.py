@@ -117,12 +117,16 @@ def test_state_saved_before_the_methods_still_resumes(finished, tmp_path, capsys
     with safe_open(str(state), framework="pt") as f:
         meta, tensors = f.metadata(), {k: f.get_tensor(k) for k in f.keys()}
     settings = json.loads(meta["settings"])
-    new = ("method", "instance_prompt", "rank", "alpha", "lora_targets")
+    new = ("method", "instance_prompt", "rank", "alpha", "lora_targets", "trainable", "train_text", "ema",
+           "save_dtype", "class_prompt", "class_images", "prior_weight")
     assert set(new) <= set(settings)   # this test would pass vacuously otherwise
     old = {k: v for k, v in settings.items() if k not in new}
     write_atomic(state, safetensors_bytes(tensors, {**meta, "settings": json.dumps(old)}))
-    assert main([*base, "--max-steps", "3", "--rank", "8", "--out", str(out), "--resume"]) == 2
-    assert "other settings (rank)" in capsys.readouterr().err
+    pairs = list(zip(base[::2], base[1::2], strict=True))
+    relaunch = [x for flag, value in pairs if flag not in ("--token", "--vectors") for x in (flag, value)]
+    assert main([*relaunch, "--max-steps", "3", "--method", "lora", "--instance-prompt", "x", "--out", str(out),
+                 "--resume"]) == 2
+    assert "other settings (instance_prompt, lr, method, token, vectors)" in capsys.readouterr().err
     assert main([*base, "--max-steps", "4", "--out", str(out), "--resume"]) == 0
     assert steps(out)[-1] == 4
 

@@ -1,0 +1,85 @@
+"""DreamBooth's prior preservation (Ruiz et al. 2023, "DreamBooth: Fine Tuning Text-to-Image Diffusion Models for
+Subject-Driven Generation", eq. 2) for --method lora and unet: besides the instance images under
+--instance-prompt, every micro-batch holds as many class images under --class-prompt, and their denoising loss,
+times --prior-weight, is added, so the model keeps drawing the class as it did (a chest x-ray in general) while it
+learns the instance (a chest x-ray of sks).
+
+The class images are a folder (--class-images DIR, read like --data) or N images the frozen model makes once, before
+the first step, with the class prompt (--class-images N): saved in the run folder as class-images/NNNNN.png and read
+back from there on a resume, so a resumed run trains on the very same images. Made with diffusers' DreamBooth script's
+pipeline defaults for this (50 steps, guidance 7.5), with Euler a, from seeds --seed + i.
+"""
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+from minisd.errors import arg
+
+from .images import save_png, to_pil
+from .inversion import TrainError, cache_latents, prediction_and_target
+from .pipeline import SampleSettings, decode, sample
+
+STEPS, GUIDANCE = 50, 7.5   # diffusers examples/dreambooth/train_dreambooth.py: the pipeline's own defaults
+
+
+def class_count(cfg) -> int | None:
+    """--class-images as a count N, or None when it names a folder."""
+    return int(cfg.class_images) if cfg.class_images.isdigit() else None
+
+
+def check(cfg):
+    """The prior-preservation flags, before anything loads: all three together, with lora or unet."""
+    given = [name for name in ("class_prompt", "class_images") if getattr(cfg, name)]
+    if not given:
+        return
+    if cfg.method == "ti":
+        raise TrainError(f"{arg(given[0])} is DreamBooth's, for {arg('method')} lora or unet")
+    if len(given) < 2:
+        missing = ({"class_prompt", "class_images"} - set(given)).pop()
+        raise TrainError(f"{arg(given[0])} needs {arg(missing)} too (DreamBooth's prior preservation)")
+    count = class_count(cfg)
+    if count == 0 or (count is None and not Path(cfg.class_images).is_dir()):
+        raise TrainError(f"{arg('class_images')} {cfg.class_images}: a folder of class images, or a number of "
+                         "images (at least 1) for the frozen model to make")
+    if not cfg.prior_weight >= 0:   # NaN fails too
+        raise TrainError(f"{arg('prior_weight')} {cfg.prior_weight:g}: must be 0 or more")
+
+
+@torch.no_grad()
+def make_class_images(sd, cfg, folder: Path, device):
+    """N images of the class prompt by the frozen model, once: the ones already in `folder` are kept (a resume)."""
+    folder.mkdir(parents=True, exist_ok=True)
+    cond, uncond = sd.text([cfg.class_prompt]), sd.text([""])
+    settings = SampleSettings(width=cfg.resolution, height=cfg.resolution, steps=STEPS, cfg=GUIDANCE)
+    sd.vae.to(device)
+    for i in range(class_count(cfg)):
+        path = folder / f"{i:05d}.png"
+        if not path.exists():
+            latents = sample(sd, cond, uncond, [1.0], [cfg.seed + i], settings)
+            save_png(path, to_pil(decode(sd, latents)[0]), f"class image {i}: {cfg.class_prompt}")
+    sd.vae.to("cpu")
+
+
+def class_cache(sd, cfg, out: Path, device, load) -> dict | None:
+    """The class images' latent cache (as cache_latents), or None without prior preservation. `load(folder)` reads
+    a folder as --data is read."""
+    if not cfg.class_prompt:
+        return None
+    folder = Path(cfg.class_images) if class_count(cfg) is None else out / "class-images"
+    if class_count(cfg) is not None:
+        make_class_images(sd, cfg, folder, device)
+    images = load(folder).images
+    sd.vae.to(device)
+    cache = cache_latents(sd, images, cfg.flip, cfg.seed + 1)
+    sd.vae.to("cpu")
+    return cache
+
+
+def prior_preservation_loss(sd, context, latents, noise, t, instances: int, weight: float):
+    """One UNet batch, rows :instances the instance images and the rest the class images: the instance rows' MSE
+    plus `weight` times the class rows' (each a mean over its own rows, as in diffusers' train_dreambooth.py)."""
+    prediction, target = prediction_and_target(sd, context, latents, noise, t)
+    instance = F.mse_loss(prediction[:instances].float(), target[:instances].float())
+    prior = F.mse_loss(prediction[instances:].float(), target[instances:].float())
+    return instance + weight * prior
