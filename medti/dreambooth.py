@@ -16,6 +16,7 @@ import torch.nn.functional as F
 
 from minisd.errors import arg
 
+from .distributed import barrier, main_process
 from .images import save_png, to_pil
 from .inversion import TrainError, cache_latents, prediction_and_target
 from .pipeline import SampleSettings, decode, sample
@@ -68,7 +69,9 @@ def class_cache(sd, cfg, out: Path, device, load) -> dict | None:
         return None
     folder = Path(cfg.class_images) if class_count(cfg) is None else out / "class-images"
     if class_count(cfg) is not None:
-        make_class_images(sd, cfg, folder, device)
+        if main_process():   # one maker; the other ranks read what it wrote
+            make_class_images(sd, cfg, folder, device)
+        barrier()
     images = load(folder).images
     sd.vae.to(device)
     cache = cache_latents(sd, images, cfg.flip, cfg.seed + 1)

@@ -20,6 +20,7 @@ from minisd.tokenizer import MAX_PROMPT_TOKENS
 from . import dreambooth
 from .cli import resolve_device, resolve_dtype
 from .data import PREPROCESS
+from .distributed import local_device, world
 from .files import inside
 from .inversion import TrainError, parse_lr
 from .medical.slices import check_options
@@ -259,6 +260,9 @@ def check_settings(cfg: TrainConfig) -> Plan:
         raise TrainError(f"{arg('checkpointing')} {cfg.checkpointing!r}: on, off or auto")
     if not cfg.init.strip():
         raise TrainError(f"{arg('init')} {cfg.init!r}: give word(s) such as \"*\" or \"chest x-ray\", or random")
-    device = resolve_device(cfg.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    device = local_device(resolve_device(cfg.device or ("cuda" if torch.cuda.is_available() else "cpu")))
+    if cfg.batch % world()[1]:
+        raise TrainError(f"{arg('batch')} {cfg.batch}: with {world()[1]} processes it must be a multiple of "
+                         f"{world()[1]} (each process takes an equal share of every micro-batch)")
     return Plan(parse_lr(learning_rate(cfg)), device, resolve_dtype(cfg.dtype, device), training_prompts(cfg),
                 _val_fraction(cfg))

@@ -1,11 +1,13 @@
 """What a training run writes, for medti/trainer.py's loop: a log line per step (log.jsonl) and the progress
 line, the method's file at each save (with its best-by-validation copy, the resumable state and the loss plot),
-and the preview images. `s` is the trainer's Session."""
+and the preview images. `s` is the trainer's Session. Under torchrun only rank 0 writes (medti.distributed): the
+others hold the same tensors."""
 import math
 import sys
 
 import torch
 
+from .distributed import main_process
 from .images import contact_sheet, save_png, to_pil
 from .inversion import TrainError, log_line, precision, read_log, save_state
 from .pipeline import SampleSettings, decode, sample
@@ -16,6 +18,8 @@ from .validation import keep_best
 def report(s, record: dict):
     """Append the step's record to log.jsonl (a line per step: a crash loses at most the line being written) and
     print progress about 100 times per run."""
+    if not main_process():
+        return
     with open(s.out / "log.jsonl", "a") as f:
         f.write(log_line(record))
     step, total, rate = record["step"], s.cfg.max_steps, record["it_s"]
@@ -30,6 +34,8 @@ def save(s, step: int, val_loss: float | None):
     loss plot. Never a NaN: non-finite steps are skipped before they reach what trains, and this is checked once
     more here. The best file is written before the state: a crash between them resumes from the save before and
     redoes both."""
+    if not main_process():
+        return
     if not all(torch.isfinite(p).all() for p in s.method.params.values()):
         raise TrainError(f"step {step}: what trains is not finite; nothing was saved over the last good file")
     meta = {**s.meta, "step": str(step)}
@@ -51,6 +57,8 @@ def preview(s, step: int):
     """Four images of the method's prompt (TI: the token alone) from fixed seeds, with the study's sampler settings
     (Euler a, CFG 2). An image that is not finite (fp16 overflow) is not written: a warning says so, and training
     goes on."""
+    if not main_process():
+        return
     sd, size = s.sd, s.cfg.resolution
     sd.vae.to(s.plan.device)   # the VAE visits the device only for previews
     with precision(s.method, s.plan.device):

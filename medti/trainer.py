@@ -5,6 +5,7 @@ step, optimizer step, validation loss at a save, log, save, preview). `python -m
 What trains is the method's (medti/methods.py, --method): textual inversion's [vectors, width] fp32 tensor spliced
 into the token embeddings, with the UNet and text tower frozen. The loop is the same for every method.
 """
+import contextlib
 import dataclasses
 import math
 import sys
@@ -20,7 +21,7 @@ from minisd.load import spoken
 from minisd.schedule import NUM_TIMESTEPS
 from minisd.vae import posterior_sample
 
-from . import methods
+from . import distributed, methods
 from .data import DataError, load_dataset, parse_channels, summary, warn_skipped
 from .dreambooth import class_cache, prior_preservation_loss
 from .files import claim_folder, write_atomic
@@ -133,9 +134,11 @@ def start_or_resume(s: Session) -> int:
     log = s.out / "log.jsonl"
     step = resume(s) if s.cfg.resume else 0
     records = [record for record in read_log(log) if record["step"] <= step] if s.cfg.resume else []
-    write_log(log, records)
+    if distributed.main_process():   # one writer; every rank restores the same state
+        write_log(log, records)
+        if s.val:
+            write_atomic(s.out / "val.txt", "".join(f"{name}\n" for name in s.val.names).encode())
     if s.val:
-        write_atomic(s.out / "val.txt", "".join(f"{name}\n" for name in s.val.names).encode())
         s.best = best_so_far(records, s.out / f"{s.name}-best.safetensors", step)
     return step
 
@@ -194,6 +197,10 @@ def get_batch(s: Session, step: int, micro: int) -> tuple:
         latents, noise = torch.cat([latents, extra]), torch.cat([noise, torch.randn(extra.shape, generator=g)])
         t = torch.cat([t, torch.randint(0, NUM_TIMESTEPS, (cfg.batch,), generator=g)])
         texts = texts + [cfg.class_prompt] * cfg.batch
+    # several processes: this rank's share of the instance rows (and of the class rows after them)
+    share = range(cfg.batch)[distributed.share(cfg.batch)]
+    mine = [segment + i for segment in range(0, len(texts), cfg.batch) for i in share]
+    latents, noise, t, texts = latents[mine], noise[mine], t[mine], [texts[i] for i in mine]
     device = s.plan.device
     return (latents * s.sd.scale_factor).to(device), noise.to(device), t.to(device), texts
 
@@ -202,9 +209,19 @@ def batch_loss(s: Session, latents, noise, t, texts):
     """The step's objective: the denoising loss, or with prior preservation the instance rows' plus
     --prior-weight times the class rows' (medti.dreambooth)."""
     context = s.method.context(texts)
-    if s.prior:
-        return prior_preservation_loss(s.sd, context, latents, noise, t, s.cfg.batch, s.cfg.prior_weight)
+    if s.prior:   # the first half of the rows are the instance images (get_batch)
+        return prior_preservation_loss(s.sd, context, latents, noise, t, len(texts) // 2, s.cfg.prior_weight)
     return diffusion_loss(s.sd, context, latents, noise, t)
+
+
+def skip(step: int, in_a_row: int) -> int:
+    """A non-finite step, said in a warning; SKIPS_TO_STOP in a row stop the run. Returns the count in a row."""
+    print(f"warning: step {step}: non-finite loss or gradient, step skipped", file=sys.stderr)
+    if in_a_row + 1 == SKIPS_TO_STOP:
+        raise TrainError(f"{SKIPS_TO_STOP} steps in a row had a non-finite loss or gradient (last: step {step}); "
+                         f"try a lower {arg('lr')}, {arg('dtype')} fp32 or bf16, or a model with fp32 attention "
+                         "(upcast)")
+    return in_a_row + 1
 
 
 def loop(s: Session, step: int) -> Path:
@@ -221,6 +238,8 @@ def loop(s: Session, step: int) -> Path:
                 loss = batch_loss(s, latents, noise, t, texts) / cfg.grad_accum
             s.scaler.scale(loss).backward()
             loss_sum += loss.item()
+        distributed.average_grads(s.method.params.values())   # several processes: the whole batch's gradient
+        loss_sum = distributed.mean(loss_sum)
         s.scaler.unscale_(s.optimizer)
         grad_norm = total_norm([p.grad for p in s.method.params.values()])
         finite = math.isfinite(loss_sum) and math.isfinite(grad_norm)
@@ -229,12 +248,7 @@ def loop(s: Session, step: int) -> Path:
             s.method.sync()
             in_a_row = 0
         else:   # skip: what trains stays as it was (with fp16 the scaler also lowers its scale)
-            in_a_row, skipped = in_a_row + 1, skipped + 1
-            print(f"warning: step {step}: non-finite loss or gradient, step skipped", file=sys.stderr)
-            if in_a_row == SKIPS_TO_STOP:
-                raise TrainError(f"{SKIPS_TO_STOP} steps in a row had a non-finite loss or gradient (last: step "
-                                 f"{step}); try a lower {arg('lr')}, {arg('dtype')} fp32 or bf16, or a model with "
-                                 "fp32 attention (upcast)")
+            in_a_row, skipped = skip(step, in_a_row), skipped + 1
         s.scaler.update()
         step += 1
         rate = (step - first) / (time.perf_counter() - began)
@@ -262,7 +276,10 @@ def train(cfg: TrainConfig, plan: Plan) -> Path:
 
 def run(cfg: TrainConfig) -> Path:
     """Check, hold --out for this run (a second run on it is refused; a failed run leaves no empty folder), train.
-    Returns the path of the learned embedding."""
+    Returns the path of the saved file. Under torchrun rank 0 holds the folder and writes; the others wait for it,
+    then train alongside (medti.distributed)."""
     plan = check(cfg)
-    with claim_folder(cfg.out):
-        return train(cfg, plan)
+    with distributed.process_group(plan.device):
+        with claim_folder(cfg.out) if distributed.main_process() else contextlib.nullcontext():
+            distributed.barrier()
+            return train(cfg, plan)
