@@ -40,6 +40,7 @@ class Dataset:
     # validation splits by it, and no output file ever holds it.
     patients: list[str]
     windows: list[str]     # per image: which window scaled it (`--window 40,400`, `the file's ...`, min-max, ...)
+    captions: list[str]    # per image: its caption file's text (with captions=True), else ""
     skipped: list[tuple[str, str]]   # (relative path or case name, reason), in the order met
     fingerprint: str       # sha256 over the used files' paths and bytes: see _fingerprint
 
@@ -155,7 +156,7 @@ def summary(data: Dataset) -> str:
     return f"{len(data.names)} image(s): {', '.join(parts)}; {len(set(data.patients))} patient(s)"
 
 
-def read_items(folder: Path, channels: list[str] | None, options: SliceOptions, skip):
+def read_items(folder: Path, channels: list[str] | None, options: SliceOptions, skip, captions: bool = False):
     """Each item under `folder` (a file, a case, a volume) as read, before --preprocess: yields
     ([(name, 8-bit image, patient)], {relative path: bytes of the files it came from}); an unusable item goes to
     `skip(name, reason)` instead. Training (load_dataset) and evaluation and the audit (medti.quality.folders)
@@ -163,17 +164,19 @@ def read_items(folder: Path, channels: list[str] | None, options: SliceOptions, 
     files = [p for p in find_images(folder) if not options.is_mask(p)]   # a case's mask is not a training image
     for name, source in items(folder, files, channels, skip):   # (name, file, DICOM volume or {channel: file})
         try:
-            yield item_images(folder, name, source, channels, options)
+            yield item_images(folder, name, source, channels, options, captions)
         except Unusable as e:
             skip(name, str(e))
 
 
 def load_dataset(folder, resolution: int, preprocess: str = "center", channels: list[str] | None = None,
                  strict: bool = False, window=None, *, plane: str = "axial", slices: str = "all",
-                 slice_mask: str = "") -> Dataset:
+                 slice_mask: str = "", captions: bool = False) -> Dataset:
     """All usable images under `folder`, unflipped (flips are the trainer's). Unusable files/cases go to `skipped`;
     with strict=True the first one is a DataError instead. No usable image at all is always a DataError.
-    Volumes become one image per slice chosen by `plane`, `slices`, `slice_mask` (medti.medical.slices)."""
+    Volumes become one image per slice chosen by `plane`, `slices`, `slice_mask` (medti.medical.slices). With
+    `captions`, each 2-D file's caption file (image.txt beside image.png, A1111's convention) is read too, and is
+    part of the fingerprint."""
     folder, channels = Path(folder), _checked(preprocess, resolution, channels)
     options = check_options(plane, slices, slice_mask, window)   # a bad flag: a MedicalError naming it
     skipped: list[tuple[str, str]] = []
@@ -183,8 +186,8 @@ def load_dataset(folder, resolution: int, preprocess: str = "center", channels: 
             raise DataError(f"{folder / name}: {reason}")
         skipped.append((name, reason))
 
-    arrays, names, patients, windows, used = [], [], [], [], {}
-    for images, data in read_items(folder, channels, options, skip):
+    arrays, names, patients, windows, texts, used = [], [], [], [], [], {}
+    for images, data in read_items(folder, channels, options, skip, captions):
         for name, image, patient in images:   # one image, or a volume's slices: an all-black slice skips alone
             window = image.info.get("window", "as stored")   # medical readers say; other files are 8-bit as read
             try:
@@ -196,12 +199,13 @@ def load_dataset(folder, resolution: int, preprocess: str = "center", channels: 
             names.append(name)
             patients.append(patient)
             windows.append(window)
+            texts.append(image.info.get("caption", ""))
         used.update(data)
     if not arrays:
         raise DataError(_nothing_usable(folder, skipped, channels))
     # [N, R, R, 3] uint8 -> [N, 3, R, R] float32 in [-1, 1]; 0 -> -1 and 255 -> 1 exactly
     images = torch.from_numpy(np.stack(arrays)).permute(0, 3, 1, 2).contiguous().float().div_(127.5).sub_(1)
-    return Dataset(images, names, patients, windows, skipped, _fingerprint(used))
+    return Dataset(images, names, patients, windows, texts, skipped, _fingerprint(used))
 
 
 if __name__ == "__main__":   # `python -m medti.data preview ...`: the command lives in medti/preview.py

@@ -215,6 +215,7 @@ def check_method(cfg):
 # Each method's own flags and the methods they belong to: given to another method, they would be silently
 # ignored, so they are refused.
 FLAG_METHODS = {"token": ("ti",), "vectors": ("ti",), "init": ("ti",), "instance_prompt": ("lora", "unet"),
+                "captions": ("lora", "unet"),
                 "rank": ("lora",), "alpha": ("lora",),
                 "lora_targets": ("lora",), "trainable": ("unet",), "train_text": ("unet",), "ema": ("unet",),
                 "save_dtype": ("unet",)}

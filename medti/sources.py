@@ -155,9 +155,10 @@ def _load_case(folder: Path, found: dict[str, Path], channels: list[str]) -> tup
 
 
 
-def item_images(folder: Path, name: str, source, channels, options) -> tuple[list, dict]:
+def item_images(folder: Path, name: str, source, channels, options, captions: bool = False) -> tuple[list, dict]:
     """([(name, 8-bit image, patient)], {relative path: bytes}) of one file or case (`source`: a file or
-    {channel: file}). Volumes give one image per chosen slice, all of one patient: medti.medical.slices.item."""
+    {channel: file}). Volumes give one image per chosen slice, all of one patient: medti.medical.slices.item.
+    With `captions`, a 2-D file's caption (its .txt twin, as A1111 and kohya read them) goes to info["caption"]."""
     with medical_errors(source):
         volume = volume_item(name, source, channels, options)   # None: not a volume (or a case of volumes)
     if volume:
@@ -168,6 +169,11 @@ def item_images(folder: Path, name: str, source, channels, options) -> tuple[lis
     else:
         data = {name: file_bytes(source)}
         image = decode(source, data[name], options.window)
+        if captions and source.with_suffix(".txt").is_file():
+            caption = source.with_suffix(".txt")
+            data[caption.relative_to(folder).as_posix()] = file_bytes(caption)
+            image.info["caption"] = " ".join(data[caption.relative_to(folder).as_posix()].decode(errors="replace")
+                                             .split())   # one line: a newline in a prompt would split nothing here
     return [(name, image, image.info.get("patient") or name)], data
 
 

@@ -83,6 +83,9 @@ class TrainConfig:
     alpha: float = flag(0.0, "lora: adapter alpha, scale alpha/rank; 0: the rank (scale 1)")
     lora_targets: str = flag("attention", "lora: what gets adapters, comma-separated: attention (the UNet's "
                                           "q/k/v/out), ff, proj (the UNet's), text, text_ff (the text tower's)")
+    captions: bool = flag(False, "lora, unet: read each image's caption file (image.txt beside image.png, as A1111 "
+                                 'and kohya do): the prompt is each --template line (default "{}, {caption}") with '
+                                 "{} = --instance-prompt and {caption} = the caption")
     trainable: str = flag("all", "unet: all (every UNet weight) | attention (the transformer blocks' attention)")
     train_text: bool = flag(False, "unet: train the text tower's weights too")
     ema: float = flag(0.0, "unet: keep an EMA of the weights with this decay (e.g. 0.9999) and save it; 0: none")
@@ -206,7 +209,7 @@ def training_prompts(cfg: TrainConfig) -> list:
     "{}" replaced by it."""
     subject = cfg.token if cfg.method == "ti" else cfg.instance_prompt
     if not cfg.template:
-        return [subject]
+        return ["{}, {caption}".replace("{}", subject)] if cfg.captions else [subject]
     try:
         lines = [line.strip() for line in Path(cfg.template).read_text().splitlines() if line.strip()]
     except (OSError, UnicodeDecodeError) as e:
@@ -216,6 +219,12 @@ def training_prompts(cfg: TrainConfig) -> list:
         raise TrainError(f"{arg('template')} {cfg.template}: every line needs a {{}} for the token" +
                          (f" (not {bad!r})" if bad else " (the file is empty)"))
     return [line.replace("{}", subject) for line in lines]
+
+
+def uncaptioned(prompts: list) -> list:
+    """The prompts without their {caption} slot, for what has no caption of its own: the previews, the held-out
+    images, the token-length check."""
+    return [" ".join(p.replace(", {caption}", "").replace("{caption}", "").split()) for p in prompts]
 
 
 def check_out(cfg: TrainConfig):

@@ -43,7 +43,7 @@ from .inversion import (
     write_log,
 )
 from .medical.window import parse_window
-from .train_config import Plan, TrainConfig, check, check_out
+from .train_config import Plan, TrainConfig, check, check_out, uncaptioned
 from .train_outputs import preview, report, save
 from .validation import ValidationSet, best_so_far, hold_out, validation_loss
 
@@ -87,7 +87,7 @@ def load_data(cfg: TrainConfig, flag: str = "data"):
     try:
         channels = parse_channels(cfg.channels)
         data = load_dataset(getattr(cfg, flag), cfg.resolution, cfg.preprocess, channels, cfg.strict, window,
-                            plane=cfg.plane, slices=cfg.slices, slice_mask=cfg.slice_mask)
+                            plane=cfg.plane, slices=cfg.slices, slice_mask=cfg.slice_mask, captions=cfg.captions)
     except DataError as e:   # the message names the folder or file; say which flag it came from
         raise TrainError(f"{arg(flag)} {e}") from None
     warn_skipped(data.skipped, arg(flag))
@@ -102,16 +102,17 @@ def setup(cfg: TrainConfig, plan: Plan) -> Session:
     if cfg.resolution % sd.config.size_multiple:
         raise TrainError(f"{arg('resolution')} {cfg.resolution}: must be a multiple of {sd.config.size_multiple}")
     data = load_data(cfg)
-    images, held = hold_out(data, load_data(cfg, "val") if cfg.val else None, plan.val_fraction, cfg.seed)
-    cache = cache_latents(sd, images, cfg.flip, cfg.seed)
+    rows, held = hold_out(data, load_data(cfg, "val") if cfg.val else None, plan.val_fraction, cfg.seed)
+    cache = cache_latents(sd, data.images[rows], cfg.flip, cfg.seed)
+    cache["captions"] = [data.captions[i] for i in rows]   # "" for an image without one (--captions)
     # validation latents: the posterior mean, unflipped (a fixed, noise-free latent of each image as it is)
     val = held and ValidationSet(cache_latents(sd, held.images, False, 0)["mean"] * sd.scale_factor,
-                                 held.names, cfg.val_draws, cfg.seed, cfg.token, plan.prompts)
+                                 held.names, cfg.val_draws, cfg.seed, cfg.token, uncaptioned(plan.prompts))
     sd.vae.to("cpu")
     # the class images come from the model before anything trains (the frozen model's own view of the class)
     prior = class_cache(sd, cfg, Path(cfg.out), plan.device,
                         lambda folder: load_data(dataclasses.replace(cfg, class_images=str(folder)), "class_images"))
-    method = methods.make(sd, cfg, plan.prompts, plan.device)
+    method = methods.make(sd, cfg, uncaptioned(plan.prompts), plan.device)
     optimizer = torch.optim.AdamW(list(method.params.values()), lr=lr_at(plan.schedule, 0), weight_decay=0.0)
     scaler = torch.amp.GradScaler(plan.device.type, enabled=plan.dtype == torch.float16)
     # Checkpointing recomputes each block's activations in the backward pass: same gradients, ~1/3 more UNet
@@ -191,6 +192,9 @@ def get_batch(s: Session, step: int, micro: int) -> tuple:
     t = torch.randint(0, NUM_TIMESTEPS, (cfg.batch,), generator=g)
     noise = torch.randn(latents.shape, generator=g)
     texts = [s.plan.prompts[int(i)] for i in torch.randint(0, len(s.plan.prompts), (cfg.batch,), generator=g)]
+    if cfg.captions:   # each row's own caption, where the template asks for it ({caption}); none: the slot goes
+        texts = [text.replace("{caption}", s.cache["captions"][row % n]) if s.cache["captions"][row % n] else
+                 uncaptioned([text])[0] for text, row in zip(texts, rows, strict=True)]
     if s.prior:   # class rows at random, mirrored ones included with --flip (the cache holds them)
         rows = torch.randint(0, len(s.prior["mean"]), (cfg.batch,), generator=g).tolist()
         extra = draw_latents(s.prior, rows, cfg.latents, g)

@@ -73,15 +73,16 @@ def _warn_duplicates(train: torch.Tensor, held: HeldOut):
 
 
 def hold_out(data, val_data, fraction: float, seed: int) -> tuple:
-    """(training images, HeldOut or None) from the --data Dataset and the --val Dataset (or None)."""
+    """(the rows of --data that train, HeldOut or None) from the --data Dataset and the --val Dataset (or None)."""
+    every = list(range(len(data.names)))
     if val_data is not None:
         held = HeldOut(val_data.images, val_data.names, {"folder_sha256": val_data.fingerprint})
         _warn_duplicates(data.images, held)
-        return data.images, held
+        return every, held
     if not fraction:
-        return data.images, None
+        return every, None
     train, val = split_patients(data.patients, fraction, seed)
-    return data.images[train], HeldOut(data.images[val], [data.names[i] for i in val], {"fraction": fraction})
+    return train, HeldOut(data.images[val], [data.names[i] for i in val], {"fraction": fraction})
 
 
 @dataclass

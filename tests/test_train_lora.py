@@ -3,6 +3,7 @@ instead of vectors. Checked here: the saved kohya-layout file holds exactly what
 model; the base weights stay bit-identical; a run killed with SIGKILL and resumed ends with the same bytes; a
 non-finite step is skipped and never saved; training lowers the held-out loss; bad flags are one line. The tiny
 model and the images sampled from it with a secret embedding are test_train's."""
+import dataclasses
 import json
 import signal
 import subprocess
@@ -152,3 +153,30 @@ def test_bad_method_flags_are_one_line_before_anything_loads(secret_data, tmp_pa
     err = capsys.readouterr().err.strip()
     assert err.count("\n") == 0 and words in err, err
     assert not (tmp_path / "run").exists()
+
+
+def test_captions_join_the_instance_prompt_per_image(secret_data, tmp_path):  # noqa: F811
+    """--captions: image.txt beside image.png (A1111's and kohya's caption files) fills {caption} of the template,
+    per image: the prompt of a batch row is that row's image's caption; an image without one gets the template
+    without it; the caption files are part of the data fingerprint."""
+    import shutil
+
+    from medti.train_config import TrainConfig, check
+    from medti.trainer import get_batch, setup
+    folder, model, config = secret_data
+    data = tmp_path / "data"
+    shutil.copytree(folder / "train", data)
+    files = sorted(data.glob("*.png"))
+    for i, path in enumerate(files[:-1]):
+        path.with_suffix(".txt").write_text(f"finding {i}\n")
+    cfg = TrainConfig(model=str(model), config=str(config), data=str(data), method="lora", instance_prompt=PROMPT,
+                      captions=True, batch=4, resolution=64, preview_every=0, out=str(tmp_path / "run"))
+    s = setup(cfg, check(cfg))
+    names = sorted(p.name for p in files)
+    assert s.cache["captions"] == [f"finding {i}" for i in range(23)] + [""]   # aligned with the cached images
+    seen = {t for step in range(12) for t in get_batch(s, step, 0)[3]}   # 48 rows: two epochs of the 24 images
+    assert seen == {PROMPT} | {f"{PROMPT}, finding {i}" for i in range(23)}, seen
+    plain = setup(dataclasses.replace(cfg, captions=False, out=str(tmp_path / "plain")),
+                  check(dataclasses.replace(cfg, captions=False)))
+    assert plain.settings["data_fingerprint"] != s.settings["data_fingerprint"]
+    assert s.method.prompt == PROMPT and len(names) == 24   # previews: the template without its caption slot
