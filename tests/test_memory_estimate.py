@@ -1,4 +1,5 @@
-"""tools/memory_estimate.py: the live-bytes tracker against closed-form sizes, and checkpointing on a tiny model."""
+"""tools/memory_estimate.py: the live-bytes tracker against closed-form sizes, and checkpointing on a tiny model;
+--method lora|unet (tools/memory_methods.py) against counted parameter bytes and the TI estimate."""
 import sys
 from pathlib import Path
 
@@ -13,6 +14,7 @@ from memory_estimate import (  # noqa: E402 (tools/)
     fake_device,
     on_device,
 )
+from memory_methods import estimate_method  # noqa: E402 (tools/)
 
 # A tiny SD2-shaped model (the text tower keeps SD2's vocabulary: the tokenizer's ids must fit its table).
 TINY = {"unet": {"model_channels": 32, "channel_mult": [1, 2, 2, 2], "num_head_channels": 16, "context_dim": 64},
@@ -134,3 +136,75 @@ def test_bad_model_is_one_line_in_the_flag_s_words(tmp_path):
         assert result.returncode != 0 and "Traceback" not in result.stderr, result.stderr
         assert result.stderr.startswith(f"memory_estimate: error: --model {model}: ") and words in result.stderr
         assert len(result.stderr.strip().splitlines()) == 1
+
+
+# --method lora|unet (tools/memory_methods.py): the step of python -m medti.train --method lora|unet
+def unet_parameters(config, pattern=None) -> int:
+    """Parameters of the meta-built UNet (all, or those whose path fully matches `pattern`)."""
+    import minisd
+    unet = minisd.build(minisd.load_config(config), device="meta").unet
+    return sum(p.numel() for name, p in unet.named_parameters() if pattern is None or pattern.fullmatch(name))
+
+
+def test_lora_estimate_is_the_ti_estimate_plus_the_adapters():
+    """Full size at 64 px: the same fp16 base on the device; what differs is what trains (closed form for the
+    adapters: rank x (in + out) per adapted layer, fp32) and its weight, 2 AdamW moments and gradient."""
+    import minisd
+    from minisd import lora
+    ti, ours = estimate_training(resolution=64), estimate_method("lora", resolution=64)
+    unet = minisd.build(minisd.load_config("sd2-base"), device="meta").unet
+    layers = [unet.get_submodule(name) for name in lora.targets(unet)]
+    adapters = 4 * sum(4 * (layer.in_features + layer.out_features) for layer in layers)   # rank 4, fp32
+    assert ours["trained"] == adapters and ours["parameters"] == adapters // 4
+    assert ours["optimizer"] == 2 * adapters and ours["gradient"] == adapters
+    assert ours["frozen"] == ti["weights"]
+    expected = ti["total"] - ti["trainable"] - ti["gradient"] + 4 * adapters
+    assert abs(ours["total"] - expected) < 0.03 * expected, (ours["total"], expected)
+
+
+def test_unet_estimate_holds_weights_moments_and_gradients_in_fp32():
+    from medti.methods import ATTENTION
+    n, attention = unet_parameters(TINY), unet_parameters(TINY, ATTENTION)
+    full = estimate_method("unet", resolution=128, config=TINY)
+    assert full["trained"] == 4 * n and full["optimizer"] == 8 * n and full["gradient"] == 4 * n
+    assert full["total"] >= 4 * 4 * n   # fp32 weights + 2 moments + gradients, at least
+    assert full["frozen"] == estimate_training(resolution=128, config=TINY)["weights"] - 2 * n   # fp16 text tower
+    ema = estimate_method("unet", resolution=128, config=TINY, ema=True)
+    assert ema["ema"] == 4 * n and ema["total"] == full["total"] + 4 * n
+    part = estimate_method("unet", resolution=128, config=TINY, trainable="attention")
+    assert 0 < part["trained"] == 4 * attention < full["trained"] and part["total"] < full["total"]
+    plain = estimate_method("unet", resolution=128, config=TINY, checkpointing=False)
+    assert full["saved_for_backward"] < plain["saved_for_backward"]
+
+
+def test_unet_estimate_of_the_full_size_model_needs_four_copies_of_its_fp32_weights():
+    n = unet_parameters("sd2-base")
+    assert 865e6 < n < 866e6
+    full = estimate_method("unet", resolution=64)
+    assert full["total"] >= 4 * 4 * n and full["trained"] == 4 * n
+
+
+def run_tool(*flags):
+    import subprocess
+    tool = Path(__file__).resolve().parent.parent / "tools" / "memory_estimate.py"
+    return subprocess.run([sys.executable, str(tool), *map(str, flags)], capture_output=True, text=True, timeout=120,
+                          check=False)
+
+
+def test_method_flags_errors_are_one_line():
+    for flag, value, words in (("--method", "dreambooth", "one of ti, lora, unet"),
+                               ("--trainable", "ff", "one of all, attention")):
+        result = run_tool(flag, value)
+        assert result.returncode != 0 and "Traceback" not in result.stderr, result.stderr
+        assert result.stderr.strip() == f"memory_estimate: error: {flag} {value}: {words}"
+
+
+def test_method_report_names_the_limits(tmp_path):
+    import json
+    config = tmp_path / "tiny.json"
+    config.write_text(json.dumps(TINY))
+    result = run_tool("--method", "unet", "--model", config, "--resolution", 128, "--trainable", "attention", "--ema")
+    assert result.returncode == 0, result.stderr
+    assert "EMA copy (fp32)" in result.stdout and "one 8 GB GPU <= 8 GB: met" in result.stdout
+    result = run_tool("--method", "lora", "--model", config, "--resolution", 128)
+    assert result.returncode == 0 and "target <= 4 GB: met" in result.stdout, result.stderr

@@ -13,8 +13,9 @@ ours, ...) so that load drift hits both. Sections, each in a tools/bench_*.py mo
 text-to-image (bench_unet), 3 textual-inversion step (bench_training), 4 fastest CPU path, 5 FLOP/s vs a matmul
 (bench_cpu), 6 cost growth + estimated GPU memory, 7 loading a fp16 file in a fresh process (bench_memory), 8 the
 study's 2,000-image set (bench_dataset), 9 evaluation vs torchmetrics (bench_eval), 10 the privacy audit
-(bench_audit), 11 SD1's UNet and text tower (bench_sd1). Sections 9-11 need no SD2 models: `--only 9,10,11` skips
-building them.
+(bench_audit), 11 SD1's UNet and text tower (bench_sd1), 12 a LoRA and a full UNet fine-tuning step against the
+diffusers examples (bench_finetune: one UNet of its own). Sections 9-12 need no SD2 models of setup(): `--only
+9,10,11,12` skips building them.
 """
 import argparse
 import gc
@@ -24,6 +25,8 @@ from pathlib import Path
 
 TOOLS = Path(__file__).resolve().parent
 sys.path[:0] = [str(TOOLS), str(TOOLS.parent / "tests")]   # tests/ and tools/ are not packages
+from bench_finetune import section12  # noqa: E402
+
 from bench_audit import section10 as audit_time  # noqa: E402
 from bench_common import machine, packed, table, verdict  # noqa: E402
 from bench_cpu import bf16_speedup, section4, section5  # noqa: E402
@@ -58,13 +61,13 @@ def sd2_sections(args, sections: list, tmp: Path):
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--quick", action="store_true", help="tiny models, 1 run each: checks the script, no meaning")
-    p.add_argument("--only", default="1,2,3,4,5,6,7,8,9,10,11", help="comma-separated section numbers")
+    p.add_argument("--only", default="1,2,3,4,5,6,7,8,9,10,11,12", help="comma-separated section numbers")
     p.add_argument("--runs", type=int, default=0, help="timed runs per side (median); default 3, 1 with --quick")
     args = p.parse_args(argv)
     args.runs = args.runs or (1 if args.quick else 3)
     sections = sorted(int(s) for s in args.only.split(","))
-    if unknown := sorted(set(sections) - set(range(1, 12))):
-        p.error(f"--only: no section {unknown[0]} (sections 1-11)")
+    if unknown := sorted(set(sections) - set(range(1, 13))):
+        p.error(f"--only: no section {unknown[0]} (sections 1-12)")
     machine()
     print(f"# {'TINY models (--quick): checks the script only' if args.quick else 'full-size, random weights'}"
           f"; median of {args.runs} interleaved run(s); sections {sections}")
@@ -79,6 +82,9 @@ def main(argv=None):
         if 11 in sections:
             section11(args, Path(tmp), args.quick)
             sys.stdout.flush()
+        if 12 in sections:
+            gc.collect()   # section 11's SD1 models are unreachable now
+            section12(args, args.quick)
 
 
 if __name__ == "__main__":
