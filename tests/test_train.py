@@ -141,32 +141,35 @@ def train_args(folder, model, config, out, *extra):
             "--vectors", "4", "--resolution", "64", "--preview-every", "0", "--out", str(out), *extra]
 
 
+def kill_and_resume(args, whole, out, at_step: int):
+    """`python -m medti.train ARGS --out WHOLE` uninterrupted; the same into OUT killed with SIGKILL once its log
+    reaches `at_step`, then resumed there with --resume. The caller compares the two folders."""
+    command = [sys.executable, "-m", "medti.train", *args]
+    done = subprocess.run(command + ["--out", str(whole)], capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-2000:]
+    process = subprocess.Popen(command + ["--out", str(out)], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    log, deadline = out / "log.jsonl", time.time() + 300
+    while time.time() < deadline and process.poll() is None:
+        if log.is_file() and any(json.loads(line)["step"] >= at_step for line in log.read_text().splitlines()[-3:]
+                                 if line.endswith("}")):
+            process.send_signal(signal.SIGKILL)
+            break
+        time.sleep(0.01)
+    assert process.wait() == -signal.SIGKILL, "the run ended before it could be killed"
+    resumed = subprocess.run(command + ["--out", str(out), "--resume"], capture_output=True, text=True, timeout=600)
+    assert resumed.returncode == 0, resumed.stderr[-2000:]
+
+
 def test_killed_and_resumed_run_is_bit_identical(secret_data, tmp_path):
     """A real process killed (SIGKILL) mid-run and resumed ends with the same bytes as an uninterrupted run.
     The random modes are on (--latents random, --flip, --grad-accum 2) so every source of randomness is used."""
     folder, model, config = secret_data
     extra = ["--max-steps", "30", "--save-every", "10", "--latents", "random", "--flip", "--grad-accum", "2",
              "--seed", "5"]
-    command = [sys.executable, "-m", "medti.train"]
-    whole = subprocess.run(command + train_args(folder, model, config, tmp_path / "whole", *extra),
-                           capture_output=True, text=True, timeout=600)
-    assert whole.returncode == 0, whole.stderr[-2000:]
+    args = train_args(folder, model, config, tmp_path / "unused", *extra)
+    args = args[:args.index("--out")] + args[args.index("--out") + 2:]
     out = tmp_path / "killed"
-    process = subprocess.Popen(command + train_args(folder, model, config, out, *extra),
-                               stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    log = out / "log.jsonl"
-    deadline = time.time() + 300
-    while time.time() < deadline and process.poll() is None:
-        if log.is_file() and any(json.loads(line)["step"] >= 15 for line in log.read_text().splitlines()[-3:]
-                                 if line.endswith("}")):
-            process.send_signal(signal.SIGKILL)
-            break
-        time.sleep(0.01)
-    assert process.wait() == -signal.SIGKILL, "the run ended before it could be killed"
-    assert not (out / "r-30.safetensors").exists()
-    resumed = subprocess.run(command + train_args(folder, model, config, out, *extra, "--resume"),
-                             capture_output=True, text=True, timeout=600)
-    assert resumed.returncode == 0, resumed.stderr[-2000:]
+    kill_and_resume(args, tmp_path / "whole", out, 15)
     assert (out / "r.safetensors").read_bytes() == (tmp_path / "whole" / "r.safetensors").read_bytes()
     assert (out / "state.safetensors").read_bytes() == (tmp_path / "whole" / "state.safetensors").read_bytes()
     losses = [[json.loads(line)["loss"] for line in (o / "log.jsonl").read_text().splitlines()]

@@ -4,16 +4,11 @@ model; the base weights stay bit-identical; a run killed with SIGKILL and resume
 non-finite step is skipped and never saved; training lowers the held-out loss; bad flags are one line. The tiny
 model and the images sampled from it with a secret embedding are test_train's."""
 import dataclasses
-import json
-import signal
-import subprocess
-import sys
-import time
 
 import pytest
 import torch
 from safetensors import safe_open
-from test_train import secret_data  # noqa: F401  (the fixture)
+from test_train import kill_and_resume, secret_data  # noqa: F401  (secret_data: the fixture)
 
 import minisd
 from medti import lora_files
@@ -65,26 +60,9 @@ def test_killed_and_resumed_lora_run_is_bit_identical(secret_data, tmp_path):  #
     folder, model, config = secret_data
     extra = ["--max-steps", "16", "--save-every", "4", "--latents", "random", "--grad-accum", "2", "--seed", "5",
              "--lora-targets", "attention,text"]
-    command = [sys.executable, "-m", "medti.train"]
-    whole = subprocess.run(command + lora_args(folder, model, config, tmp_path / "whole", *extra),
-                           capture_output=True, text=True, timeout=600)
-    assert whole.returncode == 0, whole.stderr[-2000:]
+    args = lora_args(folder, model, config, tmp_path / "unused", *extra)
     out = tmp_path / "killed"
-    process = subprocess.Popen(command + lora_args(folder, model, config, out, *extra),
-                               stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    log = out / "log.jsonl"
-    deadline = time.time() + 300
-    while time.time() < deadline and process.poll() is None:
-        if log.is_file() and any(json.loads(line)["step"] >= 6 for line in log.read_text().splitlines()[-3:]
-                                 if line.endswith("}")):
-            process.send_signal(signal.SIGKILL)
-            break
-        time.sleep(0.01)
-    assert process.wait() == -signal.SIGKILL, "the run ended before it could be killed"
-    assert not (out / "lora-16.safetensors").exists()
-    resumed = subprocess.run(command + lora_args(folder, model, config, out, *extra, "--resume"),
-                             capture_output=True, text=True, timeout=600)
-    assert resumed.returncode == 0, resumed.stderr[-2000:]
+    kill_and_resume(args[:args.index("--out")] + args[args.index("--out") + 2:], tmp_path / "whole", out, 6)
     for name in ("lora.safetensors", "state.safetensors"):
         assert (out / name).read_bytes() == (tmp_path / "whole" / name).read_bytes(), name
 

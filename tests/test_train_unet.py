@@ -6,17 +6,13 @@ and resumed (EMA included) ends with the same bytes; a bf16 run keeps fp32 maste
 loss; bad flags are one line."""
 import dataclasses
 import json
-import signal
-import subprocess
-import sys
-import time
 
 import pytest
 import torch
 from diffusers import DDPMScheduler, UNet2DConditionModel
 from safetensors.torch import load_file
 from test_sd1_pipeline import sd1_pipeline
-from test_train import secret_data  # noqa: F401  (the fixture)
+from test_train import kill_and_resume, secret_data  # noqa: F401  (secret_data: the fixture)
 from test_train_lora import heldout
 
 import convert_diffusers
@@ -144,25 +140,9 @@ def unet_args(folder, model, cfg, out, *extra):
 def test_killed_and_resumed_unet_run_is_bit_identical(secret_data, tmp_path):  # noqa: F811
     folder, model, cfg = secret_data
     extra = ["--max-steps", "12", "--save-every", "3", "--seed", "5", "--ema", "0.9", "--lr", "1e-4"]
-    command = [sys.executable, "-m", "medti.train"]
-    whole = subprocess.run(command + unet_args(folder, model, cfg, tmp_path / "whole", *extra),
-                           capture_output=True, text=True, timeout=600)
-    assert whole.returncode == 0, whole.stderr[-2000:]
+    args = unet_args(folder, model, cfg, tmp_path / "unused", *extra)
     out = tmp_path / "killed"
-    process = subprocess.Popen(command + unet_args(folder, model, cfg, out, *extra),
-                               stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    log = out / "log.jsonl"
-    deadline = time.time() + 300
-    while time.time() < deadline and process.poll() is None:
-        if log.is_file() and any(json.loads(line)["step"] >= 4 for line in log.read_text().splitlines()[-3:]
-                                 if line.endswith("}")):
-            process.send_signal(signal.SIGKILL)
-            break
-        time.sleep(0.01)
-    assert process.wait() == -signal.SIGKILL, "the run ended before it could be killed"
-    resumed = subprocess.run(command + unet_args(folder, model, cfg, out, *extra, "--resume"),
-                             capture_output=True, text=True, timeout=600)
-    assert resumed.returncode == 0, resumed.stderr[-2000:]
+    kill_and_resume(args[:args.index("--out")] + args[args.index("--out") + 2:], tmp_path / "whole", out, 4)
     for name in ("model.safetensors", "state.safetensors"):
         assert (out / name).read_bytes() == (tmp_path / "whole" / name).read_bytes(), name
 
