@@ -119,10 +119,10 @@ def test_memory_estimate_follows_the_fake_tensor_count():
     constants is 6-8 %; the rest is margin for the count changing with the pixel count, which it does not)."""
     sys.path.insert(0, "tools")
     import torch
-    from memory_estimate import estimate_generation
 
     import minisd
     from medti.preflight import estimate_bytes
+    from memory_estimate import estimate_generation
     counted = estimate_generation(256, dtype=torch.float16)
     sd = minisd.build(minisd.load_config("sd2-base"), device="meta")   # shapes only
     sd.unet.half(), sd.vae.half()

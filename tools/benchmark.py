@@ -25,13 +25,12 @@ from pathlib import Path
 
 TOOLS = Path(__file__).resolve().parent
 sys.path[:0] = [str(TOOLS), str(TOOLS.parent / "tests")]   # tests/ and tools/ are not packages
-from bench_finetune import section12  # noqa: E402
-
 from bench_audit import section10 as audit_time  # noqa: E402
 from bench_common import machine, packed, table, verdict  # noqa: E402
 from bench_cpu import bf16_speedup, section4, section5  # noqa: E402
 from bench_dataset import section8 as dataset_time  # noqa: E402
 from bench_eval import section9 as evaluation_time  # noqa: E402
+from bench_finetune import section12  # noqa: E402
 from bench_memory import section6, section7  # noqa: E402
 from bench_models import setup  # noqa: E402
 from bench_sd1 import section11  # noqa: E402

@@ -184,9 +184,8 @@ def sanity_ours(b, sd, load: dict, cond, uncond, steps: int) -> dict:
 
 
 def measure_ours(b, args, device, dtype) -> dict:
-    from memory_estimate import estimate_training
-
     import minisd
+    from memory_estimate import estimate_training
     load = {"config": b.ours, "dtype": dtype, "device": device}
     sd = minisd.load(b.file, **load)
     cond, uncond = b.cond.to(device, dtype), b.uncond.to(device, dtype)
@@ -205,9 +204,9 @@ def measure_ours(b, args, device, dtype) -> dict:
 
 def measure_diffusers(b, args, device, dtype) -> dict:
     from diffusers.models.attention_processor import Attention
-    from memory_estimate import estimate_diffusers_recipe
 
     import minisd
+    from memory_estimate import estimate_diffusers_recipe
     refs = {name: m.to(device, dtype) for name, m in b.refs.items()}
     cond, uncond = b.cond.to(device, dtype), b.uncond.to(device, dtype)
     pipe, out = diffusers_pipe(refs), {"txt2img_images_per_s": {}}

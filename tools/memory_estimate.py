@@ -14,6 +14,12 @@ import argparse
 import sys
 
 import torch
+
+import minisd
+from bench_models import diffusers_configs  # tools/, the script's folder (not a package)
+from medti import embeddings as emb
+from medti.inversion import denoising_loss, enable_checkpointing
+from medti.pipeline import InitImage, SampleSettings, decode, sample
 from memory_common import (  # re-exported: tests and tools import them from here
     DEVICE,
     GB,
@@ -26,12 +32,6 @@ from memory_common import (  # re-exported: tests and tools import them from her
     training_step,
 )
 from memory_methods import main as method_main
-
-import minisd
-from bench_models import diffusers_configs  # tools/, the script's folder (not a package)
-from medti import embeddings as emb
-from medti.inversion import denoising_loss, enable_checkpointing
-from medti.pipeline import InitImage, SampleSettings, decode, sample
 
 TOKEN, N_VECTORS = "<medti>", 64
 CACHED_IMAGES = 100            # training images whose latents medti/train.py caches, on the CPU

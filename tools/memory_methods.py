@@ -13,12 +13,12 @@ Why fp16 autocast can be estimated on the fake "cpu" device: CPU autocast accept
 used here), and fp16 and bf16 have the same byte sizes, so the estimate would be the same in bf16.
 """
 import torch
-from memory_common import DEVICE, GB, fake_device, model_config, on_device, report, training_step
 
 import minisd
 from medti import methods
 from medti.inversion import diffusion_loss, enable_checkpointing, precision
 from medti.train_config import TrainConfig
+from memory_common import DEVICE, GB, fake_device, model_config, on_device, report, training_step
 
 PROMPT = "a chest x-ray of sks"   # the instance prompt: its length does not change the 77-token conditioning
 EMA_DECAY = 0.9999                # --ema: any decay in (0, 1) keeps the same one copy
