@@ -67,12 +67,18 @@ def test_killed_and_resumed_lora_run_is_bit_identical(secret_data, tmp_path):  #
         assert (out / name).read_bytes() == (tmp_path / "whole" / name).read_bytes(), name
 
 
-def test_non_finite_steps_are_skipped_and_never_saved(secret_data, tmp_path, capsys):  # noqa: F811
-    """lr 1e30: after the first step the adapters are huge and later losses overflow; those steps are skipped, and
-    nothing non-finite reaches a file (or the run stops after 10 in a row, in one line)."""
+@pytest.mark.parametrize("method", [[], ["--method", "unet", "--save-dtype", "fp32"]])
+def test_non_finite_steps_are_skipped_and_never_saved(secret_data, tmp_path, capsys, method):  # noqa: F811
+    """lr 1e30: after the first step what trains (LoRA's adapters, or the UNet's weights) is huge and later losses
+    overflow; those steps are skipped, and nothing non-finite reaches a file (or the run stops after 10 in a row,
+    in one line). Textual inversion's own test is test_train's."""
     folder, model, config = secret_data
     out = tmp_path / "run"
-    code = main(lora_args(folder, model, config, out, "--max-steps", "6", "--save-every", "2", "--lr", "1e30"))
+    args = lora_args(folder, model, config, out, "--max-steps", "6", "--save-every", "2", "--lr", "1e30")
+    if method:
+        args[args.index("lora")] = "unet"
+        args += method[2:]
+    code = main(args)
     err = capsys.readouterr().err
     assert code in (0, 2) and "step skipped" in err, err[-500:]
     for path in out.glob("*.safetensors"):
