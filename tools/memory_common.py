@@ -137,3 +137,15 @@ def describe(cfg: ModelConfig) -> str:
     if t.tower == "openai":
         return f"SD1 (OpenAI CLIP text tower, {t.num_hidden_layers} layers of {t.width})"
     return f"SD2 (OpenCLIP text tower, {t.layers - LAYERS[t.layer]} of {t.layers} layers of {t.width})"
+
+
+def adamw(params, foreach: bool = True):
+    """medti.trainer's AdamW past its first step (state allocated), as in every later step; the learning rate
+    changes no byte. foreach: torch's default on CUDA; without it (foreach=False, or fused=True, which makes no
+    temporaries either) the step updates one tensor at a time."""
+    optimizer = torch.optim.AdamW(params, lr=1e-5, weight_decay=0.0, foreach=foreach)
+    for p in params:
+        p.grad = torch.zeros_like(p)
+    optimizer.step()
+    optimizer.zero_grad(set_to_none=True)
+    return optimizer

@@ -23,6 +23,7 @@ from medti.pipeline import InitImage, SampleSettings, decode, sample
 from memory_common import (  # re-exported: tests and tools import them from here
     DEVICE,
     GB,
+    adamw,
     describe,
     fake_device,
     materialise,
@@ -37,16 +38,6 @@ TOKEN, N_VECTORS = "<medti>", 64
 CACHED_IMAGES = 100            # training images whose latents medti/train.py caches, on the CPU
 LIMITS = {"required": 8 * GB, "target": 3.5 * GB}   # for training; generation's target is 3 GB
 METHODS, TRAINABLE = ("ti", "lora", "unet"), ("all", "attention")   # --method (medti.methods.METHODS), --trainable
-
-
-def adamw(params):
-    """AdamW past its first step (state allocated), as in every later step. foreach: the default on CUDA."""
-    optimizer = torch.optim.AdamW(params, lr=5e-3, weight_decay=0.0, foreach=True)
-    for p in params:
-        p.grad = torch.zeros_like(p)
-    optimizer.step()
-    optimizer.zero_grad(set_to_none=True)
-    return optimizer
 
 
 def estimate_training(resolution=512, batch=1, checkpointing=True, dtype=torch.float16, config="sd2-base") -> dict:

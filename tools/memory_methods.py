@@ -18,7 +18,7 @@ import minisd
 from medti import methods
 from medti.inversion import diffusion_loss, enable_checkpointing, precision
 from medti.train_config import TrainConfig
-from memory_common import DEVICE, GB, fake_device, model_config, on_device, report, training_step
+from memory_common import DEVICE, GB, adamw, fake_device, model_config, on_device, report, training_step
 
 PROMPT = "a chest x-ray of sks"   # the instance prompt: its length does not change the 77-token conditioning
 EMA_DECAY = 0.9999                # --ema: any decay in (0, 1) keeps the same one copy
@@ -53,17 +53,6 @@ def materialise_as_built(module):
             setattr(sub, name, torch.nn.Parameter(torch.zeros_like(p, device=DEVICE), p.requires_grad))
         for name, b in list(sub.named_buffers(recurse=False)):
             sub._buffers[name] = torch.zeros_like(b, device=DEVICE)
-
-
-def adamw(params, foreach: bool):
-    """medti.trainer's AdamW past its first step (state allocated). foreach: torch's default on CUDA; without it
-    (foreach=False, or fused=True, which makes no temporaries either) the step updates one tensor at a time."""
-    optimizer = torch.optim.AdamW(params, lr=1e-5, weight_decay=0.0, foreach=foreach)
-    for p in params:
-        p.grad = torch.zeros_like(p)
-    optimizer.step()
-    optimizer.zero_grad(set_to_none=True)
-    return optimizer
 
 
 def nbytes(tensors) -> int:
