@@ -23,7 +23,7 @@ from torch import nn
 
 from minisd import lora
 from minisd.errors import arg
-from minisd.load import components
+from minisd.load import components, state_dict
 from minisd.tokenizer import MAX_PROMPT_TOKENS
 
 from . import embeddings as emb
@@ -156,12 +156,10 @@ class UNetFineTune:
     def write(self, path, meta: dict):
         """The whole model in the official single-file layout (minisd.load reads it; so do A1111 and diffusers'
         from_single_file), with the EMA weights in place of the trained ones when --ema is on."""
-        parts = {id(self.sd.unet): "unet", id(self.sd.text.tower): "text"}
-        state = {}
-        for prefix, module in components(self.sd).items():   # the official key prefixes (minisd.load)
-            for key, value in module.state_dict().items():
-                ema = self.buffers.get(f"ema.{parts.get(id(module))}.{key}")
-                state[prefix + key] = (value if ema is None else ema).to(self.save_dtype)
+        prefix = {part: key for key, module in components(self.sd).items()   # the official key prefixes
+                  for part, ours in (("unet", self.sd.unet), ("text", self.sd.text.tower)) if module is ours}
+        ema = {prefix[name.split(".")[1]] + name.split(".", 2)[2]: t for name, t in self.buffers.items()}
+        state = {k: v.to(self.save_dtype) for k, v in state_dict(self.sd, replace=ema).items()}
         bad = next((k for k, v in state.items() if not torch.isfinite(v).all()), None)
         if bad is not None:
             raise TrainError(f"{bad} is not finite in {str(self.save_dtype)[6:]}; use {arg('save_dtype')} fp32")

@@ -107,9 +107,12 @@ def components(sd) -> dict:
     return {UNET: sd.unet, VAE: sd.vae, TEXT[sd.config.text.tower].PREFIX: sd.text.tower}
 
 
-def state_dict(sd) -> dict:
-    """The model's weights under the official single-file key names (what `load` reads back)."""
-    return {prefix + k: v for prefix, module in components(sd).items() for k, v in module.state_dict().items()}
+def state_dict(sd, replace: dict | None = None) -> dict:
+    """The model's weights under the official single-file key names (what `load` reads back). `replace`:
+    {official key: tensor} written instead of the model's own (a fine-tune's EMA of its weights)."""
+    replace = replace or {}
+    return {prefix + k: replace.get(prefix + k, v) for prefix, module in components(sd).items()
+            for k, v in module.state_dict().items()}
 
 
 def check_keys(file, cfg: ModelConfig):
