@@ -138,7 +138,10 @@ def _open(path: Path) -> tuple[dict, dict]:
                 return {k: f.get_tensor(k) for k in f.keys()}, dict(f.metadata() or {})
         return dict(torch.load(path, map_location="cpu", weights_only=True)), {}
     except Exception as err:   # the library's own message, on one line
-        raise LoRAFileError(f"{path}: not a readable LoRA file ({str(err).splitlines()[0]})") from None
+        why = str(err).splitlines()[0]
+        if why.startswith("Weights only load failed"):   # torch's advice there (weights_only=False) is no flag of ours
+            why = "not .safetensors, nor a torch file of tensors alone: pickled code is never run"
+        raise LoRAFileError(f"{path}: not a readable LoRA file ({why})") from None
 
 
 def _kohya_key(key: str) -> tuple[str, str] | None:

@@ -109,8 +109,9 @@ def find(name: str, known: dict, folders: list, tag: str) -> Path:
         raise LoRAError(f"--prompt tag {tag}: {len(hits)} files are named {name} ({hits[0]}, {hits[1]}); "
                         "pass the one you mean with --lora")
     if not hits:
-        where = f"in --lora-dir {', '.join(map(str, folders))}" if folders else "(no --lora-dir given)"
-        raise LoRAError(f"--prompt tag {tag}: no LoRA file named {name} among the --lora files or {where}")
+        where = (f"or in --lora-dir {', '.join(map(str, folders))}" if folders else
+                 f"and no --lora-dir to look in: pass --lora-dir FOLDER (holding {name}.safetensors) or --lora FILE")
+        raise LoRAError(f"--prompt tag {tag}: no LoRA file named {name} among the --lora files {where}")
     return hits[0]
 
 
