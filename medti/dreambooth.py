@@ -13,13 +13,16 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
+from PIL import Image
 
 from minisd.errors import arg
 
 from .distributed import barrier, main_process
+from .files import inside
 from .images import save_png, to_pil
 from .inversion import TrainError, cache_latents, prediction_and_target
 from .pipeline import SampleSettings, decode, sample
+from .progress import Progress
 
 STEPS, GUIDANCE = 50, 7.5   # diffusers examples/dreambooth/train_dreambooth.py: the pipeline's own defaults
 
@@ -33,6 +36,9 @@ def check(cfg):
     """The prior-preservation flags, before anything loads: all three together, with lora or unet."""
     given = [name for name in ("class_prompt", "class_images") if getattr(cfg, name)]
     if not given:
+        if cfg.prior_weight != 1.0:   # alone it would weigh nothing: refused rather than silently ignored
+            raise TrainError(f"{arg('prior_weight')} weighs the class images' loss: give it with "
+                             f"{arg('class_prompt')} and {arg('class_images')}, or leave it out")
         return
     if cfg.method == "ti":
         raise TrainError(f"{arg(given[0])} is DreamBooth's, for {arg('method')} lora or unet")
@@ -43,23 +49,61 @@ def check(cfg):
     if count == 0 or (count is None and not Path(cfg.class_images).is_dir()):
         raise TrainError(f"{arg('class_images')} {cfg.class_images}: a folder of class images, or a number of "
                          "images (at least 1) for the frozen model to make")
+    if count is None and cfg.out and inside(cfg.out, cfg.class_images):   # as --out inside --data
+        raise TrainError(f"{arg('out')} {cfg.out} is inside {arg('class_images')} {cfg.class_images}: its "
+                         f"previews would become class images; choose an {arg('out')} outside that folder")
     if not cfg.prior_weight >= 0:   # NaN fails too
         raise TrainError(f"{arg('prior_weight')} {cfg.prior_weight:g}: must be 0 or more")
 
 
+def recipe(cfg, i: int) -> str:
+    """What class image i is made from, in its PNG's parameters: an image already in the folder is reused only if
+    it says the same (a run killed while making them, started again with another prompt, seed, size or model,
+    must not train on the old ones)."""
+    return (f"class image {i}: {cfg.class_prompt}\nSteps: {STEPS}, Sampler: Euler a, CFG scale: {GUIDANCE}, "
+            f"Seed: {cfg.seed + i}, Size: {cfg.resolution}x{cfg.resolution}, Model: {cfg.model}")
+
+
+def stale_class_images(cfg, folder: Path) -> list:
+    """The class images in `folder` made from another recipe; on --resume one is an error (the run's own images
+    are never replaced; the resumed settings differ from the run's), otherwise they are made again."""
+    paths = [folder / f"{i:05d}.png" for i in range(class_count(cfg))]
+    # the second form: what the images made before the recipe was recorded say (their runs still resume)
+    stale = [p for i, p in enumerate(paths)
+             if p.exists() and _parameters(p) not in (recipe(cfg, i), f"class image {i}: {cfg.class_prompt}")]
+    if stale and cfg.resume:
+        raise TrainError(f"{arg('resume')}: {stale[0]} was made with another {arg('class_prompt')}, "
+                         f"{arg('seed')}, {arg('resolution')} or {arg('model')}; resume with the run's own settings")
+    return stale
+
+
+def _parameters(path: Path) -> str:
+    try:
+        with Image.open(path) as image:
+            return image.info.get("parameters", "")
+    except (OSError, ValueError):   # a damaged file: made again
+        return ""
+
+
 @torch.no_grad()
-def make_class_images(sd, cfg, folder: Path, device):
-    """N images of the class prompt by the frozen model, once: the ones already in `folder` are kept (a resume)."""
+def make_class_images(sd, cfg, folder: Path, device, stale: list):
+    """N images of the class prompt by the frozen model, once: the ones already in `folder` from this recipe are
+    kept (a resume, or a run started again after it was killed while making them)."""
     folder.mkdir(parents=True, exist_ok=True)
     cond, uncond = sd.text([cfg.class_prompt]), sd.text([""])
     settings = SampleSettings(width=cfg.resolution, height=cfg.resolution, steps=STEPS, cfg=GUIDANCE)
+    todo = [i for i in range(class_count(cfg)) if not (folder / f"{i:05d}.png").exists() or
+            folder / f"{i:05d}.png" in stale]
+    progress = Progress(len(todo))   # 200 images of 50 steps take minutes: say so, as generate does
     sd.vae.to(device)
-    for i in range(class_count(cfg)):
-        path = folder / f"{i:05d}.png"
-        if not path.exists():
-            latents = sample(sd, cond, uncond, [1.0], [cfg.seed + i], settings)
-            save_png(path, to_pil(decode(sd, latents)[0]), f"class image {i}: {cfg.class_prompt}")
+    for i in todo:
+        progress.begin(1)
+        latents = sample(sd, cond, uncond, [1.0], [cfg.seed + i], settings, progress=progress.step)
+        save_png(folder / f"{i:05d}.png", to_pil(decode(sd, latents)[0]), recipe(cfg, i))
+        progress.end_batch()
     sd.vae.to("cpu")
+    if todo or stale:
+        progress.summary(f"{folder} (class images; {class_count(cfg) - len(todo)} already there)", 0)
 
 
 def class_cache(sd, cfg, out: Path, device, load) -> dict | None:
@@ -69,8 +113,9 @@ def class_cache(sd, cfg, out: Path, device, load) -> dict | None:
         return None
     folder = Path(cfg.class_images) if class_count(cfg) is None else out / "class-images"
     if class_count(cfg) is not None:
+        stale = stale_class_images(cfg, folder)   # on every rank: an error stops them all, none waits
         if main_process():   # one maker; the other ranks read what it wrote
-            make_class_images(sd, cfg, folder, device)
+            make_class_images(sd, cfg, folder, device, stale)
         barrier()
     images = load(folder).images
     sd.vae.to(device)

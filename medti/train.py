@@ -1,7 +1,10 @@
-"""Textual inversion: learn a token's vectors from a folder of images. `python -m medti.train`.
+"""Train on a folder of images: textual inversion (a token's vectors; the default), a LoRA (--method lora) or the
+UNet's own weights (--method unet). `python -m medti.train`.
 
     python -m medti.train --model sd2-base --data cxr/cardiomegaly --token "<cardiomegaly>" \\
         --preprocess cxr --out runs/cardiomegaly
+    python -m medti.train --model sd2-base --data cxr/cardiomegaly --method lora \\
+        --instance-prompt "a chest x-ray of sks" --preprocess cxr --out runs/cxr-lora
     python -m medti.train --demo --out demo-run      # offline, a tiny random model, about two minutes on a CPU
 
 This module is only the command line: one flag per TrainConfig field (medti/train_config.py), plus --demo. It

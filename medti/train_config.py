@@ -218,6 +218,9 @@ def training_prompts(cfg: TrainConfig) -> list:
     if not lines or bad is not None:
         raise TrainError(f"{arg('template')} {cfg.template}: every line needs a {{}} for the token" +
                          (f" (not {bad!r})" if bad else " (the file is empty)"))
+    if cfg.captions and not any("{caption}" in line for line in lines):   # the captions would be read for nothing
+        raise TrainError(f"{arg('captions')} with {arg('template')} {cfg.template}: no line has a {{caption}} slot "
+                         "for the caption files; add one (e.g. \"{}, {caption}\") or leave out " + arg("captions"))
     return [line.replace("{}", subject) for line in lines]
 
 

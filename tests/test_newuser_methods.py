@@ -3,9 +3,79 @@ a flag that would have been silently ignored is refused in one line, an --out in
 class images left by a killed run with other settings are made again (and refused on --resume), and the LoRA
 errors name flags of ours, not torch's arguments."""
 import pytest
+from PIL import Image, PngImagePlugin
 
+from medti.demo import phantoms, tiny_model
 from medti.lora_files import LoRAFileError, read
 from medti.loras import LoRAError, find
+from medti.train import build_parser, main
+
+PROMPT, CLASS = "a phantom of sks", "a phantom"
+
+
+def refused(capsys, args: list, words: str):
+    """main(args) exits 2 with one line holding `words` (before any model is loaded: none exists here, so a check
+    that let the mistake through would fail on the model, never download one)."""
+    assert main(["--model", "no-such-model.safetensors", "--config", "sd2-base", *args]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.count("\n") == 0 and words in err, err
+
+
+def test_prior_weight_without_class_images_is_refused(tmp_path, capsys):
+    """Alone it weighs nothing; it used to be accepted and ignored."""
+    refused(capsys, ["--data", str(tmp_path), "--out", str(tmp_path.parent / "run"), "--method", "lora",
+                     "--instance-prompt", PROMPT, "--prior-weight", "2"], "--prior-weight weighs the class images")
+    assert not (tmp_path.parent / "run").exists()
+
+
+def test_out_inside_the_class_images_folder_is_refused(tmp_path, capsys):
+    """As --out inside --data: the run's previews would become class images of the next run."""
+    (tmp_path / "data").mkdir(), (tmp_path / "class").mkdir()
+    refused(capsys, ["--data", str(tmp_path / "data"), "--out", str(tmp_path / "class" / "run"), "--method",
+                     "lora", "--instance-prompt", PROMPT, "--class-prompt", CLASS, "--class-images",
+                     str(tmp_path / "class")], "is inside --class-images")
+    assert not (tmp_path / "class" / "run").exists()
+
+
+def test_captions_with_a_template_that_has_no_caption_slot_is_refused(tmp_path, capsys):
+    (tmp_path / "template.txt").write_text("{} only\n")
+    refused(capsys, ["--data", str(tmp_path), "--out", str(tmp_path.parent / "run"), "--method", "lora",
+                     "--instance-prompt", PROMPT, "--captions", "--template", str(tmp_path / "template.txt")],
+            "no line has a {caption} slot")
+
+
+@pytest.fixture
+def tiny(tmp_path):
+    model, config = tiny_model(tmp_path / "model")
+    data = phantoms(tmp_path / "data", 2, seed=0)
+    return ["--model", str(model), "--config", str(config), "--data", str(data), "--method", "lora",
+            "--instance-prompt", PROMPT, "--max-steps", "1", "--save-every", "1", "--preview-every", "0"]
+
+
+def test_class_images_of_a_killed_run_with_another_prompt_are_made_again(tiny, tmp_path, capsys):
+    """A run killed while making its class images leaves them and no state; started again (no --resume needed)
+    with another --class-prompt, it must not train on the old prompt's images. On --resume such an image is an
+    error and stays as it is: the run's own images are never replaced."""
+    out = tmp_path / "run"
+    (out / "class-images").mkdir(parents=True)
+    old = out / "class-images" / "00000.png"
+    Image.new("RGB", (64, 64)).save(old, pnginfo=_text("class image 0: an old prompt"))
+    assert main([*tiny, "--class-prompt", CLASS, "--class-images", "2", "--out", str(out)]) == 0
+    assert "image 2/2: step 50/50" in capsys.readouterr().err   # the making is shown, as generate shows it
+    with Image.open(old) as image:
+        assert image.info["parameters"].startswith(f"class image 0: {CLASS}\n"), image.info
+    Image.new("RGB", (64, 64)).save(old, pnginfo=_text("class image 0: an old prompt"))
+    capsys.readouterr()
+    refused(capsys, [*tiny, "--class-prompt", CLASS, "--class-images", "2", "--out", str(out), "--resume"],
+            f"--resume: {old} was made with another --class-prompt")
+    with Image.open(old) as image:
+        assert image.info["parameters"] == "class image 0: an old prompt"
+
+
+def _text(parameters: str) -> PngImagePlugin.PngInfo:
+    info = PngImagePlugin.PngInfo()
+    info.add_text("parameters", parameters)
+    return info
 
 
 def test_a_tag_without_lora_dir_says_how_to_give_one():
@@ -21,3 +91,9 @@ def test_a_file_that_is_no_torch_file_gets_no_torch_advice(tmp_path):
     with pytest.raises(LoRAFileError) as e:
         read(tmp_path / "notes.pt", None)
     assert "not a readable LoRA file" in str(e.value) and "weights_only" not in str(e.value), str(e.value)
+
+
+def test_help_says_what_trains():
+    """`--help` used to open with "Textual inversion: learn a token's vectors" only."""
+    help_text = build_parser().format_help()
+    assert "--method lora" in help_text.split("options:")[0] and "--method unet" in help_text.split("options:")[0]
