@@ -77,6 +77,9 @@ def parse_flag(spec: str) -> tuple[Path, float]:
         path, weight = Path(spec), 1.0
     else:
         path, weight = Path(head), weight_of(tail, f"--lora {spec}")
+    if path.is_dir():   # a folder of LoRAs is what --lora-dir takes
+        raise LoRAError(f"--lora {spec}: {path} is a folder; name a file in it, or give --lora-dir {path} and "
+                        "<lora:NAME> tags in the prompt")
     if not path.is_file():
         raise LoRAError(f"--lora {spec}: no such file {path}")
     return path, weight

@@ -7,7 +7,7 @@ from PIL import Image, PngImagePlugin
 
 from medti.demo import phantoms, tiny_model
 from medti.lora_files import LoRAFileError, read
-from medti.loras import LoRAError, find
+from medti.loras import LoRAError, find, parse_flag
 from medti.train import build_parser, main
 
 PROMPT, CLASS = "a phantom of sks", "a phantom"
@@ -97,3 +97,10 @@ def test_help_says_what_trains():
     """`--help` used to open with "Textual inversion: learn a token's vectors" only."""
     help_text = build_parser().format_help()
     assert "--method lora" in help_text.split("options:")[0] and "--method unet" in help_text.split("options:")[0]
+
+
+def test_a_folder_given_as_lora_points_to_lora_dir(tmp_path):
+    """It used to say "no such file" of a folder that is there."""
+    with pytest.raises(LoRAError) as e:
+        parse_flag(f"{tmp_path}:0.8")
+    assert f"{tmp_path} is a folder" in str(e.value) and f"--lora-dir {tmp_path}" in str(e.value), str(e.value)
