@@ -181,6 +181,15 @@ def _hint(entries: dict, width: int) -> str:
         f" ({WIDTHS[width][0]})" if width in WIDTHS else "")
 
 
+def _other(tensors: dict) -> str:
+    """What a file that is no LoRA may be instead, for the error: the two a user mixes up with one."""
+    if any(k.startswith(("model.diffusion_model.", "cond_stage_model.", "first_stage_model.")) for k in tensors):
+        return " -- it is a model checkpoint: load it with --model"
+    if len(tensors) == 1 and next(iter(tensors.values())).dim() == 2:   # [vectors, width] under the token
+        return " -- it looks like a textual-inversion embedding: give it to generate's --embeddings"
+    return ""
+
+
 def _entries(path: Path, tensors: dict, width: int) -> dict[str, dict]:
     """kohya module name -> {"down", "up"[, "alpha"]}, every key accounted for."""
     entries: dict[str, dict] = {}
@@ -188,7 +197,7 @@ def _entries(path: Path, tensors: dict, width: int) -> dict[str, dict]:
         parsed = _kohya_key(key)
         if parsed is None:
             raise LoRAFileError(f"{path}: key {key} is not a kohya (lora_unet_/lora_te_ ... lora_down/lora_up/alpha) "
-                                "or diffusers/PEFT (unet./text_encoder. ... lora_A/lora_B) LoRA key")
+                                "or diffusers/PEFT (unet./text_encoder. ... lora_A/lora_B) LoRA key" + _other(tensors))
         entries.setdefault(parsed[0], {})[parsed[1]] = tensors[key]
     for name, e in entries.items():
         if "down" not in e or "up" not in e:

@@ -3,10 +3,12 @@ a flag that would have been silently ignored is refused in one line, an --out in
 class images left by a killed run with other settings are made again (and refused on --resume), and the LoRA
 errors name flags of ours, not torch's arguments."""
 import pytest
+import torch
 from PIL import Image, PngImagePlugin
+from safetensors.torch import save_file
 
 from medti.demo import phantoms, tiny_model
-from medti.lora_files import LoRAFileError, read
+from medti.lora_files import LoRAFileError, info, read
 from medti.loras import LoRAError, find, parse_flag
 from medti.train import build_parser, main
 
@@ -104,3 +106,14 @@ def test_a_folder_given_as_lora_points_to_lora_dir(tmp_path):
     with pytest.raises(LoRAError) as e:
         parse_flag(f"{tmp_path}:0.8")
     assert f"{tmp_path} is a folder" in str(e.value) and f"--lora-dir {tmp_path}" in str(e.value), str(e.value)
+
+
+@pytest.mark.parametrize("tensors, words", [
+    ({"<phantom>": torch.zeros(8, 64)}, "textual-inversion embedding: give it to generate's --embeddings"),
+    ({"model.diffusion_model.out.2.bias": torch.zeros(4)}, "model checkpoint: load it with --model"),
+])
+def test_an_embedding_or_a_model_given_as_lora_is_named(tmp_path, tensors, words):
+    save_file(tensors, tmp_path / "x.safetensors")
+    with pytest.raises(LoRAFileError) as e:
+        info(tmp_path / "x.safetensors")   # what `python -m medti.lora info` and --lora read first
+    assert words in str(e.value), str(e.value)
