@@ -81,6 +81,20 @@ def lr_at(schedule: list, step: int) -> float:
     return next((rate for rate, until in schedule if until is None or step < until), schedule[-1][0])
 
 
+# Devices whose torch has the fused AdamW kernel: one pass over each tensor, where the default makes ~10 (a for-loop
+# of elementwise ops on the CPU) or, on CUDA, foreach ops whose temporaries are as large as all trained weights.
+FUSED_ADAMW = ("cpu", "cuda")
+
+
+def adamw(params: list, lr: float) -> torch.optim.AdamW:
+    """The optimizer of every method: AdamW without weight decay (the reference study's TI recipe; the fine-tunes
+    keep it so a method changes what trains, not how), fused where the kernel exists. Fused and unfused compute the
+    same update to float rounding. Measured on the full SD2 UNet's 866 M weights (Zen 4, 2 cores): 1.1 s -> 0.37 s
+    per step; on CUDA 3 GiB less peak memory (tools/memory_estimate.py --method unet)."""
+    fused = all(p.device.type in FUSED_ADAMW and p.dtype.is_floating_point for p in params) or None
+    return torch.optim.AdamW(params, lr=lr, weight_decay=0.0, fused=fused)
+
+
 def set_lr(optimizer, lr: float) -> float:
     for group in optimizer.param_groups:
         group["lr"] = lr
@@ -218,7 +232,9 @@ def restore_state(path, tensors: dict, params, optimizer, buffers: dict | None =
         with torch.no_grad():
             param.copy_(saved[name])
         if _key("exp_avg", name) in tensors:
-            optimizer.state[param] = {"step": tensors[_key("adam_step", name)].reshape(()),
+            # the step count lives on the CPU, except for the fused kernel, which reads it where the weight is
+            step = tensors[_key("adam_step", name)].reshape(())
+            optimizer.state[param] = {"step": step.to(param.device) if optimizer.defaults["fused"] else step,
                                       "exp_avg": tensors[_key("exp_avg", name)].to(param.device),
                                       "exp_avg_sq": tensors[_key("exp_avg_sq", name)].to(param.device)}
     with torch.no_grad():

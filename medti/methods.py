@@ -49,6 +49,32 @@ def attach_token(sd, cfg, prompts: list) -> torch.Tensor:
     return start
 
 
+class FrozenText:
+    """The conditioning of each prompt by a text tower that does not train (LoRA on the UNet only, the UNet
+    fine-tune without --train-text), computed once and reused: the tower never changes, so neither does a prompt's
+    conditioning (the diffusers DreamBooth example's --pre_compute_text_embeddings, here always on). Each prompt is
+    encoded alone, so its conditioning is the same bits whichever batch first met it: a resumed run, a rank of
+    torchrun and an uninterrupted run agree. Up to KEEP prompts are kept, in host memory (SD2 fp16: 154 KiB each;
+    the device's memory is the training step's, as tools/memory_estimate.py counts it); past that, the rest is
+    encoded each time it is met (per-image captions of a large data set)."""
+    KEEP = 4096
+
+    def __init__(self, sd):
+        self.sd, self.kept = sd, {}
+
+    @torch.no_grad()
+    def __call__(self, texts: list) -> torch.Tensor:
+        rows = []
+        for text in texts:
+            row = self.kept.get(text)
+            if row is None:
+                row = self.sd.text([text])[0].cpu()
+                if len(self.kept) < self.KEEP:
+                    self.kept[text] = row
+            rows.append(row)
+        return torch.stack(rows).to(next(self.sd.unet.parameters()).device)   # where the UNet reads it
+
+
 class TextualInversion:
     """--method ti: one [vectors, width] fp32 tensor, spliced into the frozen token embeddings wherever the token
     appears in a prompt (the token alone, or --template lines); the UNet and the text tower never change."""
@@ -91,6 +117,7 @@ class LoRAMethod:
                 if chosen:
                     lora.attach(model, lora.targets(model, chosen), cfg.rank, cfg.alpha or None)
         self.text = any(k in lora.TEXT_TARGETS for k in self.kinds)
+        self.frozen = FrozenText(sd)
         self.params = {f"{part}.{name}": p for part, model in (("unet", sd.unet), ("text", sd.text.tower))
                        for name, p in model.named_parameters() if ".lora" in name}
         self.stem, self.prompt = "lora", prompts[0]
@@ -98,7 +125,7 @@ class LoRAMethod:
         self.buffers, self.autocast, self.copies = {}, None, True
 
     def context(self, texts: list) -> torch.Tensor:
-        return self.sd.text(texts)   # the text tower's own adapters, if any, act inside it
+        return self.sd.text(texts) if self.text else self.frozen(texts)   # the tower's adapters act inside it
 
     def record(self) -> dict:
         return {}
@@ -126,6 +153,7 @@ class UNetFineTune:
 
     def __init__(self, sd, cfg, prompts: list, device):
         self.sd, self.decay, self.save_dtype = sd, cfg.ema, SAVE_DTYPES[cfg.save_dtype]
+        self.train_text, self.frozen = cfg.train_text, FrozenText(sd)
         dtype = next(sd.vae.parameters()).dtype
         self.autocast = dtype if dtype != torch.float32 else None
         parts = [("unet", sd.unet)] + ([("text", sd.text.tower)] if cfg.train_text else [])
@@ -142,7 +170,7 @@ class UNetFineTune:
                      "train_text": str(cfg.train_text), "ema": f"{cfg.ema:g}"}
 
     def context(self, texts: list) -> torch.Tensor:
-        return self.sd.text(texts)
+        return self.sd.text(texts) if self.train_text else self.frozen(texts)
 
     def record(self) -> dict:
         return {}
