@@ -74,6 +74,19 @@ def warn_skipped(skipped: list, where: str):
         print(f"warning: skipped {len(skipped)} file(s) in {where}: {names}", file=sys.stderr)
 
 
+def check_captions(data: Dataset, folder, where: str):
+    """With --captions: none of the images having a caption file is a DataError (the files are missing or named
+    otherwise: training on the bare template is not what was asked); some missing is a warning naming them."""
+    missing = [name for name, caption in zip(data.names, data.captions, strict=True) if not caption]
+    hint = "a caption is IMAGE.txt beside IMAGE.png (2-D files only), not empty"
+    if len(missing) == len(data.names):
+        raise DataError(f"{folder}: none of its {len(missing)} image(s) has a caption; {hint}")
+    if missing:
+        names = "; ".join(missing[:5]) + (" ..." if len(missing) > 5 else "")
+        print(f"warning: {len(missing)} of {len(data.names)} image(s) in {where} have no caption, their prompt "
+              f"is the template with an empty caption ({hint}): {names}", file=sys.stderr)
+
+
 def _fingerprint(data: dict[str, bytes]) -> str:
     """sha256 of the `sha256sum` listing ("<hex>  <relative path>\\n") of the files used (skipped files are not),
     sorted by path, so an auditor can recompute it: `cd DATA; sha256sum FILES... | sha256sum`, FILES in

@@ -15,6 +15,7 @@ import argparse
 
 from .cli import ArgumentParser, run_main
 from .demo import run_demo
+from .distributed import main_process
 from .train_config import TrainConfig, add_flags
 from .trainer import run as train
 
@@ -35,7 +36,9 @@ def run(args: argparse.Namespace):
     if demo:
         run_demo(cfg)
     else:
-        print(train(cfg))   # the embedding's path, on stdout for scripts; progress went to stderr
+        path = train(cfg)
+        if main_process():   # one line for scripts, not one per torchrun process
+            print(path)   # the embedding's path, on stdout for scripts; progress went to stderr
 
 
 def main(argv=None) -> int:

@@ -17,17 +17,17 @@ import torch
 
 import minisd
 from minisd.errors import arg
-from minisd.load import spoken
 from minisd.schedule import NUM_TIMESTEPS
 from minisd.vae import posterior_sample
 
 from . import distributed, methods
-from .data import DataError, load_dataset, parse_channels, summary, warn_skipped
+from .data import DataError, check_captions, load_dataset, parse_channels, summary, warn_skipped
 from .dreambooth import class_cache, prior_preservation_loss
 from .files import claim_folder, write_atomic
 from .hashes import sha256_of
 from .inversion import (
     TrainError,
+    adamw,
     cache_latents,
     diffusion_loss,
     enable_checkpointing,
@@ -35,8 +35,6 @@ from .inversion import (
     lr_at,
     precision,
     read_log,
-    read_state,
-    restore_state,
     set_lr,
     step_generator,
     total_norm,
@@ -45,14 +43,9 @@ from .inversion import (
 from .medical.window import parse_window
 from .train_config import Plan, TrainConfig, check, check_out, uncaptioned
 from .train_outputs import preview, report, save
+from .train_resume import MAY_CHANGE, resume
 from .validation import ValidationSet, best_so_far, hold_out, validation_loss
 
-# Settings a resumed run may change: how long and how often (max_steps, save_every, preview_*), where (device,
-# out, data, val: the images' identity is their fingerprint, not where they lie) and checkpointing (memory and
-# time only). The validation settings are stored as one "validation" entry, and only when there is validation:
-# a run saved before validation existed still resumes, and adding, dropping or changing it is refused.
-MAY_CHANGE = ("max_steps", "save_every", "preview_every", "preview_steps", "resume", "device", "out", "data",
-              "checkpointing", "val", "val_fraction", "val_draws")
 SKIPS_TO_STOP = 10   # non-finite steps in a row after which the run stops: the lr or precision is wrong, not luck
 
 
@@ -88,10 +81,13 @@ def load_data(cfg: TrainConfig, flag: str = "data"):
         channels = parse_channels(cfg.channels)
         data = load_dataset(getattr(cfg, flag), cfg.resolution, cfg.preprocess, channels, cfg.strict, window,
                             plane=cfg.plane, slices=cfg.slices, slice_mask=cfg.slice_mask, captions=cfg.captions)
+        if cfg.captions and flag == "data":   # the class images (DreamBooth) and --val use no captions
+            check_captions(data, getattr(cfg, flag), arg(flag))
     except DataError as e:   # the message names the folder or file; say which flag it came from
         raise TrainError(f"{arg(flag)} {e}") from None
     warn_skipped(data.skipped, arg(flag))
-    print(f"{arg(flag)}: {summary(data)}")   # stdout, with the step lines: stderr keeps errors to one line
+    if distributed.main_process():   # one report of the set, not one per torchrun process
+        print(f"{arg(flag)}: {summary(data)}")   # stdout, with the step lines: stderr keeps errors to one line
     return data
 
 
@@ -113,7 +109,7 @@ def setup(cfg: TrainConfig, plan: Plan) -> Session:
     prior = class_cache(sd, cfg, Path(cfg.out), plan.device,
                         lambda folder: load_data(dataclasses.replace(cfg, class_images=str(folder)), "class_images"))
     method = methods.make(sd, cfg, uncaptioned(plan.prompts), plan.device)
-    optimizer = torch.optim.AdamW(list(method.params.values()), lr=lr_at(plan.schedule, 0), weight_decay=0.0)
+    optimizer = adamw(list(method.params.values()), lr_at(plan.schedule, 0))
     scaler = torch.amp.GradScaler(plan.device.type, enabled=plan.dtype == torch.float16)
     # Checkpointing recomputes each block's activations in the backward pass: same gradients, ~1/3 more UNet
     # work (tools/benchmark.py section 3), far less activation memory (tools/memory_estimate.py).
@@ -141,27 +137,6 @@ def start_or_resume(s: Session) -> int:
             write_atomic(s.out / "val.txt", "".join(f"{name}\n" for name in s.val.names).encode())
     if s.val:
         s.best = best_so_far(records, s.out / f"{s.name}-best.safetensors", step)
-    return step
-
-
-def resume(s: Session) -> int:
-    """Restore the last save (what trains, AdamW, grad scaler) after checking it was made with these settings."""
-    path = s.out / "state.safetensors"
-    step, scaler_state, before, tensors = read_state(path)   # the settings first: another run's tensors differ
-    # runs saved before --demo left the training settings stored "demo": false; it never changed training
-    before = {k: v for k, v in before.items() if not (k == "demo" and v is False)}
-    # a setting added since the run was saved (--method and its flags) has its default there: that is how it ran
-    defaults = dataclasses.asdict(TrainConfig())
-    before = {**{k: defaults[k] for k in s.settings.keys() - before.keys() if k in defaults}, **before}
-    if before != s.settings:
-        changed = sorted(k for k in s.settings.keys() | before.keys() if before.get(k) != s.settings.get(k))
-        raise TrainError(f"{arg('resume')}: {s.cfg.out} was trained with other settings ({', '.join(changed)})")
-    restore_state(path, tensors, s.method.params, s.optimizer, s.method.buffers)
-    if scaler_state:   # empty unless training in fp16
-        s.scaler.load_state_dict(scaler_state)
-    if step >= s.cfg.max_steps:   # --max-steps is no setting: a resume may raise it, or name one already reached
-        print(f"note: the run is at step {step} already, {spoken('max_steps', *[str(s.cfg.max_steps)] * 2)}: "
-              f"nothing to train; raise {arg('max_steps')} to go on", file=sys.stderr)
     return step
 
 
@@ -267,7 +242,8 @@ def loop(s: Session, step: int) -> Path:
             save(s, step, record.get("val_loss"))
         if cfg.preview_every and step % cfg.preview_every == 0:
             preview(s, step)
-    print(f"done: {step} steps ({skipped} skipped as non-finite in this session)", file=sys.stderr)
+    if distributed.main_process():
+        print(f"done: {step} steps ({skipped} skipped as non-finite in this session)", file=sys.stderr)
     return s.out / f"{s.name}.safetensors"
 
 

@@ -117,3 +117,16 @@ def test_an_embedding_or_a_model_given_as_lora_is_named(tmp_path, tensors, words
     with pytest.raises(LoRAFileError) as e:
         info(tmp_path / "x.safetensors")   # what `python -m medti.lora info` and --lora read first
     assert words in str(e.value), str(e.value)
+
+
+def test_captions_without_any_caption_file_is_refused_and_some_missing_are_named(tiny, tmp_path, capsys):
+    """--captions over a folder with no caption file trained on the bare template without a word (the files were
+    named otherwise, or not copied): now one line naming --data; with some missing, a warning names them."""
+    out = ["--captions", "--out", str(tmp_path / "run")]
+    assert main([*tiny, *out]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.count("\n") == 0 and "--data" in err and "none of its 2 image(s) has a caption" in err, err
+    assert not (tmp_path / "run").exists()
+    (tmp_path / "data" / "phantom000.txt").write_text("a disc\n")
+    assert main([*tiny, *out]) == 0
+    assert "warning: 1 of 2 image(s) in --data have no caption" in capsys.readouterr().err

@@ -48,8 +48,10 @@ def largest_difference(a, b) -> float:
                                     ["--method", "lora", "--instance-prompt", "a scan", "--lr", "1e-3"]])
 def test_two_processes_equal_one_at_the_same_total_batch(tiny, tmp_path, method):
     assert main(common(tiny, tmp_path / "one", "--max-steps", "4", *method)) == 0
-    torchrun(common(tiny, tmp_path / "two", "--max-steps", "4", *method))
+    done = torchrun(common(tiny, tmp_path / "two", "--max-steps", "4", *method))
     name = "t.safetensors" if "--token" in method else "lora.safetensors"
+    # the set's summary, the saved file's path and `done` once, from rank 0, not once per process
+    assert [done.stdout.count("--data: "), done.stdout.count(name), done.stderr.count("done: ")] == [1, 1, 1]
     err = largest_difference(tmp_path / "one" / name, tmp_path / "two" / name)
     print(f"{method[1]}: 2 processes vs 1, largest difference {err:.1e} of the largest value")
     assert err <= 3e-5, err

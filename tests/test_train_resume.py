@@ -126,7 +126,9 @@ def test_state_saved_before_the_methods_still_resumes(finished, tmp_path, capsys
     relaunch = [x for flag, value in pairs if flag not in ("--token", "--vectors") for x in (flag, value)]
     assert main([*relaunch, "--max-steps", "3", "--method", "lora", "--instance-prompt", "x", "--out", str(out),
                  "--resume"]) == 2
-    assert "other settings (instance_prompt, lr, method, token, vectors)" in capsys.readouterr().err
+    err = capsys.readouterr().err   # flag by flag, in the flags' words, the saved value first
+    assert "other settings: --instance-prompt '' (now x), --lr " in err
+    assert "--method ti (now lora), --token '<t>' (now ''), --vectors 2 (now 64); give the same" in err
     assert main([*base, "--max-steps", "4", "--out", str(out), "--resume"]) == 0
     assert steps(out)[-1] == 4
 

@@ -188,7 +188,7 @@ def test_val_fraction_split_is_reproducible_disjoint_and_recorded(data, tmp_path
     # --resume keeps the recorded split; another fraction (or none) is another run
     for other in (["--val-fraction", "0.5"], []):
         assert main(args(data, out, *other, "--max-steps", "3", "--seed", "3", "--resume")) == 2
-        assert "other settings (validation)" in capsys.readouterr().err
+        assert "other settings: the held-out images (--val, --val-fraction or --val-draws)" in capsys.readouterr().err
     assert main(args(data, out, "--val-fraction", "0.34", "--max-steps", "4", "--seed", "3", "--checkpointing", "on",
                      "--resume")) == 0
     assert (out / "val.txt").read_text().splitlines() == held and sorted(val_losses(out)) == [2, 4]
