@@ -1,21 +1,28 @@
 """Section 12 of tools/benchmark.py: one LoRA training step and one full UNet fine-tuning step, ours (the pieces of
-medti.trainer's loop) against the diffusers examples' recipes, on the same random full-size SD2 UNet.
+medti.trainer's loop) against the diffusers examples' recipes, on the same random full-size SD2 UNet, VAE and text
+tower.
 
-  ours       medti.methods.LoRAMethod / UNetFineTune (fp32 on the CPU: no autocast) on our UNet; per step
-             medti.inversion.diffusion_loss, backward, medti.inversion.total_norm (the loop logs it), AdamW as
-             medti.trainer.setup makes it.
+  ours       medti.methods.LoRAMethod / UNetFineTune (fp32 on the CPU: no autocast). Per step, as the loop does:
+             the image's latents from the cache made once at setup (medti.inversion.cache_latents, timed on its
+             own: once per training image), the prompt's conditioning from the method (the frozen text tower's
+             output is kept per prompt: medti.methods.FrozenText), medti.inversion.diffusion_loss, backward,
+             medti.inversion.total_norm (the loop logs it), the trainer's fused AdamW (medti.inversion.adamw).
   diffusers  examples/dreambooth/train_dreambooth_lora.py: peft LoraConfig(r=4, lora_alpha=4, init_lora_weights=
              "gaussian", target_modules to_k/to_q/to_v/to_out.0) added to UNet2DConditionModel, AdamW (weight decay
              1e-2) on the LoRA parameters; examples/text_to_image/train_text_to_image.py: the whole UNet in AdamW.
-             Per step DDPMScheduler.add_noise, UNet, MSE on the noise, backward, clip_grad_norm_(1.0) (both
-             examples clip), AdamW step.
+             Per step, as both examples do by default: vae.encode(pixel_values).latent_dist.sample() times the
+             scaling factor, text_encoder(input_ids), DDPMScheduler.add_noise, UNet, MSE on the noise, backward,
+             clip_grad_norm_(1.0) (both examples clip), AdamW step (torch's default: a for-loop on the CPU).
+             Loading and transforming the image (PIL, a few ms) and tokenizing are outside the timer.
+
+Two more rows say where the difference comes from: theirs from fixed latents and conditioning (the same work as
+ours; counted FLOPs equal), and the VAE encode and text encoder forward alone.
 
 Why one copy of the weights: diffusers' UNet is built on the meta device, materialised once with random values,
 and our UNet is assigned the SAME tensors under the official names (tools/convert_diffusers.py renames, it does not
-copy). The steps update them in place; a step's cost does not depend on the values. The full fine-tune's AdamW
-state (2 moments + a gradient: 3 x 3.5 GB) is built for one side at a time and freed before the other's.
-Both sides take the same fixed latents and text conditioning (the frozen text tower's forward is the same 0.2 s
-either side, and it would be a second full-size model in memory); noise and timesteps are drawn per step.
+copy); the VAE and text tower likewise (only fused q/k/v are new tensors). The steps update the UNet in place; a
+step's cost does not depend on the values. The full fine-tune's AdamW state (2 moments + a gradient: 3 x 3.5 GB) is
+built for one side at a time and freed before the other's.
 """
 import gc
 
@@ -27,10 +34,11 @@ from torch.utils.flop_counter import FlopCounterMode
 import minisd
 from bench_common import medians, row, table
 from bench_models import MODELS, diffusers_configs
-from convert_diffusers import convert_unet
+from convert_diffusers import convert_text, convert_unet, convert_vae
 from medti import methods
-from medti.inversion import diffusion_loss, precision, total_norm
+from medti.inversion import adamw, cache_latents, diffusion_loss, precision, total_norm
 from medti.train_config import TrainConfig
+from medti.trainer import draw_latents
 
 PROMPT = "a chest x-ray of sks"
 TARGETS = ["to_k", "to_q", "to_v", "to_out.0"]   # train_dreambooth_lora.py's UNet LoRA targets
@@ -49,46 +57,61 @@ def randomise_(module: torch.nn.Module, seed: int) -> torch.nn.Module:
     return module
 
 
-def unets(config, size: int):
-    """diffusers' UNet (random, fp32) and our model whose UNet holds the same weight tensors."""
+def models(config, size: int):
+    """diffusers' UNet and VAE, transformers' text encoder (random, fp32), and our model holding the same tensors."""
+    from transformers import CLIPTextConfig, CLIPTextModel
     cfg = minisd.load_config(config)
-    with torch.device("meta"):
-        ref = diffusers.UNet2DConditionModel(**diffusers_configs(cfg, size)["unet"])
-    ref = randomise_(ref.to_empty(device="cpu"), 0)
-    sd = minisd.build(cfg, device="meta")   # text tower and VAE stay meta: never run here
-    sd.unet.load_state_dict(convert_unet(ref.state_dict()), strict=True, assign=True)
+    kwargs = diffusers_configs(cfg, size)
+    with torch.device("meta"):   # the UNet only: the text model's position_ids buffer must be built for real
+        unet = diffusers.UNet2DConditionModel(**kwargs["unet"])
+    ref = {"unet": unet.to_empty(device="cpu"), "vae": diffusers.AutoencoderKL(**kwargs["vae"]),
+           "text": CLIPTextModel(CLIPTextConfig(**kwargs["text"]))}
+    ref = {k: randomise_(m, i).requires_grad_(False) for i, (k, m) in enumerate(ref.items())}
+    sd = minisd.build(cfg, device="meta")
+    for ours, convert, theirs in ((sd.unet, convert_unet, "unet"), (sd.vae, convert_vae, "vae"),
+                                  (sd.text.tower, convert_text, "text")):
+        ours.load_state_dict(convert(ref[theirs].state_dict()), strict=True, assign=True)
     return sd, ref
 
 
 def inputs(sd, size: int):
-    """Fixed scaled latents [1, 4, h, w] and a text conditioning [1, 77, width], the same for both sides."""
-    gen, h = torch.Generator().manual_seed(1), size // sd.config.latent_factor
-    return torch.randn(1, 4, h, h, generator=gen), torch.randn(1, 77, sd.config.unet.context_dim, generator=gen)
+    """One training image as both loops hold it: pixels in [-1, 1] [1, 3, size, size] (the recipe's pixel_values),
+    our latent cache of it, the prompt's token ids [1, 77] (the same ids both sides)."""
+    pixels = torch.rand(1, 3, size, size, generator=torch.Generator().manual_seed(1)) * 2 - 1
+    with torch.no_grad():
+        cache = cache_latents(sd, pixels, False, 0)
+    return pixels, cache, sd.text.tokenizer([PROMPT])
 
 
-def ours_step(sd, method: str, latents, context, trainable="all"):
+def ours_step(sd, method: str, cache: dict, trainable="all"):
     """One step of medti.trainer.loop for --method lora|unet (fp32 on the CPU), and its optimizer."""
     cfg = TrainConfig(method=method, instance_prompt=PROMPT, trainable=trainable)
     m = methods.make(sd, cfg, [PROMPT], torch.device("cpu"))
-    optimizer = torch.optim.AdamW(list(m.params.values()), lr=float(methods.learning_rate(cfg)), weight_decay=0.0)
+    optimizer = adamw(list(m.params.values()), float(methods.learning_rate(cfg)))
+    g = torch.Generator().manual_seed(0)
 
     def step():
         optimizer.zero_grad(set_to_none=True)
-        t, noise = torch.randint(0, 1000, (1,)), torch.randn_like(latents)
+        latents = draw_latents(cache, [0], cfg.latents, g) * sd.scale_factor
+        t, noise = torch.randint(0, 1000, (1,), generator=g), torch.randn(latents.shape, generator=g)
         with precision(m, latents.device):
-            loss = diffusion_loss(sd, context, latents, noise, t)
+            loss = diffusion_loss(sd, m.context([PROMPT]), latents, noise, t)
         loss.backward()
         total_norm([p.grad for p in m.params.values()])
         optimizer.step()
     return step, optimizer
 
 
-def diffusers_step(unet, params: list, lr: float, latents, context):
-    """One step of the diffusers examples' loop (fp32, no accelerate wrapper: one process, no mixed precision)."""
+def diffusers_step(ref: dict, params: list, lr: float, pixels, ids, fixed=None):
+    """One step of the diffusers examples' loop (fp32, no accelerate wrapper: one process, no mixed precision):
+    from the pixels and token ids, or with `fixed` = (latents, conditioning) the UNet part alone."""
     scheduler = diffusers.DDPMScheduler(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear")
     optimizer = torch.optim.AdamW(params, lr=lr, betas=(0.9, 0.999), weight_decay=1e-2, eps=1e-8)
+    unet, vae, text = ref["unet"], ref["vae"], ref["text"]
 
     def step():
+        latents, context = fixed or (vae.encode(pixels).latent_dist.sample() * vae.config.scaling_factor,
+                                     text(ids, return_dict=False)[0])
         noise, t = torch.randn_like(latents), torch.randint(0, 1000, (1,))
         prediction = unet(scheduler.add_noise(latents, noise, t), t, context, return_dict=False)[0]
         F.mse_loss(prediction.float(), noise.float(), reduction="mean").backward()
@@ -96,6 +119,16 @@ def diffusers_step(unet, params: list, lr: float, latents, context):
         optimizer.step()
         optimizer.zero_grad()
     return step, optimizer
+
+
+def encodes(sd, ref: dict, pixels, ids, runs: int) -> dict:
+    """What the recipe does per step and ours once: the VAE encode and the text encoder forward, timed alone."""
+    with torch.no_grad():
+        fixed = (ref["vae"].encode(pixels).latent_dist.sample(), ref["text"](ids, return_dict=False)[0])
+        seconds = medians({"vae": lambda: ref["vae"].encode(pixels).latent_dist.sample(),
+                           "text": lambda: ref["text"](ids), "cache": lambda: cache_latents(sd, pixels, False, 0)},
+                          runs, warmup=True)
+    return seconds | {"fixed": fixed}
 
 
 def free(optimizer):
@@ -107,27 +140,35 @@ def free(optimizer):
     gc.collect()
 
 
-def full_finetune(sd, ref, runs: int, latents, context) -> dict:
-    """The whole UNet in AdamW, one side at a time (their AdamW states would not fit in memory together)."""
-    step, optimizer = ours_step(sd, "unet", latents, context)
-    seconds = medians({"ours": step}, runs, warmup=True)
+def timed(make, runs: int) -> float:
+    """Median seconds of a step `make()` builds, its optimizer state freed after."""
+    step, optimizer = make()
+    seconds = medians({"step": step}, runs, warmup=True)["step"]
     free(optimizer)
-    params = list(ref.requires_grad_(True).train().parameters())
-    step, optimizer = diffusers_step(ref, params, 1e-4, latents, context)   # train_text_to_image's default lr
-    seconds |= medians({"theirs": step}, runs, warmup=True)
-    free(optimizer)
-    ref.requires_grad_(False)
     return seconds
 
 
-def lora(sd, ref, runs: int, latents, context) -> dict:
-    """Rank-4 adapters on the UNet's attention q/k/v/out, both sides interleaved (the adapters are small)."""
+def full_finetune(sd, ref, runs: int, pixels, cache, ids, fixed) -> dict:
+    """The whole UNet in AdamW, one side at a time (their AdamW states would not fit in memory together)."""
+    seconds = {"ours": timed(lambda: ours_step(sd, "unet", cache), runs)}
+    params = list(ref["unet"].requires_grad_(True).train().parameters())
+    lr = 1e-4   # train_text_to_image's default
+    seconds["theirs"] = timed(lambda: diffusers_step(ref, params, lr, pixels, ids), runs)
+    seconds["unet_only"] = timed(lambda: diffusers_step(ref, params, lr, pixels, ids, fixed), runs)
+    ref["unet"].requires_grad_(False)
+    return seconds
+
+
+def lora(sd, ref, runs: int, pixels, cache, ids, fixed) -> dict:
+    """Rank-4 adapters on the UNet's attention q/k/v/out, the three steps interleaved (the adapters are small)."""
     from peft import LoraConfig
-    ours, _ = ours_step(sd, "lora", latents, context)
-    ref.add_adapter(LoraConfig(r=4, lora_alpha=4, init_lora_weights="gaussian", target_modules=TARGETS))
-    params = [p for p in ref.parameters() if p.requires_grad]
-    theirs, _ = diffusers_step(ref, params, 5e-4, latents, context)   # train_dreambooth_lora's default lr
-    return medians({"ours": ours, "theirs": theirs}, runs, warmup=True) | {"adapters": sum(map(torch.numel, params))}
+    ours, _ = ours_step(sd, "lora", cache)
+    ref["unet"].add_adapter(LoraConfig(r=4, lora_alpha=4, init_lora_weights="gaussian", target_modules=TARGETS))
+    params = [p for p in ref["unet"].parameters() if p.requires_grad]
+    theirs, _ = diffusers_step(ref, params, 5e-4, pixels, ids)   # train_dreambooth_lora's default lr
+    unet_only, _ = diffusers_step(ref, params, 5e-4, pixels, ids, fixed)
+    return medians({"ours": ours, "theirs": theirs, "unet_only": unet_only}, runs, warmup=True) | {
+        "adapters": sum(map(torch.numel, params))}
 
 
 def step_flops(config, size: int, method: str) -> tuple:
@@ -157,19 +198,26 @@ def flop_row(what: str, flops: tuple) -> list:
 
 
 def section12(args, quick: bool):
-    """Build one UNet (tiny with --quick), time the full fine-tuning step, then the LoRA step; one table."""
+    """Build the models (tiny with --quick), time the encodes, the full fine-tuning step, then the LoRA step."""
     config, size, _ = MODELS["sd2-tiny" if quick else "sd2"]
-    sd, ref = unets(config, size)
-    latents, context, n = *inputs(sd, size), sum(p.numel() for p in ref.parameters())
-    full = full_finetune(sd, ref, args.runs, latents, context)
-    low = lora(sd, ref, args.runs, latents, context)
+    sd, ref = models(config, size)
+    pixels, cache, ids = inputs(sd, size)
+    enc = encodes(sd, ref, pixels, ids, args.runs)
+    fixed = (enc["fixed"][0] * ref["vae"].config.scaling_factor, enc["fixed"][1])
+    full = full_finetune(sd, ref, args.runs, pixels, cache, ids, fixed)
+    low = lora(sd, ref, args.runs, pixels, cache, ids, fixed)
     h, flops = size // sd.config.latent_factor, {m: step_flops(config, size, m) for m in ("lora", "unet")}
-    table(f"12. one training step, {'tiny' if quick else 'full-size SD2'} UNet ({n / 1e6:,.0f} M weights), {h}² "
-          "latents, batch 1, fp32, no checkpointing, fixed latents and text conditioning: ours (medti's loop) vs "
-          "the diffusers examples", [
+    n = sum(p.numel() for p in ref["unet"].parameters())
+    table(f"12. one training step, {'tiny' if quick else 'full-size SD2'} UNet ({n / 1e6:,.0f} M weights), "
+          f"{size}² images ({h}² latents), batch 1, fp32, no checkpointing: ours (medti's loop) vs the diffusers "
+          "examples", [
               row(f"LoRA rank 4 on attention q/k/v/out ({low['adapters'] / 1e6:.2f} M; train_dreambooth_lora.py)",
                   low["ours"], low["theirs"], 0.8),
               row("full UNet fine-tune, AdamW (train_text_to_image.py)", full["ours"], full["theirs"], 0.8),
-              flop_row("LoRA: TFLOP per step (counted; ratio = floor at equal FLOP/s)", flops["lora"]),
-              flop_row("full fine-tune: TFLOP per step (the same)", flops["unet"])],
+              row("LoRA, theirs from fixed latents and conditioning (equal work)", low["ours"], low["unet_only"]),
+              row("full fine-tune, the same", full["ours"], full["unet_only"]),
+              row("VAE encode of the image: ours once at setup, theirs every step", enc["cache"], enc["vae"]),
+              ["text encoder forward: ours once per prompt, theirs every step", "-", f"{enc['text']:.2f} s", "", ""],
+              flop_row("LoRA: UNet TFLOP per step (counted; ratio = floor at equal FLOP/s)", flops["lora"]),
+              flop_row("full fine-tune: UNet TFLOP per step (the same)", flops["unet"])],
           ("", "ours", "diffusers", "ratio", "target (issue 15)"))

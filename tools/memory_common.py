@@ -18,6 +18,7 @@ from torch.utils import _pytree as pytree
 from torch.utils._python_dispatch import TorchDispatchMode
 
 import minisd
+from medti import inversion
 from minisd.clip import LAYERS
 from minisd.config import ModelConfig, parse_config
 
@@ -139,11 +140,12 @@ def describe(cfg: ModelConfig) -> str:
     return f"SD2 (OpenCLIP text tower, {t.layers - LAYERS[t.layer]} of {t.layers} layers of {t.width})"
 
 
-def adamw(params, foreach: bool = True):
-    """medti.trainer's AdamW past its first step (state allocated), as in every later step; the learning rate
-    changes no byte. foreach: torch's default on CUDA; without it (foreach=False, or fused=True, which makes no
-    temporaries either) the step updates one tensor at a time."""
-    optimizer = torch.optim.AdamW(params, lr=1e-5, weight_decay=0.0, foreach=foreach)
+def adamw(params, foreach: bool = False):
+    """medti.trainer's AdamW (medti.inversion.adamw: fused, no temporaries) past its first step (state allocated),
+    as in every later step; the learning rate changes no byte. foreach=True: torch's default on CUDA instead (what
+    the diffusers examples run), whose multi-tensor ops make temporaries as large as all trained weights."""
+    optimizer = torch.optim.AdamW(params, lr=1e-5, weight_decay=0.0, foreach=True) if foreach else inversion.adamw(
+        params, 1e-5)
     for p in params:
         p.grad = torch.zeros_like(p)
     optimizer.step()

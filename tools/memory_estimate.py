@@ -2,7 +2,7 @@
 
     python tools/memory_estimate.py [--model sd15] [--resolution 768] [--batch N] [--no-checkpointing]
     python tools/memory_estimate.py --method lora [--rank 4]              # medti.train --method lora's step
-    python tools/memory_estimate.py --method unet [--trainable attention] [--ema] [--no-foreach]
+    python tools/memory_estimate.py --method unet [--trainable attention] [--ema] [--foreach]
 
 --model: a preset (sd2-base, sd21, sd15, sd15-inpainting, ...), a JSON config file or a diffusers folder (only its
 config files are read); default SD2 at the --resolution it was trained at. The real code runs on fake tensors
@@ -142,7 +142,8 @@ def main(argv=None):
     p.add_argument("--rank", type=int, default=4, help="lora: adapter rank")
     p.add_argument("--trainable", default="all", help="unet: all | attention")
     p.add_argument("--ema", action="store_true", help="unet: with an EMA of the trained weights")
-    p.add_argument("--no-foreach", action="store_true", help="lora, unet: AdamW one tensor at a time (foreach=False)")
+    p.add_argument("--foreach", action="store_true", help="lora, unet: torch's default CUDA AdamW (foreach, as the "
+                   "diffusers examples run it) instead of medti's fused one")
     args = p.parse_args(argv)
     for flag, value, allowed in (("method", args.method, METHODS), ("trainable", args.trainable, TRAINABLE)):
         if value not in allowed:   # one line, like --model's errors (argparse's choices print the usage too)

@@ -5,8 +5,8 @@ on the code that trains: the model is built on the meta device in the run's dtyp
 on it exactly as `python -m medti.train --method lora|unet` does (LoRA adapters in fp32 on the fp16 base; or the
 trained UNet weights cast to fp32 masters in the model), then every tensor becomes a fake one with its dtype and
 requires_grad kept, and one step runs: medti.inversion.diffusion_loss under the method's autocast
-(medti.inversion.precision), backward, AdamW past its first step (both moments allocated; foreach, torch's CUDA
-default, unless --no-foreach). --ema adds the method's one fp32 copy of what trains. The VAE stays off the device
+(medti.inversion.precision), backward, AdamW past its first step (both moments allocated; medti's fused AdamW, or
+with --foreach torch's CUDA default). --ema adds the method's one fp32 copy of what trains. The VAE stays off the device
 (latents are cached, as for TI).
 
 Why fp16 autocast can be estimated on the fake "cpu" device: CPU autocast accepts float16 (it does in torch 2.14,
@@ -60,7 +60,7 @@ def nbytes(tensors) -> int:
 
 
 def estimate_method(method: str, resolution=512, batch=1, checkpointing=True, dtype=torch.float16,
-                    config="sd2-base", trainable="all", ema=False, rank=4, foreach=True) -> dict:
+                    config="sd2-base", trainable="all", ema=False, rank=4, foreach=False) -> dict:
     """Bytes per category (LABELS' keys, "total" the peak) of one step of medti's loop for --method lora|unet."""
     sd, m = method_model(method, config, dtype, trainable, rank, ema)
     h = resolution // sd.config.latent_factor
@@ -86,8 +86,8 @@ def estimate_method(method: str, resolution=512, batch=1, checkpointing=True, dt
                 return diffusion_loss(sd, m.context([PROMPT] * batch), latents, noise, t)
         base = mem.now
         parts |= training_step(mem, loss_fn, params, optimizer)
-    # training_step's total is the larger of the two; with foreach AdamW (the CUDA default) a whole-UNet step peaks
-    # in the optimizer: its foreach ops make temporaries as large as all trained weights together
+    # training_step's total is the larger of the two; with foreach AdamW (--foreach) a whole-UNet step peaks in the
+    # optimizer: its foreach ops make temporaries as large as all trained weights together
     parts["backward_peak"] = base + parts["activations"]
     parts["optimizer_peak"] = mem.peak
     parts["parameters"] = sum(p.numel() for p in params)
@@ -100,7 +100,7 @@ def describe_method(args, parts: dict, width: int) -> str:
     if args.method == "lora":
         return (f"medti --method lora: fp16 base (UNet + text tower), rank-{args.rank} fp32 adapters on the UNet's "
                 f"attention q/k/v/out ({n} parameters) in AdamW; latents cached on the CPU")
-    adam = "AdamW one tensor at a time (--no-foreach)" if args.no_foreach else "foreach AdamW (CUDA's default)"
+    adam = "foreach AdamW (torch's CUDA default, --foreach)" if args.foreach else "fused AdamW (medti's)"
     what = "every UNet weight" if args.trainable == "all" else "the UNet's attention layers"
     return (f"medti --method unet --trainable {args.trainable}: {what} ({n} parameters) held in fp32 in the model, "
             f"the rest fp16, forward under fp16 autocast, {adam}{' + EMA' if args.ema else ''}; text tower fp16 "
@@ -110,6 +110,6 @@ def describe_method(args, parts: dict, width: int) -> str:
 def main(args, cfg, checkpointing: bool):
     """tools/memory_estimate.py --method lora|unet: one report for the configuration the flags name."""
     parts = estimate_method(args.method, args.resolution, args.batch, checkpointing, config=cfg,
-                            trainable=args.trainable, ema=args.ema, rank=args.rank, foreach=not args.no_foreach)
+                            trainable=args.trainable, ema=args.ema, rank=args.rank, foreach=args.foreach)
     labels = {k: v for k, v in LABELS.items() if k != "ema" or args.ema}
     report(describe_method(args, parts, cfg.text.width), parts, labels, LIMITS[args.method])
