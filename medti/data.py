@@ -131,6 +131,13 @@ def _nothing_usable(folder: Path, skipped: list, channels: list | None) -> str:
             f"{_fix(files, kind, channels)}")
 
 
+def check_not_empty(folder) -> None:
+    """Refuse a folder with no image, DICOM or volume file in it before the model loads (a first run would
+    download gigabytes first), in the words of the later "no usable image" line."""
+    if not find_images(folder):
+        raise DataError(_nothing_usable(Path(folder), [], None))
+
+
 def check_channels(channels: list[str] | None) -> list[str] | None:
     """The channel names lower-cased (they match files in any case), 3 distinct ones or 1, else a DataError."""
     channels = None if channels is None else [c.strip().lower() for c in channels]

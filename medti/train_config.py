@@ -19,7 +19,7 @@ from minisd.tokenizer import MAX_PROMPT_TOKENS
 
 from . import dreambooth
 from .cli import resolve_device, resolve_dtype
-from .data import PREPROCESS
+from .data import PREPROCESS, DataError, check_not_empty
 from .distributed import local_device, world
 from .files import inside
 from .inversion import TrainError, parse_lr
@@ -243,7 +243,19 @@ def check_out(cfg: TrainConfig):
 def check(cfg: TrainConfig) -> Plan:
     """One-line errors for everything that can be checked before anything is loaded or written."""
     _check_folders(cfg)
-    return check_settings(cfg)
+    plan = check_settings(cfg)
+    _check_images(cfg)
+    return plan
+
+
+def _check_images(cfg: TrainConfig):
+    """--data or --val with no image file at all, refused before the model loads (a first run of a preset would
+    download gigabytes first); last, as it reads the folders, after the checks of the flags alone."""
+    for name in filter(lambda name: getattr(cfg, name), ("data", "val")):
+        try:
+            check_not_empty(getattr(cfg, name))
+        except DataError as e:
+            raise TrainError(f"{arg(name)} {e}") from None
 
 
 def _check_model(cfg: TrainConfig):

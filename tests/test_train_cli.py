@@ -89,11 +89,26 @@ with claim_folder(sys.argv[1]):
 """
 
 
+@pytest.mark.parametrize("flag", ["--data", "--val"])
+def test_a_folder_without_images_is_refused_before_the_model_loads(tiny, tmp_path, capsys, monkeypatch, flag):
+    """A first run of a preset downloads gigabytes: an empty --data (or --val) must not wait for that."""
+    import minisd
+    monkeypatch.setattr(minisd, "load", lambda *a, **k: pytest.fail("the model was loaded"))
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    (empty / "notes.txt").write_text("no images here")
+    assert main([*args(tiny, tmp_path / "out"), flag, str(empty)]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err == f"error: {flag} {empty}: no usable image (1 file(s): 1 .txt; 0 skipped); images must be " \
+                  f".png .jpg .jpeg .tif .tiff .bmp, DICOM, or volumes (.nii, .nii.gz, .mha, .mhd, .nrrd)", err
+    assert not (tmp_path / "out").exists()
+
+
 def test_failed_run_leaves_no_folder_and_two_runs_do_not_share_one(tiny, tmp_path, capsys):
     empty = tmp_path / "empty"
     empty.mkdir()
     out = tmp_path / "new" / "out"
-    assert main([*args(tiny, out), "--data", str(empty)]) == 2   # fails after the model loaded: no usable image
+    assert main([*args(tiny, out), "--data", str(empty)]) == 2   # no usable image
     assert "no usable image" in capsys.readouterr().err and not out.exists()
     holder = subprocess.Popen([sys.executable, "-c", HOLD, str(out)], stdout=subprocess.PIPE, text=True, cwd=ROOT)
     try:
