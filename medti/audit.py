@@ -23,17 +23,18 @@ from pathlib import Path
 
 import torch
 
+from minisd.config import resolve_device
 from minisd.errors import UserError, arg
 
-from .cli import ArgumentParser, resolve_device, run_main
-from .files import claim_folder, inside, write_atomic
-from .images import save_png
-from .preprocess import PREPROCESS
+from .cli import ArgumentParser, run_main
+from .dataset.preprocess import PREPROCESS
+from .files.atomic import claim_folder, inside, write_atomic
+from .files.images import save_png
 from .quality import privacy
 from .quality.audit_report import Audit, Opinion, outputs
 from .quality.features import DEFAULT_DINOV2, encode, load_network
 from .quality.folders import DATA_FLAGS, Reading, load_set, read_manifest, reading
-from .train_config import add_flags
+from .training.config import add_flags
 
 # Images are reduced to this side as they are read: the method compares 64-px descriptors and the sheets show
 # thumbnails, so a 3,000 x 3,000 chest X-ray export costs 0.8 MB in memory instead of 27 MB (3,000 of them: 2.4

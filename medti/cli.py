@@ -1,4 +1,4 @@
-"""What every `python -m medti.*` command shares: the main() wrapper and the device/dtype rule.
+"""What every `python -m medti.*` command shares: the main() wrapper and the argument parser.
 
 The wrapper is the one place where a user error becomes `error: <one line>` and exit status 2: no module prints
 its own errors or catches another module's classes. It also turns an OSError from the file system (disk full,
@@ -10,12 +10,7 @@ import os
 import sys
 from collections.abc import Callable
 
-import torch
-
-from minisd.config import default_dtype
 from minisd.errors import INTERFACE, UserError
-
-DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 
 
 def one_line(text: str) -> str:
@@ -57,28 +52,3 @@ def run_main(parser: argparse.ArgumentParser, run: Callable, argv=None) -> int:
     finally:
         INTERFACE.reset(token)
     return 0
-
-
-def resolve_device(name: str) -> torch.device:
-    """--device as a torch.device that exists here, or a UserError that says which ones do."""
-    try:
-        device = torch.device(name)
-    except (RuntimeError, ValueError):
-        raise UserError(f"--device {name!r}: not a device; use cpu, cuda or cuda:N") from None
-    if device.type == "cuda":
-        if not torch.cuda.is_available():
-            raise UserError(f"--device {name}: no CUDA GPU is visible to torch here; use --device cpu")
-        if device.index is not None and device.index >= torch.cuda.device_count():
-            raise UserError(f"--device {name}: only {torch.cuda.device_count()} CUDA device(s) here")
-    elif device.type != "cpu":
-        raise UserError(f"--device {name}: only cpu and cuda are supported")
-    return device
-
-
-def resolve_dtype(name: str | None, device: torch.device) -> torch.dtype:
-    """--dtype fp32|fp16|bf16, or the project's default for the device (minisd.config.default_dtype)."""
-    if not name:
-        return default_dtype(device)
-    if name not in DTYPES:
-        raise UserError(f"--dtype {name!r}: use one of {', '.join(DTYPES)}")
-    return DTYPES[name]

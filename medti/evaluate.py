@@ -18,17 +18,18 @@ from pathlib import Path
 
 import torch
 
+from minisd.config import resolve_device
 from minisd.sampling import SAMPLERS
 
-from .cli import ArgumentParser, resolve_device, run_main
-from .files import claim_folder, inside
+from .cli import ArgumentParser, run_main
+from .files.atomic import claim_folder, inside
 from .quality.features import DEFAULT_DINOV2, FEATURES, EvalError, encode, load_network
 from .quality.folders import DATA_FLAGS, Reading, load_set, reading, set_flags
 from .quality.report import write_report
 from .quality.run_scores import score_run, step_files
 from .quality.scoring import check_sizes, progress, real_side, score
 from .quality.stats import save_features, save_stats
-from .train_config import add_flags
+from .training.config import add_flags
 
 EXAMPLE = """examples:
   python -m medti.evaluate --real data/cardiomegaly --fake synthetic/cardiomegaly --out eval/cardiomegaly

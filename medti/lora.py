@@ -5,8 +5,8 @@
 
 `merge` writes one checkpoint in the official single-file layout (the keys `minisd.load`, A1111, ComfyUI and
 diffusers' `from_single_file` read: model.diffusion_model., first_stage_model., the text tower's prefix) with the
-LoRAs added into its weights exactly as `python -m medti.generate --lora` adds them (medti.loras.apply: in fp32,
-one file after another), then rounded once to --dtype (fp16 by default, as the published SD files). The file is
+LoRAs added into its weights exactly as `python -m medti.generate --lora` adds them (medti.generation.loras.apply: in
+fp32, one file after another), then rounded once to --dtype (fp16 by default, as the published SD files). The file is
 written atomically (temporary name, then rename), never over an existing one without --force, with metadata naming
 the base model and every LoRA (file, sha256, A1111 hash, weight).
 """
@@ -16,13 +16,15 @@ from pathlib import Path
 import torch
 
 import minisd
+from minisd.config import DTYPES
 from minisd.errors import UserError
 from minisd.load import state_dict
 
-from . import lora_files, loras
-from .cli import DTYPES, ArgumentParser, run_main
-from .files import safetensors_bytes, write_atomic
-from .hashes import sha256_of
+from .cli import ArgumentParser, run_main
+from .files import lora_file
+from .files.atomic import safetensors_bytes, write_atomic
+from .files.hashes import sha256_of
+from .generation import loras
 
 FORMAT = "medti-merged-lora"   # our metadata "format" of a merged checkpoint
 
@@ -73,7 +75,7 @@ def merge(args):
 def run(args):
     if args.command == "info":
         for path in args.files:
-            print(lora_files.info(path))
+            print(lora_file.info(path))
         return
     merge(args)
 

@@ -7,25 +7,26 @@ UNet's own weights (--method unet). `python -m medti.train`.
         --instance-prompt "a chest x-ray of sks" --preprocess cxr --out runs/cxr-lora
     python -m medti.train --demo --out demo-run      # offline, a tiny random model, about two minutes on a CPU
 
-This module is only the command line: one flag per TrainConfig field (medti/train_config.py), plus --demo. It
-hands the settings to the trainer (medti/trainer.py) or to the demo (medti/demo.py), which is a user of the
-trainer like this command; --demo is therefore not a training setting and never reaches a run's saved state.
+This module is only the command line: one flag per TrainConfig field (medti/training/config.py), plus --demo. It
+hands the settings to the trainer (medti/training/trainer.py) or to the demo (medti/training/demo.py), which is a user
+of the trainer like this command; --demo is therefore not a training setting and never reaches a run's saved state.
 """
 import argparse
 
 from .cli import ArgumentParser, run_main
-from .demo import run_demo
-from .distributed import main_process
-from .train_config import TrainConfig, add_flags
-from .trainer import run as train
+from .training.config import TrainConfig, add_flags
+from .training.demo import run_demo
+from .training.distributed import main_process
+from .training.trainer import run as train
 
 
 def build_parser() -> argparse.ArgumentParser:
     p = ArgumentParser(prog="python -m medti.train", description=__doc__.split("\n\n")[0],
                                 epilog=__doc__.split("\n\n")[1], formatter_class=argparse.RawDescriptionHelpFormatter)
     add_flags(p)
-    p.add_argument("--demo", action="store_true", help="run the offline demo on a tiny random model (medti/demo.py); "
-                                                       "its outputs go to --out, default demo-run")
+    p.add_argument("--demo", action="store_true", help="run the offline demo on a tiny random model "
+                                                       "(medti/training/demo.py); its outputs go to --out, default "
+                                                       "demo-run")
     return p
 
 

@@ -14,7 +14,7 @@ import torch
 
 from .clip import LAYERS, TextConfig
 from .clip_openai import OpenAITextConfig
-from .errors import UserError
+from .errors import INTERFACE, UserError, arg
 from .paths import weights_dir
 from .tokenizer import CONTEXT_LENGTH
 from .unet import UNetConfig
@@ -29,6 +29,36 @@ def default_dtype(device) -> torch.dtype:
     """The project's one dtype default: fp16 on CUDA (SD2's weights are published for it and an 8 GB GPU needs
     it), fp32 elsewhere (CPUs without native half-precision kernels emulate it slowly)."""
     return torch.float16 if torch.device(device).type == "cuda" else torch.float32
+
+
+DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
+
+
+def resolve_device(name: str) -> torch.device:
+    """A device name (`--device` of every command) as a torch.device that exists here, or a UserError that says
+    which ones do."""
+    try:
+        device = torch.device(name)
+    except (RuntimeError, ValueError):
+        raise UserError(f"{arg('device')} {name!r}: not a device; use cpu, cuda or cuda:N") from None
+    if device.type == "cuda":
+        if not torch.cuda.is_available():
+            use = "--device cpu" if INTERFACE.get() == "cli" else "device='cpu'"
+            raise UserError(f"{arg('device')} {name}: no CUDA GPU is visible to torch here; use {use}")
+        if device.index is not None and device.index >= torch.cuda.device_count():
+            raise UserError(f"{arg('device')} {name}: only {torch.cuda.device_count()} CUDA device(s) here")
+    elif device.type != "cpu":
+        raise UserError(f"{arg('device')} {name}: only cpu and cuda are supported")
+    return device
+
+
+def resolve_dtype(name: str | None, device: torch.device) -> torch.dtype:
+    """fp32|fp16|bf16 by name (`--dtype`), or the project's default for the device (default_dtype above)."""
+    if not name:
+        return default_dtype(device)
+    if name not in DTYPES:
+        raise UserError(f"{arg('dtype')} {name!r}: use one of {', '.join(DTYPES)}")
+    return DTYPES[name]
 
 
 @dataclass(frozen=True)

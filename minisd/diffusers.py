@@ -2,21 +2,21 @@
 
 `open_folder(path)` checks model_index.json and every component's config against what minisd implements -- each
 config field is either mapped to our config, required to have the one value minisd computes, or named as ignored
-(and why) -- and returns a FolderFile (the interface of minisd.load.TensorFile) plus the ModelConfig. Tensors are
+(and why) -- and returns a FolderFile (the interface of minisd.tensorfile.TensorFile) plus the ModelConfig. Tensors are
 read lazily, one by one, from the component's weight files; names are mapped by minisd.diffusers_keys.
 
 Weights of a component (unet/, vae/: `diffusion_pytorch_model`; text_encoder/: `model`, `.bin`: `pytorch_model`),
 the first that exists: STEM.safetensors; STEM.safetensors.index.json (shards, by its weight_map); the fp16 variant
 STEM.fp16.safetensors; STEM.safetensors.index.fp16.json; then the pickles STEM.bin, STEM.fp16.bin, read with
-torch.load(weights_only=True) (minisd.load.TensorFile). Sharded pickles are not read.
+torch.load(weights_only=True) (minisd.tensorfile.TensorFile). Sharded pickles are not read.
 """
 import json
 from pathlib import Path
 
 from . import clip, clip_openai, diffusers_keys
 from .config import LoadError, ModelConfig, parse_config
-from .load import UNET, VAE, TensorFile
 from .paths import weights_dir
+from .tensorfile import UNET, VAE, TensorFile
 
 PIPELINES = ("StableDiffusionPipeline", "StableDiffusionInpaintPipeline", "StableDiffusionImg2ImgPipeline")
 COMPONENTS = {"unet": ("diffusers", "UNet2DConditionModel"), "vae": ("diffusers", "AutoencoderKL"),

@@ -21,10 +21,10 @@ from torch import nn
 
 from .attention import attention
 from .config import LoadError, check_value
-from .errors import arg
+from .errors import arg, spoken
 from .hub import hub_reachable
-from .load import FLOATS, TensorFile, check_finite, spoken
 from .resize import resize_like_tf1
+from .tensorfile import FLOATS, TensorFile, check_finite
 
 INPUT_SIZE = 224                                            # torch-fidelity's FeatureExtractorDinoV2.INPUT_IMAGE_SIZE
 MEAN = tuple(255 * m for m in (0.485, 0.456, 0.406))       # ImageNet mean and std on the 0..255 scale, as

@@ -17,3 +17,10 @@ class UserError(ValueError):
 def arg(name: str) -> str:
     """`name=` for a Python caller, `--name` (underscores as dashes) for a CLI user."""
     return f"--{name.replace('_', '-')}" if INTERFACE.get() == "cli" else f"{name}="
+
+
+def spoken(name: str, cli_value: str, python_value: str | None = None) -> str:
+    """An argument with its value as the user types it: `config='x'` in Python, `--config x` on the command line
+    (arg above says which interface is in use)."""
+    flag = arg(name)
+    return f"{flag}{python_value or repr(cli_value)}" if flag.endswith("=") else f"{flag} {cli_value}"

@@ -8,7 +8,7 @@ Why minisd keeps no hash cache: huggingface_hub's cache is content-addressed. It
 os.path.join(storage_folder, "blobs", etag)`; its cache docs: blobs are "identified by their git-sha or sha256").
 So the file is hashed once, when this call downloads it; on later loads a blob named by the preset's sha256 with
 the preset's size is that file. medti, which records the hash of any model with every image, keeps its own cache
-(medti/hashes.py) for files that do not name their hash.
+(medti/files/hashes.py) for files that do not name their hash.
 """
 import hashlib
 import os

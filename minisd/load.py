@@ -9,20 +9,19 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-from safetensors import safe_open
 
 from . import clip, clip_openai
 from .conditioning import TextConditioning
 from .config import LoadError, ModelConfig, default_dtype, load_config, presets
-from .errors import arg
+from .errors import arg, spoken
 from .hub import fetch
 from .schedule import alphas_cumprod
+from .tensorfile import FLOATS, UNET, VAE, TensorFile, check_finite
 from .unet import UNetModel
 from .vae import AutoencoderKL
 
-# Official checkpoint prefixes (ldm's LatentDiffusion attribute names) of the UNet and the VAE; the text tower's
-# prefix is its module's PREFIX (TEXT), since SD1 and SD2 store different towers under cond_stage_model.
-UNET, VAE = "model.diffusion_model.", "first_stage_model."
+# The text tower's prefix is its module's PREFIX (TEXT), since SD1 and SD2 store different towers under
+# cond_stage_model; the UNet's and the VAE's are minisd.tensorfile's UNET and VAE.
 TEXT = {"openclip": clip, "openai": clip_openai}   # text.tower -> the module with its PREFIX and IGNORED keys
 
 # Tensors every file may hold that inference never reads: ldm's 12 DDPM schedule buffers (we compute the
@@ -49,52 +48,6 @@ FOREIGN = {
     "text_model.": "a transformers CLIP text encoder file; load the whole diffusers folder instead",
     "encoder.down_blocks.": "a diffusers VAE file; load the whole diffusers folder instead",
 }
-
-# The float dtypes a weight may be stored in (safetensors' names). Anything else (I8, U8: a quantised file; BOOL)
-# would be cast to float silently and give garbage or NaN images, so it is refused by name.
-FLOATS = {"F16": torch.float16, "BF16": torch.bfloat16, "F32": torch.float32, "F64": torch.float64}
-
-
-class TensorFile:
-    """Uniform read access to a `.safetensors` file (lazy, tensor by tensor) or a weights-only pickle."""
-
-    def __init__(self, path: Path):
-        self.path = path
-        if path.suffix == ".safetensors":
-            try:
-                self._st = safe_open(str(path), framework="pt", device="cpu")
-            except Exception as e:   # safetensors raises its own error types for a corrupt header
-                raise LoadError(f"{path}: not a readable .safetensors file ({e})") from None
-            self.keys = set(self._st.keys())
-        else:
-            self._st, self._dict = None, self._read_pickle(path)
-            self.keys = set(self._dict)
-
-    @staticmethod
-    def _read_pickle(path: Path) -> dict:
-        # Never a full unpickle: weights_only=True allows tensors and plain containers only.
-        try:
-            data = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
-        except Exception as e:
-            raise LoadError(f"{path}: refused by torch.load(weights_only=True) ({type(e).__name__}); official .ckpt "
-                            "files pickle a Lightning object -- use the model's .safetensors file instead") from None
-        data = data.get("state_dict", data) if isinstance(data, dict) else data
-        if not isinstance(data, dict) or not all(isinstance(v, torch.Tensor) for v in data.values()):
-            raise LoadError(f"{path}: holds no state dict of tensors")
-        return data
-
-    def shape(self, key: str) -> tuple:
-        return tuple(self._st.get_slice(key).get_shape()) if self._st else tuple(self._dict[key].shape)
-
-    def dtype(self, key: str) -> str:
-        """The stored dtype in safetensors' names (F16, BF16, F32, I8, ...), read from the header only."""
-        if self._st:
-            return self._st.get_slice(key).get_dtype()
-        found = self._dict[key].dtype
-        return next((name for name, dtype in FLOATS.items() if dtype == found), str(found).replace("torch.", ""))
-
-    def get(self, key: str) -> torch.Tensor:
-        return self._st.get_tensor(key) if self._st else self._dict[key]
 
 
 def ignored(cfg: ModelConfig) -> tuple:
@@ -142,29 +95,6 @@ def check_stored(file: TensorFile, prefix: str, expected: dict):
         if stored not in FLOATS:
             raise LoadError(f"{file.path}: {prefix}{name} is stored as {stored}, not as floats -- a quantised or "
                             f"damaged file? minisd loads weights stored as {', '.join(FLOATS)}")
-
-
-def check_finite(file: TensorFile, prefix: str, state: dict, dtype):
-    """Refuse NaN/inf weights, which give black or NaN images without a word. Checked after the cast, so a fp32
-    weight beyond fp16's range (65504) that became inf is caught too, and named as such.
-
-    Per tensor one reduction, min and max (torch.aminmax): NaN propagates through both and +-inf shows in one, so
-    both are finite exactly when every element is; no overflow, unlike a sum in half precision. One
-    synchronisation per component. Cost, measured on a shared 2-core CPU: 0.4-0.6 s per 2.5 GB of fp32 or fp16
-    weights -- about one read of the bytes, less than casting an fp16 file to fp32 (0.5-5 s per 2.5 GB there); on
-    a GPU, milliseconds. The tiny test model (924 tensors, 19 MB): 17 ms with one thread (0.8 s with two threads
-    on that VM under load, where every parallel op waits for a busy core). It reads every weight at load rather
-    than at the first UNet call."""
-    quick = torch.stack([torch.stack(torch.aminmax(t)).float() for t in state.values()])
-    if bool(torch.isfinite(quick).all()):
-        return
-    name = next(name for name, tensor in state.items() if not torch.isfinite(tensor).all())
-    if torch.isfinite(file.get(prefix + name)).all():
-        fp32 = spoken("dtype", "fp32", "torch.float32")
-        raise LoadError(f"{file.path}: {prefix}{name} overflows {str(dtype).replace('torch.', '')} -- its values "
-                        f"exceed that dtype's range; load it in float32 ({fp32})")
-    raise LoadError(f"{file.path}: {prefix}{name} holds NaN or inf values -- a damaged file or one saved from a "
-                    "diverged training run; use another copy of the model")
 
 
 def load_component(file, prefix: str, module: torch.nn.Module, skip: tuple, dtype, device, names=SCHEDULE):
@@ -237,13 +167,6 @@ def build(cfg: ModelConfig, device="meta") -> StableDiffusion:
     """The three networks of a config, on `device` (meta: shapes only, no memory)."""
     with torch.device(device):
         return StableDiffusion(TextConditioning(cfg.text), UNetModel(cfg.unet), AutoencoderKL(cfg.vae), cfg)
-
-
-def spoken(name: str, cli_value: str, python_value: str | None = None) -> str:
-    """An argument with its value as the user types it: `config='x'` in Python, `--config x` on the command line
-    (minisd.errors.arg says which interface is in use)."""
-    flag = arg(name)
-    return f"{flag}{python_value or repr(cli_value)}" if flag.endswith("=") else f"{flag} {cli_value}"
 
 
 def resolve(model, config) -> tuple:

@@ -1,7 +1,7 @@
 """The SD2 noise schedule (DDPM "scaled linear" betas, 1,000 training timesteps): the one home of that rule.
 
 Source: ldm/modules/diffusionmodules/util.py make_beta_schedule("linear") with linear_start 0.00085,
-linear_end 0.012 from the SD2 YAML -- "linear" in ldm means linear in sqrt(beta). Training (medti.inversion),
+linear_end 0.012 from the SD2 YAML -- "linear" in ldm means linear in sqrt(beta). Training (medti.training),
 sampling (minisd.sampling) and the loader's self-check all read it from here, and so do the step schedules
 below: which sigmas a sampler visits in n steps.
 """

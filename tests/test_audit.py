@@ -11,8 +11,8 @@ from PIL import Image, PngImagePlugin
 from test_privacy import chest
 
 from medti import audit as A
-from medti import files
 from medti.audit import main
+from medti.files import atomic as files
 
 SIZE = 128
 

@@ -14,7 +14,7 @@ from test_volume import _write_sitk
 
 from medti import audit as A
 from medti import evaluate
-from medti.data import load_dataset
+from medti.dataset.folder import load_dataset
 from medti.quality import folders
 from medti.quality import privacy as P
 from medti.quality.folders import Reading, load_set, reading

@@ -15,7 +15,7 @@ from test_dicom import image, save
 from test_privacy import chest
 
 from medti import audit as A
-from medti import preview
+from medti import data as preview
 from medti.quality.folders import ImageSet
 
 SIDE = 128     # the model's resolution: preview writes, and the audit then compares, 128 x 128 squares

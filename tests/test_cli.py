@@ -1,4 +1,4 @@
-"""medti.cli: the one main() wrapper and the device/dtype rule."""
+"""medti.cli: the one main() wrapper; minisd.config: the device/dtype rule."""
 import argparse
 import errno
 import subprocess
@@ -7,7 +7,8 @@ import sys
 import pytest
 import torch
 
-from medti.cli import resolve_device, resolve_dtype, run_main
+from medti.cli import run_main
+from minisd.config import resolve_device, resolve_dtype
 from minisd.errors import UserError, arg
 
 

@@ -20,8 +20,9 @@ from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
 from conftest import randomize_, rel_err
 from minisd.clip_openai import IGNORED, PREFIX, OpenAITextConfig, OpenAITextTransformer
 from minisd.config import LoadError
-from minisd.load import TensorFile, load_component
+from minisd.load import load_component
 from minisd.paths import weights_dir
+from minisd.tensorfile import TensorFile
 from minisd.tokenizer import CONTEXT_LENGTH, EOT, PAD_SD1, Tokenizer
 
 TOL = 1e-4

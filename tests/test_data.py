@@ -1,4 +1,4 @@
-"""medti.data: every preset's geometry against closed-form expectations, bit depths and modes, MRI channel
+"""medti.dataset: every preset's geometry against closed-form expectations, bit depths and modes, MRI channel
 stacking, skipped/strict/no-usable reporting and the fingerprint, all on synthetic images made here."""
 import hashlib
 import shutil
@@ -8,7 +8,8 @@ import pytest
 import torch
 from PIL import Image
 
-from medti.data import PREPROCESS, DataError, find_images, load_dataset
+from medti.dataset.folder import DataError, find_images, load_dataset
+from medti.dataset.preprocess import PREPROCESS
 
 
 def save(path, image):

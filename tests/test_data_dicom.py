@@ -1,4 +1,4 @@
-"""DICOM files as training data (the chest X-ray workflow from DICOM): medti.data reads them through
+"""DICOM files as training data (the chest X-ray workflow from DICOM): medti.dataset reads them through
 medti.medical.dicom with the window the user names (or the file's own, else min-max), inverts MONOCHROME1, keeps each
 image's patient in memory, and --val-fraction holds out whole patients. Files are made here with pydicom: synthetic
 values, invented IDs."""
@@ -13,8 +13,8 @@ from PIL import Image
 from pydicom.uid import DigitalXRayImageStorageForPresentation
 from test_dicom import image, loop, save
 
-from medti.data import DataError, load_dataset
-from medti.validation import split_patients
+from medti.dataset.folder import DataError, load_dataset
+from medti.training.validation import split_patients
 
 PATIENTS = {"CXR-A": 3, "CXR-B": 2, "CXR-C": 4}   # invented IDs, images per patient
 
@@ -62,7 +62,7 @@ def test_held_out_patients_are_never_trained_on():
         assert sorted(train + val) == list(range(len(patients)))
         assert not {patients[i] for i in train} & {patients[i] for i in val}, seed
     # one image per patient: exactly the old per-image split
-    from medti.validation import split
+    from medti.training.validation import split
     assert split_patients([f"f{i}" for i in range(7)], 0.3, 4) == split(7, 0.3, 4)
 
 
@@ -80,7 +80,7 @@ def test_unusable_dicom_files_are_skipped_with_the_reason(tmp_path):
 
 def test_without_the_extra_a_dicom_folder_is_one_line_naming_it(tmp_path):
     cxr_folder(tmp_path)
-    code = ("import sys; sys.modules['pydicom'] = None\nfrom medti.data import load_dataset\n"
+    code = ("import sys; sys.modules['pydicom'] = None\nfrom medti.dataset.folder import load_dataset\n"
             f"try:\n    load_dataset({str(tmp_path)!r}, 32)\nexcept Exception as e:\n    print(type(e).__name__, e)")
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120,
                           env={**os.environ, "PYTHONPATH": str(Path(__file__).parent.parent)})
@@ -90,8 +90,8 @@ def test_without_the_extra_a_dicom_folder_is_one_line_naming_it(tmp_path):
 def test_train_on_a_dicom_folder_holds_out_whole_patients(tmp_path, capsys):
     """medti.train --data <DICOM folder> --val-fraction: the summary counts patients, val.txt names one side only,
     and no PatientID reaches any output file."""
-    from medti.demo import tiny_model
     from medti.train import main
+    from medti.training.demo import tiny_model
     cxr_folder(tmp_path / "data")
     model, config = tiny_model(tmp_path / "model", seed=0)
     args = ["--model", str(model), "--config", str(config), "--data", str(tmp_path / "data"), "--token", "<cxr>",

@@ -14,7 +14,7 @@ from pydicom.uid import EnhancedCTImageStorage, generate_uid
 from test_dicom import image, save
 from test_volume import _write_sitk
 
-from medti.data import load_dataset
+from medti.dataset.folder import load_dataset
 from medti.medical.dicom_series import DicomVolume
 
 ROW, COLUMN = np.array([0.0, 1.0, 0.0]), np.array([1.0, 0.0, 0.0])   # rows run posterior, columns left: swapped axes
@@ -238,7 +238,7 @@ def test_messages_say_what_was_there(tmp_path):
     """From the new-user trial: a mask on another grid names both grids the right way round; a --slices range
     past the end says how many slices there are; the "no usable image" advice fits the reason (not --preprocess
     for a volume problem); the window each image was scaled by is recorded."""
-    from medti.data import DataError
+    from medti.dataset.folder import DataError
     hu = _hu().astype(np.float32)
     direction, spacing = np.column_stack([ROW, COLUMN, NORMAL]), (SPACING[1], SPACING[0], STEP)
     (tmp_path / "data" / "c").mkdir(parents=True)

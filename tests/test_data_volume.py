@@ -1,4 +1,4 @@
-"""Volumes (NIfTI, MetaImage) as training data: medti.data turns each volume into one image per chosen slice, named
+"""Volumes (NIfTI, MetaImage) as training data: medti.dataset turns each volume into one image per chosen slice, named
 `<file>#<plane><index>`, all of one patient (its case folder), resampled to square pixels and scaled over the whole
 volume. Every file is made here with SimpleITK or nibabel (the geometry helpers of test_volume)."""
 import numpy as np
@@ -6,9 +6,9 @@ import pytest
 import SimpleITK as sitk
 from test_volume import _asymmetric, _stored, _write_nifti, _write_sitk
 
-from medti.data import DataError, find_images, load_dataset
+from medti.dataset.folder import DataError, find_images, load_dataset
 from medti.medical import MedicalError
-from medti.validation import split_patients
+from medti.training.validation import split_patients
 
 
 def _cases(folder, n=2, name="t2w.mha"):
@@ -163,7 +163,7 @@ def test_bad_input_is_one_line(tmp_path):
 
 
 def _train_args(tmp_path, *extra):
-    from medti.demo import tiny_model
+    from medti.training.demo import tiny_model
     model, config = tiny_model(tmp_path / "model", seed=0)
     return ["--model", str(model), "--config", str(config), "--data", str(tmp_path / "data"), "--token", "<t2w>",
             "--vectors", "2", "--max-steps", "2", "--resolution", "64", "--preview-every", "0", "--save-every", "2",

@@ -1,4 +1,5 @@
-"""medti.embeddings: the study's A1111 files, our format, exports, kohya/diffusers inputs, splicing into the text tower.
+"""medti.files.embedding_file: the study's A1111 files, our format, exports, kohya/diffusers inputs, splicing into the
+text tower.
 
 References are independent of the code under test: torch.load(weights_only=True) of the raw files, the formats'
 dicts written here by hand as A1111 / diffusers / kohya write them, and a hand-made token lookup for encode().
@@ -14,7 +15,8 @@ from safetensors.torch import load_file, save_file
 
 import minisd
 from conftest import TINY_CONFIG
-from medti import embeddings as E
+from medti.embeddings import main as embeddings_command
+from medti.files import embedding_file as E
 from minisd.tokenizer import VOCAB_SIZE
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -221,7 +223,7 @@ def test_malicious_pickle_is_refused_and_never_runs(tmp_path):
         with pytest.raises(E.EmbeddingError, match=r"refused by torch.load.*it pickles posix\.system$"):
             E.read(tmp_path / name)
     assert not marker.exists()
-    assert E.main(["info", str(tmp_path / "zipped.pt")]) == 2 and not marker.exists()
+    assert embeddings_command(["info", str(tmp_path / "zipped.pt")]) == 2 and not marker.exists()
 
 
 # --- attach and encode ------------------------------------------------------------------------------------------
@@ -334,7 +336,7 @@ def test_written_files_follow_the_umask(tmp_path):
 def test_a_training_folder_is_named_as_such(tmp_path, capsys):
     """What medti.train leaves in --out: the embedding, a copy per save and state.safetensors. Passing that folder
     names the state file for what it is and, for the copies, says to pass one file."""
-    from medti.inversion import save_state
+    from medti.training.state import save_state
     vectors = torch.nn.Parameter(torch.zeros(2, 32))
     save_state(tmp_path / "state.safetensors", vectors, torch.optim.AdamW([vectors]), {}, 4, {"lr": "0.005"})
     with pytest.raises(E.EmbeddingError, match="medti.train's resumable state, not an embedding; pass the run's "

@@ -8,6 +8,7 @@ from test_embeddings import CORE, PAPER, PAPER_NAMES, ROOT
 
 import minisd
 from medti import embeddings as E
+from medti.files.embedding_file import EmbeddingError, read
 
 
 def test_cli_info_and_export(tmp_path, capsys):
@@ -16,7 +17,7 @@ def test_cli_info_and_export(tmp_path, capsys):
     assert "token 'chexpert_cardiomegaly', 64 vectors x 1024, mean vector norm 37." in out
     assert "  step: 49999" in out and "  sd_checkpoint: 09dd2ae4" in out
     assert E.main(["export", str(CORE), str(tmp_path / "c.safetensors"), "--format", "diffusers"]) == 0
-    assert E.read(tmp_path / "c.safetensors").token == "chexpert_cardiomegaly"
+    assert read(tmp_path / "c.safetensors").token == "chexpert_cardiomegaly"
 
 
 def test_cli_errors_are_one_line(tmp_path, capsys):
@@ -26,7 +27,7 @@ def test_cli_errors_are_one_line(tmp_path, capsys):
     err = capsys.readouterr().err
     assert err == f"error: {tmp_path / 'no' / 'dir' / 'c.pt'}: the folder {tmp_path / 'no' / 'dir'} does not exist; " \
                   "create it first\n"
-    assert issubclass(E.EmbeddingError, minisd.errors.UserError)   # so medti.cli's wrapper reports it
+    assert issubclass(EmbeddingError, minisd.errors.UserError)   # so medti.cli's wrapper reports it
 
 
 def test_cli_info_lists_a_folder(capsys, tmp_path):
@@ -49,7 +50,7 @@ def test_cli_export_says_what_it_wrote_and_does_not_overwrite(tmp_path, capsys):
                                       "overwrite it\n"
     assert out.read_bytes() == b"keep me"
     assert E.main(["export", str(CORE), str(out), "--format", "diffusers", "--force"]) == 0
-    assert E.read(out).token == "chexpert_cardiomegaly" and os.listdir(tmp_path) == ["c.safetensors"]
+    assert read(out).token == "chexpert_cardiomegaly" and os.listdir(tmp_path) == ["c.safetensors"]
     assert E.main(["export", str(CORE), str(tmp_path / "c.pt"), "--format", "diffusers"]) == 2
     assert capsys.readouterr().err.endswith("c.pt: a diffusers file must end in .safetensors\n")
 

@@ -8,8 +8,8 @@ from safetensors.torch import save_file
 from test_evaluate import _error, _write_set
 
 import minisd
-from medti import embeddings as E
 from medti import evaluate, generate
+from medti.files import embedding_file as E
 from minisd.load import state_dict
 
 CONFIG = {"unet": {"model_channels": 32, "channel_mult": [1, 2], "attention_resolutions": [1],

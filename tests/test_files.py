@@ -6,7 +6,7 @@ import sys
 import torch
 from safetensors import safe_open
 
-from medti.files import safetensors_bytes, write_atomic
+from medti.files.atomic import safetensors_bytes, write_atomic
 
 
 def test_library_reads_our_bytes(tmp_path):
@@ -23,7 +23,7 @@ def test_library_reads_our_bytes(tmp_path):
 
 
 def test_same_content_same_bytes_across_processes():
-    code = ("import torch, sys; from medti.files import safetensors_bytes; "
+    code = ("import torch, sys; from medti.files.atomic import safetensors_bytes; "
             "sys.stdout.buffer.write(safetensors_bytes({'v': torch.ones(2, 2)}, {k: k for k in 'qwertyuiop'}))")
     outputs = {subprocess.run([sys.executable, "-c", code], capture_output=True, check=True).stdout for _ in range(3)}
     assert len(outputs) == 1

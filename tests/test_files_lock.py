@@ -4,7 +4,7 @@ import sys
 
 import pytest
 
-from medti.files import claim_folder
+from medti.files.atomic import claim_folder
 from minisd.errors import UserError
 
 HOLD = """import sys, time

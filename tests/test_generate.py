@@ -86,10 +86,10 @@ def test_cli_error_has_no_traceback(model_files, tmp_path):
 
 
 def test_inpainting_cli_equals_pipeline(model_files, tmp_path):
-    """The CLI's inpainting is medti.pipeline.sample on the loaded image and mask (that function is compared
+    """The CLI's inpainting is medti.generation.pipeline.sample on the loaded image and mask (that function is compared
     with diffusers in test_pipeline.py); the kept region of the saved latent is the init latent's."""
-    from medti.images import load_image, load_mask
-    from medti.pipeline import InitImage, SampleSettings, sample
+    from medti.files.images import load_image, load_mask
+    from medti.generation.pipeline import InitImage, SampleSettings, sample
     Image.fromarray((torch.rand(96, 96, 3, generator=torch.Generator().manual_seed(0)) * 255).byte().numpy()
                     ).save(tmp_path / "init.png")
     mask = Image.new("L", (48, 48))    # any size with the same aspect; white = repaint
@@ -159,7 +159,7 @@ def test_torchrun_two_processes(model_files, tmp_path):
 
 
 def test_embeddings_in_prompts_and_width_check(model_files, tmp_path, capsys):
-    from medti import embeddings as E
+    from medti.files import embedding_file as E
     E.export(E.Embedding("x", torch.randn(3, 32), {}), tmp_path / "lesion.pt", "a1111")   # token = file stem
     E.write(tmp_path / "sd1.safetensors", E.Embedding("<sd1>", torch.randn(2, 48), {}))
     assert generate(model_files, tmp_path / "a", "--prompt", "lesion in the lung",
@@ -204,7 +204,7 @@ def test_packed_default_and_no_pack_agree(model_files, tmp_path, monkeypatch):
     """On the CPU the CLI packs the conv weights (minisd.packing) unless --no-pack; both give the same latents to
     fp32 rounding (bound: test_sampling.py's 1e-4; the packed networks are compared with diffusers in
     test_packing.py)."""
-    import medti.generate as G
+    import medti.generation.run as G
     from conftest import rel_err
     packed = []
     monkeypatch.setattr(G, "pack_convs", lambda module: packed.append(module) or pack_convs(module))

@@ -7,7 +7,7 @@ import pytest
 from PIL import Image
 from test_generate import generate, model_files  # noqa: F401 (the fixture is used by name)
 
-from medti.files import claim_folder
+from medti.files.atomic import claim_folder
 from medti.generate import main
 
 
@@ -121,7 +121,7 @@ def test_memory_estimate_follows_the_fake_tensor_count():
     import torch
 
     import minisd
-    from medti.preflight import estimate_bytes
+    from medti.generation.preflight import estimate_bytes
     from memory_estimate import estimate_generation
     counted = estimate_generation(256, dtype=torch.float16)
     sd = minisd.build(minisd.load_config("sd2-base"), device="meta")   # shapes only

@@ -8,9 +8,9 @@ import json
 import torch
 from test_generate import generate, model_files  # noqa: F401 (the fixture is used by name)
 
-import medti.generate as G
-import medti.manifest as M
-from medti import files
+import medti.generation.manifest as M
+import medti.generation.run as G
+from medti.files import atomic as files
 
 
 def quick(model_files, out, *extra):  # noqa: F811

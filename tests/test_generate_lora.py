@@ -1,7 +1,7 @@
 """`python -m medti.generate --lora FILE[:WEIGHT]` and `<lora:NAME:WEIGHT>` on the tiny SD2 pipeline of test_lora.py
 (a diffusers folder: our side reads it with minisd.load, the references are the same weights in diffusers).
 
-References, each independent of minisd.lora and medti.lora_files:
+References, each independent of minisd.lora and medti.files.lora_file:
   * by hand: W += w * alpha / r * up @ down on the diffusers modules, by kohya's names (diffusers module path with
     "." -> "_"), saved as a diffusers folder and generated from without --lora;
   * diffusers: load_lora_weights + set_adapters(weight) + fuse_lora + unload_lora_weights, saved likewise.

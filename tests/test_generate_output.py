@@ -7,8 +7,8 @@ import torch
 from PIL import Image, ImageFilter
 from test_generate import generate, model_files  # noqa: F401 (the fixture is used by name)
 
-from medti.images import contact_sheet, load_mask
-from medti.progress import Progress
+from medti.files.images import contact_sheet, load_mask
+from medti.generation.progress import Progress
 
 
 def test_mask_drawn_in_alpha_uses_alpha(tmp_path):

@@ -9,7 +9,7 @@ from test_generate import generate, model_files  # noqa: F401 (the fixture is us
 
 import minisd
 from medti.generate import main
-from medti.pipeline import SampleSettings, sample
+from medti.generation.pipeline import SampleSettings, sample
 from minisd.sampling import SAMPLERS, UNSUPPORTED
 from minisd.schedule import SPACINGS
 

@@ -1,4 +1,4 @@
-"""Presets from the hub (minisd.hub) and medti's sha256 cache (medti.hashes), without a network.
+"""Presets from the hub (minisd.hub) and medti's sha256 cache (medti.files.hashes), without a network.
 
 A tiny model stands in for a preset's file: the preset table is replaced by one entry with its real size and
 sha256, and huggingface_hub's cache is a temporary folder laid out as huggingface_hub lays it out
@@ -18,7 +18,7 @@ from test_load import load_error, tiny_state
 
 import minisd
 from conftest import TINY_CONFIG
-from medti import hashes
+from medti.files import hashes
 from minisd import hub
 from minisd.errors import INTERFACE
 
@@ -126,7 +126,7 @@ def test_verify_checks_size_and_sha256(tmp_path):
         hub.verify(path, {"size": 10000, "sha256": "0" * 64}, "test", downloaded_now=False)
 
 
-# --- medti.hashes -----------------------------------------------------------------------------------------------
+# --- medti.files.hashes -----------------------------------------------------------------------------------------------
 
 @pytest.fixture
 def cache(tmp_path, monkeypatch):

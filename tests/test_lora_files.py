@@ -1,4 +1,4 @@
-"""medti.lora_files against diffusers' own LoRA loader (StableDiffusionLoraLoaderMixin.load_lora_weights, which
+"""medti.files.lora_file against diffusers' own LoRA loader (StableDiffusionLoraLoaderMixin.load_lora_weights, which
 converts kohya keys itself: loaders/lora_conversion_utils.py) on the tiny SD1 and SD2 models of test_lora.py:
   * a file we write loads in diffusers and gives the same UNet and text-tower output as ours;
   * a kohya-layout file made here (per-layer ranks, alpha != rank, conv-shaped SD1 projections, UNet and text keys)
@@ -17,8 +17,8 @@ from test_lora import ALPHA, RANK, TEXT_LAYERS, TOL, UNET_LAYERS, inputs, moved,
 
 import minisd
 from conftest import rel_err
-from medti import lora_files
-from medti.lora_files import LoRAFileError
+from medti.files import lora_file
+from medti.files.lora_file import LoRAFileError
 from minisd import lora
 
 
@@ -43,7 +43,7 @@ def test_our_file_loads_in_diffusers(kind, tmp_path):
     randomize_adapters_(sd.unet)
     randomize_adapters_(sd.text.tower, 2)
     path = tmp_path / "lora.safetensors"
-    lora_files.write(path, sd.unet, sd.text.tower, meta={"base_model": "tiny", "step": 7})
+    lora_file.write(path, sd.unet, sd.text.tower, meta={"base_model": "tiny", "step": 7})
     with safe_open(str(path), framework="pt") as f:
         meta, keys = f.metadata(), list(f.keys())
     assert {k: meta[k] for k in ("format", "rank", "alpha", "targets", "base_model", "step", "ss_network_dim")} == \
@@ -52,7 +52,7 @@ def test_our_file_loads_in_diffusers(kind, tmp_path):
          "step": "7", "ss_network_dim": "4"}
     assert all(k.startswith(("lora_unet_down_blocks_", "lora_unet_mid_block_", "lora_unet_up_blocks_",
                              "lora_te_text_model_encoder_layers_")) for k in keys)
-    assert " rank 4, targets attention,ff,proj,text,text_ff, base tiny;" in lora_files.info(path)
+    assert " rank 4, targets attention,ff,proj,text,text_ff, base tiny;" in lora_file.info(path)
     ours = outputs(sd.unet, sd.text.tower)
     pipe.load_lora_weights(str(path))
     ref = theirs(pipe)
@@ -61,7 +61,7 @@ def test_our_file_loads_in_diffusers(kind, tmp_path):
     assert rel_err(ours[1], ref[1]) < TOL
     # and back into a fresh model of ours: the same numbers exactly (float32 file)
     _, again = tiny(kind, tmp_path)
-    assert lora_files.read(path, again.unet, again.text.tower)["step"] == "7"
+    assert lora_file.read(path, again.unet, again.text.tower)["step"] == "7"
     reread = outputs(again.unet, again.text.tower)
     assert torch.equal(reread[0], ours[0]) and torch.equal(reread[1], ours[1])
 
@@ -89,7 +89,7 @@ def test_kohya_file_reads_as_in_diffusers(kind, tmp_path):
     pipe, sd = tiny(kind, tmp_path)
     path = kohya_file(pipe, tmp_path / "kohya.safetensors")
     before = theirs(pipe)
-    lora_files.read(path, sd.unet, sd.text.tower)
+    lora_file.read(path, sd.unet, sd.text.tower)
     ranks = {a.rank for a in lora.adapters(sd.unet).values()}
     assert ranks == {2, 4} and {a.alpha for a in lora.adapters(sd.text.tower).values()} == {3.0}
     pipe.load_lora_weights(str(path), adapter_name="kohya")
@@ -121,7 +121,7 @@ def test_diffusers_peft_file_reads_as_in_diffusers(kind, tmp_path):
     path = tmp_path / "peft" / "pytorch_lora_weights.safetensors"
     with safe_open(str(path), framework="pt") as f:
         assert any(".lora_A.weight" in k for k in f.keys())
-    lora_files.read(path, sd.unet, sd.text.tower)
+    lora_file.read(path, sd.unet, sd.text.tower)
     assert {a.alpha for a in lora.adapters(sd.unet).values()} == {ALPHA}
     ours, ref = outputs(sd.unet, sd.text.tower), theirs(pipe)
     assert rel_err(ours[0], ref[0]) < TOL
@@ -130,7 +130,7 @@ def test_diffusers_peft_file_reads_as_in_diffusers(kind, tmp_path):
 
 def refused(path, unet, tower, *words):
     with pytest.raises(LoRAFileError) as err:
-        lora_files.read(path, unet, tower)
+        lora_file.read(path, unet, tower)
     message = str(err.value)
     assert "\n" not in message and str(path) in message and all(w in message for w in words), message
     assert not lora.adapters(unet) and not lora.adapters(tower)   # checked before anything was attached
@@ -139,7 +139,7 @@ def refused(path, unet, tower, *words):
 def test_bad_files_are_refused_in_one_line(tmp_path):
     pipe, sd = tiny("sd2", tmp_path)
     unet, tower = sd.unet, sd.text.tower
-    names = lora_files.kohya_names(unet, tower)
+    names = lora_file.kohya_names(unet, tower)
     to_k = names["unet.input_blocks.1.1.transformer_blocks.0.attn2.to_k.lora"]
     good = {f"{to_k}.lora_down.weight": torch.randn(4, 32), f"{to_k}.lora_up.weight": torch.randn(32, 4)}
 
@@ -164,15 +164,15 @@ def test_bad_files_are_refused_in_one_line(tmp_path):
     text_file = file("text.safetensors", {f"{text}.lora_down.weight": torch.randn(4, 32),
                                           f"{text}.lora_up.weight": torch.randn(32, 4)})
     with pytest.raises(LoRAFileError, match="no text tower given"):
-        lora_files.read(text_file, unet)
+        lora_file.read(text_file, unet)
     (tmp_path / "junk.safetensors").write_bytes(b"not safetensors")
     refused(tmp_path / "junk.safetensors", unet, tower, "not a readable LoRA file")
-    lora_files.read(file("good.safetensors", good), unet, tower)
+    lora_file.read(file("good.safetensors", good), unet, tower)
     with pytest.raises(LoRAFileError, match="already has a LoRA adapter") as err:
-        lora_files.read(tmp_path / "good.safetensors", unet, tower)
+        lora_file.read(tmp_path / "good.safetensors", unet, tower)
     assert "\n" not in str(err.value)
     with pytest.raises(LoRAFileError, match="no LoRA adapters attached"):
-        lora_files.write(tmp_path / "none.safetensors", lora.remove(unet))
+        lora_file.write(tmp_path / "none.safetensors", lora.remove(unet))
 
 
 @pytest.mark.parametrize("preset, text", [("sd15", 72), ("sd2", 138)])
@@ -181,7 +181,7 @@ def test_full_size_kohya_names(preset, text):
     the text encoder, 72 (SD1: 12 layers x q/k/v/out/fc1/fc2) or 138 (SD2's 23 layers) with its default targets,
     which are ours with every kind selected; spot checks of the diffusers block numbering."""
     sd = minisd.build(minisd.load_config(preset))
-    names = lora_files.kohya_names(sd.unet, sd.text.tower)
+    names = lora_file.kohya_names(sd.unet, sd.text.tower)
     assert len(set(names.values())) == len(names)
     assert (sum(k.startswith("unet.") for k in names), sum(k.startswith("text.") for k in names)) == (192, text)
     spots = {"unet.input_blocks.1.1.transformer_blocks.0.attn1.to_q.lora":

@@ -163,7 +163,7 @@ def test_lora_estimate_is_the_ti_estimate_plus_the_adapters():
 
 
 def test_unet_estimate_holds_weights_moments_and_gradients_in_fp32():
-    from medti.methods import ATTENTION
+    from medti.training.methods import ATTENTION
     n, attention = unet_parameters(TINY), unet_parameters(TINY, ATTENTION)
     full = estimate_method("unet", resolution=128, config=TINY)
     assert full["trained"] == 4 * n and full["optimizer"] == 8 * n and full["gradient"] == 4 * n

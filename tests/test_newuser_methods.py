@@ -7,10 +7,10 @@ import torch
 from PIL import Image, PngImagePlugin
 from safetensors.torch import save_file
 
-from medti.demo import phantoms, tiny_model
-from medti.lora_files import LoRAFileError, info, read
-from medti.loras import LoRAError, find, parse_flag
+from medti.files.lora_file import LoRAFileError, info, read
+from medti.generation.loras import LoRAError, find, parse_flag
 from medti.train import build_parser, main
+from medti.training.demo import phantoms, tiny_model
 
 PROMPT, CLASS = "a phantom of sks", "a phantom"
 

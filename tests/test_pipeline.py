@@ -1,4 +1,4 @@
-"""medti.pipeline.sample equals diffusers: composable prompts against a reference loop built from diffusers'
+"""medti.generation.pipeline.sample equals diffusers: composable prompts against a reference loop built from diffusers'
 UNet and scheduler with the composition formula, and masked inpainting/img2img against
 StableDiffusionInpaintPipeline with 4- and 9-channel UNets. Tolerance as in test_sampling.py."""
 import json
@@ -10,7 +10,7 @@ from PIL import Image
 
 import minisd
 from conftest import TINY_CONFIG, TINY_UNET, randomize_, rel_err, write_official
-from medti.pipeline import InitImage, SampleSettings, sample
+from medti.generation.pipeline import InitImage, SampleSettings, sample
 
 STEPS, CFG, LATENT = 12, 3.0, 16
 
@@ -90,7 +90,7 @@ def test_half_precision_vae_overflow_is_redone_in_fp32(tiny):
     """A decode that overflows in fp16 (inf/NaN) is redone in fp32; the VAE keeps its dtype afterwards."""
     import copy
 
-    from medti.pipeline import decode
+    from medti.generation.pipeline import decode
     _, sd = tiny
     sd = copy.copy(sd)
     sd.vae = copy.deepcopy(sd.vae)
@@ -111,7 +111,7 @@ def test_compiled_generation_equals_eager(tiny):
     and images as the eager modules, up to fp32 rounding in fused kernels (bound: test_sampling.py's 1e-4)."""
     import copy
 
-    from medti.pipeline import compile_for_inference, decode
+    from medti.generation.pipeline import compile_for_inference, decode
     refs, sd = tiny
     fast = copy.copy(sd)
     fast.unet, fast.vae = copy.deepcopy(sd.unet), copy.deepcopy(sd.vae)

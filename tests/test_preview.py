@@ -10,8 +10,8 @@ import pytest
 from PIL import Image
 from test_data_dicom import PATIENTS, cxr_folder
 
-from medti.data import load_dataset
-from medti.preview import main
+from medti.data import main
+from medti.dataset.folder import load_dataset
 
 ROOT = Path(__file__).resolve().parent.parent
 

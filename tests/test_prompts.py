@@ -1,4 +1,5 @@
-"""medti.prompts against AUTOMATIC1111's own parsing of composable prompts (the syntax the reference study used).
+"""medti.generation.prompts against AUTOMATIC1111's own parsing of composable prompts (the syntax the reference study
+used).
 
 REFERENCE: `a1111` below quotes, for this test only, the two regexes and the splitting loop of get_multicond_prompt_list
 in AUTOMATIC1111/stable-diffusion-webui, modules/prompt_parser.py (commit 28bd8e142d5f77b71ae8d7d7140b5da1b3a49906).
@@ -11,7 +12,7 @@ import re
 
 import pytest
 
-from medti.prompts import WEIGHT_LIKE, PromptError, check_length, parse
+from medti.generation.prompts import WEIGHT_LIKE, PromptError, check_length, parse
 
 A1111_re_AND = re.compile(r"\bAND\b")
 A1111_re_weight = re.compile(r"^((?:\s|.)*?)(?:\s*:\s*([-+]?(?:\d+\.?|\d*\.\d+)))?\s*$")

@@ -124,7 +124,8 @@ def encode_sample(vae, images, generators, scale):
                                                       ("ddim", "linspace", 1.0), ("ddim", "leading", 0.6)])
 @torch.no_grad()
 def test_inpainting_equals_diffusers_4_channel(tiny, sampler, spacing, strength):
-    """The pieces, written out here (medti.pipeline puts them together; tests/test_pipeline.py checks that)."""
+    """The pieces, written out here (medti.generation.pipeline puts them together; tests/test_pipeline.py checks
+    that)."""
     from diffusers import StableDiffusionInpaintPipeline
     from PIL import Image
     refs, sd = tiny

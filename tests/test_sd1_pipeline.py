@@ -28,7 +28,7 @@ from transformers import CLIPTextConfig, CLIPTextModel
 
 import minisd
 from conftest import TINY_VAE, randomize_, reference_scheduler, rel_err
-from medti.pipeline import InitImage, SampleSettings, decode, sample
+from medti.generation.pipeline import InitImage, SampleSettings, decode, sample
 
 TOL = 1e-4
 STEPS, CFG, LATENT = 8, 3.0, 16

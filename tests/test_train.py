@@ -15,11 +15,11 @@ from transformers import CLIPTextConfig, CLIPTextModel
 
 import minisd
 from conftest import TINY_CONFIG, TINY_TEXT, TINY_UNET, randomize_, rel_err, write_official
-from medti import embeddings as E
-from medti.inversion import denoising_loss
+from medti.files import embedding_file as E
 from medti.train import main
-from medti.train_config import TrainConfig
-from medti.trainer import run
+from medti.training.config import TrainConfig
+from medti.training.objective import denoising_loss
+from medti.training.trainer import run
 
 TOKEN, N_VECTORS = "<lesion>", 3
 
@@ -54,7 +54,7 @@ def our_step(sd, token, vectors, prompts, gen):
 @pytest.mark.parametrize("prediction, checkpointing", [("eps", False), ("v", False), ("eps", True)])
 def test_loss_and_gradient_equal_reference(reference, prediction, checkpointing):
     """With gradient checkpointing (--checkpointing on) the gradient must be the same: it only recomputes."""
-    from medti.inversion import enable_checkpointing
+    from medti.training.optim import enable_checkpointing
     unet, text, path, config = reference
     sd = minisd.load(path, config={**config, "prediction": prediction})
     if checkpointing:
@@ -88,11 +88,11 @@ def test_loss_and_gradient_equal_reference(reference, prediction, checkpointing)
 
 @pytest.fixture(scope="module")
 def secret_data(tmp_path_factory):
-    """A tiny random model whose output depends on its prompt (sharpened cross-attention, see medti/demo.py), and
-    images sampled from it with a secret 4-vector embedding: 24 to train on, 12 held out."""
-    from medti.demo import tiny_model
-    from medti.images import save_png, to_pil
-    from medti.pipeline import SampleSettings, decode, sample
+    """A tiny random model whose output depends on its prompt (sharpened cross-attention, see medti/training/demo.py),
+    and images sampled from it with a secret 4-vector embedding: 24 to train on, 12 held out."""
+    from medti.files.images import save_png, to_pil
+    from medti.generation.pipeline import SampleSettings, decode, sample
+    from medti.training.demo import tiny_model
     folder = tmp_path_factory.mktemp("learn")
     model, config = tiny_model(folder / "model", seed=0)
     sd = minisd.load(model, config=config)
@@ -114,9 +114,9 @@ def test_training_lowers_held_out_loss(secret_data):
     (t, noise) draws no training step used, is below the initial vectors'. Paired comparison (same draws for
     both) on three independent draw sets. Measured here: 4.1, 4.5, 4.6 % lower (lr 0.005 gives ~1.1 %); the
     spread between draw sets, our run-to-run noise, is ~0.5 %, so the bar is 2 % on every set."""
-    from medti.demo import heldout_loss
-    from medti.inversion import initial_vectors
-    from medti.trainer import cache_latents
+    from medti.training.demo import heldout_loss
+    from medti.training.objective import initial_vectors
+    from medti.training.trainer import cache_latents
     folder, model, config = secret_data
     learned = run(TrainConfig(model=str(model), config=str(config), data=str(folder / "train"), token="<learned>",
                               vectors=4, lr="0.02", max_steps=200, resolution=64, preview_every=0, save_every=200,
@@ -125,7 +125,7 @@ def test_training_lowers_held_out_loss(secret_data):
     vectors = E.read(learned).vectors
     E.attach(sd, {"<learned>": E.Embedding("<learned>", vectors, {})})
     init = initial_vectors(sd, "*", 4, 0)
-    from medti.data import load_dataset
+    from medti.dataset.folder import load_dataset
     latents = cache_latents(sd, load_dataset(folder / "held-out", 64).images, False, 0)["mean"] * sd.scale_factor
     gains = []
     for draw_seed in (1, 2, 3):
@@ -247,7 +247,8 @@ def test_resume_refuses_other_settings_and_used_folders(secret_data, tmp_path, c
 
 
 def test_lr_schedule_and_initial_vectors(secret_data):
-    from medti.inversion import initial_vectors, lr_at, parse_lr
+    from medti.training.objective import initial_vectors
+    from medti.training.optim import lr_at, parse_lr
     schedule = parse_lr("0.005:1000, 0.001:2000, 0.0005")   # A1111: rate until step, last rate for ever
     assert [lr_at(schedule, s) for s in (0, 999, 1000, 1999, 2000, 10**6)] == [0.005, 0.005, 0.001, 0.001,
                                                                                 0.0005, 0.0005]

@@ -12,8 +12,8 @@ import pytest
 import torch
 from safetensors import safe_open
 
-from medti.demo import phantoms, tiny_model
 from medti.train import main
+from medti.training.demo import phantoms, tiny_model
 
 ROOT = Path(__file__).resolve().parent.parent
 TRAINING_MODULES = {"train", "trainer", "train_config", "train_outputs", "methods", "dreambooth", "demo", "inversion",

@@ -10,8 +10,8 @@ import sys
 import pytest
 from safetensors.torch import load_file
 
-from medti.demo import phantoms, tiny_model
 from medti.train import main
+from medti.training.demo import phantoms, tiny_model
 
 
 @pytest.fixture(scope="module")

@@ -11,9 +11,9 @@ import torch.nn.functional as F
 from diffusers import DDPMScheduler, UNet2DConditionModel
 from test_train_unet import PROMPT, config, sd1, start  # noqa: F401  (sd1: the fixture)
 
-from medti.dreambooth import prior_preservation_loss
 from medti.train import main
-from medti.trainer import get_batch, loop, start_or_resume
+from medti.training.dreambooth import prior_preservation_loss
+from medti.training.trainer import get_batch, loop, start_or_resume
 
 CLASS = "a scan"
 

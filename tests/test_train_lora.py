@@ -11,10 +11,10 @@ from safetensors import safe_open
 from test_train import kill_and_resume, secret_data  # noqa: F401  (secret_data: the fixture)
 
 import minisd
-from medti import lora_files
-from medti.data import load_dataset
-from medti.inversion import cache_latents, diffusion_loss
+from medti.dataset.folder import load_dataset
+from medti.files import lora_file
 from medti.train import main
+from medti.training.objective import cache_latents, diffusion_loss
 
 PROMPT = "a scan of sks"
 
@@ -46,7 +46,7 @@ def test_outputs_frozen_base_and_the_file_reads_back(secret_data, tmp_path, monk
     assert any(k.startswith("lora_unet_") for k in keys) and any(k.startswith("lora_te_") for k in keys)
     ups = [v for k, v in trained.unet.state_dict().items() if k.endswith("lora_up.weight")]
     assert ups and all(u.abs().sum() > 0 for u in ups)   # every adapter trained away from its zero start
-    lora_files.read(out / "lora.safetensors", fresh.unet, fresh.text.tower)
+    lora_file.read(out / "lora.safetensors", fresh.unet, fresh.text.tower)
     x, t = torch.randn(1, 4, 8, 8, generator=torch.Generator().manual_seed(0)), torch.tensor([500])
     with torch.no_grad():
         a = trained.unet(x, t, trained.text([PROMPT]))
@@ -109,7 +109,7 @@ def test_lora_training_lowers_held_out_loss(secret_data, tmp_path):  # noqa: F81
                           "--rank", "4", "--checkpointing", "off")) == 0
     base = minisd.load(model, config=config)
     adapted = minisd.load(model, config=config)
-    lora_files.read(out / "lora.safetensors", adapted.unet)
+    lora_file.read(out / "lora.safetensors", adapted.unet)
     images = load_dataset(folder / "held-out", 64).images
     latents = cache_latents(base, images, False, 0)["mean"] * base.scale_factor
     gains = []
@@ -145,8 +145,8 @@ def test_captions_join_the_instance_prompt_per_image(secret_data, tmp_path):  # 
     without it; the caption files are part of the data fingerprint."""
     import shutil
 
-    from medti.train_config import TrainConfig, check
-    from medti.trainer import get_batch, setup
+    from medti.training.config import TrainConfig, check
+    from medti.training.trainer import get_batch, setup
     folder, model, config = secret_data
     data = tmp_path / "data"
     shutil.copytree(folder / "train", data)

@@ -1,14 +1,16 @@
-"""The pieces every method's step shares that are about speed (issue 15's benchmark): the fused AdamW of
-medti.inversion.adamw, and the frozen text tower's conditioning kept per prompt (medti.methods.FrozenText).
-Neither may change what is learned beyond float rounding, nor break a bit-identical resume."""
+"""The pieces every method's step shares that are about speed (the fine-tuning benchmark): the fused AdamW of
+medti.training.optim.adamw, and the frozen text tower's conditioning kept per prompt
+(medti.training.methods.FrozenText). Neither may change what is learned beyond float rounding, nor break a
+bit-identical resume."""
 import pytest
 import torch
 
 import minisd
-from medti import methods
-from medti.demo import tiny_model
-from medti.inversion import adamw, read_state, restore_state, save_state
-from medti.train_config import TrainConfig
+from medti.training import methods
+from medti.training.config import TrainConfig
+from medti.training.demo import tiny_model
+from medti.training.optim import adamw
+from medti.training.state import read_state, restore_state, save_state
 
 PROMPT = "a scan of sks"
 

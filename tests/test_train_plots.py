@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from medti.plots import BOTTOM, LEFT, TOP, nice_ticks, plot_curve, smoothing_window
+from medti.files.plots import BOTTOM, LEFT, TOP, nice_ticks, plot_curve, smoothing_window
 
 
 @pytest.mark.parametrize("low,high,expected", [

@@ -8,9 +8,9 @@ import torch
 from PIL import Image
 from safetensors import safe_open
 
-from medti import embeddings as E
-from medti.demo import phantoms, tiny_model
+from medti.files import embedding_file as E
 from medti.train import main
+from medti.training.demo import phantoms, tiny_model
 
 
 @pytest.fixture(scope="module")
@@ -97,7 +97,7 @@ def test_no_non_finite_number_in_any_saved_file(finished, tmp_path):
 def test_state_saved_before_the_demo_split_still_resumes(finished, tmp_path):
     """State files written before --demo left the training settings hold "demo": false among them; such a run
     must still resume (demo never changed training), while any other changed setting is still refused."""
-    from medti.files import safetensors_bytes, write_atomic
+    from medti.files.atomic import safetensors_bytes, write_atomic
     out, base = copy(finished, tmp_path)
     state = out / "state.safetensors"
     with safe_open(str(state), framework="pt") as f:
@@ -111,7 +111,7 @@ def test_state_saved_before_the_demo_split_still_resumes(finished, tmp_path):
 def test_state_saved_before_the_methods_still_resumes(finished, tmp_path, capsys):
     """State files written before --method existed hold none of its settings; they ran textual inversion, which
     is the default of each: they resume, and a changed one of those settings is still refused."""
-    from medti.files import safetensors_bytes, write_atomic
+    from medti.files.atomic import safetensors_bytes, write_atomic
     out, base = copy(finished, tmp_path)
     state = out / "state.safetensors"
     with safe_open(str(state), framework="pt") as f:
@@ -134,7 +134,8 @@ def test_state_saved_before_the_methods_still_resumes(finished, tmp_path, capsys
 
 
 def test_resume_with_other_vectors_says_what_to_pass(tmp_path):
-    from medti.inversion import TrainError, load_state, save_state
+    from medti.training import TrainError
+    from medti.training.state import load_state, save_state
     saved = torch.nn.Parameter(torch.zeros(2, 8))
     save_state(tmp_path / "state.safetensors", saved, torch.optim.AdamW([saved]), {}, 3, {})
     other = torch.nn.Parameter(torch.zeros(3, 8))

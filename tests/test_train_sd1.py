@@ -22,10 +22,10 @@ from transformers import CLIPTextConfig, CLIPTextModel
 import convert_diffusers
 import minisd
 from conftest import rel_err
-from medti import embeddings as E
 from medti import generate, train
-from medti.demo import phantoms
-from medti.inversion import enable_checkpointing
+from medti.files import embedding_file as E
+from medti.training.demo import phantoms
+from medti.training.optim import enable_checkpointing
 from minisd.conditioning import TextConditioning
 from minisd.config import parse_config
 
@@ -211,7 +211,7 @@ def test_a_folder_hashes_as_its_file_listing(sd1, tmp_path, monkeypatch):
     import hashlib
     import shutil
 
-    from medti.hashes import sha256_of
+    from medti.files.hashes import sha256_of
     monkeypatch.setenv("MEDTI_CACHE", str(tmp_path / "cache"))
     folder = tmp_path / "copy"
     shutil.copytree(sd1[1], folder)

@@ -18,12 +18,12 @@ from test_train_lora import heldout
 import convert_diffusers
 import minisd
 from conftest import rel_err
-from medti.data import load_dataset
-from medti.demo import phantoms
-from medti.inversion import cache_latents
+from medti.dataset.folder import load_dataset
 from medti.train import main
-from medti.train_config import TrainConfig, check
-from medti.trainer import get_batch, loop, setup, start_or_resume
+from medti.training.config import TrainConfig, check
+from medti.training.demo import phantoms
+from medti.training.objective import cache_latents
+from medti.training.trainer import get_batch, loop, setup, start_or_resume
 
 PROMPT = "a scan of sks"
 

@@ -13,13 +13,13 @@ from diffusers import DDPMScheduler
 from safetensors import safe_open
 
 import minisd
-from medti import embeddings as E
-from medti.data import load_dataset
-from medti.demo import phantoms, tiny_model
+from medti.dataset.folder import load_dataset
+from medti.files import embedding_file as E
 from medti.train import main
-from medti.train_config import TrainConfig, check
-from medti.trainer import setup
-from medti.validation import keep_best, split
+from medti.training.config import TrainConfig, check
+from medti.training.demo import phantoms, tiny_model
+from medti.training.trainer import setup
+from medti.training.validation import keep_best, split
 
 # --latents random and --flip: every source of training randomness is used (images, flips, posterior draws,
 # timesteps, noise); 4 draws per validation image keep the test short (the default is 8)

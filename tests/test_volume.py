@@ -10,7 +10,7 @@ import pytest
 import SimpleITK as sitk
 
 from medti.medical import MedicalError  # noqa: E402
-from medti.medical.volume import (  # noqa: E402
+from medti.medical.volume import (
     case_slices,
     parse_slices,
     read_case,

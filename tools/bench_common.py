@@ -11,7 +11,7 @@ import diffusers
 import torch
 import torch.nn.functional as F
 
-from medti.pipeline import SampleSettings, compile_for_inference, decode, sample
+from medti.generation.pipeline import SampleSettings, compile_for_inference, decode, sample
 from minisd.packing import pack_convs
 
 TOKEN, N_VECTORS, STEPS, GB, CL = "<bench>", 64, 3, 1e9, torch.channels_last
@@ -82,8 +82,8 @@ def unet_inputs(b, rows=2, size=None, dtype=torch.float32):
     return x.to(dtype), torch.full((rows,), 500.0), context.to(dtype)
 
 def compiled(b):
-    """Ours with --compile (medti.pipeline.compile_for_inference), built once; the first calls compile and are
-    timed apart: (sd, {what: seconds})."""
+    """Ours with --compile (medti.generation.pipeline.compile_for_inference), built once; the first calls compile and
+    are timed apart: (sd, {what: seconds})."""
     if "compiled" not in b.results:
         fast = dataclasses.replace(b.sd, vae=copy.deepcopy(b.sd.vae))   # the decoder is compiled in place
         b.results["compiled"] = (compile_for_inference(fast), {})

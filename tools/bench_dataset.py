@@ -14,7 +14,7 @@ import time
 import diffusers
 import torch
 
-from medti.pipeline import SampleSettings, decode, sample
+from medti.generation.pipeline import SampleSettings, decode, sample
 
 STUDY_IMAGES = 2000
 CONFIGS = (("Euler a, 100 steps (the study)", "euler_a", "linspace", 100),

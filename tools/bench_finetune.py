@@ -1,12 +1,13 @@
 """Section 12 of tools/benchmark.py: one LoRA training step and one full UNet fine-tuning step, ours (the pieces of
-medti.trainer's loop) against the diffusers examples' recipes, on the same random full-size SD2 UNet, VAE and text
-tower.
+medti.training.trainer's loop) against the diffusers examples' recipes, on the same random full-size SD2 UNet, VAE
+and text tower.
 
-  ours       medti.methods.LoRAMethod / UNetFineTune (fp32 on the CPU: no autocast). Per step, as the loop does:
-             the image's latents from the cache made once at setup (medti.inversion.cache_latents, timed on its
-             own: once per training image), the prompt's conditioning from the method (the frozen text tower's
-             output is kept per prompt: medti.methods.FrozenText), medti.inversion.diffusion_loss, backward,
-             medti.inversion.total_norm (the loop logs it), the trainer's fused AdamW (medti.inversion.adamw).
+  ours       medti.training.methods.LoRAMethod / UNetFineTune (fp32 on the CPU: no autocast). Per step, as the loop
+             does: the image's latents from the cache made once at setup (medti.training.objective.cache_latents,
+             timed on its own: once per training image), the prompt's conditioning from the method (the frozen text
+             tower's output is kept per prompt: medti.training.methods.FrozenText),
+             medti.training.objective.diffusion_loss, backward, medti.training.optim.total_norm (the loop logs it),
+             the trainer's fused AdamW (medti.training.optim.adamw).
   diffusers  examples/dreambooth/train_dreambooth_lora.py: peft LoraConfig(r=4, lora_alpha=4, init_lora_weights=
              "gaussian", target_modules to_k/to_q/to_v/to_out.0) added to UNet2DConditionModel, AdamW (weight decay
              1e-2) on the LoRA parameters; examples/text_to_image/train_text_to_image.py: the whole UNet in AdamW.
@@ -35,10 +36,11 @@ import minisd
 from bench_common import medians, row, table
 from bench_models import MODELS, diffusers_configs
 from convert_diffusers import convert_text, convert_unet, convert_vae
-from medti import methods
-from medti.inversion import adamw, cache_latents, diffusion_loss, precision, total_norm
-from medti.train_config import TrainConfig
-from medti.trainer import draw_latents
+from medti.training import methods
+from medti.training.config import TrainConfig
+from medti.training.objective import cache_latents, diffusion_loss
+from medti.training.optim import adamw, precision, total_norm
+from medti.training.trainer import draw_latents
 
 PROMPT = "a chest x-ray of sks"
 TARGETS = ["to_k", "to_q", "to_v", "to_out.0"]   # train_dreambooth_lora.py's UNet LoRA targets
@@ -84,7 +86,7 @@ def inputs(sd, size: int):
 
 
 def ours_step(sd, method: str, cache: dict, trainable="all"):
-    """One step of medti.trainer.loop for --method lora|unet (fp32 on the CPU), and its optimizer."""
+    """One step of medti.training.trainer.loop for --method lora|unet (fp32 on the CPU), and its optimizer."""
     cfg = TrainConfig(method=method, instance_prompt=PROMPT, trainable=trainable)
     m = methods.make(sd, cfg, [PROMPT], torch.device("cpu"))
     optimizer = adamw(list(m.params.values()), float(methods.learning_rate(cfg)))

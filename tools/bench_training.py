@@ -10,14 +10,15 @@ from transformers import CLIPTextConfig, CLIPTextModel
 
 import minisd
 from bench_common import N_VECTORS, TOKEN, medians, row, table
-from medti import embeddings as emb
-from medti.inversion import denoising_loss, enable_checkpointing, initial_vectors
+from medti.files import embedding_file as emb
+from medti.training.objective import denoising_loss, initial_vectors
+from medti.training.optim import enable_checkpointing
 
 
 @contextlib.contextmanager
 
 def checkpointing(sd):
-    """medti.inversion.enable_checkpointing (train.py's default) for a while; then the blocks are unwrapped."""
+    """medti.training.optim.enable_checkpointing (train.py's default) for a while; then the blocks are unwrapped."""
     enable_checkpointing(sd)
     try:
         yield

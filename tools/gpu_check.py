@@ -80,10 +80,11 @@ def estimated(fn, **kwargs):
 
 
 def ours_ti_step(sd, size: int, device):
-    """One step of medti's training loop: cached latents (the VAE leaves the device, as medti/trainer.py does),
+    """One step of medti's training loop: cached latents (the VAE leaves the device, as medti/training/trainer.py does),
     64 fp32 vectors in AdamW, fp16 weights with a grad scaler, gradient checkpointing."""
-    from medti import embeddings as emb
-    from medti.inversion import denoising_loss, enable_checkpointing, initial_vectors
+    from medti.files import embedding_file as emb
+    from medti.training.objective import denoising_loss, initial_vectors
+    from medti.training.optim import enable_checkpointing
     enable_checkpointing(sd)
     emb.attach(sd, {TOKEN: emb.Embedding(TOKEN, torch.zeros(N_VECTORS, sd.text.width))})
     vectors = torch.nn.Parameter(initial_vectors(sd, "*", N_VECTORS, 0).to(device))
@@ -137,8 +138,8 @@ def diffusers_ti_step(refs, size: int, device, dtype, pad: int):
 
 
 def ours_txt2img(sd, cond, uncond, batch: int, size: int, steps: int):
-    """What `python -m medti.generate` runs: medti.pipeline.sample (Euler a, CFG 2), then the VAE decode."""
-    from medti.pipeline import SampleSettings, decode, sample
+    """What `python -m medti.generate` runs: medti.generation.pipeline.sample (Euler a, CFG 2), then the VAE decode."""
+    from medti.generation.pipeline import SampleSettings, decode, sample
     settings = SampleSettings(width=size, height=size, steps=steps, cfg=2.0)
     return lambda: decode(sd, sample(sd, cond, uncond, [1.0], list(range(batch)), settings))
 
@@ -161,9 +162,9 @@ def diffusers_txt2img(pipe, cond, uncond, batch: int, size: int, steps: int, out
 
 
 def finite_ours(sd, cond, uncond, size: int, steps: int) -> bool:
-    """No NaN/inf in the final latents and in the VAE decode in the model's own dtype (medti.pipeline.decode
+    """No NaN/inf in the final latents and in the VAE decode in the model's own dtype (medti.generation.pipeline.decode
     would hide an overflow by redoing it in fp32)."""
-    from medti.pipeline import SampleSettings, sample
+    from medti.generation.pipeline import SampleSettings, sample
     latents = sample(sd, cond, uncond, [1.0], [0], SampleSettings(width=size, height=size, steps=steps))
     with torch.no_grad():
         images = sd.vae.decode(latents / sd.scale_factor)
@@ -286,7 +287,7 @@ def main(argv=None) -> int:
         results["diffusers"] = measure_diffusers(b, args, device, dtype)
     report(results)
     if args.json:
-        from medti.files import write_atomic
+        from medti.files.atomic import write_atomic
         write_atomic(args.json, json.dumps(results, indent=1).encode())
     return 0
 

@@ -18,7 +18,7 @@ from torch.utils import _pytree as pytree
 from torch.utils._python_dispatch import TorchDispatchMode
 
 import minisd
-from medti import inversion
+from medti.training import optim as inversion
 from minisd.clip import LAYERS
 from minisd.config import ModelConfig, parse_config
 
@@ -141,9 +141,9 @@ def describe(cfg: ModelConfig) -> str:
 
 
 def adamw(params, foreach: bool = False):
-    """medti.trainer's AdamW (medti.inversion.adamw: fused, no temporaries) past its first step (state allocated),
-    as in every later step; the learning rate changes no byte. foreach=True: torch's default on CUDA instead (what
-    the diffusers examples run), whose multi-tensor ops make temporaries as large as all trained weights."""
+    """medti.training.trainer's AdamW (medti.training.optim.adamw: fused, no temporaries) past its first step (state
+    allocated), as in every later step; the learning rate changes no byte. foreach=True: torch's default on CUDA instead
+    (what the diffusers examples run), whose multi-tensor ops make temporaries as large as all trained weights."""
     optimizer = torch.optim.AdamW(params, lr=1e-5, weight_decay=0.0, foreach=True) if foreach else inversion.adamw(
         params, 1e-5)
     for p in params:

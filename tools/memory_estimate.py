@@ -7,9 +7,9 @@
 --model: a preset (sd2-base, sd21, sd15, sd15-inpainting, ...), a JSON config file or a diffusers folder (only its
 config files are read); default SD2 at the --resolution it was trained at. The real code runs on fake tensors
 (tools/memory_common.py): the full-size model is built on the meta device and materialised as fake fp16 tensors,
-then one training step runs through medti.inversion (denoising_loss, backward, AdamW); estimate_*() -> {category:
-bytes}. --method lora|unet estimates the step of `python -m medti.train --method lora|unet` (tools/memory_methods.py).
-"""
+then one training step runs through medti.training.objective (denoising_loss, backward, AdamW); estimate_*() ->
+{category: bytes}. --method lora|unet estimates the step of `python -m medti.train --method lora|unet`
+(tools/memory_methods.py). """
 import argparse
 import sys
 
@@ -17,9 +17,10 @@ import torch
 
 import minisd
 from bench_models import diffusers_configs  # tools/, the script's folder (not a package)
-from medti import embeddings as emb
-from medti.inversion import denoising_loss, enable_checkpointing
-from medti.pipeline import InitImage, SampleSettings, decode, sample
+from medti.files import embedding_file as emb
+from medti.generation.pipeline import InitImage, SampleSettings, decode, sample
+from medti.training.objective import denoising_loss
+from medti.training.optim import enable_checkpointing
 from memory_common import (  # re-exported: tests and tools import them from here
     DEVICE,
     GB,
@@ -35,15 +36,16 @@ from memory_common import (  # re-exported: tests and tools import them from her
 from memory_methods import main as method_main
 
 TOKEN, N_VECTORS = "<medti>", 64
-CACHED_IMAGES = 100            # training images whose latents medti/train.py caches, on the CPU
+CACHED_IMAGES = 100            # training images whose latents medti.train caches, on the CPU
 LIMITS = {"required": 8 * GB, "target": 3.5 * GB}   # for training; generation's target is 3 GB
-METHODS, TRAINABLE = ("ti", "lora", "unet"), ("all", "attention")   # --method (medti.methods.METHODS), --trainable
+# --method (medti.training.methods.METHODS), --trainable
+METHODS, TRAINABLE = ("ti", "lora", "unet"), ("all", "attention")
 
 
 def estimate_training(resolution=512, batch=1, checkpointing=True, dtype=torch.float16, config="sd2-base") -> dict:
     """Bytes per category of one step of medti/train.py's loop on the device (the VAE stays off it)."""
     cfg = model_config(config)
-    if cfg.inpainting:   # medti.inversion feeds the UNet 4-channel latents: TI trains on the plain model
+    if cfg.inpainting:   # medti.training feeds the UNet 4-channel latents: TI trains on the plain model
         raise ValueError("textual inversion trains on a 4-channel model, not on the 9-channel inpainting UNet")
     sd = minisd.build(cfg, device="meta")
     if checkpointing:
@@ -108,8 +110,8 @@ def estimate_diffusers_recipe(resolution=512, batch=1, checkpointing=True, dtype
 
 
 def estimate_generation(resolution=512, cfg=True, dtype=torch.float16, config="sd2-base") -> dict:
-    """medti.pipeline: one sampler step (UNet at batch 2 with CFG, no grad), then the VAE decode; all resident.
-    An inpainting model samples from an image and a mask (its VAE encode counts in the sampler step)."""
+    """medti.generation.pipeline: one sampler step (UNet at batch 2 with CFG, no grad), then the VAE decode; all
+    resident. An inpainting model samples from an image and a mask (its VAE encode counts in the sampler step)."""
     sd = minisd.build(model_config(config), device="meta")
     with fake_device() as mem, torch.no_grad():
         materialise(sd.unet, dtype), materialise(sd.text.tower, dtype), materialise(sd.vae, dtype)

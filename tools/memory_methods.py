@@ -1,11 +1,11 @@
 """ESTIMATED peak GPU memory of one LoRA or full-UNet training step: tools/memory_estimate.py --method lora|unet.
 
 The same machinery as the textual-inversion estimate (tools/memory_common.py: fake tensors, live storage bytes),
-on the code that trains: the model is built on the meta device in the run's dtype, medti.methods builds the method
-on it exactly as `python -m medti.train --method lora|unet` does (LoRA adapters in fp32 on the fp16 base; or the
+on the code that trains: the model is built on the meta device in the run's dtype, medti.training.methods builds the
+method on it exactly as `python -m medti.train --method lora|unet` does (LoRA adapters in fp32 on the fp16 base; or the
 trained UNet weights cast to fp32 masters in the model), then every tensor becomes a fake one with its dtype and
-requires_grad kept, and one step runs: medti.inversion.diffusion_loss under the method's autocast
-(medti.inversion.precision), backward, AdamW past its first step (both moments allocated; medti's fused AdamW, or
+requires_grad kept, and one step runs: medti.training.objective.diffusion_loss under the method's autocast
+(medti.training.optim.precision), backward, AdamW past its first step (both moments allocated; medti's fused AdamW, or
 with --foreach torch's CUDA default). --ema adds the method's one fp32 copy of what trains. The VAE stays off the device
 (latents are cached, as for TI).
 
@@ -15,9 +15,10 @@ used here), and fp16 and bf16 have the same byte sizes, so the estimate would be
 import torch
 
 import minisd
-from medti import methods
-from medti.inversion import diffusion_loss, enable_checkpointing, precision
-from medti.train_config import TrainConfig
+from medti.training import methods
+from medti.training.config import TrainConfig
+from medti.training.objective import diffusion_loss
+from medti.training.optim import enable_checkpointing, precision
 from memory_common import DEVICE, GB, adamw, fake_device, model_config, on_device, report, training_step
 
 PROMPT = "a chest x-ray of sks"   # the instance prompt: its length does not change the 77-token conditioning
@@ -33,7 +34,7 @@ LABELS = {"frozen": "frozen weights (run dtype)", "trained": "trained weights (f
 
 
 def method_model(method: str, config, dtype, trainable="all", rank=4, ema=False):
-    """The meta-built model with `method` (medti.methods) applied as medti.train applies it: (sd, method)."""
+    """The meta-built model with `method` (medti.training.methods) applied as medti.train applies it: (sd, method)."""
     cfg = model_config(config)
     if cfg.inpainting:   # medti's training feeds the UNet 4-channel latents
         raise ValueError(f"--method {method} trains a 4-channel model, not the 9-channel inpainting UNet")
@@ -74,7 +75,7 @@ def estimate_method(method: str, resolution=512, batch=1, checkpointing=True, dt
         copies = [p.detach().clone() for p in params] if m.buffers else []   # UNetFineTune's buffers["ema.*"]
         assert len(copies) == len(m.buffers), "the EMA holds other tensors than the method's"
         parts["ema"] = nbytes(copies)
-        if checkpointing:   # after the method, as medti.trainer.setup does
+        if checkpointing:   # after the method, as medti.training.trainer.setup does
             enable_checkpointing(sd)
         before = mem.now
         latents, noise = on_device(batch, 4, h, h), on_device(batch, 4, h, h)

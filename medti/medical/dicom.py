@@ -42,7 +42,7 @@ def is_dicom(path) -> bool:
     """A regular file that is a DICOM file: "DICM" after the 128-byte preamble (PS3.10 7.1), whatever its name
     (DICOMDIR exports and PACS dumps often have no extension), or any file named *.dcm, so a damaged .dcm is read
     and reported by read_dicom instead of being passed over in silence. Opened with O_NONBLOCK and checked on the
-    open file, as medti.data does: a FIFO named like an image must not hang the search."""
+    open file, as medti.dataset does: a FIFO named like an image must not hang the search."""
     path = Path(path)
     try:
         fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK)
@@ -180,9 +180,9 @@ def render(image: DicomImage, window: Window | None = None) -> np.ndarray:
 
 
 def training_image(path, window: Window | None):
-    """One single-frame DICOM file as medti.data reads images: (8-bit L PIL image, PatientID or None). pydicom missing
-    is the user's to fix (MedicalError, one line for the run); a file that cannot be used is the `MedicalError` that
-    medti.data turns into a skip with its reason. Multi-frame files and series are volumes, read by
+    """One single-frame DICOM file as medti.dataset reads images: (8-bit L PIL image, PatientID or None). pydicom
+    missing is the user's to fix (MedicalError, one line for the run); a file that cannot be used is the `MedicalError`
+    that medti.dataset turns into a skip with its reason. Multi-frame files and series are volumes, read by
     medti.medical.dicom_series; one reaching this function has frames but no geometry, and is refused."""
     from PIL import Image
     image = read_dicom(path)

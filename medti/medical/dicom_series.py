@@ -120,7 +120,7 @@ def to_volume(s: Series, name: str, case: str | None = None) -> Volume:
 
 @dataclass(frozen=True)
 class DicomVolume:
-    """The files of one DICOM volume, as medti.data finds them: a series of single-frame files or one multi-frame
+    """The files of one DICOM volume, as medti.dataset finds them: a series of single-frame files or one multi-frame
     file. `number` is the Series Number, to name one of several series in a folder."""
     paths: tuple
     number: int | None = None

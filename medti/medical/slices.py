@@ -1,6 +1,6 @@
 """3-D volumes (NIfTI, MetaImage, NRRD) as training images: each chosen slice of a volume (or of a case's sequences,
 stacked as R, G, B) becomes one 8-bit image with square pixels, named `<file>#<plane><index>` (`case1/t2w.mha#axial012`)
-so val.txt and the skip list name the slice. medti.data calls this for every volume file it finds.
+so val.txt and the skip list name the slice. medti.dataset calls this for every volume file it finds.
 
 Intensities: the --window if given (LINEAR, as for DICOM), else min-max over the whole VOLUME, never per slice: the
 slices of one scan keep one scale, so an organ that is dark in one slice is not stretched to white in the next (MR
@@ -175,7 +175,7 @@ def case_images(sources: list, case: str, options: SliceOptions) -> tuple[list, 
 
 def item(name: str, source, channels: list | None, options: SliceOptions):
     """(images [(name, Image)], patient, files read) of one volume file (`source` a Path) or one case of volume
-    sequences (`source` {channel: Path}), else None (not volumes: medti.data reads it). The patient is the case:
+    sequences (`source` {channel: Path}), else None (not volumes: medti.dataset reads it). The patient is the case:
     the file's folder relative to --data (`name`'s parent), or its stem for a file directly in --data; with
     channels, the case's folder too (PI-CAI: images/10000/10000_1000000_t2w.mha is patient 10000, whose second
     study 10000_1000001 must land on the same side), else the case name. So no patient's slices are on both sides

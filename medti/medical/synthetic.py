@@ -75,7 +75,7 @@ def write_dicom(path, image, comments: str, settings: dict):
     line, --out included, the same in every shard and on --resume; --n may grow on a resume) name it: the study and
     series UIDs derive from them, the instance UID from them and the file name, so a file rewritten on --resume
     keeps its UID and two runs never share one."""
-    from ..files import write_atomic
+    from ..files.atomic import write_atomic
     run = str(sorted((k, str(v)) for k, v in settings.items() if k not in ("resume", "n")))
     study, series = new_uid(run, "study"), new_uid(run, "series")
     write_atomic(path, synthetic_dicom(np.asarray(image), comments, study, series, new_uid(run, str(path.name))))

@@ -66,8 +66,9 @@ def voi_linear(x: np.ndarray, window: Window, ymin: float = 0.0, ymax: float = 2
 
 
 def min_max(x: np.ndarray) -> np.ndarray:
-    """The project's rule when no window is known (as medti.images.to_8bit): the array's own [min, max] -> [0, 255]
-    linearly, float64; a constant array becomes 0 (black). Over the whole array given, so a volume keeps one scale."""
+    """The project's rule when no window is known (as medti.files.images.to_8bit): the array's own [min, max] ->
+    [0, 255] linearly, float64; a constant array becomes 0 (black). Over the whole array given, so a volume keeps one
+    scale."""
     x = np.asarray(x, dtype=np.float64)
     low, high = float(x.min()), float(x.max())
     return (x - low) * (255 / (high - low)) if high > low else np.zeros_like(x)
@@ -92,5 +93,5 @@ def display_scale(pixels: np.ndarray, window: Window | None, photometric: str = 
 
 
 def to_uint8(pixels: np.ndarray, window: Window | None, photometric: str = "MONOCHROME2") -> np.ndarray:
-    """display_scale, rounded half up to uint8, as medti.images.to_8bit."""
+    """display_scale, rounded half up to uint8, as medti.files.images.to_8bit."""
     return np.floor(display_scale(pixels, window, photometric) + 0.5).astype(np.uint8)

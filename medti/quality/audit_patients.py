@@ -4,7 +4,7 @@ alone (patient-001, ... in the order the training folder lists them, the numberi
 preview`): the patient as read (a DICOM PatientID) is an identifier and is never written."""
 from collections import Counter
 
-from ..data import pseudonyms
+from ..dataset.folder import pseudonyms
 from .folders import ImageSet
 
 
@@ -15,7 +15,7 @@ def patient_rows(train: ImageSet) -> list:
 
 
 def training_set(train: ImageSet) -> dict:
-    """What the training set is made of: volume slices are named FILE#PLANEnnn (medti.data), cases and files not."""
+    """What the training set is made of: volume slices are named FILE#PLANEnnn (medti.dataset), cases and files not."""
     names = train.names
     return {"images": len(names), "patients": len(set(train.patients)), "slices": sum("#" in n for n in names),
             "volumes_or_series": len({n.split("#")[0] for n in names if "#" in n}),

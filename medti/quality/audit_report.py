@@ -13,7 +13,7 @@ from functools import cached_property
 import numpy as np
 from PIL import Image, ImageOps
 
-from ..images import contact_sheet, label
+from ..files.images import contact_sheet, label
 from . import privacy
 from .audit_patients import copied_lines, copied_patients, described, patient_rows, training_set
 from .folders import ImageSet

@@ -15,7 +15,7 @@ import torch
 from minisd import dinov2, inception
 from minisd.errors import UserError, arg
 
-from ..hashes import sha256_of
+from ..files.hashes import sha256_of
 
 FEATURES = ("inception", "dinov2")
 # Stein et al. 2023 (FD-DINOv2) use ViT-L/14; torch-fidelity's default `dinov2-vit-l-14` is the same release.

@@ -1,5 +1,5 @@
 """The image sets that evaluation and the audit compare: a folder read like training data (through
-medti.data.read_items, the reader training uses: DICOM series, volumes and --channels cases included), or a
+medti.dataset.folder.read_items, the reader training uses: DICOM series, volumes and --channels cases included), or a
 generation run (its manifest.jsonl, or a folder that holds one), each image kept as uint8 RGB at its own size.
 
 Why uint8 at the native size: torch-fidelity's and torchmetrics' feature extractors take uint8 images and resize
@@ -18,15 +18,16 @@ from PIL import Image
 
 from minisd.errors import UserError, arg
 
-from ..data import DataError, Unusable, parse_channels, read_image, read_items, warn_skipped
-from ..manifest import MERGED
+from ..dataset.folder import DataError, parse_channels, read_items, warn_skipped
+from ..dataset.preprocess import Unusable, fit
+from ..dataset.sources import read_image
+from ..generation.manifest import MERGED
 from ..medical.slices import SliceOptions, check_options
 from ..medical.window import parse_window
-from ..preprocess import fit
-from ..train_config import TrainConfig
+from ..training.config import TrainConfig
 
 # medti.train's flags that decide what a folder's images are, taken by evaluate (--real) and the audit (--train)
-# under the same names and helps (medti.train_config.add_flags). --preprocess is not among them: evaluation keeps
+# under the same names and helps (medti.training.config.add_flags). --preprocess is not among them: evaluation keeps
 # the native size (see above), the audit adds it itself; nor --strict: a skipped file is listed, as in training.
 DATA_FLAGS = ("channels", "window", "plane", "slices", "slice_mask")
 
@@ -53,7 +54,7 @@ class Reading:
     """How a folder's images are read: the data flags, checked (reading())."""
     channels: list | None = None
     options: SliceOptions = field(default_factory=check_options)
-    # medti.train's --preprocess at `resolution` (medti.preprocess.fit), applied before any reduction; None: the
+    # medti.train's --preprocess at `resolution` (medti.dataset.preprocess.fit), applied before any reduction; None: the
     # images as read (evaluation, every synthetic set). The audit sets both once it knows the synthetic size.
     preprocess: str | None = None
     resolution: int = 0
@@ -63,7 +64,7 @@ def reading(args) -> Reading:
     """The data flags of `args` (DATA_FLAGS, as add_flags made them) checked before any image is read; a mistake
     is one line naming the flag."""
     try:
-        channels = parse_channels(args.channels)   # training's own rule for --channels (medti.data)
+        channels = parse_channels(args.channels)   # training's own rule for --channels (medti.dataset)
     except DataError as e:
         raise SetError(f"--channels {args.channels}: {e}") from None
     window = parse_window(args.window, "--window") if args.window else None

@@ -9,9 +9,9 @@ import numpy as np
 import torch
 from PIL import Image, ImageDraw, PngImagePlugin
 
-from ..files import write_atomic
-from ..images import contact_sheet, save_png
-from ..plots import INK, axes, vertical_text
+from ..files.atomic import write_atomic
+from ..files.images import contact_sheet, save_png
+from ..files.plots import INK, axes, vertical_text
 from .features import provenance
 from .folders import ImageSet
 from .metrics import nearest_real

@@ -13,10 +13,11 @@ from pathlib import Path
 
 from minisd.errors import arg
 
-from .. import generate
-from ..embeddings import read as read_embedding
-from ..files import write_atomic
-from ..plots import plot_curve
+from ..files.atomic import write_atomic
+from ..files.embedding_file import read as read_embedding
+from ..files.plots import plot_curve
+from ..generation import flags as generation_flags
+from ..generation import run as generation
 from .features import EvalError, encode, provenance
 from .folders import load_set
 from .scoring import check_sizes, progress, score
@@ -64,10 +65,10 @@ def generation_argv(args, file: Path, folder: Path) -> list:
 
 
 def make_images(args, file: Path, folder: Path):
-    """Generate through medti.generate's own run(), so its checks and messages apply (its errors are user errors
-    and reach evaluate's one-line report), and its resume makes a re-run free."""
-    parsed = generate.build_parser().parse_args(generation_argv(args, file, folder))
-    generate.run(parsed)
+    """Generate through `python -m medti.generate`'s own flags and run(), so its checks and messages apply (its
+    errors are user errors and reach evaluate's one-line report), and its resume makes a re-run free."""
+    parsed = generation_flags.build_parser().parse_args(generation_argv(args, file, folder))
+    generation.run(parsed)
 
 
 def markdown(rows: list, args, net) -> str:

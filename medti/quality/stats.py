@@ -17,7 +17,7 @@ import torch
 
 from minisd.errors import arg
 
-from ..files import safetensors_bytes, write_atomic
+from ..files.atomic import safetensors_bytes, write_atomic
 from .features import EvalError, Network
 from .metrics import statistics
 

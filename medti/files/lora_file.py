@@ -27,8 +27,8 @@ from minisd import lora
 from minisd.diffusers_keys import QKV, openai_name, openclip_name, unet_name
 from minisd.errors import UserError
 
-from .embeddings import WIDTHS
-from .files import safetensors_bytes, write_atomic
+from .atomic import safetensors_bytes, write_atomic
+from .embedding_file import WIDTHS
 
 FORMAT = "kohya-lora"                              # our metadata "format"
 PARTS = {"lora_down.weight": "down", "lora_up.weight": "up", "alpha": "alpha",        # kohya

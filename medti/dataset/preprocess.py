@@ -35,7 +35,7 @@ def _cxr(image: Image.Image, resolution: int) -> Image.Image:
 
 def fit(image: Image.Image, resolution: int, preprocess: str) -> Image.Image:
     """Apply a PREPROCESS preset. Downscaling (center, cxr) uses Lanczos: the least aliasing of PIL's filters,
-    and the filter medti.images uses for init images, so training and img2img inputs are resampled alike.
+    and the filter medti.files.images uses for init images, so training and img2img inputs are resampled alike.
     `upsample` uses bicubic, which rings less than Lanczos when enlarging small patches (96-px histology).
     PIL returns an unresampled copy when the size already matches, so an R x R square passes through exactly."""
     if preprocess == "none":

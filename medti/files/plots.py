@@ -11,7 +11,7 @@ import math
 import numpy as np
 from PIL import Image, ImageDraw, PngImagePlugin
 
-from .files import write_atomic
+from .atomic import write_atomic
 
 INK, GRID, LINE, VALIDATION = (0, 0, 0), (225, 225, 225), (20, 40, 140), (200, 60, 20)
 # Margins in pixels: tick labels and the rotated y label on the left, tick labels and the x label below.

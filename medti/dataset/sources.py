@@ -1,6 +1,6 @@
 """What the files under a data folder are, and how each is read: a 2-D image (PNG, TIFF, JPEG, a DICOM radiograph),
 a volume (NIfTI, MetaImage, NRRD, a DICOM series or multi-frame file: one image per chosen slice), or a case of
---channels stacked as R, G, B. medti.data (training and validation) and medti.quality (evaluation and the audit)
+--channels stacked as R, G, B. medti.dataset (training and validation) and medti.quality (evaluation and the audit)
 read folders through `items` and `item_images`, so every set obeys one rule."""
 import io
 import os
@@ -10,17 +10,17 @@ from pathlib import Path
 
 from PIL import Image
 
-from .images import REFUSED_MODES, WIDE_MODES, ImageError, to_8bit
-from .medical import MedicalError, MissingExtra
-from .medical.dicom import training_image
-from .medical.dicom_series import DicomVolume, find_volumes
-from .medical.slices import item as volume_item
-from .medical.slices import stem
+from ..files.images import REFUSED_MODES, WIDE_MODES, ImageError, to_8bit
+from ..medical import MedicalError, MissingExtra
+from ..medical.dicom import training_image
+from ..medical.dicom_series import DicomVolume, find_volumes
+from ..medical.slices import item as volume_item
+from ..medical.slices import stem
 from .preprocess import Unusable
 
 
 def _to_8bit(image: Image.Image) -> Image.Image:
-    """medti.images.to_8bit (16-bit and float images rescaled from their own range), a failure as a skip."""
+    """medti.files.images.to_8bit (16-bit and float images rescaled from their own range), a failure as a skip."""
     try:
         return to_8bit(image)
     except ImageError as e:
@@ -92,7 +92,7 @@ def decode(path: Path, data: bytes, window=None) -> Image.Image:
 
 
 def read_image(path: Path, window=None) -> Image.Image:
-    """One file as training data reads it: 8-bit L or RGB (16-bit rescaled by medti.images.to_8bit), or Unusable
+    """One file as training data reads it: 8-bit L or RGB (16-bit rescaled by medti.files.images.to_8bit), or Unusable
     with the reason. medti.quality reads evaluation and audit sets through this, so every set obeys one rule."""
     return decode(path, file_bytes(path), window)
 
@@ -195,7 +195,7 @@ def items(folder: Path, files: list[Path], channels: list[str] | None, skip) -> 
     """[(name, source)] in the order of each item's first file: each file, except that DICOM files forming a volume
     (a series, a multi-frame file: medti.medical.dicom_series.find_volumes) are one item; with channels, the cases
     ({channel: source}), where a DICOM series is the channel its folder names. DICOM files are .dcm or
-    extension-less files (medti.data.find_images has checked the preamble)."""
+    extension-less files (medti.dataset.folder.find_images has checked the preamble)."""
     dicom = [p for p in files if p.suffix.lower() in ("", ".dcm")]
     volumes = [v for v in find_volumes(dicom) if isinstance(v, DicomVolume)]   # no pydicom: MissingExtra, one line
     inside = {p for v in volumes for p in v.paths[1:]}

@@ -17,12 +17,13 @@ from PIL import Image
 
 from minisd.errors import arg
 
+from ..files.atomic import inside
+from ..files.images import save_png, to_pil
+from ..generation.pipeline import SampleSettings, decode, sample
+from ..generation.progress import Progress
+from . import TrainError
 from .distributed import barrier, main_process
-from .files import inside
-from .images import save_png, to_pil
-from .inversion import TrainError, cache_latents, prediction_and_target
-from .pipeline import SampleSettings, decode, sample
-from .progress import Progress
+from .objective import cache_latents, prediction_and_target
 
 STEPS, GUIDANCE = 50, 7.5   # diffusers examples/dreambooth/train_dreambooth.py: the pipeline's own defaults
 

@@ -1,5 +1,5 @@
-"""What trains, for medti/trainer.py's one loop (`--method`): each method says which tensors train, how a batch of
-prompts becomes the UNet's conditioning, and what file a save writes. The loop, the data, the randomness, the
+"""What trains, for medti/training/trainer.py's one loop (`--method`): each method says which tensors train, how a batch
+of prompts becomes the UNet's conditioning, and what file a save writes. The loop, the data, the randomness, the
 resumable state and the checks are the trainer's, the same for every method.
 
 A method is a small object with:
@@ -26,10 +26,11 @@ from minisd.errors import arg
 from minisd.load import components, state_dict
 from minisd.tokenizer import MAX_PROMPT_TOKENS
 
-from . import embeddings as emb
-from . import lora_files
-from .files import safetensors_bytes, write_atomic
-from .inversion import TrainError, initial_vectors
+from ..files import embedding_file as emb
+from ..files import lora_file
+from ..files.atomic import safetensors_bytes, write_atomic
+from . import TrainError
+from .objective import initial_vectors
 
 # The learning rate when --lr is not given: textual inversion's is A1111's (0.005, tuned for a few vectors); LoRA's
 # is the diffusers DreamBooth LoRA example's (README of examples/dreambooth, train_dreambooth_lora.py: 1e-4).
@@ -104,7 +105,7 @@ class TextualInversion:
 class LoRAMethod:
     """--method lora: rank-r fp32 adapters (minisd.lora) on the frozen model's layers that --lora-targets names;
     the base weights stay bit-identical, and what is saved is lora.safetensors in the kohya/A1111 layout
-    (medti.lora_files), which A1111, ComfyUI and diffusers' load_lora_weights read."""
+    (medti.files.lora_file), which A1111, ComfyUI and diffusers' load_lora_weights read."""
 
     def __init__(self, sd, cfg, prompts: list, device):
         self.sd, self.kinds = sd, targets(cfg)
@@ -131,7 +132,7 @@ class LoRAMethod:
         return {}
 
     def write(self, path, meta: dict):
-        lora_files.write(path, self.sd.unet, self.sd.text.tower if self.text else None, meta)
+        lora_file.write(path, self.sd.unet, self.sd.text.tower if self.text else None, meta)
 
     def sync(self):
         pass   # the adapters are used where they are

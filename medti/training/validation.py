@@ -8,7 +8,7 @@ and of a resumed run, are comparable: they differ only because the vectors diffe
 
 Why this leaves training untouched: every draw here comes from a generator of its own, seeded from a hash of
 ("validation", --seed, ...), and the UNet's forward pass draws nothing; training's draws come from its own
-(seed, step) generators (medti.inversion.step_generator). A run with validation trains bit-identically to one
+(seed, step) generators (medti.training.objective.step_generator). A run with validation trains bit-identically to one
 without.
 """
 import hashlib
@@ -23,7 +23,8 @@ from safetensors import SafetensorError, safe_open
 from minisd.errors import arg
 from minisd.schedule import NUM_TIMESTEPS
 
-from .inversion import TrainError, diffusion_loss
+from . import TrainError
+from .objective import diffusion_loss
 
 
 def derived_seed(what: str, seed: int, index: int = 0) -> int:
@@ -117,7 +118,7 @@ def fixed_draws(v: ValidationSet, i: int) -> tuple:
 def validation_loss(sd, context, v: ValidationSet) -> float:
     """Mean denoising loss over every image's fixed draws (one UNet batch of `draws` per image): the training
     loss's expectation, estimated on images the run never trains on. `context(texts)` is the method's
-    conditioning (medti.methods), so what is validated is exactly what trains."""
+    conditioning (medti.training.methods), so what is validated is exactly what trains."""
     device, total = next(sd.unet.parameters()).device, 0.0
     for i, latent in enumerate(v.latents):
         t, noise, texts = fixed_draws(v, i)

@@ -14,18 +14,19 @@ from typing import NamedTuple
 
 import torch
 
+from minisd.config import resolve_device, resolve_dtype
 from minisd.errors import arg
 from minisd.tokenizer import MAX_PROMPT_TOKENS
 
-from . import dreambooth
-from .cli import resolve_device, resolve_dtype
-from .data import PREPROCESS, DataError, check_not_empty
+from ..dataset.folder import DataError, check_not_empty
+from ..dataset.preprocess import PREPROCESS
+from ..files.atomic import inside
+from ..medical.slices import check_options
+from ..medical.window import parse_window
+from . import TrainError, dreambooth
 from .distributed import local_device, world
-from .files import inside
-from .inversion import TrainError, parse_lr
-from .medical.slices import check_options
-from .medical.window import parse_window
 from .methods import check_method, learning_rate
+from .optim import parse_lr
 
 SEED_LIMIT = 2 ** 32   # step_generator multiplies the seed by ~1e9: below 2**32 the product fits torch's int64 seed
 

@@ -6,8 +6,8 @@ writes the embedding, log, loss plot and previews, and measures the denoising lo
 initial and the learned vectors. What it shows: every stage runs end to end and the learned token lowers the loss.
 What it cannot show: image quality, which needs the official weights and a GPU (see the README's real command).
 
-The demo is a user of the trainer (medti/trainer.py), as `python -m medti.train` is; the trainer knows nothing of
-it. Everything goes into --out (default demo-run): the run's files at the top, as a real run writes them, and the
+The demo is a user of the trainer (medti/training/trainer.py), as `python -m medti.train` is; the trainer knows nothing
+of it. Everything goes into --out (default demo-run): the run's files at the top, as a real run writes them, and the
 demo's inputs in model/, phantoms/ and phantoms-held-out/.
 """
 import dataclasses
@@ -23,11 +23,11 @@ from PIL import Image
 import minisd
 from minisd.load import state_dict
 
-from . import embeddings as emb
-from .data import load_dataset
-from .files import claim_folder, safetensors_bytes, write_atomic
-from .inversion import cache_latents, denoising_loss, initial_vectors
-from .train_config import TrainConfig, check_out, check_settings
+from ..dataset.folder import load_dataset
+from ..files import embedding_file as emb
+from ..files.atomic import claim_folder, safetensors_bytes, write_atomic
+from .config import TrainConfig, check_out, check_settings
+from .objective import cache_latents, denoising_loss, initial_vectors
 from .trainer import train
 
 # SD2's block structure, shrunk: 2 UNet levels, a 4-level VAE (8x, as SD2), a 3-block 64-wide text tower with the

@@ -10,7 +10,7 @@ from PIL import Image, ImageDraw, ImageFilter, ImageFont, PngImagePlugin
 
 from minisd.errors import UserError
 
-from .files import write_atomic
+from .atomic import write_atomic
 
 WIDE_MODES = ("I;16", "I;16B", "I;16L", "I;16N", "I", "F")   # PIL modes of 16-bit, 32-bit int and float images
 # Modes PIL opens but cannot turn into the RGB a user means: its LAB -> RGB conversion is refused or wrong.
@@ -126,7 +126,7 @@ def to_pil(image: torch.Tensor) -> Image.Image:
 
 
 def save_png(path: Path, image: Image.Image, parameters: str = ""):
-    """Encode in memory, then medti.files.write_atomic: a half-written PNG never appears under the final name,
+    """Encode in memory, then medti.files.atomic.write_atomic: a half-written PNG never appears under the final name,
     and a full disk leaves no temporary file. `parameters` goes into a text chunk of that name, as A1111 stores
     generation settings."""
     info = PngImagePlugin.PngInfo()

@@ -1,17 +1,19 @@
-"""What a training run writes, for medti/trainer.py's loop: a log line per step (log.jsonl) and the progress
+"""What a training run writes, for medti/training/trainer.py's loop: a log line per step (log.jsonl) and the progress
 line, the method's file at each save (with its best-by-validation copy, the resumable state and the loss plot),
-and the preview images. `s` is the trainer's Session. Under torchrun only rank 0 writes (medti.distributed): the
-others hold the same tensors."""
+and the preview images. `s` is the trainer's Session. Under torchrun only rank 0 writes (medti.training.distributed):
+the others hold the same tensors."""
 import math
 import sys
 
 import torch
 
+from ..files.images import contact_sheet, save_png, to_pil
+from ..files.plots import plot_curve
+from ..generation.pipeline import SampleSettings, decode, sample
+from . import TrainError
 from .distributed import main_process
-from .images import contact_sheet, save_png, to_pil
-from .inversion import TrainError, log_line, precision, read_log, save_state
-from .pipeline import SampleSettings, decode, sample
-from .plots import plot_curve
+from .optim import precision
+from .state import log_line, read_log, save_state
 from .validation import keep_best
 
 

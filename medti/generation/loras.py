@@ -12,7 +12,7 @@ Behaviour follows AUTOMATIC1111/stable-diffusion-webui (facts read from its sour
     of the bytes after the safetensors header), for other files the sha256 of the whole file.
 
 Our rule where a file is named more than once (flag and tag, or two tags): every mention applies the file at its
-own weight, so the weights add up (A1111 also applies each mention). Applying = `lora_files.read` then
+own weight, so the weights add up (A1111 also applies each mention). Applying = `lora_file.read` then
 `minisd.lora.merge` per file, one after another, into the loaded weights: sampling then costs nothing extra, and
 since each merge adds w * alpha / r * up @ down, the order of the files only changes float rounding. Where A1111
 takes separate text/UNet weights (`<lora:NAME:TE:UNET>`) we refuse the tag rather than guess.
@@ -30,8 +30,8 @@ from safetensors import safe_open
 from minisd import lora
 from minisd.errors import UserError
 
-from . import lora_files
-from .hashes import sha256_of
+from ..files import lora_file
+from ..files.hashes import sha256_of
 
 TAG = re.compile(r"<lora:([^>]*)>")           # A1111's extra-network syntax, the `lora` kind only
 NUMBERISH = re.compile(r"[-+.\d]")            # a `:` suffix that starts like a number is meant as a weight
@@ -141,11 +141,11 @@ def plan(flags: list, folders: list, prompts: list, negative: str = "") -> list[
 def check_generation(spec: LoRASpec, sd):
     """kohya's trainers store `ss_v2` ("True": made on SD2) in the file, as ours do; where it names the other
     generation the file is refused even if every shape happens to fit (real SD1 and SD2 files differ in shape too:
-    768- vs 1024-wide text, which lora_files.read reports)."""
+    768- vs 1024-wide text, which lora_file.read reports)."""
     try:
         with safe_open(str(spec.path), framework="pt") as f:
             made = (f.metadata() or {}).get("ss_v2")
-    except Exception:   # not safetensors, or unreadable: lora_files.read says which in its own words
+    except Exception:   # not safetensors, or unreadable: lora_file.read says which in its own words
         return
     ours, theirs = "SD2" if sd.config.text.tower == "openclip" else "SD1", {"True": "SD2", "False": "SD1"}.get(made)
     if theirs and theirs != ours:
@@ -153,13 +153,13 @@ def check_generation(spec: LoRASpec, sd):
 
 
 def apply(sd, specs: list[LoRASpec]):
-    """Merge each file into the model's UNet and text tower, one after another (read, then merge: lora_files.read
+    """Merge each file into the model's UNet and text tower, one after another (read, then merge: lora_file.read
     refuses a layer that already has an adapter). A refused file is one line naming the flag."""
     for spec in specs:
         check_generation(spec, sd)
         try:
-            lora_files.read(spec.path, sd.unet, sd.text.tower, spec.weight)
-        except lora_files.LoRAFileError as err:
+            lora_file.read(spec.path, sd.unet, sd.text.tower, spec.weight)
+        except lora_file.LoRAFileError as err:
             raise LoRAError(f"--lora {err}") from None
         lora.merge(sd.unet)
         lora.merge(sd.text.tower)

@@ -13,8 +13,8 @@ from pathlib import Path
 from minisd.errors import UserError
 from minisd.sampling import SAMPLERS
 
-from .files import write_atomic
-from .hashes import sha256_of
+from ..files.atomic import write_atomic
+from ..files.hashes import sha256_of
 
 # A1111's "Schedule type" for our spacings where it has the same one: Karras, and "Uniform" = k-diffusion's
 # DiscreteSchedule (our "kdiffusion"). diffusers' linspace/leading/trailing have no A1111 name.

@@ -17,7 +17,7 @@ from pathlib import Path
 
 from minisd.hub import sha256_file
 
-from .files import write_atomic
+from .atomic import write_atomic
 
 FORMAT = 1   # bumped if the layout below changes; a cache of another format is rebuilt
 HEX64 = re.compile(r"[0-9a-f]{64}")

@@ -6,8 +6,8 @@ writes files. The state saved is the same whatever the number of processes, so -
 divides --batch.
 
 Why not torch.nn.parallel.DistributedDataParallel: it wraps one module's parameters, while what trains here is the
-method's (a token's vectors, adapters, the UNet's weights: medti.methods), and it overlaps communication with the
-backward pass, which on a CPU with gloo buys little. One all_reduce per trained tensor after the micro-batches is
+method's (a token's vectors, adapters, the UNet's weights: medti.training.methods), and it overlaps communication with
+the backward pass, which on a CPU with gloo buys little. One all_reduce per trained tensor after the micro-batches is
 the same arithmetic, visible in the loop.
 
 Equality with one process: the mean of N equal shares' mean losses is the whole batch's mean loss, and so for the

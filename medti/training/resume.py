@@ -1,14 +1,14 @@
-"""--resume for medti/trainer.py: which settings a resumed run must share with the saved one, and the restore of
-what trains, AdamW and the grad scaler from state.safetensors. `s` is the trainer's Session."""
+"""--resume for medti/training/trainer.py: which settings a resumed run must share with the saved one, and the restore
+of what trains, AdamW and the grad scaler from state.safetensors. `s` is the trainer's Session."""
 import dataclasses
 import shlex
 import sys
 
-from minisd.errors import arg
-from minisd.load import spoken
+from minisd.errors import arg, spoken
 
-from .inversion import TrainError, read_state, restore_state
-from .train_config import TrainConfig
+from . import TrainError
+from .config import TrainConfig
+from .state import read_state, restore_state
 
 # Settings a resumed run may change: how long and how often (max_steps, save_every, preview_*), where (device,
 # out, data, val: the images' identity is their fingerprint, not where they lie) and checkpointing (memory and

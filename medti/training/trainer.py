@@ -1,9 +1,9 @@
 """Training: setup, then start or resume, then the one visible loop (get_batch, loss, backward, skip a non-finite
 step, optimizer step, validation loss at a save, log, save, preview). `python -m medti.train` is its command line
-(medti/train.py); the demo (medti/demo.py) is another user of it; neither is imported here.
+(medti/train.py); the demo (medti/training/demo.py) is another user of it; neither is imported here.
 
-What trains is the method's (medti/methods.py, --method): textual inversion's [vectors, width] fp32 tensor spliced
-into the token embeddings, with the UNet and text tower frozen. The loop is the same for every method.
+What trains is the method's (medti/training/methods.py, --method): textual inversion's [vectors, width] fp32 tensor
+spliced into the token embeddings, with the UNet and text tower frozen. The loop is the same for every method.
 """
 import contextlib
 import dataclasses
@@ -20,30 +20,18 @@ from minisd.errors import arg
 from minisd.schedule import NUM_TIMESTEPS
 from minisd.vae import posterior_sample
 
-from . import distributed, methods
-from .data import DataError, check_captions, load_dataset, parse_channels, summary, warn_skipped
+from ..dataset.folder import DataError, check_captions, load_dataset, parse_channels, summary, warn_skipped
+from ..files.atomic import claim_folder, write_atomic
+from ..files.hashes import sha256_of
+from ..medical.window import parse_window
+from . import TrainError, distributed, methods
+from .config import Plan, TrainConfig, check, check_out, uncaptioned
 from .dreambooth import class_cache, prior_preservation_loss
-from .files import claim_folder, write_atomic
-from .hashes import sha256_of
-from .inversion import (
-    TrainError,
-    adamw,
-    cache_latents,
-    diffusion_loss,
-    enable_checkpointing,
-    epoch_order,
-    lr_at,
-    precision,
-    read_log,
-    set_lr,
-    step_generator,
-    total_norm,
-    write_log,
-)
-from .medical.window import parse_window
-from .train_config import Plan, TrainConfig, check, check_out, uncaptioned
-from .train_outputs import preview, report, save
-from .train_resume import MAY_CHANGE, resume
+from .objective import cache_latents, diffusion_loss, epoch_order, step_generator
+from .optim import adamw, enable_checkpointing, lr_at, precision, set_lr, total_norm
+from .outputs import preview, report, save
+from .resume import MAY_CHANGE, resume
+from .state import read_log, write_log
 from .validation import ValidationSet, best_so_far, hold_out, validation_loss
 
 SKIPS_TO_STOP = 10   # non-finite steps in a row after which the run stops: the lr or precision is wrong, not luck
@@ -56,13 +44,13 @@ class Session:
     plan: Plan
     sd: object                           # minisd model, frozen
     cache: dict                          # cache_latents() of the training images
-    method: object                       # what trains (medti.methods): its params are all AdamW sees
+    method: object                       # what trains (medti.training.methods): its params are all AdamW sees
     optimizer: torch.optim.Optimizer
     scaler: torch.amp.GradScaler
     settings: dict                       # what a resumed run must share (saved in state.safetensors)
     meta: dict                           # metadata of the embedding file
-    val: ValidationSet | None            # fixed validation draws (medti/validation.py), or None
-    prior: dict | None = None            # DreamBooth's class images' latent cache (medti.dreambooth), or None
+    val: ValidationSet | None            # fixed validation draws (medti/training/validation.py), or None
+    prior: dict | None = None            # DreamBooth's class images' latent cache (medti.training.dreambooth), or None
     best: tuple | None = None            # (step, val_loss) of the best save so far
 
     @property
@@ -186,7 +174,7 @@ def get_batch(s: Session, step: int, micro: int) -> tuple:
 
 def batch_loss(s: Session, latents, noise, t, texts):
     """The step's objective: the denoising loss, or with prior preservation the instance rows' plus
-    --prior-weight times the class rows' (medti.dreambooth)."""
+    --prior-weight times the class rows' (medti.training.dreambooth)."""
     context = s.method.context(texts)
     if s.prior:   # the first half of the rows are the instance images (get_batch)
         return prior_preservation_loss(s.sd, context, latents, noise, t, len(texts) // 2, s.cfg.prior_weight)
@@ -257,7 +245,7 @@ def train(cfg: TrainConfig, plan: Plan) -> Path:
 def run(cfg: TrainConfig) -> Path:
     """Check, hold --out for this run (a second run on it is refused; a failed run leaves no empty folder), train.
     Returns the path of the saved file. Under torchrun rank 0 holds the folder and writes; the others wait for it,
-    then train alongside (medti.distributed)."""
+    then train alongside (medti.training.distributed)."""
     plan = check(cfg)
     with distributed.process_group(plan.device):
         with claim_folder(cfg.out) if distributed.main_process() else contextlib.nullcontext():
