@@ -8,7 +8,7 @@ from medti.files.atomic import claim_folder
 from minisd.errors import UserError
 
 HOLD = """import sys, time
-from medti.files import claim_folder
+from medti.files.atomic import claim_folder
 with claim_folder(sys.argv[1]):
     print("held", flush=True)
     time.sleep(30)

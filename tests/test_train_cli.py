@@ -11,13 +11,16 @@ from pathlib import Path
 import pytest
 import torch
 from safetensors import safe_open
+from test_layout import graph
 
 from medti.train import main
 from medti.training.demo import phantoms, tiny_model
 
 ROOT = Path(__file__).resolve().parent.parent
-TRAINING_MODULES = {"train", "trainer", "train_config", "train_outputs", "methods", "dreambooth", "demo", "inversion",
-                    "data", "plots"}
+TRAINING_MODULES = {"medti.train", "medti.training.trainer", "medti.training.config", "medti.training.outputs",
+                    "medti.training.methods", "medti.training.dreambooth", "medti.training.demo",
+                    "medti.training.objective", "medti.training.optim", "medti.training.state", "medti.dataset.folder",
+                    "medti.files.plots"}
 
 
 @pytest.fixture(scope="module")
@@ -82,7 +85,7 @@ def test_out_inside_data_is_refused(tiny, tmp_path, capsys):
 
 
 HOLD = """import sys, time
-from medti.files import claim_folder
+from medti.files.atomic import claim_folder
 with claim_folder(sys.argv[1]):
     print("held", flush=True)
     time.sleep(60)
@@ -122,49 +125,32 @@ def test_failed_run_leaves_no_folder_and_two_runs_do_not_share_one(tiny, tmp_pat
         holder.wait()
 
 
-def is_main_block(node) -> bool:
-    return (isinstance(node, ast.If) and isinstance(node.test, ast.Compare) and
-            getattr(node.test.left, "id", "") == "__name__")
-
-
-def imports(module: str) -> set:
-    """The medti modules `module` imports, anywhere in the file (a late import inside a function counts too) --
-    except in its `if __name__ == "__main__":` block: that code runs only when the module is the program
-    (`python -m medti.data preview`), as the module `__main__`, so what it imports can never import it back."""
-    tree = ast.parse((ROOT / "medti" / f"{module}.py").read_text())
-    tree.body = [node for node in tree.body if not is_main_block(node)]
-    found = set()
-    for node in ast.walk(tree):
-        if isinstance(node, ast.ImportFrom) and node.level == 1:
-            found |= {node.module} if node.module else {a.name for a in node.names}
-        elif isinstance(node, ast.ImportFrom) and (node.module or "").startswith("medti."):
-            found.add(node.module.split(".")[1])
-    return {m.split(".")[0] for m in found}
-
-
 def test_no_import_cycle_through_the_training_modules():
-    """The demo is a user of the trainer: demo -> trainer, train -> demo, never back (was train <-> demo)."""
+    """The demo is a user of the trainer: demo -> trainer, train -> demo, never back (was train <-> demo). The import
+    graph is tests/test_layout.py's (imports inside functions count too)."""
+    edges = graph()
+
     def reach(start):
         seen, todo = set(), [start]
         while todo:
-            for m in imports(todo.pop()) - seen:
-                if (ROOT / "medti" / f"{m}.py").exists():
-                    seen.add(m)
-                    todo.append(m)
+            for m in edges[todo.pop()] - seen:
+                seen.add(m)
+                todo.append(m)
         return seen
     for module in TRAINING_MODULES:
-        assert module not in reach(module), f"medti.{module} imports itself through {sorted(reach(module))}"
-    assert "demo" not in reach("trainer") and "train" not in reach("demo")
+        assert module not in reach(module), f"{module} imports itself through {sorted(reach(module))}"
+    assert "medti.training.demo" not in reach("medti.training.trainer")
+    assert "medti.train" not in reach("medti.training.demo")
 
 
 def test_trainer_reads_as_setup_resume_loop():
     """Issue 11: train.run was 106 lines. Every training function is short (the style's ~40 lines), and the loop
     draws its data through the one get_batch."""
     for module in TRAINING_MODULES:
-        for node in ast.walk(ast.parse((ROOT / "medti" / f"{module}.py").read_text())):
+        for node in ast.walk(ast.parse((ROOT / (module.replace(".", "/") + ".py")).read_text())):
             if isinstance(node, ast.FunctionDef):
-                assert node.end_lineno - node.lineno < 45, f"medti.{module}.{node.name}"
-    source = (ROOT / "medti" / "trainer.py").read_text()
+                assert node.end_lineno - node.lineno < 45, f"{module}.{node.name}"
+    source = (ROOT / "medti" / "training" / "trainer.py").read_text()
     loop = next(n for n in ast.walk(ast.parse(source)) if isinstance(n, ast.FunctionDef) and n.name == "loop")
     calls = [n.func.id for n in ast.walk(loop) if isinstance(n, ast.Call) and isinstance(n.func, ast.Name)]
     assert calls.count("get_batch") == 1
