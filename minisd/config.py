@@ -1,6 +1,6 @@
 """What a model is: the three networks' configs, the variant (eps or v), the native size, and the preset table.
 
-The JSON config format (documented in the README) has sections `unet`, `vae`, `text` with the original ldm
+The JSON config format (documented in docs/models.md) has sections `unet`, `vae`, `text` with the original ldm
 YAML / OpenCLIP (SD2) / transformers CLIPTextConfig (SD1: `"tower": "openai"`) field names and top-level
 `prediction`, `scale_factor`, `resolution`; a missing key takes the SD2 value. Presets in weights/presets.json use
 the same format plus the file's repo, name, size and sha256.

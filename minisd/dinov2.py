@@ -10,35 +10,20 @@ patches) needs a 16x16 grid: the hub model passes bicubic interpolate scale_fact
 takes as the sampling step, transformers 5.x passes size=(16, 16) (step 37 / 16; older versions had the offset).
 FD-DINOv2 is defined with the hub model (torch-fidelity), so we follow it; tests/test_dinov2.py measures the gap.
 """
-import json
 import math
-from dataclasses import dataclass, fields
-from pathlib import Path
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from .attention import attention
-from .config import LoadError, check_value
-from .errors import arg, spoken
-from .hub import hub_reachable
 from .resize import resize_like_tf1
-from .tensorfile import FLOATS, TensorFile, check_finite
 
 INPUT_SIZE = 224                                            # torch-fidelity's FeatureExtractorDinoV2.INPUT_IMAGE_SIZE
 MEAN = tuple(255 * m for m in (0.485, 0.456, 0.406))       # ImageNet mean and std on the 0..255 scale, as
 STD = tuple(255 * s for s in (0.229, 0.224, 0.225))        # torch-fidelity normalises (no /255 before)
 INTERPOLATE_OFFSET = 0.1   # the hub model's work-around for dino issue 8, kept: it changes the result (see below)
-FILES = ("config.json", "model.safetensors")
-
-# config.json fields without effect here: metadata, training only (dropout, drop path), Dinov2Backbone's, labels.
-IGNORED_FIELDS = {"architectures", "model_type", "transformers_version", "torch_dtype", "dtype", "_name_or_path",
-                  "initializer_range", "drop_path_rate", "hidden_dropout_prob", "attention_probs_dropout_prob",
-                  "apply_layernorm", "reshape_hidden_states", "out_features", "out_indices", "stage_names",
-                  "id2label", "label2id"}
-# What every release uses and all this file implements (use_mask_token: transformers 5 writes it).
-ONLY = {"hidden_act": "gelu", "num_channels": 3, "use_mask_token": True}
 
 
 @dataclass(frozen=True)
@@ -54,31 +39,6 @@ class DINOv2Config:
     layerscale_value: float = 1.0   # the initial layer scale only; the trained values are in the file
     use_swiglu_ffn: bool = False    # True for dinov2-giant
     qkv_bias: bool = True
-
-
-def read_config(path: Path) -> DINOv2Config:
-    """A release's config.json -> DINOv2Config; anything this file cannot honour is refused by name."""
-    try:
-        data = json.loads(path.read_text())
-    except (OSError, ValueError) as e:
-        raise LoadError(f"{path}: not a readable JSON file ({type(e).__name__})") from None
-    kind = data.get("model_type") if isinstance(data, dict) else None
-    if kind != "dinov2":
-        raise LoadError(f"{path}: model_type {json.dumps(kind)}, not \"dinov2\" -- another network's config; pass a "
-                        f"facebook/dinov2-* release (a folder or hub name) to {arg('dinov2')}")
-    known = {f.name for f in fields(DINOv2Config)}
-    unknown = sorted(set(data) - known - set(ONLY) - IGNORED_FIELDS)
-    if unknown:
-        raise LoadError(f"{path}: unknown field {unknown[0]}; minisd's DINOv2 reads {', '.join(sorted(known))}")
-    for key, want in ONLY.items():
-        if data.get(key, want) != want:
-            raise LoadError(f"{path}: {key} {json.dumps(data[key])} is not supported; every DINOv2 release (and "
-                            f"minisd) uses {json.dumps(want)}")
-    cfg = DINOv2Config(**{k: check_value(str(path), k, v, getattr(DINOv2Config, k)) for k, v in data.items()
-                          if k in known})
-    if cfg.hidden_size % cfg.num_attention_heads:
-        raise LoadError(f"{path}: hidden_size {cfg.hidden_size} does not split into {cfg.num_attention_heads} heads")
-    return cfg
 
 
 def interpolate_positions(table, height: int, width: int, patch: int):
@@ -228,73 +188,3 @@ def features(model: DINOv2, images: torch.Tensor) -> torch.Tensor:
     """uint8 images [N, 3, H, W] (any size) -> float32 features [N, hidden_size], on the model's device."""
     weight = model.embeddings.cls_token
     return model(prepare(images.to(weight.device)).to(weight.dtype)).float()
-
-
-def _from_hub(repo: str) -> tuple:
-    """(config.json, model.safetensors) of a hub release, from huggingface_hub's cache or downloaded into it.
-    Offline without a cached copy fails at once, as minisd.hub does (one TCP probe, not ~25 s of retries)."""
-    from huggingface_hub import constants, hf_hub_download, try_to_load_from_cache
-    cached = all(isinstance(try_to_load_from_cache(repo, name), str) for name in FILES)
-    offline = constants.HF_HUB_OFFLINE or not hub_reachable(constants.ENDPOINT)
-    fetch_hint = (f"fetch {' and '.join(FILES)} from {constants.ENDPOINT}/{repo} into a folder and pass "
-                  f"{spoken('dinov2', 'FOLDER', repr('FOLDER'))}")
-    if offline and not cached:
-        why = "HF_HUB_OFFLINE is set" if constants.HF_HUB_OFFLINE else f"{constants.ENDPOINT} cannot be reached"
-        raise LoadError(f"{repo}: not downloaded yet and {why}; connect and retry, or {fetch_hint}")
-    paths = []
-    for name in FILES:
-        try:   # Offline with a cached copy: local_files_only skips the HEAD request and its retries.
-            paths.append(Path(hf_hub_download(repo, name, local_files_only=offline)))
-        except Exception as e:   # no such repo, no access, hub errors, disk full: the same for the user
-            raise LoadError(f"cannot download {repo}/{name} ({type(e).__name__}), and there is no folder {repo}; "
-                            f"check the name (e.g. facebook/dinov2-large), or {fetch_hint}") from None
-        if name == FILES[0]:   # config.json first: a repo of another model fails before hundreds of MB arrive
-            read_config(paths[0])
-    return tuple(paths)
-
-
-def _files(name_or_folder) -> tuple:
-    """(config.json, model.safetensors) for a local folder or a hub name."""
-    folder = Path(name_or_folder)
-    if folder.is_dir():
-        for name in FILES:
-            if not (folder / name).is_file():
-                raise LoadError(f"{folder}: no {name}; a DINOv2 folder holds {' and '.join(FILES)} as the "
-                                "facebook/dinov2-* releases do (minisd reads no pytorch_model.bin)")
-        return folder / FILES[0], folder / FILES[1]
-    if folder.exists() or str(name_or_folder).count("/") != 1:
-        raise LoadError(f"{arg('dinov2')} {name_or_folder}: neither a folder with {' and '.join(FILES)} nor a hub "
-                        "name such as facebook/dinov2-large")
-    return _from_hub(str(name_or_folder))
-
-
-def _check_keys(file: TensorFile, expected: dict):
-    """Names, shapes and float dtypes as the model's, every tensor of the file (Dinov2Model's save_pretrained layout:
-    no key prefix, and no pooler -- its pooler_output is the normalised CLS token, not a layer)."""
-    unexpected, missing = sorted(file.keys - set(expected)), sorted(set(expected) - file.keys)
-    for problem, names in (("unexpected", unexpected), ("missing", missing)):
-        if names:
-            more = f" (and {len(names) - 1} more)" if len(names) > 1 else ""
-            raise LoadError(f"{file.path}: {problem} key {names[0]}{more} -- not a DINOv2 backbone as the "
-                            "facebook/dinov2-{small,base,large,giant} releases store it (transformers' Dinov2Model)")
-    for name, tensor in expected.items():
-        shape, stored = file.shape(name), file.dtype(name)
-        if shape != tuple(tensor.shape) or stored not in FLOATS:
-            raise LoadError(f"{file.path}: {name} is {stored} {list(shape)} where config.json gives float "
-                            f"{list(tensor.shape)}; config.json and model.safetensors must come from one release")
-
-
-def load_dinov2(name_or_folder, device="cpu", with_path: bool = False):
-    """A DINOv2 release, float32, eval mode: a folder with config.json + model.safetensors, or a hub name such as
-    "facebook/dinov2-large" (downloaded once into huggingface_hub's cache). with_path: also return the weights file."""
-    config_file, weights_file = _files(name_or_folder)
-    cfg = read_config(config_file)
-    file = TensorFile(weights_file)
-    with torch.device("meta"):
-        model = DINOv2(cfg)
-    _check_keys(file, model.state_dict())
-    state = {name: file.get(name).to(device=device, dtype=torch.float32) for name in model.state_dict()}
-    check_finite(file, "", state, torch.float32)
-    model.load_state_dict(state, strict=True, assign=True)
-    model.eval().requires_grad_(False)
-    return (model, weights_file) if with_path else model

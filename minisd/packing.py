@@ -4,7 +4,7 @@ Why: eager `nn.Conv2d` on the CPU hands oneDNN the plain [out, in, kh, kw] weigh
 blocked layout on every call. Where the feature map is small and the weight large -- the UNet's deepest levels,
 1280 to 2560 channels at 8x8 and 16x16 latents -- that reorder costs more than the convolution: the UNet's
 2560->1280 3x3 conv on 8x8 latents, batch 2, takes 0.227 s eager and 0.056 s packed (tools/benchmark.py section 1,
-2 cores; for whole networks see the README's Benchmark section). inductor's weight `freezing` (`--compile`) does
+2 cores; for whole networks see docs/performance.md). inductor's weight `freezing` (`--compile`) does
 the same, at the price of a long compile. Here it is done with the two oneDNN operators that inductor's frozen CPU
 graphs call, present in every torch built with oneDNN (`can_pack` checks): `torch._C._nn.mkldnn_reorder_conv2d_weight`
 (dense weight -> oneDNN weight for a given input size) and `torch.ops.mkldnn._convolution_pointwise` (the

@@ -24,7 +24,7 @@ from torch_fidelity.interpolate_compat_tensorflow import interpolate_bilinear_2d
 from transformers import Dinov2Config, Dinov2ForImageClassification, Dinov2Model, ViTConfig, ViTModel
 
 from conftest import randomize_, rel_err
-from minisd import dinov2
+from minisd import dinov2, dinov2_load
 from minisd.config import LoadError
 from minisd.errors import INTERFACE
 
@@ -63,7 +63,7 @@ def make_release(folder, swiglu: bool):
             layer.attention.q_proj.weight.mul_(SHARPEN)
             layer.attention.k_proj.weight.mul_(SHARPEN)
     ref.save_pretrained(folder)
-    return ref, folder, dinov2.load_dinov2(folder)
+    return ref, folder, dinov2_load.load_dinov2(folder)
 
 
 @pytest.fixture(scope="module", params=[False, True], ids=["mlp", "swiglu"])
@@ -148,7 +148,7 @@ def test_features_equal_torch_fidelity_path(hub_ref, release, size):
 def test_layout_is_the_release_and_loads_strictly(release):
     """Our parameter names are the file's tensor names, every one of them; with_path names the weights file."""
     ref, folder, ours = release
-    model, path = dinov2.load_dinov2(folder, with_path=True)
+    model, path = dinov2_load.load_dinov2(folder, with_path=True)
     assert path == folder / "model.safetensors"
     assert set(model.state_dict()) == set(load_file(path))
     assert "embeddings.mask_token" in model.state_dict() and not model.training
@@ -156,7 +156,7 @@ def test_layout_is_the_release_and_loads_strictly(release):
 
 def load_error(*args) -> str:
     with pytest.raises(LoadError) as info:
-        dinov2.load_dinov2(*args)
+        dinov2_load.load_dinov2(*args)
     message = str(info.value)
     assert "\n" not in message, "loader errors are one line"
     return message
@@ -210,7 +210,7 @@ def offline(tmp_path, monkeypatch):
     monkeypatch.setattr(constants, "HF_HUB_CACHE", str(tmp_path / "hub"))
     monkeypatch.setattr(constants, "HF_HUB_OFFLINE", False)
     monkeypatch.setattr(constants, "ENDPOINT", "https://huggingface.co")
-    monkeypatch.setattr(dinov2, "hub_reachable", lambda endpoint: False)
+    monkeypatch.setattr(dinov2_load, "hub_reachable", lambda endpoint: False)
     return tmp_path / "hub"
 
 
@@ -232,9 +232,9 @@ def test_offline_hub_name_from_cache(plain, offline):
     (repo / "snapshots" / commit).mkdir(parents=True)
     (repo / "refs").mkdir()
     (repo / "refs" / "main").write_text(commit)
-    for name in dinov2.FILES:
+    for name in dinov2_load.FILES:
         (repo / "snapshots" / commit / name).write_bytes((plain[1] / name).read_bytes())
-    model, path = dinov2.load_dinov2("facebook/dinov2-small", with_path=True)
+    model, path = dinov2_load.load_dinov2("facebook/dinov2-small", with_path=True)
     assert path == repo / "snapshots" / commit / "model.safetensors"
     pixels = randn(1, 3, 98, 98)
     with torch.no_grad():

@@ -8,7 +8,7 @@ from transformers import Dinov2Config, Dinov2Model
 
 from conftest import randomize_, rel_err
 from medti import evaluate
-from minisd import dinov2, inception
+from minisd import dinov2, dinov2_load, inception_load
 
 
 class Features(torch.nn.Module):
@@ -44,7 +44,7 @@ def test_dinov2_features_through_the_cli(tmp_path):
                           "--dinov2", str(folder), "--kid-subset-size", "4"]) == 0
     report = json.loads((out / "report.json").read_text())
     assert report["features"] == f"dinov2 {folder}" and report["weights_official"] is None
-    want = _fid(Features(dinov2.features, dinov2.load_dinov2(folder), 64), _uint8(real), _uint8(fake))
+    want = _fid(Features(dinov2.features, dinov2_load.load_dinov2(folder), 64), _uint8(real), _uint8(fake))
     # The same float32 features on both sides, float64 statistics; torchmetrics' general (non-symmetric)
     # eigen-solver leaves rounding-level terms in the 58 null directions of 6 images in 64 dimensions (1.5e-6
     # relative measured here): 1e-5 relative. A wrong preparation moves the features by far more.
@@ -70,9 +70,9 @@ def test_offline_without_weights_says_what_to_fetch(tmp_path, monkeypatch, capsy
     """No --inception and nothing in torch's hub cache, offline: one line with the file's address and the flag,
     before any image is encoded, and no --out folder left behind."""
     monkeypatch.setenv("TORCH_HOME", str(tmp_path / "torch"))
-    monkeypatch.setattr(inception, "hub_reachable", lambda url: False)
+    monkeypatch.setattr(inception_load, "hub_reachable", lambda url: False)
     real, fake = _write_set(tmp_path / "r", 4, seed=1), _write_set(tmp_path / "f", 4, seed=2)
     assert evaluate.main(["--real", str(real), "--fake", str(fake), "--out", str(tmp_path / "o")]) == 2
     err = _error(capsys)
-    assert inception.URL in err and "--inception FILE" in err
+    assert inception_load.URL in err and "--inception FILE" in err
     assert not (tmp_path / "o").exists() and not (tmp_path / "torch").exists()

@@ -17,10 +17,11 @@ from torch_fidelity.feature_extractor_inceptionv3 import FeatureExtractorIncepti
 from torch_fidelity.interpolate_compat_tensorflow import interpolate_bilinear_2d_like_tensorflow1x
 
 from conftest import rel_err
-from minisd import inception
+from minisd import inception_load
 from minisd.config import LoadError
 from minisd.errors import INTERFACE
-from minisd.inception import BatchNorm, InceptionV3, features, inception_weights, load_inception
+from minisd.inception import BatchNorm, InceptionV3, features
+from minisd.inception_load import inception_weights, load_inception
 from minisd.resize import resize_like_tf1
 
 # Features: ours vs the reference, max |difference| relative to the reference's largest |value|. Both run the same
@@ -192,7 +193,7 @@ def test_wrong_files_give_one_line(tmp_path, weights_file):
     for name, (path, expected) in wrong_files(tmp_path, weights_file).items():
         message = one_line_error(load_inception, path)
         assert message.startswith(f"{path}: ") and expected in message, (name, message)
-        assert f"fetch {inception.URL} and pass it with --inception FILE" in message, name
+        assert f"fetch {inception_load.URL} and pass it with --inception FILE" in message, name
 
 
 @pytest.fixture
@@ -210,19 +211,19 @@ def test_weights_location(torch_home, tmp_path, monkeypatch):
     given.write_bytes(b"x")
     assert inception_weights(given) == given
     assert "--inception " in one_line_error(inception_weights, tmp_path / "absent.pth")
-    monkeypatch.setattr(inception, "hub_reachable", lambda url: pytest.fail("probed although cached"))
+    monkeypatch.setattr(inception_load, "hub_reachable", lambda url: pytest.fail("probed although cached"))
     torch_home.mkdir(parents=True)
-    (torch_home / inception.FILENAME).write_bytes(b"x")
-    assert inception_weights() == torch_home / inception.FILENAME == inception.cache_path()
+    (torch_home / inception_load.FILENAME).write_bytes(b"x")
+    assert inception_weights() == torch_home / inception_load.FILENAME == inception_load.cache_path()
 
 
 def test_offline_says_what_to_fetch_at_once(torch_home, monkeypatch):
     """The real probe against a port nothing listens on (refused at once): a one-line error in well under its 3 s."""
-    monkeypatch.setattr(inception, "URL", "http://127.0.0.1:9/" + inception.FILENAME)
+    monkeypatch.setattr(inception_load, "URL", "http://127.0.0.1:9/" + inception_load.FILENAME)
     start = time.monotonic()
     message = one_line_error(inception_weights)
     assert time.monotonic() - start < 2
-    assert "127.0.0.1 cannot be reached" in message and f"fetch {inception.URL}" in message
+    assert "127.0.0.1 cannot be reached" in message and f"fetch {inception_load.URL}" in message
     assert "--inception FILE" in message and not torch_home.exists()
 
 
@@ -231,15 +232,15 @@ def test_download_lands_in_the_cache_only_if_its_hash_fits(torch_home, tmp_path,
     into torch-fidelity's cache, where torchmetrics would look too."""
     release = tmp_path / "release.pth"
     release.write_bytes(b"stand-in for the weights" * 1000)
-    monkeypatch.setattr(inception, "URL", release.as_uri())
-    monkeypatch.setattr(inception, "hub_reachable", lambda url: True)
+    monkeypatch.setattr(inception_load, "URL", release.as_uri())
+    monkeypatch.setattr(inception_load, "hub_reachable", lambda url: True)
     assert "sha256 does not start with 6726825d" in one_line_error(inception_weights)
     assert list(torch_home.iterdir()) == []
     prefix = hashlib.sha256(release.read_bytes()).hexdigest()[:8]
-    monkeypatch.setattr(inception, "OFFICIAL_SHA256_PREFIX", prefix)
+    monkeypatch.setattr(inception_load, "OFFICIAL_SHA256_PREFIX", prefix)
     path = inception_weights()
-    assert path == torch_home / inception.FILENAME and path.read_bytes() == release.read_bytes()
+    assert path == torch_home / inception_load.FILENAME and path.read_bytes() == release.read_bytes()
     assert list(torch_home.iterdir()) == [path] and "downloading" in capsys.readouterr().err
-    assert inception.is_official(path)
-    monkeypatch.setattr(inception, "OFFICIAL_SHA256_PREFIX", "6726825d")
-    assert not inception.is_official(path)
+    assert inception_load.is_official(path)
+    monkeypatch.setattr(inception_load, "OFFICIAL_SHA256_PREFIX", "6726825d")
+    assert not inception_load.is_official(path)

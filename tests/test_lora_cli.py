@@ -19,7 +19,7 @@ from test_lora import TOL, inputs, moved, text_ids
 import minisd
 from conftest import rel_err
 from medti.lora import main
-from minisd.diffusers import read_config
+from minisd.diffusers_config import read_config
 
 
 @pytest.fixture(scope="module")

@@ -1,4 +1,4 @@
-"""How long `python -m medti.audit` takes on the issue's scale: 2,000 synthetic x 1,000 training images at 512².
+"""How long `python -m medti.audit` takes at the scale of a real audit: 2,000 synthetic x 1,000 training images at 512².
 
 The images are made here: tests/test_privacy.py's simulated chest X-rays, drawn at 128 px and enlarged to the size
 asked, with 8-bit noise so the PNGs are as large and slow to decode as real ones (~200 kB at 512²). Among the
@@ -103,7 +103,7 @@ def section10(runs: int, table, quick: bool = False):
     rows += [[f"  {name}", f"{seconds:.1f} s", "", ""] for name, seconds in found.items()
              if name not in ("total", "flagged")]
     table(f"10. privacy audit (no reference tool has one), {torch.get_num_threads()} threads, CPU", rows,
-          ("", "time", "copies", "target (issue 12)"))
+          ("", "time", "copies", "target"))
 
 
 if __name__ == "__main__":

@@ -54,7 +54,7 @@ def row(what, ours, theirs, limit=None):
             verdict(ratio, limit)]
 
 
-def table(title: str, rows: list, header=("", "ours", "diffusers", "ratio", "target (issue 5)")):
+def table(title: str, rows: list, header=("", "ours", "diffusers", "ratio", "target")):
     widths = [max(len(str(r[i])) for r in [header, *rows]) for i in range(len(header))]
     print(f"\n## {title}")
     for r in [header, *rows]:

@@ -114,4 +114,4 @@ def section9(runs: int, table, verdict, tmp: Path, n_images: int = 64, size: int
     """runs: timed runs per side (median); table, verdict: benchmark.py's printers."""
     rows = feature_rows(runs, verdict, tmp, n_images, size) + metric_rows(runs) + msssim_rows(runs)
     table(f"9. evaluation: ours vs torchmetrics / pytorch_msssim, {torch.get_num_threads()} threads, fp32, CPU",
-          rows, ("", "ours", "reference", "ratio", "target (issue 12)"))
+          rows, ("", "ours", "reference", "ratio", "target"))

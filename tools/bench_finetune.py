@@ -222,4 +222,4 @@ def section12(args, quick: bool):
               ["text encoder forward: ours once per prompt, theirs every step", "-", f"{enc['text']:.2f} s", "", ""],
               flop_row("LoRA: UNet TFLOP per step (counted; ratio = floor at equal FLOP/s)", flops["lora"]),
               flop_row("full fine-tune: UNet TFLOP per step (the same)", flops["unet"])],
-          ("", "ours", "diffusers", "ratio", "target (issue 15)"))
+          ("", "ours", "diffusers", "ratio", "target"))

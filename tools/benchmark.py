@@ -1,4 +1,4 @@
-"""Speed and memory of medti against diffusers on identical random full-size SD2 weights (issue 5's benchmark),
+"""Speed and memory of medti against diffusers on identical random full-size SD2 weights,
 and SD1's networks (section 11).
 
     python tools/benchmark.py                # full size, ~1 hour on 2 cores: run it on an otherwise idle machine

@@ -79,7 +79,7 @@ def _section(read, path: Path):
 
 
 def config_from_diffusers(folder) -> dict:
-    """The folder's configs in minisd's JSON config format (minisd.diffusers.read_config)."""
+    """The folder's configs in minisd's JSON config format (minisd.diffusers_config.read_config)."""
     return folders.read_config(folder)
 
 

@@ -1,4 +1,4 @@
-"""The figures that need a GPU, ours and diffusers side by side on identical random full-size SD2 weights (issue 11).
+"""The figures that need a GPU, ours and diffusers side by side on identical random full-size SD2 weights.
 
     python tools/gpu_check.py --json gpu-figures.json      # one CUDA GPU, full size: a few minutes (< 8 on an H200)
     python tools/gpu_check.py --model sd15                 # the same for SD1's networks (sd15's configuration)

@@ -116,7 +116,7 @@ def model_config(model) -> ModelConfig:
     """A preset name, JSON config (path or dict), ModelConfig or diffusers folder (its config files, checked by
     minisd.diffusers; no weight is read) -> the ModelConfig to build."""
     if isinstance(model, (str, Path)) and Path(model).is_dir():
-        from minisd.diffusers import read_config
+        from minisd.diffusers_config import read_config
         return parse_config(read_config(model), str(model))
     return minisd.load_config(model)
 

@@ -68,7 +68,7 @@ def build_parser() -> argparse.ArgumentParser:
     add("--dtype", choices=["fp32", "fp16", "bf16"], help="default fp16 on CUDA, fp32 on CPU")
     add("--compile", action="store_true",
         help="torch.compile the UNet and VAE decoder first (minutes per network and batch shape on a CPU; "
-             "see the README's Benchmark for whether it pays on yours)")
+             "see docs/performance.md for whether it pays on yours)")
     add("--no-pack", action="store_true",
         help="on the CPU, run plain nn.Conv2d; by default each conv weight is laid out for oneDNN once "
              "(minisd.packing: faster, same results, a second copy of the conv weights in memory)")

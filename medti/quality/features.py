@@ -12,7 +12,7 @@ from dataclasses import dataclass
 
 import torch
 
-from minisd import dinov2, inception
+from minisd import dinov2, dinov2_load, inception, inception_load
 from minisd.errors import UserError, arg
 
 from ..files.hashes import sha256_of
@@ -48,17 +48,17 @@ def _inception(path, antialias: bool) -> Network:
     """Resize: TF 1.x's bilinear by default, as torch-fidelity and the torchmetrics releases before 1.9 do (the
     convention of published FIDs, the reference study's included); `antialias` is torch's antialiased bilinear,
     torchmetrics 1.9's new default. The name says which, so statistics of the two are never mixed."""
-    file = inception.inception_weights(path)
+    file = inception_load.inception_weights(path)
     sha = sha256_of(file)
-    model = inception.load_inception(file)
+    model = inception_load.load_inception(file)
     name = f"inception-v3-tf-2015-12-05, {'antialiased' if antialias else 'tf1'} resize"
     return Network(name, model, functools.partial(inception.features, antialias=antialias), 2048, str(file), sha,
-                   sha.startswith(inception.OFFICIAL_SHA256_PREFIX))
+                   sha.startswith(inception_load.OFFICIAL_SHA256_PREFIX))
 
 
 def _dinov2(name_or_folder) -> Network:
     name_or_folder = name_or_folder or DEFAULT_DINOV2
-    model, file = dinov2.load_dinov2(name_or_folder, with_path=True)
+    model, file = dinov2_load.load_dinov2(name_or_folder, with_path=True)
     return Network(f"dinov2 {name_or_folder}", model, dinov2.features, model.config.hidden_size, str(file),
                    sha256_of(file), None)
 

@@ -4,7 +4,8 @@ It builds a tiny model of the SD2 architecture with RANDOM weights (not a real m
 patterns), makes a small set of phantom images (textured discs on a noisy background), trains a token on them,
 writes the embedding, log, loss plot and previews, and measures the denoising loss on held-out phantoms with the
 initial and the learned vectors. What it shows: every stage runs end to end and the learned token lowers the loss.
-What it cannot show: image quality, which needs the official weights and a GPU (see the README's real command).
+What it cannot show: image quality, which needs the official weights and a GPU (docs/training.md
+has the real command).
 
 The demo is a user of the trainer (medti/training/trainer.py), as `python -m medti.train` is; the trainer knows nothing
 of it. Everything goes into --out (default demo-run): the run's files at the top, as a real run writes them, and the
