@@ -11,6 +11,7 @@ weight not applied) or a missing layer moves the latents by 1e-2 or more (`moved
 """
 import hashlib
 import json
+import shutil
 
 import numpy as np
 import pydicom
@@ -187,3 +188,21 @@ def test_lora_mistakes_are_one_line_and_write_nothing(files, tmp_path, capsys, c
     err = capsys.readouterr().err.strip()
     assert err.count("\n") == 0 and words in err, err
     assert not out.exists()   # nothing written, no empty folder left
+
+
+@pytest.mark.parametrize("name", ["../outside/evil", "*", "**", "sub/a", "{abs}/outside/evil", "a?", "[a]", ".."])
+def test_a_tag_names_a_file_directly_inside_lora_dir(files, tmp_path, capsys, name):
+    """A `<lora:NAME>` tag may come from someone else's prompt list: it must not reach a file outside the folders
+    the user named (`../`, an absolute path), pick whatever a wildcard matches, or go into subfolders. A valid LoRA
+    sits at each place such a name could reach, so a lookup that followed the name would apply it and exit 0."""
+    lora_dir, outside = tmp_path / "loras", tmp_path / "outside"
+    (lora_dir / "sub").mkdir(parents=True)
+    outside.mkdir()
+    for place in (lora_dir / "a.safetensors", lora_dir / "sub" / "a.safetensors", outside / "evil.safetensors"):
+        shutil.copy(files["a"], place)
+    tag = f"<lora:{name.format(abs=tmp_path)}:0.5>"
+    out = tmp_path / "out"
+    assert generate(files["base"], out, "--lora-dir", str(lora_dir), prompt=f"{PROMPT} {tag}") == 2
+    err = capsys.readouterr().err.strip()
+    assert err.count("\n") == 0 and "is not a file name" in err and "Traceback" not in err, err
+    assert not out.exists()

@@ -103,11 +103,16 @@ def strip_tags(prompt: str) -> str:
 
 
 def find(name: str, known: dict, folders: list, tag: str) -> Path:
-    """The file a tag names: a --lora file with that stem, else NAME + a LoRA suffix found in a --lora-dir
-    (recursively, as A1111 walks models/Lora)."""
+    """The file a tag names: a --lora file with that stem, else NAME + a LoRA suffix directly inside a --lora-dir.
+    Only a plain file name is looked up: a tag in a prompt (which may come from someone else's prompt list) must not
+    reach a file outside the folders the user named, so folders, `..`, absolute paths and wildcards are refused."""
     if name in known:
         return known[name]
-    hits = sorted({p for d in folders for p in Path(d).rglob(f"{name}.*") if p.suffix in SUFFIXES and p.is_file()})
+    if Path(name).name != name or name in (".", "..") or any(c in name for c in "*?[]\\"):
+        raise LoRAError(f"--prompt tag {tag}: {name!r} is not a file name; a tag names a file directly inside a "
+                        "--lora-dir (NAME for NAME.safetensors), without folders or wildcards; or pass it with --lora")
+    candidates = [Path(folder) / f"{name}{suffix}" for folder in folders for suffix in SUFFIXES]
+    hits = [path for path in candidates if path.is_file()]
     if len(hits) > 1:
         raise LoRAError(f"--prompt tag {tag}: {len(hits)} files are named {name} ({hits[0]}, {hits[1]}); "
                         "pass the one you mean with --lora")
