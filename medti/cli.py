@@ -52,3 +52,20 @@ def run_main(parser: argparse.ArgumentParser, run: Callable, argv=None) -> int:
     finally:
         INTERFACE.reset(token)
     return 0
+
+
+def torchrun_world() -> tuple[int, int]:
+    """(rank, world size) from RANK and WORLD_SIZE, as torchrun sets them; (0, 1) without a launcher. The one reader
+    of them for every command that runs under torchrun (train, generate): a wrong value is one line here, never a
+    traceback later or a rank that waits forever for peers that do not exist."""
+    values = {}
+    for name, default, low in (("WORLD_SIZE", "1", 1), ("RANK", "0", 0)):
+        text = os.environ.get(name, default)
+        if not text.strip().isdigit() or int(text) < low:
+            raise UserError(f"environment variable {name}={text!r}: must be a whole number >= {low} (torchrun "
+                            f"sets it; unset RANK and WORLD_SIZE to run one process)")
+        values[name] = int(text)
+    if values["RANK"] >= values["WORLD_SIZE"]:
+        raise UserError(f"environment variables RANK={values['RANK']} and WORLD_SIZE={values['WORLD_SIZE']}: "
+                        f"RANK must be below WORLD_SIZE (0 to {values['WORLD_SIZE'] - 1})")
+    return values["RANK"], values["WORLD_SIZE"]

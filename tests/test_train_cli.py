@@ -3,6 +3,7 @@ leaves no folder, one run at a time per --out, the demo re-runs cleanly and ends
 and the modules form no import cycle. Issue 11, defects 1, 2, 3, 4, 5, 8, 9 and 11."""
 import ast
 import json
+import os
 import shlex
 import subprocess
 import sys
@@ -177,3 +178,21 @@ def test_demo_prints_a_generate_command_that_works_and_reruns_cleanly(tmp_path):
     assert f"--out {out} holds a run already; pass --resume" in again.stderr and "Traceback" not in again.stderr
     resumed = subprocess.run([*demo, "--resume"], capture_output=True, text=True, timeout=600, cwd=ROOT)
     assert resumed.returncode == 0, resumed.stderr[-2000:]
+
+
+@pytest.mark.parametrize("env, words", [
+    ({"RANK": "abc", "WORLD_SIZE": "2"}, "environment variable RANK='abc': must be a whole number >= 0"),
+    ({"WORLD_SIZE": "0"}, "environment variable WORLD_SIZE='0': must be a whole number >= 1"),
+    ({"RANK": "3", "WORLD_SIZE": "2"}, "RANK must be below WORLD_SIZE (0 to 1)"),   # this one waited forever
+    ({"RANK": "0", "WORLD_SIZE": "2"}, "environment variable MASTER_ADDR is not set, but WORLD_SIZE=2"),
+])
+def test_a_wrong_launcher_environment_is_one_line(tiny, tmp_path, env, words):
+    """torchrun's variables set by hand (or left over in a shell) are checked with the settings, as generate checks
+    them: one line and exit 2 before the model loads, never a traceback from int() or init_process_group, never a
+    rank that waits for peers that do not exist. A subprocess with a timeout, so a hang fails the test."""
+    base = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT")}
+    out = tmp_path / "out"
+    run = subprocess.run([sys.executable, "-m", "medti.train", *args(tiny, out)], env=base | env, cwd=ROOT,
+                         capture_output=True, text=True, timeout=120)
+    assert run.returncode == 2 and run.stderr.strip().count("\n") == 0, run.stderr
+    assert words in run.stderr and "Traceback" not in run.stderr and not out.exists()

@@ -2,7 +2,6 @@
 torch cannot take, the torchrun environment, and whether the run fits in the memory this machine has. And the
 one check after sampling: a non-finite latent or image stops the run before anything is written."""
 import math
-import os
 from pathlib import Path
 
 import torch
@@ -40,21 +39,6 @@ def check_seeds(first: int, count: int):
     if first < 0 or first + count > SEED_LIMIT:
         raise GenerateError(f"--seed {first}: torch takes seeds in [0, 2**64); with --n {count} the seed must be at "
                             f"most {SEED_LIMIT - count}, since image i uses seed + i")
-
-
-def shard() -> tuple[int, int]:
-    """(rank, world size) from RANK and WORLD_SIZE, as torchrun sets them; (0, 1) without a launcher."""
-    values = {}
-    for name, default, low in (("WORLD_SIZE", "1", 1), ("RANK", "0", 0)):
-        text = os.environ.get(name, default)
-        if not text.strip().isdigit() or int(text) < low:
-            raise GenerateError(f"environment variable {name}={text!r}: must be a whole number >= {low} (torchrun "
-                                f"sets it; unset RANK and WORLD_SIZE to run one process)")
-        values[name] = int(text)
-    if values["RANK"] >= values["WORLD_SIZE"]:
-        raise GenerateError(f"environment variables RANK={values['RANK']} and WORLD_SIZE={values['WORLD_SIZE']}: "
-                            f"RANK must be below WORLD_SIZE (0 to {values['WORLD_SIZE'] - 1})")
-    return values["RANK"], values["WORLD_SIZE"]
 
 
 def estimate_bytes(sd, width: int, height: int, rows: int, images: int, packed: bool) -> int:

@@ -16,6 +16,7 @@ import minisd
 from minisd.config import resolve_device, resolve_dtype
 from minisd.packing import can_pack, pack_convs
 
+from ..cli import torchrun_world
 from ..files import embedding_file as emb
 from ..files.atomic import claim_folder, safetensors_bytes, write_atomic
 from ..files.hashes import sha256_of
@@ -25,7 +26,7 @@ from . import loras
 from .flags import UsageError, check_args
 from .manifest import Job, append, batches, merge, parameters_text, read_records, record, repair
 from .pipeline import InitImage, SampleSettings, compile_for_inference, decode, sample
-from .preflight import GenerateError, check_finite, check_memory, check_scale, shard
+from .preflight import GenerateError, check_finite, check_memory, check_scale
 from .progress import Progress
 from .prompts import check_length, parse
 
@@ -166,7 +167,7 @@ def generate(args, out: Path, texts: list, jobs: list, specs: list, rank: int, w
 
 def run(args):
     check_args(args)
-    rank, world = shard()
+    rank, world = torchrun_world()
     texts, jobs = plan(args)   # parses the prompt: its mistakes are reported before a folder is made
     specs = loras.plan(args.lora, args.lora_dir, [args.prompt] if args.sweep is None else args.sweep, args.negative)
     local = os.environ.get("LOCAL_RANK", rank)   # torchrun: this process's index on its machine = its GPU

@@ -24,7 +24,7 @@ from ..files.atomic import inside
 from ..medical.slices import check_options
 from ..medical.window import parse_window
 from . import TrainError, dreambooth
-from .distributed import local_device, world
+from .distributed import check_launch, local_device, world
 from .methods import check_method, learning_rate
 from .optim import parse_lr
 
@@ -286,6 +286,7 @@ def check_settings(cfg: TrainConfig) -> Plan:
     if not cfg.init.strip():
         raise TrainError(f"{arg('init')} {cfg.init!r}: give word(s) such as \"*\" or \"chest x-ray\", or random")
     device = local_device(resolve_device(cfg.device or ("cuda" if torch.cuda.is_available() else "cpu")))
+    check_launch()
     if cfg.batch % world()[1]:
         raise TrainError(f"{arg('batch')} {cfg.batch}: with {world()[1]} processes it must be a multiple of "
                          f"{world()[1]} (each process takes an equal share of every micro-batch)")

@@ -19,10 +19,24 @@ from contextlib import contextmanager
 import torch
 import torch.distributed as dist
 
+from ..cli import torchrun_world
+from . import TrainError
+
 
 def world() -> tuple[int, int]:
-    """(rank, world size) from torchrun's environment; (0, 1) for a plain process."""
-    return int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
+    """(rank, world size) from torchrun's environment (checked by medti.cli.torchrun_world); (0, 1) for a plain
+    process."""
+    return torchrun_world()
+
+
+def check_launch():
+    """Several ranks meet at MASTER_ADDR:MASTER_PORT (torchrun sets both): without them init_process_group fails
+    with a traceback after the model has loaded, so it is checked with the settings."""
+    size = world()[1]
+    missing = [name for name in ("MASTER_ADDR", "MASTER_PORT") if size > 1 and not os.environ.get(name)]
+    if missing:
+        raise TrainError(f"environment variable {missing[0]} is not set, but WORLD_SIZE={size}: start several "
+                         "processes with torchrun (it sets it), or unset RANK and WORLD_SIZE to run one")
 
 
 def local_device(device: torch.device) -> torch.device:
