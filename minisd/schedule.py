@@ -10,6 +10,8 @@ from dataclasses import dataclass, field
 import numpy as np
 import torch
 
+from .errors import UserError, arg
+
 NUM_TIMESTEPS = 1000
 LINEAR_START, LINEAR_END = 0.00085, 0.012
 
@@ -45,6 +47,9 @@ SPACINGS = {"euler": ("linspace", "leading", "trailing", "kdiffusion", "karras")
             "dpmsolver": ("linspace", "leading", "trailing", "kdiffusion", "karras"),
             "ddim": ("linspace", "leading", "trailing")}
 STEPS_OFFSET = 1   # SD2's hub scheduler config; diffusers adds it to "leading" timesteps
+# A bound on the arrays and the loop, far past any useful count (the reference study sampled 100 steps). The integer
+# spacings reach their own, lower limit first: see distinct_steps.
+MAX_STEPS = 10_000
 
 
 @dataclass(frozen=True)
@@ -106,10 +111,33 @@ def ddim_landing(timesteps: np.ndarray, n: int) -> np.ndarray:
     return np.where(prev >= 0, table[np.maximum(prev, 0)], table[0])
 
 
+def distinct_steps(n: int, spacing: str, family: str) -> bool:
+    """Whether n steps of this spacing visit n distinct timesteps. The integer spacings of 1,000 training steps
+    cannot: past about 1,000 two steps share a timestep, and then DPM++ 2M divides by a zero step (h = 0) and DDIM
+    (which steps back 1000 // n) stands still at t = 1. Fractional t (Euler's linspace), k-diffusion's and Karras'
+    sigmas are always distinct."""
+    if spacing in ("kdiffusion", "karras") or (spacing == "linspace" and family == "euler"):
+        return True
+    t = spaced_timesteps(n, spacing, family)
+    return bool(np.all(np.diff(t) < 0)) and (family != "ddim" or NUM_TIMESTEPS // n >= 1)
+
+
+def check_steps(n: int, spacing: str, family: str):
+    """Refuse a step count the schedule cannot do, in one line naming the largest count it can."""
+    if not 1 <= n <= MAX_STEPS:
+        raise UserError(f"{arg('steps')} {n}: give 1 to {MAX_STEPS:,} steps")
+    if not distinct_steps(n, spacing, family):
+        most = max(m for m in range(min(n, NUM_TIMESTEPS + 1), 0, -1) if distinct_steps(m, spacing, family))
+        more = "" if family == "ddim" else " (the kdiffusion and karras spacings take more)"
+        raise UserError(f"{arg('steps')} {n}: the {spacing} spacing has {NUM_TIMESTEPS:,} training timesteps to "
+                        f"visit, so this sampler takes at most {most} steps with it{more}")
+
+
 def step_schedule(n: int, spacing: str = "linspace", family: str = "euler") -> Steps:
     """The Steps of n sampler steps with `spacing`, as `family`'s diffusers scheduler discretises (see above)."""
     if spacing not in SPACINGS[family]:
         raise ValueError(f"spacing {spacing!r} is not one of {family}'s: {', '.join(SPACINGS[family])}")
+    check_steps(n, spacing, family)
     table = training_sigmas().numpy()
     if spacing == "karras":
         sigmas = karras_sigmas(n)

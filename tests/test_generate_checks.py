@@ -32,6 +32,11 @@ def one_line_error(capsys) -> str:
     (["--sweep", "a", "b", "--weights", "nan,inf"], {}, "--weights: weight nan"),
     (["--mask-blur", "nan"], {}, "--mask-blur nan: must be finite"),
     (["--paste-back"], {}, "--paste-back needs --init-image and --mask"),
+    # step counts a schedule of 1,000 training timesteps cannot do: DPM++ 2M divided by zero, DDIM stood still
+    (["--sampler", "dpmpp_2m", "--sigmas", "leading", "--steps", "1000"], {}, "--steps 1000: the leading spacing"),
+    (["--sampler", "dpmpp_2m", "--sigmas", "trailing", "--steps", "2500"], {}, "takes at most 1000 steps with it"),
+    (["--sampler", "ddim", "--steps", "1001"], {}, "--steps 1001: the linspace spacing has 1,000 training"),
+    (["--steps", str(10 ** 9)], {}, "--steps 1000000000: give 1 to 10,000 steps"),
 ])
 def test_refused_up_front_in_one_line(model_files, tmp_path, capsys, monkeypatch, extra, env, words):  # noqa: F811
     for name, value in env.items():

@@ -8,7 +8,7 @@ import torch
 
 from minisd.errors import UserError
 from minisd.sampling import SAMPLERS, UNSUPPORTED
-from minisd.schedule import SPACINGS
+from minisd.schedule import SPACINGS, check_steps
 
 from ..cli import ArgumentParser
 from ..medical import require
@@ -111,6 +111,7 @@ def check_args(args):
         offered = [name for name in SPACINGS[family] if (args.sampler, name) not in UNSUPPORTED]
         raise UsageError(f"--sigmas {args.sigmas} is not offered with --sampler {args.sampler}; "
                          f"use one of {', '.join(offered)}")
+    check_steps(args.steps, args.sigmas, family)   # what the schedule can do: distinct steps, at most MAX_STEPS
     if (args.mask or args.strength < 1) and not args.init_image:
         raise UsageError("--mask and --strength < 1 need --init-image")
     if args.paste_back and not args.mask:
