@@ -4,6 +4,7 @@ import contextlib
 import fcntl
 import json
 import os
+import re
 import struct
 from pathlib import Path
 
@@ -53,6 +54,7 @@ def write_atomic(path, data: bytes):
 
 
 LOCK_NAME = ".lock"
+TEMP = re.compile(r"^\..+\.(\d+)\.tmp$")   # write_atomic's temporary names: .NAME.PID.tmp
 
 
 def inside(path, folder) -> bool:
@@ -62,42 +64,82 @@ def inside(path, folder) -> bool:
     return path == folder or folder in path.parents
 
 
-def lock_name(rank: int) -> str:
-    """The lock file of one process of a launch: `.lock` for a single process (and torchrun's rank 0),
-    `.lock.rank<r>` for rank r > 0."""
-    return LOCK_NAME if rank == 0 else f"{LOCK_NAME}.rank{rank}"
+def _flock(path: Path, mode: int, flag: str, folder: Path):
+    """An open handle on `path` holding a non-blocking flock of `mode`, or the one-line refusal."""
+    handle = open(path, "a")
+    try:
+        fcntl.flock(handle, mode | fcntl.LOCK_NB)
+    except BlockingIOError:
+        handle.close()
+        raise UserError(f"{arg(flag)} {folder}: another run is writing there now; wait for it to end or choose "
+                        "another folder") from None
+    return handle
+
+
+def _locks(folder: Path, flag: str, rank: int, world: int) -> list:
+    """The flocks a process holds on its output folder. FOLDER/.lock: exclusive for a single process, shared by
+    every process of a launch (world > 1), so a single run and a launch never hold one folder together, whatever
+    RANK a process was given. Each process of a launch also holds FOLDER/.lock.rank<r> exclusively: a second
+    launch into the folder meets the first's process of the same rank and is refused."""
+    handles = [_flock(folder / LOCK_NAME, fcntl.LOCK_SH if world > 1 else fcntl.LOCK_EX, flag, folder)]
+    if world > 1:
+        try:
+            handles.append(_flock(folder / f"{LOCK_NAME}.rank{rank}", fcntl.LOCK_EX, flag, folder))
+        except BaseException:
+            handles[0].close()
+            raise
+    return handles
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:   # another user's process: alive
+        return True
+    return True
+
+
+def remove_stale_temps(folder: Path) -> list[Path]:
+    """Delete write_atomic's temporary files whose writer is dead (a kill -9 mid-write leaves one, and at SD2 size
+    it is gigabytes); called by the run that holds the folder, so no live writer of another run can own one. A
+    file of a live process (this launch's other ranks) is left alone."""
+    stale = [p for p in folder.rglob(".*.tmp") if (m := TEMP.match(p.name)) and not _alive(int(m[1]))]
+    for path in stale:
+        path.unlink(missing_ok=True)
+    return stale
 
 
 @contextlib.contextmanager
-def claim_folder(folder, flag: str = "out", rank: int = 0):
-    """Hold an output folder for one run: create it if needed, check it is writable, lock it, and on failure
-    remove it again if this run created it and left nothing in it (a failed run leaves no empty folder).
+def claim_folder(folder, flag: str = "out", rank: int = 0, world: int = 1):
+    """Hold an output folder for one run: create it if needed, check it is writable, lock it (_locks), remove the
+    temporary files of dead writers, and on failure remove the folder again if this run created it and left
+    nothing in it (a failed run leaves no empty folder). `rank`, `world`: this process's place in a torchrun
+    launch ((0, 1) for a single process).
 
-    The lock is an flock on FOLDER/.lock, so the kernel releases it when the process dies: a crash never leaves
-    a stale lock, and a second run on the same folder is refused at once instead of mixing its files in. Under
-    torchrun each rank locks its own file (lock_name): the ranks of one launch never refuse each other, and every
-    rank of a second launch is refused by the first launch's process of the same rank while that one runs."""
+    The locks are flocks, so the kernel releases them when the process dies: a crash never leaves a stale lock,
+    and a second run on the same folder is refused at once instead of mixing its files in."""
     folder = Path(folder)
     if folder.exists() and not folder.is_dir():
         raise UserError(f"{arg(flag)} {folder}: exists and is not a folder; choose a folder path")
-    created, name = not folder.exists(), lock_name(rank)
+    created = not folder.exists()
     try:
         folder.mkdir(parents=True, exist_ok=True)
-        handle = open(folder / name, "a")
+        (folder / LOCK_NAME).touch()
     except OSError as e:
         raise UserError(f"{arg(flag)} {folder}: cannot write there ({e.strerror or e})") from None
+    handles = _locks(folder, flag, rank, world)
     try:
-        try:
-            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            raise UserError(f"{arg(flag)} {folder}: another run is writing there now; wait for it to end or "
-                            "choose another folder") from None
+        remove_stale_temps(folder)
         yield folder
     except BaseException:
         if created and all(p.name.startswith(LOCK_NAME) for p in folder.iterdir()):
-            (folder / name).unlink(missing_ok=True)
+            for name in (LOCK_NAME, f"{LOCK_NAME}.rank{rank}"):
+                (folder / name).unlink(missing_ok=True)
             with contextlib.suppress(OSError):   # another rank's lock file may still be there: then it cleans up
                 folder.rmdir()
         raise
     finally:
-        handle.close()   # closing releases the flock
+        for handle in handles:
+            handle.close()   # closing releases the flock

@@ -174,9 +174,10 @@ def run(args):
     name = f"cuda:{local}" if args.device == "cuda" and world > 1 else args.device
     device = resolve_device(name)
     dtype = resolve_dtype(args.dtype, device)   # the project's one dtype rule
-    # a second run on --out is refused (medti.files.atomic.claim_folder); under torchrun each rank holds its own lock
-    # file: the ranks of one launch write disjoint files, while each rank of a second launch meets its counterpart
-    with claim_folder(args.out, rank=rank) as out:
+    # a second run on --out is refused (medti.files.atomic.claim_folder): the ranks of one launch share the folder
+    # (they write disjoint files), a single run and a launch never do, and each rank of a second launch meets its
+    # counterpart of the first
+    with claim_folder(args.out, rank=rank, world=world) as out:
         if not args.resume and (list(out.glob("manifest*.jsonl")) or list(out.glob("[0-9]*.png"))):
             raise UsageError(f"--out {out} already holds a run; pass --resume to continue it or choose another folder")
         generate(args, out, texts, jobs, specs, rank, world, device, dtype)
