@@ -128,6 +128,13 @@ def test_lora_training_lowers_held_out_loss(secret_data, tmp_path):  # noqa: F81
     (["--method", "lora", "--instance-prompt", "x", "--rank", "0"], "--rank 0"),
     (["--method", "lora", "--instance-prompt", "x", "--alpha", "-1"], "--alpha -1"),
     (["--method", "lora", "--instance-prompt", "x", "--alpha", "nan"], "--alpha nan"),
+    # counts bounded up front: --rank 100000 grew the process to 23 GB; --class-images 10**20 never ended, and
+    # "²" (which str.isdigit accepts and int() refuses) was a traceback
+    (["--method", "lora", "--instance-prompt", "x", "--rank", "100000"], "--rank 100000: from 1 to 1280"),
+    (["--method", "lora", "--instance-prompt", "x", "--class-prompt", "x", "--class-images", str(10 ** 20)],
+     "at most 10,000 images"),
+    (["--method", "lora", "--instance-prompt", "x", "--class-prompt", "x", "--class-images", "\u00b2"],
+     "--class-images \u00b2: a folder of class images, or a number"),
 ])
 def test_bad_method_flags_are_one_line_before_anything_loads(secret_data, tmp_path, capsys, extra, words):  # noqa: F811
     folder, model, config = secret_data
@@ -137,6 +144,16 @@ def test_bad_method_flags_are_one_line_before_anything_loads(secret_data, tmp_pa
     err = capsys.readouterr().err.strip()
     assert err.count("\n") == 0 and words in err, err
     assert not (tmp_path / "run").exists()
+
+
+def test_a_rank_wider_than_the_model_is_refused_before_adapters_are_made(secret_data, tmp_path, capsys):  # noqa: F811
+    """Within the static bound but wider than this model's narrowest targeted layer (the tiny model's are 32 wide):
+    one line naming the largest rank that means anything, after the model loads and before any adapter exists."""
+    folder, model, config = secret_data
+    assert main(lora_args(folder, model, config, tmp_path / "run", "--rank", "64")) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.count("\n") == 0 and "--rank 64: larger than the smallest targeted layer" in err, err
+    assert "give at most 32" in err and not (tmp_path / "run").exists()
 
 
 def test_captions_join_the_instance_prompt_per_image(secret_data, tmp_path):  # noqa: F811

@@ -9,6 +9,7 @@ the first step, with the class prompt (--class-images N): saved in the run folde
 back from there on a resume, so a resumed run trains on the very same images. Made with diffusers' DreamBooth script's
 pipeline defaults for this (50 steps, guidance 7.5), with Euler a, from seeds --seed + i.
 """
+import re
 from pathlib import Path
 
 import torch
@@ -28,9 +29,15 @@ from .objective import cache_latents, prediction_and_target
 STEPS, GUIDANCE = 50, 7.5   # diffusers examples/dreambooth/train_dreambooth.py: the pipeline's own defaults
 
 
+# Class images are generated once and their latents kept in memory (64 KB each at 512²): 10,000 is 0.6 GB and days
+# of generation on one GPU, well past the hundreds that DreamBooth's recipes use.
+MAX_CLASS_IMAGES = 10_000
+
+
 def class_count(cfg) -> int | None:
-    """--class-images as a count N, or None when it names a folder."""
-    return int(cfg.class_images) if cfg.class_images.isdigit() else None
+    """--class-images as a count N, or None when it names a folder. ASCII digits only: str.isdigit accepts "²",
+    which int() refuses."""
+    return int(cfg.class_images) if re.fullmatch(r"[0-9]+", cfg.class_images) else None
 
 
 def check(cfg):
@@ -47,6 +54,9 @@ def check(cfg):
         missing = ({"class_prompt", "class_images"} - set(given)).pop()
         raise TrainError(f"{arg(given[0])} needs {arg(missing)} too (DreamBooth's prior preservation)")
     count = class_count(cfg)
+    if count is not None and count > MAX_CLASS_IMAGES:
+        raise TrainError(f"{arg('class_images')} {cfg.class_images}: at most {MAX_CLASS_IMAGES:,} images for the "
+                         "frozen model to make (or a folder of class images)")
     if count == 0 or (count is None and not Path(cfg.class_images).is_dir()):
         raise TrainError(f"{arg('class_images')} {cfg.class_images}: a folder of class images, or a number of "
                          "images (at least 1) for the frozen model to make")

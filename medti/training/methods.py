@@ -102,6 +102,29 @@ class TextualInversion:
         pass   # the vectors are used where they are: nothing in the model holds a copy
 
 
+MAX_RANK = 1280   # the widest layer of SD1 and SD2 (the UNet's deepest level); checked before the model loads
+
+
+def smallest_side(layer) -> int:
+    """min(outputs, inputs) of a layer's weight (a conv's inputs are in_channels x kernel; a fused q/k/v in_proj
+    [3E, E] gives E): a LoRA rank beyond it adds nothing, an update of that rank being a full matrix already."""
+    weight = getattr(layer, "weight", None)
+    weight = weight if weight is not None else layer.in_proj_weight
+    return min(weight.shape[0], weight[0].numel())
+
+
+def check_rank(sd, kinds: list, rank: int):
+    """--rank against the loaded model's targeted layers, before any adapter is allocated (--rank 100000 used to
+    grow the process to 23 GB)."""
+    sides = [smallest_side(model.get_submodule(name)) for model, group in
+             ((sd.unet, lora.UNET_TARGETS), (sd.text.tower, lora.TEXT_TARGETS))
+             for name in lora.targets(model, [k for k in kinds if k in group])]
+    if sides and rank > min(sides):
+        raise TrainError(f"{arg('rank')} {rank}: larger than the smallest targeted layer of this model "
+                         f"({min(sides)} features, where a rank-{min(sides)} update is already full); give at most "
+                         f"{min(sides)}")
+
+
 class LoRAMethod:
     """--method lora: rank-r fp32 adapters (minisd.lora) on the frozen model's layers that --lora-targets names;
     the base weights stay bit-identical, and what is saved is lora.safetensors in the kohya/A1111 layout
@@ -110,6 +133,7 @@ class LoRAMethod:
     def __init__(self, sd, cfg, prompts: list, device):
         self.sd, self.kinds = sd, targets(cfg)
         # the adapters' random start (kaiming-uniform down) comes from --seed, like every other draw of the run
+        check_rank(sd, self.kinds, cfg.rank)
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(cfg.seed)
             for model, kinds in ((sd.unet, lora.UNET_TARGETS), (sd.text.tower, lora.TEXT_TARGETS)):
@@ -227,8 +251,9 @@ def check_method(cfg):
     if unknown or not targets(cfg):
         raise TrainError(f"{arg('lora_targets')} {cfg.lora_targets!r}: comma-separated, from "
                          f"{', '.join(lora.TARGETS)}")
-    if cfg.rank < 1:
-        raise TrainError(f"{arg('rank')} {cfg.rank}: must be at least 1")
+    if not 1 <= cfg.rank <= MAX_RANK:
+        raise TrainError(f"{arg('rank')} {cfg.rank}: from 1 to {MAX_RANK} (the widest layer of SD1 and SD2; a rank "
+                         "as large as a layer is already a full update of it)")
     if not (math.isfinite(cfg.alpha) and cfg.alpha >= 0):
         raise TrainError(f"{arg('alpha')} {cfg.alpha:g}: must be 0 (= the rank) or more")
     if cfg.trainable not in ("all", "attention"):
