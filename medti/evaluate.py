@@ -114,6 +114,8 @@ def check_args(args) -> Reading:
     for flag in ("kid_subsets", "k", "ms_ssim_pairs", "batch", "n", "steps"):
         if getattr(args, flag) < 1:
             raise EvalError(f"--{flag.replace('_', '-')} {getattr(args, flag)}: must be at least 1")
+    if not 0 <= args.seed < 2 ** 64:   # what torch.Generator.manual_seed takes; 2**70 was a traceback
+        raise EvalError(f"--seed {args.seed}: torch takes seeds from 0 to 2**64 - 1")
     if args.kid_subset_size is not None and args.kid_subset_size < 2:
         raise EvalError(f"--kid-subset-size {args.kid_subset_size}: must be at least 2")
     for flag in ("save_stats", "save_features"):

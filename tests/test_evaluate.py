@@ -228,3 +228,66 @@ def test_default_kid_subsets_have_a_spread(sets, inception_file, tmp_path):
     assert _run("--real", sets[0], "--fake", sets[1], "--out", out, "--inception", inception_file) == 0
     report = json.loads((out / "report.json").read_text())
     assert report["kid_subset_size"] == 3 and report["kid_std"] > 1e-6 * abs(report["kid_mean"])
+
+
+def _pickled(path):
+    with open(path, "wb") as f:   # an object array: np.load refuses it without allow_pickle
+        np.save(f, np.array([{"x": 1}], dtype=object), allow_pickle=True)
+
+
+# case -> (how the valid statistics file is damaged, words of the one-line error)
+DAMAGED = {
+    "truncated": (lambda path, data: path.write_bytes(path.read_bytes()[:300]), "not a readable .npz archive"),
+    "text": (lambda path, data: path.write_text("mu,sigma\n1,2\n"), "not a readable .npz archive"),
+    "pickle": (lambda path, data: _pickled(path), "pickled (object) arrays, which are never loaded"),
+    "n-string": (lambda path, data: np.savez(path, **{**data, "n": np.array("six")}), "'n' is missing or not a number"),
+    "files-not-json": (lambda path, data: np.savez(path, **{**data, "files": np.array("a.png, b.png")}),
+                       "'files' is missing or not JSON"),
+    "int-names": (lambda path, data: np.savez(path, **{**data, "files": np.array(json.dumps(list(range(6))))}),
+                  "6 file name(s)"),
+    "nan-mean": (lambda path, data: np.savez(path, **{**data, "mu": data["mu"] * np.nan}), "mu holds NaN"),
+    "no-sigma": (lambda path, data: np.savez(path, **{k: v for k, v in data.items() if k != "sigma"}),
+                 "sigma is missing"),
+}
+
+
+@pytest.mark.parametrize("case", DAMAGED)
+def test_a_damaged_statistics_file_is_one_line(sets, inception_file, tmp_path, capsys, case):
+    """Each was a traceback or a NaN figure naming no file; numpy's advice to load with allow_pickle (which runs
+    code from the file) is never passed on."""
+    real, fake = sets
+    stats = tmp_path / "s.npz"
+    assert _run("--real", real, "--save-stats", stats, "--inception", inception_file) == 0
+    damage, words = DAMAGED[case]
+    damage(stats, dict(np.load(stats)))
+    capsys.readouterr()
+    assert _run("--real", stats, "--fake", fake, "--out", tmp_path / "o", "--inception", inception_file) == 2
+    err = _error(capsys)
+    assert words in err and str(stats) in err and "allow_pickle" not in err, err
+    assert not (tmp_path / "o").exists()
+
+
+@pytest.mark.parametrize("line, words", [
+    (b'{"file": 7}', "line 1 is not a manifest record"),
+    (b'{"file": "/etc/img.png"}', "outside the manifest's folder"),
+    (b'{"file": "../real/img000.png"}', "outside the manifest's folder"),
+    (b'{"file": "a.png", "prompt": "\xff\xfe"}', "not UTF-8 text"),
+    (b'[1, 2]', "line 1 is not a manifest record"),
+])
+def test_a_damaged_manifest_is_one_line(sets, inception_file, tmp_path, capsys, line, words):
+    """A manifest names the images to score: an entry outside its folder was scored silently (`..`, an absolute
+    path), others were tracebacks (an int name, bytes that are not UTF-8)."""
+    real, _ = sets
+    run = _write_set(tmp_path / "run", 3)
+    (run / "manifest.jsonl").write_bytes(line + b"\n")
+    assert _run("--real", real, "--fake", run, "--out", tmp_path / "o", "--inception", inception_file) == 2
+    err = _error(capsys)
+    assert words in err and "manifest.jsonl" in err, err
+    assert not (tmp_path / "o").exists()
+
+
+def test_a_seed_torch_cannot_take_is_one_line(sets, inception_file, tmp_path, capsys):
+    real, fake = sets
+    assert _run("--real", real, "--fake", fake, "--out", tmp_path / "o", "--seed", 2 ** 70) == 2
+    assert "--seed 1180591620717411303424: torch takes seeds from 0 to 2**64 - 1" in _error(capsys)
+    assert not (tmp_path / "o").exists()

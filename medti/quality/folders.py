@@ -10,7 +10,7 @@ model reproduces the squares it was trained on, not the files as stored.
 """
 import json
 from dataclasses import dataclass, field
-from pathlib import Path
+from pathlib import Path, PurePosixPath
 
 import numpy as np
 import torch
@@ -76,18 +76,35 @@ def set_flags(args) -> list:
     return [f"--{name.replace('_', '-')}" for name in DATA_FLAGS if getattr(args, name) != getattr(TrainConfig, name)]
 
 
+def _manifest_name(rec, path: Path, flag: str, number: int) -> str:
+    """A record's "file": a relative path inside the manifest's folder. An absolute path or one with `..` would
+    score an image outside the set the user named, without a word."""
+    name = rec.get("file") if isinstance(rec, dict) else None
+    if not isinstance(name, str) or not name:
+        raise SetError(f"{arg(flag)} {path}: line {number} is not a manifest record with a \"file\" name; give the "
+                       "image folder instead")
+    if PurePosixPath(name).is_absolute() or ".." in PurePosixPath(name).parts or "\\" in name:
+        raise SetError(f"{arg(flag)} {path}: line {number} names {name[:80]!r}, outside the manifest's folder; a "
+                       "manifest names its images by their path inside that folder")
+    return name
+
+
 def read_manifest(path: Path, flag: str) -> dict:
     """name -> record from a manifest.jsonl, in file order; a damaged line is an error, not a silent skip."""
+    try:
+        text = path.read_bytes().decode("utf-8")
+    except UnicodeDecodeError as e:
+        raise SetError(f"{arg(flag)} {path}: not UTF-8 text (byte {e.start}); a manifest is JSON lines, as "
+                       "medti.generate writes it") from None
     records = {}
-    for number, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1):
+    for number, line in enumerate(text.splitlines(), 1):
         if not line.strip():
             continue
         try:
             rec = json.loads(line)
-            records[rec["file"]] = rec
-        except (json.JSONDecodeError, KeyError, TypeError):
-            raise SetError(f"{arg(flag)} {path}: line {number} is not a manifest record with a \"file\"; "
-                           "give the image folder instead") from None
+        except json.JSONDecodeError:
+            rec = None
+        records[_manifest_name(rec, path, flag, number)] = rec
     return records
 
 

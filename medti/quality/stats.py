@@ -9,6 +9,7 @@ the file where the images are kept.
 """
 import io
 import json
+import zipfile
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -50,39 +51,75 @@ def save_stats(path, real: RealSide, net: Network):
     write_atomic(path, buffer.getvalue())
 
 
+def _damaged(path: Path, what: str) -> EvalError:
+    return EvalError(f"{arg('real')} {path}: {what}; the file is damaged or not medti's -- make one with --save-stats")
+
+
 def _read(path: Path) -> dict:
+    """The arrays of a statistics file. numpy's own messages are not passed on: for a file that is no archive it
+    suggests allow_pickle=True, which would run code from the file."""
     try:
         with np.load(path, allow_pickle=False) as data:
             return {key: data[key] for key in data.files}
-    except (OSError, ValueError, EOFError) as e:   # not a zip, truncated, or an object array (pickle refused)
-        raise EvalError(f"{arg('real')} {path}: not a readable statistics file ({str(e).splitlines()[0]}); "
-                        "make one with --save-stats") from None
+    except (OSError, ValueError, EOFError, zipfile.BadZipFile) as e:   # not a zip, truncated, pickled data
+        with open(path, "rb") as f:   # numpy calls any file it cannot place "pickled": trust it for archives only
+            archive = f.read(6).startswith((b"PK\x03\x04", b"\x93NUMPY"))   # zip (.npz) or .npy magic
+        pickled = archive and isinstance(e, ValueError) and "pickle" in str(e)
+        raise _damaged(path, "holds pickled (object) arrays, which are never loaded" if pickled else
+                       "not a readable .npz archive") from None
 
 
-def load_stats(path, net: Network) -> RealSide:
-    """A statistics file checked against the network in use: format, network, weights and every shape."""
-    path = Path(path)
-    data = _read(path)
+def _number(path: Path, data: dict, key: str) -> int:
+    try:
+        return int(data[key])
+    except (KeyError, TypeError, ValueError):
+        raise _damaged(path, f"its {key!r} is missing or not a number") from None
+
+
+def _json(path: Path, data: dict, key: str, kind: type):
+    try:
+        value = json.loads(str(data[key]))
+    except (KeyError, json.JSONDecodeError):
+        raise _damaged(path, f"its {key!r} is missing or not JSON") from None
+    if not isinstance(value, kind) and value is not None:
+        raise _damaged(path, f"its {key!r} is not a {kind.__name__}")
+    return value
+
+
+def _check_network(path: Path, data: dict, net: Network):
     flag = f"{arg('real')} {path}"
     if str(data.get("format", "")) != FORMAT:
         raise EvalError(f"{flag}: not a medti statistics file (no format '{FORMAT}'); make one with --save-stats")
-    if str(data["weights_sha256"]) == net.weights_sha256 and str(data["network"]) != net.name:
+    network, sha = str(data.get("network", "")), str(data.get("weights_sha256", ""))
+    if sha == net.weights_sha256 and network != net.name:
         fix = "drop --antialias" if "antialiased" in net.name else "add --antialias"
-        raise EvalError(f"{flag}: made with {data['network']}, not {net.name}: the same weights, another resize; "
+        raise EvalError(f"{flag}: made with {network}, not {net.name}: the same weights, another resize; "
                         f"{fix} to match it, or re-encode the real set")
-    if str(data["network"]) != net.name or str(data["weights_sha256"]) != net.weights_sha256:
-        raise EvalError(f"{flag}: made with {data['network']} (weights sha256 {str(data['weights_sha256'])[:12]}), "
-                        f"not {net.name} ({net.weights_sha256[:12]}); use the same weights or re-encode the real set")
-    n, d = int(data["n"]), net.dim
-    shapes = {"mu": (d,), "sigma": (d, d), "features": (n, d)}
-    for key, shape in shapes.items():
-        if data[key].shape != shape:
-            raise EvalError(f"{flag}: {key} has shape {data[key].shape}, expected {shape}; the file is damaged")
-    names = json.loads(str(data["files"]))
-    if n < 2 or len(names) != n:
-        raise EvalError(f"{flag}: holds {n} image(s) and {len(names)} name(s); the file is damaged")
+    if network != net.name or sha != net.weights_sha256:
+        raise EvalError(f"{flag}: made with {network} (weights sha256 {sha[:12]}), not {net.name} "
+                        f"({net.weights_sha256[:12]}); use the same weights or re-encode the real set")
+
+
+def load_stats(path, net: Network) -> RealSide:
+    """A statistics file checked against the network in use: format, network, weights, every shape and type, and
+    finite values (a NaN mean gives a NaN FID that names no file)."""
+    path = Path(path)
+    data = _read(path)
+    _check_network(path, data, net)
+    n, d = _number(path, data, "n"), net.dim
+    for key, shape in {"mu": (d,), "sigma": (d, d), "features": (n, d)}.items():
+        array = data.get(key)
+        if array is None or array.dtype.kind != "f":
+            raise _damaged(path, f"{key} is {'missing' if array is None else array.dtype}, expected float numbers")
+        if array.shape != shape:
+            raise _damaged(path, f"{key} has shape {array.shape}, expected {shape}")
+        if not np.isfinite(array).all():
+            raise _damaged(path, f"{key} holds NaN or infinite values")
+    names = _json(path, data, "files", list)
+    if n < 2 or len(names) != n or not all(isinstance(name, str) for name in names):
+        raise _damaged(path, f"it holds {n} image(s) and {len(names)} file name(s)")
     return RealSide(torch.from_numpy(data["features"]).float(), torch.from_numpy(data["mu"]).double(),
-                    torch.from_numpy(data["sigma"]).double(), names, json.loads(str(data["ms_ssim"])))
+                    torch.from_numpy(data["sigma"]).double(), names, _json(path, data, "ms_ssim", dict))
 
 
 def save_features(path, real: RealSide, fake: torch.Tensor, fake_names: list, net: Network):
