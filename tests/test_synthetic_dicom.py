@@ -1,6 +1,9 @@
 """Generated images written as DICOM Secondary Capture: read back with pydicom, pixels equal to the image, marked
-synthetic, and no attribute that could identify anyone (all patient and study identifiers present but empty)."""
+synthetic, and no attribute that could identify anyone (all patient and study identifiers present but empty); gray
+images as MONOCHROME2 that medti's own reader takes back; text in UTF-8. dciodvfy's verdict:
+test_synthetic_dicom_valid.py."""
 import io
+import json
 
 import numpy as np
 import pydicom
@@ -9,7 +12,8 @@ from PIL import Image
 from test_generate import model_files  # noqa: F401, F811 (the fixture)
 
 from medti.medical import MedicalError
-from medti.medical.synthetic import EMPTY_TYPE2, SECONDARY_CAPTURE, new_uid, synthetic_dicom
+from medti.medical.dicom import read_dicom, training_image
+from medti.medical.synthetic import EMPTY_TYPE2, MARK, SECONDARY_CAPTURE, new_uid, synthetic_dicom
 
 # Attributes that identify a person or an institution (a selection of PS3.15 Table E.1-1, the de-identification
 # profile); none may hold a value in a synthetic object.
@@ -76,3 +80,90 @@ def test_generate_format_dicom_writes_each_image_as_synthetic_dicom(model_files,
     assert pydicom.dcmread(tmp_path / "a" / "00001.dcm").SOPInstanceUID == before
     assert generate(model_files, tmp_path / "b", "--prompt", "chest x-ray", "--n", "1", "--format", "dicom") == 0
     assert pydicom.dcmread(tmp_path / "b" / "00000.dcm").SeriesInstanceUID != files[0].SeriesInstanceUID
+
+
+def test_three_equal_channels_are_stored_gray_and_medti_reads_them_back(tmp_path):
+    """generate's images are always RGB; one whose channels are equal everywhere is stored as one 8-bit channel,
+    MONOCHROME2, and medti's training reader gives back exactly its pixels (tolerance: none). One level of tint in
+    one pixel keeps it RGB: the file holds the PNG's pixels, never an approximation."""
+    gray = png_pixels("L")
+    path = tmp_path / "gray.dcm"
+    path.write_bytes(synthetic_dicom(np.stack([gray] * 3, axis=-1), "", "1.2.3", "1.2.3.4"))
+    ds = pydicom.dcmread(path)
+    layout = (ds.PhotometricInterpretation, ds.SamplesPerPixel, ds.BitsAllocated, ds.BitsStored)
+    assert layout == ("MONOCHROME2", 1, 8, 8)
+    assert "PlanarConfiguration" not in ds and np.array_equal(ds.pixel_array, gray)
+    assert np.array_equal(read_dicom(path).pixels[0], gray.astype(np.float32))
+    image, patient = training_image(path, None)   # the file's own window: its values as they are, not min-max
+    assert image.mode == "L" and np.array_equal(np.asarray(image), gray) and patient == ""
+    tinted = np.stack([gray] * 3, axis=-1)
+    tinted[5, 7, 2] ^= 1
+    ds = pydicom.dcmread(io.BytesIO(synthetic_dicom(tinted, "", "1.2.3", "1.2.3.4")))
+    assert ds.PhotometricInterpretation == "RGB" and np.array_equal(ds.pixel_array, tinted)
+
+
+def test_text_is_utf8_and_round_trips_exactly():
+    """A prompt in any script comes back from pydicom character for character, with Specific Character Set
+    ISO_IR 192 (UTF-8); a tab, which LT does not allow (PS3.5 6.2), becomes a space; CR and LF stay."""
+    prompt = "肺 opacité, épanchement pleural; Ærø, señal\r\nNegative prompt: \u0639\u0638\u0645"
+    data = synthetic_dicom(png_pixels("RGB"), prompt + "\tSeed: 3", "1.2.3", "1.2.3.4")
+    ds = pydicom.dcmread(io.BytesIO(data))
+    assert ds.SpecificCharacterSet == "ISO_IR 192"
+    assert ds.ImageComments == f"{MARK} {prompt} Seed: 3"
+    assert "肺".encode() in data   # stored as UTF-8 bytes, not replaced
+
+
+def test_long_text_is_cut_to_10240_bytes_at_a_character_boundary():
+    """LT holds at most 10240 (PS3.5 6.2); dciodvfy counts bytes, and 肺 is 3 bytes of UTF-8."""
+    ds = pydicom.dcmread(io.BytesIO(synthetic_dicom(png_pixels("L"), "é" + "肺" * 5000, "1.2.3", "1.2.3.4")))
+    stored = ds.ImageComments
+    assert 10240 - 3 < len(stored.encode()) <= 10240 and f"{MARK} é{'肺' * 5000}".startswith(stored)
+
+
+def test_the_conditional_and_type_2_attributes_of_secondary_capture_are_there():
+    """PS3.3 A.8.1: Deidentification Method is type 1C once Patient Identity Removed is YES (C.7.1.1); Laterality
+    (C.7.3.1) and Patient Orientation (C.7.6.1) are type 2C, present and empty; Series and Instance Number type 2."""
+    ds = pydicom.dcmread(io.BytesIO(synthetic_dicom(png_pixels("L"), "", "1.2.3", "1.2.3.4", number=7)))
+    assert ds.PatientIdentityRemoved == "YES" and ds.DeidentificationMethod.startswith("synthetic")
+    assert ds.Laterality == "" and ds.PatientOrientation == "" and "Laterality" in ds and "PatientOrientation" in ds
+    assert (ds.SeriesNumber, ds.InstanceNumber) == (1, 7)
+
+
+def test_generate_writes_a_gray_image_as_monochrome2_without_the_source_file_name(model_files, tmp_path):  # noqa: F811
+    """A gray --init-image pasted back everywhere (an all-black mask repaints nothing) gives an exactly gray image:
+    its .dcm is MONOCHROME2 with the PNG's pixels, medti reads it back, and the init image's file name (which
+    names a patient) appears nowhere in the file."""
+    from test_generate import generate
+    gray = png_pixels("L")[:, :48][:48]
+    Image.fromarray(np.pad(gray, 8)).save(tmp_path / "patient-4711.png")
+    Image.fromarray(np.zeros((64, 64), np.uint8)).save(tmp_path / "keep.png")
+    assert generate(model_files, tmp_path / "out", "--prompt", "chest x-ray", "--format", "dicom", "--init-image",
+                    str(tmp_path / "patient-4711.png"), "--mask", str(tmp_path / "keep.png"), "--paste-back") == 0
+    png = np.asarray(Image.open(tmp_path / "out" / "00000.png"))
+    dcm = tmp_path / "out" / "00000.dcm"
+    ds = pydicom.dcmread(dcm)
+    assert ds.PhotometricInterpretation == "MONOCHROME2" and np.array_equal(ds.pixel_array, png[..., 0])
+    assert np.array_equal(np.asarray(training_image(dcm, None)[0]), png[..., 0])
+    assert b"4711" not in dcm.read_bytes() and b"patient-" not in dcm.read_bytes()
+
+
+def test_resume_with_another_format_is_refused_and_old_png_manifests_still_resume(model_files, tmp_path,  # noqa: F811
+                                                                                   capsys):
+    """A folder made with --format png and resumed with dicom (or the reverse) would mix images with and without
+    their .dcm: refused in one line naming the field. A manifest from before the format was recorded is a PNG run."""
+    from test_generate import generate
+    args = ("--prompt", "x", "--n", "2")
+    assert generate(model_files, tmp_path / "png", *args) == 0
+    (tmp_path / "png" / "00001.png").unlink()
+    capsys.readouterr()
+    assert generate(model_files, tmp_path / "png", *args, "--format", "dicom", "--resume") == 2
+    err = capsys.readouterr().err.strip()
+    assert "\n" not in err and "00000.png was made with other parameters (format)" in err, err
+    assert generate(model_files, tmp_path / "dcm", *args, "--format", "dicom") == 0
+    assert generate(model_files, tmp_path / "dcm", *args, "--resume") == 2
+    manifest = tmp_path / "png" / "manifest.jsonl"   # as a medti from before the format was recorded wrote it
+    records = [json.loads(line) for line in manifest.read_text().splitlines()]
+    manifest.write_text("".join(json.dumps({k: v for k, v in r.items() if k != "format"}) + "\n" for r in records))
+    assert generate(model_files, tmp_path / "png", *args, "--format", "dicom", "--resume") == 2
+    assert generate(model_files, tmp_path / "png", *args, "--resume") == 0
+    assert (tmp_path / "png" / "00001.png").is_file()

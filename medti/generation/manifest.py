@@ -57,7 +57,19 @@ def record(args, job: Job, width: int, height: int, model_hash: str, loaded: dic
             "width": width, "height": height, "model": str(args.model), "model_sha256": model_hash,
             "embeddings": {token: sha256_of(e.source) if e.source else "" for token, e in sorted(loaded.items())},
             "init_image": args.init_image, "mask": args.mask, "mask_blur": args.mask_blur, "strength": args.strength,
-            "paste_back": args.paste_back}
+            "paste_back": args.paste_back, "format": args.format}
+
+
+# Fields a record gained after manifests were first written, with the value every run before them had: before
+# --format was recorded, a folder resumed with --format dicom could mix images with and without their .dcm files.
+ADDED = {"format": "png"}
+
+
+def differences(done: dict, planned: dict) -> list:
+    """The names of the fields in which a record on disk differs from the one planned, sorted; a field that an
+    older manifest lacks counts as its ADDED value, so an old PNG run still resumes."""
+    old = ADDED | done
+    return sorted(k for k in old.keys() | planned.keys() if old.get(k) != planned.get(k))
 
 
 def parameters_text(rec: dict) -> str:

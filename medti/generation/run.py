@@ -24,7 +24,7 @@ from ..files.images import contact_sheet, load_image, load_mask, paste_back, sav
 from ..medical import synthetic
 from . import loras
 from .flags import UsageError, check_args
-from .manifest import Job, append, batches, merge, parameters_text, read_records, record, repair
+from .manifest import Job, append, batches, differences, merge, parameters_text, read_records, record, repair
 from .pipeline import InitImage, SampleSettings, compile_for_inference, decode, sample
 from .preflight import GenerateError, check_finite, check_memory, check_scale
 from .progress import Progress
@@ -112,7 +112,7 @@ def write_outputs(args, out: Path, sd, job: Job, rec: dict, latent, image, part:
         picture, text = to_pil(image), loras.parameters(rec, parameters_text(rec))
         save_png(out / job.file, picture, text)
         if args.format == "dicom":   # NNNNN.dcm beside the PNG; its UIDs derive from the run's settings
-            synthetic.write_dicom(out / f"{job.index:05d}.dcm", picture, text, vars(args))
+            synthetic.write_dicom(out / f"{job.index:05d}.dcm", picture, text, vars(args), job.index)
         append(part, rec)
     except OSError as e:
         raise GenerateError(f"{e.filename or out}: {e.strerror or e}; nothing half-written was left behind: free "
@@ -139,9 +139,11 @@ def generate(args, out: Path, texts: list, jobs: list, specs: list, rank: int, w
     emb.warn_other_base(loaded, model_hash)
     planned = {job.file: record(args, job, width, height, model_hash, loaded) | loras.record(specs) for job in jobs}
     done = read_records(out)   # only records whose PNG is on disk count
-    changed = [f for f in done if f in planned and done[f] != planned[f]]
+    changed = [(f, fields) for f in done if f in planned and (fields := differences(done[f], planned[f]))]
     if changed:
-        raise UsageError(f"--out {out}: {changed[0]} was made with other parameters; --resume continues the same run")
+        file, fields = changed[0]
+        raise UsageError(f"--out {out}: {file} was made with other parameters ({', '.join(fields)}); --resume "
+                         "continues the same run")
     mine = [job for job in jobs if job.index % world == rank]   # this rank's share, fixed by the index alone
     todo = [job for job in mine if job.file not in done]
     part = out / f"manifest.part{rank}.jsonl"
