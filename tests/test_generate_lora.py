@@ -173,13 +173,32 @@ MISTAKES = {
     "te-unet-tag": ([], f"{PROMPT} <lora:a:1:0.5>", "<lora:NAME:TE:UNET>, are not supported"),
     "dir": (["--lora-dir", "{tmp}/nowhere"], PROMPT, "--lora-dir {tmp}/nowhere: not a folder"),
     "negative": (["--negative", "<lora:a:1> blurry"], PROMPT, "--negative: <lora:a:1> belongs in --prompt"),
+    # values that made NaN images blamed on the model: each is refused in one line naming the file
+    "alpha-nan": (["--lora", "{tmp}/alpha-nan.safetensors"], PROMPT, "has alpha nan; kohya stores one finite"),
+    "alpha-vector": (["--lora", "{tmp}/alpha-vector.safetensors"], PROMPT, "has alpha of shape [3]"),
+    "alpha-huge": (["--lora", "{tmp}/alpha-huge.safetensors"], PROMPT, "has alpha 1e+38 on rank 4, a scale of"),
+    "int-weights": (["--lora", "{tmp}/int-weights.safetensors"], PROMPT, "holds torch.int64/torch.float32 weights"),
+    "weight-huge": (["--lora", "{a}:1e30"], PROMPT, "weight 1e+30 is beyond +-100"),
+    "tag-weight-huge": ([], f"{PROMPT} <lora:a:-1e30>", "--prompt tag <lora:a:-1e30>: weight -1e+30 is beyond"),
 }
+
+
+def damaged_loras(files, tmp):
+    """Copies of LoRA a with one thing wrong in every layer: alpha NaN, a vector or 1e38; integer lora_down."""
+    tensors = load_file(str(files["a"]))
+    alphas = [k for k in tensors if k.endswith(".alpha")]
+    assert alphas   # the file stores alpha per layer, as kohya does
+    for name, value in (("alpha-nan", torch.tensor(float("nan"))), ("alpha-vector", torch.ones(3)),
+                        ("alpha-huge", torch.tensor(1e38))):
+        save_file({**tensors, **{k: value.clone() for k in alphas}}, str(tmp / f"{name}.safetensors"))
+    downs = {k: (v * 100).long() for k, v in tensors.items() if k.endswith("lora_down.weight")}
+    save_file({**tensors, **downs}, str(tmp / "int-weights.safetensors"))
 
 
 @pytest.mark.parametrize("case", MISTAKES)
 def test_lora_mistakes_are_one_line_and_write_nothing(files, tmp_path, capsys, case):
     (tmp_path / "junk.safetensors").write_bytes(b"not a safetensors file")
-    sd1_lora(files, tmp_path), sd1_by_metadata(files, tmp_path)
+    sd1_lora(files, tmp_path), sd1_by_metadata(files, tmp_path), damaged_loras(files, tmp_path)
     flags, prompt, words = MISTAKES[case]
     fill = {"tmp": tmp_path, "a": files["a"]}
     flags, words = [f.format(**fill) for f in flags], words.format(**fill)

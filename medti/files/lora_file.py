@@ -17,6 +17,7 @@ Names: our module paths are the official checkpoint's (ldm / OpenCLIP); diffuser
 minisd.diffusers_keys (diffusers -> ours), run over every diffusers path a model can have: one naming table only.
 """
 import json
+import math
 import re
 from pathlib import Path
 
@@ -38,6 +39,11 @@ PEFT_KEY = re.compile(r"(unet|text_encoder)\.(.+?)\.(lora_A\.weight|lora_B\.weig
                       r"|alpha)")
 KOHYA_KEY = re.compile(r"(lora_(?:unet|te)_[^.]+)\.(lora_down\.weight|lora_up\.weight|alpha)")
 COMPONENTS = {"unet": "lora_unet_", "text_encoder": "lora_te_"}   # diffusers component -> kohya prefix
+
+
+# alpha / rank scales a layer's update: kohya's recipes set alpha = rank or below (scale <= 1); a file whose scale is
+# a hundred times that was not trained so (alpha 1e38 made NaN images blamed on the model).
+MAX_ALPHA_SCALE = 100.0
 
 
 class LoRAFileError(UserError):
@@ -209,11 +215,27 @@ def _entries(path: Path, tensors: dict, width: int) -> dict[str, dict]:
 def _check(path: Path, name: str, e: dict, layer_shape: tuple, hint: str):
     """The file's down [r, in] and up [out, r] (maybe with 1x1 conv dims) against the layer's [out, in]."""
     down, up = e["down"].flatten(1), e["up"].flatten(1)
+    if not (down.is_floating_point() and up.is_floating_point()):
+        raise LoRAFileError(f"{path}: {name} holds {down.dtype}/{up.dtype} weights; a LoRA's lora_down and lora_up "
+                            "are floating-point tensors")
     if not (torch.isfinite(down).all() and torch.isfinite(up).all()):
         raise LoRAFileError(f"{path}: {name} holds NaN or infinite values")
+    alpha = e.get("alpha")
+    if alpha is not None and not (torch.as_tensor(alpha).numel() == 1 and 0 < float(alpha) < math.inf):
+        raise LoRAFileError(f"{path}: {name} has alpha {_shown(alpha)}; kohya stores one finite positive number per "
+                            "layer (the scale is alpha / rank)")
+    if alpha is not None and float(alpha) / down.shape[0] > MAX_ALPHA_SCALE:
+        raise LoRAFileError(f"{path}: {name} has alpha {float(alpha):g} on rank {down.shape[0]}, a scale of "
+                            f"{float(alpha) / down.shape[0]:g}; trained files stay near 1 (at most "
+                            f"{MAX_ALPHA_SCALE:g})")
     if down.shape[1] != layer_shape[1] or up.shape[0] != layer_shape[0] or up.shape[1] != down.shape[0]:
         raise LoRAFileError(f"{path}: {name} has down {list(e['down'].shape)} and up {list(e['up'].shape)}, which do "
                             f"not fit this model's layer [{layer_shape[0]}, {layer_shape[1]}]" + hint)
+
+
+def _shown(alpha) -> str:
+    tensor = torch.as_tensor(alpha)
+    return f"{tensor.item():g}" if tensor.numel() == 1 else f"of shape {list(tensor.shape)}"
 
 
 def _layer_shape(layer) -> tuple:

@@ -25,6 +25,7 @@ import re
 from dataclasses import dataclass
 from pathlib import Path
 
+import torch
 from safetensors import safe_open
 
 from minisd import lora
@@ -36,6 +37,9 @@ from ..files.hashes import sha256_of
 TAG = re.compile(r"<lora:([^>]*)>")           # A1111's extra-network syntax, the `lora` kind only
 NUMBERISH = re.compile(r"[-+.\d]")            # a `:` suffix that starts like a number is meant as a weight
 SUFFIXES = (".safetensors", ".pt", ".bin", ".ckpt")   # what A1111 lists in models/Lora
+# A LoRA's weight multiplies the update it was trained to make (A1111 users write 0.3-1, kohya's recipes up to 2):
+# at 100 times that the update swamps the layer, and at 1e30 it overflowed into NaN images blamed on the model.
+MAX_WEIGHT = 100.0
 
 
 class LoRAError(UserError):
@@ -66,6 +70,8 @@ def weight_of(text: str, where: str) -> float:
         raise LoRAError(f"{where}: weight {text!r} is not a number; write e.g. :0.7") from None
     if not math.isfinite(weight):
         raise LoRAError(f"{where}: weight {text!r} is not finite; write e.g. :0.7")
+    if abs(weight) > MAX_WEIGHT:
+        raise LoRAError(f"{where}: weight {weight:g} is beyond +-{MAX_WEIGHT:g}; write e.g. :0.7")
     return weight
 
 
@@ -168,7 +174,20 @@ def apply(sd, specs: list[LoRASpec]):
             raise LoRAError(f"--lora {err}") from None
         lora.merge(sd.unet)
         lora.merge(sd.text.tower)
+        check_merged(spec, sd)
     return sd
+
+
+def check_merged(spec: LoRASpec, sd):
+    """Every weight finite after the merge: a huge alpha or --lora weight (1e30) overflows the update, and the images
+    would come out black or NaN with the model blamed. The scan costs about one read of the weights (minisd's
+    check_finite measured 0.4-0.6 s per 2.5 GB on a CPU)."""
+    for part, model in (("UNet", sd.unet), ("text tower", sd.text.tower)):
+        for name, weight in model.named_parameters():
+            if not torch.isfinite(weight).all():
+                raise LoRAError(f"--lora {spec.path}: at weight {spec.weight:g} it makes the {part}'s {name} NaN or "
+                                f"infinite in {str(weight.dtype).replace('torch.', '')}; its alpha or the weight is "
+                                "far too large")
 
 
 @functools.cache   # a run records it with every image: hash each file once
