@@ -26,7 +26,7 @@ import torch
 from minisd.config import resolve_device
 from minisd.errors import UserError, arg
 
-from .cli import ArgumentParser, run_main
+from .cli import ArgumentParser, add_threads, run_main
 from .dataset.preprocess import PREPROCESS
 from .files.atomic import claim_folder, inside, write_atomic
 from .files.images import save_png
@@ -70,6 +70,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--dinov2", metavar="NAME_OR_FOLDER", help=f"DINOv2 release or local folder for --features "
                                                                f"dinov2 (default {DEFAULT_DINOV2})")
     p.add_argument("--device", default="cpu", help="where DINOv2 runs (cpu, cuda, cuda:N)")
+    add_threads(p)
     # medti.train's own flags (names, helps, defaults): --train is then read exactly as training read --data, and
     # brought to the squares training made of it (--preprocess), which are what a memorising model reproduces
     add_flags(p.add_argument_group("how --train is read (as medti.train reads --data)"), DATA_FLAGS + ("preprocess",))

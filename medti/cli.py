@@ -10,6 +10,8 @@ import os
 import sys
 from collections.abc import Callable
 
+import torch
+
 from minisd.errors import INTERFACE, UserError
 
 
@@ -30,11 +32,38 @@ class ArgumentParser(argparse.ArgumentParser):
         self.exit(2, f"error: {one_line(message)} (see {self.prog} --help)\n")
 
 
+def default_threads() -> int:
+    """torch's CPU threads when --threads is 0: OMP_NUM_THREADS where the user (or torchrun, which sets 1 per
+    process) chose it, else half the cores this process may use, at least 1. Why not torch's default (every core):
+    with anything else running, each parallel operation waits for a busy core, 5-30 times slower (figures in
+    docs/performance.md). Why not the load average: the thread count changes float summation order, so a rule
+    that followed the load would make a resumed run differ in its last bits."""
+    chosen = os.environ.get("OMP_NUM_THREADS", "").strip()
+    if chosen.isdecimal() and int(chosen) > 0:
+        return int(chosen)
+    return max(1, len(os.sched_getaffinity(0)) // 2)
+
+
+def add_threads(parser: argparse.ArgumentParser):
+    parser.add_argument("--threads", type=int, default=0,
+                        help="CPU threads for torch; 0 (default): OMP_NUM_THREADS if set, else half the cores "
+                             "(results differ in the last bits between thread counts)")
+
+
+def set_threads(count: int):
+    """--threads as torch's intra-op thread count (0: default_threads)."""
+    if count < 0:
+        raise UserError(f"--threads {count}: give 0 (automatic) or a number of threads")
+    torch.set_num_threads(count or default_threads())
+
+
 def run_main(parser: argparse.ArgumentParser, run: Callable, argv=None) -> int:
     """Parse argv with parser, call run(args); user errors and OS errors become one line and exit 2."""
     args = parser.parse_args(argv)
     token = INTERFACE.set("cli")
     try:
+        if hasattr(args, "threads"):
+            set_threads(args.threads)
         run(args)
     except UserError as e:
         print(f"error: {one_line(e)}", file=sys.stderr)

@@ -21,7 +21,7 @@ import torch
 from minisd.config import resolve_device
 from minisd.sampling import SAMPLERS
 
-from .cli import ArgumentParser, run_main
+from .cli import ArgumentParser, add_threads, run_main
 from .files.atomic import claim_folder, inside
 from .quality.features import DEFAULT_DINOV2, FEATURES, EvalError, encode, load_network
 from .quality.folders import DATA_FLAGS, Reading, load_set, reading, set_flags
@@ -69,6 +69,7 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--steps", type=int, default=25, help="sampler steps (default: 25)")
     run.add_argument("--sampler", choices=list(SAMPLERS), default="dpmpp_2m", help="sampler (default: dpmpp_2m)")
     add("--device", default="cuda" if torch.cuda.is_available() else "cpu", help="cpu or cuda[:N]")
+    add_threads(p)
     # medti.train's own flags (names, helps, defaults): a --real folder is then read exactly as training read --data
     add_flags(p.add_argument_group("how a --real folder is read (as medti.train reads --data)"), DATA_FLAGS)
     return p

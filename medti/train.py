@@ -13,7 +13,7 @@ of the trainer like this command; --demo is therefore not a training setting and
 """
 import argparse
 
-from .cli import ArgumentParser, run_main
+from .cli import ArgumentParser, add_threads, run_main
 from .training.config import TrainConfig, add_flags
 from .training.demo import run_demo
 from .training.distributed import main_process
@@ -24,6 +24,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = ArgumentParser(prog="python -m medti.train", description=__doc__.split("\n\n")[0],
                                 epilog=__doc__.split("\n\n")[1], formatter_class=argparse.RawDescriptionHelpFormatter)
     add_flags(p)
+    add_threads(p)
     p.add_argument("--demo", action="store_true", help="run the offline demo on a tiny random model "
                                                        "(medti/training/demo.py); its outputs go to --out, default "
                                                        "demo-run")
@@ -33,6 +34,7 @@ def build_parser() -> argparse.ArgumentParser:
 def run(args: argparse.Namespace):
     settings = vars(args)
     demo = settings.pop("demo")
+    settings.pop("threads")   # applied by run_main; not a training setting (bits differ between counts: say so)
     cfg = TrainConfig(**settings)
     if demo:
         run_demo(cfg)

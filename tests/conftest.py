@@ -12,8 +12,12 @@ from safetensors.torch import save_file
 from transformers import CLIPTextConfig, CLIPTextModel
 
 import minisd
+from medti.cli import default_threads
 
 ROOT = Path(__file__).resolve().parent.parent
+# The commands set torch's thread count (medti.cli.default_threads); the test process uses the same rule, so a
+# command called in-process and the pieces it is compared with bit for bit run with one thread count.
+torch.set_num_threads(default_threads())
 sys.path.insert(0, str(ROOT / "tools"))
 from convert_diffusers import PREFIXES, convert_text, convert_unet, convert_vae  # noqa: E402 (tools/: no package)
 

@@ -1,6 +1,7 @@
 """medti.cli: the one main() wrapper; minisd.config: the device/dtype rule."""
 import argparse
 import errno
+import os
 import subprocess
 import sys
 
@@ -67,3 +68,26 @@ def test_flags_are_never_abbreviated(capsys):
     with pytest.raises(SystemExit) as info:
         p.parse_args(["--max-step", "2"])
     assert info.value.code == 2 and "unrecognized arguments: --max-step 2" in capsys.readouterr().err
+
+
+def test_thread_default_and_flag(monkeypatch, capsys):
+    """--threads 0: OMP_NUM_THREADS where set (torchrun sets 1 per process), else half the usable cores, at least
+    one; a given count is applied before the command runs; a negative one is a one-line error."""
+    from medti.cli import add_threads, default_threads
+    monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
+    monkeypatch.setattr(os, "sched_getaffinity", lambda pid: set(range(16)))
+    assert default_threads() == 8
+    monkeypatch.setattr(os, "sched_getaffinity", lambda pid: {0})
+    assert default_threads() == 1
+    monkeypatch.setenv("OMP_NUM_THREADS", "3")
+    assert default_threads() == 3
+    parser = argparse.ArgumentParser()
+    add_threads(parser)
+    before, seen = torch.get_num_threads(), []
+    try:
+        assert run_main(parser, lambda args: seen.append(torch.get_num_threads()), ["--threads", "2"]) == 0
+        assert seen == [2]
+        assert run_main(parser, lambda args: None, ["--threads", "-1"]) == 2
+        assert "--threads -1: give 0 (automatic) or a number of threads" in capsys.readouterr().err
+    finally:
+        torch.set_num_threads(before)

@@ -15,7 +15,7 @@ from test_load_diffusers import clip_tokenizer
 from transformers import CLIPTextConfig, CLIPTextModel
 
 import minisd
-from minisd import diffusers as folders
+from minisd import diffusers_config as folders
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "tools"))

@@ -27,6 +27,7 @@ from pathlib import Path
 from safetensors.torch import save_file
 
 from minisd import diffusers as folders
+from minisd import diffusers_config as folder_configs
 from minisd import diffusers_keys as names
 from minisd.config import LoadError, parse_config
 
@@ -66,26 +67,27 @@ def convert_text(state_dict: dict) -> dict:
 
 
 def _unet_config(u: dict) -> dict:
-    """unet/config.json's dict -> our `unet` section (minisd.diffusers.unet_section; errors name unet/config.json)."""
-    return folders.unet_section(Path("unet/config.json"), u)
+    """unet/config.json's dict -> our `unet` section (minisd.diffusers_config.unet_section; errors name the
+    file)."""
+    return folder_configs.unet_section(Path("unet/config.json"), u)
 
 
 def _section(read, path: Path):
     """Apply `read` to the JSON at `path`, errors naming the file."""
     try:
-        return read(folders.read_json(Path(path)))
+        return read(folder_configs.read_json(Path(path)))
     except LoadError as err:
         raise ConvertError(str(err)) from None
 
 
 def config_from_diffusers(folder) -> dict:
     """The folder's configs in minisd's JSON config format (minisd.diffusers_config.read_config)."""
-    return folders.read_config(folder)
+    return folder_configs.read_config(folder)
 
 
 def convert_folder(folder) -> tuple[dict, dict]:
     """(official state dict with component prefixes, config) for a diffusers SD1/SD2 folder."""
-    config = folders.read_config(folder)
+    config = folder_configs.read_config(folder)
     parse_config(config, str(folder))   # the same checks as minisd.load, before any tensor is read
     file = folders.FolderFile(Path(folder), config)
     return {key: file.get(key).contiguous() for key in sorted(file.keys)}, config

@@ -10,7 +10,7 @@ from minisd.errors import UserError
 from minisd.sampling import SAMPLERS, UNSUPPORTED
 from minisd.schedule import SPACINGS, check_steps
 
-from ..cli import ArgumentParser
+from ..cli import ArgumentParser, add_threads
 from ..medical import require
 from . import loras
 from .preflight import check_scale, check_seeds
@@ -66,6 +66,7 @@ def build_parser() -> argparse.ArgumentParser:
     add("--batch", type=int, default=0, help="UNet rows per call; 0: one image (all its terms) per call")
     add("--device", default="cuda" if torch.cuda.is_available() else "cpu", help="cpu, cuda or cuda:N")
     add("--dtype", choices=["fp32", "fp16", "bf16"], help="default fp16 on CUDA, fp32 on CPU")
+    add_threads(p)
     add("--compile", action="store_true",
         help="torch.compile the UNet and VAE decoder first (minutes per network and batch shape on a CPU; "
              "see docs/performance.md for whether it pays on yours)")
