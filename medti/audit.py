@@ -28,7 +28,7 @@ from minisd.errors import UserError, arg
 
 from .cli import ArgumentParser, add_threads, run_main
 from .dataset.preprocess import PREPROCESS
-from .files.atomic import claim_folder, inside, write_atomic
+from .files.atomic import claim_folder, inside, text_bytes, write_atomic
 from .files.images import save_png
 from .quality import privacy
 from .quality.audit_report import Audit, Opinion, outputs
@@ -183,7 +183,7 @@ def replace_outputs(out: Path, texts: dict, images: dict):
         for name, image in images.items():
             save_png(out / name, image)
         for name in ("audit.md", "audit.json"):
-            write_atomic(out / name, texts[name].encode())
+            write_atomic(out / name, text_bytes(texts[name]))
     except BaseException:
         for name in OUTPUTS:
             (out / name).unlink(missing_ok=True)

@@ -89,7 +89,7 @@ def _fingerprint(data: dict[str, bytes]) -> str:
     sorted by path, so an auditor can recompute it: `cd DATA; sha256sum FILES... | sha256sum`, FILES in
     code-point (LC_ALL=C sort) order."""
     lines = "".join(f"{hashlib.sha256(data[rel]).hexdigest()}  {rel}\n" for rel in sorted(data))
-    return hashlib.sha256(lines.encode()).hexdigest()
+    return hashlib.sha256(lines.encode("utf-8", "surrogateescape")).hexdigest()   # a name's own bytes, any encoding
 
 
 NAMING = ("unknown channel", "missing channel", "no case", "duplicate channel")   # --channels naming problems

@@ -37,6 +37,13 @@ def safetensors_bytes(tensors: dict, metadata: dict | None = None) -> bytes:
     return struct.pack("<Q", len(text)) + text + b"".join(blobs)
 
 
+def text_bytes(text: str) -> bytes:
+    """Text as UTF-8 for a file a person reads (reports, lists). A file name that is not valid UTF-8 on disk comes
+    to Python with its odd bytes as lone surrogates, which UTF-8 cannot encode: they are written as U+FFFD, so the
+    report is whole and valid text (str.encode raised, and left half a report)."""
+    return re.sub("[\udc80-\udcff]", "\ufffd", text).encode("utf-8")
+
+
 def write_atomic(path, data: bytes):
     """Write bytes under a temporary name in the same folder, flush them to disk, then rename: a reader sees the
     old file or the new one, never half of one."""

@@ -9,7 +9,7 @@ import numpy as np
 import torch
 from PIL import Image, ImageDraw, PngImagePlugin
 
-from ..files.atomic import write_atomic
+from ..files.atomic import text_bytes, write_atomic
 from ..files.images import contact_sheet, save_png
 from ..files.plots import INK, axes, vertical_text
 from .features import provenance
@@ -141,7 +141,7 @@ def write_report(out, fig: dict, args, real, fake: torch.Tensor, real_set, fake_
     others, baseline = real_baseline(real, real_set)
     series = {"synthetic to nearest real": nearest_real(real.features, fake)[0].numpy(), **others}
     histogram(series, out / "nearest.png", f"Nearest-neighbour distances in {fig['features']} feature space")
-    write_atomic(out / "report.md", markdown(fig, args, real_set is not None, baseline).encode())
+    write_atomic(out / "report.md", text_bytes(markdown(fig, args, real_set is not None, baseline)))
     skipped = {"real": [list(s) for s in (real_set.skipped if real_set else [])],
                "fake": [list(s) for s in fake_set.skipped]}
     patients = len(set(real_set.patients)) if real_set else None   # a count only: no patient is named

@@ -13,7 +13,7 @@ from pathlib import Path
 
 from minisd.errors import arg
 
-from ..files.atomic import write_atomic
+from ..files.atomic import text_bytes, write_atomic
 from ..files.embedding_file import read as read_embedding
 from ..files.plots import plot_curve
 from ..generation import flags as generation_flags
@@ -102,6 +102,6 @@ def score_run(args, net, real, out: Path):
         rows.append({"step": step, "file": file.name, **{k: figures[k] for k in KEYS}, "val_loss": losses.get(step),
                      "features": net.name, "weights_sha256": net.weights_sha256, "weights_official": net.official})
         write_atomic(out / "steps.json", (json.dumps(rows, indent=2, allow_nan=False) + "\n").encode())
-    write_atomic(out / "steps.md", markdown(rows, args, net).encode())
+    write_atomic(out / "steps.md", text_bytes(markdown(rows, args, net)))
     plot_curve([r["step"] for r in rows], [r["kid"] for r in rows], out / "kid.png",
                f"KID of {args.n} images per saved step against {len(real.names)} real images", y_label="KID")

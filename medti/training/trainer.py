@@ -21,7 +21,7 @@ from minisd.schedule import NUM_TIMESTEPS
 from minisd.vae import posterior_sample
 
 from ..dataset.folder import DataError, check_captions, load_dataset, parse_channels, summary, warn_skipped
-from ..files.atomic import claim_folder, write_atomic
+from ..files.atomic import claim_folder, text_bytes, write_atomic
 from ..files.hashes import sha256_of
 from ..medical.window import parse_window
 from . import TrainError, distributed, methods
@@ -122,7 +122,7 @@ def start_or_resume(s: Session) -> int:
     if distributed.main_process():   # one writer; every rank restores the same state
         write_log(log, records)
         if s.val:
-            write_atomic(s.out / "val.txt", "".join(f"{name}\n" for name in s.val.names).encode())
+            write_atomic(s.out / "val.txt", text_bytes("".join(f"{name}\n" for name in s.val.names)))
     if s.val:
         s.best = best_so_far(records, s.out / f"{s.name}-best.safetensors", step)
     return step

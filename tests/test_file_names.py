@@ -1,0 +1,57 @@
+"""File and folder names that are not valid UTF-8 (an old export's Latin-1 `café.png`, bytes 63 61 66 e9): Python
+holds them as lone surrogates, which crashed training (the data fingerprint) and the audit (half a report) when
+they were encoded as UTF-8. Each command must finish, and every text file it writes must be valid UTF-8."""
+import os
+import shutil
+
+import pytest
+
+from medti.audit import main as audit
+from medti.evaluate import main as evaluate
+from medti.train import main as train
+from medti.training.demo import phantoms, tiny_model
+
+LATIN1 = b"caf\xe9-patient"   # not UTF-8: 0xe9 alone
+
+
+@pytest.fixture(scope="module")
+def data(tmp_path_factory):
+    """Six phantoms, the first renamed with Latin-1 bytes, under a folder whose own name is Latin-1 too."""
+    root = tmp_path_factory.mktemp("names")
+    folder = phantoms(root / "plain", 6, seed=0)
+    odd = os.path.join(os.fsencode(root), b"dossier-\xe9t\xe9")
+    shutil.copytree(os.fsencode(folder), odd)
+    first = sorted(os.listdir(odd))[0]
+    os.rename(os.path.join(odd, first), os.path.join(odd, LATIN1 + b".png"))
+    return root, os.fsdecode(odd)
+
+
+def utf8_texts(folder) -> list:
+    """Every .md/.txt/.json/.jsonl file under folder, decoded strictly (raises on invalid UTF-8)."""
+    texts = []
+    for dirpath, _, files in os.walk(folder):
+        for name in files:
+            if name.endswith((".md", ".txt", ".json", ".jsonl")):
+                with open(os.path.join(dirpath, name), "rb") as f:
+                    texts.append(f.read().decode("utf-8"))
+    return texts
+
+
+def test_training_on_a_folder_with_such_names(data, tmp_path):
+    root, folder = data
+    model, config = tiny_model(root / "model")
+    out = tmp_path / "run"
+    assert train(["--model", str(model), "--config", str(config), "--data", folder, "--token", "<t>", "--vectors", "2",
+                  "--max-steps", "2", "--preview-every", "0", "--val-fraction", "0.5", "--out", str(out)]) == 0
+    texts = utf8_texts(out)
+    assert texts and any("\ufffd" in text or "\\udce9" in text for text in texts)   # the name is there, readable
+
+
+def test_audit_and_evaluate_of_such_names(data, tmp_path, inception_file):
+    root, folder = data
+    synthetic = phantoms(tmp_path / "synthetic", 3, seed=5)
+    assert audit(["--train", folder, "--synthetic", str(synthetic), "--out", str(tmp_path / "audit")]) == 0
+    assert evaluate(["--real", folder, "--fake", str(synthetic), "--k", "1", "--inception", str(inception_file),
+                     "--out", str(tmp_path / "eval")]) == 0
+    for out in ("audit", "eval"):
+        assert utf8_texts(tmp_path / out)   # whole reports, valid UTF-8
