@@ -31,6 +31,28 @@ class ArgumentParser(argparse.ArgumentParser):
     def error(self, message: str):
         self.exit(2, f"error: {one_line(message)} (see {self.prog} --help)\n")
 
+    def parse_known_args(self, args=None, namespace=None):
+        return super().parse_known_args(self._values_with_dashes(args), namespace)
+
+    def _values_with_dashes(self, args):
+        """`--slices -1:`, `--negative "-blurry"`: argparse reads a value that starts with "-" as a flag and stops
+        with "expected one argument". Where a flag takes one value and the next word is no flag of this parser,
+        the two are joined as `--slices=-1:`, which argparse reads as meant; nothing that parsed before changes."""
+        args = list(sys.argv[1:] if args is None else args)
+        takes_one = {s for a in self._actions if a.nargs is None and a.option_strings for s in a.option_strings}
+        known = {s for a in self._actions for s in a.option_strings}
+        joined, i = [], 0
+        while i < len(args):
+            word = args[i]
+            if word in takes_one and i + 1 < len(args) and args[i + 1].startswith("-") and args[i + 1] not in known \
+                    and args[i + 1] != "--":
+                joined.append(f"{word}={args[i + 1]}")
+                i += 2
+                continue
+            joined.append(word)
+            i += 1
+        return joined
+
 
 def default_threads() -> int:
     """torch's CPU threads when --threads is 0: OMP_NUM_THREADS where the user (or torchrun, which sets 1 per

@@ -91,3 +91,23 @@ def test_thread_default_and_flag(monkeypatch, capsys):
         assert "--threads -1: give 0 (automatic) or a number of threads" in capsys.readouterr().err
     finally:
         torch.set_num_threads(before)
+
+
+def test_a_value_that_starts_with_a_dash_is_read_as_the_value(capsys):
+    """`--slices -1:` and `--negative "-blurry"` stopped with "expected one argument" (argparse reads a word that
+    starts with "-" as a flag); a word that is a flag of the parser still counts as one."""
+    from medti.cli import ArgumentParser
+    parser = ArgumentParser(prog="p")
+    parser.add_argument("--slices", default="")
+    parser.add_argument("--negative", default="")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--flip", action="store_true")
+    args = parser.parse_args(["--slices", "-1:", "--negative", "-blurry", "--seed", "-3", "--flip"])
+    assert (args.slices, args.negative, args.seed, args.flip) == ("-1:", "-blurry", -3, True)
+    with pytest.raises(SystemExit):
+        parser.parse_args(["--slices", "--flip"])   # a flag of this parser is not taken as a value
+    assert "--slices: expected one argument" in capsys.readouterr().err
+    sub = ArgumentParser(prog="q").add_subparsers(dest="command")
+    preview = sub.add_parser("preview")
+    preview.add_argument("--slices", default="")
+    assert sub._name_parser_map["preview"].parse_args(["--slices", "-5:"]).slices == "-5:"
