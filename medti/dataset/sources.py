@@ -17,6 +17,7 @@ from ..medical.dicom_series import DicomVolume, find_volumes
 from ..medical.slices import item as volume_item
 from ..medical.slices import stem
 from .preprocess import Unusable
+from .survey import is_image_name
 
 
 def _to_8bit(image: Image.Image) -> Image.Image:
@@ -194,9 +195,9 @@ def _dicom_name(folder: Path, volume: DicomVolume, shared: bool) -> str:
 def items(folder: Path, files: list[Path], channels: list[str] | None, skip) -> list[tuple[str, object]]:
     """[(name, source)] in the order of each item's first file: each file, except that DICOM files forming a volume
     (a series, a multi-frame file: medti.medical.dicom_series.find_volumes) are one item; with channels, the cases
-    ({channel: source}), where a DICOM series is the channel its folder names. DICOM files are .dcm or
-    extension-less files (medti.dataset.folder.find_images has checked the preamble)."""
-    dicom = [p for p in files if p.suffix.lower() in ("", ".dcm")]
+    ({channel: source}), where a DICOM series is the channel its folder names. DICOM files are the files that are
+    not images or volumes by their extension (medti.dataset.survey.listed has checked their content)."""
+    dicom = [p for p in files if not is_image_name(p)]   # found by content (survey.listed), whatever the name
     volumes = [v for v in find_volumes(dicom) if isinstance(v, DicomVolume)]   # no pydicom: MissingExtra, one line
     inside = {p for v in volumes for p in v.paths[1:]}
     if channels:

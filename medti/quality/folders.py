@@ -18,8 +18,9 @@ from PIL import Image
 
 from minisd.errors import UserError, arg
 
-from ..dataset.folder import DataError, parse_channels, read_items, warn_skipped
+from ..dataset.folder import DataError, parse_channels, read_items
 from ..dataset.preprocess import Unusable, fit
+from ..dataset.report import warn_skipped
 from ..dataset.sources import read_image
 from ..generation.manifest import MERGED
 from ..medical.slices import SliceOptions, check_options

@@ -20,7 +20,8 @@ from minisd.errors import arg
 from minisd.schedule import NUM_TIMESTEPS
 from minisd.vae import posterior_sample
 
-from ..dataset.folder import DataError, check_captions, load_dataset, parse_channels, summary, warn_skipped
+from ..dataset.folder import DataError, check_captions, load_dataset, parse_channels
+from ..dataset.report import summary, warn_skipped
 from ..files.atomic import claim_folder, write_atomic
 from ..files.hashes import sha256_of
 from ..medical.window import parse_window
