@@ -8,10 +8,13 @@ from pathlib import Path
 import numpy as np
 import pydicom.data
 from PIL import Image
+from test_data_dicom_series import _hu, _series
 from test_dicom import image, save
 
 from medti.dataset.folder import load_dataset
 from medti.dataset.report import summary
+from medti.training.config import TrainConfig
+from medti.training.trainer import load_data
 
 PYDICOM_FILES = Path(os.path.dirname(pydicom.data.__file__)) / "test_files"
 UID_NAME = "1.3.6.1.4.1.5962.1.1.0.0.0.1168612284.20369.0.3"   # how many PACS exports name a file: its SOP UID
@@ -42,3 +45,28 @@ def test_the_summary_says_what_was_unusable(tmp_path):
     line = summary(load_dataset(tmp_path, 8))
     assert line.endswith("read 1 file(s): 1 .png; skipped 1 unusable file(s) or case(s), each with its reason "
                          "above"), line
+
+
+def test_copies_of_one_instance_are_read_once_and_said_in_one_line(tmp_path, capsys):
+    """The same series exported to two folders (byte-identical files, one SOP Instance UID each) and a radiograph
+    copied: the first in path order is read, the copies are left out in one warning line (they were refused as
+    'several echoes' before)."""
+    files = _series(tmp_path / "a-export", _hu(4))
+    (tmp_path / "b-export").mkdir()
+    for path in files:
+        shutil.copy(path, tmp_path / "b-export" / path.name)
+    (tmp_path / "cxr-1").mkdir()
+    save(image(np.full((8, 8), 100, np.uint16), Modality="DX"), tmp_path / "cxr-1" / "IM0001")
+    shutil.copytree(tmp_path / "cxr-1", tmp_path / "cxr-2")
+    data = load_data(TrainConfig(data=str(tmp_path), resolution=8))
+    assert data.skipped == []
+    assert sorted({n.split("#")[0] for n in data.names}) == ["a-export", "cxr-1/IM0001"]
+    assert len(data.names) == 5 and len(data.survey.duplicates) == 5
+    assert ("cxr-2/IM0001", "cxr-1/IM0001") in data.survey.duplicates
+    out = capsys.readouterr()
+    warning = [line for line in out.err.splitlines() if "copies" in line]
+    assert len(warning) == 1 and warning[0].startswith("warning: 5 DICOM file(s) in "), out.err
+    assert "are copies of files read already (the same SOP Instance UID)" in warning[0]
+    assert "b-export/IM0000 (copy of a-export/IM0000)" in warning[0]
+    assert "echoes" not in out.err
+    assert "left out 5 copies of DICOM files read already" in out.out

@@ -123,7 +123,7 @@ def read_items(folder: Path, channels: list[str] | None, options: SliceOptions, 
     read folders through this. `survey`: survey_folder's, to be completed as the folder is read."""
     survey = survey or survey_folder(folder)
     files = [p for p in survey.found if not options.is_mask(p)]   # a case's mask is not a training image
-    for name, source in items(folder, files, channels, skip):   # (name, file, DICOM volume or {channel: file})
+    for name, source in items(folder, files, channels, skip, survey):   # (name, file, DICOM volume or {channel: file})
         try:
             yield item_images(folder, name, source, channels, options, captions)
         except Unusable as e:

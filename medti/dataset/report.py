@@ -5,7 +5,7 @@ import sys
 from collections import Counter
 from pathlib import Path
 
-from .survey import EXTENSIONS, listed, walk
+from .survey import EXTENSIONS, Survey, listed, walk
 
 NAMING = ("unknown channel", "missing channel", "no case", "duplicate channel")   # --channels naming problems
 PREPROCESSING = ("wrong size", "all black")                                       # --preprocess refusals
@@ -22,6 +22,15 @@ def warn_skipped(skipped: list, where: str):
     if skipped:
         names = "; ".join(f"{name} ({why})" for name, why in skipped[:5]) + (" ..." if len(skipped) > 5 else "")
         print(f"warning: skipped {len(skipped)} file(s) in {where}: {names}", file=sys.stderr)
+
+
+def warn_survey(survey: Survey | None, where: str):
+    """One warning line for each way a folder was read other than file by file: copies of one DICOM instance (the
+    same SOP Instance UID in two folders) read once."""
+    if survey is not None and survey.duplicates:
+        copies = _some([f"{copy} (copy of {kept})" for copy, kept in survey.duplicates], 3)
+        print(f"warning: {len(survey.duplicates)} DICOM file(s) in {where} are copies of files read already (the "
+              f"same SOP Instance UID), each read once, the first in path order: {copies}", file=sys.stderr)
 
 
 def summary(data) -> str:
@@ -46,6 +55,8 @@ def _files_part(data) -> list[str]:
     parts.append(f"read {read} file(s): {', '.join(f'{n} {k}' for k, n in data.files.items())}")
     if data.skipped:
         parts.append(f"skipped {len(data.skipped)} unusable file(s) or case(s), each with its reason above")
+    if survey.duplicates:
+        parts.append(f"left out {len(survey.duplicates)} copies of DICOM files read already (same SOP Instance UID)")
     if survey.others:
         parts.append(f"skipped {len(survey.others)} file(s) that are not images ({_some(survey.others)})")
     return parts

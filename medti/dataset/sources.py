@@ -17,7 +17,7 @@ from ..medical.dicom_series import DicomVolume, find_volumes
 from ..medical.slices import item as volume_item
 from ..medical.slices import stem
 from .preprocess import Unusable
-from .survey import is_image_name
+from .survey import Survey, is_image_name
 
 
 def _to_8bit(image: Image.Image) -> Image.Image:
@@ -192,14 +192,19 @@ def _dicom_name(folder: Path, volume: DicomVolume, shared: bool) -> str:
     return own if where == "." else f"{where}/{own}"
 
 
-def items(folder: Path, files: list[Path], channels: list[str] | None, skip) -> list[tuple[str, object]]:
+def items(folder: Path, files: list[Path], channels: list[str] | None, skip, survey: Survey | None = None) -> list:
     """[(name, source)] in the order of each item's first file: each file, except that DICOM files forming a volume
-    (a series, a multi-frame file: medti.medical.dicom_series.find_volumes) are one item; with channels, the cases
-    ({channel: source}), where a DICOM series is the channel its folder names. DICOM files are the files that are
-    not images or volumes by their extension (medti.dataset.survey.listed has checked their content)."""
+    (a series, a multi-frame file: medti.medical.dicom_series.find_volumes) are one item, and a copy of a DICOM
+    instance read already (its SOP Instance UID) is left out, listed in `survey.duplicates` as (copy, kept); with
+    channels, the cases ({channel: source}), where a DICOM series is the channel its folder names. DICOM files are
+    the files that are not images or volumes by their extension (medti.dataset.survey.listed has checked their
+    content)."""
     dicom = [p for p in files if not is_image_name(p)]   # found by content (survey.listed), whatever the name
-    volumes = [v for v in find_volumes(dicom) if isinstance(v, DicomVolume)]   # no pydicom: MissingExtra, one line
-    inside = {p for v in volumes for p in v.paths[1:]}
+    found, copies = find_volumes(dicom)                  # no pydicom: MissingExtra, one line
+    if survey is not None:
+        survey.duplicates += [(c.relative_to(folder).as_posix(), k.relative_to(folder).as_posix()) for c, k in copies]
+    volumes = [v for v in found if isinstance(v, DicomVolume)]
+    inside = {p for v in volumes for p in v.paths[1:]} | {c for c, _ in copies}
     if channels:
         # a series stands for its folder (`CASE/t2w/`), a multi-frame file for itself (`CASE/t2w.dcm`)
         as_path = {v.paths[0]: (v.paths[0].parent if len(v.paths) > 1 else v.paths[0], v) for v in volumes}

@@ -23,6 +23,7 @@ class Survey:
     said in the run's summary and warnings. Names are relative POSIX paths under the folder."""
     found: list = field(default_factory=list)        # image, volume and DICOM files (Paths), as find_images lists
     others: list = field(default_factory=list)       # files that are none of those: not images
+    duplicates: list = field(default_factory=list)   # (copy left out, the file kept): one SOP Instance UID
 
 
 def walk(folder: Path) -> list[Path]:

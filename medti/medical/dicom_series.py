@@ -138,18 +138,28 @@ def _header(path, pydicom):
         return None
 
 
-def find_volumes(paths) -> list:
-    """DICOM files -> [Path (a 2-D image) or DicomVolume], in the order of each one's first file. Single-frame files
-    with a position, an orientation and a Series Instance UID are grouped by that UID, and a group of two or more
-    is a volume; a multi-frame file is a volume; everything else (radiographs: CR/DX files carry no Image Position;
-    a series of one slice; an unreadable file) is a 2-D image. Only headers are read here."""
+def find_volumes(paths) -> tuple[list, list]:
+    """DICOM files -> ([Path (a 2-D image) or DicomVolume], [(copy, the file kept)]), in the order of each one's
+    first file. A file whose SOP Instance UID an earlier file has is a copy of that instance (the same image exported
+    twice, to two folders: PS3.3 C.12.1.1.1 makes the UID unique to one instance) and is left out, the first in the
+    order given kept. Single-frame files with a position, an orientation and a Series Instance UID are grouped by
+    that UID, and a group of two or more is a volume; a multi-frame file is a volume; everything else (radiographs:
+    CR/DX files carry no Image Position; a series of one slice; an unreadable file) is a 2-D image. Only headers are
+    read here."""
     paths = list(paths)
     if not paths:
-        return []
+        return [], []
     pydicom = require("pydicom", str(paths[0]))
     found: dict = {}   # key -> (paths, series number), in the order first met
+    seen, copies = {}, []   # SOP Instance UID -> its first file; (copy, kept)
     for path in paths:
         ds = _header(path, pydicom)
+        instance = str(ds.get("SOPInstanceUID") or "") if ds is not None else ""
+        if instance and instance in seen:
+            copies.append((path, seen[instance]))
+            continue
+        if instance:
+            seen[instance] = path
         frames = int(ds.get("NumberOfFrames") or 1) if ds is not None else 1
         positioned = ds is not None and "ImagePositionPatient" in ds and "ImageOrientationPatient" in ds
         uid = ds.get("SeriesInstanceUID") if positioned and frames == 1 else None
@@ -157,4 +167,4 @@ def find_volumes(paths) -> list:
         number = ds.get("SeriesNumber") if ds is not None else None
         found.setdefault(key, ([], int(number) if number not in (None, "") else None))[0].append(path)
     return [DicomVolume(tuple(files), number) if kind == "volume" or len(files) > 1 else files[0]
-            for (kind, _), (files, number) in found.items()]
+            for (kind, _), (files, number) in found.items()], copies
