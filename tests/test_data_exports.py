@@ -70,3 +70,17 @@ def test_copies_of_one_instance_are_read_once_and_said_in_one_line(tmp_path, cap
     assert "b-export/IM0000 (copy of a-export/IM0000)" in warning[0]
     assert "echoes" not in out.err
     assert "left out 5 copies of DICOM files read already" in out.out
+
+
+def test_series_sharing_a_number_get_distinct_stable_names(tmp_path):
+    """Four series numbered 3 in one folder (a scanner restarts its numbering; two exams exported together): named by
+    their description where it tells them apart, else by a counter in path order; never by UID, and never by a
+    description that holds the patient's name."""
+    for n, (prefix, description) in enumerate([("A", "T2 TSE AX"), ("B", "T1 AX"), ("C", ""), ("D", "DOE scout")]):
+        _series(tmp_path / "study", _hu(3, seed=n), prefix=prefix, seed=n, SeriesDescription=description,
+                PatientName="DOE^JANE")
+    data = load_dataset(tmp_path, 8)
+    sources = list(dict.fromkeys(n.split("#")[0] for n in data.names))
+    assert sources == ["study/series-3-T2_TSE_AX", "study/series-3-T1_AX", "study/series-3-1", "study/series-3-2"]
+    assert load_dataset(tmp_path, 8).names == data.names          # stable
+    assert not any("DOE" in n or "1.2." in n for n in data.names)

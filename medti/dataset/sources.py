@@ -178,18 +178,39 @@ def item_images(folder: Path, name: str, source, channels, options, captions: bo
     return [(name, image, image.info.get("patient") or name)], data
 
 
-def _dicom_name(folder: Path, volume: DicomVolume, shared: bool) -> str:
-    """A DICOM volume's name: a multi-frame file's relative path; a series', its folder (`ct/case1`), or with
-    several series in that folder `ct/case1/series-3` (its Series Number, else its first file's name). No UID:
-    names reach val.txt and data.jsonl, and UIDs are identifiers under DICOM's de-identification profile."""
-    first = volume.paths[0].relative_to(folder)
-    if len(volume.paths) == 1:
-        return first.as_posix()
-    where = first.parent.as_posix()
-    if not shared:
-        return "series" if where == "." else where
-    own = f"series-{volume.number}" if volume.number is not None else first.name
-    return own if where == "." else f"{where}/{own}"
+def _dicom_names(folder: Path, volumes: list) -> dict:
+    """{DicomVolume: name}: a multi-frame file's relative path; a series', its folder (`ct/case1`), or with several
+    series in that folder `ct/case1/series-3` (its Series Number, else its first file's name); series that would
+    still share a name get their Series Description (`series-3-T2_AX`, medti.medical.dicom_series.safe_description),
+    then a counter in path order (`series-3-2`). No UID and no patient attribute: names reach val.txt and
+    data.jsonl, and UIDs are identifiers under DICOM's de-identification profile. Stable: the same files give the
+    same names, run after run (a series added beside them may lengthen its neighbours' names)."""
+    names, by_folder = {}, {}
+    for v in volumes:
+        first = v.paths[0].relative_to(folder)
+        if len(v.paths) == 1:
+            names[v] = first.as_posix()
+        else:
+            by_folder.setdefault(first.parent.as_posix(), []).append(v)
+    for where, series in by_folder.items():
+        own = [("series" if where == "." else where, None)] if len(series) == 1 else _distinct(series)
+        for v, (name, _) in zip(series, own, strict=True):
+            names[v] = name if len(series) == 1 or where == "." else f"{where}/{name}"
+    return names
+
+
+def _distinct(series: list) -> list:
+    """Distinct names of the series of one folder, in their order: `series-N` (or the first file's name), then the
+    description for those that share it, then a counter for those that still do."""
+    names = [(f"series-{v.number}" if v.number is not None else v.paths[0].name, v) for v in series]
+    for add in (lambda n, v, k: f"{n}-{v.description}" if v.description else n, lambda n, v, k: f"{n}-{k}"):
+        shared = {n for n, _ in names if [m for m, _ in names].count(n) > 1}
+        seen = {}
+        for i, (n, v) in enumerate(names):
+            if n in shared:
+                seen[n] = seen.get(n, 0) + 1
+                names[i] = (add(n, v, seen[n]), v)
+    return names
 
 
 def items(folder: Path, files: list[Path], channels: list[str] | None, skip, survey: Survey | None = None) -> list:
@@ -210,6 +231,6 @@ def items(folder: Path, files: list[Path], channels: list[str] | None, skip, sur
         as_path = {v.paths[0]: (v.paths[0].parent if len(v.paths) > 1 else v.paths[0], v) for v in volumes}
         entries = [as_path.get(p, (p, p)) for p in files if p not in inside]
         return list(_group_cases(folder, entries, channels, skip).items())
-    folders = [v.paths[0].parent for v in volumes if len(v.paths) > 1]
-    first = {v.paths[0]: (_dicom_name(folder, v, folders.count(v.paths[0].parent) > 1), v) for v in volumes}
+    names = _dicom_names(folder, volumes)
+    first = {v.paths[0]: (names[v], v) for v in volumes}
     return [first.get(p, (p.relative_to(folder).as_posix(), p)) for p in files if p not in inside]

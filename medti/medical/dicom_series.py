@@ -8,6 +8,7 @@ it) and of a column; their cross product is the slice normal. Image Position (Pa
 voxel. Pixel Spacing is (between rows, between columns). As a SimpleITK image, whose physical frame is DICOM's own
 (LPS), that is: x = row direction, spacing Pixel Spacing[1]; y = column direction, Pixel Spacing[0]; z = the normal,
 spacing the distance between consecutive positions; origin = the first slice's position."""
+import re
 from dataclasses import dataclass
 
 import numpy as np
@@ -121,9 +122,11 @@ def to_volume(s: Series, name: str, case: str | None = None) -> Volume:
 @dataclass(frozen=True)
 class DicomVolume:
     """The files of one DICOM volume, as medti.dataset finds them: a series of single-frame files or one multi-frame
-    file. `number` is the Series Number, to name one of several series in a folder."""
+    file. `number` (Series Number) and `description` (Series Description, made safe by safe_description) name one
+    of several series in a folder."""
     paths: tuple
     number: int | None = None
+    description: str | None = None
 
     def read(self, name: str, case: str | None = None) -> tuple[Volume, DicomImage]:
         """(the Volume, its first file: window, photometric interpretation and PatientID)."""
@@ -138,6 +141,30 @@ def _header(path, pydicom):
         return None
 
 
+def safe_description(ds) -> str | None:
+    """The Series Description as a name part (`T2 TSE AX` -> `T2_TSE_AX`): letters, digits, `_` and `-`, at most
+    32 characters; None when it is empty, or holds something that may identify: a UID-like run of numbers and dots
+    or 8 digits or more (a date, an accession number), the Patient ID, or a part of the Patient's Name of 3 letters
+    or more (free text can hold anything, and a name reaches val.txt and data.jsonl)."""
+    raw = str(ds.get("SeriesDescription") or "")
+    text = "_".join(re.findall(r"[A-Za-z0-9-]+", raw))[:32].strip("_-")
+    words = {w.lower() for w in re.split(r"[\^ ,]+", str(ds.get("PatientName") or "")) if len(w) >= 3}
+    words |= {str(ds.get("PatientID") or "").strip().lower()} - {""}
+    if not text or re.search(r"\d+(\.\d+){3,}|\d{8,}", raw) or any(w in raw.lower() for w in words):
+        return None
+    return text
+
+
+def _key(ds, path):
+    """(grouping key, Series Number, safe Series Description) of a file's header (None: unreadable)."""
+    frames = int(ds.get("NumberOfFrames") or 1) if ds is not None else 1
+    positioned = ds is not None and "ImagePositionPatient" in ds and "ImageOrientationPatient" in ds
+    uid = ds.get("SeriesInstanceUID") if positioned and frames == 1 else None
+    key = ("series", str(uid)) if uid else (("volume" if frames > 1 else "image"), path)
+    number = ds.get("SeriesNumber") if ds is not None else None
+    return key, (int(number) if number not in (None, "") else None), (safe_description(ds) if ds is not None else None)
+
+
 def find_volumes(paths) -> tuple[list, list]:
     """DICOM files -> ([Path (a 2-D image) or DicomVolume], [(copy, the file kept)]), in the order of each one's
     first file. A file whose SOP Instance UID an earlier file has is a copy of that instance (the same image exported
@@ -150,7 +177,7 @@ def find_volumes(paths) -> tuple[list, list]:
     if not paths:
         return [], []
     pydicom = require("pydicom", str(paths[0]))
-    found: dict = {}   # key -> (paths, series number), in the order first met
+    found: dict = {}   # key -> (paths, series number, description), in the order first met
     seen, copies = {}, []   # SOP Instance UID -> its first file; (copy, kept)
     for path in paths:
         ds = _header(path, pydicom)
@@ -160,11 +187,7 @@ def find_volumes(paths) -> tuple[list, list]:
             continue
         if instance:
             seen[instance] = path
-        frames = int(ds.get("NumberOfFrames") or 1) if ds is not None else 1
-        positioned = ds is not None and "ImagePositionPatient" in ds and "ImageOrientationPatient" in ds
-        uid = ds.get("SeriesInstanceUID") if positioned and frames == 1 else None
-        key = ("series", str(uid)) if uid else (("volume" if frames > 1 else "image"), path)
-        number = ds.get("SeriesNumber") if ds is not None else None
-        found.setdefault(key, ([], int(number) if number not in (None, "") else None))[0].append(path)
-    return [DicomVolume(tuple(files), number) if kind == "volume" or len(files) > 1 else files[0]
-            for (kind, _), (files, number) in found.items()], copies
+        key, number, description = _key(ds, path)
+        found.setdefault(key, ([], number, description))[0].append(path)
+    return [DicomVolume(tuple(files), number, description) if kind == "volume" or len(files) > 1 else files[0]
+            for (kind, _), (files, number, description) in found.items()], copies
