@@ -50,7 +50,7 @@ def test_a_series_is_placed_in_space_as_simpleitk_s_dicom_reader_places_it(tmp_p
     reader.SetFileNames(reader.GetGDCMSeriesFileNames(str(tmp_path)))
     reference = sitk.DICOMOrient(reader.Execute(), "LPS")
     volume, first = DicomVolume(tuple(sorted(files))).read("ct")
-    assert first.patient_id == "PHANTOM-1"
+    assert first.patient.id == "PHANTOM-1"
     np.testing.assert_array_equal(volume.array, sitk.GetArrayFromImage(reference))   # integer HU: exact
     for ours, theirs in ((volume.image.GetSpacing(), reference.GetSpacing()),
                          (volume.image.GetOrigin(), reference.GetOrigin()),

@@ -84,3 +84,31 @@ def test_series_sharing_a_number_get_distinct_stable_names(tmp_path):
     assert sources == ["study/series-3-T2_TSE_AX", "study/series-3-T1_AX", "study/series-3-1", "study/series-3-2"]
     assert load_dataset(tmp_path, 8).names == data.names          # stable
     assert not any("DOE" in n or "1.2." in n for n in data.names)
+
+
+def _dx(folder: Path, n: int, **fields):
+    folder.mkdir(parents=True, exist_ok=True)
+    for i in range(n):
+        save(image(np.full((8, 8), 50 * (i + 1), np.uint16), Modality="DX", **fields), folder / f"IM{i:04d}")
+
+
+def test_a_placeholder_patient_id_keys_patients_by_study(tmp_path, capsys):
+    """'ANONYMOUS', 'anon ', '' and '0' on five studies, and one real-looking ID on two people (different birth
+    dates): each study is its own patient, said in one warning line; a plain ID still groups its studies."""
+    studies = {"s1": "ANONYMOUS", "s2": "ANONYMOUS", "s3": "anon ", "s4": "", "s5": "0", "s6": "P-7", "s7": "P-7",
+               "s8": "P-1", "s9": "P-1"}
+    births = {"s6": "19500101", "s7": "19800202", "s8": "19600303", "s9": "19600303"}
+    for k, (study, pid) in enumerate(studies.items()):
+        _dx(tmp_path / study, 2, PatientID=pid, StudyInstanceUID=f"1.2.826.0.1.3680043.10.{k}",
+            PatientBirthDate=births.get(study, ""))
+    data = load_data(TrainConfig(data=str(tmp_path), resolution=8))
+    by_study = {}
+    for name, patient in zip(data.names, data.patients, strict=True):
+        by_study.setdefault(name.split("/")[0], set()).add(patient)
+    assert all(len(keys) == 1 for keys in by_study.values())        # a study is never split
+    assert len(set(data.patients)) == 8                             # s1..s7 apart, s8 and s9 one patient
+    assert by_study["s8"] == by_study["s9"] == {"P-1"}
+    err = capsys.readouterr().err
+    warning = [line for line in err.splitlines() if "placeholder PatientID" in line]
+    assert len(warning) == 1 and warning[0].startswith("warning: 14 image(s) in "), err
+    assert "7 in all" in warning[0] and "1.2.826" not in err and "P-7" not in err

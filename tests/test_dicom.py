@@ -162,7 +162,7 @@ def test_is_dicom_by_content(tmp_path):
     path = save(image(np.zeros((2, 2), np.uint16)), tmp_path / "IM000017")   # no extension, as PACS exports
     (tmp_path / "notes.txt").write_text("not DICOM " * 20)
     assert is_dicom(path) and not is_dicom(tmp_path / "notes.txt") and not is_dicom(tmp_path / "missing")
-    assert read_dicom(path).patient_id == "PHANTOM-1"
+    assert read_dicom(path).patient.id == "PHANTOM-1"
 
 
 def one_line(call, *match):

@@ -12,6 +12,7 @@ import torch
 from minisd.errors import UserError
 
 from ..medical.slices import SliceOptions, check_options
+from .patients import keys
 from .preprocess import PREPROCESS, Unusable
 from .preprocess import fit as _fit
 from .report import nothing_usable
@@ -31,8 +32,8 @@ class DataError(UserError):
 class Dataset:
     images: torch.Tensor   # [N, 3, R, R] float32 in [-1, 1]
     names: list[str]       # relative paths (POSIX), or case names with `channels`
-    # per image: its patient -- the DICOM PatientID, else its case (with `channels`) or file name. In memory only:
-    # validation splits by it, and no output file ever holds it.
+    # per image: its patient -- the DICOM PatientID (a placeholder one: the Study Instance UID; medti.dataset.patients),
+    # else its case (with `channels`) or file name. In memory only: validation splits by it, no output file holds it.
     patients: list[str]
     windows: list[str]     # per image: which window scaled it (`--window 40,400`, `the file's ...`, min-max, ...)
     captions: list[str]    # per image: its caption file's text (with captions=True), else ""
@@ -165,6 +166,7 @@ def load_dataset(folder, resolution: int, preprocess: str = "center", channels: 
         used.update(data)
     if not arrays:
         raise DataError(nothing_usable(folder, skipped, channels))
+    patients, survey.placeholders = keys(patients)   # a placeholder PatientID keys by study (medti.dataset.patients)
     # [N, R, R, 3] uint8 -> [N, 3, R, R] float32 in [-1, 1]; 0 -> -1 and 255 -> 1 exactly
     images = torch.from_numpy(np.stack(arrays)).permute(0, 3, 1, 2).contiguous().float().div_(127.5).sub_(1)
     return Dataset(images, names, patients, windows, texts, skipped, _fingerprint(used),

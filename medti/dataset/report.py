@@ -26,11 +26,16 @@ def warn_skipped(skipped: list, where: str):
 
 def warn_survey(survey: Survey | None, where: str):
     """One warning line for each way a folder was read other than file by file: copies of one DICOM instance (the
-    same SOP Instance UID in two folders) read once."""
+    same SOP Instance UID in two folders) read once; placeholder PatientIDs keyed by study (medti.dataset.patients)."""
     if survey is not None and survey.duplicates:
         copies = _some([f"{copy} (copy of {kept})" for copy, kept in survey.duplicates], 3)
         print(f"warning: {len(survey.duplicates)} DICOM file(s) in {where} are copies of files read already (the "
               f"same SOP Instance UID), each read once, the first in path order: {copies}", file=sys.stderr)
+    if survey is not None and survey.placeholders and survey.placeholders.images:
+        print(f"warning: {survey.placeholders.images} image(s) in {where} have a placeholder PatientID (empty, "
+              "ANONYMOUS, 0, ... or one ID on different birth dates or sexes), which would merge patients: each "
+              f"study counts as one patient instead (by Study Instance UID, in memory only), "
+              f"{survey.placeholders.keys} in all", file=sys.stderr)
 
 
 def summary(data) -> str:

@@ -6,6 +6,7 @@ import io
 import os
 import stat
 from contextlib import contextmanager
+from dataclasses import replace
 from pathlib import Path
 
 from PIL import Image
@@ -65,7 +66,7 @@ def medical_errors(source):
 
 def decode(path: Path, data: bytes, window=None) -> Image.Image:
     """Decode one file's bytes to 8-bit L or RGB, or raise Unusable with the reason. DICOM files go through
-    medti.medical.dicom (window: a medti.medical.window.Window, else the file's own, else min-max); the patient
+    medti.medical.dicom (window: a medti.medical.window.Window, else the file's own, else min-max); its Patient
     is kept in the image's `info["patient"]`, in memory only."""
     if not data:
         raise Unusable("empty file (0 bytes)")
@@ -175,7 +176,8 @@ def item_images(folder: Path, name: str, source, channels, options, captions: bo
             data[caption.relative_to(folder).as_posix()] = file_bytes(caption)
             image.info["caption"] = " ".join(data[caption.relative_to(folder).as_posix()].decode(errors="replace")
                                              .split())   # one line: a newline in a prompt would split nothing here
-    return [(name, image, image.info.get("patient") or name)], data
+    patient = image.info.get("patient")   # a DICOM file's Patient (medti.dataset.patients keys it), else the file
+    return [(name, image, replace(patient, fallback=name) if patient else name)], data
 
 
 def _dicom_names(folder: Path, volumes: list) -> dict:

@@ -24,6 +24,7 @@ class Survey:
     found: list = field(default_factory=list)        # image, volume and DICOM files (Paths), as find_images lists
     others: list = field(default_factory=list)       # files that are none of those: not images
     duplicates: list = field(default_factory=list)   # (copy left out, the file kept): one SOP Instance UID
+    placeholders: object = None   # medti.dataset.patients.Replaced: images whose PatientID was a placeholder
 
 
 def walk(folder: Path) -> list[Path]:

@@ -21,12 +21,30 @@ from .window import Window, described, to_uint8
 PIXEL_KEYWORDS = ("PixelData", "FloatPixelData", "DoubleFloatPixelData")   # PS3.3 C.7.6.3 and C.7.6.24
 
 
+@dataclass(frozen=True)
+class Patient:
+    """Whose image it is, as its header says (PS3.3 C.7.1.1 Patient, C.7.2.1 General Study). In memory only: never
+    written anywhere. medti.dataset.patients decides which of these fields keys the patient (a placeholder
+    PatientID is no key). `fallback`: the key when the header gives none (a file or folder name), set by the caller."""
+    id: str                # Patient ID (0010,0020), stripped
+    study: str             # Study Instance UID (0020,000D)
+    birth: str             # Patient's Birth Date (0010,0030)
+    sex: str               # Patient's Sex (0010,0040)
+    fallback: str = ""
+
+
+def patient_of(ds) -> Patient:
+    """The Patient of a dataset: each field as text, "" where absent or empty."""
+    return Patient(*(str(ds.get(k) or "").strip() for k in ("PatientID", "StudyInstanceUID", "PatientBirthDate",
+                                                            "PatientSex")))
+
+
 @dataclass
 class DicomImage:
     pixels: np.ndarray            # [F, H, W] float32 in modality units (after the Modality LUT); F = 1 for one frame
     photometric: str              # "MONOCHROME1" (low = white) or "MONOCHROME2" (low = black)
     window: Window | None         # the file's own first Window Center/Width, if it has one
-    patient_id: str | None
+    patient: Patient              # in memory only (see Patient)
     series_uid: str | None
     positions: tuple | None       # Image Position (Patient) of each frame, mm: its first voxel's centre (C.7.6.2.1.1)
     orientation: tuple | None     # Image Orientation (Patient): row then column direction cosines
@@ -167,7 +185,7 @@ def read_dicom(path) -> DicomImage:
     stored = _decode(ds, path, pydicom)
     pixels = _modality(ds, stored, pydicom).reshape(-1, int(ds.Rows), int(ds.Columns))   # [F, H, W]
     positions, orientation, spacing = _geometry(ds, len(pixels))
-    return DicomImage(pixels=pixels, photometric=photometric, window=_window(ds), patient_id=ds.get("PatientID"),
+    return DicomImage(pixels=pixels, photometric=photometric, window=_window(ds), patient=patient_of(ds),
                       series_uid=ds.get("SeriesInstanceUID"), positions=positions, orientation=orientation,
                       spacing=spacing, path=path)
 
@@ -180,7 +198,7 @@ def render(image: DicomImage, window: Window | None = None) -> np.ndarray:
 
 
 def training_image(path, window: Window | None):
-    """One single-frame DICOM file as medti.dataset reads images: (8-bit L PIL image, PatientID or None). pydicom
+    """One single-frame DICOM file as medti.dataset reads images: (8-bit L PIL image, its Patient). pydicom
     missing is the user's to fix (MedicalError, one line for the run); a file that cannot be used is the `MedicalError`
     that medti.dataset turns into a skip with its reason. Multi-frame files and series are volumes, read by
     medti.medical.dicom_series; one reaching this function has frames but no geometry, and is refused."""
@@ -191,4 +209,4 @@ def training_image(path, window: Window | None):
                            "image; export the frames you want as single images")
     shown = Image.fromarray(render(image, window)[0])
     shown.info["window"] = described(window, image.window)
-    return shown, image.patient_id
+    return shown, image.patient

@@ -19,6 +19,7 @@ from PIL import Image
 from minisd.errors import UserError, arg
 
 from ..dataset.folder import DataError, parse_channels, read_items, survey_folder
+from ..dataset.patients import keys
 from ..dataset.preprocess import Unusable, fit
 from ..dataset.report import warn_skipped, warn_survey
 from ..dataset.sources import read_image
@@ -160,6 +161,9 @@ def load_set(path, flag: str, minimum: int = 1, max_side: int | None = None, how
     rows = list(_run_images(root, files, max_side, how, skipped) if files is not None else
                 _folder_images(root, how, max_side, skipped, survey))
     names, read, patients = ([row[i] for row in rows] for i in range(3))
+    patients, replaced = keys(patients)   # as training keys them: a placeholder PatientID by study
+    if survey is not None:
+        survey.placeholders = replaced
     images, sizes = [image for image, _ in read], [size for _, size in read]
     warn_skipped(skipped, arg(flag))
     warn_survey(survey, arg(flag))
