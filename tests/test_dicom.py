@@ -24,7 +24,7 @@ from pydicom.uid import (  # noqa: E402
 from medti.medical import MedicalError  # noqa: E402
 from medti.medical.dicom import is_dicom, read_dicom, render  # noqa: E402
 from medti.medical.dicom_series import series  # noqa: E402
-from medti.medical.window import PRESETS, Window, parse_window, to_uint8  # noqa: E402
+from medti.medical.window import PRESETS, Window, described, parse_window, to_uint8  # noqa: E402
 
 
 def dataset(sop=CTImageStorage, syntax=ExplicitVRLittleEndian, **fields) -> Dataset:
@@ -261,3 +261,21 @@ def test_compressed_syntaxes_pydicom_decodes_itself(tmp_path):
 def pydicom_syntax(path):
     import pydicom
     return pydicom.dcmread(path, stop_before_pixels=True).file_meta.TransferSyntaxUID
+
+
+@pytest.mark.parametrize("function, center, width", [("SIGMOID", 1800, 1200), ("LINEAR_EXACT", 1800.5, 9),
+                                                     ("SIGMOID", 1800, 0.5), ("LINEAR_EXACT", 1800, 0.5)])
+def test_voi_lut_functions_equal_pydicom(tmp_path, function, center, width):
+    """The file's VOI LUT Function (PS3.3 C.11.2.1.3) is applied, equal to pydicom's apply_voi_lut to +-1 gray
+    level on the 0..255 scale (its output spans the stored range through the rescale, here -1024..64511 HU)."""
+    from pydicom.pixels import apply_modality_lut, apply_voi_lut
+    stored = np.random.default_rng(1).integers(0, 4096, (32, 32)).astype(np.uint16)
+    ds = image(stored, Modality="CT", RescaleSlope=1, RescaleIntercept=-1024, WindowCenter=center - 1024,
+               WindowWidth=width, VOILUTFunction=function)
+    ours = render(read_dicom(save(ds, tmp_path / "ct.dcm")))[0].astype(np.float64)
+    low, high = -1024, 65535 - 1024   # pydicom's y range: the 16-bit stored range through the rescale
+    with np.errstate(over="ignore"):   # pydicom's SIGMOID: exp overflows to inf far below the window (y = ymin)
+        theirs = (apply_voi_lut(apply_modality_lut(stored, ds), ds) - low) / (high - low) * 255
+    assert np.abs(ours - theirs).max() <= 1.0
+    own = read_dicom(tmp_path / "ct.dcm").window
+    assert described(None, own) == f"the file's {center - 1024:g},{width:g} {function}"

@@ -5,8 +5,8 @@ and PS3.10 (file format).
 
 Scope, stated: grayscale only (MONOCHROME1/2). Windowing, the VOI LUT, is defined for grayscale images
 (PS3.3 C.11.2), and color DICOM (ultrasound, secondary capture, slide microscopy) would need its own path; it is
-refused in one line. The file's VOI LUT Function (0028,1056) and any VOI LUT Sequence are not applied: every window
-here is LINEAR (medti.medical.window), so the same numbers give the same image whichever file they came from."""
+refused in one line. The file's own window keeps its VOI LUT Function (0028,1056): LINEAR, LINEAR_EXACT or SIGMOID
+(medti.medical.window); a VOI LUT Sequence (a table instead of a window) is not applied."""
 import os
 import re
 import stat
@@ -16,7 +16,7 @@ from pathlib import Path
 import numpy as np
 
 from . import MedicalError, require
-from .window import Window, described, to_uint8
+from .window import FUNCTIONS, Window, described, to_uint8
 
 PIXEL_KEYWORDS = ("PixelData", "FloatPixelData", "DoubleFloatPixelData")   # PS3.3 C.7.6.3 and C.7.6.24
 
@@ -91,11 +91,15 @@ def _shared(ds, sequence: str, frame: int = 0):
 
 
 def _window(ds) -> Window | None:
+    """The first window of the file (PS3.3 C.11.2.1.2) with its VOI LUT Function (C.11.2.1.3; absent: LINEAR, and a
+    term outside the defined ones read as LINEAR too); None without one, or with a width its function forbids."""
     source = ds if "WindowWidth" in ds else _shared(ds, "FrameVOILUTSequence")
     if source is None or "WindowWidth" not in source or "WindowCenter" not in source:
         return None
-    window = Window(_first(source.WindowCenter), _first(source.WindowWidth))
-    return window if window.width >= 1 else None   # a width below 1 breaks LINEAR: treat as no window
+    function = str(source.get("VOILUTFunction") or "LINEAR").strip().upper()
+    window = Window(_first(source.WindowCenter), _first(source.WindowWidth),
+                    function if function in FUNCTIONS else "LINEAR")
+    return window if window.valid else None
 
 
 def _modality(ds, stored: np.ndarray, pydicom) -> np.ndarray:
