@@ -43,7 +43,7 @@ def patient_of(ds) -> Patient:
 class DicomImage:
     pixels: np.ndarray            # [F, H, W] float32 in modality units (after the Modality LUT); F = 1 for one frame
     photometric: str              # "MONOCHROME1" (low = white) or "MONOCHROME2" (low = black)
-    window: Window | None         # the file's own first Window Center/Width, if it has one
+    windows: tuple                # each frame's own first window (Window or None): C.11.2, or Frame VOI LUT per frame
     patient: Patient              # in memory only (see Patient)
     series_uid: str | None
     positions: tuple | None       # Image Position (Patient) of each frame, mm: its first voxel's centre (C.7.6.2.1.1)
@@ -54,6 +54,11 @@ class DicomImage:
     @property
     def position(self) -> tuple | None:
         return self.positions[0] if self.positions else None
+
+    @property
+    def window(self) -> Window | None:
+        """The file's own first window (its first frame's)."""
+        return self.windows[0]
 
 
 def is_dicom(path) -> bool:
@@ -90,10 +95,11 @@ def _shared(ds, sequence: str, frame: int = 0):
     return None
 
 
-def _window(ds) -> Window | None:
-    """The first window of the file (PS3.3 C.11.2.1.2) with its VOI LUT Function (C.11.2.1.3; absent: LINEAR, and a
-    term outside the defined ones read as LINEAR too); None without one, or with a width its function forbids."""
-    source = ds if "WindowWidth" in ds else _shared(ds, "FrameVOILUTSequence")
+def _window(ds, frame: int = 0) -> Window | None:
+    """Frame `frame`'s first window (PS3.3 C.11.2.1.2; an enhanced multi-frame file's Frame VOI LUT, C.7.6.16.2.10,
+    shared or per frame) with its VOI LUT Function (C.11.2.1.3; absent: LINEAR, and a term outside the defined ones
+    read as LINEAR too); None without one, or with a width its function forbids."""
+    source = ds if "WindowWidth" in ds else _shared(ds, "FrameVOILUTSequence", frame)
     if source is None or "WindowWidth" not in source or "WindowCenter" not in source:
         return None
     function = str(source.get("VOILUTFunction") or "LINEAR").strip().upper()
@@ -102,16 +108,26 @@ def _window(ds) -> Window | None:
     return window if window.valid else None
 
 
-def _modality(ds, stored: np.ndarray, pydicom) -> np.ndarray:
-    """Stored values -> modality units, the Modality LUT (PS3.3 C.11.1): value * RescaleSlope + RescaleIntercept
-    (CT: HU, e.g. slope 1 and intercept -1024), or a Modality LUT Sequence, which pydicom applies."""
-    if "ModalityLUTSequence" in ds:
-        return pydicom.pixels.apply_modality_lut(stored, ds).astype(np.float32)
-    source = ds if "RescaleSlope" in ds else _shared(ds, "PixelValueTransformationSequence")
+def _rescale(ds, frame: int) -> tuple[float, float]:
+    """(slope, intercept) of frame `frame`: at the top level (single-frame images, C.11.1), else the frame's Pixel
+    Value Transformation (C.7.6.16.2.9, shared or per frame); (1, 0) when absent."""
+    source = ds if "RescaleSlope" in ds else _shared(ds, "PixelValueTransformationSequence", frame)
     slope = float(source.RescaleSlope) if source is not None and "RescaleSlope" in source else 1.0
     intercept = float(source.RescaleIntercept) if source is not None and "RescaleIntercept" in source else 0.0
+    return slope, intercept
+
+
+def _modality(ds, stored: np.ndarray, pydicom) -> np.ndarray:
+    """Stored values -> modality units [F, H, W], the Modality LUT (PS3.3 C.11.1): value * RescaleSlope +
+    RescaleIntercept (CT: HU, e.g. slope 1 and intercept -1024), each frame by its own (an enhanced file may rescale
+    each frame differently), or a Modality LUT Sequence, which pydicom applies."""
+    shape = (-1, int(ds.Rows), int(ds.Columns))
+    if "ModalityLUTSequence" in ds:
+        return pydicom.pixels.apply_modality_lut(stored, ds).astype(np.float32).reshape(shape)
+    stored = stored.reshape(shape)
+    rescale = np.array([_rescale(ds, f) for f in range(len(stored))], np.float64)[:, :, None, None]   # [F, 2, 1, 1]
     # float64 for the product: slopes like 0.000123 on 16-bit values lose digits in float32 before the cast
-    return (stored.astype(np.float64) * slope + intercept).astype(np.float32)
+    return (stored.astype(np.float64) * rescale[:, 0] + rescale[:, 1]).astype(np.float32)
 
 
 def _decode(ds, path: Path, pydicom) -> np.ndarray:
@@ -187,9 +203,10 @@ def read_dicom(path) -> DicomImage:
         raise MedicalError(f"{path}: photometric interpretation {photometric or 'missing'}; only grayscale "
                            "(MONOCHROME1/MONOCHROME2) DICOM is read")
     stored = _decode(ds, path, pydicom)
-    pixels = _modality(ds, stored, pydicom).reshape(-1, int(ds.Rows), int(ds.Columns))   # [F, H, W]
+    pixels = _modality(ds, stored, pydicom)   # [F, H, W]
     positions, orientation, spacing = _geometry(ds, len(pixels))
-    return DicomImage(pixels=pixels, photometric=photometric, window=_window(ds), patient=patient_of(ds),
+    windows = tuple(_window(ds, f) for f in range(len(pixels)))
+    return DicomImage(pixels=pixels, photometric=photometric, windows=windows, patient=patient_of(ds),
                       series_uid=ds.get("SeriesInstanceUID"), positions=positions, orientation=orientation,
                       spacing=spacing, path=path)
 

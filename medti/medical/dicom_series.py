@@ -9,13 +9,14 @@ voxel. Pixel Spacing is (between rows, between columns). As a SimpleITK image, w
 (LPS), that is: x = row direction, spacing Pixel Spacing[1]; y = column direction, Pixel Spacing[0]; z = the normal,
 spacing the distance between consecutive positions; origin = the first slice's position."""
 import re
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import numpy as np
 
 from . import MedicalError, require
-from .dicom import DicomImage, read_dicom
+from .dicom import read_dicom
 from .volume import Volume, from_image
+from .window import PerFrame, Window, display_scale
 
 # Slices count as evenly spaced when every gap is within 1 % of the median gap (+ 1 µm): positions are written as
 # decimal strings of at most 16 characters, good to far better than that, so a larger spread is a missing slice.
@@ -29,6 +30,7 @@ class Series:
     pixels: np.ndarray            # [S, H, W] float32: every frame, ordered along the normal when positions are known
     positions: list | None        # each slice's Image Position (Patient), in that order; None: the file gives none
     files: list                   # each slice's file (a multi-frame file's path repeats), for messages
+    windows: list                 # each slice's own window (Window or None), in that order
 
 
 def _along_normal(orientation, position) -> float:
@@ -54,7 +56,7 @@ def _check_alike(uid, images: list):
 def _order(uid, images: list) -> Series:
     if len(images) == 1 and images[0].positions is None:   # one file and no geometry: its frames as stored
         image = images[0]
-        return Series(uid, images, image.pixels, None, [image.path] * len(image.pixels))
+        return Series(uid, images, image.pixels, None, [image.path] * len(image.pixels), list(image.windows))
     _check_alike(uid, images)
     orientation = images[0].orientation
     planes = sorted(((_along_normal(orientation, p), f, image) for image in images
@@ -65,7 +67,8 @@ def _order(uid, images: list) -> Series:
                                "along the normal): several echoes or time points; split them first")
     ordered = list({id(image): image for _, _, image in planes}.values())
     return Series(uid, ordered, np.stack([image.pixels[f] for _, f, image in planes]),
-                  [image.positions[f] for _, f, image in planes], [image.path for _, _, image in planes])
+                  [image.positions[f] for _, f, image in planes], [image.path for _, _, image in planes],
+                  [image.windows[f] for _, f, image in planes])
 
 
 def series(paths) -> list[Series]:
@@ -128,10 +131,26 @@ class DicomVolume:
     number: int | None = None
     description: str | None = None
 
-    def read(self, name: str, case: str | None = None) -> tuple[Volume, DicomImage]:
-        """(the Volume, its first file: window, photometric interpretation and PatientID)."""
+    def read(self, name: str, case: str | None = None, window: Window | None = None) -> tuple:
+        """(the Volume, its first file: photometric interpretation and Patient, its own window). The own window is
+        the first file's, or PerFrame when a multi-frame file's frames carry different windows and no `window` (the
+        user's --window) overrides them: each frame is then scaled by its own (by_frame)."""
         s = _order(None, [read_dicom(p) for p in self.paths]) if len(self.paths) > 1 else series(self.paths)[0]
-        return to_volume(s, name, case), s.images[0]
+        s, own = by_frame(s) if window is None and len(self.paths) == 1 else (s, s.images[0].window)
+        return to_volume(s, name, case), s.images[0], own
+
+
+def by_frame(s: Series) -> tuple[Series, Window | PerFrame | None]:
+    """An enhanced multi-frame file's frames each windowed by its own Frame VOI LUT, as PS3.3 C.7.6.16.2.10 defines
+    it (one per frame: a Philips enhanced MR sets each frame's from its own content), when every frame has one and
+    they differ: (the Series with pixels on the 0..255 display scale, PerFrame). Otherwise (the Series, its one
+    window or None): the volume then keeps one scale over all its slices."""
+    distinct = list(dict.fromkeys(s.windows))
+    if len(distinct) < 2 or None in distinct:
+        return s, s.windows[0]
+    photometric = s.images[0].photometric
+    pixels = np.stack([display_scale(p, w, photometric) for p, w in zip(s.pixels, s.windows, strict=True)])
+    return replace(s, pixels=pixels.astype(np.float32)), PerFrame(tuple(distinct))
 
 
 def _header(path, pydicom):

@@ -13,7 +13,8 @@ values have no absolute unit, but within one series they are comparable; a per-s
 volume's own folder (`case1/mask.nii.gz` for `case1/t2w.mha`); a path (with a "/") is one mask file for every volume.
 Mask files (that name, or anything in that folder) are never training images. A volume without its mask is skipped
 with the reason. DICOM series and multi-frame files (medti.medical.dicom_series) are volumes like the others, scaled by
---window, else their first file's own window, else min-max over the whole series.
+--window, else their first file's own window (a multi-frame file whose frames carry different windows: each frame by
+its own, dicom_series.by_frame), else min-max over the whole series.
 """
 from dataclasses import dataclass, replace
 from pathlib import Path
@@ -140,18 +141,18 @@ def _sliced(volume, name: str, options: SliceOptions, mask, window: str) -> list
 
 def dicom_images(source: DicomVolume, name: str, options: SliceOptions) -> tuple[list, Patient]:
     """([(`name#planeNNN`, 8-bit L image)], its Patient) of a DICOM series or multi-frame file."""
-    volume, first = source.read(name)
-    volume = _scaled(volume, options.window or first.window, first.photometric)
+    volume, first, own = source.read(name, window=options.window)
+    volume = _scaled(volume, options.window or own, first.photometric)
     mask = _mask_for(Path(source.paths[0]), name.rpartition("/")[2], options)
-    window = described(options.window, first.window, "min-max over the series")
+    window = described(options.window, own, "min-max over the series")
     return _sliced(volume, name, options, mask, window), first.patient
 
 
-def _read_source(source, case: str):
-    """(Volume, its own window, photometric interpretation, PatientID) of a volume file or a DICOM volume."""
+def _read_source(source, case: str, window: Window | None):
+    """(Volume, its own window, photometric interpretation, Patient) of a volume file or a DICOM volume."""
     if isinstance(source, DicomVolume):
-        volume, first = source.read(str(source.paths[0]), case)
-        return volume, first.window, first.photometric, first.patient
+        volume, first, own = source.read(str(source.paths[0]), case, window)
+        return volume, own, first.photometric, first.patient
     return read_volume(source, case), None, "MONOCHROME2", None
 
 
@@ -160,7 +161,7 @@ def case_images(sources: list, case: str, options: SliceOptions) -> tuple[list, 
     volumes (files or DICOM series) on the first one's grid (resample_onto, as read_case), each scaled over its own
     volume (sequences have unrelated units) by --window, else its own window, else min-max; slices stacked in
     `sources` order; one volume: gray."""
-    read = [_read_source(s, case) for s in sources]
+    read = [_read_source(s, case, options.window) for s in sources]
     reference = read[0][0]
     volumes = [reference] + [resample_onto(v, reference) for v, *_ in read[1:]]
     volumes = [_scaled(v, options.window or own, photometric)

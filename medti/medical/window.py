@@ -23,6 +23,13 @@ class Window:
         return self.width >= 1 if self.function == "LINEAR" else self.width > 0
 
 
+@dataclass(frozen=True)
+class PerFrame:
+    """Each frame of an enhanced multi-frame file windowed by its own Frame VOI LUT (PS3.3 C.7.6.16.2.10: the window
+    applies to its frame): the values carrying this are already on the 0..255 display scale, MONOCHROME1 inverted."""
+    windows: tuple   # the distinct windows, in frame order
+
+
 # Conventional CT windows in HU (center, width), the values radiology teaching uses (e.g. Radiopaedia, "Windowing
 # (CT)"); sites and vendors vary by some tens of HU. They are a starting point to name, not a standard: the DICOM
 # standard defines how a window maps values, never which window suits an organ.
@@ -115,6 +122,10 @@ def described(given: Window | None, own: Window | None = None, otherwise: str = 
         return f"--window {given.center:g},{given.width:g}"
     if own is None:
         return otherwise
+    if isinstance(own, PerFrame):
+        first, last = own.windows[0], own.windows[-1]
+        return (f"each frame's own window ({len(own.windows)} windows, {first.center:g},{first.width:g} ... "
+                f"{last.center:g},{last.width:g})")
     return f"the file's {own.center:g},{own.width:g}" + (f" {own.function}" if own.function != "LINEAR" else "")
 
 
@@ -125,6 +136,8 @@ def display_scale(pixels: np.ndarray, window: Window | None, photometric: str = 
     "is intended to be displayed as white after any VOI gray scale transformations have been performed", so the
     window is applied to the stored sense of the values and only the displayed result is flipped (dense is then
     bright, as in MONOCHROME2, which is what the training images and the model expect)."""
+    if isinstance(window, PerFrame):   # scaled frame by frame already (medti.medical.dicom_series.by_frame)
+        return np.asarray(pixels, np.float64)
     y = min_max(pixels) if window is None else voi(pixels, window)
     return 255 - y if photometric == "MONOCHROME1" else y
 
