@@ -16,7 +16,8 @@ from pathlib import Path
 import numpy as np
 
 from . import MedicalError, require
-from .window import FUNCTIONS, Window, described, to_uint8
+from .volume import square_pixels
+from .window import FUNCTIONS, Window, described, display_scale, to_uint8
 
 PIXEL_KEYWORDS = ("PixelData", "FloatPixelData", "DoubleFloatPixelData")   # PS3.3 C.7.6.3 and C.7.6.24
 
@@ -49,6 +50,7 @@ class DicomImage:
     positions: tuple | None       # Image Position (Patient) of each frame, mm: its first voxel's centre (C.7.6.2.1.1)
     orientation: tuple | None     # Image Orientation (Patient): row then column direction cosines
     spacing: tuple | None         # Pixel Spacing: (between rows, between columns) in mm
+    aspect: tuple | None          # (row, column) pixel size of a 2-D image, for its shape only: see _aspect
     path: Path
 
     @property
@@ -185,6 +187,15 @@ def _geometry(ds, frames: int) -> tuple:
     return (positions if all(positions) else None), orientation, spacing
 
 
+def _aspect(ds, spacing: tuple | None) -> tuple | None:
+    """(height, width) of a pixel in any one unit, for a 2-D image's shape: Pixel Spacing (in the patient), else
+    Imager Pixel Spacing (at the detector, as CR/DX files give it: for a projection the same ratio), both (row
+    spacing, column spacing) (PS3.3 10.7.1), else Pixel Aspect Ratio (0028,0034), "vertical size\\horizontal size"
+    (C.7.6.3.1.7); None when the file says nothing (square, as stored)."""
+    found = spacing or _floats(ds, "ImagerPixelSpacing") or _floats(ds, "PixelAspectRatio")
+    return tuple(found[:2]) if found and len(found) >= 2 else None
+
+
 def read_dicom(path) -> DicomImage:
     """One DICOM file -> DicomImage, or a MedicalError of one line saying why it cannot be used."""
     pydicom = require("pydicom", str(path))
@@ -207,6 +218,7 @@ def read_dicom(path) -> DicomImage:
     positions, orientation, spacing = _geometry(ds, len(pixels))
     windows = tuple(_window(ds, f) for f in range(len(pixels)))
     return DicomImage(pixels=pixels, photometric=photometric, windows=windows, patient=patient_of(ds),
+                      aspect=_aspect(ds, spacing),
                       series_uid=ds.get("SeriesInstanceUID"), positions=positions, orientation=orientation,
                       spacing=spacing, path=path)
 
@@ -222,12 +234,17 @@ def training_image(path, window: Window | None):
     """One single-frame DICOM file as medti.dataset reads images: (8-bit L PIL image, its Patient). pydicom
     missing is the user's to fix (MedicalError, one line for the run); a file that cannot be used is the `MedicalError`
     that medti.dataset turns into a skip with its reason. Multi-frame files and series are volumes, read by
-    medti.medical.dicom_series; one reaching this function has frames but no geometry, and is refused."""
+    medti.medical.dicom_series; one reaching this function has frames but no geometry, and is refused. Pixels that
+    are not square (Pixel Spacing rows != columns, see _aspect) are resampled to square ones of the finer size, as
+    volumes' slices are, so a later resize to the model's size does not stretch the anatomy."""
     from PIL import Image
     image = read_dicom(path)
     if len(image.pixels) > 1:
         raise MedicalError(f"{path}: {len(image.pixels)} frames without per-frame positions: not a volume and not one "
                            "image; export the frames you want as single images")
-    shown = Image.fromarray(render(image, window)[0])
+    scaled = display_scale(image.pixels[0], window or image.window, image.photometric)
+    if image.aspect is not None:   # non-square pixels: resampled to square, as volumes' slices are (the finer size)
+        scaled = square_pixels(scaled, *image.aspect)
+    shown = Image.fromarray(np.floor(np.clip(scaled, 0, 255) + 0.5).astype(np.uint8))   # round half up, as to_uint8
     shown.info["window"] = described(window, image.window)
     return shown, image.patient
