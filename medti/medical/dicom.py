@@ -17,7 +17,7 @@ import numpy as np
 
 from . import MedicalError, require
 from .volume import square_pixels
-from .window import FUNCTIONS, Window, described, display_scale, to_uint8
+from .window import FUNCTIONS, Window, described, display_scale, finite_values, to_uint8
 
 PIXEL_KEYWORDS = ("PixelData", "FloatPixelData", "DoubleFloatPixelData")   # PS3.3 C.7.6.3 and C.7.6.24
 
@@ -119,17 +119,31 @@ def _rescale(ds, frame: int) -> tuple[float, float]:
     return slope, intercept
 
 
-def _modality(ds, stored: np.ndarray, pydicom) -> np.ndarray:
+def _modality(ds, stored: np.ndarray, pydicom, path) -> np.ndarray:
     """Stored values -> modality units [F, H, W], the Modality LUT (PS3.3 C.11.1): value * RescaleSlope +
     RescaleIntercept (CT: HU, e.g. slope 1 and intercept -1024), each frame by its own (an enhanced file may rescale
-    each frame differently), or a Modality LUT Sequence, which pydicom applies."""
+    each frame differently), or a Modality LUT Sequence, which pydicom applies. A rescale that is not a finite number
+    or that takes values past float32's range is refused; NaN and infinities in float pixel data become the minimum
+    (medti.medical.window.finite_values, the rule of every reader)."""
     shape = (-1, int(ds.Rows), int(ds.Columns))
     if "ModalityLUTSequence" in ds:
-        return pydicom.pixels.apply_modality_lut(stored, ds).astype(np.float32).reshape(shape)
+        values = pydicom.pixels.apply_modality_lut(stored, ds).reshape(shape)
+        return finite_values(values, path).astype(np.float32)
     stored = stored.reshape(shape)
     rescale = np.array([_rescale(ds, f) for f in range(len(stored))], np.float64)[:, :, None, None]   # [F, 2, 1, 1]
+    if not np.isfinite(rescale).all():
+        slope, intercept = rescale[~np.isfinite(rescale).all(axis=1)[:, 0, 0]][0, :, 0, 0]
+        raise MedicalError(f"{path}: Rescale Slope {slope:g} and Intercept {intercept:g}: not both finite numbers")
     # float64 for the product: slopes like 0.000123 on 16-bit values lose digits in float32 before the cast
-    return (stored.astype(np.float64) * rescale[:, 0] + rescale[:, 1]).astype(np.float32)
+    with np.errstate(over="ignore", invalid="ignore"):
+        values = stored.astype(np.float64) * rescale[:, 0] + rescale[:, 1]
+    past = np.isfinite(stored) & ~(np.abs(values) <= np.finfo(np.float32).max)
+    if past.any():
+        frame = int(np.nonzero(past)[0][0])
+        raise MedicalError(f"{path}: Rescale Slope {rescale[frame, 0, 0, 0]:g} and Intercept "
+                           f"{rescale[frame, 1, 0, 0]:g} take stored value {stored[past][0]:g} to "
+                           f"{values[past][0]:g}, past float32's range; a damaged header?")
+    return finite_values(values, path).astype(np.float32)
 
 
 def _decode(ds, path: Path, pydicom) -> np.ndarray:
@@ -214,7 +228,7 @@ def read_dicom(path) -> DicomImage:
         raise MedicalError(f"{path}: photometric interpretation {photometric or 'missing'}; only grayscale "
                            "(MONOCHROME1/MONOCHROME2) DICOM is read")
     stored = _decode(ds, path, pydicom)
-    pixels = _modality(ds, stored, pydicom)   # [F, H, W]
+    pixels = _modality(ds, stored, pydicom, path)   # [F, H, W]
     positions, orientation, spacing = _geometry(ds, len(pixels))
     windows = tuple(_window(ds, f) for f in range(len(pixels)))
     return DicomImage(pixels=pixels, photometric=photometric, windows=windows, patient=patient_of(ds),

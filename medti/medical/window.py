@@ -1,11 +1,12 @@
 """Gray-level windowing: modality values (CT in HU) -> 8-bit display values, by the DICOM VOI LUT functions
 (PS3.3 C.11.2.1.2.1 LINEAR, the default and the one --window uses; C.11.2.1.3 VOI LUT Function (0028,1056): SIGMOID,
 C.11.2.1.3.1, and LINEAR_EXACT, C.11.2.1.3.2, when a file names them), and the project's min-max rule when no window
-is known. numpy only: this module works without the medical extra."""
+is known. numpy only (and medti.files' rule for NaN): this module works without the medical extra."""
 from dataclasses import dataclass
 
 import numpy as np
 
+from ..files.images import ImageError, finite
 from . import MedicalError
 
 FUNCTIONS = ("LINEAR", "LINEAR_EXACT", "SIGMOID")   # PS3.3 C.11.2.1.3: VOI LUT Function's defined terms
@@ -105,6 +106,15 @@ def voi(x: np.ndarray, window: Window) -> np.ndarray:
         raise MedicalError(f"window width {window.width:g}: must be {rule} for {window.function} (DICOM PS3.3 "
                            "C.11.2.1.2.1 and C.11.2.1.3)")
     return {"LINEAR": voi_linear, "LINEAR_EXACT": voi_linear_exact, "SIGMOID": voi_sigmoid}[window.function](x, window)
+
+
+def finite_values(x, path) -> np.ndarray:
+    """medti.files.images.finite, the one rule every reader follows (NaN and infinities -> the minimum of the finite
+    values, float64), its refusal of an array without one finite value as a MedicalError naming `path`."""
+    try:
+        return finite(x)
+    except ImageError as e:
+        raise MedicalError(f"{path}: {e}") from None
 
 
 def min_max(x: np.ndarray) -> np.ndarray:
