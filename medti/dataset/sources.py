@@ -15,8 +15,8 @@ from ..files.images import REFUSED_MODES, WIDE_MODES, ImageError, to_8bit
 from ..medical import MedicalError, MissingExtra
 from ..medical.dicom import training_image
 from ..medical.dicom_series import DicomVolume, find_volumes
+from ..medical.slices import data_files, stem
 from ..medical.slices import item as volume_item
-from ..medical.slices import stem
 from .preprocess import Unusable
 from .survey import Survey, is_image_name
 
@@ -157,10 +157,24 @@ def _load_case(folder: Path, found: dict[str, Path], channels: list[str]) -> tup
 
 
 
+def _inside(folder: Path, source):
+    """A .mhd header names its data file (ElementDataFile), which may be any path: one outside the data folder
+    (`../../other/scan.raw`, an absolute path) would train on, and fingerprint, a file nobody put in the set; it is
+    refused, naming the path as the header gives it. Compared by path, not by following links."""
+    top = os.path.normpath(os.path.abspath(folder))
+    for path in source.values() if isinstance(source, dict) else [source]:
+        if isinstance(path, Path) and path.name.lower().endswith(".mhd"):
+            for extra in data_files(path)[1:]:
+                if not os.path.normpath(os.path.abspath(extra)).startswith(top + os.sep):
+                    raise Unusable(f"its data file (ElementDataFile) {os.path.relpath(extra, path.parent)} lies "
+                                   "outside the data folder; keep it beside the .mhd, or convert to .mha")
+
+
 def item_images(folder: Path, name: str, source, channels, options, captions: bool = False) -> tuple[list, dict]:
     """([(name, 8-bit image, patient)], {relative path: bytes}) of one file or case (`source`: a file or
     {channel: file}). Volumes give one image per chosen slice, all of one patient: medti.medical.slices.item.
     With `captions`, a 2-D file's caption (its .txt twin, as A1111 and kohya read them) goes to info["caption"]."""
+    _inside(folder, source)
     with medical_errors(source):
         volume = volume_item(name, source, channels, options)   # None: not a volume (or a case of volumes)
     if volume:

@@ -201,13 +201,20 @@ def _geometry(ds, frames: int) -> tuple:
     return (positions if all(positions) else None), orientation, spacing
 
 
-def _aspect(ds, spacing: tuple | None) -> tuple | None:
+def _aspect(ds, spacing: tuple | None, path) -> tuple | None:
     """(height, width) of a pixel in any one unit, for a 2-D image's shape: Pixel Spacing (in the patient), else
     Imager Pixel Spacing (at the detector, as CR/DX files give it: for a projection the same ratio), both (row
     spacing, column spacing) (PS3.3 10.7.1), else Pixel Aspect Ratio (0028,0034), "vertical size\\horizontal size"
-    (C.7.6.3.1.7); None when the file says nothing (square, as stored)."""
-    found = spacing or _floats(ds, "ImagerPixelSpacing") or _floats(ds, "PixelAspectRatio")
-    return tuple(found[:2]) if found and len(found) >= 2 else None
+    (C.7.6.3.1.7); None when the file says nothing (square, as stored). Sizes that are not positive numbers (a zero
+    Pixel Spacing: an export that had none to give) are refused in one line: no image can be shaped by them."""
+    for keyword in ("PixelSpacing", "ImagerPixelSpacing", "PixelAspectRatio"):
+        found = spacing if keyword == "PixelSpacing" else _floats(ds, keyword)
+        if found and len(found) >= 2:
+            if not (np.isfinite(found[:2]).all() and min(found[:2]) > 0):
+                raise MedicalError(f"{path}: {keyword} {list(found)}: pixel sizes must be positive numbers; the file's "
+                                   "geometry is damaged")
+            return tuple(found[:2])
+    return None
 
 
 def read_dicom(path) -> DicomImage:
@@ -232,7 +239,7 @@ def read_dicom(path) -> DicomImage:
     positions, orientation, spacing = _geometry(ds, len(pixels))
     windows = tuple(_window(ds, f) for f in range(len(pixels)))
     return DicomImage(pixels=pixels, photometric=photometric, windows=windows, patient=patient_of(ds),
-                      aspect=_aspect(ds, spacing),
+                      aspect=_aspect(ds, spacing, path),
                       series_uid=ds.get("SeriesInstanceUID"), positions=positions, orientation=orientation,
                       spacing=spacing, path=path)
 

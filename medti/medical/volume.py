@@ -61,11 +61,24 @@ def _as_3d(image, path: Path):
     return image
 
 
+def _check_geometry(image, path):
+    """One line for a grid that cannot be placed in space: voxel sizes that are not positive numbers, an origin or a
+    direction matrix that is not numbers, or a direction matrix whose axes are not independent (a damaged header)."""
+    spacing, origin = np.array(image.GetSpacing()), np.array(image.GetOrigin())
+    direction = np.array(image.GetDirection()).reshape(image.GetDimension(), -1)
+    if not (np.isfinite(spacing).all() and (spacing > 0).all()):
+        raise MedicalError(f"{path}: voxel sizes {tuple(spacing.tolist())}: must be positive numbers")
+    if not (np.isfinite(origin).all() and np.isfinite(direction).all()) or abs(np.linalg.det(direction)) < 1e-6:
+        raise MedicalError(f"{path}: its origin {tuple(origin.tolist())} or direction {direction.ravel().tolist()} "
+                           "cannot place the voxels in space: a damaged header")
+
+
 def from_image(image, path, case=None) -> Volume:
     """A Volume of a 3-D SimpleITK image: reoriented to LPS array order (DICOMOrient permutes and flips axes only,
     no interpolation), as float32; NaN and infinite voxels become the volume's minimum (finite_values, the rule of
     every reader; a volume without one finite voxel is refused)."""
     sitk = require("SimpleITK", str(path))
+    _check_geometry(image, path)
     image = sitk.Cast(image, sitk.sitkFloat32)
     values = sitk.GetArrayViewFromImage(image)
     if not np.isfinite(values).all():
