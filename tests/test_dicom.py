@@ -279,3 +279,23 @@ def test_voi_lut_functions_equal_pydicom(tmp_path, function, center, width):
     assert np.abs(ours - theirs).max() <= 1.0
     own = read_dicom(tmp_path / "ct.dcm").window
     assert described(None, own) == f"the file's {center - 1024:g},{width:g} {function}"
+
+
+def test_pacs_compressions_decode_through_medti_with_the_extra_s_decoders(tmp_path):
+    """The medical extra's decoders, through medti's reader: JPEG Lossless (Process 14, SV1: pylibjpeg-libjpeg) on
+    pydicom-data's JPEG-LL.dcm against pydicom's own reference values for it; JPEG 2000 lossless
+    (pylibjpeg-openjpeg) and JPEG-LS lossless on pydicom's test files against their uncompressed original."""
+    from pydicom.data import get_testdata_file
+    from pydicom.uid import JPEG2000Lossless, JPEGLosslessSV1
+    lossless = get_testdata_file("JPEG-LL.dcm")   # pydicom-data (the test extra pins it)
+    assert str(pydicom_syntax(lossless)) == JPEGLosslessSV1
+    pixels = read_dicom(lossless).pixels[0]   # no rescale: modality values are the stored ones
+    # pydicom's pixel reference for this file (its tests' JPGS_16_16_1_1_1F_M2), rows 400 and 600, columns 124-131
+    assert tuple(pixels[400, 124:132]) == (60, 58, 61, 68, 59, 65, 64, 67)
+    assert tuple(pixels[600, 124:132]) == (3, 1, 2, 0, 2, 1, 2, 0)
+    original = read_dicom(get_testdata_file("MR_small.dcm")).pixels
+    for name, syntax in (("MR_small_jp2klossless.dcm", JPEG2000Lossless), ("MR_small_jpeg_ls_lossless.dcm",
+                                                                             JPEGLSLossless)):
+        path = get_testdata_file(name)
+        assert str(pydicom_syntax(path)) == syntax
+        np.testing.assert_array_equal(read_dicom(path).pixels, original)
