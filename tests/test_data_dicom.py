@@ -114,3 +114,21 @@ def test_a_bad_window_is_one_line_before_anything_loads(tmp_path, capsys):
     err = capsys.readouterr().err.strip()
     assert err.startswith("error: --window") and "lung" in err and "\n" not in err
     assert not (tmp_path / "r").exists()
+
+
+@pytest.mark.parametrize("spacing", [{"PixelSpacing": [1.0, 0.5]}, {"ImagerPixelSpacing": [0.3, 0.15]},
+                                     {"PixelAspectRatio": [2, 1]}])
+def test_a_radiograph_with_oblong_pixels_is_resampled_to_square_ones(tmp_path, spacing):
+    """A circle of radius 20 stored on pixels twice as tall as wide (40 rows x 80 columns, an ellipse as stored)
+    comes out a circle on 80 x 80 square pixels, as a volume's slice would, whichever attribute gives the shape."""
+    rows, cols = np.mgrid[0:40, 0:80]
+    disc = ((rows + 0.5 - 20) * 2) ** 2 + (cols + 0.5 - 40) ** 2 <= 20 ** 2 * 4   # in units of the finer pixel
+    save(image(np.where(disc, 1000, 0).astype(np.uint16), Modality="DX", **spacing), tmp_path / "IM0001")
+    data = load_dataset(tmp_path, 80, preprocess="none")
+    assert data.names == ["IM0001"], data.skipped
+    got = (data.images[0, 0].numpy() + 1) * 127.5 > 127.5
+    y, x = np.mgrid[0:80, 0:80]
+    expected = (y + 0.5 - 40) ** 2 + (x + 0.5 - 40) ** 2 <= 40 ** 2
+    assert (got & expected).sum() / (got | expected).sum() > 0.97       # the same disc, to its edge pixels
+    height, width = np.ptp(np.nonzero(got)[0]) + 1, np.ptp(np.nonzero(got)[1]) + 1
+    assert abs(height - width) <= 1 and abs(width - 80) <= 1

@@ -3,19 +3,24 @@ normal whatever the file names, placed in patient space like SimpleITK's own DIC
 independent implementation) places them, and sliced exactly like a .mha of the same anatomy. Also --slice-mask as
 a folder of masks named after each volume (the Medical Segmentation Decathlon and PI-CAI label layouts). Every file
 is made here with pydicom or SimpleITK: synthetic values, invented IDs."""
+import gzip
 import random
+from pathlib import Path
 
+import nibabel
 import numpy as np
 import pydicom
 import pytest
 import SimpleITK as sitk
 from pydicom.dataset import Dataset
-from pydicom.uid import EnhancedCTImageStorage, generate_uid
-from test_dicom import image, save
+from pydicom.uid import EnhancedCTImageStorage, EnhancedMRImageStorage, generate_uid
+from test_dicom import image, loop, save
 from test_volume import _write_sitk
 
 from medti.dataset.folder import load_dataset
+from medti.medical.dicom import read_dicom
 from medti.medical.dicom_series import DicomVolume
+from medti.medical.window import Window
 
 ROW, COLUMN = np.array([0.0, 1.0, 0.0]), np.array([1.0, 0.0, 0.0])   # rows run posterior, columns left: swapped axes
 NORMAL = np.cross(ROW, COLUMN)                                          # (0, 0, -1): slices stored head to feet
@@ -49,8 +54,8 @@ def test_a_series_is_placed_in_space_as_simpleitk_s_dicom_reader_places_it(tmp_p
     reader = sitk.ImageSeriesReader()   # GDCM: its own header parsing and IPP sorting
     reader.SetFileNames(reader.GetGDCMSeriesFileNames(str(tmp_path)))
     reference = sitk.DICOMOrient(reader.Execute(), "LPS")
-    volume, first = DicomVolume(tuple(sorted(files))).read("ct")
-    assert first.patient_id == "PHANTOM-1"
+    volume, first, _ = DicomVolume(tuple(sorted(files))).read("ct")
+    assert first.patient.id == "PHANTOM-1"
     np.testing.assert_array_equal(volume.array, sitk.GetArrayFromImage(reference))   # integer HU: exact
     for ours, theirs in ((volume.image.GetSpacing(), reference.GetSpacing()),
                          (volume.image.GetOrigin(), reference.GetOrigin()),
@@ -259,3 +264,55 @@ def test_messages_say_what_was_there(tmp_path):
     assert set(load_dataset(tmp_path / "data", 8).windows) == {"min-max over the volume"}
     _series(tmp_path / "dicom" / "case1", _hu(), WindowCenter=40, WindowWidth=400)
     assert set(load_dataset(tmp_path / "dicom", 8).windows) == {"the file's 40,400"}
+
+
+def _per_frame(stored: np.ndarray, rescales: list, windows: list) -> Dataset:
+    """An Enhanced MR file of axial frames (row direction +x, column +y, 2 mm apart along +z, 1 mm pixels) whose
+    Pixel Value Transformation and Frame VOI LUT are per frame (PS3.3 C.7.6.16.2.9 and .10)."""
+    ds = image(stored, sop=EnhancedMRImageStorage, Modality="MR", SeriesInstanceUID=generate_uid())
+    shared, orientation, measures = Dataset(), Dataset(), Dataset()
+    orientation.ImageOrientationPatient = [1.0, 0, 0, 0, 1.0, 0]
+    measures.PixelSpacing, measures.SliceThickness = [1.0, 1.0], 2.0
+    shared.PlaneOrientationSequence, shared.PixelMeasuresSequence = [orientation], [measures]
+    ds.SharedFunctionalGroupsSequence = [shared]
+    frames = []
+    for k, ((slope, intercept), (center, width)) in enumerate(zip(rescales, windows, strict=True)):
+        frame, position, transform, voi = Dataset(), Dataset(), Dataset(), Dataset()
+        position.ImagePositionPatient = [0.0, 0.0, 2.0 * k]
+        transform.RescaleSlope, transform.RescaleIntercept, transform.RescaleType = slope, intercept, "US"
+        voi.WindowCenter, voi.WindowWidth = center, width
+        frame.PlanePositionSequence, frame.PixelValueTransformationSequence = [position], [transform]
+        frame.FrameVOILUTSequence = [voi]
+        frames.append(frame)
+    ds.PerFrameFunctionalGroupsSequence = frames
+    return ds
+
+
+def test_each_frame_of_an_enhanced_file_is_windowed_by_its_own(tmp_path):
+    """Per-frame rescale and window (the standard's per-frame functional groups), not frame 0's for all frames;
+    data.jsonl's window says so. Axial frames along +z: axial slice k is frame k as stored."""
+    stored = np.random.default_rng(3).integers(0, 1200, (3, 8, 8)).astype(np.uint16)
+    rescales, windows = [(1, 0), (2, -10), (1, 5)], [(100, 200), (500, 1000), (1000, 400)]
+    save(_per_frame(stored, rescales, windows), tmp_path / "mr.dcm")
+    data = load_dataset(tmp_path, 8, preprocess="none")
+    assert data.names == [f"mr.dcm#axial{k:03d}" for k in range(3)] and data.skipped == []
+    for k, ((slope, intercept), (center, width)) in enumerate(zip(rescales, windows, strict=True)):
+        expected = loop(stored[k].astype(np.float64) * slope + intercept, center, width)
+        got = (data.images[k, 0].numpy() + 1) * 127.5
+        assert np.abs(got - expected).max() <= 1.0, k
+    assert data.windows == ["each frame's own window (3 windows, 100,200 ... 1000,400)"] * 3
+    assert load_dataset(tmp_path, 8, preprocess="none", window=Window(500, 1000)).windows[0] == "--window 500,1000"
+
+
+def test_the_philips_enhanced_mr_file_gives_each_frame_its_window(tmp_path):
+    """nibabel's Philips enhanced MR (an MPRAGE, 176 sagittal frames) sets a window per frame from its content:
+    every frame's is read, as pydicom reads it from the per-frame functional groups."""
+    source = Path(nibabel.__file__).parent / "nicom" / "tests" / "data" / "philips_mprage.dcm.gz"
+    (tmp_path / "mprage.dcm").write_bytes(gzip.decompress(source.read_bytes()))
+    ds = pydicom.dcmread(tmp_path / "mprage.dcm")
+    theirs = [(float(f.FrameVOILUTSequence[0].WindowCenter), float(f.FrameVOILUTSequence[0].WindowWidth))
+              for f in ds.PerFrameFunctionalGroupsSequence]
+    assert len(set(theirs)) > 100
+    assert [(w.center, w.width) for w in read_dicom(tmp_path / "mprage.dcm").windows] == theirs
+    data = load_dataset(tmp_path, 16, slices="middle:1")
+    assert data.windows[0].startswith(f"each frame's own window ({len(set(theirs))} windows, ")

@@ -24,7 +24,7 @@ from pydicom.uid import (  # noqa: E402
 from medti.medical import MedicalError  # noqa: E402
 from medti.medical.dicom import is_dicom, read_dicom, render  # noqa: E402
 from medti.medical.dicom_series import series  # noqa: E402
-from medti.medical.window import PRESETS, Window, parse_window, to_uint8  # noqa: E402
+from medti.medical.window import PRESETS, Window, described, parse_window, to_uint8  # noqa: E402
 
 
 def dataset(sop=CTImageStorage, syntax=ExplicitVRLittleEndian, **fields) -> Dataset:
@@ -162,7 +162,7 @@ def test_is_dicom_by_content(tmp_path):
     path = save(image(np.zeros((2, 2), np.uint16)), tmp_path / "IM000017")   # no extension, as PACS exports
     (tmp_path / "notes.txt").write_text("not DICOM " * 20)
     assert is_dicom(path) and not is_dicom(tmp_path / "notes.txt") and not is_dicom(tmp_path / "missing")
-    assert read_dicom(path).patient_id == "PHANTOM-1"
+    assert read_dicom(path).patient.id == "PHANTOM-1"
 
 
 def one_line(call, *match):
@@ -261,3 +261,41 @@ def test_compressed_syntaxes_pydicom_decodes_itself(tmp_path):
 def pydicom_syntax(path):
     import pydicom
     return pydicom.dcmread(path, stop_before_pixels=True).file_meta.TransferSyntaxUID
+
+
+@pytest.mark.parametrize("function, center, width", [("SIGMOID", 1800, 1200), ("LINEAR_EXACT", 1800.5, 9),
+                                                     ("SIGMOID", 1800, 0.5), ("LINEAR_EXACT", 1800, 0.5)])
+def test_voi_lut_functions_equal_pydicom(tmp_path, function, center, width):
+    """The file's VOI LUT Function (PS3.3 C.11.2.1.3) is applied, equal to pydicom's apply_voi_lut to +-1 gray
+    level on the 0..255 scale (its output spans the stored range through the rescale, here -1024..64511 HU)."""
+    from pydicom.pixels import apply_modality_lut, apply_voi_lut
+    stored = np.random.default_rng(1).integers(0, 4096, (32, 32)).astype(np.uint16)
+    ds = image(stored, Modality="CT", RescaleSlope=1, RescaleIntercept=-1024, WindowCenter=center - 1024,
+               WindowWidth=width, VOILUTFunction=function)
+    ours = render(read_dicom(save(ds, tmp_path / "ct.dcm")))[0].astype(np.float64)
+    low, high = -1024, 65535 - 1024   # pydicom's y range: the 16-bit stored range through the rescale
+    with np.errstate(over="ignore"):   # pydicom's SIGMOID: exp overflows to inf far below the window (y = ymin)
+        theirs = (apply_voi_lut(apply_modality_lut(stored, ds), ds) - low) / (high - low) * 255
+    assert np.abs(ours - theirs).max() <= 1.0
+    own = read_dicom(tmp_path / "ct.dcm").window
+    assert described(None, own) == f"the file's {center - 1024:g},{width:g} {function}"
+
+
+def test_pacs_compressions_decode_through_medti_with_the_extra_s_decoders(tmp_path):
+    """The medical extra's decoders, through medti's reader: JPEG Lossless (Process 14, SV1: pylibjpeg-libjpeg) on
+    pydicom-data's JPEG-LL.dcm against pydicom's own reference values for it; JPEG 2000 lossless
+    (pylibjpeg-openjpeg) and JPEG-LS lossless on pydicom's test files against their uncompressed original."""
+    from pydicom.data import get_testdata_file
+    from pydicom.uid import JPEG2000Lossless, JPEGLosslessSV1
+    lossless = get_testdata_file("JPEG-LL.dcm")   # pydicom-data (the test extra pins it)
+    assert str(pydicom_syntax(lossless)) == JPEGLosslessSV1
+    pixels = read_dicom(lossless).pixels[0]   # no rescale: modality values are the stored ones
+    # pydicom's pixel reference for this file (its tests' JPGS_16_16_1_1_1F_M2), rows 400 and 600, columns 124-131
+    assert tuple(pixels[400, 124:132]) == (60, 58, 61, 68, 59, 65, 64, 67)
+    assert tuple(pixels[600, 124:132]) == (3, 1, 2, 0, 2, 1, 2, 0)
+    original = read_dicom(get_testdata_file("MR_small.dcm")).pixels
+    for name, syntax in (("MR_small_jp2klossless.dcm", JPEG2000Lossless), ("MR_small_jpeg_ls_lossless.dcm",
+                                                                             JPEGLSLossless)):
+        path = get_testdata_file(name)
+        assert str(pydicom_syntax(path)) == syntax
+        np.testing.assert_array_equal(read_dicom(path).pixels, original)

@@ -2,10 +2,8 @@
 channels, DICOM and volumes (sources.py says what each file is and reads it), each image's patient, and a list of
 the files left out with the reason. The fingerprint hashes the bytes of exactly the files used."""
 import hashlib
-import os
 import sys
-from collections import Counter
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -13,13 +11,14 @@ import torch
 
 from minisd.errors import UserError
 
-from ..medical.dicom import is_dicom
-from ..medical.slices import SliceOptions, check_options, is_volume
+from ..medical.slices import SliceOptions, check_options
+from .patients import keys
 from .preprocess import PREPROCESS, Unusable
 from .preprocess import fit as _fit
+from .report import nothing_usable
 from .sources import item_images, items
+from .survey import Survey, kinds, listed, not_images, walk
 
-EXTENSIONS = (".png", ".jpg", ".jpeg", ".tif", ".tiff", ".bmp")   # compared lower-case
 # Colour modes PIL cannot convert correctly (LAB, CMYK) are skipped with the reason: one table for init images and
 # training data, medti.files.images.REFUSED_MODES. (PIL's convert("RGB") reinterprets CIELAB's L, a, b bytes as if they
 # were R, G, B: a mid-grey L=50 a=10 b=10 pixel becomes (0, 82, 235).)
@@ -33,42 +32,32 @@ class DataError(UserError):
 class Dataset:
     images: torch.Tensor   # [N, 3, R, R] float32 in [-1, 1]
     names: list[str]       # relative paths (POSIX), or case names with `channels`
-    # per image: its patient -- the DICOM PatientID, else its case (with `channels`) or file name. In memory only:
-    # validation splits by it, and no output file ever holds it.
+    # per image: its patient -- the DICOM PatientID (a placeholder one: the Study Instance UID; medti.dataset.patients),
+    # else its case (with `channels`) or file name. In memory only: validation splits by it, no output file holds it.
     patients: list[str]
     windows: list[str]     # per image: which window scaled it (`--window 40,400`, `the file's ...`, min-max, ...)
     captions: list[str]    # per image: its caption file's text (with captions=True), else ""
     skipped: list[tuple[str, str]]   # (relative path or case name, reason), in the order met
     fingerprint: str       # sha256 over the used files' paths and bytes: see _fingerprint
-
-
-def _walk(folder: Path) -> list[Path]:
-    """Every file under `folder` whose relative path has no hidden part (".DS_Store", "._x.png" from macOS,
-    ".git/"), sorted by relative POSIX path string (the order of `names`); links to folders are not followed."""
-    found = []
-    for root, dirs, files in os.walk(folder):
-        dirs[:] = [d for d in dirs if not d.startswith(".")]   # prune: never descend into hidden folders
-        found += [Path(root, f) for f in files if not f.startswith(".")]
-    return sorted(found, key=lambda p: p.relative_to(folder).as_posix())
+    files: dict = field(default_factory=dict)   # {kind: files read}: "DICOM" (by content), ".png", ".nii.gz", ...
+    survey: Survey | None = None                # what else the folder held: files that are not images, ...
 
 
 def find_images(folder) -> list[Path]:
-    """Image and volume files under `folder`, recursive and sorted (see _walk); extensions matched in any case."""
+    """Image, volume and DICOM files under `folder`, recursive and sorted (medti.dataset.survey.walk): images and
+    volumes by extension in any case (a .mhd header is listed, its .raw data file not), DICOM by its content
+    whatever its name (survey.listed)."""
+    return survey_folder(folder).found
+
+
+def survey_folder(folder) -> Survey:
+    """A Survey of `folder` with `found` (find_images) and `others` (files that are not images) filled in."""
     folder = Path(folder)
     if not folder.is_dir():
         raise DataError(f"{folder}: not a folder")
-    # volumes: medti.medical.slices.is_volume (a .mhd header is listed, its .raw data file not); DICOM: *.dcm,
-    # or a file without an extension that has DICOM's preamble (PS3.10; PACS exports often have none)
-    return [p for p in _walk(folder) if p.suffix.lower() in EXTENSIONS or is_volume(p) or
-            (p.suffix.lower() in ("", ".dcm") and is_dicom(p))]
-
-
-def warn_skipped(skipped: list, where: str):
-    """The one warning for files left out of a set (training data, validation, evaluation, audit): a file the user
-    thinks is in the set but is not changes every figure, so it is said, in one line, naming at most 5."""
-    if skipped:
-        names = "; ".join(f"{name} ({why})" for name, why in skipped[:5]) + (" ..." if len(skipped) > 5 else "")
-        print(f"warning: skipped {len(skipped)} file(s) in {where}: {names}", file=sys.stderr)
+    files = walk(folder)
+    found = listed(files)
+    return Survey(found, not_images(folder, files, found))
 
 
 def check_captions(data: Dataset, folder, where: str):
@@ -92,47 +81,11 @@ def _fingerprint(data: dict[str, bytes]) -> str:
     return hashlib.sha256(lines.encode("utf-8", "surrogateescape")).hexdigest()   # a name's own bytes, any encoding
 
 
-NAMING = ("unknown channel", "missing channel", "no case", "duplicate channel")   # --channels naming problems
-PREPROCESSING = ("wrong size", "all black")                                       # --preprocess refusals
-
-
-def _suffix(path: Path) -> str:
-    """A file's kind for the summary: `.nii.gz` as one (not `.gz`), no suffix as "(none)"."""
-    name = path.name.lower()
-    return ".nii.gz" if name.endswith(".nii.gz") else path.suffix.lower() or "(no extension)"
-
-
-def _fix(files: list, kind: str, channels: list | None) -> str:
-    """The advice of the "no usable image" line, by what was found and the most common reason."""
-    if not files:
-        return "is this the right folder?"
-    if not any(p.suffix.lower() in EXTENSIONS or is_volume(p) or is_dicom(p) for p in files):
-        return f"images must be {' '.join(EXTENSIONS)}, DICOM, or volumes (.nii, .nii.gz, .mha, .mhd, .nrrd)"
-    if channels and kind.startswith(NAMING):
-        return f"with --channels {','.join(channels)}, name files CASE/{channels[0]}.png or CASE_{channels[0]}.png"
-    if kind.startswith(PREPROCESSING):
-        return "choose another --preprocess or re-export those files"
-    return "fix or re-export those files"
-
-
-def _nothing_usable(folder: Path, skipped: list, channels: list | None) -> str:
-    """The one-line "no usable image" message: what was found, the most common skip reason, and a fix."""
-    files = _walk(folder)
-    found = ", ".join(f"{n} {ext}" for ext, n in Counter(map(_suffix, files)).most_common(5)) or "nothing"
-    # "wrong size: 64x48, ..." -> "wrong size"; a series' "IM0004: 5.000 mm from ..." -> the reason, not the file
-    kinds = [(part[1] if len(part) > 1 and " " not in part[0] else part[0]).split(" (")[0]
-             for part in (reason.split(": ") for _, reason in skipped)]
-    kind = Counter(kinds).most_common(1)[0][0] if kinds else ""
-    common = f", most often '{kind}', e.g. {': '.join(skipped[kinds.index(kind)])}" if kinds else ""
-    return (f"{folder}: no usable image ({len(files)} file(s): {found}; {len(skipped)} skipped{common}); "
-            f"{_fix(files, kind, channels)}")
-
-
 def check_not_empty(folder) -> None:
     """Refuse a folder with no image, DICOM or volume file in it before the model loads (a first run would
     download gigabytes first), in the words of the later "no usable image" line."""
     if not find_images(folder):
-        raise DataError(_nothing_usable(Path(folder), [], None))
+        raise DataError(nothing_usable(Path(folder), [], None))
 
 
 def check_channels(channels: list[str] | None) -> list[str] | None:
@@ -163,23 +116,15 @@ def _checked(preprocess: str, resolution: int, channels: list[str] | None) -> li
     return check_channels(channels)
 
 
-def summary(data: Dataset) -> str:
-    """What a set is made of, for the run's log: `120 image(s): 112 slice(s) of 3 volume(s) or series, 8 image
-    file(s); 4 patient(s)` -- patients by DICOM PatientID, else by case folder or file (see Dataset.patients)."""
-    volumes = {name.split("#")[0] for name in data.names if "#" in name}
-    files = sum("#" not in name for name in data.names)
-    parts = ([f"{len(data.names) - files} slice(s) of {len(volumes)} volume(s) or series"] if volumes else []) + \
-        ([f"{files} image file(s)"] if files else [])
-    return f"{len(data.names)} image(s): {', '.join(parts)}; {len(set(data.patients))} patient(s)"
-
-
-def read_items(folder: Path, channels: list[str] | None, options: SliceOptions, skip, captions: bool = False):
+def read_items(folder: Path, channels: list[str] | None, options: SliceOptions, skip, captions: bool = False,
+               survey: Survey | None = None):
     """Each item under `folder` (a file, a case, a volume) as read, before --preprocess: yields
     ([(name, 8-bit image, patient)], {relative path: bytes of the files it came from}); an unusable item goes to
     `skip(name, reason)` instead. Training (load_dataset) and evaluation and the audit (medti.quality.folders)
-    read folders through this."""
-    files = [p for p in find_images(folder) if not options.is_mask(p)]   # a case's mask is not a training image
-    for name, source in items(folder, files, channels, skip):   # (name, file, DICOM volume or {channel: file})
+    read folders through this. `survey`: survey_folder's, to be completed as the folder is read."""
+    survey = survey or survey_folder(folder)
+    files = [p for p in survey.found if not options.is_mask(p)]   # a case's mask is not a training image
+    for name, source in items(folder, files, channels, skip, survey):   # (name, file, DICOM volume or {channel: file})
         try:
             yield item_images(folder, name, source, channels, options, captions)
         except Unusable as e:
@@ -197,6 +142,7 @@ def load_dataset(folder, resolution: int, preprocess: str = "center", channels: 
     folder, channels = Path(folder), _checked(preprocess, resolution, channels)
     options = check_options(plane, slices, slice_mask, window)   # a bad flag: a MedicalError naming it
     skipped: list[tuple[str, str]] = []
+    survey = survey_folder(folder)
 
     def skip(name: str, reason: str):
         if strict:
@@ -204,7 +150,7 @@ def load_dataset(folder, resolution: int, preprocess: str = "center", channels: 
         skipped.append((name, reason))
 
     arrays, names, patients, windows, texts, used = [], [], [], [], [], {}
-    for images, data in read_items(folder, channels, options, skip, captions):
+    for images, data in read_items(folder, channels, options, skip, captions, survey):
         for name, image, patient in images:   # one image, or a volume's slices: an all-black slice skips alone
             window = image.info.get("window", "as stored")   # medical readers say; other files are 8-bit as read
             try:
@@ -219,7 +165,9 @@ def load_dataset(folder, resolution: int, preprocess: str = "center", channels: 
             texts.append(image.info.get("caption", ""))
         used.update(data)
     if not arrays:
-        raise DataError(_nothing_usable(folder, skipped, channels))
+        raise DataError(nothing_usable(folder, skipped, channels))
+    patients, survey.placeholders = keys(patients)   # a placeholder PatientID keys by study (medti.dataset.patients)
     # [N, R, R, 3] uint8 -> [N, 3, R, R] float32 in [-1, 1]; 0 -> -1 and 255 -> 1 exactly
     images = torch.from_numpy(np.stack(arrays)).permute(0, 3, 1, 2).contiguous().float().div_(127.5).sub_(1)
-    return Dataset(images, names, patients, windows, texts, skipped, _fingerprint(used))
+    return Dataset(images, names, patients, windows, texts, skipped, _fingerprint(used),
+                   kinds(folder, survey.found, used), survey)

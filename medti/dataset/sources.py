@@ -6,6 +6,7 @@ import io
 import os
 import stat
 from contextlib import contextmanager
+from dataclasses import replace
 from pathlib import Path
 
 from PIL import Image
@@ -14,9 +15,10 @@ from ..files.images import REFUSED_MODES, WIDE_MODES, ImageError, to_8bit
 from ..medical import MedicalError, MissingExtra
 from ..medical.dicom import training_image
 from ..medical.dicom_series import DicomVolume, find_volumes
+from ..medical.slices import data_files, stem
 from ..medical.slices import item as volume_item
-from ..medical.slices import stem
 from .preprocess import Unusable
+from .survey import Survey, is_image_name
 
 
 def _to_8bit(image: Image.Image) -> Image.Image:
@@ -64,7 +66,7 @@ def medical_errors(source):
 
 def decode(path: Path, data: bytes, window=None) -> Image.Image:
     """Decode one file's bytes to 8-bit L or RGB, or raise Unusable with the reason. DICOM files go through
-    medti.medical.dicom (window: a medti.medical.window.Window, else the file's own, else min-max); the patient
+    medti.medical.dicom (window: a medti.medical.window.Window, else the file's own, else min-max); its Patient
     is kept in the image's `info["patient"]`, in memory only."""
     if not data:
         raise Unusable("empty file (0 bytes)")
@@ -155,10 +157,24 @@ def _load_case(folder: Path, found: dict[str, Path], channels: list[str]) -> tup
 
 
 
+def _inside(folder: Path, source):
+    """A .mhd header names its data file (ElementDataFile), which may be any path: one outside the data folder
+    (`../../other/scan.raw`, an absolute path) would train on, and fingerprint, a file nobody put in the set; it is
+    refused, naming the path as the header gives it. Compared by path, not by following links."""
+    top = os.path.normpath(os.path.abspath(folder))
+    for path in source.values() if isinstance(source, dict) else [source]:
+        if isinstance(path, Path) and path.name.lower().endswith(".mhd"):
+            for extra in data_files(path)[1:]:
+                if not os.path.normpath(os.path.abspath(extra)).startswith(top + os.sep):
+                    raise Unusable(f"its data file (ElementDataFile) {os.path.relpath(extra, path.parent)} lies "
+                                   "outside the data folder; keep it beside the .mhd, or convert to .mha")
+
+
 def item_images(folder: Path, name: str, source, channels, options, captions: bool = False) -> tuple[list, dict]:
     """([(name, 8-bit image, patient)], {relative path: bytes}) of one file or case (`source`: a file or
     {channel: file}). Volumes give one image per chosen slice, all of one patient: medti.medical.slices.item.
     With `captions`, a 2-D file's caption (its .txt twin, as A1111 and kohya read them) goes to info["caption"]."""
+    _inside(folder, source)
     with medical_errors(source):
         volume = volume_item(name, source, channels, options)   # None: not a volume (or a case of volumes)
     if volume:
@@ -174,36 +190,63 @@ def item_images(folder: Path, name: str, source, channels, options, captions: bo
             data[caption.relative_to(folder).as_posix()] = file_bytes(caption)
             image.info["caption"] = " ".join(data[caption.relative_to(folder).as_posix()].decode(errors="replace")
                                              .split())   # one line: a newline in a prompt would split nothing here
-    return [(name, image, image.info.get("patient") or name)], data
+    patient = image.info.get("patient")   # a DICOM file's Patient (medti.dataset.patients keys it), else the file
+    return [(name, image, replace(patient, fallback=name) if patient else name)], data
 
 
-def _dicom_name(folder: Path, volume: DicomVolume, shared: bool) -> str:
-    """A DICOM volume's name: a multi-frame file's relative path; a series', its folder (`ct/case1`), or with
-    several series in that folder `ct/case1/series-3` (its Series Number, else its first file's name). No UID:
-    names reach val.txt and data.jsonl, and UIDs are identifiers under DICOM's de-identification profile."""
-    first = volume.paths[0].relative_to(folder)
-    if len(volume.paths) == 1:
-        return first.as_posix()
-    where = first.parent.as_posix()
-    if not shared:
-        return "series" if where == "." else where
-    own = f"series-{volume.number}" if volume.number is not None else first.name
-    return own if where == "." else f"{where}/{own}"
+def _dicom_names(folder: Path, volumes: list) -> dict:
+    """{DicomVolume: name}: a multi-frame file's relative path; a series', its folder (`ct/case1`), or with several
+    series in that folder `ct/case1/series-3` (its Series Number, else its first file's name); series that would
+    still share a name get their Series Description (`series-3-T2_AX`, medti.medical.dicom_series.safe_description),
+    then a counter in path order (`series-3-2`). No UID and no patient attribute: names reach val.txt and
+    data.jsonl, and UIDs are identifiers under DICOM's de-identification profile. Stable: the same files give the
+    same names, run after run (a series added beside them may lengthen its neighbours' names)."""
+    names, by_folder = {}, {}
+    for v in volumes:
+        first = v.paths[0].relative_to(folder)
+        if len(v.paths) == 1:
+            names[v] = first.as_posix()
+        else:
+            by_folder.setdefault(first.parent.as_posix(), []).append(v)
+    for where, series in by_folder.items():
+        own = [("series" if where == "." else where, None)] if len(series) == 1 else _distinct(series)
+        for v, (name, _) in zip(series, own, strict=True):
+            names[v] = name if len(series) == 1 or where == "." else f"{where}/{name}"
+    return names
 
 
-def items(folder: Path, files: list[Path], channels: list[str] | None, skip) -> list[tuple[str, object]]:
+def _distinct(series: list) -> list:
+    """Distinct names of the series of one folder, in their order: `series-N` (or the first file's name), then the
+    description for those that share it, then a counter for those that still do."""
+    names = [(f"series-{v.number}" if v.number is not None else v.paths[0].name, v) for v in series]
+    for add in (lambda n, v, k: f"{n}-{v.description}" if v.description else n, lambda n, v, k: f"{n}-{k}"):
+        shared = {n for n, _ in names if [m for m, _ in names].count(n) > 1}
+        seen = {}
+        for i, (n, v) in enumerate(names):
+            if n in shared:
+                seen[n] = seen.get(n, 0) + 1
+                names[i] = (add(n, v, seen[n]), v)
+    return names
+
+
+def items(folder: Path, files: list[Path], channels: list[str] | None, skip, survey: Survey | None = None) -> list:
     """[(name, source)] in the order of each item's first file: each file, except that DICOM files forming a volume
-    (a series, a multi-frame file: medti.medical.dicom_series.find_volumes) are one item; with channels, the cases
-    ({channel: source}), where a DICOM series is the channel its folder names. DICOM files are .dcm or
-    extension-less files (medti.dataset.folder.find_images has checked the preamble)."""
-    dicom = [p for p in files if p.suffix.lower() in ("", ".dcm")]
-    volumes = [v for v in find_volumes(dicom) if isinstance(v, DicomVolume)]   # no pydicom: MissingExtra, one line
-    inside = {p for v in volumes for p in v.paths[1:]}
+    (a series, a multi-frame file: medti.medical.dicom_series.find_volumes) are one item, and a copy of a DICOM
+    instance read already (its SOP Instance UID) is left out, listed in `survey.duplicates` as (copy, kept); with
+    channels, the cases ({channel: source}), where a DICOM series is the channel its folder names. DICOM files are
+    the files that are not images or volumes by their extension (medti.dataset.survey.listed has checked their
+    content)."""
+    dicom = [p for p in files if not is_image_name(p)]   # found by content (survey.listed), whatever the name
+    found, copies = find_volumes(dicom)                  # no pydicom: MissingExtra, one line
+    if survey is not None:
+        survey.duplicates += [(c.relative_to(folder).as_posix(), k.relative_to(folder).as_posix()) for c, k in copies]
+    volumes = [v for v in found if isinstance(v, DicomVolume)]
+    inside = {p for v in volumes for p in v.paths[1:]} | {c for c, _ in copies}
     if channels:
         # a series stands for its folder (`CASE/t2w/`), a multi-frame file for itself (`CASE/t2w.dcm`)
         as_path = {v.paths[0]: (v.paths[0].parent if len(v.paths) > 1 else v.paths[0], v) for v in volumes}
         entries = [as_path.get(p, (p, p)) for p in files if p not in inside]
         return list(_group_cases(folder, entries, channels, skip).items())
-    folders = [v.paths[0].parent for v in volumes if len(v.paths) > 1]
-    first = {v.paths[0]: (_dicom_name(folder, v, folders.count(v.paths[0].parent) > 1), v) for v in volumes}
+    names = _dicom_names(folder, volumes)
+    first = {v.paths[0]: (names[v], v) for v in volumes}
     return [first.get(p, (p.relative_to(folder).as_posix(), p)) for p in files if p not in inside]

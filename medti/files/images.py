@@ -46,6 +46,20 @@ def open_image(path) -> Image.Image:
         raise ImageError(f"{path}: not a readable image ({type(e).__name__})") from None
 
 
+def finite(array) -> np.ndarray:
+    """The one rule for values that are not numbers, used by every reader (PNG/TIFF here, DICOM, NIfTI, MetaImage,
+    NRRD in medti.medical): NaN and infinities become the minimum of the finite values (float TIFFs and NIfTI maps hold
+    NaN outside the body: the background, not a value to scale by), as float64; no finite value at all is an
+    ImageError ("all 4096 values are NaN or infinite"), never a black image."""
+    array = np.asarray(array, dtype=np.float64)
+    ok = np.isfinite(array)
+    if ok.all():
+        return array
+    if not ok.any():
+        raise ImageError(f"no finite pixel values: all {array.size} are NaN or infinite")
+    return np.where(ok, array, array[ok].min())
+
+
 def to_8bit(image: Image.Image) -> Image.Image:
     """8-bit L or RGB. 8-bit images are used as they are (RGBA/LA drop alpha, not composited; palette -> RGB).
     16-bit, 32-bit int and float images are rescaled linearly from the image's own [min, max] to [0, 255]: MR has
@@ -53,12 +67,9 @@ def to_8bit(image: Image.Image) -> Image.Image:
     have (PIL's convert clips instead: most of a 16-bit image turns white).
     A constant image becomes black. PIL reads 16-bit-per-channel RGB as 8-bit RGB itself (keeping the high byte)."""
     if image.mode in WIDE_MODES:
-        array = np.asarray(image, dtype=np.float64)
-        finite = np.isfinite(array)   # float TIFFs may hold NaN/inf outside the body; they become the minimum
-        if not finite.any():
-            raise ImageError("no finite pixel values")
-        low, high = array[finite].min(), array[finite].max()
-        array = np.where(finite, array, low) - low
+        array = finite(np.asarray(image, dtype=np.float64))   # NaN/inf -> the minimum (the one rule)
+        low, high = array.min(), array.max()
+        array = array - low
         scaled = array * (255 / (high - low)) if high > low else array
         return Image.fromarray(np.floor(scaled + 0.5).astype(np.uint8))   # round half up; uint8 2-D -> mode L
     if image.mode in ("L", "RGB"):

@@ -5,8 +5,8 @@ and PS3.10 (file format).
 
 Scope, stated: grayscale only (MONOCHROME1/2). Windowing, the VOI LUT, is defined for grayscale images
 (PS3.3 C.11.2), and color DICOM (ultrasound, secondary capture, slide microscopy) would need its own path; it is
-refused in one line. The file's VOI LUT Function (0028,1056) and any VOI LUT Sequence are not applied: every window
-here is LINEAR (medti.medical.window), so the same numbers give the same image whichever file they came from."""
+refused in one line. The file's own window keeps its VOI LUT Function (0028,1056): LINEAR, LINEAR_EXACT or SIGMOID
+(medti.medical.window); a VOI LUT Sequence (a table instead of a window) is not applied."""
 import os
 import re
 import stat
@@ -16,26 +16,51 @@ from pathlib import Path
 import numpy as np
 
 from . import MedicalError, require
-from .window import Window, described, to_uint8
+from .volume import square_pixels
+from .window import FUNCTIONS, Window, described, display_scale, finite_values, to_uint8
 
 PIXEL_KEYWORDS = ("PixelData", "FloatPixelData", "DoubleFloatPixelData")   # PS3.3 C.7.6.3 and C.7.6.24
+
+
+@dataclass(frozen=True)
+class Patient:
+    """Whose image it is, as its header says (PS3.3 C.7.1.1 Patient, C.7.2.1 General Study). In memory only: never
+    written anywhere. medti.dataset.patients decides which of these fields keys the patient (a placeholder
+    PatientID is no key). `fallback`: the key when the header gives none (a file or folder name), set by the caller."""
+    id: str                # Patient ID (0010,0020), stripped
+    study: str             # Study Instance UID (0020,000D)
+    birth: str             # Patient's Birth Date (0010,0030)
+    sex: str               # Patient's Sex (0010,0040)
+    fallback: str = ""
+
+
+def patient_of(ds) -> Patient:
+    """The Patient of a dataset: each field as text, "" where absent or empty."""
+    return Patient(*(str(ds.get(k) or "").strip() for k in ("PatientID", "StudyInstanceUID", "PatientBirthDate",
+                                                            "PatientSex")))
 
 
 @dataclass
 class DicomImage:
     pixels: np.ndarray            # [F, H, W] float32 in modality units (after the Modality LUT); F = 1 for one frame
     photometric: str              # "MONOCHROME1" (low = white) or "MONOCHROME2" (low = black)
-    window: Window | None         # the file's own first Window Center/Width, if it has one
-    patient_id: str | None
+    windows: tuple                # each frame's own first window (Window or None): C.11.2, or Frame VOI LUT per frame
+    patient: Patient              # in memory only (see Patient)
     series_uid: str | None
     positions: tuple | None       # Image Position (Patient) of each frame, mm: its first voxel's centre (C.7.6.2.1.1)
     orientation: tuple | None     # Image Orientation (Patient): row then column direction cosines
     spacing: tuple | None         # Pixel Spacing: (between rows, between columns) in mm
+    aspect: tuple | None          # (row, column) pixel size of a 2-D image, for its shape only: see _aspect
     path: Path
 
     @property
     def position(self) -> tuple | None:
         return self.positions[0] if self.positions else None
+
+    @property
+    def window(self) -> Window | None:
+        """The file's own first window (its first frame's)."""
+        return self.windows[0]
 
 
 def is_dicom(path) -> bool:
@@ -72,24 +97,53 @@ def _shared(ds, sequence: str, frame: int = 0):
     return None
 
 
-def _window(ds) -> Window | None:
-    source = ds if "WindowWidth" in ds else _shared(ds, "FrameVOILUTSequence")
+def _window(ds, frame: int = 0) -> Window | None:
+    """Frame `frame`'s first window (PS3.3 C.11.2.1.2; an enhanced multi-frame file's Frame VOI LUT, C.7.6.16.2.10,
+    shared or per frame) with its VOI LUT Function (C.11.2.1.3; absent: LINEAR, and a term outside the defined ones
+    read as LINEAR too); None without one, or with a width its function forbids."""
+    source = ds if "WindowWidth" in ds else _shared(ds, "FrameVOILUTSequence", frame)
     if source is None or "WindowWidth" not in source or "WindowCenter" not in source:
         return None
-    window = Window(_first(source.WindowCenter), _first(source.WindowWidth))
-    return window if window.width >= 1 else None   # a width below 1 breaks LINEAR: treat as no window
+    function = str(source.get("VOILUTFunction") or "LINEAR").strip().upper()
+    window = Window(_first(source.WindowCenter), _first(source.WindowWidth),
+                    function if function in FUNCTIONS else "LINEAR")
+    return window if window.valid else None
 
 
-def _modality(ds, stored: np.ndarray, pydicom) -> np.ndarray:
-    """Stored values -> modality units, the Modality LUT (PS3.3 C.11.1): value * RescaleSlope + RescaleIntercept
-    (CT: HU, e.g. slope 1 and intercept -1024), or a Modality LUT Sequence, which pydicom applies."""
-    if "ModalityLUTSequence" in ds:
-        return pydicom.pixels.apply_modality_lut(stored, ds).astype(np.float32)
-    source = ds if "RescaleSlope" in ds else _shared(ds, "PixelValueTransformationSequence")
+def _rescale(ds, frame: int) -> tuple[float, float]:
+    """(slope, intercept) of frame `frame`: at the top level (single-frame images, C.11.1), else the frame's Pixel
+    Value Transformation (C.7.6.16.2.9, shared or per frame); (1, 0) when absent."""
+    source = ds if "RescaleSlope" in ds else _shared(ds, "PixelValueTransformationSequence", frame)
     slope = float(source.RescaleSlope) if source is not None and "RescaleSlope" in source else 1.0
     intercept = float(source.RescaleIntercept) if source is not None and "RescaleIntercept" in source else 0.0
+    return slope, intercept
+
+
+def _modality(ds, stored: np.ndarray, pydicom, path) -> np.ndarray:
+    """Stored values -> modality units [F, H, W], the Modality LUT (PS3.3 C.11.1): value * RescaleSlope +
+    RescaleIntercept (CT: HU, e.g. slope 1 and intercept -1024), each frame by its own (an enhanced file may rescale
+    each frame differently), or a Modality LUT Sequence, which pydicom applies. A rescale that is not a finite number
+    or that takes values past float32's range is refused; NaN and infinities in float pixel data become the minimum
+    (medti.medical.window.finite_values, the rule of every reader)."""
+    shape = (-1, int(ds.Rows), int(ds.Columns))
+    if "ModalityLUTSequence" in ds:
+        values = pydicom.pixels.apply_modality_lut(stored, ds).reshape(shape)
+        return finite_values(values, path).astype(np.float32)
+    stored = stored.reshape(shape)
+    rescale = np.array([_rescale(ds, f) for f in range(len(stored))], np.float64)[:, :, None, None]   # [F, 2, 1, 1]
+    if not np.isfinite(rescale).all():
+        slope, intercept = rescale[~np.isfinite(rescale).all(axis=1)[:, 0, 0]][0, :, 0, 0]
+        raise MedicalError(f"{path}: Rescale Slope {slope:g} and Intercept {intercept:g}: not both finite numbers")
     # float64 for the product: slopes like 0.000123 on 16-bit values lose digits in float32 before the cast
-    return (stored.astype(np.float64) * slope + intercept).astype(np.float32)
+    with np.errstate(over="ignore", invalid="ignore"):
+        values = stored.astype(np.float64) * rescale[:, 0] + rescale[:, 1]
+    past = np.isfinite(stored) & ~(np.abs(values) <= np.finfo(np.float32).max)
+    if past.any():
+        frame = int(np.nonzero(past)[0][0])
+        raise MedicalError(f"{path}: Rescale Slope {rescale[frame, 0, 0, 0]:g} and Intercept "
+                           f"{rescale[frame, 1, 0, 0]:g} take stored value {stored[past][0]:g} to "
+                           f"{values[past][0]:g}, past float32's range; a damaged header?")
+    return finite_values(values, path).astype(np.float32)
 
 
 def _decode(ds, path: Path, pydicom) -> np.ndarray:
@@ -147,6 +201,22 @@ def _geometry(ds, frames: int) -> tuple:
     return (positions if all(positions) else None), orientation, spacing
 
 
+def _aspect(ds, spacing: tuple | None, path) -> tuple | None:
+    """(height, width) of a pixel in any one unit, for a 2-D image's shape: Pixel Spacing (in the patient), else
+    Imager Pixel Spacing (at the detector, as CR/DX files give it: for a projection the same ratio), both (row
+    spacing, column spacing) (PS3.3 10.7.1), else Pixel Aspect Ratio (0028,0034), "vertical size\\horizontal size"
+    (C.7.6.3.1.7); None when the file says nothing (square, as stored). Sizes that are not positive numbers (a zero
+    Pixel Spacing: an export that had none to give) are refused in one line: no image can be shaped by them."""
+    for keyword in ("PixelSpacing", "ImagerPixelSpacing", "PixelAspectRatio"):
+        found = spacing if keyword == "PixelSpacing" else _floats(ds, keyword)
+        if found and len(found) >= 2:
+            if not (np.isfinite(found[:2]).all() and min(found[:2]) > 0):
+                raise MedicalError(f"{path}: {keyword} {list(found)}: pixel sizes must be positive numbers; the file's "
+                                   "geometry is damaged")
+            return tuple(found[:2])
+    return None
+
+
 def read_dicom(path) -> DicomImage:
     """One DICOM file -> DicomImage, or a MedicalError of one line saying why it cannot be used."""
     pydicom = require("pydicom", str(path))
@@ -165,9 +235,11 @@ def read_dicom(path) -> DicomImage:
         raise MedicalError(f"{path}: photometric interpretation {photometric or 'missing'}; only grayscale "
                            "(MONOCHROME1/MONOCHROME2) DICOM is read")
     stored = _decode(ds, path, pydicom)
-    pixels = _modality(ds, stored, pydicom).reshape(-1, int(ds.Rows), int(ds.Columns))   # [F, H, W]
+    pixels = _modality(ds, stored, pydicom, path)   # [F, H, W]
     positions, orientation, spacing = _geometry(ds, len(pixels))
-    return DicomImage(pixels=pixels, photometric=photometric, window=_window(ds), patient_id=ds.get("PatientID"),
+    windows = tuple(_window(ds, f) for f in range(len(pixels)))
+    return DicomImage(pixels=pixels, photometric=photometric, windows=windows, patient=patient_of(ds),
+                      aspect=_aspect(ds, spacing, path),
                       series_uid=ds.get("SeriesInstanceUID"), positions=positions, orientation=orientation,
                       spacing=spacing, path=path)
 
@@ -180,15 +252,20 @@ def render(image: DicomImage, window: Window | None = None) -> np.ndarray:
 
 
 def training_image(path, window: Window | None):
-    """One single-frame DICOM file as medti.dataset reads images: (8-bit L PIL image, PatientID or None). pydicom
+    """One single-frame DICOM file as medti.dataset reads images: (8-bit L PIL image, its Patient). pydicom
     missing is the user's to fix (MedicalError, one line for the run); a file that cannot be used is the `MedicalError`
     that medti.dataset turns into a skip with its reason. Multi-frame files and series are volumes, read by
-    medti.medical.dicom_series; one reaching this function has frames but no geometry, and is refused."""
+    medti.medical.dicom_series; one reaching this function has frames but no geometry, and is refused. Pixels that
+    are not square (Pixel Spacing rows != columns, see _aspect) are resampled to square ones of the finer size, as
+    volumes' slices are, so a later resize to the model's size does not stretch the anatomy."""
     from PIL import Image
     image = read_dicom(path)
     if len(image.pixels) > 1:
         raise MedicalError(f"{path}: {len(image.pixels)} frames without per-frame positions: not a volume and not one "
                            "image; export the frames you want as single images")
-    shown = Image.fromarray(render(image, window)[0])
+    scaled = display_scale(image.pixels[0], window or image.window, image.photometric)
+    if image.aspect is not None:   # non-square pixels: resampled to square, as volumes' slices are (the finer size)
+        scaled = square_pixels(scaled, *image.aspect)
+    shown = Image.fromarray(np.floor(np.clip(scaled, 0, 255) + 0.5).astype(np.uint8))   # round half up, as to_uint8
     shown.info["window"] = described(window, image.window)
-    return shown, image.patient_id
+    return shown, image.patient

@@ -8,13 +8,15 @@ it) and of a column; their cross product is the slice normal. Image Position (Pa
 voxel. Pixel Spacing is (between rows, between columns). As a SimpleITK image, whose physical frame is DICOM's own
 (LPS), that is: x = row direction, spacing Pixel Spacing[1]; y = column direction, Pixel Spacing[0]; z = the normal,
 spacing the distance between consecutive positions; origin = the first slice's position."""
-from dataclasses import dataclass
+import re
+from dataclasses import dataclass, replace
 
 import numpy as np
 
 from . import MedicalError, require
-from .dicom import DicomImage, read_dicom
+from .dicom import read_dicom
 from .volume import Volume, from_image
+from .window import PerFrame, Window, display_scale
 
 # Slices count as evenly spaced when every gap is within 1 % of the median gap (+ 1 µm): positions are written as
 # decimal strings of at most 16 characters, good to far better than that, so a larger spread is a missing slice.
@@ -28,6 +30,7 @@ class Series:
     pixels: np.ndarray            # [S, H, W] float32: every frame, ordered along the normal when positions are known
     positions: list | None        # each slice's Image Position (Patient), in that order; None: the file gives none
     files: list                   # each slice's file (a multi-frame file's path repeats), for messages
+    windows: list                 # each slice's own window (Window or None), in that order
 
 
 def _along_normal(orientation, position) -> float:
@@ -53,7 +56,7 @@ def _check_alike(uid, images: list):
 def _order(uid, images: list) -> Series:
     if len(images) == 1 and images[0].positions is None:   # one file and no geometry: its frames as stored
         image = images[0]
-        return Series(uid, images, image.pixels, None, [image.path] * len(image.pixels))
+        return Series(uid, images, image.pixels, None, [image.path] * len(image.pixels), list(image.windows))
     _check_alike(uid, images)
     orientation = images[0].orientation
     planes = sorted(((_along_normal(orientation, p), f, image) for image in images
@@ -64,7 +67,8 @@ def _order(uid, images: list) -> Series:
                                "along the normal): several echoes or time points; split them first")
     ordered = list({id(image): image for _, _, image in planes}.values())
     return Series(uid, ordered, np.stack([image.pixels[f] for _, f, image in planes]),
-                  [image.positions[f] for _, f, image in planes], [image.path for _, _, image in planes])
+                  [image.positions[f] for _, f, image in planes], [image.path for _, _, image in planes],
+                  [image.windows[f] for _, f, image in planes])
 
 
 def series(paths) -> list[Series]:
@@ -121,14 +125,32 @@ def to_volume(s: Series, name: str, case: str | None = None) -> Volume:
 @dataclass(frozen=True)
 class DicomVolume:
     """The files of one DICOM volume, as medti.dataset finds them: a series of single-frame files or one multi-frame
-    file. `number` is the Series Number, to name one of several series in a folder."""
+    file. `number` (Series Number) and `description` (Series Description, made safe by safe_description) name one
+    of several series in a folder."""
     paths: tuple
     number: int | None = None
+    description: str | None = None
 
-    def read(self, name: str, case: str | None = None) -> tuple[Volume, DicomImage]:
-        """(the Volume, its first file: window, photometric interpretation and PatientID)."""
+    def read(self, name: str, case: str | None = None, window: Window | None = None) -> tuple:
+        """(the Volume, its first file: photometric interpretation and Patient, its own window). The own window is
+        the first file's, or PerFrame when a multi-frame file's frames carry different windows and no `window` (the
+        user's --window) overrides them: each frame is then scaled by its own (by_frame)."""
         s = _order(None, [read_dicom(p) for p in self.paths]) if len(self.paths) > 1 else series(self.paths)[0]
-        return to_volume(s, name, case), s.images[0]
+        s, own = by_frame(s) if window is None and len(self.paths) == 1 else (s, s.images[0].window)
+        return to_volume(s, name, case), s.images[0], own
+
+
+def by_frame(s: Series) -> tuple[Series, Window | PerFrame | None]:
+    """An enhanced multi-frame file's frames each windowed by its own Frame VOI LUT, as PS3.3 C.7.6.16.2.10 defines
+    it (one per frame: a Philips enhanced MR sets each frame's from its own content), when every frame has one and
+    they differ: (the Series with pixels on the 0..255 display scale, PerFrame). Otherwise (the Series, its one
+    window or None): the volume then keeps one scale over all its slices."""
+    distinct = list(dict.fromkeys(s.windows))
+    if len(distinct) < 2 or None in distinct:
+        return s, s.windows[0]
+    photometric = s.images[0].photometric
+    pixels = np.stack([display_scale(p, w, photometric) for p, w in zip(s.pixels, s.windows, strict=True)])
+    return replace(s, pixels=pixels.astype(np.float32)), PerFrame(tuple(distinct))
 
 
 def _header(path, pydicom):
@@ -138,23 +160,53 @@ def _header(path, pydicom):
         return None
 
 
-def find_volumes(paths) -> list:
-    """DICOM files -> [Path (a 2-D image) or DicomVolume], in the order of each one's first file. Single-frame files
-    with a position, an orientation and a Series Instance UID are grouped by that UID, and a group of two or more
-    is a volume; a multi-frame file is a volume; everything else (radiographs: CR/DX files carry no Image Position;
-    a series of one slice; an unreadable file) is a 2-D image. Only headers are read here."""
+def safe_description(ds) -> str | None:
+    """The Series Description as a name part (`T2 TSE AX` -> `T2_TSE_AX`): letters, digits, `_` and `-`, at most
+    32 characters; None when it is empty, or holds something that may identify: a UID-like run of numbers and dots
+    or 8 digits or more (a date, an accession number), the Patient ID, or a part of the Patient's Name of 3 letters
+    or more (free text can hold anything, and a name reaches val.txt and data.jsonl)."""
+    raw = str(ds.get("SeriesDescription") or "")
+    text = "_".join(re.findall(r"[A-Za-z0-9-]+", raw))[:32].strip("_-")
+    words = {w.lower() for w in re.split(r"[\^ ,]+", str(ds.get("PatientName") or "")) if len(w) >= 3}
+    words |= {str(ds.get("PatientID") or "").strip().lower()} - {""}
+    if not text or re.search(r"\d+(\.\d+){3,}|\d{8,}", raw) or any(w in raw.lower() for w in words):
+        return None
+    return text
+
+
+def _key(ds, path):
+    """(grouping key, Series Number, safe Series Description) of a file's header (None: unreadable)."""
+    frames = int(ds.get("NumberOfFrames") or 1) if ds is not None else 1
+    positioned = ds is not None and "ImagePositionPatient" in ds and "ImageOrientationPatient" in ds
+    uid = ds.get("SeriesInstanceUID") if positioned and frames == 1 else None
+    key = ("series", str(uid)) if uid else (("volume" if frames > 1 else "image"), path)
+    number = ds.get("SeriesNumber") if ds is not None else None
+    return key, (int(number) if number not in (None, "") else None), (safe_description(ds) if ds is not None else None)
+
+
+def find_volumes(paths) -> tuple[list, list]:
+    """DICOM files -> ([Path (a 2-D image) or DicomVolume], [(copy, the file kept)]), in the order of each one's
+    first file. A file whose SOP Instance UID an earlier file has is a copy of that instance (the same image exported
+    twice, to two folders: PS3.3 C.12.1.1.1 makes the UID unique to one instance) and is left out, the first in the
+    order given kept. Single-frame files with a position, an orientation and a Series Instance UID are grouped by
+    that UID, and a group of two or more is a volume; a multi-frame file is a volume; everything else (radiographs:
+    CR/DX files carry no Image Position; a series of one slice; an unreadable file) is a 2-D image. Only headers are
+    read here."""
     paths = list(paths)
     if not paths:
-        return []
+        return [], []
     pydicom = require("pydicom", str(paths[0]))
-    found: dict = {}   # key -> (paths, series number), in the order first met
+    found: dict = {}   # key -> (paths, series number, description), in the order first met
+    seen, copies = {}, []   # SOP Instance UID -> its first file; (copy, kept)
     for path in paths:
         ds = _header(path, pydicom)
-        frames = int(ds.get("NumberOfFrames") or 1) if ds is not None else 1
-        positioned = ds is not None and "ImagePositionPatient" in ds and "ImageOrientationPatient" in ds
-        uid = ds.get("SeriesInstanceUID") if positioned and frames == 1 else None
-        key = ("series", str(uid)) if uid else (("volume" if frames > 1 else "image"), path)
-        number = ds.get("SeriesNumber") if ds is not None else None
-        found.setdefault(key, ([], int(number) if number not in (None, "") else None))[0].append(path)
-    return [DicomVolume(tuple(files), number) if kind == "volume" or len(files) > 1 else files[0]
-            for (kind, _), (files, number) in found.items()]
+        instance = str(ds.get("SOPInstanceUID") or "") if ds is not None else ""
+        if instance and instance in seen:
+            copies.append((path, seen[instance]))
+            continue
+        if instance:
+            seen[instance] = path
+        key, number, description = _key(ds, path)
+        found.setdefault(key, ([], number, description))[0].append(path)
+    return [DicomVolume(tuple(files), number, description) if kind == "volume" or len(files) > 1 else files[0]
+            for (kind, _), (files, number, description) in found.items()], copies

@@ -13,7 +13,8 @@ values have no absolute unit, but within one series they are comparable; a per-s
 volume's own folder (`case1/mask.nii.gz` for `case1/t2w.mha`); a path (with a "/") is one mask file for every volume.
 Mask files (that name, or anything in that folder) are never training images. A volume without its mask is skipped
 with the reason. DICOM series and multi-frame files (medti.medical.dicom_series) are volumes like the others, scaled by
---window, else their first file's own window, else min-max over the whole series.
+--window, else their first file's own window (a multi-frame file whose frames carry different windows: each frame by
+its own, dicom_series.by_frame), else min-max over the whole series.
 """
 from dataclasses import dataclass, replace
 from pathlib import Path
@@ -22,6 +23,7 @@ import numpy as np
 from PIL import Image
 
 from . import MedicalError
+from .dicom import Patient
 from .dicom_series import DicomVolume
 from .volume import (
     PLANES,
@@ -137,29 +139,29 @@ def _sliced(volume, name: str, options: SliceOptions, mask, window: str) -> list
     return _named(name, options, [(k, _to_image(s, spacing)) for k, s in chosen], total, window)
 
 
-def dicom_images(source: DicomVolume, name: str, options: SliceOptions) -> tuple[list, str | None]:
-    """([(`name#planeNNN`, 8-bit L image)], PatientID or None) of a DICOM series or multi-frame file."""
-    volume, first = source.read(name)
-    volume = _scaled(volume, options.window or first.window, first.photometric)
+def dicom_images(source: DicomVolume, name: str, options: SliceOptions) -> tuple[list, Patient]:
+    """([(`name#planeNNN`, 8-bit L image)], its Patient) of a DICOM series or multi-frame file."""
+    volume, first, own = source.read(name, window=options.window)
+    volume = _scaled(volume, options.window or own, first.photometric)
     mask = _mask_for(Path(source.paths[0]), name.rpartition("/")[2], options)
-    window = described(options.window, first.window, "min-max over the series")
-    return _sliced(volume, name, options, mask, window), first.patient_id
+    window = described(options.window, own, "min-max over the series")
+    return _sliced(volume, name, options, mask, window), first.patient
 
 
-def _read_source(source, case: str):
-    """(Volume, its own window, photometric interpretation, PatientID) of a volume file or a DICOM volume."""
+def _read_source(source, case: str, window: Window | None):
+    """(Volume, its own window, photometric interpretation, Patient) of a volume file or a DICOM volume."""
     if isinstance(source, DicomVolume):
-        volume, first = source.read(str(source.paths[0]), case)
-        return volume, first.window, first.photometric, first.patient_id
+        volume, first, own = source.read(str(source.paths[0]), case, window)
+        return volume, own, first.photometric, first.patient
     return read_volume(source, case), None, "MONOCHROME2", None
 
 
-def case_images(sources: list, case: str, options: SliceOptions) -> tuple[list, str | None]:
-    """([(`case#planeNNN`, RGB image)], the first sequence's PatientID or None): a case's sequence volumes (files or
-    DICOM series) on the first one's grid (resample_onto, as read_case), each scaled over its own volume (sequences
-    have unrelated units) by --window, else its own window, else min-max; slices stacked in `sources` order; one
-    volume: gray."""
-    read = [_read_source(s, case) for s in sources]
+def case_images(sources: list, case: str, options: SliceOptions) -> tuple[list, Patient | None]:
+    """([(`case#planeNNN`, RGB image)], the first sequence's Patient, None for a volume file): a case's sequence
+    volumes (files or DICOM series) on the first one's grid (resample_onto, as read_case), each scaled over its own
+    volume (sequences have unrelated units) by --window, else its own window, else min-max; slices stacked in
+    `sources` order; one volume: gray."""
+    read = [_read_source(s, case, options.window) for s in sources]
     reference = read[0][0]
     volumes = [reference] + [resample_onto(v, reference) for v, *_ in read[1:]]
     volumes = [_scaled(v, options.window or own, photometric)
@@ -179,10 +181,11 @@ def item(name: str, source, channels: list | None, options: SliceOptions):
     the file's folder relative to --data (`name`'s parent), or its stem for a file directly in --data; with
     channels, the case's folder too (PI-CAI: images/10000/10000_1000000_t2w.mha is patient 10000, whose second
     study 10000_1000001 must land on the same side), else the case name. So no patient's slices are on both sides
-    of --val-fraction's split. A DICOM volume's patient is its PatientID, else its folder like a volume file's."""
+    of --val-fraction's split. A DICOM volume's patient is its header's Patient (medti.medical.dicom) with its folder,
+    as a volume file's, for `fallback`: medti.dataset.patients decides which keys it."""
     if isinstance(source, DicomVolume):
         images, patient = dicom_images(source, name, options)
-        return images, patient or name.rpartition("/")[0] or name, list(source.paths)
+        return images, replace(patient, fallback=name.rpartition("/")[0] or name), list(source.paths)
     if channels:
         if not (set(channels) <= set(source) and all(is_volume(p) for p in source.values())):
             if any(is_volume(p) for p in source.values()) and set(channels) <= set(source):
@@ -190,7 +193,9 @@ def item(name: str, source, channels: list | None, options: SliceOptions):
             return None
         sources = [source[c] for c in channels]
         images, patient = case_images(sources, name, options)
-        return images, patient or name.rpartition("/")[0] or name, [f for p in sources for f in data_files(p)]
+        fallback = name.rpartition("/")[0] or name
+        return images, replace(patient, fallback=fallback) if patient else fallback, \
+            [f for p in sources for f in data_files(p)]
     if not is_volume(source):
         return None
     patient = name.rpartition("/")[0] or stem(source)

@@ -2,11 +2,11 @@
 2-D slices in the radiological display orientation; other sequences of a case resampled onto its first one, slices
 to square pixels, and channel stacking.
 
-One reader, one physical frame: every format goes through SimpleITK, whose physical space is DICOM's patient frame
-LPS+ (x toward the patient's Left, y Posterior, z Superior). Its NIfTI reader converts the file's RAS+ affine (nibabel's
-"scanner RAS+" world space) to LPS by negating x and y, so a NIfTI and an .mha of the same anatomy meet in one space,
-and the resampling of other sequences (SimpleITK Resample) works in that same space. nibabel would give RAS+ for NIfTI
-only, and a second convention to convert; it is used in the tests as an independent NIfTI writer instead.
+One reader, one physical frame: every format's geometry goes through SimpleITK, whose physical space is DICOM's
+patient frame LPS+ (x toward the patient's Left, y Posterior, z Superior). Its NIfTI header reader converts the file's
+RAS+ affine (nibabel's "scanner RAS+" world space) to LPS by negating x and y, so a NIfTI and an .mha of the same
+anatomy meet in one space, and the resampling of other sequences (SimpleITK Resample) works in that same space.
+NIfTI voxels alone are read by nibabel, which keeps NaN where SimpleITK's reader writes 0 (medti.medical.nifti).
 (ITK PR #4791: ITK's physical frame is DICOM's, "LPS" = identity direction cosines; nibabel "Coordinate systems and
 affines" and "Radiological vs neurological conventions" for RAS+.)
 """
@@ -17,6 +17,8 @@ from pathlib import Path
 import numpy as np
 
 from . import MedicalError, require
+from .nifti import read_nifti
+from .window import finite_values
 
 SUFFIXES = (".nii", ".nii.gz", ".mha", ".mhd", ".nrrd")
 PLANES = {"axial": 0, "coronal": 1, "sagittal": 2}   # plane -> the array axis it is a slice across
@@ -59,13 +61,33 @@ def _as_3d(image, path: Path):
     return image
 
 
+def _check_geometry(image, path):
+    """One line for a grid that cannot be placed in space: voxel sizes that are not positive numbers, an origin or a
+    direction matrix that is not numbers, or a direction matrix whose axes are not independent (a damaged header)."""
+    spacing, origin = np.array(image.GetSpacing()), np.array(image.GetOrigin())
+    direction = np.array(image.GetDirection()).reshape(image.GetDimension(), -1)
+    if not (np.isfinite(spacing).all() and (spacing > 0).all()):
+        raise MedicalError(f"{path}: voxel sizes {tuple(spacing.tolist())}: must be positive numbers")
+    if not (np.isfinite(origin).all() and np.isfinite(direction).all()) or abs(np.linalg.det(direction)) < 1e-6:
+        raise MedicalError(f"{path}: its origin {tuple(origin.tolist())} or direction {direction.ravel().tolist()} "
+                           "cannot place the voxels in space: a damaged header")
+
+
 def from_image(image, path, case=None) -> Volume:
     """A Volume of a 3-D SimpleITK image: reoriented to LPS array order (DICOMOrient permutes and flips axes only,
-    no interpolation), as float32."""
+    no interpolation), as float32; NaN and infinite voxels become the volume's minimum (finite_values, the rule of
+    every reader; a volume without one finite voxel is refused)."""
     sitk = require("SimpleITK", str(path))
+    _check_geometry(image, path)
+    image = sitk.Cast(image, sitk.sitkFloat32)
+    values = sitk.GetArrayViewFromImage(image)
+    if not np.isfinite(values).all():
+        fixed = sitk.GetImageFromArray(finite_values(values, path).astype(np.float32))
+        fixed.CopyInformation(image)
+        image = fixed
     # DICOMOrient's code names the direction each index axis increases toward, fastest first: "LPS" gives the
     # identity direction matrix (ITK PR #4791), i.e. numpy [z, y, x] = [I→S, A→P, R→L].
-    image = sitk.Cast(sitk.DICOMOrient(image, "LPS"), sitk.sitkFloat32)
+    image = sitk.DICOMOrient(image, "LPS")
     array = sitk.GetArrayFromImage(image)              # [z, y, x]: SimpleITK's size (x, y, z) reversed
     spacing = tuple(float(s) for s in reversed(image.GetSpacing()))
     return Volume(array=array, spacing=spacing, path=str(path), case=case, image=image)
@@ -77,6 +99,8 @@ def read_volume(path, case: str | None = None) -> Volume:
     path = Path(path)
     _check_suffix(path)     # before the import: a wrong file is named as such even without the extra
     sitk = require("SimpleITK", str(path))
+    if path.name.lower().endswith((".nii", ".nii.gz")):
+        return from_image(_as_3d(read_nifti(path), path), path, case)   # NaN voxels kept: see medti.medical.nifti
     try:
         image = sitk.ReadImage(str(path))
     except RuntimeError as e:   # ITK's message is many lines; its last non-empty line says what went wrong

@@ -18,8 +18,10 @@ from PIL import Image
 
 from minisd.errors import UserError, arg
 
-from ..dataset.folder import DataError, parse_channels, read_items, warn_skipped
+from ..dataset.folder import DataError, parse_channels, read_items, survey_folder
+from ..dataset.patients import keys
 from ..dataset.preprocess import Unusable, fit
+from ..dataset.report import warn_skipped, warn_survey
 from ..dataset.sources import read_image
 from ..generation.manifest import MERGED
 from ..medical.slices import SliceOptions, check_options
@@ -152,10 +154,11 @@ def _run_images(root: Path, files: list, max_side, how: Reading, skipped: list):
             skipped.append((name, str(e)))
 
 
-def _folder_images(folder: Path, how: Reading, max_side, skipped: list):
+def _folder_images(folder: Path, how: Reading, max_side, skipped: list, survey):
     """(name, (uint8 image, size), patient) of each image of a folder, exactly as training lists and reads them
     (and preprocesses them, when `how` says so); the files' bytes, which training hashes, are dropped at once."""
-    for images, _ in read_items(folder, how.channels, how.options, lambda name, why: skipped.append((name, why))):
+    for images, _ in read_items(folder, how.channels, how.options, lambda name, why: skipped.append((name, why)),
+                                survey=survey):
         for name, image, patient in images:   # a volume's slices: one that preprocess makes unusable skips alone
             try:
                 yield name, _small(image, max_side, how), patient
@@ -171,12 +174,16 @@ def load_set(path, flag: str, minimum: int = 1, max_side: int | None = None, how
     `how`: the data flags for a folder (a run's images are read as they are, preprocessed if `how` says so)."""
     path = Path(path)
     root, files, records = _files(path, flag)
-    skipped = []
+    skipped, survey = [], survey_folder(root) if files is None else None
     rows = list(_run_images(root, files, max_side, how, skipped) if files is not None else
-                _folder_images(root, how, max_side, skipped))
+                _folder_images(root, how, max_side, skipped, survey))
     names, read, patients = ([row[i] for row in rows] for i in range(3))
+    patients, replaced = keys(patients)   # as training keys them: a placeholder PatientID by study
+    if survey is not None:
+        survey.placeholders = replaced
     images, sizes = [image for image, _ in read], [size for _, size in read]
     warn_skipped(skipped, arg(flag))
+    warn_survey(survey, arg(flag))
     if len(images) < minimum:
         found = f"{len(images)} usable image(s)" + (f", {len(skipped)} skipped, e.g. {': '.join(skipped[0])}"
                                                    if skipped else "")

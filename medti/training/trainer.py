@@ -20,7 +20,8 @@ from minisd.errors import arg
 from minisd.schedule import NUM_TIMESTEPS
 from minisd.vae import posterior_sample
 
-from ..dataset.folder import DataError, check_captions, load_dataset, parse_channels, summary, warn_skipped
+from ..dataset.folder import DataError, check_captions, load_dataset, parse_channels
+from ..dataset.report import summary, warn_skipped, warn_survey
 from ..files.atomic import claim_folder, text_bytes, write_atomic
 from ..files.hashes import sha256_of
 from ..medical.window import parse_window
@@ -74,6 +75,7 @@ def load_data(cfg: TrainConfig, flag: str = "data"):
     except DataError as e:   # the message names the folder or file; say which flag it came from
         raise TrainError(f"{arg(flag)} {e}") from None
     warn_skipped(data.skipped, arg(flag))
+    warn_survey(data.survey, arg(flag))
     if distributed.main_process():   # one report of the set, not one per torchrun process
         print(f"{arg(flag)}: {summary(data)}")   # stdout, with the step lines: stderr keeps errors to one line
     return data
