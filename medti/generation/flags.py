@@ -81,12 +81,17 @@ def build_parser() -> argparse.ArgumentParser:
         help="inpainting: outside the (blurred) mask, put the init image's own pixels back after decoding, as "
              "A1111 does (diffusers does not)")
     add("--strength", type=float, default=1.0, help="1: start from pure noise; < 1: keep that much of the init")
+    add_output_flags(add)
+    return p
+
+
+def add_output_flags(add):
+    """What a run writes, and where."""
     add("--save-latents", action="store_true", help="also write each final latent as NNNNN.safetensors")
     add("--grid", action="store_true", help="also write grid.png: all images, labelled with seeds (and weights)")
     add("--format", choices=["png", "dicom"], default="png", help="dicom: also NNNNN.dcm, Secondary Capture, synthetic")
     add("--resume", action="store_true", help="continue a run in --out, skipping images its manifest holds")
     add("--out", required=True, help="output folder")
-    return p
 
 
 def check_args(args):
