@@ -78,8 +78,7 @@ def _fix(files: list, found: list, kind: str, channels: list | None) -> str:
     if not files:
         return "is this the right folder?"
     if not found:
-        return (f"images must be {' '.join(EXTENSIONS)}, DICOM (recognised by its content, any name), or volumes "
-                "(.nii, .nii.gz, .mha, .mhd, .nrrd)")
+        return f"images must be {' '.join(EXTENSIONS)}, DICOM, or volumes (.nii, .nii.gz, .mha, .mhd, .nrrd)"
     if channels and kind.startswith(NAMING):
         return f"with --channels {','.join(channels)}, name files CASE/{channels[0]}.png or CASE_{channels[0]}.png"
     if kind.startswith(PREPROCESSING):
