@@ -95,7 +95,7 @@ def test_three_equal_channels_are_stored_gray_and_medti_reads_them_back(tmp_path
     assert "PlanarConfiguration" not in ds and np.array_equal(ds.pixel_array, gray)
     assert np.array_equal(read_dicom(path).pixels[0], gray.astype(np.float32))
     image, patient = training_image(path, None)   # the file's own window: its values as they are, not min-max
-    assert image.mode == "L" and np.array_equal(np.asarray(image), gray) and patient == ""
+    assert image.mode == "L" and np.array_equal(np.asarray(image), gray) and patient.id == ""
     tinted = np.stack([gray] * 3, axis=-1)
     tinted[5, 7, 2] ^= 1
     ds = pydicom.dcmread(io.BytesIO(synthetic_dicom(tinted, "", "1.2.3", "1.2.3.4")))
