@@ -164,7 +164,8 @@ def test_disk_full_leaves_no_half_audit(sets, capsys, monkeypatch):
         raise OSError(errno.ENOSPC, "No space left on device")
     monkeypatch.setattr(files.os, "fsync", full)
     assert audit(sets) == 2
-    assert "No space left on device" in one_line_error(capsys)
+    err = one_line_error(capsys)
+    assert "No space left on device" in err and str(sets / "out") in err   # the file being written is named
     assert not (sets / "out").exists()   # the files written before the failure went, and so did the new folder
 
 

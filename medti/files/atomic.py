@@ -55,6 +55,11 @@ def write_atomic(path, data: bytes):
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
+    except OSError as e:
+        tmp.unlink(missing_ok=True)
+        if e.filename is None:   # a failed write or fsync (disk full) names no file: name the one being written
+            raise OSError(e.errno, e.strerror or str(e), str(path)) from None
+        raise
     except BaseException:
         tmp.unlink(missing_ok=True)
         raise
