@@ -112,7 +112,7 @@ def torchrun_world() -> tuple[int, int]:
     values = {}
     for name, default, low in (("WORLD_SIZE", "1", 1), ("RANK", "0", 0)):
         text = os.environ.get(name, default)
-        if not text.strip().isdigit() or int(text) < low:
+        if not text.strip().isdecimal() or int(text) < low:   # isdigit takes "²", which int() refuses
             raise UserError(f"environment variable {name}={text!r}: must be a whole number >= {low} (torchrun "
                             f"sets it; unset RANK and WORLD_SIZE to run one process)")
         values[name] = int(text)
