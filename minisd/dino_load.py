@@ -16,7 +16,7 @@ import torch
 from .config import LoadError, check_value
 from .dino import DINOv2Reg, DINOv2RegConfig
 from .dino_prepare import from_processor, read_json
-from .dino_timm import TimmNames, is_timm, timm_shapes
+from .dino_timm import is_timm, timm_shapes, timm_state
 from .dino_timm import read_config as read_timm_config
 from .dino_vit import DINOv1, ViTConfig
 from .errors import arg, spoken
@@ -30,6 +30,7 @@ RELEASES = {
     **{f"timm/vit_{size}_patch14_reg4_dinov2.lvd142m": "timm" for size in ("small", "base", "large", "giant")},
     **{f"facebook/dino-vit{size}": "transformers" for size in ("s8", "s16", "b8", "b16")},
 }
+LAYOUT_NAMES = {"transformers": "transformers'", "timm": "timm's"}
 FILES = {"transformers": ("config.json", "preprocessor_config.json"), "timm": ("config.json",)}
 # Why a pickle too: the DINOv1 releases were converted in 2021, when transformers wrote pytorch_model.bin; it is
 # read with torch.load(weights_only=True) only (tensors, never code).
@@ -152,8 +153,8 @@ def _check_keys(file: TensorFile, expected: dict, layout: str):
         if names:
             more = f" (and {len(names) - 1} more)" if len(names) > 1 else ""
             raise LoadError(f"{file.path}: {problem} key {names[0]}{more} -- not the image backbone that its "
-                            f"config.json describes, in {layout}'s layout (a checkpoint with a head, or another "
-                            "network's file)")
+                            f"config.json describes, in {LAYOUT_NAMES[layout]} layout (a checkpoint with a head, or "
+                            "another network's file)")
     for name, shape in expected.items():
         if file.shape(name) != shape or file.dtype(name) not in FLOATS:
             raise LoadError(f"{file.path}: {name} is {file.dtype(name)} {list(file.shape(name))} where config.json "
@@ -172,14 +173,14 @@ def load_encoder(name_or_folder, device="cpu", with_path: bool = False):
     with torch.device("meta"):
         model = model_class(cfg, prep)
     ours = {name: tuple(t.shape) for name, t in model.state_dict().items()}
-    if layout == "timm":
-        _check_keys(file, timm_shapes(ours), layout)
-        file = TimmNames(file)   # read under our names from here on
-    else:
-        ignored = {name: file.shape(name) for name in IGNORED_KEYS & file.keys}
-        _check_keys(file, {**ours, **ignored}, layout)
-    state = {name: file.get(name).to(device=device, dtype=torch.float32) for name in ours}
+    # Read, cast and checked for NaN under the file's own names (an error names the file's key), then renamed.
+    expected = timm_shapes(ours) if layout == "timm" else {
+        **ours, **{name: file.shape(name) for name in IGNORED_KEYS & file.keys}}
+    _check_keys(file, expected, layout)
+    state = {key: file.get(key).to(device=device, dtype=torch.float32) for key in expected if key not in IGNORED_KEYS}
     check_finite(file, "", state, torch.float32)
+    if layout == "timm":
+        state = timm_state(state, ours)
     model.load_state_dict(state, strict=True, assign=True)
     model.eval().requires_grad_(False)
     return (model, file.path) if with_path else model

@@ -129,18 +129,16 @@ def timm_shapes(expected: dict) -> dict:
     return shapes
 
 
-class TimmNames:
-    """A timm file read under our names: `get("encoder.layer.0.attention.attention.key.weight")` is the middle
-    third of `blocks.0.attn.qkv.weight`."""
-
-    def __init__(self, file):
-        self.file, self.path = file, file.path
-
-    def get(self, name: str):
+def timm_state(tensors: dict, names) -> dict:
+    """timm's tensors (its key -> tensor) -> ours (name -> tensor) for our parameter `names`: qkv split in
+    thirds, a zero row put in front of the position table for the class token (whose position timm folded in)."""
+    state = {}
+    for name in names:
         key, third = timm_name(name)
-        tensor = self.file.get(key)
+        tensor = tensors[key]
         if third is not None:
-            return tensor.chunk(3, dim=0)[third]
-        if name == "embeddings.position_embeddings":   # a zero row for the class token: timm folded it in
-            return torch.cat([tensor.new_zeros(1, 1, tensor.shape[2]), tensor], dim=1)
-        return tensor
+            tensor = tensor.chunk(3, dim=0)[third]
+        elif name == "embeddings.position_embeddings":
+            tensor = torch.cat([tensor.new_zeros(1, 1, tensor.shape[2]), tensor], dim=1)
+        state[name] = tensor
+    return state
