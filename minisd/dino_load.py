@@ -41,8 +41,10 @@ IGNORED_FIELDS = {"architectures", "model_type", "transformers_version", "torch_
                   "initializer_range", "drop_path_rate", "hidden_dropout_prob", "attention_probs_dropout_prob",
                   "apply_layernorm", "reshape_hidden_states", "out_features", "out_indices", "stage_names",
                   "id2label", "label2id", "encoder_stride"}
-# Values every release uses and all minisd implements.
-ONLY = {"hidden_act": "gelu", "num_channels": 3, "pooler_act": "tanh"}
+# Values every release uses and all minisd implements. interpolate_*: the facebook/dinov2-with-registers-* files
+# state how positions are resampled (antialiased, no offset: minisd/dino.py), which transformers 5 no longer reads.
+ONLY = {"hidden_act": "gelu", "num_channels": 3, "pooler_act": "tanh", "interpolate_antialias": True,
+        "interpolate_offset": 0.0}
 NETWORKS = {"dinov2_with_registers": (DINOv2Reg, DINOv2RegConfig), "vit": (DINOv1, ViTConfig)}
 # Tensors the files hold that the encoder never uses (transformers' layouts).
 IGNORED_KEYS = {"embeddings.mask_token"}   # Dinov2WithRegisters: iBOT's masked-patch token, training only

@@ -57,6 +57,9 @@ def registers_release(folder, swiglu=False):
     config = Dinov2WithRegistersConfig(**SMALL, patch_size=14, image_size=98, use_swiglu_ffn=swiglu)
     ref = sharpen_(randomize_(Dinov2WithRegistersModel(config)))
     ref.save_pretrained(folder)
+    # the hub files state the position resampling too (fields transformers 5 writes no more)
+    config = json.loads((folder / "config.json").read_text())
+    (folder / "config.json").write_text(json.dumps({**config, "interpolate_antialias": True, "interpolate_offset": 0}))
     BitImageProcessor(size={"shortest_edge": 112}, crop_size={"height": 98, "width": 98}, **IMAGENET).save_pretrained(
         folder)
     return ref, folder

@@ -100,6 +100,7 @@ def test_pickled_dinov1_release(releases, tmp_path):
     ("registers", "hidden_act", "relu", "hidden_act \"relu\" is not supported"),
     ("registers", "num_register_tokens", "4", "num_register_tokens must be a positive integer"),
     ("registers", "rope_theta", 1.0, "unknown field rope_theta"),
+    ("registers", "interpolate_offset", 0.1, "interpolate_offset 0.1 is not supported; the DINO releases"),
     ("dinov1", "pooler_output_size", 32, "pooler_output_size 32 is not hidden_size 64"),
     ("timm", "architecture", "vit_base_patch14_dinov2", "timm architecture \"vit_base_patch14_dinov2\" is not a"),
     ("timm", "num_classes", 10, "num_classes 10: a classifier on top of the backbone"),
