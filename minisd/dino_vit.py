@@ -69,7 +69,7 @@ class Embeddings(nn.Module):
 
 
 class Attention(nn.Module):
-    """Self-attention under transformers' names: attention.{query,key,value}, then output.dense."""
+    """Self-attention (transformers' ViTAttention): attention.{query,key,value}, then output.dense."""
 
     def __init__(self, cfg: ViTConfig):
         super().__init__()
