@@ -144,3 +144,8 @@ def test_a_damaged_record_is_one_line(runs, tmp_path, capsys, damage, words):
     err = one_line_error(capsys)
     assert f"--resume: {out / RECORD} is damaged ({words}" in err and "delete it and give the run's flags" in err
     assert (out / RECORD).read_bytes() == damage and (out / "state.safetensors").read_bytes() == state
+
+
+def test_resume_without_out_names_the_flag(capsys):
+    assert main(["--resume"]) == 2
+    assert one_line_error(capsys) == "error: --resume: name the run's folder with --out"

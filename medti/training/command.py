@@ -92,6 +92,8 @@ def resumed_config(cfg: TrainConfig, given) -> TrainConfig:
     before medti recorded it) resumes as it always did: from the flags typed, all of them."""
     if not cfg.resume:
         return cfg
+    if not cfg.out:
+        raise TrainError(f"{arg('resume')}: name the run's folder with {arg('out')}")
     check_out(cfg)   # a folder with no state to resume: said before any word about flags
     saved = read_command(cfg.out)
     if saved is None:
