@@ -31,6 +31,18 @@ class ArgumentParser(argparse.ArgumentParser):
     def error(self, message: str):
         self.exit(2, f"error: {one_line(message)} (see {self.prog} --help)\n")
 
+    def typed(self, args) -> set:
+        """The destinations of the options typed in args: args parsed again with every default suppressed, so that
+        only what the user gave comes back (an option typed with its default value is typed all the same)."""
+        defaults = [(action, action.default) for action in self._actions]
+        try:
+            for action, _ in defaults:
+                action.default = argparse.SUPPRESS
+            return set(vars(self.parse_args(args)))
+        finally:
+            for action, default in defaults:
+                action.default = default
+
     def parse_known_args(self, args=None, namespace=None):
         return super().parse_known_args(self._values_with_dashes(args), namespace)
 

@@ -12,8 +12,10 @@ hands the settings to the trainer (medti/training/trainer.py) or to the demo (me
 of the trainer like this command; --demo is therefore not a training setting and never reaches a run's saved state.
 """
 import argparse
+import sys
 
 from .cli import ArgumentParser, add_threads, run_main
+from .training.command import resumed_config
 from .training.config import TrainConfig, add_flags
 from .training.demo import run_demo
 from .training.distributed import main_process
@@ -31,21 +33,23 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
-def run(args: argparse.Namespace):
+def run(args: argparse.Namespace, argv: list):
+    typed = build_parser().typed(argv) - {"demo", "threads"}   # which settings the user chose, for --resume
     settings = vars(args)
     demo = settings.pop("demo")
     settings.pop("threads")   # applied by run_main; not a training setting (bits differ between counts: say so)
     cfg = TrainConfig(**settings)
     if demo:
-        run_demo(cfg)
+        run_demo(cfg, typed, argv)
     else:
-        path = train(cfg)
+        path = train(resumed_config(cfg, typed), argv)   # --resume: the flags not typed are the run's
         if main_process():   # one line for scripts, not one per torchrun process
             print(path)   # the embedding's path, on stdout for scripts; progress went to stderr
 
 
 def main(argv=None) -> int:
-    return run_main(build_parser(), run, argv)
+    argv = sys.argv[1:] if argv is None else list(argv)
+    return run_main(build_parser(), lambda args: run(args, argv), argv)
 
 
 if __name__ == "__main__":

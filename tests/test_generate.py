@@ -122,7 +122,7 @@ def test_sweep_grid_and_manifest(model_files, tmp_path):
     assert Image.open(tmp_path / "grid.png").size == (3 * 64, 2 * 64)   # one column per weight
 
 
-def test_resume_after_a_dead_shard_equals_an_uninterrupted_run(model_files, tmp_path, monkeypatch):
+def test_resume_after_a_dead_shard_equals_an_uninterrupted_run(model_files, tmp_path, monkeypatch, capsys):
     assert generate(model_files, tmp_path / "whole", "--prompt", "x", "--n", "4") == 0
     part = tmp_path / "part"
     monkeypatch.setenv("RANK", "0")
@@ -137,7 +137,25 @@ def test_resume_after_a_dead_shard_equals_an_uninterrupted_run(model_files, tmp_
     for i in range(4):
         assert (part / f"{i:05d}.png").read_bytes() == (tmp_path / "whole" / f"{i:05d}.png").read_bytes()
     assert not list(part.glob("manifest.part*"))
-    assert generate(model_files, part, "--prompt", "y", "--n", "4", "--resume") == 2   # other parameters
+    # other parameters: refused in one line naming each with the saved value and the new one
+    capsys.readouterr()
+    assert generate(model_files, part, "--prompt", "y", "--n", "4", "--steps", "4", "--seed", "5", "--resume") == 2
+    err = capsys.readouterr().err.strip()
+    assert "\n" not in err and "00000.png was made with other parameters: --prompt x (now y), --seed 0 (now 5), " \
+        "--steps 3 (now 4); --resume continues the same run" in err, err
+
+
+def test_a_refused_resume_names_files_by_their_hashes():
+    """Fields nobody types (the files' sha256, the size read from the model) are named in words, hashes cut to 12
+    digits; an old manifest without `format` is a PNG run (ADDED)."""
+    from medti.generation.manifest import described
+    a, b = "a" * 64, "b" * 64
+    done = {"file": "00003.png", "seed": 10, "model_sha256": a, "embeddings": {"<t>": a}, "width": 64}
+    planned = {**done, "seed": 3, "model_sha256": b, "embeddings": {}, "width": 128, "format": "dicom",
+               "loras": [{"name": "x", "weight": 0.5, "sha256": b}]}
+    assert described(done, planned, 0) == (   # image 3 had seed 10: the first run's --seed was 7
+        "--embeddings <t> aaaaaaaaaaaa (now none), --format png (now dicom), LoRAs none (now x:0.5 bbbbbbbbbbbb), "
+        "the --model file's sha256 aaaaaaaaaaaa (now bbbbbbbbbbbb), --seed 7 (now 0), image width 64 (now 128)")
 
 
 def test_torchrun_two_processes(model_files, tmp_path):

@@ -158,7 +158,7 @@ def test_resume_with_another_format_is_refused_and_old_png_manifests_still_resum
     capsys.readouterr()
     assert generate(model_files, tmp_path / "png", *args, "--format", "dicom", "--resume") == 2
     err = capsys.readouterr().err.strip()
-    assert "\n" not in err and "00000.png was made with other parameters (format)" in err, err
+    assert "\n" not in err and "00000.png was made with other parameters: --format png (now dicom);" in err, err
     assert generate(model_files, tmp_path / "dcm", *args, "--format", "dicom") == 0
     assert generate(model_files, tmp_path / "dcm", *args, "--resume") == 2
     manifest = tmp_path / "png" / "manifest.jsonl"   # as a medti from before the format was recorded wrote it

@@ -160,7 +160,7 @@ def test_trainer_reads_as_setup_resume_loop():
 def test_demo_prints_a_generate_command_that_works_and_reruns_cleanly(tmp_path):
     """Run as users type it (`python -m medti.train --demo`: the module is __main__, where the old TrainError
     identity bug lived). The printed command really generates; `demo` is no saved setting; a second run into the
-    same folder is one line naming the folder typed, and --resume continues it."""
+    same folder is one line naming the folder typed, and --resume continues it with its own settings."""
     out = tmp_path / "demo-run"
     demo = [sys.executable, "-m", "medti.train", "--demo", "--max-steps", "2", "--out", str(out)]
     first = subprocess.run(demo, capture_output=True, text=True, timeout=600, cwd=ROOT)
@@ -176,8 +176,11 @@ def test_demo_prints_a_generate_command_that_works_and_reruns_cleanly(tmp_path):
     again = subprocess.run(demo, capture_output=True, text=True, timeout=600, cwd=ROOT)
     assert again.returncode == 2 and again.stderr.strip().count("\n") == 0, again.stderr
     assert f"--out {out} holds a run already; pass --resume" in again.stderr and "Traceback" not in again.stderr
-    resumed = subprocess.run([*demo, "--resume"], capture_output=True, text=True, timeout=600, cwd=ROOT)
+    # --resume alone takes the run's own settings (--max-steps 2: nothing left to train), not the demo's 300 steps
+    resumed = subprocess.run([sys.executable, "-m", "medti.train", "--demo", "--resume", "--out", str(out)],
+                             capture_output=True, text=True, timeout=600, cwd=ROOT)
     assert resumed.returncode == 0, resumed.stderr[-2000:]
+    assert "the run is at step 2 already, --max-steps 2: nothing to train" in resumed.stderr
 
 
 @pytest.mark.parametrize("env, words", [

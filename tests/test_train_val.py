@@ -185,13 +185,40 @@ def test_val_fraction_split_is_reproducible_disjoint_and_recorded(data, tmp_path
     assert len(session.cache["mean"]) == 4 and len(session.val.latents) == 2
     assert not any(torch.equal(v / session.sd.scale_factor, m) for v in session.val.latents
                    for m in session.cache["mean"])
-    # --resume keeps the recorded split; another fraction (or none) is another run
-    for other in (["--val-fraction", "0.5"], []):
+    # --resume keeps the recorded split: another fraction is another run, refused saying both values: from the
+    # recorded command, or for a run without one (made before it was recorded) from state.safetensors
+    assert main(args(data, out, "--val-fraction", "0.5", "--max-steps", "3", "--seed", "3", "--resume")) == 2
+    assert f"{out} was trained with --val-fraction 0.34; you gave --val-fraction 0.5" in capsys.readouterr().err
+    record = (out / "command.private.json").read_bytes()
+    (out / "command.private.json").unlink()
+    for other, words in ((["--val-fraction", "0.5"], "--val-fraction 0.34 (now 0.5)"),
+                         (["--val-fraction", "0.34", "--val-draws", "4"], "--val-draws 8 (now 4)"),
+                         ([], "--val-fraction 0.34 (now no held-out images)"),
+                         (["--val", str(data[4])], "--val-fraction 0.34 (now a --val folder)")):
         assert main(args(data, out, *other, "--max-steps", "3", "--seed", "3", "--resume")) == 2
-        assert "other settings: the held-out images (--val, --val-fraction or --val-draws)" in capsys.readouterr().err
+        assert f"other settings: {words}; give the same ones" in capsys.readouterr().err
+    (out / "command.private.json").write_bytes(record)
     assert main(args(data, out, "--val-fraction", "0.34", "--max-steps", "4", "--seed", "3", "--checkpointing", "on",
                      "--resume")) == 0
     assert (out / "val.txt").read_text().splitlines() == held and sorted(val_losses(out)) == [2, 4]
+
+
+def test_the_held_out_refusal_says_what_differs():
+    """The cases a resumed run cannot reach by its flags alone: as many images of another --data (a count), a --val
+    folder with other images, and the words of a Python caller."""
+    from medti.training.resume import differences
+    from minisd.errors import INTERFACE
+
+    def saved(files: int, draws: int = 8, **about) -> dict:
+        return {"validation": {**about, "draws": draws, "files": [f"{i}.png" for i in range(files)]}}
+    token = INTERFACE.set("cli")
+    try:
+        assert differences(saved(12, fraction=0.2), saved(10, fraction=0.2)) == "held out 12 images (now 10)"
+        assert differences(saved(3, folder_sha256="a"), saved(3, folder_sha256="b", draws=4)) == \
+            "the images in --val, --val-draws 8 (now 4)"
+    finally:
+        INTERFACE.reset(token)
+    assert differences(saved(3, fraction=0.2), saved(2, fraction=0.1)) == "val_fraction='0.2' (now 0.1)"
 
 
 @pytest.mark.parametrize("extra,words", [

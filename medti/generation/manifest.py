@@ -7,6 +7,7 @@ PNG is on disk, so an image whose record is lost is simply made again by --resum
 """
 import json
 import os
+import shlex
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -70,6 +71,41 @@ def differences(done: dict, planned: dict) -> list:
     older manifest lacks counts as its ADDED value, so an old PNG run still resumes."""
     old = ADDED | done
     return sorted(k for k in old.keys() | planned.keys() if old.get(k) != planned.get(k))
+
+
+# What a record's field is called where it is not the flag --FIELD: the size and the files' hashes are read from
+# the model and the files, not typed
+NAMES = {"width": "image width", "height": "image height", "model_sha256": "the --model file's sha256",
+         "embeddings": "--embeddings", "loras": "LoRAs"}
+
+
+def _value(field: str, value) -> str:
+    """A record's value as the user would recognise it: a flag's value as typed, hashes cut to 12 digits."""
+    if value is None or value == {} or value == []:
+        return "none"
+    if field == "model_sha256":
+        return value[:12]
+    if field == "embeddings":   # {token: sha256 of its file}
+        return ", ".join(f"{token} {sha[:12]}" for token, sha in value.items())
+    if field == "loras":
+        return ", ".join(f"{item['name']}:{item['weight']:g} {item['sha256'][:12]}" for item in value)
+    text = shlex.quote(value) if isinstance(value, str) else str(value)
+    return text if len(text) <= 40 else text[:37] + "..."
+
+
+def described(done: dict, planned: dict, seed: int) -> str:
+    """`--steps 3 (now 4), --prompt x (now y)`: how a record on disk differs from the one planned, field by field,
+    the saved value first. `seed`: this run's --seed, from which the record's --seed is told (image i's seed is
+    --seed plus its row)."""
+    old = ADDED | done
+    words = []
+    for field in differences(done, planned):
+        before, now = old.get(field), planned.get(field)
+        if field == "seed" and isinstance(before, int):   # the same offset from --seed in both runs: the image's row
+            before, now = before - (now - seed), seed
+        name = NAMES.get(field, "--" + field.replace("_", "-"))
+        words.append(f"{name} {_value(field, before)} (now {_value(field, now)})")
+    return ", ".join(words)
 
 
 def parameters_text(rec: dict) -> str:

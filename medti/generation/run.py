@@ -24,7 +24,7 @@ from ..files.images import contact_sheet, load_image, load_mask, paste_back, sav
 from ..medical import synthetic
 from . import loras
 from .flags import UsageError, check_args
-from .manifest import Job, append, batches, differences, merge, parameters_text, read_records, record, repair
+from .manifest import Job, append, batches, described, differences, merge, parameters_text, read_records, record, repair
 from .pipeline import InitImage, SampleSettings, compile_for_inference, decode, sample
 from .preflight import GenerateError, check_finite, check_memory, check_scale
 from .progress import Progress
@@ -139,11 +139,12 @@ def generate(args, out: Path, texts: list, jobs: list, specs: list, rank: int, w
     emb.warn_other_base(loaded, model_hash)
     planned = {job.file: record(args, job, width, height, model_hash, loaded) | loras.record(specs) for job in jobs}
     done = read_records(out)   # only records whose PNG is on disk count
-    changed = [(f, fields) for f in done if f in planned and (fields := differences(done[f], planned[f]))]
+    changed = [file for file in done if file in planned and differences(done[file], planned[file])]
     if changed:
-        file, fields = changed[0]
-        raise UsageError(f"--out {out}: {file} was made with other parameters ({', '.join(fields)}); --resume "
-                         "continues the same run")
+        file = changed[0]
+        raise UsageError(f"--out {out}: {file} was made with other parameters: "
+                         f"{described(done[file], planned[file], args.seed)}; --resume continues the same run: give "
+                         "its parameters, or another --out")
     mine = [job for job in jobs if job.index % world == rank]   # this rank's share, fixed by the index alone
     todo = [job for job in mine if job.file not in done]
     part = out / f"manifest.part{rank}.jsonl"

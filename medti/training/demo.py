@@ -27,6 +27,7 @@ from minisd.load import state_dict
 from ..dataset.folder import load_dataset
 from ..files import embedding_file as emb
 from ..files.atomic import claim_folder, safetensors_bytes, write_atomic
+from .command import resumed_config
 from .config import TrainConfig, check_out, check_settings
 from .objective import cache_latents, denoising_loss, initial_vectors
 from .trainer import train
@@ -90,6 +91,11 @@ def heldout_loss(sd, token: str, vectors, latents, draws: int = 64, seed: int = 
     return total / draws
 
 
+# The settings demo_settings gives one value whatever the user typed (the model, data and sizes of the demo in
+# --out), as opposed to those it only caps (--vectors, --max-steps) or fills in when not typed (--token, --val).
+DEMO_SETS = ("model", "config", "data", "resolution", "save_every", "preview_every", "out")
+
+
 def demo_settings(cfg: TrainConfig, out: Path) -> TrainConfig:
     """The user's settings with the demo's model, data and a size that runs in minutes on a CPU. Validation on the
     held-out phantoms, unless the user chose --val or --val-fraction."""
@@ -110,19 +116,22 @@ def next_command(cfg: TrainConfig, learned: Path) -> str:
     return shlex.join(words)
 
 
-def run_demo(cfg: TrainConfig) -> tuple:
-    """Make the model and phantoms, train in --out, measure the held-out loss; returns (before, after)."""
+def run_demo(cfg: TrainConfig, typed=(), argv: list | None = None) -> tuple:
+    """Make the model and phantoms, train in --out, measure the held-out loss; returns (before, after). `typed`:
+    the names of the settings typed on the command line, which --resume takes as typed (the others are the run's,
+    from its command.private.json); `argv`: the flags as typed, recorded there."""
     out = Path(cfg.out or "demo-run")
-    run_cfg = demo_settings(cfg, out)
+    # what the demo sets itself counts as typed: the same for every run in this --out
+    run_cfg = resumed_config(demo_settings(cfg, out), {*typed, *DEMO_SETS})
     plan = check_settings(run_cfg)   # the user's flags first: nothing is written for a mistake in them
     with claim_folder(out):
         check_out(run_cfg)           # a used --out needs --resume, as for any run
-        tiny_model(out / "model", cfg.seed)   # both deterministic: a resumed demo rewrites the same bytes
-        phantoms(out / "phantoms", 24, cfg.seed)
-        held_out = phantoms(out / "phantoms-held-out", 8, cfg.seed + 1)
+        tiny_model(out / "model", run_cfg.seed)   # both deterministic: a resumed demo rewrites the same bytes
+        phantoms(out / "phantoms", 24, run_cfg.seed)
+        held_out = phantoms(out / "phantoms-held-out", 8, run_cfg.seed + 1)
         print("tiny RANDOM-weight model of the SD2 architecture (not a real model); phantom images in",
               out / "phantoms", file=sys.stderr)
-        learned_path = train(run_cfg, plan)
+        learned_path = train(run_cfg, plan, argv)
 
     sd = minisd.load(run_cfg.model, config=run_cfg.config)
     learned = emb.read(learned_path)

@@ -16,19 +16,49 @@ from .state import read_state, restore_state
 # a run saved before validation existed still resumes, and adding, dropping or changing it is refused.
 MAY_CHANGE = ("max_steps", "save_every", "preview_every", "preview_steps", "resume", "device", "out", "data",
               "checkpointing", "val", "val_fraction", "val_draws")
-# the stored settings that are no flag of their own, in the words of the flags behind them
-NOT_FLAGS = {"data_fingerprint": lambda: f"the images in {arg('data')}",
-             "validation": lambda: f"the held-out images ({arg('val')}, {arg('val_fraction')} or {arg('val_draws')})"}
+
+
+def shown(value) -> str:
+    """A setting's value as it would be typed in a shell, cut to 40 characters (a path can be long)."""
+    text = shlex.quote(value) if isinstance(value, str) else str(value)
+    return text if len(text) <= 40 else text[:37] + "..."
+
+
+def held_out(before: dict | None, now: dict | None) -> str:
+    """How the held-out images differ, in the words of the flags that chose them, the saved value first:
+    `--val-fraction 0.2 (now 0.1)`, `--val-draws 4 (now 8)`, `the images in --val`, `held out 12 images (now 10)`.
+    `before` and `now` are the "validation" settings (medti.training.validation.HeldOut.about, the draws and the
+    files), or None for a run without validation."""
+    def chosen(v: dict) -> str:   # how the images were chosen, as typed
+        if not v:
+            return "no held-out images"
+        return spoken("val_fraction", f"{v['fraction']:g}") if "fraction" in v else f"a {arg('val')} folder"
+    before, now = before or {}, now or {}
+    if "fraction" in before and "fraction" in now and before["fraction"] != now["fraction"]:
+        return f"{chosen(before)} (now {now['fraction']:g})"
+    if chosen(before) != chosen(now):
+        return f"{chosen(before)} (now {chosen(now)})"
+    parts = []
+    if before.get("folder_sha256") != now.get("folder_sha256"):
+        parts.append(f"the images in {arg('val')}")
+    if before.get("draws") != now.get("draws"):
+        parts.append(f"{spoken('val_draws', str(before.get('draws')))} (now {now.get('draws')})")
+    counts = len(before.get("files", [])), len(now.get("files", []))
+    if not parts and counts[0] != counts[1]:   # same fraction of another number of images (or of patients)
+        parts.append(f"held out {counts[0]} images (now {counts[1]})")
+    return ", ".join(parts) or "the held-out images (as many, but other ones)"
+
+
+# the stored settings that are no flag of their own, in the words of the flags behind them: (saved, now) -> text
+NOT_FLAGS = {"data_fingerprint": lambda before, now: f"the images in {arg('data')}",
+             "validation": held_out}
 
 
 def differences(before: dict, now: dict) -> str:
     """`--lr 0.005 (now 0.01), the images in --data`: what differs, flag by flag, with the saved value first."""
-    def shown(value) -> str:   # as it would be typed in a shell
-        text = shlex.quote(value) if isinstance(value, str) else str(value)
-        return text if len(text) <= 40 else text[:37] + "..."
     changed = sorted(k for k in before.keys() | now.keys() if before.get(k) != now.get(k))
-    return ", ".join(NOT_FLAGS[k]() if k in NOT_FLAGS else f"{arg(k)} {shown(before.get(k))} (now {shown(now.get(k))})"
-                     for k in changed)
+    return ", ".join(NOT_FLAGS[k](before.get(k), now.get(k)) if k in NOT_FLAGS else
+                     f"{arg(k)} {shown(before.get(k))} (now {shown(now.get(k))})" for k in changed)
 
 
 def resume(s) -> int:

@@ -26,6 +26,7 @@ from ..files.atomic import claim_folder, text_bytes, write_atomic
 from ..files.hashes import sha256_of
 from ..medical.window import parse_window
 from . import TrainError, distributed, methods
+from .command import write_command
 from .config import Plan, TrainConfig, check, check_out, uncaptioned
 from .dreambooth import class_cache, prior_preservation_loss
 from .objective import cache_latents, diffusion_loss, epoch_order, step_generator
@@ -237,14 +238,19 @@ def loop(s: Session, step: int) -> Path:
     return s.out / f"{s.name}.safetensors"
 
 
-def train(cfg: TrainConfig, plan: Plan) -> Path:
-    """Setup, start or resume, loop: in cfg.out, which the caller holds (claim_folder)."""
+def train(cfg: TrainConfig, plan: Plan, argv: list | None = None) -> Path:
+    """Setup, start or resume, loop: in cfg.out, which the caller holds (claim_folder). The command (`argv`, the
+    flags as typed; None for a Python caller) and the settings are recorded once the run has started, so that a
+    run that fails in setup leaves nothing behind."""
     check_out(cfg)
     session = setup(cfg, plan)
-    return loop(session, start_or_resume(session))
+    step = start_or_resume(session)
+    if distributed.main_process():   # one writer
+        write_command(session.out, cfg, argv)   # cfg as given: "" and 0 still mean "the method's", "the model's"
+    return loop(session, step)
 
 
-def run(cfg: TrainConfig) -> Path:
+def run(cfg: TrainConfig, argv: list | None = None) -> Path:
     """Check, hold --out for this run (a second run on it is refused; a failed run leaves no empty folder), train.
     Returns the path of the saved file. Under torchrun rank 0 holds the folder and writes; the others wait for it,
     then train alongside (medti.training.distributed)."""
@@ -252,4 +258,4 @@ def run(cfg: TrainConfig) -> Path:
     with distributed.process_group(plan.device):
         with claim_folder(cfg.out) if distributed.main_process() else contextlib.nullcontext():
             distributed.barrier()
-            return train(cfg, plan)
+            return train(cfg, plan, argv)
