@@ -154,3 +154,20 @@ def test_a_damaged_orientation_is_one_line_naming_the_file(tmp_path, orientation
     # and training lists the damaged one as skipped, with the reason
     data = load_dataset(tmp_path, 16, preprocess="none")
     assert data.names == ["IM0002"] and [(n, words in r) for n, r in data.skipped] == [("IM0001", True)]
+
+
+def test_a_damaged_position_or_text_for_numbers_is_one_line_naming_the_attribute(tmp_path):
+    """Image Position (Patient) needs 3 coordinates; a geometry attribute whose text is no number (pydicom keeps it as
+    text when reading) is named, not a ValueError from deep inside."""
+    from pydicom.dataelem import RawDataElement
+    two = save(image(np.zeros((4, 4), np.uint16), ImagePositionPatient=[0.0, 1.0],
+                     ImageOrientationPatient=[1.0, 0, 0, 0, 1.0, 0]), tmp_path / "two.dcm")
+    with pytest.raises(MedicalError, match=r"Image Position \(Patient\) \[0.0, 1.0\]: expected 3 finite"):
+        training_image(two, None)
+    ds = image(np.zeros((4, 4), np.uint16))
+    value = b"abc\\1\\0\\0\\1\\0 "   # even length, as DICOM values are (PS3.5 7.1.1)
+    ds[0x00200037] = RawDataElement(0x00200037, "DS", len(value), value, 0, False, True)
+    text = save(ds, tmp_path / "text.dcm")
+    with pytest.raises(MedicalError, match="ImageOrientationPatient .*abc.*: not numbers") as e:
+        training_image(text, None)
+    assert str(e.value).startswith(f"{text}: ") and "\n" not in str(e.value)
