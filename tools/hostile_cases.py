@@ -49,7 +49,9 @@ class Case:
             except UnicodeEncodeError:   # surrogate-escaped bytes: bash's $'...' with \x escapes
                 return "$'" + "".join(chr(b) if 32 <= b < 127 and chr(b) not in "'\\" else f"\\x{b:02x}"
                                       for b in os.fsencode(a)) + "'"
-        return " ".join(["python -m", self.module] + [quoted(a) for a in self.args])
+        shown = [quoted(a) if len(a) <= 200 else f"{quoted(a[:40])}...({len(a)} characters; see args)"
+                 for a in self.args]
+        return " ".join(["python -m", self.module] + shown)
 
 
 def printed(result, new) -> str | None:

@@ -1,6 +1,7 @@
 """The inputs of tools/hostile_rerun.py's hostile cases: good files to run the commands on (a tiny random model, phantom
 images, an embedding and a LoRA file trained for one step, random Inception weights) and damaged files with every
-extension the commands read. Deterministic: the same bytes on every run (numpy's generator, fixed seeds).
+extension the commands read (deterministic: the same bytes on every run, numpy's generator with fixed seeds); and
+the real medical files installed with the test dependencies (real_files), for its part (a).
 
     python tools/hostile_files.py model DIR        # the tiny random model (medti.training.demo.tiny_model)
     python tools/hostile_files.py inception FILE   # Inception weights in torch-fidelity's layout, random values
@@ -151,6 +152,29 @@ def alone(root: Path, paths: dict) -> dict:
         Path(folder / Path(path).name).write_bytes(Path(path).read_bytes())
         folders[name] = folder
     return folders
+
+
+def real_files() -> list:
+    """Every DICOM (the DICM magic, or *.dcm), NIfTI, MetaImage and NRRD file under the installed packages, once
+    per content (pydicom's test files and pydicom-data hold copies of each other)."""
+    import hashlib
+    import site
+    suffixes = (".dcm", ".nii", ".nii.gz", ".mha", ".mhd", ".nrrd")
+    found, seen = [], set()
+    for root in site.getsitepackages():
+        for folder, _, names in sorted(os.walk(root)):
+            for name in sorted(names):
+                path = Path(folder, name)
+                if path.is_symlink() or path.suffix in (".py", ".pyc", ".so"):
+                    continue
+                with path.open("rb") as f:
+                    head = f.read(132)
+                if name.lower().endswith(suffixes) or head[128:132] == b"DICM":
+                    digest = hashlib.sha256(path.read_bytes()).hexdigest()
+                    if digest not in seen:
+                        seen.add(digest)
+                        found.append(path)
+    return found
 
 
 def make_model(folder: str):

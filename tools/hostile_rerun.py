@@ -163,8 +163,8 @@ def verdict(result: Result, names: list, new_files: set) -> tuple[bool, str]:
         return False, f"traceback: {lines[-1] if lines else ''}"
     if result.rc < 0:
         return False, f"killed by signal {-result.rc}"
-    if len(lines) != 1:
-        return False, f"{len(lines)} stderr lines"
+    if len(lines) != 1:   # the last line is the error; show what came before it too
+        return False, f"{len(lines)} stderr lines: {lines[0][:120]!r} ... {lines[-1][:160]!r}"
     named = re.search(r"--[a-z]", lines[0]) or any(n and n in lines[0] for n in names)
     if not named:
         return False, "the line names no flag and no file"
@@ -173,34 +173,12 @@ def verdict(result: Result, names: list, new_files: set) -> tuple[bool, str]:
     return True, "refused in one line"
 
 
-def real_files() -> list:
-    """Every DICOM (the DICM magic, or *.dcm), NIfTI, MetaImage and NRRD file under the installed packages, once
-    per content (pydicom's test files and pydicom-data hold copies of each other)."""
-    import hashlib
-    import site
-    suffixes = (".dcm", ".nii", ".nii.gz", ".mha", ".mhd", ".nrrd")
-    found, seen = [], set()
-    for root in site.getsitepackages():
-        for folder, _, names in sorted(os.walk(root)):
-            for name in sorted(names):
-                path = Path(folder, name)
-                if path.is_symlink() or path.suffix in (".py", ".pyc", ".so"):
-                    continue
-                with path.open("rb") as f:
-                    head = f.read(132)
-                if name.lower().endswith(suffixes) or head[128:132] == b"DICM":
-                    digest = hashlib.sha256(path.read_bytes()).hexdigest()
-                    if digest not in seen:
-                        seen.add(digest)
-                        found.append(path)
-    return found
-
-
 def real_part(work: Path, options) -> list:
     import shutil
     rows = []
     for folder in ("real", "real-out"):   # new on every run
         shutil.rmtree(work / folder, ignore_errors=True)
+    from hostile_files import real_files
     for n, path in enumerate(real_files()):
         data, out = work / "real" / f"{n:03d}", work / "real-out" / f"{n:03d}"
         data.mkdir(parents=True)
@@ -234,8 +212,9 @@ def hostile_part(work: Path, options) -> list:
         else:
             clean, why = verdict(result, case.names, new)
             if case.must_run:
-                clean, why = False, f"a valid input refused: {result.stderr.strip().splitlines()[-1:]}"
-        rows.append({"group": case.group, "what": case.what, "command": case.line(), "clean": clean, "why": why,
+                clean, why = False, f"a valid input refused: {(result.stderr.strip().splitlines() or [''])[-1]!r}"
+        rows.append({"group": case.group, "what": case.what, "command": case.line(), "args": case.args,
+                     "clean": clean, "why": why,
                      **asdict(result)})
         print(f"{'clean' if clean else 'NOT CLEAN':9s} {case.group:10s} {case.what}: {why}", flush=True)
     return rows
