@@ -16,6 +16,7 @@ from pathlib import Path
 import numpy as np
 
 from . import MedicalError, require
+from .orientation import as_displayed, check_orientation
 from .volume import square_pixels
 from .window import FUNCTIONS, Window, described, display_scale, finite_values, to_uint8
 
@@ -183,21 +184,30 @@ def _line(error: Exception) -> str:
     return re.sub(r" ?<[^<>]* object at 0x[0-9a-f]+>", "", text)
 
 
-def _floats(ds, keyword: str) -> tuple | None:
-    return tuple(float(v) for v in ds[keyword].value) if ds is not None and keyword in ds else None
+def _floats(ds, keyword: str, path) -> tuple | None:
+    """A numeric attribute's values as floats; None where absent or empty. One value (a single-valued element, VM 1)
+    is a tuple of one, for the caller to refuse by its count; text that is no number is one line naming it."""
+    value = ds[keyword].value if ds is not None and keyword in ds else None
+    if value is None or value == "":
+        return None
+    try:
+        return tuple(float(v) for v in np.atleast_1d(np.asarray(value, dtype=object)))
+    except (TypeError, ValueError):
+        raise MedicalError(f"{path}: {keyword} {value!r}: not numbers; the file's geometry is damaged") from None
 
 
-def _geometry(ds, frames: int) -> tuple:
+def _geometry(ds, frames: int, path) -> tuple:
     """(per-frame positions, orientation, pixel spacing), each None where the file lacks it: at the top level
     (single-frame CT/MR, PS3.3 C.7.6.2), else in the functional groups (enhanced multi-frame: Plane Position
     per frame, Plane Orientation and Pixel Measures usually shared, C.7.6.16.2.3-4 and .1)."""
     if "ImagePositionPatient" in ds and frames == 1:
-        return (_floats(ds, "ImagePositionPatient"),), _floats(ds, "ImageOrientationPatient"), \
-            _floats(ds, "PixelSpacing")
-    positions = tuple(_floats(_shared(ds, "PlanePositionSequence", f), "ImagePositionPatient") for f in range(frames))
-    orientation = _floats(ds, "ImageOrientationPatient") or _floats(_shared(ds, "PlaneOrientationSequence"),
-                                                                    "ImageOrientationPatient")
-    spacing = _floats(ds, "PixelSpacing") or _floats(_shared(ds, "PixelMeasuresSequence"), "PixelSpacing")
+        return (_floats(ds, "ImagePositionPatient", path),), _floats(ds, "ImageOrientationPatient", path), \
+            _floats(ds, "PixelSpacing", path)
+    positions = tuple(_floats(_shared(ds, "PlanePositionSequence", f), "ImagePositionPatient", path)
+                      for f in range(frames))
+    orientation = _floats(ds, "ImageOrientationPatient", path) or \
+        _floats(_shared(ds, "PlaneOrientationSequence"), "ImageOrientationPatient", path)
+    spacing = _floats(ds, "PixelSpacing", path) or _floats(_shared(ds, "PixelMeasuresSequence"), "PixelSpacing", path)
     return (positions if all(positions) else None), orientation, spacing
 
 
@@ -208,7 +218,7 @@ def _aspect(ds, spacing: tuple | None, path) -> tuple | None:
     (C.7.6.3.1.7); None when the file says nothing (square, as stored). Sizes that are not positive numbers (a zero
     Pixel Spacing: an export that had none to give) are refused in one line: no image can be shaped by them."""
     for keyword in ("PixelSpacing", "ImagerPixelSpacing", "PixelAspectRatio"):
-        found = spacing if keyword == "PixelSpacing" else _floats(ds, keyword)
+        found = spacing if keyword == "PixelSpacing" else _floats(ds, keyword, path)
         if found and len(found) >= 2:
             if not (np.isfinite(found[:2]).all() and min(found[:2]) > 0):
                 raise MedicalError(f"{path}: {keyword} {list(found)}: pixel sizes must be positive numbers; the file's "
@@ -236,7 +246,12 @@ def read_dicom(path) -> DicomImage:
                            "(MONOCHROME1/MONOCHROME2) DICOM is read")
     stored = _decode(ds, path, pydicom)
     pixels = _modality(ds, stored, pydicom, path)   # [F, H, W]
-    positions, orientation, spacing = _geometry(ds, len(pixels))
+    positions, orientation, spacing = _geometry(ds, len(pixels), path)
+    if orientation is not None:   # damaged cosines refused here, for a series as for one slice
+        check_orientation(orientation, path)
+    if positions and any(len(p) != 3 or not np.isfinite(p).all() for p in positions):
+        bad = next(p for p in positions if len(p) != 3 or not np.isfinite(p).all())
+        raise MedicalError(f"{path}: Image Position (Patient) {list(bad)}: expected 3 finite coordinates in mm")
     windows = tuple(_window(ds, f) for f in range(len(pixels)))
     return DicomImage(pixels=pixels, photometric=photometric, windows=windows, patient=patient_of(ds),
                       aspect=_aspect(ds, spacing, path),
@@ -257,15 +272,22 @@ def training_image(path, window: Window | None):
     that medti.dataset turns into a skip with its reason. Multi-frame files and series are volumes, read by
     medti.medical.dicom_series; one reaching this function has frames but no geometry, and is refused. Pixels that
     are not square (Pixel Spacing rows != columns, see _aspect) are resampled to square ones of the finer size, as
-    volumes' slices are, so a later resize to the model's size does not stretch the anatomy."""
+    volumes' slices are, so a later resize to the model's size does not stretch the anatomy. A slice that carries
+    Image Orientation (Patient) is turned to the radiological view of its own plane, exactly as its series would show
+    it (medti.medical.orientation); one without (CR/DX, secondary captures) is shown as stored."""
     from PIL import Image
     image = read_dicom(path)
     if len(image.pixels) > 1:
         raise MedicalError(f"{path}: {len(image.pixels)} frames without per-frame positions: not a volume and not one "
                            "image; export the frames you want as single images")
-    scaled = display_scale(image.pixels[0], window or image.window, image.photometric)
-    if image.aspect is not None:   # non-square pixels: resampled to square, as volumes' slices are (the finer size)
-        scaled = square_pixels(scaled, *image.aspect)
+    pixels, aspect = image.pixels[0], image.aspect
+    if image.orientation is not None:   # shown as its series shows it (medti.medical.orientation)
+        pixels, aspect = as_displayed(pixels, image.orientation, aspect or (1.0, 1.0), path)
+    scaled = display_scale(pixels, window or image.window, image.photometric)
+    if image.orientation is not None:   # float32 between scaling and rounding, as a series' slices are
+        scaled = scaled.astype(np.float32)
+    if aspect is not None:   # non-square pixels: resampled to square, as volumes' slices are (the finer size)
+        scaled = square_pixels(scaled, *aspect)
     shown = Image.fromarray(np.floor(np.clip(scaled, 0, 255) + 0.5).astype(np.uint8))   # round half up, as to_uint8
     shown.info["window"] = described(window, image.window)
     return shown, image.patient

@@ -16,7 +16,7 @@ import numpy as np
 from . import MedicalError, require
 from .dicom import read_dicom
 from .volume import Volume, from_image
-from .window import PerFrame, Window, display_scale
+from .window import PerFrame, Window, display_scale, series_window
 
 # Slices count as evenly spaced when every gap is within 1 % of the median gap (+ 1 µm): positions are written as
 # decimal strings of at most 16 characters, good to far better than that, so a larger spread is a missing slice.
@@ -132,11 +132,15 @@ class DicomVolume:
     description: str | None = None
 
     def read(self, name: str, case: str | None = None, window: Window | None = None) -> tuple:
-        """(the Volume, its first file: photometric interpretation and Patient, its own window). The own window is
-        the first file's, or PerFrame when a multi-frame file's frames carry different windows and no `window` (the
-        user's --window) overrides them: each frame is then scaled by its own (by_frame)."""
-        s = _order(None, [read_dicom(p) for p in self.paths]) if len(self.paths) > 1 else series(self.paths)[0]
-        s, own = by_frame(s) if window is None and len(self.paths) == 1 else (s, s.images[0].window)
+        """(the Volume, its first file: photometric interpretation and Patient, its own window). The own window of a
+        series of files is one for all its slices (medti.medical.window.series_window: theirs where they agree, else
+        their median); a multi-frame file's is its first frame's, or PerFrame when its frames carry different windows
+        and no `window` (the user's --window) overrides them: each frame is then scaled by its own (by_frame)."""
+        if len(self.paths) > 1:
+            s = _order(None, [read_dicom(p) for p in self.paths])
+            return to_volume(s, name, case), s.images[0], series_window(s.windows)
+        s = series(self.paths)[0]
+        s, own = by_frame(s) if window is None else (s, s.images[0].window)
         return to_volume(s, name, case), s.images[0], own
 
 

@@ -13,8 +13,9 @@ values have no absolute unit, but within one series they are comparable; a per-s
 volume's own folder (`case1/mask.nii.gz` for `case1/t2w.mha`); a path (with a "/") is one mask file for every volume.
 Mask files (that name, or anything in that folder) are never training images. A volume without its mask is skipped
 with the reason. DICOM series and multi-frame files (medti.medical.dicom_series) are volumes like the others, scaled by
---window, else their first file's own window (a multi-frame file whose frames carry different windows: each frame by
-its own, dicom_series.by_frame), else min-max over the whole series.
+--window, else their own window: one for a whole series of files (theirs, or their median where they differ:
+window.series_window), a multi-frame file's first frame's (or each frame's own where they differ,
+dicom_series.by_frame), else min-max over the whole series.
 """
 from dataclasses import dataclass, replace
 from pathlib import Path

@@ -31,6 +31,30 @@ class PerFrame:
     windows: tuple   # the distinct windows, in frame order
 
 
+@dataclass(frozen=True)
+class SeriesWindow(Window):
+    """The one window of a series of single-frame files whose own windows differ (series_window): the median of
+    theirs. An MR scanner sets each image's window from that image's content, so the first slice's (an edge slice,
+    mostly noise) would clip the middle of the volume; the median follows the bulk of the slices and does not depend
+    on which end the series starts from."""
+    windows: int = 0   # how many distinct windows the slices carried
+
+
+def series_window(windows) -> Window | None:
+    """One scale for the slices of a series (a volume keeps one scale over all its slices): the window every slice
+    that carries one agrees on; where they differ, a SeriesWindow of the median Window Center and the median Window
+    Width over those slices, with the VOI LUT Function they share (LINEAR where they mix functions); None when no
+    slice carries a window, or the median width is one its function forbids (then min-max over the series)."""
+    found = [w for w in windows if w is not None]
+    distinct = list(dict.fromkeys(found))
+    if len(distinct) < 2:
+        return distinct[0] if distinct else None
+    functions = {w.function for w in found}
+    median = SeriesWindow(float(np.median([w.center for w in found])), float(np.median([w.width for w in found])),
+                          functions.pop() if len(functions) == 1 else "LINEAR", len(distinct))
+    return median if median.valid else None
+
+
 # Conventional CT windows in HU (center, width), the values radiology teaching uses (e.g. Radiopaedia, "Windowing
 # (CT)"); sites and vendors vary by some tens of HU. They are a starting point to name, not a standard: the DICOM
 # standard defines how a window maps values, never which window suits an organ.
@@ -132,6 +156,9 @@ def described(given: Window | None, own: Window | None = None, otherwise: str = 
         return f"--window {given.center:g},{given.width:g}"
     if own is None:
         return otherwise
+    if isinstance(own, SeriesWindow):
+        return (f"the series' median {own.center:g},{own.width:g}" + (f" {own.function}" if own.function != "LINEAR"
+                else "") + f" (of {own.windows} windows)")
     if isinstance(own, PerFrame):
         first, last = own.windows[0], own.windows[-1]
         return (f"each frame's own window ({len(own.windows)} windows, {first.center:g},{first.width:g} ... "
