@@ -94,9 +94,8 @@ def _files(name_or_folder) -> tuple:
                                 "facebook/dinov2-* releases do (minisd reads no pytorch_model.bin)")
         return folder / FILES[0], folder / FILES[1]
     if folder.exists() or not HUB_NAME.fullmatch(str(name_or_folder)):
-        absent = "" if folder.exists() else "no such folder, and "
-        raise LoadError(f"{arg('dinov2')} {name_or_folder}: {absent}neither a folder with {' and '.join(FILES)} nor "
-                        "a hub name such as facebook/dinov2-large")
+        what = f"neither a folder with {' and '.join(FILES)} nor" if folder.exists() else "no such folder, and not"
+        raise LoadError(f"{arg('dinov2')} {name_or_folder}: {what} a hub name such as facebook/dinov2-large")
     return _from_hub(str(name_or_folder))
 
 

@@ -176,7 +176,7 @@ def test_a_dinov2_path_that_does_not_exist_is_one_line(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     with pytest.raises(LoadError) as e:
         dinov2_load.load_dinov2("./weights")
-    assert "./weights: no such folder, and neither a folder with config.json and model.safetensors" in str(e.value)
+    assert "./weights: no such folder, and not a hub name such as facebook/dinov2-large" in str(e.value)
 
 
 @pytest.fixture
