@@ -6,6 +6,7 @@ permission denied) into one line, because that is the user's to fix too, and Ctr
 traceback.
 """
 import argparse
+import difflib
 import os
 import sys
 from collections.abc import Callable
@@ -14,9 +15,21 @@ import torch
 
 from minisd.errors import INTERFACE, UserError
 
+# The longest error line printed: about eight lines of a 120-column terminal. A message longer than that holds a
+# dump (a whole prompt, every key of a file) in which its advice, at the end, is lost; the sources quote values
+# shortened (minisd.errors.quoted, some), and this is the backstop for any that does not.
+MAX_MESSAGE = 1000
 
-def one_line(text: str) -> str:
-    return " ".join(str(text).split())
+
+def one_line(text: str, limit: int = MAX_MESSAGE) -> str:
+    """A message as one line of at most about `limit` characters: its start (what and where) and its end (the fix)
+    are kept, whole words, and the middle is left out, saying how much."""
+    text = " ".join(str(text).split())
+    if len(text) <= limit:
+        return text
+    head = text[:limit * 2 // 3].rsplit(" ", 1)[0]
+    tail = text[-(limit // 4):].split(" ", 1)[-1]
+    return f"{head} … [{len(text) - len(head) - len(tail):,} characters left out] … {tail}"
 
 
 class ArgumentParser(argparse.ArgumentParser):
@@ -29,7 +42,33 @@ class ArgumentParser(argparse.ArgumentParser):
         super().__init__(*args, allow_abbrev=False, **kwargs)
 
     def error(self, message: str):
-        self.exit(2, f"error: {one_line(message)} (see {self.prog} --help)\n")
+        self.exit(2, f"error: {one_line(message)}{self._suggestion(message)} (see {self.prog} --help)\n")
+
+    def _suggestion(self, message: str) -> str:
+        """For an unknown flag, the nearest flags of this parser and its subcommands by difflib's ratio (0.6 and
+        up, its default: `--max-step` -> `--max-steps`, `--val-fration` -> `--val-fraction`), as ", did you mean
+        --x?". argparse itself suggests only for a mistyped choice (3.12 and later), never for a flag."""
+        prefix = "unrecognized arguments: "
+        if not message.startswith(prefix):
+            return ""
+        flags = self._all_flags()
+        words = [w.split("=")[0] for w in message[len(prefix):].split() if w.startswith("--") and len(w) > 2]
+        # compared without the leading "--", which every flag shares (it made `--bogus` look like `--out`)
+        names = {flag[2:]: flag for flag in flags}
+        near = [names[m] for w in words if w not in flags for m in difflib.get_close_matches(w[2:], names, n=1)]
+        return f"; did you mean {' or '.join(dict.fromkeys(near))}?" if near else ""
+
+    def _all_flags(self) -> list:
+        """Every long flag of this parser and of its subcommands' parsers (an unknown flag of `medti.data preview`
+        is reported by the top parser, which does not hold the subcommand's flags)."""
+        flags, parsers = [], [self]
+        while parsers:
+            parser = parsers.pop()
+            for action in parser._actions:
+                flags += [s for s in action.option_strings if s.startswith("--")]
+                if isinstance(action, argparse._SubParsersAction):
+                    parsers += list(action.choices.values())
+        return list(dict.fromkeys(flags))
 
     def typed(self, args) -> set:
         """The destinations of the options typed in args: args parsed again with every default suppressed, so that

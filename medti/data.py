@@ -20,7 +20,7 @@ from .cli import ArgumentParser, run_main
 from .dataset.folder import pseudonyms
 from .files.atomic import inside, write_atomic
 from .files.images import contact_sheet, save_png
-from .training import TrainError
+from .training import TrainError, check_folder
 from .training.config import TrainConfig, add_flags
 from .training.trainer import load_data
 
@@ -42,8 +42,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def check_out(args):
     out = Path(args.out)
-    if not args.data or not Path(args.data).is_dir():
-        raise TrainError(f"--data {args.data!r}: not a folder of images")
+    check_folder("data", args.data, "images")
     if inside(out, args.data):
         raise TrainError(f"--out {out} is inside --data {args.data}: its PNGs would become training images there; "
                          "choose an --out outside that folder")

@@ -26,7 +26,7 @@ from .files.atomic import claim_folder, inside
 from .quality.features import DEFAULT_DINOV2, FEATURES, EvalError, encode, load_network
 from .quality.folders import DATA_FLAGS, Reading, load_set, reading, set_flags
 from .quality.report import write_report
-from .quality.run_scores import score_run, step_files
+from .quality.run_scores import check_run, score_run
 from .quality.scoring import check_sizes, progress, real_side, score
 from .quality.stats import save_features, save_stats
 from .training.config import add_flags
@@ -106,6 +106,8 @@ def check_args(args) -> Reading:
     if (args.fake or args.run) and not args.out:
         raise EvalError(f"--out DIR is needed with {'--fake' if args.fake else '--run'}: it receives the reports "
                         "and plots")
+    if Path(args.real).suffix == STATS_SUFFIX and not Path(args.real).is_file():   # before the network loads
+        raise EvalError(f"--real {args.real}: no such file (a statistics file, by its {STATS_SUFFIX} name)")
     if args.save_stats and Path(args.real).suffix == STATS_SUFFIX:
         raise EvalError(f"--real {args.real} is already a statistics file; --save-stats needs an image folder")
     if args.save_stats and Path(args.save_stats).suffix != STATS_SUFFIX:
@@ -127,7 +129,7 @@ def check_args(args) -> Reading:
     if args.out:
         check_out(args)
     if args.run:
-        step_files(Path(args.run))   # a folder without saved steps fails now, not after the real set is encoded
+        check_run(args)   # a folder without saved steps or a model generate cannot load fails now, not after encoding
     if Path(args.real).suffix == STATS_SUFFIX and set_flags(args):
         raise EvalError(f"{set_flags(args)[0]} says how a --real folder is read; --real {args.real} is a statistics "
                         "file, read when it was saved: leave it out")
@@ -140,13 +142,14 @@ def run(args):
     # Both sets are read before the network is loaded or anything encoded: a wrong folder fails in seconds.
     real_set = None if Path(args.real).suffix == STATS_SUFFIX else load_set(args.real, "real", minimum=2, how=how)
     fake_set = load_set(args.fake, "fake", minimum=2) if args.fake else None
-    if real_set and fake_set:
-        check_sizes(args, len(real_set.names), len(fake_set.names))
+    n_fake = len(fake_set.names) if fake_set else args.n if args.run else 0   # --run: --n images per step
+    if real_set and n_fake:
+        check_sizes(args, len(real_set.names), n_fake)
     net = load_network(args.features, args.inception, args.dinov2, device, args.antialias)
     print(f"{net.name}: {net.weights} (sha256 {net.weights_sha256[:12]})", file=sys.stderr)
     real = real_side(args, net, real_set)
-    if fake_set and not real_set:   # a statistics file: its image count is known once it is read
-        check_sizes(args, len(real.names), len(fake_set.names))
+    if n_fake and not real_set:   # a statistics file: its image count is known once it is read
+        check_sizes(args, len(real.names), n_fake)
     if args.save_stats:
         save_stats(args.save_stats, real, net)
         print(f"wrote {args.save_stats} ({len(real.names)} images)", file=sys.stderr)

@@ -3,6 +3,7 @@
 and every tensor of the file checked, so a file of another network is refused in one line.
 """
 import json
+import re
 from dataclasses import fields
 from pathlib import Path
 
@@ -10,11 +11,15 @@ import torch
 
 from .config import LoadError, check_value
 from .dinov2 import DINOv2, DINOv2Config
-from .errors import arg, spoken
+from .errors import arg, excerpt, spoken
 from .hub import hub_reachable
 from .tensorfile import FLOATS, TensorFile, check_finite
 
 FILES = ("config.json", "model.safetensors")
+# A hub repo id as huggingface_hub's validate_repo_id takes it: owner/name of letters, digits, "-", "_" and ".", not
+# starting or ending with "-" or "."; anything else ("./weights", "../dinov2") is a local path that is not there
+# (huggingface_hub raised HFValidationError, a traceback).
+HUB_NAME = re.compile(r"(?![.-])[\w.-]+(?<![.-])/(?![.-])[\w.-]+(?<![.-])", re.ASCII)
 
 
 # config.json fields without effect here: metadata, training only (dropout, drop path), Dinov2Backbone's, labels.
@@ -57,7 +62,10 @@ def _from_hub(repo: str) -> tuple:
     """(config.json, model.safetensors) of a hub release, from huggingface_hub's cache or downloaded into it.
     Offline without a cached copy fails at once, as minisd.hub does (one TCP probe, not ~25 s of retries)."""
     from huggingface_hub import constants, hf_hub_download, try_to_load_from_cache
-    cached = all(isinstance(try_to_load_from_cache(repo, name), str) for name in FILES)
+    try:
+        cached = all(isinstance(try_to_load_from_cache(repo, name), str) for name in FILES)
+    except ValueError as e:   # HFValidationError: a name HUB_NAME lets through ("a--b/c") that the hub refuses
+        raise LoadError(f"{arg('dinov2')} {repo}: not a hub name ({excerpt(e)}); e.g. facebook/dinov2-large") from None
     offline = constants.HF_HUB_OFFLINE or not hub_reachable(constants.ENDPOINT)
     fetch_hint = (f"fetch {' and '.join(FILES)} from {constants.ENDPOINT}/{repo} into a folder and pass "
                   f"{spoken('dinov2', 'FOLDER', repr('FOLDER'))}")
@@ -85,9 +93,9 @@ def _files(name_or_folder) -> tuple:
                 raise LoadError(f"{folder}: no {name}; a DINOv2 folder holds {' and '.join(FILES)} as the "
                                 "facebook/dinov2-* releases do (minisd reads no pytorch_model.bin)")
         return folder / FILES[0], folder / FILES[1]
-    if folder.exists() or str(name_or_folder).count("/") != 1:
-        raise LoadError(f"{arg('dinov2')} {name_or_folder}: neither a folder with {' and '.join(FILES)} nor a hub "
-                        "name such as facebook/dinov2-large")
+    if folder.exists() or not HUB_NAME.fullmatch(str(name_or_folder)):
+        what = f"neither a folder with {' and '.join(FILES)} nor" if folder.exists() else "no such folder, and not"
+        raise LoadError(f"{arg('dinov2')} {name_or_folder}: {what} a hub name such as facebook/dinov2-large")
     return _from_hub(str(name_or_folder))
 
 

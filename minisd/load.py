@@ -182,7 +182,7 @@ def resolve(model, config) -> tuple:
         from .diffusers import open_folder  # not needed for single files
         return (*open_folder(path), None)
     if not path.is_file():
-        raise LoadError(f"{model}: no such file, and not a preset ({', '.join(table)})")
+        raise LoadError(f"{spoken('model', str(model))}: no such file, and not a preset ({', '.join(table)})")
     if config is None:
         guess = next((n for n, p in table.items() if p["filename"] == path.name), None)
         raise LoadError(f"{path}: which model is this? " + (f"pass {spoken('config', guess)}" if guess else

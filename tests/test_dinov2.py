@@ -179,7 +179,7 @@ def test_folder_errors(plain, tmp_path):
     Dinov2ForImageClassification(Dinov2Config(**SMALL, num_labels=5)).save_pretrained(tmp_path / "probe")
     assert "unexpected key classifier.bias (and 44 more)" in load_error(tmp_path / "probe")
     assert "neither a folder" in load_error(tmp_path / "model.safetensors")
-    assert "neither a folder" in load_error("not a name")
+    assert "no such folder, and not a hub name" in load_error("not a name")
 
 
 @pytest.mark.parametrize("field, value, words", [

@@ -222,7 +222,7 @@ def test_non_finite_steps_are_skipped_and_stop_the_run(secret_data, tmp_path, ca
     (["--resume"], "no state.safetensors to continue from"),
     (["--template", "{tmp}/bad.txt"], "every line needs a {}"),
     (["--data", "{tmp}/empty"], "empty"),
-    (["--data", "{tmp}/nowhere"], "not a folder of training images"),
+    (["--data", "{tmp}/nowhere"], "nowhere: no such folder"),
 ])
 def test_bad_inputs_are_one_line_errors(secret_data, tmp_path, capsys, extra, words):
     folder, model, config = secret_data

@@ -231,7 +231,7 @@ def test_the_held_out_refusal_says_what_differs():
     (["--val-fraction", "0.05"], "--val-fraction 0.05 of 6 image(s) holds out 0"),
     (["--val-fraction", "0.95"], "--val-fraction 0.95 of 6 image(s) holds out 6"),
     (["--val", "{tmp}/empty"], "--val {tmp}/empty: no usable image"),
-    (["--val", "{tmp}/nowhere"], "--val '{tmp}/nowhere': not a folder of validation images"),
+    (["--val", "{tmp}/nowhere"], "--val {tmp}/nowhere: no such folder"),
     (["--val", "{train}"], "overlap"),
     (["--val-draws", "0"], "--val-draws 0: must be at least 1"),
 ])

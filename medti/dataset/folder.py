@@ -3,6 +3,7 @@ channels, DICOM and volumes (sources.py says what each file is and reads it), ea
 the files left out with the reason. The fingerprint hashes the bytes of exactly the files used."""
 import hashlib
 import sys
+import unicodedata
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -10,6 +11,7 @@ import numpy as np
 import torch
 
 from minisd.errors import UserError
+from minisd.tokenizer import MAX_PROMPT_TOKENS
 
 from ..medical.slices import SliceOptions, check_options
 from .patients import keys
@@ -60,13 +62,39 @@ def survey_folder(folder) -> Survey:
     return Survey(found, not_images(folder, files, found))
 
 
-def check_captions(data: Dataset, folder, where: str):
+def caption_text(path: Path, raw: bytes) -> str:
+    """A caption file's text on one line (a newline in a prompt would split nothing here), or a DataError naming
+    the file: it must be UTF-8 (a leading byte-order mark, as Windows Notepad writes, is allowed) without control
+    characters other than tabs and line ends. Anything else is the bytes of some other file, and was trained on as
+    U+FFFD replacement characters."""
+    try:
+        text = raw.decode("utf-8-sig")
+    except UnicodeDecodeError as e:
+        raise DataError(f"{path}: not a UTF-8 text file (byte {raw[e.start]:#04x} at offset {e.start}); a caption "
+                        "is plain text: save it as UTF-8") from None
+    bad = next((i for i, c in enumerate(text) if unicodedata.category(c) == "Cc" and c not in "\t\n\r"), None)
+    if bad is not None:
+        raise DataError(f"{path}: holds the control character {text[bad]!r} at character {bad}, so it is no text "
+                        "file; a caption is plain text")
+    return " ".join(text.split())
+
+
+def check_captions(data: Dataset, folder, where: str, tokens=None):
     """With --captions: none of the images having a caption file is a DataError (the files are missing or named
-    otherwise: training on the bare template is not what was asked); some missing is a warning naming them."""
+    otherwise: training on the bare template is not what was asked); some missing is a warning naming them.
+    `tokens(caption)`: the tokens of the longest training prompt with that caption in it. One past what the text
+    tower reads (MAX_PROMPT_TOKENS) is a DataError naming the caption file: the tower would cut it silently, and
+    generate refuses such a prompt (medti.generation.prompts.check_length)."""
     missing = [name for name, caption in zip(data.names, data.captions, strict=True) if not caption]
     hint = "a caption is IMAGE.txt beside IMAGE.png (2-D files only), not empty"
     if len(missing) == len(data.names):
         raise DataError(f"{folder}: none of its {len(missing)} image(s) has a caption; {hint}")
+    for name, caption in zip(data.names, data.captions, strict=True):
+        count = tokens(caption) if tokens and caption else 0
+        if count > MAX_PROMPT_TOKENS:
+            raise DataError(f"{Path(folder) / Path(name).with_suffix('.txt')}: with this caption the training prompt "
+                            f"holds {count} tokens, {count - MAX_PROMPT_TOKENS} more than the {MAX_PROMPT_TOKENS} "
+                            "that fit (generate refuses such a prompt); shorten the caption")
     if missing:
         names = "; ".join(missing[:5]) + (" ..." if len(missing) > 5 else "")
         print(f"warning: {len(missing)} of {len(data.names)} image(s) in {where} have no caption, their prompt "
@@ -162,7 +190,8 @@ def load_dataset(folder, resolution: int, preprocess: str = "center", channels: 
             names.append(name)
             patients.append(patient)
             windows.append(window)
-            texts.append(image.info.get("caption", ""))
+            raw = image.info.get("caption")
+            texts.append(caption_text(folder / Path(name).with_suffix(".txt"), raw) if raw is not None else "")
         used.update(data)
     if not arrays:
         raise DataError(nothing_usable(folder, skipped, channels))

@@ -173,7 +173,8 @@ def _inside(folder: Path, source):
 def item_images(folder: Path, name: str, source, channels, options, captions: bool = False) -> tuple[list, dict]:
     """([(name, 8-bit image, patient)], {relative path: bytes}) of one file or case (`source`: a file or
     {channel: file}). Volumes give one image per chosen slice, all of one patient: medti.medical.slices.item.
-    With `captions`, a 2-D file's caption (its .txt twin, as A1111 and kohya read them) goes to info["caption"]."""
+    With `captions`, a 2-D file's caption file (its .txt twin, as A1111 and kohya read them) goes to info["caption"]
+    as its bytes."""
     _inside(folder, source)
     with medical_errors(source):
         volume = volume_item(name, source, channels, options)   # None: not a volume (or a case of volumes)
@@ -186,10 +187,9 @@ def item_images(folder: Path, name: str, source, channels, options, captions: bo
         data = {name: file_bytes(source)}
         image = decode(source, data[name], options.window)
         if captions and source.with_suffix(".txt").is_file():
-            caption = source.with_suffix(".txt")
-            data[caption.relative_to(folder).as_posix()] = file_bytes(caption)
-            image.info["caption"] = " ".join(data[caption.relative_to(folder).as_posix()].decode(errors="replace")
-                                             .split())   # one line: a newline in a prompt would split nothing here
+            caption = source.with_suffix(".txt").relative_to(folder).as_posix()
+            data[caption] = file_bytes(source.with_suffix(".txt"))
+            image.info["caption"] = data[caption]   # bytes: medti.dataset.folder.caption_text checks and decodes
     patient = image.info.get("patient")   # a DICOM file's Patient (medti.dataset.patients keys it), else the file
     return [(name, image, replace(patient, fallback=name) if patient else name)], data
 

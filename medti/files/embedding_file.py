@@ -26,7 +26,7 @@ from pathlib import Path
 import torch
 from safetensors import safe_open
 
-from minisd.errors import UserError
+from minisd.errors import UserError, excerpt
 
 from .atomic import safetensors_bytes, write_atomic
 
@@ -75,18 +75,23 @@ def _load(path: Path) -> tuple[object, dict]:
         # nn.Parameter, which is on the allow-list. They were saved from cuda:0, hence map_location.
         return torch.load(path, map_location="cpu", weights_only=True), {}
     except Exception as e:   # UnpicklingError for a refused global, RuntimeError/EOFError for a damaged file
-        found = re.search(r"GLOBAL ([\w.]+)", str(e))   # the name of the refused global, if that was the reason
-        why = f"it pickles {found[1]}" if found else re.sub(r"\x1b\[\d+m|\s+", " ", str(e)).strip()[:160]
+        text = re.sub(r"\x1b\[\d+m", "", str(e))   # colour codes some torch builds put in the message
+        found = re.search(r"GLOBAL ([\w.]+)", text)   # the name of the refused global, if that was the reason
+        # torch's weights-only refusals open with the same advice (to load with weights_only=False, which would run
+        # the file's code); what differs, and what is said, follows "WeightsUnpickler error:"
+        reason = re.search(r"WeightsUnpickler error:(.+?)(?:Check the documentation|$)", text, re.S)
+        why = f"it pickles {found[1]}" if found else excerpt(reason[1] if reason else text)
         raise EmbeddingError(f"{path}: refused by torch.load(weights_only=True): {type(e).__name__}, {why}") from None
 
 
 def read(path) -> Embedding:
     """One embedding file in any format above -> Embedding. The caller checks the width against its model."""
     path = Path(path)
+    if not path.is_file():   # first: a missing folder's name has no extension, and was called an unknown one
+        raise EmbeddingError(f"{path}: " + ("a folder; give one embedding file" if path.is_dir() else
+                                            "no such file" if not path.exists() else "not a regular file"))
     if path.suffix not in EXTENSIONS:
         raise EmbeddingError(f"{path}: unknown extension {path.suffix!r}; embeddings are {', '.join(EXTENSIONS)}")
-    if not path.is_file():
-        raise EmbeddingError(f"{path}: no such file")
     data, meta = _load(path)
     if not isinstance(data, dict):
         raise EmbeddingError(f"{path}: holds a {type(data).__name__}, not a dict of embedding tensors")
@@ -151,13 +156,16 @@ def write(path, emb: Embedding) -> None:
     write_atomic(path, safetensors_bytes({emb.token: vectors}, metadata=meta))
 
 
+FORMAT_NAMES = {"a1111": "an A1111", "diffusers": "a diffusers"}   # "a a1111 file" read as a typo
+
+
 def export(emb: Embedding, path, fmt: str) -> None:
     """fmt "a1111": the dict A1111's Embedding.save writes (torch.save of plain dicts, ints, strings and one
     tensor, so weights_only loading accepts it); A1111 names it after the file stem, so name the file after the
     token. fmt "diffusers": {token: [n, width]} safetensors with diffusers' metadata {"format": "pt"}."""
     suffixes = {"a1111": (".pt", ".bin"), "diffusers": (".safetensors",)}.get(fmt)
     if suffixes and Path(path).suffix not in suffixes:   # read() goes by the extension, as A1111 and diffusers do
-        raise EmbeddingError(f"{path}: a {fmt} file must end in {' or '.join(suffixes)}")
+        raise EmbeddingError(f"{path}: {FORMAT_NAMES[fmt]} file must end in {' or '.join(suffixes)}")
     vectors = _vectors(path, emb.vectors, emb.token, flat_ok=False)
     if fmt == "a1111":
         data = {"string_to_token": {"*": 265},   # 265 is "*" in CLIP's vocabulary; A1111 writes it, never reads it

@@ -26,7 +26,7 @@ from safetensors import safe_open
 
 from minisd import lora
 from minisd.diffusers_keys import QKV, openai_name, openclip_name, unet_name
-from minisd.errors import UserError
+from minisd.errors import UserError, excerpt
 
 from .atomic import safetensors_bytes, write_atomic
 from .embedding_file import WIDTHS
@@ -138,13 +138,15 @@ def write(path, unet, tower=None, meta: dict | None = None) -> None:
 
 def _open(path: Path) -> tuple[dict, dict]:
     """(tensors, metadata) of a .safetensors file, or of a diffusers `.bin` (torch.load, weights only)."""
+    if not path.exists():   # not relayed as Python's "[Errno 2] No such file or directory: ..."
+        raise LoRAFileError(f"{path}: no such file")
     try:
         if path.suffix == ".safetensors":
             with safe_open(str(path), framework="pt") as f:
                 return {k: f.get_tensor(k) for k in f.keys()}, dict(f.metadata() or {})
         return dict(torch.load(path, map_location="cpu", weights_only=True)), {}
     except Exception as err:   # the library's own message, on one line
-        why = str(err).splitlines()[0]
+        why = excerpt(str(err).splitlines()[0])
         if why.startswith("Weights only load failed"):   # torch's advice there (weights_only=False) is no flag of ours
             why = "not .safetensors, nor a torch file of tensors alone: pickled code is never run"
         raise LoRAFileError(f"{path}: not a readable LoRA file ({why})") from None

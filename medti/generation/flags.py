@@ -123,3 +123,14 @@ def check_args(args):
     if args.paste_back and not args.mask:
         raise UsageError("--paste-back needs --init-image and --mask (it keeps the pixels outside the mask)")
 
+    check_inputs(args)
+
+
+def check_inputs(args):
+    """Input paths that do not exist, named with their flag before the model loads (a missing --embeddings folder
+    was reported, after loading, as an embedding file with "unknown extension ''")."""
+    given = [("--embeddings", path) for path in args.embeddings] + \
+        [(flag, path) for flag, path in (("--init-image", args.init_image), ("--mask", args.mask)) if path]
+    for flag, path in given:
+        if not Path(path).exists():
+            raise UsageError(f"{flag} {path}: no such file" + (" or folder" if flag == "--embeddings" else ""))

@@ -7,7 +7,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from minisd.errors import UserError
+from minisd.errors import UserError, some
 from minisd.packing import PackedConv2d
 
 SEED_LIMIT = 2 ** 64   # torch.Generator.manual_seed takes seeds in [0, 2**64)
@@ -84,6 +84,6 @@ def check_finite(what: str, tensor: torch.Tensor, files: list, dtype: torch.dtyp
     if bool(torch.isfinite(tensor).all()):
         return
     half = " or half-precision overflow (try --dtype fp32)" if dtype in (torch.float16, torch.bfloat16) else ""
-    raise GenerateError(f"the {what} for {', '.join(files)} hold NaN or inf, so nothing was written for them; likely "
+    raise GenerateError(f"the {what} for {some(files)} hold NaN or inf, so nothing was written for them; likely "
                         f"causes: a damaged model file (NaN weights) or a wrong scale_factor in --config{half}, "
                         "or extreme --cfg / term weights")

@@ -12,7 +12,7 @@ import math
 import re
 from collections.abc import Callable
 
-from minisd.errors import UserError
+from minisd.errors import UserError, quoted
 from minisd.tokenizer import MAX_PROMPT_TOKENS
 
 # A1111's separator: the whole, case-sensitive word AND. `\b` needs a non-word character (or an end) on both
@@ -45,10 +45,12 @@ def parse_weight(term: str) -> tuple[str, float]:
     token = match.group(1)
     number = NUMBER.fullmatch(token)
     if number is None:
-        raise PromptError(f"term {term!r}: weight {token!r} is not a number; write e.g. ':0.5', ':-1' or ':30%'")
+        raise PromptError(f"term {quoted(term)}: weight {quoted(token)} is not a number; write e.g. ':0.5', ':-1' "
+                          "or ':30%'")
     weight = float(number.group(1)) / (100.0 if number.group(2) else 1.0)
     if not math.isfinite(weight):  # only a 309-digit "weight" gets here
-        raise PromptError(f"term {term!r}: weight {token!r} is too large to be a float; write a smaller number")
+        raise PromptError(f"term {quoted(term)}: weight {quoted(token)} is too large to be a float; write a "
+                          "smaller number")
     # Leftmost match, so `match.start()` is the first space before the colon: the text ends in no whitespace.
     return term[: match.start()], weight
 
@@ -77,7 +79,8 @@ def parse(prompt: str) -> list[tuple[str, float]]:
         text, weight = parse_weight(term)
         if not text.strip():
             raise PromptError(
-                f"term {index} of {len(terms)} ({term!r}) in {prompt!r} has no text; remove the extra AND or add text"
+                f"term {index} of {len(terms)} ({quoted(term)}) in {quoted(prompt)} has no text; remove the extra "
+                "AND or add text"
             )
         parsed.append((text, weight))
     return parsed
@@ -96,6 +99,6 @@ def check_length(terms: list[tuple[str, float]], count_tokens: Callable[[str], i
         count = count_tokens(text)
         if count > limit:
             raise PromptError(
-                f"term {text!r} holds {count} tokens, {count - limit} more than the {limit} that fit; "
+                f"term {quoted(text)} holds {count} tokens, {count - limit} more than the {limit} that fit; "
                 f"shorten it or use an embedding with fewer vectors"
             )

@@ -14,6 +14,7 @@ import torch
 
 import minisd
 from minisd.config import resolve_device, resolve_dtype
+from minisd.errors import quoted, some
 from minisd.packing import can_pack, pack_convs
 
 from ..cli import torchrun_world
@@ -36,7 +37,7 @@ def plan(args) -> tuple[list, list]:
     if args.sweep is None:
         terms = parse(loras.strip_tags(args.prompt))   # A1111 drops <lora:...> tags before splitting on AND
         for text, weight in terms:
-            check_scale(f"--prompt term {text.strip()!r}: weight", weight)
+            check_scale(f"--prompt term {quoted(text.strip())}: weight", weight)
         weights = [w for _, w in terms]
         return [t for t, _ in terms], [Job(i, args.seed + i, args.prompt, weights) for i in range(args.n)]
     a, b = args.sweep
@@ -59,7 +60,7 @@ def conditioning(sd, texts: list, negative: str):
         unknown = [w for w in re.findall(r"<[^<>\s]+>", text) if w not in sd.text.vectors]
         if unknown:
             raise UsageError(f"prompt token {unknown[0]} matches no loaded embedding; load it with --embeddings "
-                             f"(loaded: {', '.join(sd.text.vectors) or 'none'})")
+                             f"(loaded: {some(sd.text.vectors) or 'none'})")
     check_length([(t, 1.0) for t in texts + [negative]], sd.text.count)
     with torch.no_grad():
         return sd.text(texts), sd.text([negative])

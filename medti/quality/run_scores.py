@@ -11,7 +11,9 @@ import re
 import sys
 from pathlib import Path
 
+from minisd.config import presets
 from minisd.errors import arg
+from minisd.load import resolve
 
 from ..files.atomic import text_bytes, write_atomic
 from ..files.embedding_file import read as read_embedding
@@ -29,7 +31,8 @@ KEYS = ("fid", "kid", "kid_mean", "kid_std", "precision", "recall", "ms_ssim_fak
 def step_files(run: Path) -> list:
     """(step, file) of every saved step of a run, in step order."""
     if not run.is_dir():
-        raise EvalError(f"{arg('run')} {run}: not a folder; give a medti.train --out folder")
+        raise EvalError(f"{arg('run')} {run}: {'not a' if run.exists() else 'no such'} folder; give a medti.train "
+                        "--out folder")
     found = sorted((int(m["step"]), p) for p in run.glob("*.safetensors") if (m := STEP_FILE.match(p.name)))
     if not found:
         raise EvalError(f"{arg('run')} {run}: no <name>-<step>.safetensors files; is this a medti.train --out "
@@ -62,6 +65,24 @@ def generation_argv(args, file: Path, folder: Path) -> list:
             "--device", args.device, "--out", str(folder)]
     argv += ["--config", args.config] if args.config else []
     return argv + (["--resume"] if (folder / "manifest.jsonl").exists() or list(folder.glob("*.png")) else [])
+
+
+def check_run(args):
+    """Everything generating the steps' images would refuse, before the real set is encoded (a missing --config was
+    found after encoding): each step file read as an embedding, generate's own flag checks on its command line, and
+    each base model resolved as minisd.load resolves it -- a file's header read, no tensor, no download."""
+    models = {}
+    for step, file in step_files(Path(args.run)):
+        argv = generation_argv(args, file, Path(args.out) / f"step-{step}")
+        parsed = generation_flags.build_parser().parse_args(argv)
+        generation_flags.check_args(parsed)
+        models.setdefault((parsed.model, parsed.config), file)
+    for (model, config), file in models.items():
+        if not args.model and model not in presets() and not Path(model).exists():
+            raise EvalError(f"{file}: its base model {model} is no preset and no file or folder here; give "
+                            "--model (and --config for a file outside the presets)")
+        if config or model not in presets():   # a preset alone is fetched when it is used, not checked here
+            resolve(model, config)
 
 
 def make_images(args, file: Path, folder: Path):

@@ -15,7 +15,7 @@ from typing import NamedTuple
 import torch
 
 from minisd.config import resolve_device, resolve_dtype
-from minisd.errors import arg
+from minisd.errors import arg, quoted
 from minisd.tokenizer import MAX_PROMPT_TOKENS
 
 from ..dataset.folder import DataError, check_not_empty
@@ -23,7 +23,7 @@ from ..dataset.preprocess import PREPROCESS
 from ..files.atomic import inside
 from ..medical.slices import check_options
 from ..medical.window import parse_window
-from . import TrainError, dreambooth
+from . import TrainError, check_folder, dreambooth
 from .distributed import check_launch, local_device, world
 from .methods import check_method, learning_rate
 from .optim import parse_lr
@@ -141,10 +141,13 @@ def _check_token(token: str):
     whitespace (a newline would split a template line, and a prompt could never contain the token as typed),
     Unicode control/format/unassigned characters (category C*: invisible, so the token could not be retyped),
     and slashes (path separators in the file name)."""
+    if not token:   # not given at all: there is no value to quote (it read `--token ''`)
+        raise TrainError(f"{arg('token')}: give the placeholder to learn, such as \"<cardiomegaly>\" (one printable "
+                         "word without spaces, control characters or slashes)")
     bad = next((c for c in token if c.isspace() or unicodedata.category(c).startswith("C") or c in "/\\"), None)
     if not token.strip("<>") or bad is not None:
         found = f" (it contains {bad!r})" if bad is not None else ""
-        raise TrainError(f"{arg('token')} {token!r}{found}: give a placeholder such as \"<cardiomegaly>\", one "
+        raise TrainError(f"{arg('token')} {quoted(token)}{found}: give a placeholder such as \"<cardiomegaly>\", one "
                          "printable word without spaces, control characters or slashes")
 
 
@@ -173,12 +176,11 @@ def _check_folders(cfg: TrainConfig):
     of the next run in that folder, and change the data fingerprint so that --resume refuses the run. The same
     for --val; and --val must not hold or lie in --data: its images would be training images."""
     data = Path(cfg.data)
-    if not cfg.data or not data.is_dir():
-        raise TrainError(f"{arg('data')} {cfg.data!r}: not a folder of training images")
+    check_folder("data", cfg.data, "training images")
     if not cfg.out:
         raise TrainError(f"{arg('out')}: name an output folder")
-    if cfg.val and not Path(cfg.val).is_dir():
-        raise TrainError(f"{arg('val')} {cfg.val!r}: not a folder of validation images")
+    if cfg.val:
+        check_folder("val", cfg.val, "validation images")
     if cfg.val and _nested(Path(cfg.val), data):
         raise TrainError(f"{arg('val')} {cfg.val} and {arg('data')} {cfg.data} overlap: validation images must be "
                          f"ones the run never trains on; give a separate folder, or {arg('val_fraction')}")
@@ -211,6 +213,8 @@ def training_prompts(cfg: TrainConfig) -> list:
     subject = cfg.token if cfg.method == "ti" else cfg.instance_prompt
     if not cfg.template:
         return ["{}, {caption}".replace("{}", subject)] if cfg.captions else [subject]
+    if not Path(cfg.template).exists():
+        raise TrainError(f"{arg('template')} {cfg.template}: no such file")
     try:
         lines = [line.strip() for line in Path(cfg.template).read_text().splitlines() if line.strip()]
     except (OSError, UnicodeDecodeError) as e:
@@ -218,7 +222,7 @@ def training_prompts(cfg: TrainConfig) -> list:
     bad = next((line for line in lines if "{}" not in line), None)
     if not lines or bad is not None:
         raise TrainError(f"{arg('template')} {cfg.template}: every line needs a {{}} for the token" +
-                         (f" (not {bad!r})" if bad else " (the file is empty)"))
+                         (f" (not {quoted(bad)})" if bad else " (the file is empty)"))
     if cfg.captions and not any("{caption}" in line for line in lines):   # the captions would be read for nothing
         raise TrainError(f"{arg('captions')} with {arg('template')} {cfg.template}: no line has a {{caption}} slot "
                          "for the caption files; add one (e.g. \"{}, {caption}\") or leave out " + arg("captions"))

@@ -9,6 +9,7 @@ the first step, with the class prompt (--class-images N): saved in the run folde
 back from there on a resume, so a resumed run trains on the very same images. Made with diffusers' DreamBooth script's
 pipeline defaults for this (50 steps, guidance 7.5), with Euler a, from seeds --seed + i.
 """
+import math
 import re
 from pathlib import Path
 
@@ -63,8 +64,8 @@ def check(cfg):
     if count is None and cfg.out and inside(cfg.out, cfg.class_images):   # as --out inside --data
         raise TrainError(f"{arg('out')} {cfg.out} is inside {arg('class_images')} {cfg.class_images}: its "
                          f"previews would become class images; choose an {arg('out')} outside that folder")
-    if not cfg.prior_weight >= 0:   # NaN fails too
-        raise TrainError(f"{arg('prior_weight')} {cfg.prior_weight:g}: must be 0 or more")
+    if not 0 <= cfg.prior_weight < math.inf:   # NaN fails too; inf made every loss inf, blamed on --lr
+        raise TrainError(f"{arg('prior_weight')} {cfg.prior_weight:g}: must be a finite number, 0 or more")
 
 
 def recipe(cfg, i: int) -> str:

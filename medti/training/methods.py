@@ -15,7 +15,6 @@ A method is a small object with:
   autocast   the dtype the forward runs in under torch.autocast, or None (what trains already runs in it)
   sync()     after each optimizer step (and a resume): update what follows the weights (the EMA)
 """
-import math
 import re
 
 import torch
@@ -254,8 +253,13 @@ def check_method(cfg):
     if not 1 <= cfg.rank <= MAX_RANK:
         raise TrainError(f"{arg('rank')} {cfg.rank}: from 1 to {MAX_RANK} (the widest layer of SD1 and SD2; a rank "
                          "as large as a layer is already a full update of it)")
-    if not (math.isfinite(cfg.alpha) and cfg.alpha >= 0):
-        raise TrainError(f"{arg('alpha')} {cfg.alpha:g}: must be 0 (= the rank) or more")
+    # the largest scale alpha/rank medti reads back from a LoRA file (medti.files.lora_file): a run past it trained
+    # for nothing, and --alpha 1e30 overflowed in the first steps and was blamed on --lr
+    scale = lora_file.MAX_ALPHA_SCALE
+    if not 0 <= cfg.alpha <= scale * cfg.rank:   # NaN fails too
+        raise TrainError(f"{arg('alpha')} {cfg.alpha:g}: from 0 (= the rank) to {scale * cfg.rank:g}, {scale:g} x "
+                         f"{arg('rank')} {cfg.rank} (the scale alpha/rank is at most {scale:g}; kohya's recipes keep "
+                         "it at 1 or below)")
     if cfg.trainable not in ("all", "attention"):
         raise TrainError(f"{arg('trainable')} {cfg.trainable!r}: all or attention")
     if not 0 <= cfg.ema < 1:   # NaN fails too

@@ -9,7 +9,7 @@ from pathlib import Path
 import torch
 from safetensors import SafetensorError, safe_open
 
-from minisd.errors import arg, spoken
+from minisd.errors import arg, excerpt, spoken
 
 from ..files.atomic import safetensors_bytes, write_atomic
 from . import TrainError
@@ -43,7 +43,7 @@ def save_state(path, params, optimizer, scaler: dict, step: int, settings: dict,
 
 
 def _damaged(path, e: Exception) -> TrainError:
-    return TrainError(f"{arg('resume')}: {path} is damaged ({type(e).__name__}: {str(e)[:80]}); start a new run in "
+    return TrainError(f"{arg('resume')}: {path} is damaged ({type(e).__name__}: {excerpt(e, 80)}); start a new run in "
                       f"another {arg('out')} (what each save learned is in its <name>-<step>.safetensors there)")
 
 

@@ -64,15 +64,16 @@ class Session:
         return Path(self.cfg.out)
 
 
-def load_data(cfg: TrainConfig, flag: str = "data"):
-    """The images of --data (or --val) at cfg.resolution; skipped files are listed in one warning."""
+def load_data(cfg: TrainConfig, flag: str = "data", tokens=None):
+    """The images of --data (or --val) at cfg.resolution; skipped files are listed in one warning. `tokens`: with
+    --captions, caption -> tokens of the longest training prompt holding it (checked: medti.dataset.folder)."""
     window = parse_window(cfg.window, arg("window")) if cfg.window else None
     try:
         channels = parse_channels(cfg.channels)
         data = load_dataset(getattr(cfg, flag), cfg.resolution, cfg.preprocess, channels, cfg.strict, window,
                             plane=cfg.plane, slices=cfg.slices, slice_mask=cfg.slice_mask, captions=cfg.captions)
         if cfg.captions and flag == "data":   # the class images (DreamBooth) and --val use no captions
-            check_captions(data, getattr(cfg, flag), arg(flag))
+            check_captions(data, getattr(cfg, flag), arg(flag), tokens)
     except DataError as e:   # the message names the folder or file; say which flag it came from
         raise TrainError(f"{arg(flag)} {e}") from None
     warn_skipped(data.skipped, arg(flag))
@@ -88,7 +89,9 @@ def setup(cfg: TrainConfig, plan: Plan) -> Session:
     cfg = dataclasses.replace(cfg, resolution=cfg.resolution or sd.config.resolution, lr=methods.learning_rate(cfg))
     if cfg.resolution % sd.config.size_multiple:
         raise TrainError(f"{arg('resolution')} {cfg.resolution}: must be a multiple of {sd.config.size_multiple}")
-    data = load_data(cfg)
+    # each caption in each template line that has a slot for it, counted by the model's own tokenizer
+    data = load_data(cfg, tokens=lambda caption: max((sd.text.count(p.replace("{caption}", caption))
+                                                      for p in plan.prompts if "{caption}" in p), default=0))
     rows, held = hold_out(data, load_data(cfg, "val") if cfg.val else None, plan.val_fraction, cfg.seed)
     cache = cache_latents(sd, data.images[rows], cfg.flip, cfg.seed)
     cache["captions"] = [data.captions[i] for i in rows]   # "" for an image without one (--captions)

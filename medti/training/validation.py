@@ -20,10 +20,10 @@ from typing import NamedTuple
 import torch
 from safetensors import SafetensorError, safe_open
 
-from minisd.errors import arg
+from minisd.errors import arg, excerpt
 from minisd.schedule import NUM_TIMESTEPS
 
-from . import TrainError
+from . import TrainError, distributed
 from .objective import diffusion_loss
 
 
@@ -83,6 +83,9 @@ def hold_out(data, val_data, fraction: float, seed: int) -> tuple:
     if not fraction:
         return every, None
     train, val = split_patients(data.patients, fraction, seed)
+    if distributed.main_process():   # stdout, with the set's summary: how many the fraction came to, once
+        print(f"{arg('val_fraction')} {fraction:g}: held out {len(val)} of {len(data.names)} image(s) "
+              f"({len({data.patients[i] for i in val})} patient(s)) for validation, listed in val.txt")
     return train, HeldOut(data.images[val], [data.names[i] for i in val], {"fraction": fraction})
 
 
@@ -133,7 +136,7 @@ def _metadata(path) -> dict:
         with safe_open(str(path), framework="pt") as f:
             return f.metadata() or {}
     except (SafetensorError, OSError) as e:
-        raise TrainError(f"{arg('resume')}: {path} is not a readable safetensors file ({str(e)[:80]}); move it away "
+        raise TrainError(f"{arg('resume')}: {path} is not a readable safetensors file ({excerpt(e, 80)}); move it away "
                          "and resume again") from None
 
 
