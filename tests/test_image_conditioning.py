@@ -21,12 +21,12 @@ import pytest
 import torch
 from diffusers import StableDiffusionPipeline
 from safetensors.torch import load_file, save_file
+from test_dino import IMAGENET, image, sharpen_
 from transformers import AutoImageProcessor, BitImageProcessor, Dinov2WithRegistersConfig, Dinov2WithRegistersModel
 
 import minisd
 from conftest import TINY_CONFIG, randomize_, reference_scheduler, rel_err, write_official
 from medti.generation.pipeline import SampleSettings, sample
-from test_dino import IMAGENET, image, sharpen_
 
 STEPS, CFG, LATENT = 12, 3.0, 16
 PIXELS = LATENT * 4   # the tiny VAE downsamples 4x

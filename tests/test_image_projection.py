@@ -9,6 +9,8 @@ import json
 import pytest
 import torch
 from safetensors.torch import save_file
+from test_dino import image
+from test_image_conditioning import encoder_release, reference_tokens
 
 import minisd
 from conftest import TINY_CONFIG, rel_err
@@ -16,8 +18,6 @@ from minisd.config import LoadError
 from minisd.dino_load import load_encoder
 from minisd.image_conditioning import attach
 from minisd.load import state_dict
-from test_dino import image
-from test_image_conditioning import encoder_release, reference_tokens
 
 WIDE = {**TINY_CONFIG, "unet": {**TINY_CONFIG["unet"], "context_dim": 1024},
         "text": {"tower": "openai", "hidden_size": 1024, "intermediate_size": 64, "num_hidden_layers": 1,
