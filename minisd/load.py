@@ -11,12 +11,11 @@ from pathlib import Path
 import torch
 
 from . import clip, clip_openai
-from . import image_conditioning as image_cond
 from .conditioning import TextConditioning
 from .config import LoadError, ModelConfig, default_dtype, load_config, presets
 from .errors import arg, spoken
 from .hub import fetch
-from .image_conditioning import PROJECTION, ImageConditioning, ImageConfig
+from .image_conditioning import METADATA_KEY, PROJECTION, ImageConditioning, ImageConfig, open_encoder, read_config
 from .schedule import alphas_cumprod
 from .tensorfile import FLOATS, UNET, VAE, TensorFile, check_finite
 from .unet import UNetModel
@@ -49,7 +48,7 @@ FOREIGN = {
     "down_blocks.": "a diffusers UNet file; load the whole diffusers folder instead (it holds unet/, vae/, ...)",
     "text_model.": "a transformers CLIP text encoder file; load the whole diffusers folder instead",
     "encoder.down_blocks.": "a diffusers VAE file; load the whole diffusers folder instead",
-    PROJECTION: f"an image-conditioned model whose metadata lost its {image_cond.METADATA_KEY} entry, which states "
+    PROJECTION: f"an image-conditioned model whose metadata lost its {METADATA_KEY} entry, which states "
                 "what it is conditioned on; use the file as training saved it",
 }
 
@@ -95,7 +94,7 @@ def check_stored(file: TensorFile, prefix: str, expected: dict):
                     f"{arg('config')}" if name.endswith("token_embedding.weight") and generation else
                     f" -- pass a {arg('config')} that matches this file")
             if prefix == PROJECTION and found[-1:] != tuple(tensor.shape)[-1:]:   # [C, W] or [C]: W is the metadata's
-                hint = (f" -- the encoder width its metadata's {image_cond.METADATA_KEY} states is not the "
+                hint = (f" -- the encoder width its metadata's {METADATA_KEY} states is not the "
                         "projection's; a damaged or hand-edited file")
             raise LoadError(f"{file.path}: {prefix}{name} has shape {list(found)}, "
                             f"expected {list(tensor.shape)}{hint}")
@@ -214,16 +213,16 @@ def load(model, config=None, dtype=None, device=None, encoder=None) -> StableDif
     file, cfg, preset = resolve(model, config)
     device = torch.device(device or "cpu")
     dtype = dtype or default_dtype(device)
-    image = image_cond.read_config(file.metadata, cfg.unet.context_dim, str(file.path))
+    image = read_config(file.metadata, cfg.unet.context_dim, str(file.path))
     check_keys(file, cfg, image)
     check_schedule(file)
     sd = build(cfg, image=image)
     for prefix, module in components(sd).items():
         load_component(file, prefix, module, cfg.text.unused(), dtype, device, ignored(cfg))
     if image is not None:
-        sd.image.encoder = image_cond.open_encoder(image, encoder, device)
+        sd.image.encoder = open_encoder(image, encoder, device)
     elif encoder is not None:
-        raise LoadError(f"{file.path}: a text-conditioned model (its metadata states no {image_cond.METADATA_KEY}); "
+        raise LoadError(f"{file.path}: a text-conditioned model (its metadata states no {METADATA_KEY}); "
                         f"leave out {arg('encoder')}")
     sd.path, sd.preset = file.path, preset
     return sd

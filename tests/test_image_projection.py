@@ -54,9 +54,10 @@ def test_projection_maps_the_tokens_into_the_context(wide):
     expected = tokens @ proj.weight.double().T + proj.bias.double()
     context = sd.image(images())
     assert context.shape == (2, 5, 1024) and rel_err(context, expected) < 1e-5
-    # interpolation: the projection is affine, so the lerp of the tokens projected = the lerp of the contexts
+    # interpolation: the projection is affine, so the lerp of the tokens projected = the lerp of the contexts, up to
+    # the rounding of the 768-term dot products on each side (the bound above; measured 1e-6)
     mixed = sd.image.mix(images()[:1], images()[1:], [0.3])
-    assert rel_err(mixed, torch.lerp(context[:1], context[1:], 0.3)) < 1e-6
+    assert rel_err(mixed, torch.lerp(context[:1], context[1:], 0.3)) < 1e-5
     assert sd.image.null(2).shape == (2, 5, 1024) and not sd.image.null(2).any()
 
 
