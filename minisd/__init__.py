@@ -3,10 +3,11 @@ from .clip import TextConfig, TextTransformer
 from .clip_openai import OpenAITextConfig, OpenAITextTransformer
 from .conditioning import TextConditioning
 from .config import LoadError, ModelConfig, load_config, presets
+from .image_conditioning import ImageConditioning, ImageConfig
 from .load import StableDiffusion, build, load
 from .unet import UNetConfig, UNetModel
 from .vae import AutoencoderKL, VAEConfig
 
 __all__ = ["load", "build", "load_config", "presets", "LoadError", "ModelConfig", "StableDiffusion",
            "UNetConfig", "UNetModel", "VAEConfig", "AutoencoderKL", "TextConfig", "TextTransformer",
-           "OpenAITextConfig", "OpenAITextTransformer", "TextConditioning"]
+           "OpenAITextConfig", "OpenAITextTransformer", "TextConditioning", "ImageConditioning", "ImageConfig"]

@@ -51,6 +51,7 @@ class FolderFile:
                                     ("text_encoder", text_prefix, text_name)):
             self._add(path / sub, prefix, rename)
         self.keys = set(self._parts)
+        self.metadata = {}   # a diffusers folder states no image conditioning: its models are text models
 
     def _add(self, folder: Path, prefix: str, rename):
         files = {}

@@ -15,6 +15,7 @@ from .conditioning import TextConditioning
 from .config import LoadError, ModelConfig, default_dtype, load_config, presets
 from .errors import arg, spoken
 from .hub import fetch
+from .image_conditioning import METADATA_KEY, PROJECTION, ImageConditioning, ImageConfig, open_encoder, read_config
 from .schedule import alphas_cumprod
 from .tensorfile import FLOATS, UNET, VAE, TensorFile, check_finite
 from .unet import UNetModel
@@ -47,6 +48,8 @@ FOREIGN = {
     "down_blocks.": "a diffusers UNet file; load the whole diffusers folder instead (it holds unet/, vae/, ...)",
     "text_model.": "a transformers CLIP text encoder file; load the whole diffusers folder instead",
     "encoder.down_blocks.": "a diffusers VAE file; load the whole diffusers folder instead",
+    PROJECTION: f"an image-conditioned model whose metadata lost its {METADATA_KEY} entry, which states "
+                "what it is conditioned on; use the file as training saved it",
 }
 
 
@@ -56,8 +59,9 @@ def ignored(cfg: ModelConfig) -> tuple:
 
 
 def components(sd) -> dict:
-    """Checkpoint prefix -> the module loaded from the keys under it."""
-    return {UNET: sd.unet, VAE: sd.vae, TEXT[sd.config.text.tower].PREFIX: sd.text.tower}
+    """Checkpoint prefix -> the module loaded from the keys under it (the image projection where there is one)."""
+    projection = {PROJECTION: sd.image.proj} if sd.image is not None and sd.image.proj is not None else {}
+    return {UNET: sd.unet, VAE: sd.vae, TEXT[sd.config.text.tower].PREFIX: sd.text.tower, **projection}
 
 
 def state_dict(sd, replace: dict | None = None) -> dict:
@@ -68,10 +72,10 @@ def state_dict(sd, replace: dict | None = None) -> dict:
             for k, v in module.state_dict().items()}
 
 
-def check_keys(file, cfg: ModelConfig):
+def check_keys(file, cfg: ModelConfig, image: ImageConfig | None = None):
     """Every key is a component's or ignored by name; otherwise say what the file looks like."""
     skip, names = cfg.text.unused(), ignored(cfg)
-    own = (UNET, VAE, TEXT[cfg.text.tower].PREFIX)
+    own = (UNET, VAE, TEXT[cfg.text.tower].PREFIX) + ((PROJECTION,) if image and image.projection else ())
     for key in sorted(file.keys):
         if key in names or key.startswith(skip) or key.startswith(own):
             continue
@@ -89,6 +93,9 @@ def check_stored(file: TensorFile, prefix: str, expected: dict):
             hint = (f" -- a {found[-1]}-wide text tower, as in {generation}: pass an {generation[:3]} "
                     f"{arg('config')}" if name.endswith("token_embedding.weight") and generation else
                     f" -- pass a {arg('config')} that matches this file")
+            if prefix == PROJECTION and found[-1:] != tuple(tensor.shape)[-1:]:   # [C, W] or [C]: W is the metadata's
+                hint = (f" -- the encoder width its metadata's {METADATA_KEY} states is not the "
+                        "projection's; a damaged or hand-edited file")
             raise LoadError(f"{file.path}: {prefix}{name} has shape {list(found)}, "
                             f"expected {list(tensor.shape)}{hint}")
         stored = file.dtype(prefix + name)
@@ -146,13 +153,15 @@ def check_schedule(file):
 @dataclass
 class StableDiffusion:
     """The loaded model: components as attributes, plus the facts samplers need. `text` owns the tokenizer,
-    the text tower (`text.tower`) and any textual-inversion vectors."""
+    the text tower (`text.tower`) and any textual-inversion vectors; `image`, for an image-conditioned model, the
+    image encoder and projection (minisd/image_conditioning.py), None otherwise."""
     text: TextConditioning
     unet: UNetModel
     vae: AutoencoderKL
     config: ModelConfig
     path: Path | None = None
     preset: str | None = None
+    image: ImageConditioning | None = None
 
     @property
     def scale_factor(self) -> float:
@@ -163,10 +172,12 @@ class StableDiffusion:
         return self.config.prediction
 
 
-def build(cfg: ModelConfig, device="meta") -> StableDiffusion:
-    """The three networks of a config, on `device` (meta: shapes only, no memory)."""
+def build(cfg: ModelConfig, device="meta", image: ImageConfig | None = None) -> StableDiffusion:
+    """The three networks of a config, on `device` (meta: shapes only, no memory); with `image`, the image
+    conditioning's projection too (its encoder is loaded separately: minisd.image_conditioning.open_encoder)."""
     with torch.device(device):
-        return StableDiffusion(TextConditioning(cfg.text), UNetModel(cfg.unet), AutoencoderKL(cfg.vae), cfg)
+        return StableDiffusion(TextConditioning(cfg.text), UNetModel(cfg.unet), AutoencoderKL(cfg.vae), cfg,
+                               image=ImageConditioning(image, cfg.unet.context_dim) if image else None)
 
 
 def resolve(model, config) -> tuple:
@@ -190,21 +201,29 @@ def resolve(model, config) -> tuple:
     return TensorFile(path), load_config(config), str(config) if str(config) in table else None
 
 
-def load(model, config=None, dtype=None, device=None) -> StableDiffusion:
+def load(model, config=None, dtype=None, device=None, encoder=None) -> StableDiffusion:
     """Load SD1 or SD2 from a preset name ("sd21-base", "sd15", ...; downloaded once), a local single-file
     checkpoint or a diffusers folder.
 
     config: a preset name, a JSON config path or dict (needed for a local file; a folder has its own). dtype:
-    default fp16 on CUDA, fp32 elsewhere. device: default "cpu".
+    default fp16 on CUDA, fp32 elsewhere. device: default "cpu". An image-conditioned file (its metadata states
+    `image_condition`) loads its DINO encoder too, float32: the release the metadata names, or `encoder`, a folder
+    or hub name of a copy of it.
     """
     file, cfg, preset = resolve(model, config)
     device = torch.device(device or "cpu")
     dtype = dtype or default_dtype(device)
-    check_keys(file, cfg)
+    image = read_config(file.metadata, cfg.unet.context_dim, str(file.path))
+    check_keys(file, cfg, image)
     check_schedule(file)
-    sd = build(cfg)
+    sd = build(cfg, image=image)
     for prefix, module in components(sd).items():
         load_component(file, prefix, module, cfg.text.unused(), dtype, device, ignored(cfg))
+    if image is not None:
+        sd.image.encoder = open_encoder(image, encoder, device)
+    elif encoder is not None:
+        raise LoadError(f"{file.path}: a text-conditioned model (its metadata states no {METADATA_KEY}); "
+                        f"leave out {arg('encoder')}")
     sd.path, sd.preset = file.path, preset
     return sd
 

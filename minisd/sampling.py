@@ -66,10 +66,11 @@ def denoiser(unet, prediction: str, steps=None) -> DiscreteDenoiser:
 class GuidedDenoiser:
     """Classifier-free and composable guidance: D = D_u + cfg * sum_k w_k (D_k - D_u).
 
-    conds: [K, 77, width] term embeddings, uncond: [1, 77, width], weights: K floats. All terms and the uncond
-    run through the UNet in one batch per image (split into chunks of `batch` rows). cfg == 1 with a single
-    term of weight 1 is plain conditional sampling: the uncond pass is skipped. extra: [B, C', h, w] per-image
-    channels for the UNet input (9-channel inpainting), or None.
+    conds: [K, T, width] term contexts, uncond: [1, T, width], weights: K floats. T is 77 for prompts; for an
+    image-conditioned model the context is an image's global tokens and the uncond the null (zeros; see
+    minisd.image_conditioning). All terms and the uncond run through the UNet in one batch per image (split into
+    chunks of `batch` rows). cfg == 1 with a single term of weight 1 is plain conditional sampling: the uncond pass
+    is skipped. extra: [B, C', h, w] per-image channels for the UNet input (9-channel inpainting), or None.
     """
 
     def __init__(self, denoiser, conds, uncond, weights, cfg: float, batch: int = 0, extra=None):

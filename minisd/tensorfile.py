@@ -30,9 +30,10 @@ class TensorFile:
             except Exception as e:   # safetensors raises its own error types for a corrupt header
                 raise LoadError(f"{path}: not a readable .safetensors file ({e})") from None
             self.keys = set(self._st.keys())
+            self.metadata = self._st.metadata() or {}   # the header's __metadata__: str -> str
         else:
             self._st, self._dict = None, self._read_pickle(path)
-            self.keys = set(self._dict)
+            self.keys, self.metadata = set(self._dict), {}
 
     @staticmethod
     def _read_pickle(path: Path) -> dict:

@@ -73,7 +73,8 @@ def sample(sd, conds, uncond, weights, seeds, settings: SampleSettings, init: In
            progress: Callable[[int, int], None] | None = None):
     """Final (scaled) latents [len(seeds), 4, height/8, width/8] (8: SD1's and SD2's ModelConfig.latent_factor).
 
-    conds [K, 77, w] with K weights, uncond [1, 77, w]: see GuidedDenoiser. progress(done, total) is called after
+    conds [K, T, w] with K weights, uncond [1, T, w]: see GuidedDenoiser (prompts: T = 77; an image-conditioned model:
+    sd.image(images) and sd.image.null(1)). progress(done, total) is called after
     every sampler step (for a progress line; it must not change anything)."""
     param = next(sd.unet.parameters())
     generators = [torch.Generator().manual_seed(int(s)) for s in seeds]
