@@ -65,7 +65,8 @@ def medical_errors(source):
 
 
 def decode(path: Path, data: bytes, window=None) -> Image.Image:
-    """Decode one file's bytes to 8-bit L or RGB, or raise Unusable with the reason. DICOM files go through
+    """Decode one file's bytes to 8-bit L or RGB, or raise Unusable with the reason: training's rule, which
+    medti.quality applies to a generation run's images too. DICOM files go through
     medti.medical.dicom (window: a medti.medical.window.Window, else the file's own, else min-max); its Patient
     is kept in the image's `info["patient"]`, in memory only."""
     if not data:
@@ -90,13 +91,6 @@ def decode(path: Path, data: bytes, window=None) -> Image.Image:
         raise Unusable(f"not an image PIL can read ({path.suffix} extension)") from None
     except (OSError, ValueError, SyntaxError, EOFError, Image.DecompressionBombError) as e:
         raise Unusable(f"unreadable image: {str(e).splitlines()[0] if str(e) else type(e).__name__}") from None
-
-
-
-def read_image(path: Path, window=None) -> Image.Image:
-    """One file as training data reads it: 8-bit L or RGB (16-bit rescaled by medti.files.images.to_8bit), or Unusable
-    with the reason. medti.quality reads evaluation and audit sets through this, so every set obeys one rule."""
-    return decode(path, file_bytes(path), window)
 
 
 def _group_cases(folder: Path, entries: list, channels: list[str], skip) -> dict[str, dict]:
@@ -190,6 +184,7 @@ def item_images(folder: Path, name: str, source, channels, options, captions: bo
             data[caption.relative_to(folder).as_posix()] = file_bytes(caption)
             image.info["caption"] = " ".join(data[caption.relative_to(folder).as_posix()].decode(errors="replace")
                                              .split())   # one line: a newline in a prompt would split nothing here
+            image.info["caption_file"] = caption.relative_to(folder).as_posix()   # no part of the image's pseudonym
     patient = image.info.get("patient")   # a DICOM file's Patient (medti.dataset.patients keys it), else the file
     return [(name, image, replace(patient, fallback=name) if patient else name)], data
 
