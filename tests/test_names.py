@@ -19,6 +19,7 @@ from safetensors import safe_open
 from test_dicom import image, save
 from test_volume import _asymmetric, _write_nifti
 
+from conftest import private_key
 from medti import audit, data, embeddings, evaluate, generate, train
 from medti.training.demo import phantoms, tiny_model
 
@@ -88,13 +89,6 @@ def commands(root: Path, inception_file) -> tuple:
     return root, exports, out, init, mask
 
 
-def key(path: Path) -> dict:
-    """{pseudonym: path} of a key file, read as its header says: tab-separated, one row per image."""
-    lines = path.read_text(encoding="utf-8").splitlines()
-    assert lines[0] == "pseudonym\tpath"
-    return dict(line.split("\t") for line in lines[1:])
-
-
 def readable(path: Path) -> bytes:
     """A file's bytes, with what a reader decodes from it added: PNG text chunks (which may be compressed) and the
     arrays of an .npz archive (which may be deflated)."""
@@ -134,7 +128,7 @@ def sha(path: Path) -> str:
 
 def test_the_preview_key_maps_each_pseudonym_to_its_file(runs):
     _, exports, out, _, _, _ = runs
-    names = key(out / "preview" / "names.private.tsv")
+    names = private_key(out / "preview" / "names.private.tsv")
     lines = [json.loads(line) for line in (out / "preview" / "data.jsonl").read_text().splitlines()]
     assert len(lines) == 4 + 1 + 1 + 5   # the PNGs, the copy, the DICOM file, the volume's slices; broken skipped
     for line in lines:
@@ -152,7 +146,7 @@ def test_the_preview_key_maps_each_pseudonym_to_its_file(runs):
 def test_training_names_held_out_images_and_its_model_without_paths(runs):
     _, exports, out, _, _, _ = runs
     held = (out / "run" / "val.txt").read_text().splitlines()
-    names = key(out / "run" / "names.private.tsv")
+    names = private_key(out / "run" / "names.private.tsv")
     assert held and sorted(names) == sorted(held)
     for pseudonym in held:
         assert pseudonym.partition("#")[0] == sha(exports / names[pseudonym].partition("#")[0])
@@ -170,7 +164,7 @@ def test_generation_names_its_init_image_and_mask_by_their_bytes(runs):
     records = [json.loads(line) for line in (out / "gen" / "manifest.jsonl").read_text().splitlines()]
     assert {(r["init_image"], r["mask"], r["model"]) for r in records} == {
         (sha(init), sha(mask), "tiny-random.safetensors")}
-    assert key(out / "gen" / "names.private.tsv") == {sha(init): str(init), sha(mask): str(mask)}
+    assert private_key(out / "gen" / "names.private.tsv") == {sha(init): str(init), sha(mask): str(mask)}
 
 
 def test_the_audit_names_the_copied_training_image_by_its_pseudonym(runs):
@@ -179,7 +173,7 @@ def test_the_audit_names_the_copied_training_image_by_its_pseudonym(runs):
     _, exports, out, _, _, _ = runs
     found = json.loads((out / "audit" / "audit.json").read_text())
     rows = [json.loads(line) for line in (out / "preview" / "data.jsonl").read_text().splitlines()]
-    names = key(out / "audit" / "names.private.tsv")
+    names = private_key(out / "audit" / "names.private.tsv")
     for entry in found["images"]:
         source = rows[int(entry["file"][:5])]["source"]
         assert entry["flagged"] and entry["nearest"].removesuffix("-2") == source.removesuffix("-2"), entry
@@ -193,7 +187,7 @@ def test_evaluation_files_name_real_images_by_pseudonym(runs):
     _, exports, out, _, _, _ = runs
     with np.load(out / "stats" / "real.npz") as stats:
         files = json.loads(str(stats["files"]))
-    names = key(out / "stats" / "real.names.private.tsv")
+    names = private_key(out / "stats" / "real.names.private.tsv")
     assert len(files) == 11 and all(names[f].startswith(f"{PATIENT}/") for f in files)
     with safe_open(str(out / "stats" / "features.safetensors"), "pt") as f:
         assert json.loads(f.metadata()["real_files"]) == files
