@@ -57,6 +57,9 @@ def runs(tmp_path_factory, inception_file):
 
 
 def commands(root: Path, inception_file) -> tuple:
+    """Preview, train (with validation), export the embedding, generate from an init image and mask (PNG and
+    DICOM), evaluate (saving statistics and features, then reading them back; scoring the run's saved steps) and
+    audit copies of two training squares; returns (root, exports, out, init image, mask)."""
     exports, out = write_exports(root), root / "out"
     model, config = tiny_model(root / "models")
     tiny = ["--model", str(model), "--config", str(config)]
@@ -82,6 +85,8 @@ def commands(root: Path, inception_file) -> tuple:
                           str(out / "stats" / "features.safetensors"), "--out", str(out / "eval")]) == 0
     assert evaluate.main(["--real", str(out / "stats" / "real.npz"), "--fake", str(out / "gen"), "--k", "1",
                           "--inception", str(inception_file), "--out", str(out / "eval-stats")]) == 0
+    assert evaluate.main(["--run", str(out / "run"), "--real", str(exports), *tiny, "--n", "2", "--steps", "2",
+                          "--k", "1", "--inception", str(inception_file), "--out", str(out / "eval-run")]) == 0
     (out / "copies").mkdir()   # two of the training squares, as a memorising model would give them back
     for row in ("00000", "00001"):
         shutil.copy(out / "preview" / f"{row}.png", out / "copies" / f"{row}.png")
