@@ -1,10 +1,12 @@
 """Files written before shared files lost their paths still work where medti reads them back: a training run whose
-saved settings hold paths resumes, a generation run whose manifest holds paths resumes (and its merged manifest
-then holds none), and a step file that names its base model without a folder is refused in one line asking for
---model. The earlier files are made here by writing the old fields into files made now."""
+saved settings hold paths resumes, and so do its DreamBooth class images; a generation run whose manifest holds
+paths resumes (and its merged manifest then holds none); and a step file that names its base model without a folder
+is refused in one line asking for --model. The earlier files are made here by writing the old fields into files
+made now."""
 import json
 
 import torch
+from PIL import Image, PngImagePlugin
 from safetensors import safe_open
 
 from conftest import private_key
@@ -76,3 +78,23 @@ def test_a_base_model_named_without_its_folder_asks_for_model(tmp_path, capsys, 
     assert err.startswith("error: ") and "t-10.safetensors: its base model is 'tiny-random.safetensors'" in err
     assert "give --model with its path" in err
 
+
+
+def test_class_images_name_their_model_without_its_path_and_earlier_ones_are_kept(tmp_path):
+    """DreamBooth's class images are generated images: their parameters name the model by its file's name. Class
+    images made before, whose parameters hold the model's path, are the same recipe: a resumed run keeps them."""
+    model, config = tiny_model(tmp_path / "model")
+    argv = ["--model", str(model), "--config", str(config), "--data", str(phantoms(tmp_path / "data", 2, seed=0)),
+            "--method", "lora", "--instance-prompt", "a scan of sks", "--class-prompt", "a scan", "--class-images",
+            "2", "--save-every", "1", "--preview-every", "0", "--out", str(tmp_path / "run")]
+    assert train.main([*argv, "--max-steps", "1"]) == 0
+    first = tmp_path / "run" / "class-images" / "00000.png"
+    with Image.open(first) as image:
+        parameters, pixels = image.info["parameters"], image.copy()
+    assert parameters.endswith("Model: tiny-random.safetensors") and str(tmp_path) not in parameters
+    earlier = PngImagePlugin.PngInfo()   # as an earlier release wrote it: --model as given
+    earlier.add_text("parameters", parameters.replace("tiny-random.safetensors", str(model)))
+    pixels.save(first, pnginfo=earlier)
+    kept = first.read_bytes()
+    assert train.main([*argv, "--max-steps", "2", "--resume"]) == 0
+    assert first.read_bytes() == kept
