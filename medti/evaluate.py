@@ -167,6 +167,8 @@ def run(args):
         write_report(out, figures, args, real, fake, real_set, fake_set)
         if real_set:   # the paths behind report.json's skipped pseudonyms, for the user alone
             write_key(out / KEY, real_set.key)
+        else:          # an earlier evaluation's, of another real set
+            (out / KEY).unlink(missing_ok=True)
         if args.save_features:
             if real_set:
                 write_key(key_beside(args.save_features), real_set.key)

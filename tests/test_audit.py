@@ -195,6 +195,8 @@ def test_dinov2_second_opinion_beside_each_image(sets, tmp_path):
     assert all(-1 <= e["dinov2_similarity"] <= 1 for e in found["images"])
     assert found["summary"]["flagged"] == 2 and "dinov2" in found["summary"]["second_opinion"]["features"]
     assert "## Second opinion" in (sets / "out" / "audit.md").read_text()
+    for name in ("audit.json", "audit.md"):   # the DINOv2 folder by its name: no path in the report
+        assert str(tmp_path) not in (sets / "out" / name).read_text()
 
 
 def test_dinov2_flag_needs_its_features(sets, capsys):

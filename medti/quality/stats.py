@@ -19,7 +19,7 @@ import torch
 from minisd.errors import arg
 
 from ..files.atomic import safetensors_bytes, write_atomic
-from .features import EvalError, Network
+from .features import EvalError, Network, shared_name
 from .metrics import statistics
 
 FORMAT = "medti-stats-1"
@@ -91,7 +91,7 @@ def _check_network(path: Path, data: dict, net: Network):
     flag = f"{arg('real')} {path}"
     if str(data.get("format", "")) != FORMAT:
         raise EvalError(f"{flag}: not a medti statistics file (no format '{FORMAT}'); make one with --save-stats")
-    network, sha = str(data.get("network", "")), str(data.get("weights_sha256", ""))
+    network, sha = shared_name(str(data.get("network", ""))), str(data.get("weights_sha256", ""))
     if sha == net.weights_sha256 and network != net.name:
         fix = "drop --antialias" if "antialiased" in net.name else "add --antialias"
         raise EvalError(f"{flag}: made with {network}, not {net.name}: the same weights, another resize; "
