@@ -193,9 +193,9 @@ def _dicom_names(folder: Path, volumes: list) -> dict:
     """{DicomVolume: name}: a multi-frame file's relative path; a series', its folder (`ct/case1`), or with several
     series in that folder `ct/case1/series-3` (its Series Number, else its first file's name); series that would
     still share a name get their Series Description (`series-3-T2_AX`, medti.medical.dicom_series.safe_description),
-    then a counter in path order (`series-3-2`). No UID and no patient attribute: names reach val.txt and
-    data.jsonl, and UIDs are identifiers under DICOM's de-identification profile. Stable: the same files give the
-    same names, run after run (a series added beside them may lengthen its neighbours' names)."""
+    then a counter in path order (`series-3-2`). No UID and no patient attribute: names reach the terminal and
+    the private key files, and UIDs are identifiers under DICOM's de-identification profile. Stable: the same files
+    give the same names, run after run (a series added beside them may lengthen its neighbours' names)."""
     names, by_folder = {}, {}
     for v in volumes:
         first = v.paths[0].relative_to(folder)
