@@ -7,6 +7,7 @@ The commands run once (module fixture) on a folder whose file and folder names c
 each test then reads what they wrote."""
 import hashlib
 import json
+import re
 import shutil
 import zipfile
 from pathlib import Path
@@ -199,3 +200,38 @@ def test_evaluation_files_name_real_images_by_pseudonym(runs):
     report = json.loads((out / "eval" / "report.json").read_text())
     assert report["skipped"]["real"] == [["skipped-001", "not an image PIL can read"]] and report["fake"] == "gen"
     assert report["real"].startswith("11 real images (fingerprint ")
+
+
+def test_an_image_of_several_files_is_named_by_their_digests_sorted(tmp_path):
+    """A --channels case (three files): `img-` and 12 hex of the sha256 of its files' sha256 digests, sorted, one
+    per line, as documented; the files' names take no part (renamed, the pseudonym stays)."""
+    from medti.dataset.folder import load_dataset
+    case = tmp_path / "case"
+    case.mkdir()
+    for name, seed in (("DOE_t2w", 0), ("DOE_adc", 1), ("DOE_hbv", 2)):
+        shutil.copy(next(phantoms(tmp_path / f"p{seed}", 1, seed=seed).iterdir()), case / f"{name}.png")
+    digests = sorted(hashlib.sha256(p.read_bytes()).hexdigest() for p in case.iterdir())
+    expected = "img-" + hashlib.sha256("".join(f"{d}\n" for d in digests).encode()).hexdigest()[:12]
+    read = load_dataset(case, 32, channels=["t2w", "adc", "hbv"])
+    assert read.names == ["DOE"] and read.pseudonyms == [expected]
+    for channel in ("t2w", "adc", "hbv"):
+        (case / f"DOE_{channel}.png").rename(case / f"X_{channel}.png")
+    assert load_dataset(case, 32, channels=["t2w", "adc", "hbv"]).pseudonyms == [expected]
+
+def test_the_key_writes_tabs_line_breaks_and_backslashes_escaped(tmp_path):
+    """File names may hold a tab, a line break or a backslash: the key keeps one row of two fields per image, with
+    them written \\t, \\n and \\\\ as documented, so undoing those gives the file back."""
+    names = ["tab\there.png", "line\nbreak.png", "back\\slash.png"]
+    for name, png in zip(names, sorted(phantoms(tmp_path / "p", 3, seed=0).iterdir()), strict=True):
+        (tmp_path / "data").mkdir(exist_ok=True)
+        shutil.copy(png, tmp_path / "data" / name)
+    assert data.main(["preview", "--data", str(tmp_path / "data"), "--resolution", "32", "--out",
+                      str(tmp_path / "out")]) == 0
+    rows = (tmp_path / "out" / "names.private.tsv").read_text().split("\n")[1:-1]
+    assert len(rows) == 3 and all(row.count("\t") == 1 for row in rows)
+    escapes = {"\\t": "\t", "\\n": "\n", "\\\\": "\\"}
+    paths = {pseudonym: re.sub(r"\\[tn\\]", lambda m: escapes[m.group()], path)
+             for pseudonym, path in (row.split("\t") for row in rows)}
+    for pseudonym, path in paths.items():
+        assert sha(tmp_path / "data" / path) == pseudonym
+    assert sorted(paths.values()) == sorted(names)
