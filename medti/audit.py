@@ -12,7 +12,8 @@ order met), never by its PatientID.
 
 Writes into --out: audit.json (every image: file, nearest, similarity, flagged), audit.md (the report a privacy
 officer reads), flagged.png (each flagged image beside its nearest training image; only when something is flagged)
-and closest.png (the most similar unflagged pairs). Running again into the same folder replaces that audit, all of
+and closest.png (the most similar unflagged pairs), naming training images by pseudonyms only; names.private.tsv
+maps those to their paths and is not to be passed on. Running again into the same folder replaces that audit, all of
 it; a folder holding anything else is refused. With --fail-on-flag the exit status is 3 when anything is flagged
 (after the outputs are written), so a pipeline can refuse to publish the set; 2 is a usage error.
 """
@@ -30,6 +31,7 @@ from .cli import ArgumentParser, add_threads, run_main
 from .dataset.preprocess import PREPROCESS
 from .files.atomic import claim_folder, inside, text_bytes, write_atomic
 from .files.images import save_png
+from .files.pseudonyms import KEY, write_key
 from .quality import privacy
 from .quality.audit_report import Audit, Opinion, outputs
 from .quality.features import DEFAULT_DINOV2, encode, load_network
@@ -40,7 +42,7 @@ from .training.config import add_flags
 # thumbnails, so a 3,000 x 3,000 chest X-ray export costs 0.8 MB in memory instead of 27 MB (3,000 of them: 2.4
 # instead of 81 GB). 512 leaves the descriptor's antialiased resize 8x of headroom.
 READ_SIDE = 512
-OUTPUTS = ("audit.json", "audit.md", "flagged.png", "closest.png")
+OUTPUTS = ("audit.json", "audit.md", "flagged.png", "closest.png", KEY)
 FLAGGED = 3   # exit status with --fail-on-flag when anything is flagged (argparse and user errors use 2)
 EXAMPLE = """example:
   python -m medti.audit --train data/cardiomegaly --synthetic synthetic/cardiomegaly --out audit/cardiomegaly \\
@@ -159,8 +161,8 @@ def compare(args, how: Reading) -> Audit:
     ref = privacy.fit(train_desc)
     match = privacy.nearest(ref, privacy.descriptors(synthetic.images))
     own = baseline(ref, train_desc, train.patients)
-    given = {"train": args.train, "synthetic": args.synthetic, "manifest": args.manifest,
-             "preprocess": how.preprocess, "resolution": how.resolution}
+    # no path: the report is made to be passed on (medti.files.pseudonyms); the training set by its fingerprint
+    given = {"synthetic": synthetic.root.name, "preprocess": how.preprocess, "resolution": how.resolution}
     opinion = second_opinion(net, train.images, synthetic.images) if net else None
     return Audit(train, synthetic, match, own, args.threshold, records, given, opinion)
 
@@ -174,12 +176,14 @@ def second_opinion(net, train: list, synthetic: list) -> Opinion:
     return Opinion(net.name, net.weights_sha256, index, cosine)
 
 
-def replace_outputs(out: Path, texts: dict, images: dict):
-    """The earlier audit's files go first, then the new ones, audit.json last: the folder never mixes two audits,
-    and a write that fails (disk full) takes the new files with it rather than leave half an audit."""
+def replace_outputs(out: Path, key: list, texts: dict, images: dict):
+    """The earlier audit's files go first, then the new ones -- the key of the training images' pseudonyms
+    (names.private.tsv, for the user alone), the sheets, audit.json last: the folder never mixes two audits, and a
+    write that fails (disk full) takes the new files with it rather than leave half an audit."""
     for name in OUTPUTS:
         (out / name).unlink(missing_ok=True)
     try:
+        write_key(out / KEY, key)
         for name, image in images.items():
             save_png(out / name, image)
         for name in ("audit.md", "audit.json"):
@@ -195,7 +199,7 @@ def run(args) -> int:
     with claim_folder(args.out) as out:
         check_folder(out)
         audit = compare(args, how)
-        replace_outputs(out, *outputs(audit))
+        replace_outputs(out, audit.train.key, *outputs(audit))
     n, m = len(audit.flagged), len(audit.synthetic.names)
     print(f"{n} of {m} synthetic images flagged as near-copies (similarity >= {args.threshold:g}; highest "
           f"{audit.match.similarity.max().item():.3f}); report: {out / 'audit.md'}")

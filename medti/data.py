@@ -6,8 +6,9 @@ source, slice, patient, window), so a person can check windowing, orientation an
 
     python -m medti.data preview --data picai/images --channels t2w,adc,hbv --resolution 512 --out preview/
 
-`patient` in data.jsonl is a pseudonym (patient-001, ... in the order met), never the PatientID: the file is made
-to be looked at and passed around, and no patient identifier reaches an output file.
+`patient` in data.jsonl is a pseudonym (patient-001, ... in the order met), never the PatientID, and `source` the
+image's pseudonym (img-<hash of its bytes>, medti.files.pseudonyms), never its path: the file is made to be looked at
+and passed around. names.private.tsv beside it maps each image's pseudonym to its path, for the user alone.
 """
 import argparse
 import json
@@ -20,6 +21,7 @@ from .cli import ArgumentParser, run_main
 from .dataset.folder import pseudonyms
 from .files.atomic import inside, write_atomic
 from .files.images import contact_sheet, save_png
+from .files.pseudonyms import KEY, write_key
 from .training import TrainError, check_folder
 from .training.config import TrainConfig, add_flags
 from .training.trainer import load_data
@@ -59,19 +61,20 @@ def run(args):
     names = pseudonyms(data.patients)
     pixels = ((data.images + 1) * 127.5).round().clamp(0, 255).byte().permute(0, 2, 3, 1).numpy()
     lines, files = [], []
-    for row, (name, patient, window) in enumerate(zip(data.names, data.patients, data.windows, strict=True)):
+    for row, (name, patient, window) in enumerate(zip(data.pseudonyms, data.patients, data.windows, strict=True)):
         file = f"{row:05d}.png"
         save_png(out / file, Image.fromarray(np.ascontiguousarray(pixels[row])))
         source, _, piece = name.partition("#")
         lines.append({"file": file, "source": source, "slice": piece or None, "patient": names[patient],
                       "window": window})
         files.append(out / file)
+    write_key(out / KEY, data.key)
     write_atomic(out / "data.jsonl", "".join(json.dumps(line) + "\n" for line in lines).encode())
     save_png(out / "contact-sheet.png", contact_sheet(files[:SHEET_MAX], labels=[str(i) for i in
                                                                                    range(min(len(files), SHEET_MAX))]))
     more = f" (the first {SHEET_MAX} on the sheet)" if len(files) > SHEET_MAX else ""
     print(f"wrote {len(files)} image(s) of {len(names)} patient(s) to {out}: 00000.png ..., contact-sheet.png"
-          f"{more}, data.jsonl")
+          f"{more}, data.jsonl, {KEY} (pseudonyms to paths: keep it private)")
 
 
 def main(argv=None) -> int:

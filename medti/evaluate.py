@@ -23,6 +23,7 @@ from minisd.sampling import SAMPLERS
 
 from .cli import ArgumentParser, add_threads, run_main
 from .files.atomic import claim_folder, inside
+from .files.pseudonyms import KEY, key_beside, write_key
 from .quality.features import DEFAULT_DINOV2, FEATURES, EvalError, encode, load_network
 from .quality.folders import DATA_FLAGS, Reading, load_set, reading, set_flags
 from .quality.report import write_report
@@ -75,7 +76,7 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
-OURS = ("report.json", "report.md", "samples.png", "nearest.png", "steps.json", "steps.md", "kid.png")
+OURS = ("report.json", "report.md", "samples.png", "nearest.png", "steps.json", "steps.md", "kid.png", KEY)
 
 
 def check_out(args):
@@ -150,9 +151,11 @@ def run(args):
     real = real_side(args, net, real_set)
     if n_fake and not real_set:   # a statistics file: its image count is known once it is read
         check_sizes(args, len(real.names), n_fake)
-    if args.save_stats:
+    if args.save_stats:   # the real images by pseudonym; their paths in the key beside it (medti.files.pseudonyms)
+        write_key(key_beside(args.save_stats), real_set.key)
         save_stats(args.save_stats, real, net)
-        print(f"wrote {args.save_stats} ({len(real.names)} images)", file=sys.stderr)
+        print(f"wrote {args.save_stats} ({len(real.names)} images) and {key_beside(args.save_stats).name} (their "
+              "paths: keep it private)", file=sys.stderr)
     if args.run:
         with claim_folder(args.out) as out:
             score_run(args, net, real, out)
@@ -165,7 +168,13 @@ def run(args):
         figures = score(args, net, real, fake, fake_set.images)
         figures.update(features=net.name, weights_sha256=net.weights_sha256, weights_official=net.official)
         write_report(out, figures, args, real, fake, real_set, fake_set)
+        if real_set:   # the paths behind report.json's skipped pseudonyms, for the user alone
+            write_key(out / KEY, real_set.key)
+        else:          # an earlier evaluation's, of another real set
+            (out / KEY).unlink(missing_ok=True)
         if args.save_features:
+            if real_set:
+                write_key(key_beside(args.save_features), real_set.key)
             save_features(args.save_features, real, fake, fake_set.names, net)
     print(f"wrote {out / 'report.md'}: FID {figures['fid']:.2f}, KID {figures['kid']:.4f}", file=sys.stderr)
 

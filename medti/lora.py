@@ -24,6 +24,7 @@ from .cli import ArgumentParser, run_main
 from .files import lora_file
 from .files.atomic import safetensors_bytes, write_atomic
 from .files.hashes import sha256_of
+from .files.pseudonyms import model_name
 from .generation import loras
 
 FORMAT = "medti-merged-lora"   # our metadata "format" of a merged checkpoint
@@ -62,8 +63,9 @@ def merge(args):
     sd = loras.apply(minisd.load(args.model, config=args.config, dtype=torch.float32, device="cpu"), specs)
     state = merged_state(sd, DTYPES[args.dtype])
     config = args.config or sd.preset   # None for a diffusers folder, whose config.json files are not carried over
-    meta = {"format": FORMAT, "base_model": str(args.model), "base_sha256": sha256_of(sd.path),
-            "base_config": str(config or ""), "dtype": args.dtype,
+    # the base and its config by name, no path (medti.files.pseudonyms): a merged checkpoint is made to be shared
+    meta = {"format": FORMAT, "base_model": model_name(args.model), "base_sha256": sha256_of(sd.path),
+            "base_config": model_name(config or ""), "dtype": args.dtype,
             "loras": json.dumps(loras.describe(specs), sort_keys=True)}
     write_atomic(out, safetensors_bytes(state, meta))
     print(f"wrote {out} ({args.dtype}, {len(state)} tensors): {args.model} + " +

@@ -86,6 +86,16 @@ def write_official(path, unet=None, vae=None, text=None):
     return path
 
 
+def private_key(path) -> dict:
+    """{pseudonym: path} of a key file that maps the pseudonyms of shared files to the images' paths
+    (medti.files.pseudonyms), read as its header says: `pseudonym<TAB>path`, then one row per image. A folder:
+    its names.private.tsv."""
+    path = Path(path)
+    rows = (path / "names.private.tsv" if path.is_dir() else path).read_text(encoding="utf-8").splitlines()
+    assert rows[0] == "pseudonym\tpath", rows[0]
+    return dict(row.split("\t") for row in rows[1:])
+
+
 def reference_scheduler(sampler: str, prediction: str = "eps", spacing: str = "linspace"):
     """The diffusers scheduler each of our samplers must equal, with SD2's training schedule (scaled_linear betas
     0.00085..0.012, steps_offset 1 as in SD2's hub scheduler config). "karras" is use_karras_sigmas=True over the

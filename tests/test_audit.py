@@ -10,6 +10,7 @@ import pytest
 from PIL import Image, PngImagePlugin
 from test_privacy import chest
 
+from conftest import private_key
 from medti import audit as A
 from medti.audit import main
 from medti.files import atomic as files
@@ -59,12 +60,14 @@ def one_line_error(capsys) -> str:
 def test_outputs_one_entry_per_image_with_prompt_and_seed_of_the_flagged(sets, capsys):
     assert audit(sets) == 0
     out = sets / "out"
-    assert sorted(p.name for p in out.iterdir()) == [".lock", "audit.json", "audit.md", "closest.png", "flagged.png"]
+    assert sorted(p.name for p in out.iterdir()) == [".lock", "audit.json", "audit.md", "closest.png", "flagged.png",
+                                                     "names.private.tsv"]
     found = json.loads((out / "audit.json").read_text())
     images, summary = found["images"], found["summary"]
     assert [e["file"] for e in images] == [f"{i:05d}.png" for i in range(6)]   # relative to --synthetic
     assert [e["flagged"] for e in images] == [True, True, False, False, False, False]
-    assert images[0]["nearest"] == images[1]["nearest"] == "case/p3.png"         # relative to --train
+    assert images[0]["nearest"] == images[1]["nearest"] and images[0]["nearest"].startswith("img-")   # pseudonyms
+    assert private_key(out)[images[0]["nearest"]] == "case/p3.png"               # by the key, relative to --train
     assert images[1]["mirrored"] and not images[0]["mirrored"]
     assert (images[0]["prompt"], images[0]["seed"]) == ("x-ray <cxr> 0", 100) and "prompt" not in images[2]
     assert all(0 <= e["similarity"] <= 1 for e in images) and images[0]["similarity"] == 1.0
@@ -78,14 +81,14 @@ def test_outputs_one_entry_per_image_with_prompt_and_seed_of_the_flagged(sets, c
 
 
 def test_no_patient_identifier_reaches_an_output(sets):
-    """Only names relative to the folders given leave the audit (and audit.md names those folders as typed): not a
+    """Only pseudonyms of training images and names relative to the synthetic folder leave the audit, and no folder
+    is named by its path (the key file, names.private.tsv, holds the training images' paths under --train): not a
     PNG text chunk of a training image, not the manifest's path of an init image; the sheets carry no text chunk."""
     assert audit(sets) == 0
     for path in (sets / "out").iterdir():
         data = path.read_bytes()
         assert b"DOE^JOHN" not in data and b"/secret/" not in data, path.name
-        if path.name == "audit.json":
-            assert str(sets).encode() not in data
+        assert str(sets).encode() not in data and (b"case/p" in data) == (path.name == "names.private.tsv")
         if path.suffix == ".png":
             assert not Image.open(path).text
 
@@ -150,7 +153,8 @@ def test_mismatched_sizes_are_resized_not_refused(sets):
     image.save(sets / "clean" / "odd.png")
     assert audit(sets, "clean") == 0
     images = {e["file"]: e for e in json.loads((sets / "out" / "audit.json").read_text())["images"]}
-    assert images["odd.png"]["nearest"] == "case/p3.png" and images["odd.png"]["flagged"]
+    odd = images["odd.png"]
+    assert private_key(sets / "out")[odd["nearest"]] == "case/p3.png" and odd["flagged"]
 
 
 def test_unknown_flag_is_argparse_usage_error(capsys):
@@ -186,10 +190,13 @@ def test_dinov2_second_opinion_beside_each_image(sets, tmp_path):
     assert audit(sets, "run", "out", "--features", "dinov2", "--dinov2", folder) == 0
     found = json.loads((sets / "out" / "audit.json").read_text())
     for copy in found["images"][:2]:   # the copy and its mirror (the mirror's features are taken too)
-        assert copy["dinov2_nearest"] == "case/p3.png" and copy["dinov2_similarity"] > 1 - 1e-5
+        assert private_key(sets / "out")[copy["dinov2_nearest"]] == "case/p3.png"
+        assert copy["dinov2_similarity"] > 1 - 1e-5
     assert all(-1 <= e["dinov2_similarity"] <= 1 for e in found["images"])
     assert found["summary"]["flagged"] == 2 and "dinov2" in found["summary"]["second_opinion"]["features"]
     assert "## Second opinion" in (sets / "out" / "audit.md").read_text()
+    for name in ("audit.json", "audit.md"):   # the DINOv2 folder by its name: no path in the report
+        assert str(tmp_path) not in (sets / "out" / name).read_text()
 
 
 def test_dinov2_flag_needs_its_features(sets, capsys):
@@ -208,4 +215,5 @@ def test_large_images_are_reduced_as_read_and_still_matched(sets):
     assert max(max(x.shape[1:]) for x in held.images) == A.READ_SIDE
     assert audit(sets, "clean") == 0
     images = {e["file"]: e for e in json.loads((sets / "out" / "audit.json").read_text())["images"]}
-    assert images["big.png"]["nearest"] == "case/p3.png" and images["big.png"]["flagged"]
+    big = images["big.png"]
+    assert private_key(sets / "out")[big["nearest"]] == "case/p3.png" and big["flagged"]

@@ -12,6 +12,7 @@ from test_data_dicom_series import _series
 from test_privacy import chest
 from test_volume import _write_sitk
 
+from conftest import private_key
 from medti import audit as A
 from medti import evaluate
 from medti.dataset.folder import load_dataset
@@ -87,18 +88,22 @@ def test_a_copied_slice_is_flagged_with_that_slice_and_its_patient_pseudonym(tra
     assert A.main(["--train", str(train), "--synthetic", str(tmp_path / "syn"), "--out", str(tmp_path / "out")]) == 0
     found = json.loads((tmp_path / "out" / "audit.json").read_text())
     images = {e["file"]: e for e in found["images"]}
-    assert (images["copy.png"]["nearest"], images["copy.png"]["nearest_patient"]) == (held.names[13], "patient-009")
-    assert (images["mirror.png"]["nearest"], images["mirror.png"]["mirrored"]) == (held.names[15], True)
+    # by pseudonym, with the slice (the volume's file name may be the patient's)
+    assert held.pseudonyms[13].endswith("#axial005") and held.pseudonyms[15].endswith("#axial007")
+    assert (images["copy.png"]["nearest"], images["copy.png"]["nearest_patient"]) == (held.pseudonyms[13],
+                                                                                       "patient-009")
+    assert (images["mirror.png"]["nearest"], images["mirror.png"]["mirrored"]) == (held.pseudonyms[15], True)
     assert [e["flagged"] for e in found["images"]] == [True, True, False, False, False]   # copy, mirror, others
     summary = found["summary"]
     assert summary["flagged_by_patient"] == [{"patient": "patient-009", "flagged": 2, "training_images": 12}]
     assert summary["train_set"] == {"images": 20, "patients": 9, "slices": 12, "volumes_or_series": 1,
-                                    "single_images": 8}
+                                    "single_images": 8, "fingerprint": held.fingerprint}
     assert summary["train_vs_train"]["near_duplicates"] == []
     assert summary["train_vs_train"]["highest"] < P.MEASURED["highest_other"]
     report = (tmp_path / "out" / "audit.md").read_text()
     assert "20 training images of 9 patients (12 slices of 1 volume(s) or series, 8 single images)" in report
-    assert "| patient-009 | 2 | 12 |" in report and "| zcase/ct.mha#axial005 | patient-009 |" in report
+    assert "| patient-009 | 2 | 12 |" in report and f"| {held.pseudonyms[13]} | patient-009 |" in report
+    assert "zcase" not in report and private_key(tmp_path / "out")[held.pseudonyms[13]] == "zcase/ct.mha#axial005"
 
 
 def test_a_single_patient_gets_one_line_instead_of_a_baseline(tmp_path, capsys):
@@ -169,9 +174,9 @@ def test_no_patient_id_reaches_an_audit_output(tmp_path):
     assert A.main(["--train", str(tmp_path / "train"), "--synthetic", str(tmp_path / "syn"),
                    "--out", str(tmp_path / "out")]) == 0
     copy = json.loads((tmp_path / "out" / "audit.json").read_text())["images"][0]
-    assert (copy["nearest"], copy["nearest_patient"], copy["flagged"]) == (held.names[2], "patient-001", True)
+    assert (copy["nearest"], copy["nearest_patient"], copy["flagged"]) == (held.pseudonyms[2], "patient-001", True)
     written = sorted(p.name for p in (tmp_path / "out").iterdir() if not p.name.startswith("."))
-    assert written == ["audit.json", "audit.md", "closest.png", "flagged.png"]
+    assert written == ["audit.json", "audit.md", "closest.png", "flagged.png", "names.private.tsv"]
     for name in written:
         assert SECRET.encode() not in (tmp_path / "out" / name).read_bytes(), name
 

@@ -14,6 +14,7 @@ from pydicom.uid import DigitalXRayImageStorageForPresentation
 from test_dicom import image, save
 from test_privacy import chest
 
+from conftest import private_key
 from medti import audit as A
 from medti import data as preview
 from medti.quality.folders import ImageSet
@@ -48,7 +49,8 @@ def train(tmp_path):
 
 def squares(data, tmp_path, preprocess: str, name: str = "syn") -> tuple:
     """medti.data preview's squares of `data` copied alone into a folder (its contact sheet and data.jsonl are
-    not synthetic images); returns (folder, {png: the training file it was made from})."""
+    not synthetic images); returns (folder, {png: (the pseudonym of the training file it was made from, that file
+    by preview's key, names.private.tsv)})."""
     shown = tmp_path / f"preview-{name}"
     assert preview.main(["preview", "--data", str(data), "--preprocess", preprocess, "--resolution", str(SIDE),
                          "--out", str(shown)]) == 0
@@ -57,7 +59,8 @@ def squares(data, tmp_path, preprocess: str, name: str = "syn") -> tuple:
     lines = [json.loads(line) for line in (shown / "data.jsonl").read_text().splitlines()]
     for line in lines:
         shutil.copy(shown / line["file"], synthetic / line["file"])
-    return synthetic, {line["file"]: line["source"] for line in lines}
+    return synthetic, {line["file"]: (line["source"], private_key(shown)[line["source"]]) for line in lines}
+
 
 
 def audit(train, synthetic, out, *flags) -> dict:
@@ -73,16 +76,17 @@ def test_copies_of_the_training_squares_are_flagged(train, tmp_path, preprocess)
     found = audit(train, synthetic, tmp_path / "out", "--preprocess", preprocess)
     assert len(found["images"]) == 10 + (preprocess == "center")   # cxr skips the black image, as training does
     for entry in found["images"]:
-        if source[entry["file"]] == "black.png":   # center keeps it: a flat square, with nothing to correlate
+        if source[entry["file"]][1] == "black.png":   # center keeps it: a flat square, with nothing to correlate
             assert entry["similarity"] == 0 and not entry["flagged"]
             continue
         assert entry["flagged"] and entry["similarity"] >= 0.99, entry
-        assert entry["nearest"] == source[entry["file"]], entry
+        # one pseudonym for one image in preview and audit alike (of its bytes), and each key gives its file
+        assert entry["nearest"] == source[entry["file"]][0], entry
+        assert private_key(tmp_path / "out")[entry["nearest"]] == source[entry["file"]][1]
     summary = found["summary"]
     assert summary["train_preprocess"] == {"preprocess": preprocess, "resolution": SIDE}
-    skipped = dict(summary["skipped"]["train"])
-    assert ("black.png" in skipped) == (preprocess == "cxr")
-    assert preprocess == "center" or skipped["black.png"].startswith("all black")
+    skipped = {private_key(tmp_path / "out")[name]: why for name, why in summary["skipped"]["train"]}
+    assert skipped == ({"black.png": "all black"} if preprocess == "cxr" else {})
 
 
 def test_other_patients_squares_are_not_flagged(train, tmp_path):

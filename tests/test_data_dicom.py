@@ -13,6 +13,7 @@ from PIL import Image
 from pydicom.uid import DigitalXRayImageStorageForPresentation
 from test_dicom import image, loop, save
 
+from conftest import private_key
 from medti.dataset.folder import DataError, load_dataset
 from medti.training.validation import split_patients
 
@@ -99,7 +100,7 @@ def test_train_on_a_dicom_folder_holds_out_whole_patients(tmp_path, capsys):
             "--val-fraction", "0.34", "--val-draws", "2", "--preprocess", "cxr", "--out", str(tmp_path / "run")]
     assert main(args) == 0
     assert "--data: 9 image(s): 9 image file(s); 3 patient(s)" in capsys.readouterr().out
-    held = (tmp_path / "run" / "val.txt").read_text().split()
+    held = [private_key(tmp_path / "run")[name] for name in (tmp_path / "run" / "val.txt").read_text().split()]
     assert held and len({name.split("/")[0] for name in held}) == 1   # one study folder = one patient here
     for path in (tmp_path / "run").rglob("*"):
         if path.is_file():

@@ -6,6 +6,7 @@ import pytest
 import SimpleITK as sitk
 from test_volume import _asymmetric, _stored, _write_nifti, _write_sitk
 
+from conftest import private_key
 from medti.dataset.folder import DataError, find_images, load_dataset
 from medti.medical import MedicalError
 from medti.training.validation import split_patients
@@ -175,7 +176,7 @@ def test_train_on_volumes_holds_out_whole_cases(tmp_path, capsys):
     _cases(tmp_path / "data", 2)
     assert main(_train_args(tmp_path, "--val-fraction", "0.5")) == 0
     assert "--data: 10 image(s): 10 slice(s) of 2 volume(s) or series; 2 patient(s)" in capsys.readouterr().out
-    held = (tmp_path / "run" / "val.txt").read_text().split()
+    held = [private_key(tmp_path / "run")[name] for name in (tmp_path / "run" / "val.txt").read_text().split()]
     assert len(held) == 5 and len({name.split("/")[0] for name in held}) == 1 and all("#axial" in n for n in held)
 
 

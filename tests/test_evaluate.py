@@ -9,7 +9,7 @@ import torch
 from PIL import Image
 from safetensors import safe_open
 
-from conftest import rel_err
+from conftest import private_key, rel_err
 from medti import evaluate
 
 
@@ -103,7 +103,8 @@ def test_saved_features_are_the_rows_of_each_set(report, sets):
     with safe_open(out.parent / "features.safetensors", "pt") as f:
         meta = f.metadata()
         real, fake = f.get_tensor("real"), f.get_tensor("fake")
-    assert json.loads(meta["real_files"]) == [p.name for p in sorted(sets[0].glob("*.png"))]
+    named = private_key(out.parent / "features.names.private.tsv")   # the real images by pseudonym, and the key
+    assert [named[name] for name in json.loads(meta["real_files"])] == [p.name for p in sorted(sets[0].glob("*.png"))]
     assert json.loads(meta["fake_files"]) == [p.name for p in sorted(sets[1].glob("*.png"))]
     assert real.shape == (6, 2048) and fake.shape == (6, 2048)
 

@@ -2,6 +2,7 @@
 torchmetrics 1.9 end to end, and the offline path when no Inception file is given or cached."""
 import json
 
+import numpy as np
 import torch
 from test_evaluate import _error, _uint8, _write_set
 from transformers import Dinov2Config, Dinov2Model
@@ -43,12 +44,24 @@ def test_dinov2_features_through_the_cli(tmp_path):
     assert evaluate.main(["--real", str(real), "--fake", str(fake), "--out", str(out), "--features", "dinov2",
                           "--dinov2", str(folder), "--kid-subset-size", "4"]) == 0
     report = json.loads((out / "report.json").read_text())
-    assert report["features"] == f"dinov2 {folder}" and report["weights_official"] is None
+    # the local folder by its name: a report holds no path
+    assert report["features"] == "dinov2 dinov2-small-random" and report["weights_official"] is None
+    assert str(tmp_path) not in (out / "report.json").read_text() + (out / "report.md").read_text()
     want = _fid(Features(dinov2.features, dinov2_load.load_dinov2(folder), 64), _uint8(real), _uint8(fake))
     # The same float32 features on both sides, float64 statistics; torchmetrics' general (non-symmetric)
     # eigen-solver leaves rounding-level terms in the 58 null directions of 6 images in 64 dimensions (1.5e-6
     # relative measured here): 1e-5 relative. A wrong preparation moves the features by far more.
     assert rel_err(torch.tensor(report["fid"]), torch.tensor(want)) <= 1e-5
+    # a statistics file saved before networks lost their paths (its network "dinov2 /path/to/folder") still reads
+    stats = tmp_path / "real.npz"
+    assert evaluate.main(["--real", str(real), "--save-stats", str(stats), "--features", "dinov2", "--dinov2",
+                          str(folder)]) == 0
+    with np.load(stats) as saved:
+        arrays = {key: saved[key] for key in saved.files}
+    np.savez(stats, **{**arrays, "network": np.array(f"dinov2 {folder}")})
+    assert evaluate.main(["--real", str(stats), "--fake", str(fake), "--out", str(tmp_path / "again"), "--features",
+                          "dinov2", "--dinov2", str(folder), "--kid-subset-size", "4"]) == 0
+    assert json.loads((tmp_path / "again" / "report.json").read_text())["fid"] == report["fid"]
 
 
 def test_antialias_equals_torchmetrics_19_default(inception_file, tmp_path):

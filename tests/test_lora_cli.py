@@ -8,6 +8,7 @@ test_lora.py (float32 rounding over the depth; measured: 0, since peft's merge a
 same order as ours).
 """
 import json
+from pathlib import Path
 
 import pytest
 import torch
@@ -54,8 +55,11 @@ def test_merged_checkpoint_samples_what_lora_does(files, merged, tmp_path):
     minisd.load(m16, config=config)   # loads strictly: every key of the official layout, nothing else
     with safe_open(str(m16), framework="pt") as f:
         meta = f.metadata()
-    assert meta["format"] == "medti-merged-lora" and meta["base_model"] == str(files["base"])
-    assert [(r["name"], r["weight"]) for r in json.loads(meta["loras"])] == [("a", 0.7), ("b", -0.5)]
+    # the base and the LoRAs by name, no path: a merged checkpoint is made to be shared
+    assert meta["format"] == "medti-merged-lora" and meta["base_model"] == Path(files["base"]).name
+    assert [(r["name"], r["weight"], r["file"]) for r in json.loads(meta["loras"])] == [
+        ("a", 0.7, Path(files["a"]).name), ("b", -0.5, Path(files["b"]).name)]
+    assert str(tmp_path.parent).encode() not in m16.read_bytes()[:100_000]   # the header, where metadata is
     assert len(meta["base_sha256"]) == 64 and meta["dtype"] == "fp16"
 
 

@@ -1,5 +1,7 @@
 """`python -m medti.data preview`: the PNGs are exactly the training tensors, data.jsonl describes each with a
-pseudonym for the patient (never the PatientID), and bad input is one line that leaves nothing behind."""
+pseudonym for the patient (never the PatientID) and for the image (never its path: names.private.tsv maps it to
+the file), and bad input is one line that leaves nothing behind."""
+import hashlib
 import json
 import subprocess
 import sys
@@ -23,20 +25,26 @@ def test_preview_writes_the_training_images_and_no_patient_id(tmp_path, capsys):
                  "--out", str(tmp_path / "out")]) == 0
     data = load_dataset(tmp_path / "data", 32, preprocess="cxr")
     lines = [json.loads(line) for line in (tmp_path / "out" / "data.jsonl").read_text().splitlines()]
+    rows = (tmp_path / "out" / "names.private.tsv").read_text().splitlines()   # pseudonym -> path, for the user
+    names = dict(row.split("\t") for row in rows[1:])
+    assert rows[0] == "pseudonym\tpath" and sorted(names.values()) == sorted(data.names)
     assert len(lines) == len(data.names) == 10
     for row, line in enumerate(lines):
         png = np.asarray(Image.open(tmp_path / "out" / line["file"]))
         tensor = ((data.images[row] + 1) * 127.5).round().permute(1, 2, 0).numpy()
         assert np.array_equal(png, tensor), line                      # exactly what training sees
-        assert line["source"] == data.names[row] and line["slice"] is None
+        assert line["source"] == data.pseudonyms[row] and line["slice"] is None   # a pseudonym, not the file
+        assert line["source"] == "img-" + hashlib.sha256((tmp_path / "data" / names[line["source"]]).read_bytes()
+                                                         ).hexdigest()[:12]    # `sha256sum FILE`'s, as documented
         # the DX files carry their own window (test_data_dicom); the PNG is 8-bit as stored
-        assert line["window"] == ("as stored" if line["source"] == "extra.png" else "the file's 2048,3000"), line
+        assert line["window"] == ("as stored" if names[line["source"]] == "extra.png" else "the file's 2048,3000")
     # in the order met: extra.png (its own patient), then the three DICOM patients
     assert [line["patient"] for line in lines] == ["patient-001"] + ["patient-002"] * 3 + ["patient-003"] * 2 + \
         ["patient-004"] * 4
     assert (tmp_path / "out" / "contact-sheet.png").is_file()
     for path in (tmp_path / "out").iterdir():
         assert not any(p.encode() in path.read_bytes() for p in PATIENTS), path
+        assert (b"study0/IM0000" in path.read_bytes()) == (path.name == "names.private.tsv"), path
     assert "wrote 10 image(s) of 4 patient(s)" in capsys.readouterr().out
 
 

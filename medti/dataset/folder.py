@@ -13,6 +13,7 @@ import torch
 from minisd.errors import UserError
 from minisd.tokenizer import MAX_PROMPT_TOKENS
 
+from ..files.pseudonyms import Numbering, image_name, key_rows
 from ..medical.slices import SliceOptions, check_options
 from .patients import keys
 from .preprocess import PREPROCESS, Unusable
@@ -40,9 +41,16 @@ class Dataset:
     windows: list[str]     # per image: which window scaled it (`--window 40,400`, `the file's ...`, min-max, ...)
     captions: list[str]    # per image: its caption file's text (with captions=True), else ""
     skipped: list[tuple[str, str]]   # (relative path or case name, reason), in the order met
-    fingerprint: str       # sha256 over the used files' paths and bytes: see _fingerprint
+    fingerprint: str       # sha256 over the used files' paths and bytes: see fingerprint_of()
     files: dict = field(default_factory=dict)   # {kind: files read}: "DICOM" (by content), ".png", ".nii.gz", ...
     survey: Survey | None = None                # what else the folder held: files that are not images, ...
+    # per image: how files meant to be shared name it (medti.files.pseudonyms): `img-<content hash>[#axial042]`
+    pseudonyms: list[str] = field(default_factory=list)
+
+    @property
+    def key(self) -> list:
+        """(pseudonym, name) of each image, then of each file left out: the rows of names.private.tsv."""
+        return key_rows(self.pseudonyms, self.names, self.skipped)
 
 
 def find_images(folder) -> list[Path]:
@@ -101,7 +109,7 @@ def check_captions(data: Dataset, folder, where: str, tokens=None):
               f"is the template with an empty caption ({hint}): {names}", file=sys.stderr)
 
 
-def _fingerprint(data: dict[str, bytes]) -> str:
+def fingerprint_of(data: dict[str, bytes]) -> str:
     """sha256 of the `sha256sum` listing ("<hex>  <relative path>\\n") of the files used (skipped files are not),
     sorted by path, so an auditor can recompute it: `cd DATA; sha256sum FILES... | sha256sum`, FILES in
     code-point (LC_ALL=C sort) order."""
@@ -144,6 +152,13 @@ def _checked(preprocess: str, resolution: int, channels: list[str] | None) -> li
     return check_channels(channels)
 
 
+def item_pseudonym(numbering: Numbering, images: list, data: dict) -> str:
+    """The pseudonym of one item of read_items (its images, {relative path: bytes}), from the bytes of its image
+    files: a caption file takes no part, so training with --captions names an image as the audit names it."""
+    captions = {image.info["caption_file"] for _, image, _ in images if "caption_file" in image.info}
+    return numbering.item({path: data[path] for path in data if path not in captions})
+
+
 def read_items(folder: Path, channels: list[str] | None, options: SliceOptions, skip, captions: bool = False,
                survey: Survey | None = None):
     """Each item under `folder` (a file, a case, a volume) as read, before --preprocess: yields
@@ -177,8 +192,9 @@ def load_dataset(folder, resolution: int, preprocess: str = "center", channels: 
             raise DataError(f"{folder / name}: {reason}")
         skipped.append((name, reason))
 
-    arrays, names, patients, windows, texts, used = [], [], [], [], [], {}
+    arrays, names, patients, windows, texts, used, shared, numbering = [], [], [], [], [], {}, [], Numbering()
     for images, data in read_items(folder, channels, options, skip, captions, survey):
+        item = item_pseudonym(numbering, images, data)
         for name, image, patient in images:   # one image, or a volume's slices: an all-black slice skips alone
             window = image.info.get("window", "as stored")   # medical readers say; other files are 8-bit as read
             try:
@@ -188,6 +204,7 @@ def load_dataset(folder, resolution: int, preprocess: str = "center", channels: 
                 continue
             arrays.append(np.asarray(image.convert("RGB")))   # [R, R, 3] uint8; grayscale replicated to 3 channels
             names.append(name)
+            shared.append(image_name(item, name))
             patients.append(patient)
             windows.append(window)
             raw = image.info.get("caption")
@@ -198,5 +215,5 @@ def load_dataset(folder, resolution: int, preprocess: str = "center", channels: 
     patients, survey.placeholders = keys(patients)   # a placeholder PatientID keys by study (medti.dataset.patients)
     # [N, R, R, 3] uint8 -> [N, 3, R, R] float32 in [-1, 1]; 0 -> -1 and 255 -> 1 exactly
     images = torch.from_numpy(np.stack(arrays)).permute(0, 3, 1, 2).contiguous().float().div_(127.5).sub_(1)
-    return Dataset(images, names, patients, windows, texts, skipped, _fingerprint(used),
-                   kinds(folder, survey.found, used), survey)
+    return Dataset(images, names, patients, windows, texts, skipped, fingerprint_of(used),
+                   kinds(folder, survey.found, used), survey, shared)

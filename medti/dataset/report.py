@@ -1,6 +1,7 @@
 """What a data folder turned out to hold, in words: the summary training prints, the warning that lists files left
 out, and the one line that says why a folder gave no usable image. No file name in here reaches an output file:
-these lines go to the terminal and the run's log only."""
+these lines go to the terminal and the run's log only; a shared report gives a skipped file's reason_kind()."""
+import re
 import sys
 from collections import Counter
 from pathlib import Path
@@ -9,11 +10,23 @@ from .survey import EXTENSIONS, Survey, listed, walk
 
 NAMING = ("unknown channel", "missing channel", "no case", "duplicate channel")   # --channels naming problems
 PREPROCESSING = ("wrong size", "all black")                                       # --preprocess refusals
+# How each reason a file is skipped for begins, up to where it could name a file: the rest of a reason can hold
+# one (a case, a series' file, the `MRN4242` of `DOE_MRN4242.png` read as a channel), so shared reports keep this.
+KINDS = re.compile(r"all black|wrong size|not a regular file|cannot read the file|empty file|\d+ frames in one file|"
+                   r"mode \w+|not an image PIL can read|unreadable image|no case|unknown channel|duplicate channel|"
+                   r"missing channel|channel sizes differ|listed in the manifest but missing|"
+                   r"its data file \(ElementDataFile\)")
 
 
 def _some(names: list, n: int = 5) -> str:
     """The first `n` names, then " ..." when there are more."""
     return ", ".join(names[:n]) + (" ..." if len(names) > n else "")
+
+
+def reason_kind(reason: str) -> str:
+    """What a shared report gives of a skip reason: its kind (KINDS), never a name that the rest may hold."""
+    found = KINDS.match(reason)
+    return found.group() if found else "unusable (the full reason was printed where the command ran)"
 
 
 def warn_skipped(skipped: list, where: str):

@@ -65,7 +65,8 @@ def medical_errors(source):
 
 
 def decode(path: Path, data: bytes, window=None) -> Image.Image:
-    """Decode one file's bytes to 8-bit L or RGB, or raise Unusable with the reason. DICOM files go through
+    """Decode one file's bytes to 8-bit L or RGB, or raise Unusable with the reason: training's rule, which
+    medti.quality applies to a generation run's images too. DICOM files go through
     medti.medical.dicom (window: a medti.medical.window.Window, else the file's own, else min-max); its Patient
     is kept in the image's `info["patient"]`, in memory only."""
     if not data:
@@ -90,13 +91,6 @@ def decode(path: Path, data: bytes, window=None) -> Image.Image:
         raise Unusable(f"not an image PIL can read ({path.suffix} extension)") from None
     except (OSError, ValueError, SyntaxError, EOFError, Image.DecompressionBombError) as e:
         raise Unusable(f"unreadable image: {str(e).splitlines()[0] if str(e) else type(e).__name__}") from None
-
-
-
-def read_image(path: Path, window=None) -> Image.Image:
-    """One file as training data reads it: 8-bit L or RGB (16-bit rescaled by medti.files.images.to_8bit), or Unusable
-    with the reason. medti.quality reads evaluation and audit sets through this, so every set obeys one rule."""
-    return decode(path, file_bytes(path), window)
 
 
 def _group_cases(folder: Path, entries: list, channels: list[str], skip) -> dict[str, dict]:
@@ -190,6 +184,7 @@ def item_images(folder: Path, name: str, source, channels, options, captions: bo
             caption = source.with_suffix(".txt").relative_to(folder).as_posix()
             data[caption] = file_bytes(source.with_suffix(".txt"))
             image.info["caption"] = data[caption]   # bytes: medti.dataset.folder.caption_text checks and decodes
+            image.info["caption_file"] = caption    # no part of the image's pseudonym
     patient = image.info.get("patient")   # a DICOM file's Patient (medti.dataset.patients keys it), else the file
     return [(name, image, replace(patient, fallback=name) if patient else name)], data
 
@@ -198,9 +193,9 @@ def _dicom_names(folder: Path, volumes: list) -> dict:
     """{DicomVolume: name}: a multi-frame file's relative path; a series', its folder (`ct/case1`), or with several
     series in that folder `ct/case1/series-3` (its Series Number, else its first file's name); series that would
     still share a name get their Series Description (`series-3-T2_AX`, medti.medical.dicom_series.safe_description),
-    then a counter in path order (`series-3-2`). No UID and no patient attribute: names reach val.txt and
-    data.jsonl, and UIDs are identifiers under DICOM's de-identification profile. Stable: the same files give the
-    same names, run after run (a series added beside them may lengthen its neighbours' names)."""
+    then a counter in path order (`series-3-2`). No UID and no patient attribute: names reach the terminal and
+    the private key files, and UIDs are identifiers under DICOM's de-identification profile. Stable: the same files
+    give the same names, run after run (a series added beside them may lengthen its neighbours' names)."""
     names, by_folder = {}, {}
     for v in volumes:
         first = v.paths[0].relative_to(folder)

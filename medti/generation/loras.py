@@ -204,8 +204,9 @@ def short_hash(path: Path) -> str:
 
 
 def describe(specs: list[LoRASpec]) -> list[dict]:
-    """What a manifest line or a merged checkpoint records of each LoRA."""
-    return [{"name": s.name, "file": str(s.path), "sha256": sha256_of(s.path), "a1111_hash": short_hash(s.path),
+    """What a manifest line or a merged checkpoint records of each LoRA: its file by name, never by path (a shared
+    file holds none: medti.files.pseudonyms), and its hashes."""
+    return [{"name": s.name, "file": s.path.name, "sha256": sha256_of(s.path), "a1111_hash": short_hash(s.path),
              "weight": s.weight} for s in specs]
 
 

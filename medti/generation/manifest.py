@@ -4,6 +4,9 @@ full disk never makes the run unresumable.
 Each rank appends to its own DIR/manifest.part<r>.jsonl as images are made; when every planned image is done,
 the parts are merged into DIR/manifest.jsonl (written atomically) and removed. A record counts only while its
 PNG is on disk, so an image whose record is lost is simply made again by --resume.
+
+A record names no path (medti.files.pseudonyms): the model by its name, a LoRA by its file's name, --init-image and
+--mask by the pseudonyms of their bytes, which DIR/names.private.tsv maps to the files.
 """
 import json
 import os
@@ -16,6 +19,7 @@ from minisd.sampling import SAMPLERS
 
 from ..files.atomic import write_atomic
 from ..files.hashes import sha256_of
+from ..files.pseudonyms import model_name
 
 # A1111's "Schedule type" for our spacings where it has the same one: Karras, and "Uniform" = k-diffusion's
 # DiscreteSchedule (our "kdiffusion"). diffusers' linspace/leading/trailing have no A1111 name.
@@ -51,14 +55,15 @@ def batches(jobs: list, per_call: int) -> list:
     return groups
 
 
-def record(args, job: Job, width: int, height: int, model_hash: str, loaded: dict) -> dict:
-    """One manifest line. Deterministic (no times), so a resumed run can check it continues the same run."""
+def record(args, job: Job, width: int, height: int, model_hash: str, loaded: dict, inputs: dict) -> dict:
+    """One manifest line. Deterministic (no times), so a resumed run can check it continues the same run. `inputs`:
+    the pseudonyms of --init-image and --mask (None where not given)."""
     return {"file": job.file, "prompt": job.prompt, "negative": args.negative, "seed": job.seed,
             "steps": args.steps, "cfg": args.cfg, "sampler": args.sampler, "sigmas": args.sigmas,
-            "width": width, "height": height, "model": str(args.model), "model_sha256": model_hash,
+            "width": width, "height": height, "model": model_name(args.model), "model_sha256": model_hash,
             "embeddings": {token: sha256_of(e.source) if e.source else "" for token, e in sorted(loaded.items())},
-            "init_image": args.init_image, "mask": args.mask, "mask_blur": args.mask_blur, "strength": args.strength,
-            "paste_back": args.paste_back, "format": args.format}
+            "init_image": inputs["init_image"], "mask": inputs["mask"], "mask_blur": args.mask_blur,
+            "strength": args.strength, "paste_back": args.paste_back, "format": args.format}
 
 
 # Fields a record gained after manifests were first written, with the value every run before them had: before
@@ -66,10 +71,21 @@ def record(args, job: Job, width: int, height: int, model_hash: str, loaded: dic
 ADDED = {"format": "png"}
 
 
-def differences(done: dict, planned: dict) -> list:
+def as_written_now(rec: dict, renamed: dict) -> dict:
+    """A record as this release writes it, from one an earlier release wrote with paths: the paths given now
+    (`renamed`: field -> {path as given: what is written now}) replaced, and a LoRA's file by its name."""
+    rec = {k: renamed.get(k, {}).get(v, v) if isinstance(v, str) else v for k, v in rec.items()}
+    if isinstance(rec.get("loras"), list):
+        rec["loras"] = [{**item, "file": Path(item["file"]).name} if isinstance(item.get("file"), str) else item
+                        for item in rec["loras"] if isinstance(item, dict)]
+    return rec
+
+
+def differences(done: dict, planned: dict, renamed: dict) -> list:
     """The names of the fields in which a record on disk differs from the one planned, sorted; a field that an
-    older manifest lacks counts as its ADDED value, so an old PNG run still resumes."""
-    old = ADDED | done
+    older manifest lacks counts as its ADDED value, and one that held a path counts as written now
+    (as_written_now), so an old run still resumes."""
+    old = as_written_now(ADDED | done, renamed)
     return sorted(k for k in old.keys() | planned.keys() if old.get(k) != planned.get(k))
 
 
@@ -93,13 +109,13 @@ def _value(field: str, value) -> str:
     return text if len(text) <= 40 else text[:37] + "..."
 
 
-def described(done: dict, planned: dict, seed: int) -> str:
+def described(done: dict, planned: dict, seed: int, renamed: dict | None = None) -> str:
     """`--steps 3 (now 4), --prompt x (now y)`: how a record on disk differs from the one planned, field by field,
     the saved value first. `seed`: this run's --seed, from which the record's --seed is told (image i's seed is
-    --seed plus its row)."""
-    old = ADDED | done
+    --seed plus its row); `renamed`: as for differences."""
+    old = as_written_now(ADDED | done, renamed or {})
     words = []
-    for field in differences(done, planned):
+    for field in differences(done, planned, renamed or {}):
         before, now = old.get(field), planned.get(field)
         if field == "seed" and isinstance(before, int):   # the same offset from --seed in both runs: the image's row
             before, now = before - (now - seed), seed
@@ -182,10 +198,11 @@ def append(part: Path, rec: dict):
         os.close(fd)
 
 
-def merge(out: Path, planned: list) -> bool:
+def merge(out: Path, planned: dict, renamed: dict) -> bool:
     """If every planned file is done, write manifest.jsonl (sorted, atomically) with every record whose image is
-    on disk -- also those a resumed run with a smaller --n did not plan -- and drop the parts."""
-    records = read_records(out)
+    on disk -- also those a resumed run with a smaller --n did not plan -- and drop the parts. A record of an
+    earlier release goes in as written now (as_written_now): the merged manifest holds no path."""
+    records = {f: as_written_now(rec, renamed) for f, rec in read_records(out).items()}
     if not set(planned) <= set(records):
         return False
     write_atomic(out / MERGED, "".join(json.dumps(records[f]) + "\n" for f in sorted(records)).encode())

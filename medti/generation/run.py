@@ -22,6 +22,7 @@ from ..files import embedding_file as emb
 from ..files.atomic import claim_folder, safetensors_bytes, write_atomic
 from ..files.hashes import sha256_of
 from ..files.images import contact_sheet, load_image, load_mask, paste_back, save_png, soft_mask, to_pil
+from ..files.pseudonyms import KEY, Numbering, model_name, write_key
 from ..medical import synthetic
 from . import loras
 from .flags import UsageError, check_args
@@ -103,6 +104,19 @@ def init_inputs(args, sd, width: int, height: int) -> tuple:
     return (InitImage(init, mask, args.strength) if init is not None else None), soft
 
 
+def input_names(args) -> tuple[dict, list, dict]:
+    """How the manifest names --init-image and --mask: by pseudonyms of their bytes (medti.files.pseudonyms; an init
+    image is often a patient's scan, and its file name the patient's), with the key file's rows and what an earlier
+    release's record held instead (medti.generation.manifest.as_written_now). Called once both were read."""
+    numbering, names, rows = Numbering(), {}, []
+    for flag in ("init_image", "mask"):
+        path = getattr(args, flag)
+        names[flag] = numbering.item({path: Path(path).read_bytes()}) if path else None
+        rows += [(names[flag], os.path.abspath(path))] if path else []
+    renamed = {flag: {getattr(args, flag): names[flag]} for flag in names if names[flag]}
+    return names, rows, {**renamed, "model": {str(args.model): model_name(args.model)}}
+
+
 def write_outputs(args, out: Path, sd, job: Job, rec: dict, latent, image, part: Path):
     """The latent (--save-latents), the PNG, then its manifest line: a record always has its image. A write that
     fails (disk full) leaves no temporary file and no half line, and the run can be resumed."""
@@ -138,14 +152,18 @@ def generate(args, out: Path, texts: list, jobs: list, specs: list, rank: int, w
                               sigmas=args.sigmas, batch=args.batch)
     model_hash = sha256_of(sd.path)   # cached by medti.files.hashes: hashing GBs once, not per run
     emb.warn_other_base(loaded, model_hash)
-    planned = {job.file: record(args, job, width, height, model_hash, loaded) | loras.record(specs) for job in jobs}
+    inputs, rows, renamed = input_names(args)
+    planned = {job.file: record(args, job, width, height, model_hash, loaded, inputs) | loras.record(specs)
+               for job in jobs}
     done = read_records(out)   # only records whose PNG is on disk count
-    changed = [file for file in done if file in planned and differences(done[file], planned[file])]
+    changed = [file for file in done if file in planned and differences(done[file], planned[file], renamed)]
     if changed:
         file = changed[0]
         raise UsageError(f"--out {out}: {file} was made with other parameters: "
-                         f"{described(done[file], planned[file], args.seed)}; --resume continues the same run: give "
-                         "its parameters, or another --out")
+                         f"{described(done[file], planned[file], args.seed, renamed)}; --resume continues the same "
+                         "run: give its parameters, or another --out")
+    if rows and rank == 0:   # the files behind the manifest's pseudonyms, for the user alone
+        write_key(out / KEY, rows)
     mine = [job for job in jobs if job.index % world == rank]   # this rank's share, fixed by the index alone
     todo = [job for job in mine if job.file not in done]
     part = out / f"manifest.part{rank}.jsonl"
@@ -165,7 +183,7 @@ def generate(args, out: Path, texts: list, jobs: list, specs: list, rank: int, w
             write_outputs(args, out, sd, job, planned[job.file], latent, image, part)
         progress.end_batch()
     progress.summary(out, len(mine) - len(todo))
-    if merge(out, list(planned)) and args.grid:
+    if merge(out, planned, renamed) and args.grid:
         write_grid(args, out, jobs)
 
 

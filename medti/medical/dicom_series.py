@@ -168,7 +168,7 @@ def safe_description(ds) -> str | None:
     """The Series Description as a name part (`T2 TSE AX` -> `T2_TSE_AX`): letters, digits, `_` and `-`, at most
     32 characters; None when it is empty, or holds something that may identify: a UID-like run of numbers and dots
     or 8 digits or more (a date, an accession number), the Patient ID, or a part of the Patient's Name of 3 letters
-    or more (free text can hold anything, and a name reaches val.txt and data.jsonl)."""
+    or more (free text can hold anything, and a name reaches the terminal and the private key files)."""
     raw = str(ds.get("SeriesDescription") or "")
     text = "_".join(re.findall(r"[A-Za-z0-9-]+", raw))[:32].strip("_-")
     words = {w.lower() for w in re.split(r"[\^ ,]+", str(ds.get("PatientName") or "")) if len(w) >= 3}

@@ -1,6 +1,7 @@
 """3-D volumes (NIfTI, MetaImage, NRRD) as training images: each chosen slice of a volume (or of a case's sequences,
 stacked as R, G, B) becomes one 8-bit image with square pixels, named `<file>#<plane><index>` (`case1/t2w.mha#axial012`)
-so val.txt and the skip list name the slice. medti.dataset calls this for every volume file it finds.
+so the skip list and the private keys name the slice (shared files give it after the volume's
+pseudonym). medti.dataset calls this for every volume file it finds.
 
 Intensities: the --window if given (LINEAR, as for DICOM), else min-max over the whole VOLUME, never per slice: the
 slices of one scan keep one scale, so an organ that is dark in one slice is not stretched to white in the next (MR

@@ -15,11 +15,12 @@ def patient_rows(train: ImageSet) -> list:
 
 
 def training_set(train: ImageSet) -> dict:
-    """What the training set is made of: volume slices are named FILE#PLANEnnn (medti.dataset), cases and files not."""
+    """What the training set is made of: volume slices are named FILE#PLANEnnn (medti.dataset), cases and files not;
+    and its fingerprint (sha256 over its files, as training's data_sha256), which says which folder it was."""
     names = train.names
     return {"images": len(names), "patients": len(set(train.patients)), "slices": sum("#" in n for n in names),
             "volumes_or_series": len({n.split("#")[0] for n in names if "#" in n}),
-            "single_images": sum("#" not in n for n in names)}
+            "single_images": sum("#" not in n for n in names), "fingerprint": train.fingerprint}
 
 
 def described(counts: dict) -> str:

@@ -2,9 +2,11 @@
 privacy officer reads) and the contact sheets flagged.png / closest.png, which put each synthetic image beside its
 nearest training image so that a person can judge the pair.
 
-Nothing here reads image metadata: the only names that leave the audit are the images' paths relative to the
-folders given (and, for flagged images, the prompt and seed of the run's manifest). Training patients are named
-by pseudonyms alone (medti.quality.folders.pseudonyms): the patient itself (a DICOM PatientID) is never written.
+Nothing here reads image metadata. The report is what a hospital passes on, so it names a training image by its
+pseudonym alone (medti.files.pseudonyms: a hash of its bytes; names.private.tsv beside the report maps each to its
+path) and the training folder by its fingerprint, never by a path; synthetic images, medti's own outputs, by their
+names in their folder (and, for flagged images, the prompt and seed of the run's manifest). Training patients are
+named by pseudonyms alone (medti.dataset.folder.pseudonyms): the patient itself (a DICOM PatientID) is never written.
 """
 import json
 from dataclasses import dataclass
@@ -16,7 +18,7 @@ from PIL import Image, ImageOps
 from ..files.images import contact_sheet, label
 from . import privacy
 from .audit_patients import copied_lines, copied_patients, described, patient_rows, training_set
-from .folders import ImageSet
+from .folders import ImageSet, shared_skipped
 
 SHEET_PAIRS = 24   # pairs per sheet at most: beyond that a sheet is too large to look at; audit.md lists them all
 TILE = 256         # pixels per image on a sheet: the label stays readable and 24 pairs stay under 4 MB
@@ -41,7 +43,7 @@ class Audit:
     own: privacy.Match | None   # nearest image of another patient of each training image; None: one patient
     threshold: float
     records: dict          # synthetic name -> manifest record (may be empty)
-    given: dict            # flag -> the path as typed ("train", "synthetic", "manifest"); "preprocess", "resolution"
+    given: dict            # "synthetic": the synthetic folder's name; "preprocess", "resolution" of --train
     opinion: Opinion | None = None
 
     @property
@@ -69,12 +71,12 @@ def entry(a: Audit, i: int) -> dict:
     of the synthetic image's content (mirrored back first when `mirrored`) relative to the training image."""
     sim = a.match.similarity[i].item()
     j = a.match.index[i].item()
-    found = {"file": a.synthetic.names[i], "nearest": a.train.names[j], "nearest_patient": a.patient[j],
+    found = {"file": a.synthetic.names[i], "nearest": a.train.pseudonyms[j], "nearest_patient": a.patient[j],
              "similarity": round(sim, 4),
              "flagged": sim >= a.threshold, "mirrored": bool(a.match.mirrored[i]),
              "shift_percent": [round(100 * s / privacy.SIZE, 1) for s in a.match.shift[i].tolist()]}
     if a.opinion:
-        found.update(dinov2_nearest=a.train.names[a.opinion.index[i]],
+        found.update(dinov2_nearest=a.train.pseudonyms[a.opinion.index[i]],
                      dinov2_similarity=round(a.opinion.cosine[i].item(), 4))
     record = a.records.get(a.synthetic.names[i])
     if found["flagged"] and record:   # only what a person needs to find the prompt again: never init/mask paths
@@ -88,8 +90,8 @@ def near_duplicates(a: Audit) -> list:
     if a.own is None:
         return []
     sim = a.own.similarity
-    return [{"file": a.train.names[i], "nearest": a.train.names[a.own.index[i]], "similarity": round(sim[i].item(), 4)}
-            for i in range(len(sim)) if sim[i] >= a.threshold]
+    return [{"file": a.train.pseudonyms[i], "nearest": a.train.pseudonyms[a.own.index[i]],
+             "similarity": round(sim[i].item(), 4)} for i in range(len(sim)) if sim[i] >= a.threshold]
 
 
 def baseline_summary(a: Audit) -> dict:
@@ -112,7 +114,7 @@ def report(a: Audit, sheets: dict) -> dict:
                   f"{100 * privacy.MARGIN / privacy.SIZE:g} % and the mirror (medti.quality.privacy); no weights",
         "train_vs_train": baseline_summary(a),   # images of different patients only
         "calibration": privacy.MEASURED,
-        "skipped": {"train": [list(s) for s in a.train.skipped], "synthetic": [list(s) for s in a.synthetic.skipped]},
+        "skipped": {"train": shared_skipped(a.train.skipped), "synthetic": [list(s) for s in a.synthetic.skipped]},
         "sheets": {name: name if written else None for name, written in sheets.items()},
     }
     if a.opinion:
@@ -145,7 +147,7 @@ def sheet(a: Audit, rows: list) -> Image.Image:
         how = ("mirrored, " if a.match.mirrored[i] else "") + "shift {:+.1f} %, {:+.1f} %".format(
             *(100 * s / privacy.SIZE for s in a.match.shift[i].tolist()))
         items += [tile(a.synthetic.images[i], caption(a, i)),
-                  tile(a.train.images[j], f"training: {a.train.names[j]}\n{a.patient[j]}\n{how}")]
+                  tile(a.train.images[j], f"training: {a.train.pseudonyms[j]}\n{a.patient[j]}\n{how}")]
     return contact_sheet(items, columns=4 if len(items) > 2 else 2)
 
 
@@ -204,8 +206,8 @@ def markdown(a: Audit, sheets: dict) -> str:
     skipped = len(a.synthetic.skipped) + len(a.train.skipped)
     lines = ["# Privacy audit: are synthetic images near-copies of training images?", "", verdict(a), "",
              "## What was checked", "",
-             f"- Synthetic set `{a.given['synthetic']}`: {len(a.synthetic.names)} images; training set "
-             f"`{a.given['train']}`: {described(training_set(a.train))}"
+             f"- Synthetic set `{a.given['synthetic']}`: {len(a.synthetic.names)} images; training set of "
+             f"fingerprint `{a.train.fingerprint[:16]}`: {described(training_set(a.train))}"
              + (f" ({skipped} unreadable files skipped, listed in audit.json)." if skipped else "."),
              f"- Training images as the model saw them: --preprocess {a.given.get('preprocess')} at "
              f"{a.given.get('resolution')} px (give the training run's data flags, or copies are missed).",
@@ -248,7 +250,7 @@ def opinion_lines(a: Audit) -> list:
     for i in rows:
         j, e = a.opinion.index[i].item(), entry(a, i)
         same = f"{e['similarity']:.3f}" if a.match.index[i].item() == j else "(another image is nearer)"
-        lines.append(f"| {e['file']} | {a.train.names[j]} | {a.opinion.cosine[i].item():.3f} | {same} | "
+        lines.append(f"| {e['file']} | {a.train.pseudonyms[j]} | {a.opinion.cosine[i].item():.3f} | {same} | "
                      f"{'yes' if e['flagged'] else 'no'} |")
     return lines
 

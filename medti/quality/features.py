@@ -9,6 +9,7 @@ sha256, and a stats file made with other weights is refused.
 import functools
 from collections.abc import Callable
 from dataclasses import dataclass
+from pathlib import Path
 
 import torch
 
@@ -56,11 +57,20 @@ def _inception(path, antialias: bool) -> Network:
                    sha.startswith(inception_load.OFFICIAL_SHA256_PREFIX))
 
 
+def shared_name(network: str) -> str:
+    """A network's name as reports and statistics files keep it: DINOv2 from a local folder by the folder's name
+    alone (where it lies is the user's file system: medti.files.pseudonyms), a hub release (`facebook/dinov2-base`)
+    as it is. A statistics file saved with the folder's path reads as one saved now."""
+    kind, _, source = network.partition(" ")
+    local = kind == "dinov2" and (Path(source).is_absolute() or Path(source).is_dir() or source.startswith("."))
+    return f"{kind} {Path(source).name}" if local else network
+
+
 def _dinov2(name_or_folder) -> Network:
     name_or_folder = name_or_folder or DEFAULT_DINOV2
     model, file = dinov2_load.load_dinov2(name_or_folder, with_path=True)
-    return Network(f"dinov2 {name_or_folder}", model, dinov2.features, model.config.hidden_size, str(file),
-                   sha256_of(file), None)
+    return Network(shared_name(f"dinov2 {name_or_folder}"), model, dinov2.features, model.config.hidden_size,
+                   str(file), sha256_of(file), None)
 
 
 def load_network(features: str, inception_file=None, dinov2_name=None, device="cpu",

@@ -18,11 +18,12 @@ from PIL import Image
 
 from minisd.errors import UserError, arg
 
-from ..dataset.folder import DataError, parse_channels, read_items, survey_folder
+from ..dataset.folder import DataError, fingerprint_of, item_pseudonym, parse_channels, read_items, survey_folder
 from ..dataset.patients import keys
 from ..dataset.preprocess import Unusable, fit
-from ..dataset.report import warn_skipped, warn_survey
-from ..dataset.sources import read_image
+from ..dataset.report import reason_kind, warn_skipped, warn_survey
+from ..dataset.sources import decode, file_bytes
+from ..files.pseudonyms import Numbering, image_name, key_rows, skipped_names
 from ..generation.manifest import MERGED
 from ..medical.slices import SliceOptions, check_options
 from ..medical.window import parse_window
@@ -49,6 +50,14 @@ class ImageSet:
     # the image's own name). In memory only: outputs name patients by pseudonyms() alone.
     patients: list = field(default_factory=list)
     sizes: list = field(default_factory=list)   # per image: (width, height) as read, before any reduction
+    # per image: how files meant to be shared name it (medti.files.pseudonyms), `img-<content hash>[#axial042]`
+    pseudonyms: list = field(default_factory=list)
+    fingerprint: str = ""   # sha256 over the files read, as training's (medti.dataset.folder.fingerprint_of)
+
+    @property
+    def key(self) -> list:
+        """(pseudonym, name) of each image, then of each file left out: the rows of names.private.tsv."""
+        return key_rows(self.pseudonyms, self.names, self.skipped)
 
 
 @dataclass(frozen=True)
@@ -60,6 +69,12 @@ class Reading:
     # images as read (evaluation, every synthetic set). The audit sets both once it knows the synthetic size.
     preprocess: str | None = None
     resolution: int = 0
+
+
+def shared_skipped(skipped: list) -> list:
+    """[pseudonym, kind of reason] of each file left out of a real or training set, as shared reports give them: a
+    reason may name files (reason_kind keeps what cannot), and names.private.tsv maps the pseudonym to the file."""
+    return [[name, reason_kind(why)] for name, (_, why) in zip(skipped_names(skipped), skipped, strict=True)]
 
 
 def reading(args) -> Reading:
@@ -141,27 +156,35 @@ def _small(image, max_side: int | None, how: Reading):
     return to_uint8(image), size
 
 
-def _run_images(root: Path, files: list, max_side, how: Reading, skipped: list):
-    """(name, (uint8 image, size), patient) of each image a manifest lists, read file by file (a run's images are
-    PNG or DICOM files of their own; each is its own "patient")."""
+def _run_images(root: Path, files: list, max_side, how: Reading, skipped: list, used: dict):
+    """(name, (uint8 image, size), patient, pseudonym) of each image a manifest lists, read file by file (a run's
+    images are PNG or DICOM files of their own; each is its own "patient"); their bytes go to `used`."""
+    numbering = Numbering()
     for file in files:
         name = file.relative_to(root).as_posix()
         try:
             if not file.is_file():
                 raise Unusable("listed in the manifest but missing")
-            yield name, _small(read_image(file), max_side, how), name
+            data = {name: file_bytes(file)}
+            image = decode(file, data[name])
+            used.update(data)
+            yield name, _small(image, max_side, how), name, numbering.item(data)
         except Unusable as e:
             skipped.append((name, str(e)))
 
 
-def _folder_images(folder: Path, how: Reading, max_side, skipped: list, survey):
-    """(name, (uint8 image, size), patient) of each image of a folder, exactly as training lists and reads them
-    (and preprocesses them, when `how` says so); the files' bytes, which training hashes, are dropped at once."""
-    for images, _ in read_items(folder, how.channels, how.options, lambda name, why: skipped.append((name, why)),
-                                survey=survey):
+def _folder_images(folder: Path, how: Reading, max_side, skipped: list, survey, used: dict):
+    """(name, (uint8 image, size), patient, pseudonym) of each image of a folder, exactly as training lists, reads
+    and names them (and preprocesses them, when `how` says so); the files' sha256 go to `used`, for the fingerprint,
+    and their bytes are dropped at once."""
+    numbering = Numbering()
+    for images, data in read_items(folder, how.channels, how.options, lambda name, why: skipped.append((name, why)),
+                                   survey=survey):
+        item = item_pseudonym(numbering, images, data)
+        used.update(data)
         for name, image, patient in images:   # a volume's slices: one that preprocess makes unusable skips alone
             try:
-                yield name, _small(image, max_side, how), patient
+                yield name, _small(image, max_side, how), patient, image_name(item, name)
             except Unusable as e:
                 skipped.append((name, str(e)))
 
@@ -174,10 +197,10 @@ def load_set(path, flag: str, minimum: int = 1, max_side: int | None = None, how
     `how`: the data flags for a folder (a run's images are read as they are, preprocessed if `how` says so)."""
     path = Path(path)
     root, files, records = _files(path, flag)
-    skipped, survey = [], survey_folder(root) if files is None else None
-    rows = list(_run_images(root, files, max_side, how, skipped) if files is not None else
-                _folder_images(root, how, max_side, skipped, survey))
-    names, read, patients = ([row[i] for row in rows] for i in range(3))
+    skipped, survey, used = [], survey_folder(root) if files is None else None, {}
+    rows = list(_run_images(root, files, max_side, how, skipped, used) if files is not None else
+                _folder_images(root, how, max_side, skipped, survey, used))
+    names, read, patients, pseudonyms = ([row[i] for row in rows] for i in range(4))
     patients, replaced = keys(patients)   # as training keys them: a placeholder PatientID by study
     if survey is not None:
         survey.placeholders = replaced
@@ -188,4 +211,5 @@ def load_set(path, flag: str, minimum: int = 1, max_side: int | None = None, how
         found = f"{len(images)} usable image(s)" + (f", {len(skipped)} skipped, e.g. {': '.join(skipped[0])}"
                                                    if skipped else "")
         raise SetError(f"{arg(flag)} {path}: {found}; at least {minimum} needed")
-    return ImageSet(images, names, root, skipped, {n: records[n] for n in names if n in records}, patients, sizes)
+    return ImageSet(images, names, root, skipped, {n: records[n] for n in names if n in records}, patients, sizes,
+                    pseudonyms, fingerprint_of(used))

@@ -13,7 +13,7 @@ from ..files.atomic import text_bytes, write_atomic
 from ..files.images import contact_sheet, save_png
 from ..files.plots import INK, axes, vertical_text
 from .features import provenance
-from .folders import ImageSet
+from .folders import ImageSet, shared_skipped
 from .metrics import nearest_real
 
 SAMPLES = 8          # images per row of samples.png
@@ -99,8 +99,10 @@ def real_baseline(real, real_set: ImageSet | None) -> tuple[dict, str]:
     return {BASELINE: distances}, f"against each real image's distance to {what}"
 
 
-def markdown(fig: dict, args, with_real: bool, baseline: str = "against real-to-real distances") -> str:
-    """report.md: the table, then what to trust and where the weights came from."""
+def markdown(fig: dict, args, sets: tuple, with_real: bool, baseline: str = "against real-to-real distances") -> str:
+    """report.md: the table, then what to trust and where the weights came from. `sets`: what the synthetic and the
+    real set are called (their folder's name; size and fingerprint)."""
+    fake, real = sets
     d = fig["ms_ssim_pairs"]
     rows = [
         ("FID", _value(fig["fid"], 2), "distance between Gaussians fitted to the two feature sets; lower is closer"),
@@ -117,7 +119,7 @@ def markdown(fig: dict, args, with_real: bool, baseline: str = "against real-to-
          "for comparison" if d["real"] else "see the note below"),
     ]
     official = provenance(fig["weights_official"])
-    lines = [f"# Evaluation of {args.fake} against {args.real}", "",
+    lines = [f"# Evaluation of {fake} against {real}", "",
              f"{fig['n_fake']} synthetic and {fig['n_real']} real images; features: {fig['features']} "
              f"(weights sha256 {fig['weights_sha256'][:16]}…, {official}); seed {fig['seed']}.", "",
              "| figure | value | what it measures |", "|---|---|---|",
@@ -141,9 +143,12 @@ def write_report(out, fig: dict, args, real, fake: torch.Tensor, real_set, fake_
     others, baseline = real_baseline(real, real_set)
     series = {"synthetic to nearest real": nearest_real(real.features, fake)[0].numpy(), **others}
     histogram(series, out / "nearest.png", f"Nearest-neighbour distances in {fig['features']} feature space")
-    write_atomic(out / "report.md", text_bytes(markdown(fig, args, real_set is not None, baseline)))
-    skipped = {"real": [list(s) for s in (real_set.skipped if real_set else [])],
+    sets = (fake_set.root.name, real.about)
+    write_atomic(out / "report.md", text_bytes(markdown(fig, args, sets, real_set is not None, baseline)))
+    skipped = {"real": shared_skipped(real_set.skipped if real_set else []),
                "fake": [list(s) for s in fake_set.skipped]}
     patients = len(set(real_set.patients)) if real_set else None   # a count only: no patient is named
-    report = {**fig, "real": str(args.real), "fake": str(args.fake), "n_real_patients": patients, "skipped": skipped}
+    # the sets by size and fingerprint (real) and folder name (synthetic): no path (medti.files.pseudonyms)
+    report = {**fig, "real": real.about, "fake": fake_set.root.name, "n_real_patients": patients,
+              "skipped": skipped}
     write_atomic(out / "report.json", (json.dumps(report, indent=2, allow_nan=False) + "\n").encode())

@@ -54,12 +54,23 @@ def val_losses(run: Path) -> dict:
     return losses
 
 
+def base_model(file: Path, meta: dict) -> str:
+    """The base model a step file names, where it can be loaded as it stands: a preset, or a path that exists (files
+    written before paths were kept out of shared files hold one). A file or folder name alone is where the run's
+    model was, not where it is: one line asks for --model."""
+    model = meta.get("base_model")
+    if not model:
+        raise EvalError(f"{file}: names no base model; give --model (and --config for a file outside the presets)")
+    if model not in presets() and not Path(model).exists():
+        raise EvalError(f"{file}: its base model is {model!r}, a name without its folder (embeddings hold no path) "
+                        "and no file here; give --model with its path (and --config for a file outside the presets)")
+    return model
+
+
 def generation_argv(args, file: Path, folder: Path) -> list:
     """medti.generate's command line for one step file; the base model defaults to the one the run trained on."""
     emb = read_embedding(file)
-    model = args.model or emb.meta.get("base_model")
-    if not model:
-        raise EvalError(f"{file}: names no base model; give --model (and --config for a file outside the presets)")
+    model = args.model or base_model(file, emb.meta)
     argv = ["--model", model, "--embeddings", str(file), "--prompt", args.prompt or emb.token,
             "--n", str(args.n), "--seed", str(args.seed), "--steps", str(args.steps), "--sampler", args.sampler,
             "--device", args.device, "--out", str(folder)]
@@ -92,9 +103,9 @@ def make_images(args, file: Path, folder: Path):
     generation.run(parsed)
 
 
-def markdown(rows: list, args, net) -> str:
+def markdown(rows: list, args, net, real: str) -> str:
     best = min(rows, key=lambda r: r["kid"])
-    lines = [f"# Saved steps of {args.run} against {args.real}", "",
+    lines = [f"# Saved steps of {Path(args.run).name} against {real}", "",
              f"{args.n} images per step (seeds {args.seed}..{args.seed + args.n - 1}, {args.sampler}, "
              f"{args.steps} steps); lowest KID at step {best['step']}. Features: {net.name} (weights sha256 "
              f"{net.weights_sha256[:16]}…, {provenance(net)}). MS-SSIM \"-\": images under 161 px (see report.md of "
@@ -123,6 +134,6 @@ def score_run(args, net, real, out: Path):
         rows.append({"step": step, "file": file.name, **{k: figures[k] for k in KEYS}, "val_loss": losses.get(step),
                      "features": net.name, "weights_sha256": net.weights_sha256, "weights_official": net.official})
         write_atomic(out / "steps.json", (json.dumps(rows, indent=2, allow_nan=False) + "\n").encode())
-    write_atomic(out / "steps.md", text_bytes(markdown(rows, args, net)))
+    write_atomic(out / "steps.md", text_bytes(markdown(rows, args, net, real.about)))
     plot_curve([r["step"] for r in rows], [r["kid"] for r in rows], out / "kid.png",
                f"KID of {args.n} images per saved step against {len(real.names)} real images", y_label="KID")

@@ -4,6 +4,7 @@ import sys
 
 import torch
 
+from ..files.hashes import sha256_of
 from . import metrics, msssim
 from .features import EvalError, encode
 from .stats import from_features, load_stats
@@ -42,10 +43,16 @@ def kid_subset_size(args, n_real: int, n_fake: int) -> int:
 
 
 def real_side(args, net, real_set):
+    """The real set's features and statistics, from its images or its statistics file; named by pseudonyms
+    (medti.files.pseudonyms), and described in reports by its fingerprint, never by its path."""
     if real_set is None:
-        return load_stats(args.real, net)
+        real = load_stats(args.real, net)
+        real.about = f"a statistics file of {len(real.names)} real images (sha256 {sha256_of(args.real)[:16]})"
+        return real
     features = encode(net, real_set.images, "real", args.batch, progress)
-    return from_features(features, real_set.names, diversity(real_set.images, args, "real"))
+    real = from_features(features, real_set.pseudonyms, diversity(real_set.images, args, "real"))
+    real.about = f"{len(real.names)} real images (fingerprint {real_set.fingerprint[:16]})"
+    return real
 
 
 def score(args, net, real, fake: torch.Tensor, fake_images: list) -> dict:

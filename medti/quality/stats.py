@@ -19,7 +19,7 @@ import torch
 from minisd.errors import arg
 
 from ..files.atomic import safetensors_bytes, write_atomic
-from .features import EvalError, Network
+from .features import EvalError, Network, shared_name
 from .metrics import statistics
 
 FORMAT = "medti-stats-1"
@@ -31,8 +31,9 @@ class RealSide:
     features: torch.Tensor   # [N, d] float32
     mu: torch.Tensor         # [d] float64
     sigma: torch.Tensor      # [d, d] float64
-    names: list              # relative file names, row order
+    names: list              # the images' pseudonyms (medti.files.pseudonyms; paths in files before them), row order
     ms_ssim: dict | None     # {"mean", "pairs"} of the real set, when it was computed
+    about: str = ""          # what reports call the set: its size and fingerprint (scoring.real_side), no path
 
 
 def from_features(features: torch.Tensor, names: list, ms_ssim: dict | None) -> RealSide:
@@ -90,7 +91,7 @@ def _check_network(path: Path, data: dict, net: Network):
     flag = f"{arg('real')} {path}"
     if str(data.get("format", "")) != FORMAT:
         raise EvalError(f"{flag}: not a medti statistics file (no format '{FORMAT}'); make one with --save-stats")
-    network, sha = str(data.get("network", "")), str(data.get("weights_sha256", ""))
+    network, sha = shared_name(str(data.get("network", ""))), str(data.get("weights_sha256", ""))
     if sha == net.weights_sha256 and network != net.name:
         fix = "drop --antialias" if "antialiased" in net.name else "add --antialias"
         raise EvalError(f"{flag}: made with {network}, not {net.name}: the same weights, another resize; "
@@ -124,7 +125,8 @@ def load_stats(path, net: Network) -> RealSide:
 
 def save_features(path, real: RealSide, fake: torch.Tensor, fake_names: list, net: Network):
     """Per-image features as safetensors: `real` [N, d] and `fake` [M, d]; metadata `real_files` and `fake_files`
-    (JSON lists in row order, names relative to the folders given), network and weights sha256."""
+    (JSON lists in row order: the real images' pseudonyms, the synthetic images' names relative to their folder),
+    network and weights sha256."""
     meta = {"real_files": json.dumps(real.names), "fake_files": json.dumps(fake_names), "features": net.name,
             "weights_sha256": net.weights_sha256}
     write_atomic(path, safetensors_bytes({"real": real.features.contiguous(), "fake": fake.contiguous()}, meta))

@@ -21,6 +21,7 @@ from minisd.errors import arg
 
 from ..files.atomic import inside
 from ..files.images import save_png, to_pil
+from ..files.pseudonyms import model_name
 from ..generation.pipeline import SampleSettings, decode, sample
 from ..generation.progress import Progress
 from . import TrainError
@@ -68,21 +69,22 @@ def check(cfg):
         raise TrainError(f"{arg('prior_weight')} {cfg.prior_weight:g}: must be a finite number, 0 or more")
 
 
-def recipe(cfg, i: int) -> str:
+def recipe(cfg, i: int, model: str = "") -> str:
     """What class image i is made from, in its PNG's parameters: an image already in the folder is reused only if
     it says the same (a run killed while making them, started again with another prompt, seed, size or model,
-    must not train on the old ones)."""
+    must not train on the old ones). The model by its name (medti.files.pseudonyms.model_name): a generated image
+    carries no path; earlier releases wrote --model as given (`model`)."""
     return (f"class image {i}: {cfg.class_prompt}\nSteps: {STEPS}, Sampler: Euler a, CFG scale: {GUIDANCE}, "
-            f"Seed: {cfg.seed + i}, Size: {cfg.resolution}x{cfg.resolution}, Model: {cfg.model}")
+            f"Seed: {cfg.seed + i}, Size: {cfg.resolution}x{cfg.resolution}, Model: {model or model_name(cfg.model)}")
 
 
 def stale_class_images(cfg, folder: Path) -> list:
     """The class images in `folder` made from another recipe; on --resume one is an error (the run's own images
     are never replaced; the resumed settings differ from the run's), otherwise they are made again."""
     paths = [folder / f"{i:05d}.png" for i in range(class_count(cfg))]
-    # the second form: what the images made before the recipe was recorded say (their runs still resume)
-    stale = [p for i, p in enumerate(paths)
-             if p.exists() and _parameters(p) not in (recipe(cfg, i), f"class image {i}: {cfg.class_prompt}")]
+    # the other forms: what the images made before the recipe was recorded, or held a path, say (their runs resume)
+    stale = [p for i, p in enumerate(paths) if p.exists() and _parameters(p) not in
+             (recipe(cfg, i), recipe(cfg, i, cfg.model), f"class image {i}: {cfg.class_prompt}")]
     if stale and cfg.resume:
         raise TrainError(f"{arg('resume')}: {stale[0]} was made with another {arg('class_prompt')}, "
                          f"{arg('seed')}, {arg('resolution')} or {arg('model')}; resume with the run's own settings")

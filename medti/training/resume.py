@@ -8,7 +8,7 @@ from minisd.errors import arg, spoken
 
 from . import TrainError
 from .config import TrainConfig
-from .state import read_state, restore_state
+from .state import as_stored_now, read_state, restore_state
 
 # Settings a resumed run may change: how long and how often (max_steps, save_every, preview_*), where (device,
 # out, data, val: the images' identity is their fingerprint, not where they lie) and checkpointing (memory and
@@ -51,6 +51,7 @@ def held_out(before: dict | None, now: dict | None) -> str:
 
 # the stored settings that are no flag of their own, in the words of the flags behind them: (saved, now) -> text
 NOT_FLAGS = {"data_fingerprint": lambda before, now: f"the images in {arg('data')}",
+             "model_sha256": lambda before, now: f"the file of {arg('model')}",
              "validation": held_out}
 
 
@@ -67,6 +68,7 @@ def resume(s) -> int:
     step, scaler_state, before, tensors = read_state(path)   # the settings first: another run's tensors differ
     # runs saved before --demo left the training settings stored "demo": false; it never changed training
     before = {k: v for k, v in before.items() if not (k == "demo" and v is False)}
+    before = as_stored_now(before, s.settings, s.val)   # an earlier release kept paths
     # a setting added since the run was saved (--method and its flags) has its default there: that is how it ran
     defaults = dataclasses.asdict(TrainConfig())
     before = {**{k: defaults[k] for k in s.settings.keys() - before.keys() if k in defaults}, **before}

@@ -12,7 +12,12 @@ from safetensors import SafetensorError, safe_open
 from minisd.errors import arg, excerpt, spoken
 
 from ..files.atomic import safetensors_bytes, write_atomic
+from ..files.pseudonyms import model_name
 from . import TrainError
+
+# The settings that hold a path; the state file keeps only its last component (a preset or a count stays as it is):
+# the folders above are the user's file system, and may name a patient. The model file is told apart by its sha256.
+PATHS = ("model", "config", "class_images", "template", "slice_mask")
 
 
 def _key(kind: str, name: str) -> str:
@@ -45,6 +50,25 @@ def save_state(path, params, optimizer, scaler: dict, step: int, settings: dict,
 def _damaged(path, e: Exception) -> TrainError:
     return TrainError(f"{arg('resume')}: {path} is damaged ({type(e).__name__}: {excerpt(e, 80)}); start a new run in "
                       f"another {arg('out')} (what each save learned is in its <name>-<step>.safetensors there)")
+
+
+def stored(settings: dict) -> dict:
+    """The settings as state.safetensors keeps them: each of PATHS by its last component."""
+    return {k: (model_name(v) if k in PATHS else v) for k, v in settings.items()}
+
+
+def as_stored_now(before: dict, now: dict, val) -> dict:
+    """Settings saved by an earlier release as this one saves them, so that its runs still resume: full paths
+    (stored()), held-out images by path (`val`: the ValidationSet, its paths and pseudonyms), no model_sha256 (the
+    path was compared instead; this run's is taken)."""
+    before = stored(before)
+    if "model_sha256" in now:
+        before.setdefault("model_sha256", now["model_sha256"])
+    held = before.get("validation")
+    if val and isinstance(held, dict) and isinstance(held.get("files"), list):
+        renamed = dict(zip(val.paths, val.names, strict=True))
+        before["validation"] = {**held, "files": [renamed.get(f, f) for f in held["files"]]}
+    return before
 
 
 def read_state(path) -> tuple:

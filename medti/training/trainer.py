@@ -24,6 +24,7 @@ from ..dataset.folder import DataError, check_captions, load_dataset, parse_chan
 from ..dataset.report import summary, warn_skipped, warn_survey
 from ..files.atomic import claim_folder, text_bytes, write_atomic
 from ..files.hashes import sha256_of
+from ..files.pseudonyms import KEY, model_name, write_key
 from ..medical.window import parse_window
 from . import TrainError, distributed, methods
 from .command import write_command
@@ -33,7 +34,7 @@ from .objective import cache_latents, diffusion_loss, epoch_order, step_generato
 from .optim import adamw, enable_checkpointing, lr_at, precision, set_lr, total_norm
 from .outputs import preview, report, save
 from .resume import MAY_CHANGE, resume
-from .state import read_log, write_log
+from .state import read_log, stored, write_log
 from .validation import ValidationSet, best_so_far, hold_out, validation_loss
 
 SKIPS_TO_STOP = 10   # non-finite steps in a row after which the run stops: the lr or precision is wrong, not luck
@@ -97,7 +98,8 @@ def setup(cfg: TrainConfig, plan: Plan) -> Session:
     cache["captions"] = [data.captions[i] for i in rows]   # "" for an image without one (--captions)
     # validation latents: the posterior mean, unflipped (a fixed, noise-free latent of each image as it is)
     val = held and ValidationSet(cache_latents(sd, held.images, False, 0)["mean"] * sd.scale_factor,
-                                 held.names, cfg.val_draws, cfg.seed, cfg.token, uncaptioned(plan.prompts))
+                                 held.pseudonyms, held.names, cfg.val_draws, cfg.seed, cfg.token,
+                                 uncaptioned(plan.prompts))
     sd.vae.to("cpu")
     # the class images come from the model before anything trains (the frozen model's own view of the class)
     prior = class_cache(sd, cfg, Path(cfg.out), plan.device,
@@ -109,11 +111,13 @@ def setup(cfg: TrainConfig, plan: Plan) -> Session:
     # work (tools/benchmark.py section 3), far less activation memory (tools/memory_estimate.py).
     if cfg.checkpointing == "on" or (cfg.checkpointing == "auto" and plan.device.type == "cuda"):
         enable_checkpointing(sd)
-    settings = {k: v for k, v in dataclasses.asdict(cfg).items() if k not in MAY_CHANGE}
+    # what the state file keeps: no path, no file name (medti.files.pseudonyms), the model by its sha256
+    settings = stored({k: v for k, v in dataclasses.asdict(cfg).items() if k not in MAY_CHANGE})
     settings["data_fingerprint"] = data.fingerprint   # with --val-fraction: of all of --data, held-out part too
+    settings["model_sha256"] = sha256_of(sd.path)
     if held:
-        settings["validation"] = {**held.about, "draws": cfg.val_draws, "files": held.names}
-    meta = {**method.meta, "base_model": str(sd.preset or cfg.model), "base_sha256": sha256_of(sd.path),
+        settings["validation"] = {**held.about, "draws": cfg.val_draws, "files": held.pseudonyms}
+    meta = {**method.meta, "base_model": model_name(sd.preset or cfg.model), "base_sha256": settings["model_sha256"],
             "lr": cfg.lr, "data_sha256": data.fingerprint}
     return Session(cfg, plan, sd, cache, method, optimizer, scaler, settings, meta, val, prior)
 
@@ -121,13 +125,15 @@ def setup(cfg: TrainConfig, plan: Plan) -> Session:
 def start_or_resume(s: Session) -> int:
     """The step to start from: 0 with an empty log, or the last save's step with what trains, AdamW and grad-scaler
     state restored and the log cut back to that step (the steps after it are done again, identically). With
-    validation: val.txt names its images, and the best save so far is recovered (not reset) on resume."""
+    validation: val.txt names its images by pseudonym (names.private.tsv maps them to their paths), and the best
+    save so far is recovered (not reset) on resume."""
     log = s.out / "log.jsonl"
     step = resume(s) if s.cfg.resume else 0
     records = [record for record in read_log(log) if record["step"] <= step] if s.cfg.resume else []
     if distributed.main_process():   # one writer; every rank restores the same state
         write_log(log, records)
         if s.val:
+            write_key(s.out / KEY, list(zip(s.val.names, s.val.paths, strict=True)))
             write_atomic(s.out / "val.txt", text_bytes("".join(f"{name}\n" for name in s.val.names)))
     if s.val:
         s.best = best_so_far(records, s.out / f"{s.name}-best.safetensors", step)

@@ -39,6 +39,7 @@ class HeldOut(NamedTuple):
     images: torch.Tensor   # [M, 3, R, R] in [-1, 1], preprocessed like the training images
     names: list            # file (or case) names, relative to --val or to --data
     about: dict            # {"fraction": F} or {"folder_sha256": fingerprint of --val}
+    pseudonyms: list       # how val.txt and the saved settings name them (medti.files.pseudonyms)
 
 
 def split(n: int, fraction: float, seed: int, unit: str = "image") -> tuple[list, list]:
@@ -77,7 +78,7 @@ def hold_out(data, val_data, fraction: float, seed: int) -> tuple:
     """(the rows of --data that train, HeldOut or None) from the --data Dataset and the --val Dataset (or None)."""
     every = list(range(len(data.names)))
     if val_data is not None:
-        held = HeldOut(val_data.images, val_data.names, {"folder_sha256": val_data.fingerprint})
+        held = HeldOut(val_data.images, val_data.names, {"folder_sha256": val_data.fingerprint}, val_data.pseudonyms)
         _warn_duplicates(data.images, held)
         return every, held
     if not fraction:
@@ -86,14 +87,16 @@ def hold_out(data, val_data, fraction: float, seed: int) -> tuple:
     if distributed.main_process():   # stdout, with the set's summary: how many the fraction came to, once
         print(f"{arg('val_fraction')} {fraction:g}: held out {len(val)} of {len(data.names)} image(s) "
               f"({len({data.patients[i] for i in val})} patient(s)) for validation, listed in val.txt")
-    return train, HeldOut(data.images[val], [data.names[i] for i in val], {"fraction": fraction})
+    return train, HeldOut(data.images[val], [data.names[i] for i in val], {"fraction": fraction},
+                          [data.pseudonyms[i] for i in val])
 
 
 @dataclass
 class ValidationSet:
     """The fixed draws and what the loss needs besides the model and the vectors."""
     latents: torch.Tensor   # [M, 4, h, w] fp32 on the CPU: posterior means, scaled by the model's scale_factor
-    names: list
+    names: list             # the images' pseudonyms (val.txt), and their paths (names.private.tsv)
+    paths: list
     draws: int              # (timestep, noise) draws per image
     seed: int               # --seed
     token: str
