@@ -20,13 +20,14 @@ fraction of the conditions with them (`drop`, the trainer's --condition-dropout)
 """
 import json
 from dataclasses import asdict, dataclass, fields
+from pathlib import Path
 
 import torch
 from torch import nn
 
 from .config import LoadError
 from .dino import encode
-from .dino_load import load_encoder
+from .dino_load import RELEASES, load_encoder
 from .errors import arg
 
 METADATA_KEY = "image_condition"   # the safetensors metadata entry that states the conditioning
@@ -37,7 +38,8 @@ TOKEN_RULES = ("global",)          # which tokens: "global" = CLS + registers (+
 @dataclass(frozen=True)
 class ImageConfig:
     """What an image-conditioned model reads. encoder: the DINO release it was trained with (a hub name of
-    minisd.dino_load.RELEASES, or the folder as it was given); width: that encoder's token width (hidden_size);
+    minisd.dino_load.RELEASES, or the last component of the folder it was given: no path goes into a shared
+    file); width: that encoder's token width (hidden_size);
     count: its tokens per image (1 + R for DINOv2 with registers, 1 for DINOv1, +1 for a stored pooler); tokens:
     the rule that picks them; projection: whether `image_proj` maps width to the UNet's context width -- true exactly
     when the two differ."""
@@ -54,7 +56,10 @@ class ImageConfig:
 def for_encoder(name: str, encoder: nn.Module, context_dim: int) -> ImageConfig:
     """The config of a new image-conditioned model: `encoder` (loaded from `name`) into a UNet of `context_dim`."""
     width = encoder.config.hidden_size
-    return ImageConfig(str(name), width, encoder.num_global_tokens, "global", width != context_dim)
+    # a local folder is named by its last component: the model file is shared, and a path can name a person or a
+    # machine (docs/privacy-audit.md, "What may leave the hospital"); the loader is given the encoder anyway
+    named = str(name) if str(name) in RELEASES else Path(name).name
+    return ImageConfig(named, width, encoder.num_global_tokens, "global", width != context_dim)
 
 
 def check_config(cfg: ImageConfig, context_dim: int, source: str):
@@ -171,6 +176,9 @@ def open_encoder(cfg: ImageConfig, name_or_folder, device) -> nn.Module:
     """The model's encoder, from `name_or_folder` (default: cfg.encoder, as saved), checked to give the tokens the
     model was trained on: a copy of another release is refused, not used."""
     name = name_or_folder or cfg.encoder
+    if cfg.encoder not in RELEASES and not name_or_folder and not Path(name).is_dir():
+        raise LoadError(f"the model was trained with a local encoder folder; its file states only the folder's name "
+                        f"({cfg.encoder}): pass that folder as {arg('encoder')}")
     encoder = load_encoder(name, device=device)
     found = (encoder.num_global_tokens, encoder.config.hidden_size)
     if found != (cfg.count, cfg.width):

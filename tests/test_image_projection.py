@@ -91,11 +91,14 @@ def test_no_projection_where_the_widths_agree(wide, tmp_path):
 @torch.no_grad()
 def test_saved_file_loads_back(wide):
     sd, _, folder, path = wide
-    loaded = minisd.load(path, config=WIDE)
-    assert loaded.image.cfg == sd.image.cfg and loaded.image.cfg.encoder == str(folder)
+    loaded = minisd.load(path, config=WIDE, encoder=folder)
+    # a local encoder folder is stated by its name alone: the file is shared, and no path may leave with it
+    assert loaded.image.cfg == sd.image.cfg and loaded.image.cfg.encoder == folder.name
+    assert str(folder.parent) not in json.dumps(sd.image.metadata())
     assert torch.equal(loaded.image.proj.weight, sd.image.proj.weight)
     assert torch.equal(loaded.image(images()), sd.image(images()))
-    assert minisd.load(path, config=WIDE, encoder=folder).image.encoder is not None   # a copy named at load
+    with pytest.raises(LoadError, match=f"local encoder folder.*name \\({folder.name}\\): pass that folder as encoder"):
+        minisd.load(path, config=WIDE)   # the name alone is not where the folder is
 
 
 def rewrite(wide, tmp_path, drop=(), replace=None, metadata=None):
