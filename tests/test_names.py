@@ -123,9 +123,10 @@ def test_no_shared_file_names_a_patient_or_a_path(runs):
     assert len(files) > 40 and not leaks, leaks
     assert {p.relative_to(out).as_posix() for p in private} == {
         "preview/names.private.tsv", "run/names.private.tsv", "gen/names.private.tsv", "eval/names.private.tsv",
-        "stats/real.names.private.tsv", "stats/features.names.private.tsv", "audit/names.private.tsv"}
-    for path in private:
-        assert b"DOE_JOHN" in path.read_bytes(), path
+        "stats/real.names.private.tsv", "stats/features.names.private.tsv", "audit/names.private.tsv",
+        "run/command.private.json"}   # the command and settings of the run, paths as typed, for --resume
+    for path in private:   # each key names the files; the command names the folders, as typed
+        assert (b"DOE_JOHN" if path.suffix == ".tsv" else str(root).encode()) in path.read_bytes(), path
 
 def sha(path: Path) -> str:
     """The pseudonym of one file by the documented rule: `img-` and the first 12 hex digits of `sha256sum FILE`."""

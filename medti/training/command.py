@@ -25,8 +25,9 @@ from .resume import MAY_CHANGE, shown
 COMMAND = "command.private.json"
 # The flags a resume may give with another value than the run was trained with: MAY_CHANGE less the validation
 # flags. Those two are settings all the same: MAY_CHANGE lists them only because state.safetensors holds them in
-# its one "validation" entry and compares them there.
-FREE = frozenset(MAY_CHANGE) - {"val_fraction", "val_draws"}
+# its one "validation" entry and compares them there. --model may name the same file where it lies now: the state
+# compares the file by its sha256 (model_sha256), so a moved copy resumes and other weights are refused there.
+FREE = frozenset(MAY_CHANGE) - {"val_fraction", "val_draws"} | {"model"}
 DEFAULTS = {f.name: f.default for f in dataclasses.fields(TrainConfig)}
 KINDS = {bool: "true or false", int: "a whole number", float: "a number", str: "a string"}
 
