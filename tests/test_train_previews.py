@@ -103,6 +103,16 @@ def test_clock_arithmetic(monkeypatch):
     # step 6: 14 steps (14 s) and the previews of steps 10, 15, 20 (3 x 30 s) to come
     assert clock.eta(6, 20, 5) == "ETA 1m44s (3 preview(s) included)"
     assert P.previews_left(5, 20, 5) == 4 and P.previews_left(6, 20, 5) == 3 and P.previews_left(6, 20, 0) == 0
+    # a resumed run's missing preview (30 s) before its first step (60 s), then 1 s a step: the preview is no
+    # part of either rate
+    now[0] = 0.0
+    clock = P.Clock(first=10)
+    now[0] += 30.0
+    clock.previewed(30.0)
+    now[0] += 60.0
+    assert clock.tick(11) == 1 / 60.0
+    now[0] += 2.0
+    assert clock.tick(13) == 1.0
 
 
 def test_a_resumed_run_may_change_its_preview_settings(tiny, tmp_path, capsys):

@@ -22,7 +22,7 @@ def previews_left(step: int, total: int, every: int) -> int:
 class Clock:
     """The timing of one session of a run (a resumed run starts a new one): what the progress line needs."""
     first: int                                   # the step this session started from
-    started: float = field(default_factory=time.perf_counter)
+    started: float = field(default_factory=lambda: time.perf_counter())   # read at creation, not at import
     warm: float | None = None                    # when the session's first step ended: the rate counts from here
     paused: float = 0.0                          # seconds of previews since then: not training time
     preview_s: float | None = None               # the last preview's time, for the previews still to come
@@ -40,8 +40,12 @@ class Clock:
         return self.per_s
 
     def previewed(self, seconds: float):
-        """A preview took `seconds` (after a tick: the session's first step has set `warm`)."""
-        self.paused += seconds
+        """A preview took `seconds`: not training time, whether it came before the session's first step (a resumed
+        run's missing preview) or after."""
+        if self.warm is None:
+            self.started += seconds
+        else:
+            self.paused += seconds
         self.preview_s = seconds
 
     def eta(self, step: int, total: int, every: int) -> str:
