@@ -3,11 +3,13 @@
 The wrapper is the one place where a user error becomes `error: <one line>` and exit status 2: no module prints
 its own errors or catches another module's classes. It also turns an OSError from the file system (disk full,
 permission denied) into one line, because that is the user's to fix too, and Ctrl-C into exit 130 without a
-traceback.
+traceback. It also owns the status line a long task rewrites in place on a terminal (`status`), so that every
+other message starts on a line of its own.
 """
 import argparse
 import difflib
 import os
+import shutil
 import sys
 from collections.abc import Callable
 
@@ -30,6 +32,35 @@ def one_line(text: str, limit: int = MAX_MESSAGE) -> str:
     head = text[:limit * 2 // 3].rsplit(" ", 1)[0]
     tail = text[-(limit // 4):].split(" ", 1)[-1]
     return f"{head} … [{len(text) - len(head) - len(tail):,} characters left out] … {tail}"
+
+
+# The status line left open on a terminal: its stream and the length written, so that a shorter line blanks what
+# a longer one left ("ETA 1m30ss"), and any other message first ends it ("ETA 1m30sinterrupted").
+_OPEN = {"stream": None, "width": 0}
+
+
+def status(text: str, stream=None, final: bool = False):
+    """`text` as the one status line of a long task (a step count, an ETA). On a terminal it is rewritten in place
+    ("\r"), padded with spaces over the rest of a longer line before it and cut to the terminal's width (a wrapped
+    line could not be rewritten), and ended with a newline when `final`. Into a file each call is a line."""
+    stream = stream or sys.stderr
+    if not stream.isatty():
+        end_status()
+        print(text, file=stream, flush=True)
+        return
+    if _OPEN["stream"] is not stream:
+        end_status()
+    text = text[:shutil.get_terminal_size().columns - 1]
+    print("\r" + text + " " * max(0, _OPEN["width"] - len(text)), end="\n" if final else "", file=stream,
+          flush=True)
+    _OPEN.update(stream=None if final else stream, width=0 if final else len(text))
+
+
+def end_status():
+    """End an open status line, so that the next message starts on a line of its own."""
+    if _OPEN["stream"] is not None:
+        print(file=_OPEN["stream"], flush=True)
+    _OPEN.update(stream=None, width=0)
 
 
 class ArgumentParser(argparse.ArgumentParser):
@@ -137,7 +168,10 @@ def run_main(parser: argparse.ArgumentParser, run: Callable, argv=None) -> int:
     try:
         if hasattr(args, "threads"):
             set_threads(args.threads)
-        run(args)
+        try:
+            run(args)
+        finally:
+            end_status()   # what follows (an error, "interrupted") starts on its own line, not glued to progress
     except UserError as e:
         print(f"error: {one_line(e)}", file=sys.stderr)
         return 2

@@ -122,14 +122,15 @@ def distinct_steps(n: int, spacing: str, family: str) -> bool:
     return bool(np.all(np.diff(t) < 0)) and (family != "ddim" or NUM_TIMESTEPS // n >= 1)
 
 
-def check_steps(n: int, spacing: str, family: str):
-    """Refuse a step count the schedule cannot do, in one line naming the largest count it can."""
+def check_steps(n: int, spacing: str, family: str, name: str = "steps"):
+    """Refuse a step count the schedule cannot do, in one line naming the largest count it can. `name`: the setting
+    that gave n (train's preview_steps)."""
     if not 1 <= n <= MAX_STEPS:
-        raise UserError(f"{arg('steps')} {n}: give 1 to {MAX_STEPS:,} steps")
+        raise UserError(f"{arg(name)} {n}: give 1 to {MAX_STEPS:,} steps")
     if not distinct_steps(n, spacing, family):
         most = max(m for m in range(min(n, NUM_TIMESTEPS + 1), 0, -1) if distinct_steps(m, spacing, family))
         more = "" if family == "ddim" else " (the kdiffusion and karras spacings take more)"
-        raise UserError(f"{arg('steps')} {n}: the {spacing} spacing has {NUM_TIMESTEPS:,} training timesteps to "
+        raise UserError(f"{arg(name)} {n}: the {spacing} spacing has {NUM_TIMESTEPS:,} training timesteps to "
                         f"visit, so this sampler takes at most {most} steps with it{more}")
 
 

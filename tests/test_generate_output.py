@@ -51,19 +51,27 @@ def test_paste_back_keeps_the_init_pixels_outside_the_mask(model_files, tmp_path
     assert "Paste back: True" in Image.open(tmp_path / "pasted" / "00000.png").text["parameters"]
 
 
-def test_sweep_grid_labels_each_cell(model_files, tmp_path):  # noqa: F811
+def test_sweep_grid_labels_each_cell_and_names_a_and_b(model_files, tmp_path):  # noqa: F811
     """Each cell of grid.png carries its seed and weight in its top-left corner; the rest of it is the image.
+    Above the cells a band says which prompt is A and which B: swapping them changes the band and nothing else.
     (64 px, the tiny model's native size: "seed 1, w 1" does not fit across 32 px.)"""
-    assert generate(model_files, tmp_path, "--sweep", "a", "b", "--weights", "0,1", "--n", "2", "--steps", "1",
-                    "--grid") == 0
-    grid = np.asarray(Image.open(tmp_path / "grid.png"))
-    plain = np.asarray(contact_sheet([tmp_path / f"{i:05d}.png" for i in range(4)], 2))
-    assert grid.shape == plain.shape == (128, 128, 3)
+    grids = {}
+    for a, b in (("a", "b"), ("b", "a")):
+        assert generate(model_files, tmp_path / a, "--sweep", a, b, "--weights", "0,1", "--n", "2", "--steps", "1",
+                        "--grid") == 0
+        grids[a] = np.asarray(Image.open(tmp_path / a / "grid.png"))
+    grid = grids["a"]
+    plain = np.asarray(contact_sheet([tmp_path / "a" / f"{i:05d}.png" for i in range(4)], 2))
+    band = grid.shape[0] - plain.shape[0]
+    assert plain.shape == (128, 128, 3) and grid.shape[1:] == plain.shape[1:] and band > 0
+    assert grid[:band].max() > 200 and grids["b"][:band].max() > 200     # light text on the black band
+    assert not np.array_equal(grid[:band], grids["b"][:band])            # it names the prompts, in order
     cells = [(r, c) for r in range(2) for c in range(2)]
     for r, c in cells:
-        cell, ref = grid[r * 64:(r + 1) * 64, c * 64:(c + 1) * 64], plain[r * 64:(r + 1) * 64, c * 64:(c + 1) * 64]
+        cell = grid[band + r * 64:band + (r + 1) * 64, c * 64:(c + 1) * 64]
+        ref = plain[r * 64:(r + 1) * 64, c * 64:(c + 1) * 64]
         assert not np.array_equal(cell[:10], ref[:10]) and np.array_equal(cell[20:], ref[20:])   # label box on top
-    boxes = [grid[r * 64:r * 64 + 10, c * 64:c * 64 + 64] for r, c in cells]
+    boxes = [grid[band + r * 64:band + r * 64 + 10, c * 64:c * 64 + 64] for r, c in cells]
     assert len({box.tobytes() for box in boxes}) == 4   # four different labels: "seed 0, w 0" ... "seed 1, w 1"
 
 

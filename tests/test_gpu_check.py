@@ -5,6 +5,7 @@ for ours and diffusers, and that the JSON holds each figure, with "n/a (no CUDA)
 """
 import json
 import os
+import select
 import subprocess
 import sys
 import time
@@ -50,5 +51,29 @@ def test_tiny_run_on_the_cpu_measures_everything(tmp_path, capsys):
         assert all(v > 0 for v in result["txt2img_images_per_s"].values())
         assert result["fp16_sanity_no_nan"]["sd21 (upcast)"] is True
     assert 0 < figures["ours"]["ti_step_peak"]["estimated_gib"] < 1   # the tiny model's step, estimated
-    out = capsys.readouterr().out
-    assert "TI steps/s" in out and "txt2img images/s, batch 4" in out and "n/a (no CUDA)" in out
+    captured = capsys.readouterr()
+    assert "TI steps/s" in captured.out and "txt2img images/s, batch 4" in captured.out
+    assert "n/a (no CUDA)" in captured.out
+    # a line per figure on stderr as it is measured, in the order measured, each with the time since the start
+    progress = [line.split("] ", 1)[1] for line in captured.err.splitlines() if line.startswith("[")]
+    assert progress[0].startswith("building tiny sd2-base models") and len(progress) == 9, progress
+    assert progress[1].startswith("ours: text-to-image, batch 1: ") and progress[-1].startswith(
+        "diffusers: textual-inversion step: ")
+
+
+def test_tiny_run_says_what_it_does_within_seconds():
+    """--tiny ran a minute and a half before its first line (the table at the end, or a library warning). Now a
+    line comes before the models are built: after importing torch (~2-5 s on a loaded 2-core machine; bound 30 s)."""
+    process = subprocess.Popen([sys.executable, str(ROOT / "tools" / "gpu_check.py"), "--tiny", "--device", "cpu",
+                                "--steps", "1", "--runs", "1"], cwd=ROOT, stdout=subprocess.DEVNULL,
+                               stderr=subprocess.PIPE, text=True)
+    start, first = time.perf_counter(), ""
+    try:
+        while not first.startswith("[") and time.perf_counter() - start < 30:
+            if select.select([process.stderr], [], [], 1.0)[0]:
+                first = process.stderr.readline()
+        took = time.perf_counter() - start
+    finally:
+        process.kill()   # the rest is test_tiny_run_on_the_cpu_measures_everything's
+        process.wait()
+    assert first.startswith("[") and "building tiny sd2-base models" in first and took < 30, (first, took)

@@ -52,7 +52,7 @@ def test_deleted_log_is_a_warning_and_restarts_the_log(finished, tmp_path, capsy
     assert main([*base, "--max-steps", "3", "--resume", "--out", str(out)]) == 0
     assert "log.jsonl is missing" in capsys.readouterr().err
     assert steps(out) == [3]
-    assert Image.open(out / "loss.png").text["Description"].endswith("(moving average over 1 step)")
+    assert Image.open(out / "loss.png").text["Description"].endswith("(per step)")
 
 
 def test_unreadable_log_is_one_line(finished, tmp_path, capsys):

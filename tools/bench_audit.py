@@ -21,6 +21,7 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT / "tests"))
 from test_privacy import CHANGES, chest  # noqa: E402 (tests/ is not a package)
 
+from bench_common import verdict  # noqa: E402
 from medti.audit import main  # noqa: E402
 from medti.quality import privacy  # noqa: E402
 from medti.quality.audit_report import Audit, outputs  # noqa: E402
@@ -99,7 +100,7 @@ def section10(runs: int, table, quick: bool = False):
     found = run(n_synthetic, n_train, size)
     rows = [[f"python -m medti.audit, {n_synthetic} synthetic x {n_train} training at {size}²",
              f"{found['total']:.1f} s", f"{found['flagged']} flagged of {PLANTED} planted",
-             "minutes on a CPU: " + ("met" if found["total"] < 600 else "NOT met")]]
+             "minutes on a CPU: " + verdict(found["total"], 600, " s")]]
     rows += [[f"  {name}", f"{seconds:.1f} s", "", ""] for name, seconds in found.items()
              if name not in ("total", "flagged")]
     table(f"10. privacy audit (no reference tool has one), {torch.get_num_threads()} threads, CPU", rows,

@@ -21,12 +21,13 @@ import argparse
 import gc
 import sys
 import tempfile
+import time
 from pathlib import Path
 
 TOOLS = Path(__file__).resolve().parent
 sys.path[:0] = [str(TOOLS), str(TOOLS.parent / "tests")]   # tests/ and tools/ are not packages
 from bench_audit import section10 as audit_time  # noqa: E402
-from bench_common import machine, packed, table, verdict  # noqa: E402
+from bench_common import CAVEATS, announce, machine, packed, table, verdict  # noqa: E402
 from bench_cpu import bf16_speedup, section4, section5  # noqa: E402
 from bench_dataset import section8 as dataset_time  # noqa: E402
 from bench_eval import section9 as evaluation_time  # noqa: E402
@@ -38,10 +39,24 @@ from bench_training import section3  # noqa: E402
 from bench_unet import section1, section2  # noqa: E402
 
 SD2_SECTIONS = range(1, 9)   # the sections that measure the SD2 models built by setup()
+NAMES = {1: "UNet forward", 2: "text-to-image", 3: "textual-inversion step", 4: "fastest CPU path",
+         5: "achieved FLOP/s", 6: "cost growth", 7: "loading a fp16 file", 8: "the study's 2,000-image set",
+         9: "evaluation", 10: "privacy audit", 11: "SD1", 12: "LoRA and UNet fine-tuning steps"}
+
+
+def timed_section(n: int, fn, *args, **kwargs):
+    """Run section n, announced when it starts and when it ends: a full-size section takes minutes (a --compile
+    variant compiles first), and a benchmark silent for an hour looks hung."""
+    announce(f"section {n}, {NAMES[n]}: started")
+    start = time.perf_counter()
+    fn(*args, **kwargs)
+    announce(f"section {n}, {NAMES[n]}: done in {time.perf_counter() - start:.0f} s")
 
 
 def sd2_sections(args, sections: list, tmp: Path):
     """Sections 1-8 on one set of SD2 models (tiny with --quick); section 4 last, as it frees diffusers' models."""
+    announce(f"building the {'tiny ' if args.quick else ''}SD2 models (diffusers' random weights, converted and "
+             "loaded by ours)")
     b = setup(args, "sd2-tiny" if args.quick else "sd2", tmp)
     speedup = bf16_speedup()
     b.bf16 = speedup > 1
@@ -53,8 +68,7 @@ def sd2_sections(args, sections: list, tmp: Path):
         if n == 4:   # diffusers is done with: free its models before copies of ours are made
             b.refs = None
             gc.collect()
-        functions[n](b)
-        sys.stdout.flush()
+        timed_section(n, functions[n], b)
 
 
 def main(argv=None):
@@ -69,21 +83,25 @@ def main(argv=None):
         p.error(f"--only: no section {unknown[0]} (sections 1-12)")
     machine()
     print(f"# {'TINY models (--quick): checks the script only' if args.quick else 'full-size, random weights'}"
-          f"; median of {args.runs} interleaved run(s); sections {sections}")
+          f"; median of {args.runs} interleaved run(s); sections {sections}", flush=True)
+    if args.quick:
+        CAVEATS.append("tiny models (--quick): their times are per-call overhead, not the arithmetic the targets "
+                       "are about")
+    if args.runs == 1:
+        CAVEATS.append("a single run per side: no median to even out noise")
     with tempfile.TemporaryDirectory(prefix="medti-bench-") as tmp:
         if chosen := [n for n in sections if n in SD2_SECTIONS]:
             sd2_sections(args, chosen, Path(tmp))
             gc.collect()   # the SD2 models are unreachable now: free them before section 11 builds SD1's
         if 9 in sections:
-            evaluation_time(args.runs, table, verdict, Path(tmp), n_images=16 if args.quick else 64)
+            timed_section(9, evaluation_time, args.runs, table, verdict, Path(tmp), n_images=16 if args.quick else 64)
         if 10 in sections:
-            audit_time(args.runs, table, quick=args.quick)
+            timed_section(10, audit_time, args.runs, table, quick=args.quick)
         if 11 in sections:
-            section11(args, Path(tmp), args.quick)
-            sys.stdout.flush()
+            timed_section(11, section11, args, Path(tmp), args.quick)
         if 12 in sections:
             gc.collect()   # section 11's SD1 models are unreachable now
-            section12(args, args.quick)
+            timed_section(12, section12, args, args.quick)
 
 
 if __name__ == "__main__":

@@ -30,6 +30,7 @@ import torch
 
 TOOLS = Path(__file__).resolve().parent
 TOKEN, N_VECTORS, GIB = "<gpu-check>", 64, 2 ** 30
+STARTED = [time.perf_counter()]   # when main() began: progress lines say the time since
 # --model -> tools/bench_models.py's MODELS name (+ "-tiny" with --tiny)
 MODELS = {"sd2-base": "sd2", "sd15": "sd1"}
 
@@ -37,6 +38,12 @@ MODELS = {"sd2-base": "sd2", "sd15": "sd1"}
 def fail(message: str) -> int:
     print(f"error: {message}", file=sys.stderr)
     return 2
+
+
+def say(text: str):
+    """A progress line on stderr as each figure is measured (the table comes at the end, on stdout): the full check
+    takes minutes, and a silent one looks hung."""
+    print(f"[{time.perf_counter() - STARTED[0]:4.0f} s] {text}", file=sys.stderr, flush=True)
 
 
 def sync(device):
@@ -108,57 +115,11 @@ def ours_ti_step(sd, size: int, device):
     return step
 
 
-def diffusers_ti_step(refs, size: int, device, dtype, pad: int):
-    """diffusers' examples/textual_inversion/textual_inversion.py step: fp16 UNet and VAE, fp32 text encoder under
-    fp16 autocast whose whole (resized) token table is in AdamW, a VAE encode every step, checkpointing on."""
-    import diffusers
-    text, vae, unet = refs["text"].float(), refs["vae"], refs["unet"]
-    text.resize_token_embeddings(text.config.vocab_size + 1)
-    table = text.requires_grad_(False).get_input_embeddings().weight.requires_grad_(True)
-    unet.enable_gradient_checkpointing(), text.activation_checkpointing_enable()   # transformers 5 name
-    text.train()   # transformers checkpoints only in training mode
-    original, keep = table.detach().clone(), torch.arange(len(table), device=device) != len(table) - 1
-    optimizer = torch.optim.AdamW([table], lr=5e-3, weight_decay=1e-2)
-    scaler = torch.amp.GradScaler(device.type, enabled=dtype == torch.float16)
-    scheduler = diffusers.DDPMScheduler(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear")
-    pixels = (torch.rand(1, 3, size, size, generator=torch.Generator().manual_seed(0)) * 2 - 1).to(device, dtype)
-    ids = torch.tensor([[49406, len(table) - 1, 49407] + [pad] * 74], device=device)   # the model's padding
-
-    def step():
-        latents = vae.encode(pixels).latent_dist.sample().detach() * vae.config.scaling_factor
-        noise, t = torch.randn_like(latents), torch.randint(0, 1000, (1,), device=device)
-        with torch.autocast(device.type, dtype=dtype, enabled=dtype != torch.float32):
-            context = text(ids)[0].to(dtype)
-        prediction = unet(scheduler.add_noise(latents, noise, t), t, context).sample
-        scaler.scale(torch.nn.functional.mse_loss(prediction.float(), noise.float())).backward()
-        scaler.step(optimizer), scaler.update(), optimizer.zero_grad()
-        with torch.no_grad():
-            table[keep] = original[keep]
-    return step
-
-
 def ours_txt2img(sd, cond, uncond, batch: int, size: int, steps: int):
     """What `python -m medti.generate` runs: medti.generation.pipeline.sample (Euler a, CFG 2), then the VAE decode."""
     from medti.generation.pipeline import SampleSettings, decode, sample
     settings = SampleSettings(width=size, height=size, steps=steps, cfg=2.0)
     return lambda: decode(sd, sample(sd, cond, uncond, [1.0], list(range(batch)), settings))
-
-
-def diffusers_pipe(refs, prediction="epsilon"):
-    import diffusers
-    scheduler = diffusers.EulerAncestralDiscreteScheduler(beta_start=0.00085, beta_end=0.012, steps_offset=1,
-                                                          beta_schedule="scaled_linear", prediction_type=prediction)
-    pipe = diffusers.StableDiffusionPipeline(vae=refs["vae"], text_encoder=None, tokenizer=None, unet=refs["unet"],
-                                             scheduler=scheduler, safety_checker=None, feature_extractor=None,
-                                             requires_safety_checker=False)
-    pipe.set_progress_bar_config(disable=True)
-    return pipe
-
-
-def diffusers_txt2img(pipe, cond, uncond, batch: int, size: int, steps: int, output="pt"):
-    return lambda: pipe(prompt_embeds=cond, negative_prompt_embeds=uncond, guidance_scale=2.0, width=size,
-                        height=size, num_inference_steps=steps, num_images_per_prompt=batch, output_type=output,
-                        generator=[torch.Generator().manual_seed(i) for i in range(batch)]).images
 
 
 def finite_ours(sd, cond, uncond, size: int, steps: int) -> bool:
@@ -194,17 +155,21 @@ def measure_ours(b, args, device, dtype) -> dict:
     for batch in (1, 4):
         fn = ours_txt2img(sd, cond, uncond, batch, b.size, args.steps)
         out["txt2img_images_per_s"][f"batch {batch}"] = batch / seconds(fn, device, args.runs)
+        say(f"ours: text-to-image, batch {batch}: {figure(out['txt2img_images_per_s'][f'batch {batch}'])} images/s")
     out["fp16_sanity_no_nan"] = sanity_ours(b, sd, load, cond, uncond, args.steps)
+    say(f"ours: no NaN/inf: {out['fp16_sanity_no_nan']}")
     step = ours_ti_step(sd, b.size, device)
     out["ti_step_peak"] = peak_memory(step, device)
     out["ti_step_peak"]["estimated_gib"] = estimated(estimate_training, resolution=b.size, batch=1,
                                                      checkpointing=True, config=b.ours)
     out["ti_steps_per_s"] = 1 / seconds(step, device, args.runs)
+    say(f"ours: textual-inversion step: {figure(out['ti_steps_per_s'])} steps/s")
     return out
 
 
 def measure_diffusers(b, args, device, dtype) -> dict:
     from diffusers.models.attention_processor import Attention
+    from gpu_diffusers import diffusers_pipe, diffusers_ti_step, diffusers_txt2img
 
     import minisd
     from memory_estimate import estimate_diffusers_recipe
@@ -214,6 +179,8 @@ def measure_diffusers(b, args, device, dtype) -> dict:
     for batch in (1, 4):
         fn = diffusers_txt2img(pipe, cond, uncond, batch, b.size, args.steps)
         out["txt2img_images_per_s"][f"batch {batch}"] = batch / seconds(fn, device, args.runs)
+        say(f"diffusers: text-to-image, batch {batch}: {figure(out['txt2img_images_per_s'][f'batch {batch}'])} "
+            "images/s")
     sd1 = b.model.startswith("sd1")
     attention = [m for m in refs["unet"].modules() if isinstance(m, Attention)]
     for m in attention:   # what diffusers' SD2.1 config sets (upcast_attention: true); SD1 runs as it is
@@ -221,6 +188,7 @@ def measure_diffusers(b, args, device, dtype) -> dict:
     images = diffusers_txt2img(diffusers_pipe(refs, "epsilon" if sd1 else "v_prediction"), cond, uncond, 1, b.size,
                                args.steps)()
     out["fp16_sanity_no_nan"] = {"sd15" if sd1 else "sd21 (upcast)": bool(torch.isfinite(images).all())}
+    say(f"diffusers: no NaN/inf: {out['fp16_sanity_no_nan']}")
     for m in attention:
         m.upcast_attention = False
     step = diffusers_ti_step(refs, b.size, device, dtype, minisd.load_config(b.ours).text.pad_id)
@@ -228,6 +196,7 @@ def measure_diffusers(b, args, device, dtype) -> dict:
     out["ti_step_peak"]["estimated_gib"] = estimated(estimate_diffusers_recipe, resolution=b.size, batch=1,
                                                      checkpointing=True, config=b.ours)
     out["ti_steps_per_s"] = 1 / seconds(step, device, args.runs)
+    say(f"diffusers: textual-inversion step: {figure(out['ti_steps_per_s'])} steps/s")
     return out
 
 
@@ -262,6 +231,7 @@ def main(argv=None) -> int:
     p.add_argument("--runs", type=int, default=3, help="timed runs per figure, median (default 3)")
     p.add_argument("--json", type=Path, default=None, help="also write the figures to this JSON file")
     args = p.parse_args(argv)
+    STARTED[0] = time.perf_counter()
     cuda = torch.cuda.is_available()
     if not args.tiny and not cuda:
         return fail("no CUDA GPU is visible to torch here; run on a GPU machine, or use --tiny to check the script")
@@ -271,6 +241,8 @@ def main(argv=None) -> int:
     if args.json and not args.json.parent.is_dir():
         return fail(f"--json {args.json}: the folder {args.json.parent} does not exist")
     sys.path[:0] = [str(TOOLS), str(TOOLS.parent / "tests")]   # tools/ and tests/ (conftest) are not packages
+    say(f"building {'tiny' if args.tiny else 'full-size'} {args.model} models with random weights (diffusers', "
+        f"converted and loaded by ours) on {device}; {args.runs} timed run(s) per figure, {args.steps} steps")
     from bench_models import setup  # diffusers, transformers and the identical-weights setup: after the checks
     from minisd.config import default_dtype
     dtype = default_dtype(device)

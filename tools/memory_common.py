@@ -127,9 +127,10 @@ def report(title: str, parts: dict, labels: dict, limits: dict):
     total, context = parts["total"], [(parts["total"] + c) / GB for c in CONTEXT]
     print(f"  {'TOTAL: peak of the step (not the sum of the lines)':<56} {total / 2 ** 20:>9.1f} MiB = "
           f"{total / GiB:.2f} GiB = {total / GB:.2f} GB; + CUDA context {context[0]:.1f}-{context[1]:.1f} GB")
-    for name, limit in limits.items():
-        print(f"  {name} <= {limit / GB:g} GB: {'met' if total <= limit else 'NOT met'} "
-              f"(with a 0.5 GB CUDA context: {'met' if total + CONTEXT[1] <= limit else 'NOT met'})")
+    for name, limit in limits.items():   # the figure with each verdict; it is a GPU's, estimated on any machine
+        print(f"  {name} <= {limit / GB:g} GB: {'met' if total <= limit else 'NOT met'} ({total / GB:.2f} GB "
+              f"estimated; with a 0.5 GB CUDA context {context[1]:.2f} GB: "
+              f"{'met' if total + CONTEXT[1] <= limit else 'NOT met'})")
 
 
 def describe(cfg: ModelConfig) -> str:

@@ -6,13 +6,16 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from PIL import Image, ImageDraw, ImageFilter, ImageFont, PngImagePlugin
+from PIL import Image, ImageDraw, ImageFilter, PngImagePlugin
 
 from minisd.errors import UserError
 
+from . import lettering
 from .atomic import write_atomic
 
 WIDE_MODES = ("I;16", "I;16B", "I;16L", "I;16N", "I", "F")   # PIL modes of 16-bit, 32-bit int and float images
+LABEL_MIN = 7                          # labels' smallest font size in pixels: the smallest still legible
+EMPTY, EMPTY_CELL = ((40, 40, 40), (64, 64, 64)), 8   # an empty slot's checkerboard: its two grays, its square
 # Modes PIL opens but cannot turn into the RGB a user means: its LAB -> RGB conversion is refused or wrong.
 REFUSED_MODES = {"LAB": "CIELAB colour, which PIL cannot convert to RGB correctly; export the image as RGB or gray",
                  "CMYK": "print colours (CMYK), which PIL converts to RGB without a colour profile; export it as RGB"}
@@ -149,27 +152,69 @@ def save_png(path: Path, image: Image.Image, parameters: str = ""):
 
 
 def label(image: Image.Image, text: str) -> Image.Image:
-    """A copy of image with `text` in its top-left corner, white on a black box. Drawn over the image, not in a
-    margin, so a sheet keeps the size of its images laid side by side."""
+    """A copy of image with `text` (lines split at "\n") in its top-left corner, white on a black box. Drawn over
+    the image, not in a margin, so a sheet keeps the size of its images laid side by side. The font is 1/16 of the
+    image's height (readable at 64 px and at 768 px), smaller where a line would not fit across, never under
+    LABEL_MIN px (a longer line is cut by the image's edge)."""
     image = image.convert("RGB")
+    lines = text.split("\n")
+    size = max(LABEL_MIN, image.height // 16)
+    while size > LABEL_MIN and max(lettering.width(line, lettering.font(size)) for line in lines) > image.width - 4:
+        size -= 1
+    face = lettering.font(size)
     draw = ImageDraw.Draw(image)
-    font = ImageFont.load_default(size=max(8, image.height // 16))   # readable at 64 px and at 768 px
-    left, top, right, bottom = draw.textbbox((2, 1), text, font=font)
-    draw.rectangle((0, 0, right + 2, bottom + 2), fill=(0, 0, 0))
-    draw.text((2, 1), text, fill=(255, 255, 255), font=font)
+    right = max(lettering.width(line, face) for line in lines)
+    draw.rectangle((0, 0, right + 4, lettering.height(face) * len(lines) + 3), fill=(0, 0, 0))
+    white_lines(draw, (2, 1), lines, face)
     return image
 
 
-def contact_sheet(items: list, columns: int = 0, labels: list | None = None) -> Image.Image:
-    """Images (PIL images or file paths) in a grid, row by row; columns 0 = a near-square sheet. labels: one
-    text per image (None: unlabelled), drawn in each image's corner."""
-    images = [(item if isinstance(item, Image.Image) else open_image(item)).convert("RGB") for item in items]
+def white_lines(draw: ImageDraw.ImageDraw, xy: tuple, lines: list, face):
+    """Lines of white text, one under the other from xy (on the black the caller has drawn)."""
+    for i, line in enumerate(lines):
+        lettering.draw(draw, (xy[0], xy[1] + i * lettering.height(face)), line, face, (255, 255, 255))
+
+
+def empty_slot(width: int, height: int) -> Image.Image:
+    """What a sheet shows where it has no image: a dark gray checkerboard, which no medical image (black
+    background, gray anatomy) and no white page is mistaken for. One look for every sheet medti writes."""
+    cells = np.add.outer(np.arange(height) // EMPTY_CELL, np.arange(width) // EMPTY_CELL) % 2
+    return Image.fromarray(np.where(cells[..., None] == 1, EMPTY[1], EMPTY[0]).astype(np.uint8), "RGB")
+
+
+def contact_sheet(items: list, columns: int = 0, labels: list | None = None, header: list | None = None):
+    """Images (PIL images or file paths; None: an empty slot) in a grid, row by row; columns 0 = a near-square
+    sheet. labels: one text per image (None: unlabelled), drawn in each image's corner. header: lines of text in a
+    band above the grid (what a reader needs to read the grid, e.g. which prompt is A and which B). Empty slots,
+    the last row's included, are empty_slot()."""
+    images = [None if item is None else (item if isinstance(item, Image.Image) else open_image(item)).convert("RGB")
+              for item in items]
+    w, h = next(image for image in images if image is not None).size
     if labels is not None:
-        images = [label(image, text) for image, text in zip(images, labels, strict=True)]
+        images = [image if image is None or not text else label(image, text)
+                  for image, text in zip(images, labels, strict=True)]
     columns = columns or math.ceil(math.sqrt(len(images)))
     rows = math.ceil(len(images) / columns)
-    w, h = images[0].size
-    sheet = Image.new("RGB", (columns * w, rows * h))
-    for i, image in enumerate(images):
-        sheet.paste(image, ((i % columns) * w, (i // columns) * h))
+    band = header_band(header, columns * w, h) if header else None
+    top = band.height if band else 0
+    sheet = Image.new("RGB", (columns * w, top + rows * h))
+    if band:
+        sheet.paste(band, (0, 0))
+    for i in range(rows * columns):
+        image = images[i] if i < len(images) and images[i] is not None else empty_slot(w, h)
+        sheet.paste(image, ((i % columns) * w, top + (i // columns) * h))
     return sheet
+
+
+def header_band(lines: list, width: int, cell: int) -> Image.Image:
+    """Lines of white text on black, the width of the sheet, in the labels' font size (1/16 of a cell); a line too
+    long for the sheet is cut with "…"."""
+    face = lettering.font(max(LABEL_MIN, cell // 16))
+    band = Image.new("RGB", (width, lettering.height(face) * len(lines) + 6))
+    fitted = []
+    for line in lines:
+        while len(line) > 1 and lettering.width(line, face) > width - 8:
+            line = line[:-2] + "…"
+        fitted.append(line)
+    white_lines(ImageDraw.Draw(band), (4, 3), fitted, face)
+    return band

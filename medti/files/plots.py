@@ -2,8 +2,9 @@
 the validation loss at each save as a second series.
 
 The plot is meant to be read without the log beside it, so it has what a reader expects of a chart: a title,
-both axes with round-numbered ticks, axis labels, and the smoothing it applies stated in the title. The same
-caption is stored in the PNG's "Description" text chunk, so a script can read what was plotted.
+both axes with round-numbered ticks, axis labels, and the smoothing it applies stated in the title (or that there
+is none), and a marker at every point where there are few enough to tell apart. The same caption is stored in the
+PNG's "Description" text chunk, so a script can read what was plotted. Text is drawn by medti.files.lettering.
 """
 import io
 import math
@@ -11,12 +12,14 @@ import math
 import numpy as np
 from PIL import Image, ImageDraw, PngImagePlugin
 
+from . import lettering
 from .atomic import write_atomic
 
 INK, GRID, LINE, VALIDATION = (0, 0, 0), (225, 225, 225), (20, 40, 140), (200, 60, 20)
 # Margins in pixels: tick labels and the rotated y label on the left, tick labels and the x label below.
-LEFT, RIGHT, TOP, BOTTOM = 72, 16, 28, 44
-KEY = 16   # the colour key's line, between the caption and the frame, when there is a second series
+LEFT, RIGHT, TOP, BOTTOM = 76, 16, 32, 48
+KEY = 20   # the colour key's line, between the caption and the frame, when there is a second series
+MARKERS_MAX = 50   # a series of at most this many points gets a dot at each: 10+ px apart on a 640-px plot
 
 
 def smoothing_window(n: int) -> int:
@@ -36,12 +39,23 @@ def nice_ticks(low: float, high: float, most: int = 6) -> list[float]:
     return [round(first + i * step, 12) for i in range(int((high - first) / step + 1e-9) + 1)]
 
 
-def vertical_text(image: Image.Image, text: str, x: int, y_centre: int):
-    """Paste `text` rotated by 90 degrees (reading bottom to top), centred on y_centre: PIL draws only level text."""
-    draw = ImageDraw.Draw(image)
-    _, _, width, height = draw.textbbox((0, 0), text)
-    label = Image.new("RGB", (width, height), "white")
-    ImageDraw.Draw(label).text((0, 0), text, fill=INK)
+def smoothing(window: int) -> str:
+    """What the plotted line is, in words: "moving average over 20 steps", or "per step" where nothing is averaged."""
+    return f"moving average over {window} steps" if window > 1 else "per step"
+
+
+def text(draw: ImageDraw.ImageDraw, xy: tuple, words: str):
+    lettering.draw(draw, xy, words, lettering.font(), INK)
+
+
+def text_width(words: str) -> float:
+    return lettering.width(words, lettering.font())
+
+
+def vertical_text(image: Image.Image, words: str, x: int, y_centre: int):
+    """Paste `words` rotated by 90 degrees (reading bottom to top), centred on y_centre: PIL draws only level text."""
+    label = Image.new("RGB", (math.ceil(text_width(words)), lettering.height(lettering.font())), "white")
+    text(ImageDraw.Draw(label), (0, 0), words)
     label = label.rotate(90, expand=True)
     image.paste(label, (x, y_centre - label.height // 2))
 
@@ -58,13 +72,13 @@ def axes(draw: ImageDraw.ImageDraw, box: tuple, xs: tuple, ys: tuple):
         _, py = to_pixel(xs[0], value)
         draw.line((left, py, right, py), fill=GRID)
         draw.line((left - 4, py, left, py), fill=INK)
-        text = f"{value:.4g}"
-        draw.text((left - 6 - draw.textlength(text), py - 5), text, fill=INK)
+        label = f"{value:.4g}"
+        text(draw, (left - 6 - text_width(label), py - 8), label)
     for value in nice_ticks(*xs):
         px, _ = to_pixel(value, ys[0])
         draw.line((px, bottom, px, bottom + 4), fill=INK)
-        text = f"{value:,.0f}" if float(value).is_integer() else f"{value:g}"
-        draw.text((px - draw.textlength(text) / 2, bottom + 6), text, fill=INK)
+        label = f"{value:,.0f}" if float(value).is_integer() else f"{value:g}"
+        text(draw, (px - text_width(label) / 2, bottom + 6), label)
     draw.rectangle(box, outline=INK)
     return to_pixel
 
@@ -77,19 +91,20 @@ def _finite(steps: list, values: list) -> list:
 def _key(draw: ImageDraw.ImageDraw, x: int, y: int, entries: list):
     """A colour key on one line from (x, y), above the frame where it hides no data: (label, colour, dots)."""
     for label, colour, dots in entries:
-        draw.line((x, y + 6, x + 18, y + 6), fill=colour, width=2)
+        draw.line((x, y + 8, x + 18, y + 8), fill=colour, width=2)
         if dots:
-            draw.ellipse((x + 7, y + 4, x + 11, y + 8), fill=colour)
-        draw.text((x + 24, y), label, fill=INK)
-        x += 24 + draw.textlength(label) + 20
+            draw.ellipse((x + 7, y + 6, x + 11, y + 10), fill=colour)
+        text(draw, (x + 24, y), label)
+        x += 24 + text_width(label) + 20
 
 
 def _draw_series(draw: ImageDraw.ImageDraw, points: list, colour: tuple, dots: bool):
-    """A polyline through the pixel points, with a dot at each one if `dots` (or if there is only one)."""
+    """A polyline through the pixel points, with a dot at each one if `dots` or if there are few enough to tell
+    apart (MARKERS_MAX): a line through three points hides that there are only three."""
     if len(points) > 1:
         draw.line(points, fill=colour, width=2)
-    for px, py in points if dots or len(points) == 1 else []:
-        draw.ellipse((px - 2, py - 2, px + 2, py + 2), fill=colour)
+    for px, py in points if dots or len(points) <= MARKERS_MAX else []:
+        draw.ellipse((px - 3, py - 3, px + 3, py + 3), fill=colour)
 
 
 def plot_curve(steps: list, values: list, path, title: str, x_label: str = "step", y_label: str = "loss",
@@ -99,10 +114,10 @@ def plot_curve(steps: list, values: list, path, title: str, x_label: str = "step
     each, as a second series on the same axes, with a key. Returns the caption written above the plot."""
     pairs, val = _finite(steps, values), _finite([s for s, _ in validation], [v for _, v in validation])
     window = smoothing_window(len(pairs))
-    caption = f"{title} (moving average over {window} step{'s' * (window > 1)})"
+    caption = f"{title} ({smoothing(window)})"
     image = Image.new("RGB", size, "white")
     draw = ImageDraw.Draw(image)
-    draw.text((LEFT, 8), caption, fill=INK)
+    text(draw, (LEFT, 8), caption)
     box = (LEFT, TOP + KEY * bool(validation), size[0] - RIGHT, size[1] - BOTTOM)   # a key needs a line more
     # "valid" convolution: point i averages values i .. i + window - 1 and is drawn at the window's last step
     smooth = np.convolve([v for _, v in pairs], np.ones(window) / window, mode="valid") if pairs else np.zeros(0)
@@ -116,12 +131,12 @@ def plot_curve(steps: list, values: list, path, title: str, x_label: str = "step
         _draw_series(draw, [to_pixel(a, b) for a, b in zip(x, smooth, strict=True)], LINE, dots=False)
         if validation:
             _draw_series(draw, [to_pixel(a, b) for a, b in val], VALIDATION, dots=True)
-            _key(draw, LEFT, TOP - 4, [(f"training loss, moving average over {window}", LINE, False),
+            _key(draw, LEFT, TOP - 4, [(f"training loss, {smoothing(window)}", LINE, False),
                                        ("validation loss at each save", VALIDATION, True)])
     else:
         draw.rectangle(box, outline=INK)
-        draw.text((box[0] + 10, box[1] + 10), "no finite values yet", fill=INK)
-    draw.text(((box[0] + box[2] - draw.textlength(x_label)) / 2, size[1] - 16), x_label, fill=INK)
+        text(draw, (box[0] + 10, box[1] + 10), "no finite values yet")
+    text(draw, ((box[0] + box[2] - text_width(x_label)) / 2, size[1] - 20), x_label)
     vertical_text(image, y_label, 4, (box[1] + box[3]) // 2)
     _write(image, path, title, caption + (f"; validation loss at {len(val)} save(s), unsmoothed" * bool(validation)))
     return caption

@@ -135,10 +135,12 @@ def write_outputs(args, out: Path, sd, job: Job, rec: dict, latent, image, part:
 
 
 def write_grid(args, out: Path, jobs: list):
-    """grid.png: one row per seed; with --sweep one column per weight, each image labelled with both."""
+    """grid.png: one row per seed; with --sweep one column per weight, each image labelled with both, under a
+    header that says which prompt is A and which B."""
     columns = len(jobs) // args.n if args.sweep else 0
     labels = [f"seed {j.seed}" + (f", w {j.weights[1]:g}" if args.sweep else "") for j in jobs]
-    save_png(out / "grid.png", contact_sheet([out / j.file for j in jobs], columns, labels))
+    header = [f"A: {args.sweep[0]}", f"B: {args.sweep[1]}", "each image: A :1-w AND B :w"] if args.sweep else None
+    save_png(out / "grid.png", contact_sheet([out / j.file for j in jobs], columns, labels, header))
 
 
 def generate(args, out: Path, texts: list, jobs: list, specs: list, rank: int, world: int, device, dtype):

@@ -42,7 +42,7 @@ def samples_sheet(real_set: ImageSet | None, fake_set: ImageSet, seed: int) -> I
     columns = max(len(images) for _, images in rows)
     items, labels = [], []
     for name, images in rows:
-        padding = [Image.new("RGB", (THUMB, THUMB), "white")] * (columns - len(images))
+        padding = [None] * (columns - len(images))   # an empty slot, drawn as every sheet draws one
         items += images + padding
         labels += [name] * len(images) + [""] * len(padding)
     return contact_sheet(items, columns, labels)

@@ -114,7 +114,10 @@ def markdown(rows: list, args, net, real: str) -> str:
     for r in rows:
         ms = "-" if r["ms_ssim_fake"] is None else f"{r['ms_ssim_fake']:.4f}"
         val = "-" if r["val_loss"] is None else f"{r['val_loss']:.5f}"
-        lines.append(f"| {r['step']} | {r['kid']:.5f} | {r['kid_mean']:.5f} ± {r['kid_std']:.5f} | {r['fid']:.2f} | "
+        # the lowest KID's row: step and KID in bold, and said in words (a table read as plain text shows no bold)
+        step = f"**{r['step']}** (lowest KID)" if r is best else str(r["step"])
+        kid = f"**{r['kid']:.5f}**" if r is best else f"{r['kid']:.5f}"
+        lines.append(f"| {step} | {kid} | {r['kid_mean']:.5f} ± {r['kid_std']:.5f} | {r['fid']:.2f} | "
                      f"{r['precision']:.3f} | {r['recall']:.3f} | {ms} | {val} |")
     return "\n".join(lines) + "\n"
 

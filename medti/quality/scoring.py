@@ -1,9 +1,8 @@
 """The figures of one synthetic set against the real one, shared by `python -m medti.evaluate` on a folder and
 on a training run's saved steps (medti.quality.run_scores). `args` is evaluate's parsed command line."""
-import sys
-
 import torch
 
+from ..cli import status
 from ..files.hashes import sha256_of
 from . import metrics, msssim
 from .features import EvalError, encode
@@ -21,8 +20,7 @@ def check_sizes(args, n_real: int, n_fake: int):
 
 
 def progress(what: str, done: int, total: int):
-    end = "\n" if done == total or not sys.stderr.isatty() else "\r"
-    print(f"encoding {what} images: {done}/{total}", end=end, file=sys.stderr, flush=True)
+    status(f"encoding {what} images: {done}/{total}", final=done == total)
 
 
 def diversity(images: list, args, what: str) -> dict:

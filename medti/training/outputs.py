@@ -1,34 +1,29 @@
 """What a training run writes, for medti/training/trainer.py's loop: a log line per step (log.jsonl) and the progress
-line, the method's file at each save (with its best-by-validation copy, the resumable state and the loss plot),
-and the preview images. `s` is the trainer's Session. Under torchrun only rank 0 writes (medti.training.distributed):
-the others hold the same tensors."""
-import math
+line, the method's file at each save (with its best-by-validation copy, the resumable state and the loss plot);
+the previews are medti/training/previews.py's. `s` is the trainer's Session. Under torchrun only rank 0 writes
+(medti.training.distributed): the others hold the same tensors."""
 import sys
 
 import torch
 
-from ..files.images import contact_sheet, save_png, to_pil
 from ..files.plots import plot_curve
-from ..generation.pipeline import SampleSettings, decode, sample
 from . import TrainError
 from .distributed import main_process
-from .optim import precision
 from .state import log_line, read_log, save_state
 from .validation import keep_best
 
 
 def report(s, record: dict):
     """Append the step's record to log.jsonl (a line per step: a crash loses at most the line being written) and
-    print progress about 100 times per run."""
+    print progress about 100 times per run, and at a session's first step (medti.training.progress: s.clock)."""
     if not main_process():
         return
     with open(s.out / "log.jsonl", "a") as f:
         f.write(log_line(record))
-    step, total, rate = record["step"], s.cfg.max_steps, record["it_s"]
-    if step % max(1, total // 100) == 0 or step == total:
-        eta = (total - step) / rate / 60 if rate else math.inf   # it_s is rounded: 0 for a step over 30 min
-        print(f"step {step}/{total}  loss {record['loss']:.4f}  lr {record['lr']:g}  {rate:.2f} it/s  "
-              f"ETA {eta:.1f} min", file=sys.stderr)
+    step, total = record["step"], s.cfg.max_steps
+    if step % max(1, total // 100) == 0 or step in (total, s.clock.first + 1):
+        print(f"step {step}/{total}  loss {record['loss']:.4f}  lr {record['lr']:g}  {s.clock.per_s:.2f} it/s  "
+              f"{s.clock.eta(step, total, s.cfg.preview_every)}", file=sys.stderr)
 
 
 def save(s, step: int, val_loss: float | None):
@@ -52,25 +47,3 @@ def save(s, step: int, val_loss: float | None):
     val = [(r["step"], r["val_loss"]) for r in records if "val_loss" in r]
     plot_curve([r["step"] for r in records], [r["loss"] for r in records], s.out / "loss.png",
                f"{s.cfg.token}: training loss over {step} steps", validation=val)
-
-
-@torch.no_grad()
-def preview(s, step: int):
-    """Four images of the method's prompt (TI: the token alone) from fixed seeds, with the study's sampler settings
-    (Euler a, CFG 2). An image that is not finite (fp16 overflow) is not written: a warning says so, and training
-    goes on."""
-    if not main_process():
-        return
-    sd, size = s.sd, s.cfg.resolution
-    sd.vae.to(s.plan.device)   # the VAE visits the device only for previews
-    with precision(s.method, s.plan.device):
-        cond, uncond = s.method.context([s.method.prompt]), sd.text([""])
-        latents = sample(sd, cond, uncond, [1.0], range(4),
-                         SampleSettings(width=size, height=size, steps=s.cfg.preview_steps, cfg=2.0))
-    images = decode(sd, latents) if torch.isfinite(latents).all() else None   # a NaN latent is not decoded
-    sd.vae.to("cpu")
-    if images is None or not torch.isfinite(images).all():
-        print(f"warning: step {step}: the preview is not finite; no preview written", file=sys.stderr)
-        return
-    save_png(s.out / f"preview-{step:06d}.png", contact_sheet([to_pil(i) for i in images], 4),
-             f"{s.method.prompt} (training step {step})")

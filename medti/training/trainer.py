@@ -9,7 +9,6 @@ import contextlib
 import dataclasses
 import math
 import sys
-import time
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -32,7 +31,9 @@ from .config import Plan, TrainConfig, check, check_out, uncaptioned
 from .dreambooth import class_cache, prior_preservation_loss
 from .objective import cache_latents, diffusion_loss, epoch_order, step_generator
 from .optim import adamw, enable_checkpointing, lr_at, precision, set_lr, total_norm
-from .outputs import preview, report, save
+from .outputs import report, save
+from .previews import preview, preview_due
+from .progress import Clock
 from .resume import MAY_CHANGE, resume
 from .state import read_log, stored, write_log
 from .validation import ValidationSet, best_so_far, hold_out, validation_loss
@@ -55,6 +56,7 @@ class Session:
     val: ValidationSet | None            # fixed validation draws (medti/training/validation.py), or None
     prior: dict | None = None            # DreamBooth's class images' latent cache (medti.training.dreambooth), or None
     best: tuple | None = None            # (step, val_loss) of the best save so far
+    clock: Clock | None = None           # this session's timing, for the rate and the ETA (set by the loop)
 
     @property
     def name(self) -> str:               # names the saved files: the token without <> for textual inversion
@@ -205,8 +207,11 @@ def skip(step: int, in_a_row: int) -> int:
 
 def loop(s: Session, step: int) -> Path:
     """The training loop, from `step` to --max-steps; returns the path of the saved file (the embedding for TI)."""
-    cfg = s.cfg
-    in_a_row, skipped, began, first = 0, 0, time.perf_counter(), step
+    cfg, s.clock = s.cfg, Clock(step)
+    in_a_row, skipped = 0, 0
+    # A run killed during the preview of a save step resumes after that step: the preview would never be made.
+    if cfg.resume and preview_due(cfg, step) and not (s.out / f"preview-{step:06d}.png").exists():
+        preview(s, step)
     while step < cfg.max_steps:
         lr = set_lr(s.optimizer, lr_at(s.plan.schedule, step))
         s.optimizer.zero_grad(set_to_none=True)
@@ -230,7 +235,7 @@ def loop(s: Session, step: int) -> Path:
             in_a_row, skipped = skip(step, in_a_row), skipped + 1
         s.scaler.update()
         step += 1
-        rate = (step - first) / (time.perf_counter() - began)
+        rate = s.clock.tick(step)   # steps/s: warm-up and previews left out (medti.training.progress)
         record = {"step": step, "loss": loss_sum, "lr": lr, "grad_norm": grad_norm, "it_s": round(rate, 3),
                   **s.method.record(), "skipped": not finite}
         saving = step % cfg.save_every == 0 or step == cfg.max_steps
@@ -240,7 +245,7 @@ def loop(s: Session, step: int) -> Path:
         report(s, record)
         if saving:
             save(s, step, record.get("val_loss"))
-        if cfg.preview_every and step % cfg.preview_every == 0:
+        if preview_due(cfg, step):
             preview(s, step)
     if distributed.main_process():
         print(f"done: {step} steps ({skipped} skipped as non-finite in this session)", file=sys.stderr)
