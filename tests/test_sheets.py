@@ -48,7 +48,7 @@ def test_steps_md_marks_the_lowest_kid_row():
                                                                                      (300, 0.02))]
     args = SimpleNamespace(run="runs/x", real="data/x", n=4, seed=0, sampler="dpmpp_2m", steps=25)
     net = SimpleNamespace(name="inception", weights_sha256="0" * 64, official=True)
-    table = [line for line in markdown(rows, args, net).splitlines() if re.match(r"\| \**\d", line)]
+    table = [line for line in markdown(rows, args, net, "120 real images").splitlines() if re.match(r"\| \**\d", line)]
     marked = [line for line in table if "lowest KID" in line]
     best = min(rows, key=lambda r: r["kid"])
     assert len(table) == 3 and len(marked) == 1 and marked[0].startswith(f"| **{best['step']}**")
