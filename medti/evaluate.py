@@ -107,6 +107,9 @@ def check_args(args) -> Reading:
     if (args.fake or args.run) and not args.out:
         raise EvalError(f"--out DIR is needed with {'--fake' if args.fake else '--run'}: it receives the reports "
                         "and plots")
+    if Path(args.real).suffix == STATS_SUFFIX and set_flags(args):
+        raise EvalError(f"{set_flags(args)[0]} says how a --real folder is read; --real {args.real} is a statistics "
+                        "file, read when it was saved: leave it out")   # a flag mistake first, as the others
     if Path(args.real).suffix == STATS_SUFFIX and not Path(args.real).is_file():   # before the network loads
         raise EvalError(f"--real {args.real}: no such file (a statistics file, by its {STATS_SUFFIX} name)")
     if args.save_stats and Path(args.real).suffix == STATS_SUFFIX:
@@ -131,9 +134,6 @@ def check_args(args) -> Reading:
         check_out(args)
     if args.run:
         check_run(args)   # a folder without saved steps or a model generate cannot load fails now, not after encoding
-    if Path(args.real).suffix == STATS_SUFFIX and set_flags(args):
-        raise EvalError(f"{set_flags(args)[0]} says how a --real folder is read; --real {args.real} is a statistics "
-                        "file, read when it was saved: leave it out")
     return reading(args)
 
 

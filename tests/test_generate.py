@@ -119,7 +119,8 @@ def test_sweep_grid_and_manifest(model_files, tmp_path):
     assert [r["seed"] for r in records] == [0, 0, 0, 1, 1, 1]   # same seed along a row
     assert records[1]["prompt"] == "healthy lungs :0.5 AND enlarged heart :0.5"
     assert records[2]["prompt"] == "healthy lungs :0 AND enlarged heart :1"
-    assert Image.open(tmp_path / "grid.png").size == (3 * 64, 2 * 64)   # one column per weight
+    width, height = Image.open(tmp_path / "grid.png").size   # one column per weight, under a band naming A and B
+    assert width == 3 * 64 and height > 2 * 64   # (the band itself: tests/test_generate_output.py)
 
 
 def test_resume_after_a_dead_shard_equals_an_uninterrupted_run(model_files, tmp_path, monkeypatch, capsys):
