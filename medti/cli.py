@@ -91,8 +91,17 @@ def set_threads(count: int):
     torch.set_num_threads(count or default_threads())
 
 
+def shows_any_name():
+    """A file name that is not valid UTF-8 (held surrogate-escaped) printed on stdout as stderr prints it, with
+    backslash escapes. Python's stdout under a UTF-8 locale other than C.UTF-8 is strict, and `embeddings info`
+    on such a file would end in a UnicodeEncodeError after the file had been read correctly."""
+    if hasattr(sys.stdout, "reconfigure"):
+        sys.stdout.reconfigure(errors="backslashreplace")
+
+
 def run_main(parser: argparse.ArgumentParser, run: Callable, argv=None) -> int:
     """Parse argv with parser, call run(args); user errors and OS errors become one line and exit 2."""
+    shows_any_name()
     args = parser.parse_args(argv)
     token = INTERFACE.set("cli")
     try:
