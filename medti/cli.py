@@ -85,9 +85,12 @@ def add_threads(parser: argparse.ArgumentParser):
 
 
 def set_threads(count: int):
-    """--threads as torch's intra-op thread count (0: default_threads)."""
-    if count < 0:
-        raise UserError(f"--threads {count}: give 0 (automatic) or a number of threads")
+    """--threads as torch's intra-op thread count (0: default_threads), at most the machine's logical CPUs: more
+    threads than CPUs only wait for each other, and torch takes no count past 2**31 at all."""
+    cpus = os.cpu_count() or 1
+    if not 0 <= count <= cpus:
+        raise UserError(f"--threads {count}: give 0 (automatic) or a number of threads up to {cpus}, the CPUs of "
+                        "this machine")
     torch.set_num_threads(count or default_threads())
 
 

@@ -16,6 +16,8 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
+from minisd.config import check_side
+
 from .cli import ArgumentParser, run_main
 from .dataset.folder import pseudonyms
 from .files.atomic import inside, write_atomic
@@ -42,6 +44,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def check_out(args):
     out = Path(args.out)
+    check_side("resolution", args.resolution)
     if not args.data or not Path(args.data).is_dir():
         raise TrainError(f"--data {args.data!r}: not a folder of images")
     if inside(out, args.data):

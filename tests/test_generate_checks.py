@@ -37,6 +37,8 @@ def one_line_error(capsys) -> str:
     (["--sampler", "dpmpp_2m", "--sigmas", "trailing", "--steps", "2500"], {}, "takes at most 1000 steps with it"),
     (["--sampler", "ddim", "--steps", "1001"], {}, "--steps 1001: the linspace spacing has 1,000 training"),
     (["--steps", str(10 ** 9)], {}, "--steps 1000000000: give 1 to 10,000 steps"),
+    (["--width", "100000"], {}, "--width 100000: must be from 1 to 4096 pixels"),   # before: sampled for minutes
+    (["--size", "0"], {}, "--size 0: must be from 1 to 4096 pixels"),   # before: 0 was taken as "not given"
 ])
 def test_refused_up_front_in_one_line(model_files, tmp_path, capsys, monkeypatch, extra, env, words):  # noqa: F811
     for name, value in env.items():
@@ -75,7 +77,7 @@ def test_second_run_on_one_out_is_refused(model_files, tmp_path, capsys):  # noq
 
 
 @pytest.mark.parametrize("extra,words", [
-    (["--size", "100000"], "needs about"),
+    (["--size", "4096", "--batch", "100000"], "needs about"),
     (["--init-image", "{tmp}/bomb.png"], "bomb.png: too many pixels to open safely"),
     (["--init-image", "{tmp}/square.png", "--mask", "{tmp}/bomb.png"], "bomb.png: too many pixels"),
     (["--init-image", "{tmp}/stack.tif"], "stack.tif: holds 3 frames"),
@@ -93,7 +95,7 @@ def test_refused_after_loading_in_one_line(model_files, tmp_path, capsys, extra,
     assert generate(model_files, tmp_path / "o", "--prompt", "x", *extra) == 2
     err = one_line_error(capsys)
     assert words in err
-    if "--size" in extra:   # both numbers: what the run needs and what the machine has
+    if "--batch" in extra:   # both numbers: what the run needs and what the machine has
         assert "available" in err and err.count(" TB") + err.count(" GB") == 2, err
     assert not (tmp_path / "o").exists()
 

@@ -44,6 +44,10 @@ def test_preview_writes_the_training_images_and_no_patient_id(tmp_path, capsys):
     (["--window", "lungs"], "error: --window 'lungs'"),
     (["--plane", "up"], "error: --plane 'up'"),
     (["--out-dir", "x"], "unrecognized arguments: --out-dir x"),
+    # before: an OverflowError in PIL, a MemoryError, and "--data resolution must be positive" (the wrong flag)
+    (["--resolution", "99999999999"], "error: --resolution 99999999999: must be from 1 to 4096 pixels"),
+    (["--resolution", "100000"], "error: --resolution 100000: must be from 1 to 4096 pixels"),
+    (["--resolution", "0"], "error: --resolution 0: must be from 1 to 4096 pixels"),
 ])
 def test_bad_flags_are_one_line_and_write_nothing(tmp_path, capsys, extra, words):
     cxr_folder(tmp_path / "data")

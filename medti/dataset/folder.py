@@ -9,6 +9,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from minisd.config import MAX_SIDE
 from minisd.errors import UserError
 
 from ..medical.slices import SliceOptions, check_options
@@ -111,8 +112,8 @@ def _checked(preprocess: str, resolution: int, channels: list[str] | None) -> li
     """load_dataset's own arguments checked; the channel names as check_channels gives them."""
     if preprocess not in PREPROCESS:
         raise DataError(f"preprocess '{preprocess}' is not one of {', '.join(PREPROCESS)}")
-    if resolution < 1:
-        raise DataError(f"resolution must be positive, got {resolution}")
+    if not 1 <= resolution <= MAX_SIDE:
+        raise DataError(f"resolution {resolution}: must be from 1 to {MAX_SIDE} pixels")
     return check_channels(channels)
 
 

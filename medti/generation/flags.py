@@ -6,6 +6,7 @@ from pathlib import Path
 
 import torch
 
+from minisd.config import check_side
 from minisd.errors import UserError
 from minisd.sampling import SAMPLERS, UNSUPPORTED
 from minisd.schedule import SPACINGS, check_steps
@@ -106,6 +107,9 @@ def check_args(args):
     for name in ("n", "steps"):
         if getattr(args, name) < 1:
             raise UsageError(f"--{name} must be at least 1")
+    for name in ("size", "width", "height"):   # None: the model's native size
+        if getattr(args, name) is not None:
+            check_side(name, getattr(args, name))
     if args.batch < 0 or not args.mask_blur >= 0 or math.isinf(args.mask_blur):   # `not >=`: NaN fails too
         raise UsageError(f"--batch {args.batch} / --mask-blur {args.mask_blur:g}: must be finite and not negative")
     if not 0 < args.strength <= 1:
