@@ -1,5 +1,6 @@
 """Issue 11's generation defects that are caught before any sampling: every one is refused in one line that
 names the flag (or variable, or file) in CLI words, with no traceback and no file or empty folder left behind."""
+import os
 import subprocess
 import sys
 
@@ -39,6 +40,10 @@ def one_line_error(capsys) -> str:
     (["--steps", str(10 ** 9)], {}, "--steps 1000000000: give 1 to 10,000 steps"),
     (["--width", "100000"], {}, "--width 100000: must be from 1 to 4096 pixels"),   # before: sampled for minutes
     (["--size", "0"], {}, "--size 0: must be from 1 to 4096 pixels"),   # before: 0 was taken as "not given"
+    # text in another encoding than UTF-8 (b"\xff" arrives as U+DCFF): a TypeError from the tokenizer, after loading
+    (["--prompt", os.fsdecode(b"\xff")], {}, "--prompt '\\udcff': not UTF-8 text (byte 0xff)"),
+    (["--negative=" + os.fsdecode(b"\xff")], {}, "--negative '\\udcff': not UTF-8 text (byte 0xff)"),
+    (["--prompt", "a AND"], {}, "--prompt 'a AND': term 2 of 2 ('') has no text"),   # named no flag
 ])
 def test_refused_up_front_in_one_line(model_files, tmp_path, capsys, monkeypatch, extra, env, words):  # noqa: F811
     for name, value in env.items():
@@ -84,6 +89,9 @@ def test_second_run_on_one_out_is_refused(model_files, tmp_path, capsys):  # noq
     (["--init-image", "{tmp}/lab.tif"], "lab.tif: mode LAB"),
     (["--init-image", "{tmp}/square.png", "--mask", "{tmp}/square.png", "--mask-blur", "1e9"],
      "--mask-blur 1e+09: at most 64 pixels"),
+    # before: the whole 20,000 characters quoted, and no flag named
+    (["--prompt", "x " * 10000], "x x' (19,999 characters) holds 10,000 tokens"),
+    (["--negative", "x " * 100], "--negative: term 'x x x"),
 ])
 def test_refused_after_loading_in_one_line(model_files, tmp_path, capsys, extra, words):  # noqa: F811
     Image.new("L", (64, 64)).save(tmp_path / "square.png")
@@ -95,6 +103,8 @@ def test_refused_after_loading_in_one_line(model_files, tmp_path, capsys, extra,
     assert generate(model_files, tmp_path / "o", "--prompt", "x", *extra) == 2
     err = one_line_error(capsys)
     assert words in err
+    if "x " * 10000 in extra:   # the flag, and a quote cut short (the term: 10,000 "x" and the spaces between)
+        assert err.startswith("error: --prompt: term 'x x x") and len(err) < 250, err
     if "--batch" in extra:   # both numbers: what the run needs and what the machine has
         assert "available" in err and err.count(" TB") + err.count(" GB") == 2, err
     assert not (tmp_path / "o").exists()

@@ -15,6 +15,7 @@ from ..cli import ArgumentParser, add_threads
 from ..medical import require
 from . import loras
 from .preflight import check_scale, check_seeds
+from .prompts import check_text
 
 DESCRIPTION = "Generate images with SD1/SD2 and learned embeddings: `python -m medti.generate`."
 # every spacing some sampler offers, in a stable order for --help
@@ -99,6 +100,9 @@ def check_args(args):
     """Everything that can be checked before the model is loaded or a folder is made."""
     if (args.prompt is None) == (args.sweep is None):
         raise UsageError("give either --prompt or --sweep A B")
+    for name, text in [("prompt", args.prompt), ("negative", args.negative)] + [("sweep", t) for t in args.sweep or []]:
+        if text is not None:
+            check_text(name, text)
     if args.config and Path(args.model).is_dir():   # minisd.load refuses it too, but only after the checks
         raise UsageError(f"--config {args.config}: --model {args.model} is a diffusers folder, which states its own "
                          "configuration; leave out --config")
