@@ -28,7 +28,7 @@ from .quality.folders import DATA_FLAGS, Reading, load_set, reading, set_flags
 from .quality.report import write_report
 from .quality.run_scores import score_run, step_files
 from .quality.scoring import check_sizes, progress, real_side, score
-from .quality.stats import save_features, save_stats
+from .quality.stats import load_stats, read_stats, save_features, save_stats
 from .training.config import add_flags
 
 EXAMPLE = """examples:
@@ -142,9 +142,13 @@ def run(args):
     fake_set = load_set(args.fake, "fake", minimum=2) if args.fake else None
     if real_set and fake_set:
         check_sizes(args, len(real_set.names), len(fake_set.names))
+    stats = read_stats(args.real) if real_set is None else None   # a damaged file fails before the network loads
     net = load_network(args.features, args.inception, args.dinov2, device, args.antialias)
+    # a statistics file made with other weights is refused before a word is printed
+    real = load_stats(args.real, net, stats) if stats else None
     print(f"{net.name}: {net.weights} (sha256 {net.weights_sha256[:12]})", file=sys.stderr)
-    real = real_side(args, net, real_set)
+    if real is None:
+        real = real_side(args, net, real_set)
     if fake_set and not real_set:   # a statistics file: its image count is known once it is read
         check_sizes(args, len(real.names), len(fake_set.names))
     if args.save_stats:

@@ -182,10 +182,10 @@ def load_set(path, flag: str, minimum: int = 1, max_side: int | None = None, how
     if survey is not None:
         survey.placeholders = replaced
     images, sizes = [image for image, _ in read], [size for _, size in read]
-    warn_skipped(skipped, arg(flag))
-    warn_survey(survey, arg(flag))
-    if len(images) < minimum:
+    if len(images) < minimum:   # before the warnings: the one line says what was skipped itself
         found = f"{len(images)} usable image(s)" + (f", {len(skipped)} skipped, e.g. {': '.join(skipped[0])}"
                                                    if skipped else "")
         raise SetError(f"{arg(flag)} {path}: {found}; at least {minimum} needed")
+    warn_skipped(skipped, arg(flag))
+    warn_survey(survey, arg(flag))
     return ImageSet(images, names, root, skipped, {n: records[n] for n in names if n in records}, patients, sizes)
