@@ -89,3 +89,11 @@ def test_nibabel_s_nifti2_example_is_named_as_4d_not_unreadable(tmp_path):
     source = Path(nib.__file__).parent / "tests" / "data" / "example_nifti2.nii.gz"
     (tmp_path / "example_nifti2.nii.gz").write_bytes(source.read_bytes())
     _strict_line(tmp_path, "example_nifti2.nii.gz: a 4-D volume (size (32, 20, 12, 2))")
+
+
+def test_a_cifti_file_is_named_as_such_not_a_traceback(tmp_path):
+    """nibabel's CIFTI-2 example (a dense connectome, .dconn.nii): before, "TypeError: 'Cifti2Header' object is not
+    subscriptable" from the header check. Its data is a matrix over brain vertices and voxels, not a volume."""
+    source = Path(nib.__file__).parent / "tests" / "data" / "row_major.dconn.nii"
+    (tmp_path / "row_major.dconn.nii").write_bytes(source.read_bytes())
+    _strict_line(tmp_path, "row_major.dconn.nii: a CIFTI-2 file (a 10 x 10 matrix), not an image volume")

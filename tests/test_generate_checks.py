@@ -146,3 +146,19 @@ def test_memory_estimate_follows_the_fake_tensor_count():
     ours = estimate_bytes(sd, 256, 256, rows=2, images=1, packed=False)
     fake = max(counted["sampler_step"], counted["vae_decode"])
     assert fake <= ours <= 1.3 * fake, (ours, counted)
+
+
+def test_an_init_image_s_library_warnings_are_not_printed(tmp_path):
+    """PIL's "Corrupt EXIF data" warning came as two stderr lines before the one-line refusal of such a TIFF."""
+    import warnings
+
+    import numpy as np
+
+    from medti.files.images import ImageError, open_image
+    path = tmp_path / "random.tif"   # a little-endian TIFF header, then no valid IFD (tools/hostile_files.py's)
+    path.write_bytes(b"II*\x00" + np.random.default_rng(2).integers(0, 256, 500, np.uint8).tobytes())
+    with warnings.catch_warnings(record=True) as escaped:
+        warnings.simplefilter("always")
+        with pytest.raises(ImageError, match="random.tif: not a readable image"):
+            open_image(path)
+    assert [str(w.message) for w in escaped] == []

@@ -12,6 +12,7 @@ import torch
 from minisd.config import MAX_SIDE
 from minisd.errors import UserError
 
+from ..files.images import library_warnings
 from ..medical.slices import SliceOptions, check_options
 from .patients import keys
 from .preprocess import PREPROCESS, Unusable
@@ -125,11 +126,16 @@ def read_items(folder: Path, channels: list[str] | None, options: SliceOptions, 
     read folders through this. `survey`: survey_folder's, to be completed as the folder is read."""
     survey = survey or survey_folder(folder)
     files = [p for p in survey.found if not options.is_mask(p)]   # a case's mask is not a training image
-    for name, source in items(folder, files, channels, skip, survey):   # (name, file, DICOM volume or {channel: file})
+    with library_warnings():   # the DICOM headers: a file they warn about is read, and judged, below
+        listed = items(folder, files, channels, skip, survey)   # (name, file, DICOM volume or {channel: file})
+    for name, source in listed:
         try:
-            yield item_images(folder, name, source, channels, options, captions)
+            with library_warnings():   # not around the yield: the caller's own warnings are not ours to hold
+                found = item_images(folder, name, source, channels, options, captions)
         except Unusable as e:
             skip(name, str(e))
+            continue
+        yield found
 
 
 def load_dataset(folder, resolution: int, preprocess: str = "center", channels: list[str] | None = None,
