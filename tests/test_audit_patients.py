@@ -209,7 +209,8 @@ def test_data_flags_with_a_statistics_file_are_refused(tmp_path, capsys):
 
 def test_default_reading_is_training_s_default():
     """No data flag: the folder is read as medti.train reads --data with its defaults."""
-    assert reading(A.build_parser().parse_args(["--train", "t", "--synthetic", "s", "--out", "o"])) == Reading()
+    assert reading(A.build_parser().parse_args(["--train", "t", "--synthetic", "s", "--out", "o"])) == \
+        Reading(as_training=True)
 
 
 def test_evaluate_baseline_leaves_out_the_same_patient():

@@ -69,7 +69,7 @@ def test_held_out_patients_are_never_trained_on():
 def test_unusable_dicom_files_are_skipped_with_the_reason(tmp_path):
     from pydicom.uid import BasicTextSRStorage
     from test_dicom import dataset
-    Image.new("L", (32, 32), 128).save(tmp_path / "ok.png")
+    Image.fromarray(np.arange(1024, dtype=np.uint8).reshape(32, 32)).save(tmp_path / "ok.png")
     save(dataset(sop=BasicTextSRStorage, Modality="SR"), tmp_path / "report.dcm")
     data = load_dataset(tmp_path, 32, preprocess="none")
     assert data.names == ["ok.png"] and data.skipped[0][0] == "report.dcm"

@@ -59,7 +59,7 @@ def test_a_nan_in_a_nifti_sform_is_a_skip(tmp_path, capfd):
     raw = bytearray((tmp_path / "bad.nii").read_bytes())
     raw[280:284] = struct.pack("<f", float("nan"))   # srow_x[0] (NIfTI-1 header, byte 280): the sform's x scale
     (tmp_path / "bad.nii").write_bytes(bytes(raw))
-    nib.save(nib.Nifti1Image(np.ones((6, 5, 4), np.float32), np.eye(4)), str(tmp_path / "good.nii"))
+    nib.save(nib.Nifti1Image(np.arange(120, dtype=np.float32).reshape(6, 5, 4), np.eye(4)), str(tmp_path / "good.nii"))
     data = load_dataset(tmp_path, 8)
     assert {n.split("#")[0] for n in data.names} == {"good.nii"}
     assert dict(data.skipped)["bad.nii"].startswith("its sform holds a value that is not a number ([nan, 0.0")

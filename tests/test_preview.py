@@ -18,7 +18,7 @@ ROOT = Path(__file__).resolve().parent.parent
 
 def test_preview_writes_the_training_images_and_no_patient_id(tmp_path, capsys):
     cxr_folder(tmp_path / "data")
-    Image.new("L", (40, 30), 200).save(tmp_path / "data" / "extra.png")
+    Image.fromarray(np.arange(1200, dtype=np.uint8).reshape(30, 40)).save(tmp_path / "data" / "extra.png")
     assert main(["preview", "--data", str(tmp_path / "data"), "--resolution", "32", "--preprocess", "cxr",
                  "--out", str(tmp_path / "out")]) == 0
     data = load_dataset(tmp_path / "data", 32, preprocess="cxr")

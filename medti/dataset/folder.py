@@ -15,7 +15,7 @@ from minisd.errors import UserError
 from ..files.images import library_warnings
 from ..medical.slices import SliceOptions, check_options
 from .patients import keys
-from .preprocess import PREPROCESS, Unusable
+from .preprocess import PREPROCESS, Unusable, check_not_flat
 from .preprocess import fit as _fit
 from .report import nothing_usable
 from .sources import item_images, items
@@ -158,9 +158,10 @@ def load_dataset(folder, resolution: int, preprocess: str = "center", channels: 
 
     arrays, names, patients, windows, texts, used = [], [], [], [], [], {}
     for images, data in read_items(folder, channels, options, skip, captions, survey):
-        for name, image, patient in images:   # one image, or a volume's slices: an all-black slice skips alone
+        for name, image, patient in images:   # one image, or a volume's slices: a flat slice skips alone
             window = image.info.get("window", "as stored")   # medical readers say; other files are 8-bit as read
             try:
+                check_not_flat(image)
                 image = _fit(image, resolution, preprocess)
             except Unusable as e:
                 skip(name, str(e))

@@ -20,7 +20,7 @@ from minisd.errors import UserError, arg
 
 from ..dataset.folder import DataError, parse_channels, read_items, survey_folder
 from ..dataset.patients import keys
-from ..dataset.preprocess import Unusable, fit
+from ..dataset.preprocess import Unusable, check_not_flat, fit
 from ..dataset.report import warn_skipped, warn_survey
 from ..dataset.sources import read_image
 from ..generation.manifest import MERGED
@@ -60,6 +60,10 @@ class Reading:
     # images as read (evaluation, every synthetic set). The audit sets both once it knows the synthetic size.
     preprocess: str | None = None
     resolution: int = 0
+    # a set read as medti.train reads --data (evaluation's --real, the audit's --train: reading()) leaves out a flat
+    # image as training does (medti.dataset.preprocess.check_not_flat); a synthetic set keeps it: it is the model's
+    # output, and dropping it would flatter the figures
+    as_training: bool = False
 
 
 def reading(args) -> Reading:
@@ -70,7 +74,7 @@ def reading(args) -> Reading:
     except DataError as e:
         raise SetError(f"--channels {args.channels}: {e}") from None
     window = parse_window(args.window, "--window") if args.window else None
-    return Reading(channels, check_options(args.plane, args.slices, args.slice_mask, window))
+    return Reading(channels, check_options(args.plane, args.slices, args.slice_mask, window), as_training=True)
 
 
 def set_flags(args) -> list:
@@ -131,9 +135,12 @@ def to_uint8(image) -> torch.Tensor:
 
 
 def _small(image, max_side: int | None, how: Reading):
-    """(uint8 image, size as read): preprocessed first when `how` says so (training's fit() on the full image, as
-    training applies it), then reduced; fit's Unusable (all black under cxr, wrong size under none) propagates."""
+    """(uint8 image, size as read): left out when flat and read as training reads (Reading.as_training), preprocessed
+    when `how` says so (training's fit() on the full image, as training applies it), then reduced; the Unusable of
+    either (a flat image, a wrong size under --preprocess none) propagates."""
     size = image.size
+    if how.as_training:
+        check_not_flat(image)
     if how.preprocess:
         image = fit(image, how.resolution, how.preprocess)
     if max_side and max(image.size) > max_side:
