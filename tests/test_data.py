@@ -320,6 +320,7 @@ def test_a_flat_image_is_skipped_alike_whatever_its_reader(tmp_path):
     import nibabel as nib
     from test_dicom import image as dicom_image
     from test_dicom import save as dicom_save
+    from test_dicom import standard
 
     from medti.medical.window import parse_window
     save(tmp_path / "dot.png", np.full((1, 1), 95, np.uint8))
@@ -328,10 +329,13 @@ def test_a_flat_image_is_skipped_alike_whatever_its_reader(tmp_path):
     stored = 2000 + np.arange(64, dtype=np.uint16).reshape(8, 8)   # HU 976..1039 with the intercept below
     dicom_save(dicom_image(stored, Modality="CT", RescaleIntercept=-1024, RescaleSlope=1, WindowCenter=30,
                            WindowWidth=100), tmp_path / "ct.dcm")
+    dicom_save(dicom_image(np.zeros((8, 8), np.uint16), Modality="CT", WindowCenter=272, WindowWidth=846),
+               tmp_path / "zeros.dcm")   # every stored value 0 (nibabel's decimal_rescale.dcm): no window can help
     volume = np.zeros((8, 8, 3), np.float32)   # (i, j, k): axial slice k; slice 0 empty, as a scan's edge can be
     volume[..., 1:] = np.arange(128, dtype=np.float32).reshape(8, 8, 2) + 1
     nib.save(nib.Nifti1Image(volume, np.eye(4)), str(tmp_path / "scan.nii.gz"))
     data = load_dataset(tmp_path, 8, preprocess="none")
+    level = int(np.floor(standard(0.0, 272, 846) + 0.5))   # value 0 under the file's window, as PS3.3 states it
     assert data.names == ["good.png", "scan.nii.gz#axial001", "scan.nii.gz#axial002"]
     assert dict(data.skipped) == {
         "colour.png": "flat image: every pixel is (10, 20, 30) (as stored): a blank image, nothing to learn from; "
@@ -340,7 +344,9 @@ def test_a_flat_image_is_skipped_alike_whatever_its_reader(tmp_path):
                   "window; try a --window CENTER,WIDTH that holds its values",
         "dot.png": "flat image: every pixel is 95 (as stored): a blank image, nothing to learn from; leave it out",
         "scan.nii.gz#axial000": "flat image: every pixel is 0 (min-max over the volume): an empty slice; choose others "
-                                "with --slices or --slice-mask, or leave it be"}
+                                "with --slices or --slice-mask, or leave it be",
+        "zeros.dcm": f"flat image: every pixel is {level} (the file's 272,846): the file holds one value, nothing "
+                     "to learn from; leave it out"}
     windowed = load_dataset(tmp_path, 8, preprocess="none", window=parse_window("1000,200"))   # the values' own
     assert "ct.dcm" in windowed.names
     save(tmp_path / "only" / "dot.png", np.full((1, 1), 95, np.uint8))

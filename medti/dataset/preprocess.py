@@ -21,7 +21,9 @@ def check_not_flat(image: Image.Image):
     if low != high:
         return
     window = image.info.get("window", "as stored")
-    if window.startswith("--window"):
+    if image.info.get("one value"):   # a reader that knows says so: the file's values themselves are one
+        hint = "the file holds one value, nothing to learn from; leave it out"
+    elif window.startswith("--window"):
         hint = "every value lies outside that window; try another --window"
     elif window.startswith(("the file's", "the series'", "each frame's")):
         hint = "every value lies outside the file's own window; try a --window CENTER,WIDTH that holds its values"

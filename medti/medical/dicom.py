@@ -213,4 +213,5 @@ def training_image(path, window: Window | None):
         scaled = square_pixels(scaled, *aspect)
     shown = Image.fromarray(np.floor(np.clip(scaled, 0, 255) + 0.5).astype(np.uint8))   # round half up, as to_uint8
     shown.info["window"] = described(window, image.window)
+    shown.info["one value"] = bool(pixels.min() == pixels.max())   # no window can show what is not there
     return shown, image.patient
