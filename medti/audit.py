@@ -94,8 +94,13 @@ def check_args(args) -> Reading:
                          "give the training run's own")
     if args.dinov2 and args.features != "dinov2":
         raise AuditError("--dinov2 is the network of --features dinov2; add --features dinov2 or leave it out")
+    for flag in ("train", "synthetic"):
+        if not Path(getattr(args, flag)).exists():
+            raise AuditError(f"{arg(flag)} {getattr(args, flag)}: no such folder or file")
     if args.manifest and not Path(args.manifest).is_file():
         raise AuditError(f"--manifest {args.manifest}: no such file; give the run's manifest.jsonl")
+    if args.manifest:
+        read_manifest(Path(args.manifest), "manifest")   # a damaged line now, not after both sets are read
     return reading(args)
 
 
@@ -144,19 +149,21 @@ def resolution(synthetic) -> int:
 
 
 def compare(args, how: Reading) -> Audit:
-    say(f"reading {args.synthetic} and {args.train}")
+    """The audit of the two sets. The first progress line comes once both are read and the network is loaded:
+    whatever refuses the run before that (a set without usable images, a manifest that names none of them, a
+    missing network) is then its only line."""
     # the synthetic set first: its size is the resolution --train is preprocessed at; it is never preprocessed
     synthetic = load_set(args.synthetic, "synthetic", max_side=READ_SIDE)
     how = dataclasses.replace(how, preprocess=args.preprocess, resolution=resolution(synthetic))
-    say(f"training images preprocessed as training does: --preprocess {how.preprocess} at {how.resolution} px")
     # minimum 2: the template is the training set's mean, and one image is not a set
     train = load_set(args.train, "train", minimum=2, max_side=READ_SIDE, how=how)
     records = manifest_records(args, synthetic)
     # the second opinion's network is loaded before the comparison: offline or a wrong folder fails in seconds
     net = load_network("dinov2", dinov2_name=args.dinov2, device=resolve_device(args.device)) \
         if args.features == "dinov2" else None
-    say(f"comparing {len(synthetic.names)} synthetic with {len(train.names)} training images of "
-        f"{len(set(train.patients))} patient(s)")
+    say(f"comparing {len(synthetic.names)} synthetic images ({args.synthetic}) with {len(train.names)} training "
+        f"images of {len(set(train.patients))} patient(s) ({args.train}), preprocessed as training does: "
+        f"--preprocess {how.preprocess} at {how.resolution} px")
     train_desc = privacy.descriptors(train.images)
     ref = privacy.fit(train_desc)
     match = privacy.nearest(ref, privacy.descriptors(synthetic.images))

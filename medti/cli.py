@@ -155,14 +155,26 @@ def add_threads(parser: argparse.ArgumentParser):
 
 
 def set_threads(count: int):
-    """--threads as torch's intra-op thread count (0: default_threads)."""
-    if count < 0:
-        raise UserError(f"--threads {count}: give 0 (automatic) or a number of threads")
+    """--threads as torch's intra-op thread count (0: default_threads), at most the machine's logical CPUs: more
+    threads than CPUs only wait for each other, and torch takes no count past 2**31 at all."""
+    cpus = os.cpu_count() or 1
+    if not 0 <= count <= cpus:
+        raise UserError(f"--threads {count}: give 0 (automatic) or a number of threads up to {cpus}, the CPUs of "
+                        "this machine")
     torch.set_num_threads(count or default_threads())
+
+
+def shows_any_name():
+    """A file name that is not valid UTF-8 (held surrogate-escaped) printed on stdout as stderr prints it, with
+    backslash escapes. Python's stdout under a UTF-8 locale other than C.UTF-8 is strict, and `embeddings info`
+    on such a file would end in a UnicodeEncodeError after the file had been read correctly."""
+    if hasattr(sys.stdout, "reconfigure"):
+        sys.stdout.reconfigure(errors="backslashreplace")
 
 
 def run_main(parser: argparse.ArgumentParser, run: Callable, argv=None) -> int:
     """Parse argv with parser, call run(args); user errors and OS errors become one line and exit 2."""
+    shows_any_name()
     args = parser.parse_args(argv)
     token = INTERFACE.set("cli")
     try:

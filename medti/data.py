@@ -17,6 +17,8 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
+from minisd.config import check_side
+
 from .cli import ArgumentParser, run_main
 from .dataset.folder import pseudonyms
 from .files.atomic import inside, write_atomic
@@ -44,6 +46,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def check_out(args):
     out = Path(args.out)
+    check_side("resolution", args.resolution)
     check_folder("data", args.data, "images")
     if inside(out, args.data):
         raise TrainError(f"--out {out} is inside --data {args.data}: its PNGs would become training images there; "

@@ -29,7 +29,7 @@ from .quality.folders import DATA_FLAGS, Reading, load_set, reading, set_flags
 from .quality.report import write_report
 from .quality.run_scores import check_run, score_run
 from .quality.scoring import check_sizes, progress, real_side, score
-from .quality.stats import save_features, save_stats
+from .quality.stats import read_stats, save_features, save_stats
 from .training.config import add_flags
 
 EXAMPLE = """examples:
@@ -146,9 +146,13 @@ def run(args):
     n_fake = len(fake_set.names) if fake_set else args.n if args.run else 0   # --run: --n images per step
     if real_set and n_fake:
         check_sizes(args, len(real_set.names), n_fake)
+    stats = read_stats(args.real) if real_set is None else None   # a damaged file fails before the network loads
     net = load_network(args.features, args.inception, args.dinov2, device, args.antialias)
+    # a statistics file made with other weights is refused before a word is printed
+    real = real_side(args, net, real_set, stats) if stats else None
     print(f"{net.name}: {net.weights} (sha256 {net.weights_sha256[:12]})", file=sys.stderr)
-    real = real_side(args, net, real_set)
+    if real is None:
+        real = real_side(args, net, real_set)
     if n_fake and not real_set:   # a statistics file: its image count is known once it is read
         check_sizes(args, len(real.names), n_fake)
     if args.save_stats:   # the real images by pseudonym; their paths in the key beside it (medti.files.pseudonyms)

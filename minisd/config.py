@@ -33,6 +33,21 @@ def default_dtype(device) -> torch.dtype:
 
 DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 
+# The largest image side, in pixels, that medti trains on, previews or generates. SD1 and SD2 were trained at 512
+# and 768. At 4096 the VAE decode of one image alone holds about 28 GB in fp16 (medti.generation.preflight's
+# measured 6.5 values per pixel and channel of the VAE's 128-channel top level), more than a consumer GPU has, and
+# the UNet's first level attends over 262,144 latent positions. A larger side is taken for a typo and refused
+# before anything loads, instead of a run that dies of MemoryError or samples for hours.
+MAX_SIDE = 4096
+
+
+def check_side(name: str, pixels: int):
+    """An image side given as `name` (`resolution`, `width`, ...): 1 to MAX_SIDE pixels, else one line naming it.
+    (Whether it is a multiple of what the model needs, 64 for SD1 and SD2, is known once the model is.)"""
+    if not 1 <= pixels <= MAX_SIDE:
+        raise UserError(f"{arg(name)} {pixels}: must be from 1 to {MAX_SIDE} pixels (SD1 and SD2 are made for "
+                        f"512 and 768; one {MAX_SIDE}-pixel image already needs about 28 GB to decode)")
+
 
 def resolve_device(name: str) -> torch.device:
     """A device name (`--device` of every command) as a torch.device that exists here, or a UserError that says

@@ -6,12 +6,12 @@ from pathlib import Path
 from urllib.parse import urlparse
 
 import torch
-from safetensors.torch import load_file
 
 from .config import LoadError
 from .errors import arg
 from .hub import download_file, hub_reachable, sha256_file
 from .inception import InceptionV3
+from .tensorfile import open_safetensors
 
 URL = "https://github.com/toshas/torch-fidelity/releases/download/v0.2.0/weights-inception-2015-12-05-6726825d.pth"
 
@@ -38,13 +38,18 @@ def read_tensors(path: Path) -> dict:
         raise LoadError(f"{path}: no such file; {fetch_hint()}")
     try:   # weights_only=True: tensors and plain containers only, never a full unpickle
         is_safetensors = path.suffix == ".safetensors"
-        data = load_file(path) if is_safetensors else torch.load(path, map_location="cpu", weights_only=True)
+        data = _safetensors(path) if is_safetensors else torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:   # truncated, corrupt, or a pickle of objects other than tensors: all refused alike
         raise LoadError(f"{path}: not a readable weights file ({type(e).__name__}; truncated, or a pickle of more "
                         f"than tensors); {fetch_hint()}") from None
     if not isinstance(data, dict) or not all(isinstance(v, torch.Tensor) for v in data.values()):
         raise LoadError(f"{path}: holds a {type(data).__name__}, not a state dict of tensors; {fetch_hint()}")
     return data
+
+
+def _safetensors(path: Path) -> dict:
+    with open_safetensors(path) as f:
+        return {k: f.get_tensor(k) for k in f.keys()}
 
 
 def checked_state_dict(path: Path, tensors: dict, model: InceptionV3) -> dict:

@@ -192,6 +192,9 @@ def resolve(model, config) -> tuple:
             raise LoadError(f"{path}: a diffusers folder states its own configuration; leave out {arg('config')}")
         from .diffusers import open_folder  # not needed for single files
         return (*open_folder(path), None)
+    if not path.is_file() and str(model) in table:   # a preset name, but with a config of the user's
+        raise LoadError(f"{spoken('model', str(model))}: a preset, which comes with its own configuration; leave out "
+                        f"{arg('config')} (it is for a file outside the presets)")
     if not path.is_file():
         raise LoadError(f"{spoken('model', str(model))}: no such file, and not a preset ({', '.join(table)})")
     if config is None:

@@ -3,6 +3,9 @@ the float dtypes a weight may be stored in, the component prefixes, and the chec
 infinite. minisd.load builds models from it; minisd.diffusers presents a diffusers folder through the same
 interface; the DINOv2 loader reads its release file with it.
 """
+import os
+import tempfile
+from contextlib import contextmanager
 from pathlib import Path
 
 import torch
@@ -19,6 +22,32 @@ UNET, VAE = "model.diffusion_model.", "first_stage_model."
 FLOATS = {"F16": torch.float16, "BF16": torch.bfloat16, "F32": torch.float32, "F64": torch.float64}
 
 
+@contextmanager
+def utf8_name(path):
+    """A name of the file at `path` that is valid UTF-8: `path` itself, or for a name in another encoding (which
+    Python holds surrogate-escaped, PEP 383) a symbolic link to it with a plain name, in a temporary folder for the
+    duration. safetensors' Rust reader and torch's memory-mapped load take a path only as UTF-8 text, and refuse
+    such a name as if the file were damaged; through the link they read the file itself, lazily as ever (a
+    mapping, once made, outlives the link)."""
+    name = str(path)
+    try:
+        name.encode("utf-8")
+    except UnicodeEncodeError:
+        with tempfile.TemporaryDirectory() as folder:
+            link = os.path.join(folder, "file")
+            os.symlink(os.path.abspath(name), link)
+            yield link
+        return
+    yield name
+
+
+def open_safetensors(path):
+    """safetensors' lazy reader (safe_open, PyTorch tensors on the CPU) of the file at `path`, whatever the encoding
+    of its name: every .safetensors file medti and minisd read is opened here."""
+    with utf8_name(path) as name:
+        return safe_open(name, framework="pt", device="cpu")
+
+
 class TensorFile:
     """Uniform read access to a `.safetensors` file (lazy, tensor by tensor) or a weights-only pickle."""
 
@@ -26,7 +55,7 @@ class TensorFile:
         self.path = path
         if path.suffix == ".safetensors":
             try:
-                self._st = safe_open(str(path), framework="pt", device="cpu")
+                self._st = open_safetensors(path)
             except Exception as e:   # safetensors raises its own error types for a corrupt header
                 raise LoadError(f"{path}: not a readable .safetensors file ({e})") from None
             self.keys = set(self._st.keys())
@@ -39,7 +68,8 @@ class TensorFile:
     def _read_pickle(path: Path) -> dict:
         # Never a full unpickle: weights_only=True allows tensors and plain containers only.
         try:
-            data = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+            with utf8_name(path) as name:
+                data = torch.load(name, map_location="cpu", weights_only=True, mmap=True)
         except Exception as e:
             raise LoadError(f"{path}: refused by torch.load(weights_only=True) ({type(e).__name__}); official .ckpt "
                             "files pickle a Lightning object -- use the model's .safetensors file instead") from None

@@ -51,8 +51,11 @@ def audit(tmp, synthetic="run", out="out", *extra):
                  *map(str, extra)])
 
 
-def one_line_error(capsys) -> str:
-    err = [line for line in capsys.readouterr().err.splitlines() if not line.startswith("medti.audit: ")]
+def one_line_error(capsys, progress: bool = False) -> str:
+    """The refusal's line, alone on stderr: no progress line ("medti.audit: ...") or warning before it, unless
+    `progress` (a failure once the audit has begun)."""
+    err = [line for line in capsys.readouterr().err.splitlines() if not progress or
+           not line.startswith("medti.audit: ")]
     assert len(err) == 1 and err[0].startswith("error: "), err
     return err[0]
 
@@ -131,17 +134,25 @@ def test_a_second_run_replaces_the_audit_and_a_foreign_folder_is_refused(sets, c
     ("threshold", "--threshold 1.5: must be in (0, 1]"), ("nan", "--threshold nan"),
     ("out-in-train", "is inside --train"), ("out-in-run", "is inside --synthetic"),
     ("manifest-missing", "--manifest"), ("manifest-foreign", "names none of the 4 images"),
+    # before: each came after one to three lines of progress and warnings
+    ("missing-train", "--train"), ("damaged-train", "0 usable image(s), 1 skipped, e.g. bad.png"),
+    ("manifest-not-json", "line 1 is not a manifest record"),
 ])
 def test_bad_input_is_one_line_and_leaves_nothing(sets, capsys, case, words):
     (sets / "empty").mkdir()
     save(sets / "one" / "p.png", chest(0, SIZE))
     (sets / "other.jsonl").write_text(json.dumps({"file": "elsewhere.png", "prompt": "x", "seed": 0}) + "\n")
-    train = {"empty-train": sets / "empty", "one-train": sets / "one"}.get(case, sets / "train")
+    (sets / "bad.jsonl").write_text("{not json\n")
+    (sets / "damaged").mkdir()
+    (sets / "damaged" / "bad.png").write_text("not an image\n")
+    train = {"empty-train": sets / "empty", "one-train": sets / "one", "missing-train": sets / "nowhere",
+             "damaged-train": sets / "damaged"}.get(case, sets / "train")
     synthetic = sets / ("empty" if case == "empty-synthetic" else "clean" if case.startswith("manifest") else "run")
     out = {"out-in-train": sets / "train" / "audit", "out-in-run": sets / "run" / "audit"}.get(case, sets / "o")
     extra = {"threshold": ["--threshold", "1.5"], "nan": ["--threshold", "nan"],
              "manifest-missing": ["--manifest", sets / "nope.jsonl"],
-             "manifest-foreign": ["--manifest", sets / "other.jsonl"]}
+             "manifest-foreign": ["--manifest", sets / "other.jsonl"], "manifest-not-json": ["--manifest",
+                                                                                         sets / "bad.jsonl"]}
     argv = ["--train", train, "--synthetic", synthetic, "--out", out, *extra.get(case, [])]
     assert main([str(a) for a in argv]) == 2
     assert words in one_line_error(capsys)
@@ -168,7 +179,7 @@ def test_disk_full_leaves_no_half_audit(sets, capsys, monkeypatch):
         raise OSError(errno.ENOSPC, "No space left on device")
     monkeypatch.setattr(files.os, "fsync", full)
     assert audit(sets) == 2
-    err = one_line_error(capsys)
+    err = one_line_error(capsys, progress=True)
     assert "No space left on device" in err and str(sets / "out") in err   # the file being written is named
     assert not (sets / "out").exists()   # the files written before the failure went, and so did the new folder
 

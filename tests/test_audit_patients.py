@@ -143,8 +143,8 @@ def test_audit_reads_channel_cases_as_training_does(tmp_path):
             (tmp_path / "train" / f"case{c}").mkdir(parents=True, exist_ok=True)
             Image.fromarray(chest(60 + 3 * c + k, SIDE)).save(tmp_path / "train" / f"case{c}" / f"{channel}.png")
     (tmp_path / "train" / "case2" / "adc.png").unlink()
-    args = A.build_parser().parse_args(["--train", str(tmp_path / "train"), "--synthetic", "s", "--out",
-                                        str(tmp_path / "out"), "--channels", "t2w,adc,hbv"])
+    args = A.build_parser().parse_args(["--train", str(tmp_path / "train"), "--synthetic", str(tmp_path / "train"),
+                                        "--out", str(tmp_path / "out"), "--channels", "t2w,adc,hbv"])
     held = load_set(tmp_path / "train", "train", how=A.check_args(args))
     want = load_dataset(tmp_path / "train", 32, channels=["t2w", "adc", "hbv"])
     assert held.names == want.names == ["case0", "case1"] and held.patients == want.patients
@@ -214,7 +214,8 @@ def test_data_flags_with_a_statistics_file_are_refused(tmp_path, capsys):
 
 def test_default_reading_is_training_s_default():
     """No data flag: the folder is read as medti.train reads --data with its defaults."""
-    assert reading(A.build_parser().parse_args(["--train", "t", "--synthetic", "s", "--out", "o"])) == Reading()
+    assert reading(A.build_parser().parse_args(["--train", "t", "--synthetic", "s", "--out", "o"])) == \
+        Reading(as_training=True)
 
 
 def test_evaluate_baseline_leaves_out_the_same_patient():

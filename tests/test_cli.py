@@ -72,7 +72,8 @@ def test_flags_are_never_abbreviated(capsys):
 
 def test_thread_default_and_flag(monkeypatch, capsys):
     """--threads 0: OMP_NUM_THREADS where set (torchrun sets 1 per process), else half the usable cores, at least
-    one; a given count is applied before the command runs; a negative one is a one-line error."""
+    one; a given count is applied before the command runs; a negative one, or one past the machine's CPUs, is a
+    one-line error."""
     from medti.cli import add_threads, default_threads
     monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
     monkeypatch.setattr(os, "sched_getaffinity", lambda pid: set(range(16)))
@@ -89,6 +90,10 @@ def test_thread_default_and_flag(monkeypatch, capsys):
         assert seen == [2]
         assert run_main(parser, lambda args: None, ["--threads", "-1"]) == 2
         assert "--threads -1: give 0 (automatic) or a number of threads" in capsys.readouterr().err
+        # more than torch can take (before: ValueError "Overflow when unpacking long", a traceback)
+        assert run_main(parser, lambda args: None, ["--threads", "99999999999"]) == 2
+        assert f"--threads 99999999999: give 0 (automatic) or a number of threads up to {os.cpu_count()}" in \
+            capsys.readouterr().err
     finally:
         torch.set_num_threads(before)
 

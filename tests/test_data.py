@@ -111,12 +111,13 @@ def test_wide_images_are_rescaled_min_max(tmp_path, dtype, suffix):
     assert out.min() == 0 and out.max() == 255 and len(np.unique(out)) == 256
 
 
-def test_8bit_is_used_as_is_and_constant_16bit_is_black(tmp_path):
+def test_8bit_is_used_as_is_and_constant_16bit_is_flat(tmp_path):
     save(tmp_path / "a.png", np.full((16, 16), 10, np.uint8) + np.eye(16, dtype=np.uint8) * 190)
     out = one(tmp_path, 16, preprocess="none")
     assert out.min() == 10 and out.max() == 200   # not stretched to 0..255
-    save(tmp_path / "a.png", np.full((16, 16), 1234, np.uint16))
-    assert (one(tmp_path, 16, preprocess="none") == 0).all()
+    save(tmp_path / "a.png", np.full((16, 16), 1234, np.uint16))   # min-max of one value: black, so flat
+    with pytest.raises(DataError, match=r"a.png: flat image: every pixel is 0 \(min-max of the image"):
+        load_dataset(tmp_path, 16, preprocess="none", strict=True)
 
 
 def test_modes_gray_rgb_rgba_palette(tmp_path):
@@ -163,6 +164,7 @@ def test_channels_stack_in_the_given_order(tmp_path, layout):
 
 def test_channels_missing_odd_and_unreadable_are_reported_by_case(tmp_path):
     gray = np.full((16, 16), 50, np.uint8)
+    gray[0, 0] = 60   # not one gray level: a flat image is skipped for that alone
     for name in ["ok_t2w", "ok_adc", "ok_dwi", "noadc_t2w", "noadc_dwi", "big_t2w", "big_adc", "bad_t2w",
                  "bad_adc", "bad_dwi", "t2w"]:
         save(tmp_path / f"{name}.png", gray)
@@ -170,7 +172,7 @@ def test_channels_missing_odd_and_unreadable_are_reported_by_case(tmp_path):
     (tmp_path / "bad_adc.png").write_bytes(b"not a png")
     data = load_dataset(tmp_path, 16, channels=["t2w", "adc", "dwi"])
     assert data.names == ["ok"]
-    assert (as_uint8(data.images)[0] == 50).all()
+    assert (as_uint8(data.images)[0] == gray[..., None]).all()
     reasons = dict(data.skipped)
     assert reasons["noadc"] == "missing channel adc (has dwi, t2w)"
     assert reasons["big"] == "channel sizes differ (t2w 16x16, adc 16x16, dwi 32x32); resample them to one grid " \
@@ -198,7 +200,9 @@ def test_one_channel_and_duplicates(tmp_path):
 
 
 def test_unreadable_files_skipped_listed_and_strict(tmp_path):
-    save(tmp_path / "b_good.png", np.full((20, 20), 7, np.uint8))
+    good = np.full((20, 20), 7, np.uint8)
+    good[0, 0] = 8   # not one gray level: a flat image is skipped for that alone
+    save(tmp_path / "b_good.png", good)
     (tmp_path / "a_text.png").write_text("hello")
     (tmp_path / "c_empty.jpg").write_bytes(b"")
     noise = Image.fromarray(np.random.default_rng(4).integers(0, 256, (20, 20), dtype=np.uint8))
@@ -209,13 +213,13 @@ def test_unreadable_files_skipped_listed_and_strict(tmp_path):
     frames = [Image.new("L", (20, 20), v) for v in (1, 2)]
     frames[0].save(tmp_path / "f_stack.tif", save_all=True, append_images=frames[1:])
     data = load_dataset(tmp_path, 20, preprocess="cxr")
-    assert data.names == ["b_good.png"] and (as_uint8(data.images) == 7).all()
+    assert data.names == ["b_good.png"] and (as_uint8(data.images)[0] == good[..., None]).all()
     reasons = dict(data.skipped)
     assert list(reasons) == ["a_text.png", "c_empty.jpg", "d_truncated.png", "e_black.png", "f_stack.tif"]
     assert reasons["a_text.png"].startswith("not an image PIL can read")
     assert reasons["c_empty.jpg"] == "empty file (0 bytes)"
     assert reasons["d_truncated.png"].startswith("unreadable image")
-    assert reasons["e_black.png"].startswith("all black")
+    assert reasons["e_black.png"].startswith("flat image: every pixel is 0 (as stored)")   # before cxr's own
     assert reasons["f_stack.tif"].startswith("2 frames")
     with pytest.raises(DataError, match=r"a_text\.png: not an image") as error:
         load_dataset(tmp_path, 20, preprocess="cxr", strict=True)
@@ -278,7 +282,7 @@ def test_only_regular_files_are_read(tmp_path):
     reason, without waiting; the load runs in a thread so that a regression fails this test instead of hanging it."""
     import os
     import threading
-    save(tmp_path / "a.png", np.full((8, 8), 9, np.uint8))
+    save(tmp_path / "a.png", np.arange(64, dtype=np.uint8).reshape(8, 8))
     os.mkfifo(tmp_path / "x.png")
     result = {}
     worker = threading.Thread(target=lambda: result.update(data=load_dataset(tmp_path, 8)), daemon=True)
@@ -293,7 +297,7 @@ def test_only_regular_files_are_read(tmp_path):
 
 def test_lab_colour_is_skipped_with_the_reason(tmp_path):
     """PIL's convert("RGB") reads LAB's L, a, b bytes as R, G, B (mid-grey becomes blue): refused, not guessed."""
-    save(tmp_path / "a.png", np.full((8, 8), 9, np.uint8))
+    save(tmp_path / "a.png", np.arange(64, dtype=np.uint8).reshape(8, 8))
     Image.new("LAB", (8, 8), (128, 128, 128)).save(tmp_path / "lab.tif")
     data = load_dataset(tmp_path, 8)
     assert data.names == ["a.png"] and data.skipped[0][0] == "lab.tif"
@@ -306,3 +310,45 @@ def test_data_error_is_a_user_error():
     """One user-error base (minisd.errors): the CLI wrapper turns it into one line."""
     from minisd.errors import UserError
     assert issubclass(DataError, UserError)
+
+
+def test_a_flat_image_is_skipped_alike_whatever_its_reader(tmp_path):
+    """One rule for an image that is one gray level (or colour) as read, after its window: nothing in it to learn,
+    so it is skipped with the level, the window that made it, and what to try. Before, each was written as a flat
+    square (a 1 x 1 PNG upscaled; pydicom's CT files whose values all lie above their own window 30,100; a volume's
+    empty edge slices) and trained on."""
+    import nibabel as nib
+    from test_dicom import image as dicom_image
+    from test_dicom import save as dicom_save
+    from test_dicom import standard
+
+    from medti.medical.window import parse_window
+    save(tmp_path / "dot.png", np.full((1, 1), 95, np.uint8))
+    save(tmp_path / "colour.png", np.tile(np.array([10, 20, 30], np.uint8), (8, 8, 1)))
+    save(tmp_path / "good.png", np.arange(64, dtype=np.uint8).reshape(8, 8))
+    stored = 2000 + np.arange(64, dtype=np.uint16).reshape(8, 8)   # HU 976..1039 with the intercept below
+    dicom_save(dicom_image(stored, Modality="CT", RescaleIntercept=-1024, RescaleSlope=1, WindowCenter=30,
+                           WindowWidth=100), tmp_path / "ct.dcm")
+    dicom_save(dicom_image(np.zeros((8, 8), np.uint16), Modality="CT", WindowCenter=272, WindowWidth=846),
+               tmp_path / "zeros.dcm")   # every stored value 0 (nibabel's decimal_rescale.dcm): no window can help
+    volume = np.zeros((8, 8, 3), np.float32)   # (i, j, k): axial slice k; slice 0 empty, as a scan's edge can be
+    volume[..., 1:] = np.arange(128, dtype=np.float32).reshape(8, 8, 2) + 1
+    nib.save(nib.Nifti1Image(volume, np.eye(4)), str(tmp_path / "scan.nii.gz"))
+    data = load_dataset(tmp_path, 8, preprocess="none")
+    level = int(np.floor(standard(0.0, 272, 846) + 0.5))   # value 0 under the file's window, as PS3.3 states it
+    assert data.names == ["good.png", "scan.nii.gz#axial001", "scan.nii.gz#axial002"]
+    assert dict(data.skipped) == {
+        "colour.png": "flat image: every pixel is (10, 20, 30) (as stored): a blank image, nothing to learn from; "
+                      "leave it out",
+        "ct.dcm": "flat image: every pixel is 255 (the file's 30,100): every value lies outside the file's own "
+                  "window; try a --window CENTER,WIDTH that holds its values",
+        "dot.png": "flat image: every pixel is 95 (as stored): a blank image, nothing to learn from; leave it out",
+        "scan.nii.gz#axial000": "flat image: every pixel is 0 (min-max over the volume): an empty slice; choose others "
+                                "with --slices or --slice-mask, or leave it be",
+        "zeros.dcm": f"flat image: every pixel is {level} (the file's 272,846): the file holds one value, nothing "
+                     "to learn from; leave it out"}
+    windowed = load_dataset(tmp_path, 8, preprocess="none", window=parse_window("1000,200"))   # the values' own
+    assert "ct.dcm" in windowed.names
+    save(tmp_path / "only" / "dot.png", np.full((1, 1), 95, np.uint8))
+    with pytest.raises(DataError, match=r"only: no usable image .* most often 'flat image', .*; each is one gray"):
+        load_dataset(tmp_path / "only", 8)

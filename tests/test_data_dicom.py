@@ -70,13 +70,48 @@ def test_held_out_patients_are_never_trained_on():
 def test_unusable_dicom_files_are_skipped_with_the_reason(tmp_path):
     from pydicom.uid import BasicTextSRStorage
     from test_dicom import dataset
-    Image.new("L", (32, 32), 128).save(tmp_path / "ok.png")
+    Image.fromarray(np.arange(1024, dtype=np.uint8).reshape(32, 32)).save(tmp_path / "ok.png")
     save(dataset(sop=BasicTextSRStorage, Modality="SR"), tmp_path / "report.dcm")
     data = load_dataset(tmp_path, 32, preprocess="none")
     assert data.names == ["ok.png"] and data.skipped[0][0] == "report.dcm"
     assert "holds no image" in data.skipped[0][1] and "SR" in data.skipped[0][1]
     with pytest.raises(DataError, match="report.dcm: .*holds no image"):
         load_dataset(tmp_path, 32, preprocess="none", strict=True)
+
+
+def test_damaged_files_are_skipped_in_medti_s_words_and_no_library_warning_escapes(tmp_path):
+    """Before: a Number of Frames of "1A" was a traceback (int() in the series grouping); a JPEG 2000 file cut short
+    in its pixel data was "holds no image", after pydicom's two-line "End of file reached" warning; a TIFF with a
+    damaged EXIF block came with PIL's "Corrupt EXIF data" warning. Warnings are held back where files are read."""
+    import warnings
+
+    from pydicom.dataelem import RawDataElement
+    from pydicom.encaps import encapsulate
+    from pydicom.tag import Tag
+    from pydicom.uid import JPEG2000
+    stored = np.arange(16, dtype=np.uint16).reshape(4, 4)
+    ds = image(stored)
+    ds[Tag(0x0028, 0x0008)] = RawDataElement(Tag(0x0028, 0x0008), "IS", 2, b"1A", 0, False, True)   # Number of Frames
+    with warnings.catch_warnings():   # pydicom warns of the invalid value it writes here on purpose
+        warnings.simplefilter("ignore")
+        save(ds, tmp_path / "frames.dcm")
+    ds = image(stored, syntax=JPEG2000)
+    ds.PixelData = encapsulate([b"x" * 400])
+    whole = save(ds, tmp_path / "cut.dcm").read_bytes()
+    (tmp_path / "cut.dcm").write_bytes(whole[:-200])   # ends inside the encapsulated pixel data
+    # a little-endian TIFF header, then bytes that are no valid IFD (tools/hostile_files.py's random.tif)
+    (tmp_path / "random.tif").write_bytes(b"II*\x00" + np.random.default_rng(2).integers(0, 256, 500, np.uint8)
+                                          .tobytes())
+    Image.fromarray(np.arange(1024, dtype=np.uint8).reshape(32, 32)).save(tmp_path / "ok.png")
+    with warnings.catch_warnings(record=True) as escaped:
+        warnings.simplefilter("always")
+        data = load_dataset(tmp_path, 32, preprocess="none")
+    assert [str(w.message) for w in escaped] == []
+    reasons = dict(data.skipped)
+    assert data.names == ["ok.png"] and sorted(reasons) == ["cut.dcm", "frames.dcm", "random.tif"]
+    assert reasons["frames.dcm"] == "damaged header: NumberOfFrames '1A' is not a whole number; export the file again"
+    assert reasons["cut.dcm"].startswith("truncated file: it ends inside a data element")
+    assert reasons["random.tif"] == "not an image PIL can read (.tif extension)"
 
 
 def test_without_the_extra_a_dicom_folder_is_one_line_naming_it(tmp_path):

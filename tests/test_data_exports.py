@@ -26,7 +26,7 @@ def test_dicom_is_found_by_content_whatever_its_name(tmp_path):
     shutil.copy(PYDICOM_FILES / "CT_small.dcm", tmp_path / UID_NAME)
     shutil.copy(PYDICOM_FILES / "MR_small.dcm", tmp_path / "MR000001.IMA")
     save(image(np.arange(64, dtype=np.uint16).reshape(8, 8), Modality="MR"), tmp_path / "scan.dicom")
-    Image.new("L", (8, 8), 100).save(tmp_path / "photo.png")
+    Image.fromarray(np.arange(64, dtype=np.uint8).reshape(8, 8)).save(tmp_path / "photo.png")
     (tmp_path / "photo.txt").write_text("a caption")
     (tmp_path / "notes.txt").write_text("not an image")
     (tmp_path / "export.csv").write_text("a,b")
@@ -40,7 +40,7 @@ def test_dicom_is_found_by_content_whatever_its_name(tmp_path):
 
 
 def test_the_summary_says_what_was_unusable(tmp_path):
-    Image.new("L", (8, 8), 100).save(tmp_path / "a.png")
+    Image.fromarray(np.arange(64, dtype=np.uint8).reshape(8, 8)).save(tmp_path / "a.png")
     (tmp_path / "b.png").write_bytes(b"junk")
     line = summary(load_dataset(tmp_path, 8))
     assert line.endswith("read 1 file(s): 1 .png; skipped 1 unusable file(s) or case(s), each with its reason "
@@ -56,7 +56,7 @@ def test_copies_of_one_instance_are_read_once_and_said_in_one_line(tmp_path, cap
     for path in files:
         shutil.copy(path, tmp_path / "b-export" / path.name)
     (tmp_path / "cxr-1").mkdir()
-    save(image(np.full((8, 8), 100, np.uint16), Modality="DX"), tmp_path / "cxr-1" / "IM0001")
+    save(image(np.arange(64, dtype=np.uint16).reshape(8, 8), Modality="DX"), tmp_path / "cxr-1" / "IM0001")
     shutil.copytree(tmp_path / "cxr-1", tmp_path / "cxr-2")
     data = load_data(TrainConfig(data=str(tmp_path), resolution=8))
     assert data.skipped == []
@@ -89,7 +89,8 @@ def test_series_sharing_a_number_get_distinct_stable_names(tmp_path):
 def _dx(folder: Path, n: int, **fields):
     folder.mkdir(parents=True, exist_ok=True)
     for i in range(n):
-        save(image(np.full((8, 8), 50 * (i + 1), np.uint16), Modality="DX", **fields), folder / f"IM{i:04d}")
+        pixels = np.arange(64, dtype=np.uint16).reshape(8, 8) + 50 * i   # not one gray level: that is skipped
+        save(image(pixels, Modality="DX", **fields), folder / f"IM{i:04d}")
 
 
 def test_a_placeholder_patient_id_keys_patients_by_study(tmp_path, capsys):

@@ -59,7 +59,7 @@ def test_a_nan_in_a_nifti_sform_is_a_skip(tmp_path, capfd):
     raw = bytearray((tmp_path / "bad.nii").read_bytes())
     raw[280:284] = struct.pack("<f", float("nan"))   # srow_x[0] (NIfTI-1 header, byte 280): the sform's x scale
     (tmp_path / "bad.nii").write_bytes(bytes(raw))
-    nib.save(nib.Nifti1Image(np.ones((6, 5, 4), np.float32), np.eye(4)), str(tmp_path / "good.nii"))
+    nib.save(nib.Nifti1Image(np.arange(120, dtype=np.float32).reshape(6, 5, 4), np.eye(4)), str(tmp_path / "good.nii"))
     data = load_dataset(tmp_path, 8)
     assert {n.split("#")[0] for n in data.names} == {"good.nii"}
     assert dict(data.skipped)["bad.nii"].startswith("its sform holds a value that is not a number ([nan, 0.0")
@@ -89,3 +89,11 @@ def test_nibabel_s_nifti2_example_is_named_as_4d_not_unreadable(tmp_path):
     source = Path(nib.__file__).parent / "tests" / "data" / "example_nifti2.nii.gz"
     (tmp_path / "example_nifti2.nii.gz").write_bytes(source.read_bytes())
     _strict_line(tmp_path, "example_nifti2.nii.gz: a 4-D volume (size (32, 20, 12, 2))")
+
+
+def test_a_cifti_file_is_named_as_such_not_a_traceback(tmp_path):
+    """nibabel's CIFTI-2 example (a dense connectome, .dconn.nii): before, "TypeError: 'Cifti2Header' object is not
+    subscriptable" from the header check. Its data is a matrix over brain vertices and voxels, not a volume."""
+    source = Path(nib.__file__).parent / "tests" / "data" / "row_major.dconn.nii"
+    (tmp_path / "row_major.dconn.nii").write_bytes(source.read_bytes())
+    _strict_line(tmp_path, "row_major.dconn.nii: a CIFTI-2 file (a 10 x 10 matrix), not an image volume")

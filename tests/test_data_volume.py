@@ -77,20 +77,23 @@ def test_slices_forms_and_planes(tmp_path):
     assert len(load_dataset(tmp_path, 16, plane="sagittal").names) == 7
 
 
-def test_window_and_an_all_black_slice_under_cxr(tmp_path):
-    """--window maps values by DICOM's LINEAR (as for CT files); under --preprocess cxr an all-black slice (zero
-    padding at a volume's end) is skipped alone, by its slice name."""
+def test_window_and_a_slice_flat_under_it(tmp_path):
+    """--window maps values by DICOM's LINEAR (as for CT files); a slice that the window makes one gray level (air
+    at a volume's end, all below the window) is skipped alone, by its slice name, whatever the --preprocess
+    (before: trained on as a black square, or skipped as "all black" under cxr only)."""
     from medti.medical.window import parse_window, voi_linear
     square = np.random.default_rng(2).random((3, 8, 8)).astype(np.float32) * 400 - 200
     square[0] = -1000                                           # air: below the window, black
     (tmp_path / "c").mkdir()
     _write_sitk(tmp_path / "c" / "ct.mha", square, np.eye(3), (0.7, 0.7, 2.0), (0, 0, 0))
+    for preprocess in ("none", "cxr"):
+        data = load_dataset(tmp_path, 8, preprocess=preprocess, window=parse_window("40,400"))
+        assert data.names == ["c/ct.mha#axial001", "c/ct.mha#axial002"]
+        assert data.skipped == [("c/ct.mha#axial000", "flat image: every pixel is 0 (--window 40,400): every value "
+                                 "lies outside that window; try another --window")]
     data = load_dataset(tmp_path, 8, preprocess="none", window=parse_window("40,400"))
     got = (data.images[:, 0].numpy() + 1) * 127.5
-    assert np.abs(got - np.floor(voi_linear(square, parse_window("40,400")) + 0.5)).max() < 1e-3
-    data = load_dataset(tmp_path, 8, preprocess="cxr", window=parse_window("40,400"))
-    assert data.names == ["c/ct.mha#axial001", "c/ct.mha#axial002"]
-    assert data.skipped[0][0] == "c/ct.mha#axial000" and data.skipped[0][1].startswith("all black")
+    assert np.abs(got - np.floor(voi_linear(square[1:], parse_window("40,400")) + 0.5)).max() < 1e-3
 
 
 def test_slice_mask_by_name_in_each_case_folder(tmp_path):

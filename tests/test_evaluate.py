@@ -35,6 +35,13 @@ def _error(capsys) -> str:
     return errors[0]
 
 
+def _only_line(capsys) -> str:
+    """The error line of a run refused before it started: stderr holds that line and nothing else."""
+    err = capsys.readouterr().err
+    assert err.startswith("error: ") and err.count("\n") == 1, err
+    return err.strip()
+
+
 def _uint8(folder) -> torch.Tensor:
     files = sorted(folder.glob("*.png"))
     return torch.stack([torch.from_numpy(np.asarray(Image.open(f).convert("RGB")).copy()).permute(2, 0, 1)
@@ -136,7 +143,7 @@ def test_stats_file_checks(sets, inception_file, tmp_path, capsys):
     for path, words in ((bad, "mu has shape"), (foreign, "not a medti statistics file"), (other, "made with")):
         capsys.readouterr()
         assert _run("--real", path, "--fake", fake, "--out", tmp_path / "o", "--inception", inception_file) == 2
-        err = _error(capsys)
+        err = _only_line(capsys)   # before: the network's line came first
         assert words in err and str(path) in err
         assert not (tmp_path / "o").exists()
 
@@ -184,6 +191,15 @@ def test_bad_input_is_one_line(case, words, sets, inception_file, tmp_path, caps
     assert _run(*argv, "--inception", inception_file) == 2
     assert words in _error(capsys)
     assert not out.exists() and not (tmp_path / "s.json").exists()
+
+
+def test_a_set_of_damaged_files_is_one_line(sets, inception_file, tmp_path, capsys):
+    """Before: the warning listing the skipped file, then the error saying the same."""
+    damaged = tmp_path / "damaged"
+    damaged.mkdir()
+    (damaged / "random.png").write_bytes(bytes(range(256)) * 4)
+    assert _run("--real", damaged, "--fake", sets[1], "--out", tmp_path / "o", "--inception", inception_file) == 2
+    assert "0 usable image(s), 1 skipped, e.g. random.png: not an image PIL can read" in _only_line(capsys)
 
 
 def test_wrong_weights_file_is_one_line(sets, tmp_path, capsys):
@@ -263,7 +279,7 @@ def test_a_damaged_statistics_file_is_one_line(sets, inception_file, tmp_path, c
     damage(stats, dict(np.load(stats)))
     capsys.readouterr()
     assert _run("--real", stats, "--fake", fake, "--out", tmp_path / "o", "--inception", inception_file) == 2
-    err = _error(capsys)
+    err = _only_line(capsys)   # before: the network's line came first
     assert words in err and str(stats) in err and "allow_pickle" not in err, err
     assert not (tmp_path / "o").exists()
 

@@ -5,8 +5,10 @@ key that maps pseudonyms to files (names.private.tsv) names such a file exactly,
 backslash, `x` and two hex digits."""
 import os
 import shutil
+from pathlib import Path
 
 import pytest
+import torch
 
 from medti.audit import main as audit
 from medti.evaluate import main as evaluate
@@ -57,3 +59,26 @@ def test_audit_and_evaluate_of_such_names(data, tmp_path, inception_file):
                      "--out", str(tmp_path / "eval")]) == 0
     for out in ("audit", "eval"):
         assert utf8_texts(tmp_path / out)   # whole reports, valid UTF-8
+
+
+def test_weights_files_by_such_names(data, tmp_path, capsys):
+    """A model, an embedding and a state file under a Latin-1 name read as under any other. safetensors' reader
+    and torch's memory-mapped load take a path as UTF-8 text only: before, `medti.embeddings info` said "not a
+    readable .safetensors file (SafetensorError)" of a valid file, and a model by such a name did not load."""
+    from test_embeddings import CORE
+
+    import minisd
+    from medti.embeddings import main as embeddings
+    from medti.files.embedding_file import export, read
+    root, _ = data
+    model, config = tiny_model(root / "model")
+    odd = os.fsdecode(os.path.join(os.fsencode(tmp_path), LATIN1))
+    shutil.copy(model, odd + ".safetensors")
+    assert minisd.load(odd + ".safetensors", config=str(config)).unet is not None
+    export(read(CORE), odd + "-emb.safetensors", "diffusers")
+    capsys.readouterr()
+    assert embeddings(["info", odd + "-emb.safetensors"]) == 0
+    assert "token 'chexpert_cardiomegaly', 64 vectors x 1024" in capsys.readouterr().out
+    torch.save({"model.diffusion_model.x": torch.ones(2)}, odd + ".ckpt")   # the pickle path: a memory-mapped load
+    from minisd.tensorfile import TensorFile
+    assert TensorFile(Path(odd + ".ckpt")).keys == {"model.diffusion_model.x"}

@@ -1,5 +1,6 @@
 """Issue 11's generation defects that are caught before any sampling: every one is refused in one line that
 names the flag (or variable, or file) in CLI words, with no traceback and no file or empty folder left behind."""
+import os
 import subprocess
 import sys
 
@@ -37,6 +38,12 @@ def one_line_error(capsys) -> str:
     (["--sampler", "dpmpp_2m", "--sigmas", "trailing", "--steps", "2500"], {}, "takes at most 1000 steps with it"),
     (["--sampler", "ddim", "--steps", "1001"], {}, "--steps 1001: the linspace spacing has 1,000 training"),
     (["--steps", str(10 ** 9)], {}, "--steps 1000000000: give 1 to 10,000 steps"),
+    (["--width", "100000"], {}, "--width 100000: must be from 1 to 4096 pixels"),   # before: sampled for minutes
+    (["--size", "0"], {}, "--size 0: must be from 1 to 4096 pixels"),   # before: 0 was taken as "not given"
+    # text in another encoding than UTF-8 (b"\xff" arrives as U+DCFF): a TypeError from the tokenizer, after loading
+    (["--prompt", os.fsdecode(b"\xff")], {}, "--prompt '\\udcff': not UTF-8 text (byte 0xff)"),
+    (["--negative=" + os.fsdecode(b"\xff")], {}, "--negative '\\udcff': not UTF-8 text (byte 0xff)"),
+    (["--prompt", "a AND"], {}, "--prompt 'a AND': term 2 of 2 ('') has no text"),   # named no flag
 ])
 def test_refused_up_front_in_one_line(model_files, tmp_path, capsys, monkeypatch, extra, env, words):  # noqa: F811
     for name, value in env.items():
@@ -75,13 +82,16 @@ def test_second_run_on_one_out_is_refused(model_files, tmp_path, capsys):  # noq
 
 
 @pytest.mark.parametrize("extra,words", [
-    (["--size", "100000"], "needs about"),
+    (["--size", "4096", "--batch", "100000"], "needs about"),
     (["--init-image", "{tmp}/bomb.png"], "bomb.png: too many pixels to open safely"),
     (["--init-image", "{tmp}/square.png", "--mask", "{tmp}/bomb.png"], "bomb.png: too many pixels"),
     (["--init-image", "{tmp}/stack.tif"], "stack.tif: holds 3 frames"),
     (["--init-image", "{tmp}/lab.tif"], "lab.tif: mode LAB"),
     (["--init-image", "{tmp}/square.png", "--mask", "{tmp}/square.png", "--mask-blur", "1e9"],
      "--mask-blur 1e+09: at most 64 pixels"),
+    # before: the whole 20,000 characters quoted, and no flag named
+    (["--prompt", "x " * 10000], "x x' (19,999 characters) holds 10,000 tokens"),
+    (["--negative", "x " * 100], "--negative: term 'x x x"),
 ])
 def test_refused_after_loading_in_one_line(model_files, tmp_path, capsys, extra, words):  # noqa: F811
     Image.new("L", (64, 64)).save(tmp_path / "square.png")
@@ -93,7 +103,9 @@ def test_refused_after_loading_in_one_line(model_files, tmp_path, capsys, extra,
     assert generate(model_files, tmp_path / "o", "--prompt", "x", *extra) == 2
     err = one_line_error(capsys)
     assert words in err
-    if "--size" in extra:   # both numbers: what the run needs and what the machine has
+    if "x " * 10000 in extra:   # the flag, and a quote cut short (the term: 10,000 "x" and the spaces between)
+        assert err.startswith("error: --prompt: term 'x x x") and len(err) < 250, err
+    if "--batch" in extra:   # both numbers: what the run needs and what the machine has
         assert "available" in err and err.count(" TB") + err.count(" GB") == 2, err
     assert not (tmp_path / "o").exists()
 
@@ -134,3 +146,19 @@ def test_memory_estimate_follows_the_fake_tensor_count():
     ours = estimate_bytes(sd, 256, 256, rows=2, images=1, packed=False)
     fake = max(counted["sampler_step"], counted["vae_decode"])
     assert fake <= ours <= 1.3 * fake, (ours, counted)
+
+
+def test_an_init_image_s_library_warnings_are_not_printed(tmp_path):
+    """PIL's "Corrupt EXIF data" warning came as two stderr lines before the one-line refusal of such a TIFF."""
+    import warnings
+
+    import numpy as np
+
+    from medti.files.images import ImageError, open_image
+    path = tmp_path / "random.tif"   # a little-endian TIFF header, then no valid IFD (tools/hostile_files.py's)
+    path.write_bytes(b"II*\x00" + np.random.default_rng(2).integers(0, 256, 500, np.uint8).tobytes())
+    with warnings.catch_warnings(record=True) as escaped:
+        warnings.simplefilter("always")
+        with pytest.raises(ImageError, match="random.tif: not a readable image"):
+            open_image(path)
+    assert [str(w.message) for w in escaped] == []

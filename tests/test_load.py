@@ -177,6 +177,24 @@ def test_file_needs_a_config(tiny_file):
     assert "no such file" in load_error("nowhere.safetensors", config="sd2-base")
 
 
+def test_a_missing_model_is_named_as_the_caller_typed_it(tmp_path):
+    """Before: "sd2-base: no such file, and not a preset (sd2-base, ...)", which named no flag and contradicted
+    itself: a preset name given with a config of one's own was looked for as a file."""
+    from minisd.errors import INTERFACE
+    config = str(tmp_path / "c.json")
+    assert load_error("nowhere.safetensors", config=config).startswith(
+        "model='nowhere.safetensors': no such file, and not a preset (sd2-base, ")
+    assert load_error("sd2-base", config=config).startswith("model='sd2-base': a preset, which comes with its own "
+                                                            "configuration; leave out config=")
+    token = INTERFACE.set("cli")
+    try:
+        assert load_error("sd2-base", config=config).startswith("--model sd2-base: a preset, which comes with its "
+                                                                "own configuration; leave out --config")
+        assert load_error("nowhere", config=config).startswith("--model nowhere: no such file, and not a preset")
+    finally:
+        INTERFACE.reset(token)
+
+
 class NotATensor:
     pass
 

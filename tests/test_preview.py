@@ -20,7 +20,7 @@ ROOT = Path(__file__).resolve().parent.parent
 
 def test_preview_writes_the_training_images_and_no_patient_id(tmp_path, capsys):
     cxr_folder(tmp_path / "data")
-    Image.new("L", (40, 30), 200).save(tmp_path / "data" / "extra.png")
+    Image.fromarray(np.arange(1200, dtype=np.uint8).reshape(30, 40)).save(tmp_path / "data" / "extra.png")
     assert main(["preview", "--data", str(tmp_path / "data"), "--resolution", "32", "--preprocess", "cxr",
                  "--out", str(tmp_path / "out")]) == 0
     data = load_dataset(tmp_path / "data", 32, preprocess="cxr")
@@ -52,6 +52,10 @@ def test_preview_writes_the_training_images_and_no_patient_id(tmp_path, capsys):
     (["--window", "lungs"], "error: --window 'lungs'"),
     (["--plane", "up"], "error: --plane 'up'"),
     (["--out-dir", "x"], "unrecognized arguments: --out-dir x"),
+    # before: an OverflowError in PIL, a MemoryError, and "--data resolution must be positive" (the wrong flag)
+    (["--resolution", "99999999999"], "error: --resolution 99999999999: must be from 1 to 4096 pixels"),
+    (["--resolution", "100000"], "error: --resolution 100000: must be from 1 to 4096 pixels"),
+    (["--resolution", "0"], "error: --resolution 0: must be from 1 to 4096 pixels"),
 ])
 def test_bad_flags_are_one_line_and_write_nothing(tmp_path, capsys, extra, words):
     cxr_folder(tmp_path / "data")

@@ -102,7 +102,7 @@ def test_malformed_weight(prompt, term):
 @pytest.mark.parametrize("prompt", ["a AND", "AND b", "a AND AND b", "AND", ":0.5", "a AND :2"])
 def test_empty_term(prompt):
     assert any(text.strip() == "" for text, _ in a1111(prompt))
-    with pytest.raises(PromptError, match=r"^term \d+ of \d+ .* has no text; remove the extra AND"):
+    with pytest.raises(PromptError, match=r"^prompt= .*: term \d+ of \d+ .* has no text; remove the extra AND"):
         parse(prompt)
 
 
@@ -148,3 +148,45 @@ def test_check_length_custom_limit():
     check_length([("a b c", 1.0)], count_tokens, limit=3)
     with pytest.raises(PromptError, match="holds 4 tokens"):
         check_length([("a b c d", 1.0)], count_tokens, limit=3)
+
+
+def test_errors_name_the_argument_in_the_interface_in_use():
+    """Before: "term 2 of 2 ('') in 'a AND' has no text", naming neither --prompt nor prompt=."""
+    from minisd.errors import INTERFACE
+    with pytest.raises(PromptError) as err:
+        parse("a AND")
+    assert str(err.value).startswith("prompt= 'a AND': term 2 of 2 ('') has no text")
+    token = INTERFACE.set("cli")
+    try:
+        with pytest.raises(PromptError) as err:
+            parse("a AND")
+        assert str(err.value).startswith("--prompt 'a AND': term 2 of 2 ('') has no text")
+        with pytest.raises(PromptError) as err:
+            parse("lung AND a dog:0,5")
+        assert str(err.value).startswith("--prompt 'lung AND a dog:0,5': term ' a dog:0,5': weight '0,5'")
+        with pytest.raises(PromptError) as err:
+            check_length([("a b c d", 1.0)], count_tokens, limit=3, name="negative")
+        assert str(err.value).startswith("--negative: term 'a b c d' holds 4 tokens")
+    finally:
+        INTERFACE.reset(token)
+
+
+def test_a_long_prompt_is_quoted_short():
+    """Before: a 20,000-character prompt was quoted whole in the one error line (the reason came after it)."""
+    prompt = "x " * 10000
+    with pytest.raises(PromptError) as err:
+        check_length(parse(prompt + "AND"), count_tokens)
+    with pytest.raises(PromptError) as too_long:
+        check_length(parse(prompt), count_tokens)
+    # the prompt, and the one term (its trailing space dropped, as A1111 drops it)
+    for message, quoted in ((str(err.value), prompt + "AND"), (str(too_long.value), prompt.rstrip())):
+        assert f"({len(quoted):,} characters)" in message and len(message) < 250, message
+    assert "holds 10,000 tokens, 9,925 more than the 75 that fit" in str(too_long.value)
+
+
+def test_text_that_is_not_utf8_is_refused():
+    """A command-line word in Latin-1 arrives surrogate-escaped (b"\\xff" as U+DCFF); the tokenizer raised
+    "TypeError: TextInputSequence must be str" from Rust."""
+    import os
+    with pytest.raises(PromptError, match=r"^prompt= 'a \\udcff': not UTF-8 text \(byte 0xff\)"):
+        parse("a " + os.fsdecode(b"\xff"))

@@ -57,6 +57,9 @@ CUDA = [("--device", "cuda"), "no CUDA GPU"] if not torch.cuda.is_available() el
     (("--save-every", "-5"), "--save-every -5: must be at least 1"),
     (("--max-steps", "0"), "--max-steps 0: must be at least 1"),
     (("--resolution", "-64"), "--resolution -64: must be 0"),
+    # past what a machine holds: a MemoryError after the model loaded, and a batch that never started
+    (("--resolution", "100000"), "--resolution 100000: must be from 1 to 4096 pixels"),
+    (("--batch", "99999999999"), "--batch 99999999999: at most 1,024 images per micro-batch"),
     (("--seed", "-1"), "--seed -1: must be 0 <= seed < 2**32"),
     (("--seed", str(2 ** 70)), "must be 0 <= seed < 2**32"),
     (("--lr", "1e999"), "positive and finite"),

@@ -253,3 +253,15 @@ def test_refusals_are_one_line(tmp_path):
     with pytest.raises(MedicalError) as e:
         stack_channels([np.zeros((3, 4)), np.zeros((3, 5))])
     _one_line(e, "one shape", "resample_onto")
+
+
+def test_a_header_without_its_data_file_is_one_line_and_nothing_else(tmp_path, capfd):
+    """A .mhd whose data file is missing: before, ITK printed "MetaImage: Read: Cannot open data file" (from C++,
+    on file descriptor 2) before medti's own line. Now the file is looked for first, and the one line names it."""
+    (tmp_path / "scan.mhd").write_text("ObjectType = Image\nNDims = 3\nDimSize = 4 4 4\nElementType = MET_UCHAR\n"
+                                       "ElementDataFile = scan.raw\n")
+    capfd.readouterr()
+    with pytest.raises(MedicalError) as e:
+        read_volume(tmp_path / "scan.mhd")
+    _one_line(e, "scan.mhd", "(ElementDataFile) scan.raw is missing")
+    assert capfd.readouterr().err == ""

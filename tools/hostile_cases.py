@@ -118,7 +118,8 @@ def data_cases(f, new) -> list:
 def train_cases(f, new) -> list:
     def train(what, *extra, model=None, config=None, data=None, out=None):
         out = out or new()
-        return Case("train", what, "medti.train", ["--model", model or f.model, "--config", config or f.config,
+        config = f.config if config is None else config   # "" is a case of its own: no config (a preset)
+        return Case("train", what, "medti.train", ["--model", model or f.model, "--config", config,
                                                    "--data", data or f.data, "--token", "<x>", "--max-steps", "2",
                                                    "--resolution", "64", "--save-every", "1000", "--preview-every",
                                                    "0", "--out", out, *extra], str(out))

@@ -10,13 +10,15 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from minisd.config import MAX_SIDE
 from minisd.errors import UserError
 from minisd.tokenizer import MAX_PROMPT_TOKENS
 
+from ..files.images import library_warnings
 from ..files.pseudonyms import Numbering, image_name, key_rows
 from ..medical.slices import SliceOptions, check_options
 from .patients import keys
-from .preprocess import PREPROCESS, Unusable
+from .preprocess import PREPROCESS, Unusable, check_not_flat
 from .preprocess import fit as _fit
 from .report import nothing_usable
 from .sources import item_images, items
@@ -147,8 +149,8 @@ def _checked(preprocess: str, resolution: int, channels: list[str] | None) -> li
     """load_dataset's own arguments checked; the channel names as check_channels gives them."""
     if preprocess not in PREPROCESS:
         raise DataError(f"preprocess '{preprocess}' is not one of {', '.join(PREPROCESS)}")
-    if resolution < 1:
-        raise DataError(f"resolution must be positive, got {resolution}")
+    if not 1 <= resolution <= MAX_SIDE:
+        raise DataError(f"resolution {resolution}: must be from 1 to {MAX_SIDE} pixels")
     return check_channels(channels)
 
 
@@ -167,11 +169,16 @@ def read_items(folder: Path, channels: list[str] | None, options: SliceOptions, 
     read folders through this. `survey`: survey_folder's, to be completed as the folder is read."""
     survey = survey or survey_folder(folder)
     files = [p for p in survey.found if not options.is_mask(p)]   # a case's mask is not a training image
-    for name, source in items(folder, files, channels, skip, survey):   # (name, file, DICOM volume or {channel: file})
+    with library_warnings():   # the DICOM headers: a file they warn about is read, and judged, below
+        listed = items(folder, files, channels, skip, survey)   # (name, file, DICOM volume or {channel: file})
+    for name, source in listed:
         try:
-            yield item_images(folder, name, source, channels, options, captions)
+            with library_warnings():   # not around the yield: the caller's own warnings are not ours to hold
+                found = item_images(folder, name, source, channels, options, captions)
         except Unusable as e:
             skip(name, str(e))
+            continue
+        yield found
 
 
 def load_dataset(folder, resolution: int, preprocess: str = "center", channels: list[str] | None = None,
@@ -195,9 +202,10 @@ def load_dataset(folder, resolution: int, preprocess: str = "center", channels: 
     arrays, names, patients, windows, texts, used, shared, numbering = [], [], [], [], [], {}, [], Numbering()
     for images, data in read_items(folder, channels, options, skip, captions, survey):
         item = item_pseudonym(numbering, images, data)
-        for name, image, patient in images:   # one image, or a volume's slices: an all-black slice skips alone
+        for name, image, patient in images:   # one image, or a volume's slices: a flat slice skips alone
             window = image.info.get("window", "as stored")   # medical readers say; other files are 8-bit as read
             try:
+                check_not_flat(image)
                 image = _fit(image, resolution, preprocess)
             except Unusable as e:
                 skip(name, str(e))

@@ -11,6 +11,29 @@ class Unusable(Exception):
     """This file or case is unusable; the message is the reason (collected as a skip, or raised under strict)."""
 
 
+def check_not_flat(image: Image.Image):
+    """The one rule for an image that is a single gray level (or colour) as read, after its window (a DICOM file's
+    own, --window, min-max over a volume): there is nothing in it to learn or to look at, so it is Unusable, with
+    the level, the window that made it and what to try. Applied by medti.dataset to every image and every slice,
+    whatever its format, before --preprocess (which could only stretch the one value): a CT slice whose values all
+    lie outside its file's window, an empty edge slice of a volume, a blank export, a 1 x 1 PNG."""
+    low, high = image.getextrema() if image.mode == "L" else tuple(zip(*image.getextrema(), strict=True))
+    if low != high:
+        return
+    window = image.info.get("window", "as stored")
+    if image.info.get("one value"):   # a reader that knows says so: the file's values themselves are one
+        hint = "the file holds one value, nothing to learn from; leave it out"
+    elif window.startswith("--window"):
+        hint = "every value lies outside that window; try another --window"
+    elif window.startswith(("the file's", "the series'", "each frame's")):
+        hint = "every value lies outside the file's own window; try a --window CENTER,WIDTH that holds its values"
+    elif window.endswith(("volume", "series")):
+        hint = "an empty slice; choose others with --slices or --slice-mask, or leave it be"
+    else:
+        hint = "a blank image, nothing to learn from; leave it out"
+    raise Unusable(f"flat image: every pixel is {low} ({window}): {hint}")
+
+
 def _square_crop(image: Image.Image) -> Image.Image:
     """The centred square of side min(width, height); with an odd excess the extra pixel goes right/bottom."""
     side = min(image.size)

@@ -96,6 +96,8 @@ def _fix(files: list, found: list, kind: str, channels: list | None) -> str:
         return f"with --channels {','.join(channels)}, name files CASE/{channels[0]}.png or CASE_{channels[0]}.png"
     if kind.startswith(PREPROCESSING):
         return "choose another --preprocess or re-export those files"
+    if kind == "flat image":   # each reason says what to try for its kind of file
+        return "each is one gray level as read; see its reason for what to try"
     return "fix or re-export those files"
 
 

@@ -11,7 +11,7 @@ from pathlib import Path
 
 from PIL import Image
 
-from ..files.images import REFUSED_MODES, WIDE_MODES, ImageError, to_8bit
+from ..files.images import REFUSED_MODES, WIDE_MODES, ImageError, library_warnings, to_8bit
 from ..medical import MedicalError, MissingExtra
 from ..medical.dicom import training_image
 from ..medical.dicom_series import DicomVolume, find_volumes
@@ -91,6 +91,14 @@ def decode(path: Path, data: bytes, window=None) -> Image.Image:
         raise Unusable(f"not an image PIL can read ({path.suffix} extension)") from None
     except (OSError, ValueError, SyntaxError, EOFError, Image.DecompressionBombError) as e:
         raise Unusable(f"unreadable image: {str(e).splitlines()[0] if str(e) else type(e).__name__}") from None
+
+
+
+def read_image(path: Path, window=None) -> Image.Image:
+    """One file as training data reads it: 8-bit L or RGB (16-bit rescaled by medti.files.images.to_8bit), or Unusable
+    with the reason. medti.quality reads evaluation and audit sets through this, so every set obeys one rule."""
+    with library_warnings():
+        return decode(path, file_bytes(path), window)
 
 
 def _group_cases(folder: Path, entries: list, channels: list[str], skip) -> dict[str, dict]:

@@ -24,9 +24,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
-from safetensors import safe_open
 
 from minisd.errors import UserError, excerpt
+from minisd.tensorfile import open_safetensors
 
 from .atomic import safetensors_bytes, write_atomic
 
@@ -65,7 +65,7 @@ def _load(path: Path) -> tuple[object, dict]:
     """(contents, safetensors metadata) of one file, without running any code from it."""
     if path.suffix == ".safetensors":
         try:
-            with safe_open(str(path), framework="pt", device="cpu") as f:
+            with open_safetensors(path) as f:
                 return {k: f.get_tensor(k) for k in f.keys()}, dict(f.metadata() or {})
         except Exception as e:   # safetensors raises its own error types for a damaged header
             raise EmbeddingError(f"{path}: not a readable .safetensors file ({type(e).__name__})") from None

@@ -2,6 +2,8 @@
 parameters, paste-back for inpainting, and contact sheets with labels."""
 import io
 import math
+import warnings
+from contextlib import contextmanager
 from pathlib import Path
 
 import numpy as np
@@ -25,6 +27,19 @@ class ImageError(UserError):
     """An unreadable or unsuitable image, in one line that names the file."""
 
 
+@contextmanager
+def library_warnings():
+    """The one rule for the warnings of the libraries that read files (PIL, pydicom, nibabel, numpy), applied
+    wherever medti reads one (training and evaluation sets: medti.dataset; init images and masks: open_image): held
+    back and dropped. Python would print each as two lines of stderr ("file.py:402: UserWarning: ..." and the line of
+    code), before or between medti's own one-line messages. What matters is said in medti's words: a file that
+    cannot be used is refused or skipped with its reason (pydicom's "End of file reached" is medti.medical.dicom's
+    "truncated file"), and a file that reads is one the library coped with."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        yield
+
+
 def open_image(path) -> Image.Image:
     """Open and decode one still image, or raise ImageError naming the file and what to do.
 
@@ -32,7 +47,7 @@ def open_image(path) -> Image.Image:
     in REFUSED_MODES, and an image over PIL's decompression-bomb limit (Image.MAX_IMAGE_PIXELS, 89 megapixels by
     default: twice that raises, so a 40,000 x 40,000 PNG of a few kB cannot fill the memory)."""
     try:
-        with Image.open(path) as image:
+        with library_warnings(), Image.open(path) as image:
             frames = getattr(image, "n_frames", 1)
             if frames > 1:
                 raise ImageError(f"{path}: holds {frames} frames (a stack or animation); export the one slice you "

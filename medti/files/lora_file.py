@@ -22,11 +22,11 @@ import re
 from pathlib import Path
 
 import torch
-from safetensors import safe_open
 
 from minisd import lora
 from minisd.diffusers_keys import QKV, openai_name, openclip_name, unet_name
 from minisd.errors import UserError, excerpt
+from minisd.tensorfile import open_safetensors
 
 from .atomic import safetensors_bytes, write_atomic
 from .embedding_file import WIDTHS
@@ -142,7 +142,7 @@ def _open(path: Path) -> tuple[dict, dict]:
         raise LoRAFileError(f"{path}: no such file")
     try:
         if path.suffix == ".safetensors":
-            with safe_open(str(path), framework="pt") as f:
+            with open_safetensors(path) as f:
                 return {k: f.get_tensor(k) for k in f.keys()}, dict(f.metadata() or {})
         return dict(torch.load(path, map_location="cpu", weights_only=True)), {}
     except Exception as err:   # the library's own message, on one line

@@ -6,6 +6,7 @@ from pathlib import Path
 
 import torch
 
+from minisd.config import check_side
 from minisd.errors import UserError
 from minisd.sampling import SAMPLERS, UNSUPPORTED
 from minisd.schedule import SPACINGS, check_steps
@@ -14,6 +15,7 @@ from ..cli import ArgumentParser, add_threads
 from ..medical import require
 from . import loras
 from .preflight import check_scale, check_seeds
+from .prompts import check_text
 
 DESCRIPTION = "Generate images with SD1/SD2 and learned embeddings: `python -m medti.generate`."
 # every spacing some sampler offers, in a stable order for --help
@@ -98,6 +100,9 @@ def check_args(args):
     """Everything that can be checked before the model is loaded or a folder is made."""
     if (args.prompt is None) == (args.sweep is None):
         raise UsageError("give either --prompt or --sweep A B")
+    for name, text in [("prompt", args.prompt), ("negative", args.negative)] + [("sweep", t) for t in args.sweep or []]:
+        if text is not None:
+            check_text(name, text)
     if args.config and Path(args.model).is_dir():   # minisd.load refuses it too, but only after the checks
         raise UsageError(f"--config {args.config}: --model {args.model} is a diffusers folder, which states its own "
                          "configuration; leave out --config")
@@ -106,6 +111,9 @@ def check_args(args):
     for name in ("n", "steps"):
         if getattr(args, name) < 1:
             raise UsageError(f"--{name} must be at least 1")
+    for name in ("size", "width", "height"):   # None: the model's native size
+        if getattr(args, name) is not None:
+            check_side(name, getattr(args, name))
     if args.batch < 0 or not args.mask_blur >= 0 or math.isinf(args.mask_blur):   # `not >=`: NaN fails too
         raise UsageError(f"--batch {args.batch} / --mask-blur {args.mask_blur:g}: must be finite and not negative")
     if not 0 < args.strength <= 1:

@@ -26,10 +26,10 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-from safetensors import safe_open
 
 from minisd import lora
 from minisd.errors import UserError
+from minisd.tensorfile import open_safetensors
 
 from ..files import lora_file
 from ..files.hashes import sha256_of
@@ -154,7 +154,7 @@ def check_generation(spec: LoRASpec, sd):
     generation the file is refused even if every shape happens to fit (real SD1 and SD2 files differ in shape too:
     768- vs 1024-wide text, which lora_file.read reports)."""
     try:
-        with safe_open(str(spec.path), framework="pt") as f:
+        with open_safetensors(spec.path) as f:
             made = (f.metadata() or {}).get("ss_v2")
     except Exception:   # not safetensors, or unreadable: lora_file.read says which in its own words
         return

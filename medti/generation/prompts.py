@@ -12,7 +12,7 @@ import math
 import re
 from collections.abc import Callable
 
-from minisd.errors import UserError, quoted
+from minisd.errors import UserError, arg
 from minisd.tokenizer import MAX_PROMPT_TOKENS
 
 # A1111's separator: the whole, case-sensitive word AND. `\b` needs a non-word character (or an end) on both
@@ -30,8 +30,31 @@ WEIGHT_LIKE = re.compile(r"\s*:\s*([-+.\d][^\s:()\[\]]*)\s*\Z")
 NUMBER = re.compile(r"([-+]?(?:\d+\.?|\d*\.\d+))(%?)")
 
 
+# How much of a prompt a message quotes: a 20,000-character prompt quoted whole would bury the reason.
+SHOWN = 60
+
+
 class PromptError(UserError):
-    """A prompt we refuse to guess about. The message is one line that names the term and says how to fix it."""
+    """A prompt we refuse to guess about. The message is one line that names the flag (or argument) and the term,
+    and says how to fix it."""
+
+
+def shown(text: str) -> str:
+    """`text` quoted as Python writes it (escapes included), its middle cut out past SHOWN characters:
+    `'x x x x ... x x x' (20,000 characters)`."""
+    if len(text) <= SHOWN:
+        return repr(text)
+    half = SHOWN // 2
+    return f"{text[:half]!r}...{text[-half:]!r} ({len(text):,} characters)"
+
+
+def check_text(name: str, text: str):
+    """A prompt given as `name` must be text: a command-line word in another encoding than the terminal's UTF-8
+    reaches Python as surrogate escapes (PEP 383: byte 0xff as U+DCFF), which no tokenizer can read."""
+    bad = next((c for c in text if "\ud800" <= c <= "\udfff"), None)
+    if bad is not None:
+        byte = f"byte 0x{ord(bad) - 0xdc00:02x}" if ord(bad) >= 0xdc80 else f"U+{ord(bad):04X}"
+        raise PromptError(f"{arg(name)} {shown(text)}: not UTF-8 text ({byte}); type it again in a UTF-8 terminal")
 
 
 def parse_weight(term: str) -> tuple[str, float]:
@@ -45,17 +68,17 @@ def parse_weight(term: str) -> tuple[str, float]:
     token = match.group(1)
     number = NUMBER.fullmatch(token)
     if number is None:
-        raise PromptError(f"term {quoted(term)}: weight {quoted(token)} is not a number; write e.g. ':0.5', ':-1' "
-                          "or ':30%'")
+        raise PromptError(f"term {shown(term)}: weight {shown(token)} is not a number; write e.g. ':0.5', ':-1' or "
+                          "':30%'")
     weight = float(number.group(1)) / (100.0 if number.group(2) else 1.0)
     if not math.isfinite(weight):  # only a 309-digit "weight" gets here
-        raise PromptError(f"term {quoted(term)}: weight {quoted(token)} is too large to be a float; write a "
-                          "smaller number")
+        raise PromptError(f"term {shown(term)}: weight {shown(token)} is too large to be a float; write a smaller "
+                          "number")
     # Leftmost match, so `match.start()` is the first space before the colon: the text ends in no whitespace.
     return term[: match.start()], weight
 
 
-def parse(prompt: str) -> list[tuple[str, float]]:
+def parse(prompt: str, name: str = "prompt") -> list[tuple[str, float]]:
     """Split a composable prompt into [(text, weight), ...], one entry per AND-separated term, in order.
 
     `a dog AND a cat:0.5 AND text:-1` -> [('a dog', 1.0), (' a cat', 0.5), (' text', -1.0)]. A negative weight
@@ -70,25 +93,28 @@ def parse(prompt: str) -> list[tuple[str, float]]:
     - An empty or blank prompt is the empty (unconditional) prompt: [('', 1.0)], as in A1111. An empty term in
       a longer prompt (`a AND`, `AND b`, `a AND AND b`) or a weight without text (`:0.5`) raises PromptError:
       A1111 would quietly add an empty prompt, almost always a typo.
+    Errors name the prompt as the argument `name` (`--prompt` on the command line).
     """
+    check_text(name, prompt)
     terms = AND.split(prompt)
     if len(terms) == 1 and not prompt.strip():
         return [("", 1.0)]
     parsed = []
     for index, term in enumerate(terms, start=1):
-        text, weight = parse_weight(term)
+        try:
+            text, weight = parse_weight(term)
+        except PromptError as e:
+            raise PromptError(f"{arg(name)} {shown(prompt)}: {e}") from None
         if not text.strip():
-            raise PromptError(
-                f"term {index} of {len(terms)} ({quoted(term)}) in {quoted(prompt)} has no text; remove the extra "
-                "AND or add text"
-            )
+            raise PromptError(f"{arg(name)} {shown(prompt)}: term {index} of {len(terms)} ({shown(term)}) has no "
+                              "text; remove the extra AND or add text")
         parsed.append((text, weight))
     return parsed
 
 
 def check_length(terms: list[tuple[str, float]], count_tokens: Callable[[str], int],
-                 limit: int = MAX_PROMPT_TOKENS) -> None:
-    """Raise PromptError for the first term longer than `limit` tokens.
+                 limit: int = MAX_PROMPT_TOKENS, name: str = "prompt") -> None:
+    """Raise PromptError for the first term longer than `limit` tokens, naming the prompt as the argument `name`.
 
     `count_tokens(text)` counts a term's tokens after each placeholder is expanded to its embedding's vectors,
     without the start/end tokens. SD1's and SD2's text encoders see 77 positions, 2 of them start and end, so 75
@@ -98,7 +124,5 @@ def check_length(terms: list[tuple[str, float]], count_tokens: Callable[[str], i
     for text, _ in terms:
         count = count_tokens(text)
         if count > limit:
-            raise PromptError(
-                f"term {quoted(text)} holds {count} tokens, {count - limit} more than the {limit} that fit; "
-                f"shorten it or use an embedding with fewer vectors"
-            )
+            raise PromptError(f"{arg(name)}: term {shown(text)} holds {count:,} tokens, {count - limit:,} more than "
+                              f"the {limit} that fit; shorten it or use an embedding with fewer vectors")

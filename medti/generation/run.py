@@ -55,14 +55,16 @@ def plan(args) -> tuple[list, list]:
     return [loras.strip_tags(a), loras.strip_tags(b)], jobs
 
 
-def conditioning(sd, texts: list, negative: str):
-    """Encode the term texts and the negative prompt once: ([K, 77, width], [1, 77, width])."""
+def conditioning(sd, texts: list, negative: str, name: str = "prompt"):
+    """Encode the term texts (of --prompt, or `name`: --sweep) and the negative prompt once: ([K, 77, width],
+    [1, 77, width])."""
     for text in texts + [negative]:
         unknown = [w for w in re.findall(r"<[^<>\s]+>", text) if w not in sd.text.vectors]
         if unknown:
             raise UsageError(f"prompt token {unknown[0]} matches no loaded embedding; load it with --embeddings "
                              f"(loaded: {some(sd.text.vectors) or 'none'})")
-    check_length([(t, 1.0) for t in texts + [negative]], sd.text.count)
+    check_length([(t, 1.0) for t in texts], sd.text.count, name=name)
+    check_length([(negative, 1.0)], sd.text.count, name="negative")
     with torch.no_grad():
         return sd.text(texts), sd.text([negative])
 
@@ -149,7 +151,7 @@ def generate(args, out: Path, texts: list, jobs: list, specs: list, rank: int, w
     per_call = max(1, args.batch // (len(texts) + 1)) if args.batch else 1   # each image: K terms + uncond rows
     check_memory(sd, device, width, height, args.batch or len(texts) + 1, per_call, packed)   # before any resize
     init, soft = init_inputs(args, sd, width, height)
-    conds, uncond = conditioning(sd, texts, args.negative)
+    conds, uncond = conditioning(sd, texts, args.negative, "prompt" if args.sweep is None else "sweep")
     settings = SampleSettings(width=width, height=height, steps=args.steps, cfg=args.cfg, sampler=args.sampler,
                               sigmas=args.sigmas, batch=args.batch)
     model_hash = sha256_of(sd.path)   # cached by medti.files.hashes: hashing GBs once, not per run

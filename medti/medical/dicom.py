@@ -1,7 +1,7 @@
 """DICOM files -> float32 pixels in modality units (CT in HU) and the few header fields training needs (series and
-multi-frame volumes: medti.medical.dicom_series). pydicom reads the files (`pip install "medti[medical]"`); it is
-imported inside functions only, so medti works without it. Section numbers are DICOM PS3.3 (information objects)
-and PS3.10 (file format).
+multi-frame volumes: medti.medical.dicom_series; the header's window, rescale and geometry: dicom_header). pydicom
+reads the files (`pip install "medti[medical]"`); it is imported inside functions only, so medti works without it.
+Section numbers are DICOM PS3.3 (information objects) and PS3.10 (file format).
 
 Scope, stated: grayscale only (MONOCHROME1/2). Windowing, the VOI LUT, is defined for grayscale images
 (PS3.3 C.11.2), and color DICOM (ultrasound, secondary capture, slide microscopy) would need its own path; it is
@@ -16,9 +16,10 @@ from pathlib import Path
 import numpy as np
 
 from . import MedicalError, require
+from .dicom_header import frame_rescale, frame_window, geometry, pixel_aspect, whole_number
 from .orientation import as_displayed, check_orientation
 from .volume import square_pixels
-from .window import FUNCTIONS, Window, described, display_scale, finite_values, to_uint8
+from .window import Window, described, display_scale, finite_values, to_uint8
 
 PIXEL_KEYWORDS = ("PixelData", "FloatPixelData", "DoubleFloatPixelData")   # PS3.3 C.7.6.3 and C.7.6.24
 
@@ -51,7 +52,7 @@ class DicomImage:
     positions: tuple | None       # Image Position (Patient) of each frame, mm: its first voxel's centre (C.7.6.2.1.1)
     orientation: tuple | None     # Image Orientation (Patient): row then column direction cosines
     spacing: tuple | None         # Pixel Spacing: (between rows, between columns) in mm
-    aspect: tuple | None          # (row, column) pixel size of a 2-D image, for its shape only: see _aspect
+    aspect: tuple | None          # (row, column) pixel size of a 2-D image, for its shape only (pixel_aspect)
     path: Path
 
     @property
@@ -81,45 +82,6 @@ def is_dicom(path) -> bool:
     return path.suffix.lower() == ".dcm" or head[128:132] == b"DICM"
 
 
-def _first(value):
-    """Window Center/Width may hold several values (one per window, PS3.3 C.11.2.1.2); the first is the default."""
-    return float(np.atleast_1d(np.asarray(value, dtype=np.float64))[0])
-
-
-def _shared(ds, sequence: str, frame: int = 0):
-    """The item of a functional-group sequence of an enhanced multi-frame image (PS3.3 C.7.6.16): in the Shared
-    Functional Groups Sequence (one item for every frame), else in frame `frame`'s item of the Per-Frame one.
-    Enhanced CT/MR keep rescale, window and geometry there instead of at the top level."""
-    for groups, index in (("SharedFunctionalGroupsSequence", 0), ("PerFrameFunctionalGroupsSequence", frame)):
-        group = ds.get(groups)
-        item = group[index].get(sequence) if group and len(group) > index else None
-        if item:
-            return item[0]
-    return None
-
-
-def _window(ds, frame: int = 0) -> Window | None:
-    """Frame `frame`'s first window (PS3.3 C.11.2.1.2; an enhanced multi-frame file's Frame VOI LUT, C.7.6.16.2.10,
-    shared or per frame) with its VOI LUT Function (C.11.2.1.3; absent: LINEAR, and a term outside the defined ones
-    read as LINEAR too); None without one, or with a width its function forbids."""
-    source = ds if "WindowWidth" in ds else _shared(ds, "FrameVOILUTSequence", frame)
-    if source is None or "WindowWidth" not in source or "WindowCenter" not in source:
-        return None
-    function = str(source.get("VOILUTFunction") or "LINEAR").strip().upper()
-    window = Window(_first(source.WindowCenter), _first(source.WindowWidth),
-                    function if function in FUNCTIONS else "LINEAR")
-    return window if window.valid else None
-
-
-def _rescale(ds, frame: int) -> tuple[float, float]:
-    """(slope, intercept) of frame `frame`: at the top level (single-frame images, C.11.1), else the frame's Pixel
-    Value Transformation (C.7.6.16.2.9, shared or per frame); (1, 0) when absent."""
-    source = ds if "RescaleSlope" in ds else _shared(ds, "PixelValueTransformationSequence", frame)
-    slope = float(source.RescaleSlope) if source is not None and "RescaleSlope" in source else 1.0
-    intercept = float(source.RescaleIntercept) if source is not None and "RescaleIntercept" in source else 0.0
-    return slope, intercept
-
-
 def _modality(ds, stored: np.ndarray, pydicom, path) -> np.ndarray:
     """Stored values -> modality units [F, H, W], the Modality LUT (PS3.3 C.11.1): value * RescaleSlope +
     RescaleIntercept (CT: HU, e.g. slope 1 and intercept -1024), each frame by its own (an enhanced file may rescale
@@ -131,7 +93,7 @@ def _modality(ds, stored: np.ndarray, pydicom, path) -> np.ndarray:
         values = pydicom.pixels.apply_modality_lut(stored, ds).reshape(shape)
         return finite_values(values, path).astype(np.float32)
     stored = stored.reshape(shape)
-    rescale = np.array([_rescale(ds, f) for f in range(len(stored))], np.float64)[:, :, None, None]   # [F, 2, 1, 1]
+    rescale = np.array([frame_rescale(ds, f) for f in range(len(stored))], np.float64)[:, :, None, None]   # [F,2,1,1]
     if not np.isfinite(rescale).all():
         slope, intercept = rescale[~np.isfinite(rescale).all(axis=1)[:, 0, 0]][0, :, 0, 0]
         raise MedicalError(f"{path}: Rescale Slope {slope:g} and Intercept {intercept:g}: not both finite numbers")
@@ -184,49 +146,6 @@ def _line(error: Exception) -> str:
     return re.sub(r" ?<[^<>]* object at 0x[0-9a-f]+>", "", text)
 
 
-def _floats(ds, keyword: str, path) -> tuple | None:
-    """A numeric attribute's values as floats; None where absent or empty. One value (a single-valued element, VM 1)
-    is a tuple of one, for the caller to refuse by its count; text that is no number is one line naming it."""
-    value = ds[keyword].value if ds is not None and keyword in ds else None
-    if value is None or value == "":
-        return None
-    try:
-        return tuple(float(v) for v in np.atleast_1d(np.asarray(value, dtype=object)))
-    except (TypeError, ValueError):
-        raise MedicalError(f"{path}: {keyword} {value!r}: not numbers; the file's geometry is damaged") from None
-
-
-def _geometry(ds, frames: int, path) -> tuple:
-    """(per-frame positions, orientation, pixel spacing), each None where the file lacks it: at the top level
-    (single-frame CT/MR, PS3.3 C.7.6.2), else in the functional groups (enhanced multi-frame: Plane Position
-    per frame, Plane Orientation and Pixel Measures usually shared, C.7.6.16.2.3-4 and .1)."""
-    if "ImagePositionPatient" in ds and frames == 1:
-        return (_floats(ds, "ImagePositionPatient", path),), _floats(ds, "ImageOrientationPatient", path), \
-            _floats(ds, "PixelSpacing", path)
-    positions = tuple(_floats(_shared(ds, "PlanePositionSequence", f), "ImagePositionPatient", path)
-                      for f in range(frames))
-    orientation = _floats(ds, "ImageOrientationPatient", path) or \
-        _floats(_shared(ds, "PlaneOrientationSequence"), "ImageOrientationPatient", path)
-    spacing = _floats(ds, "PixelSpacing", path) or _floats(_shared(ds, "PixelMeasuresSequence"), "PixelSpacing", path)
-    return (positions if all(positions) else None), orientation, spacing
-
-
-def _aspect(ds, spacing: tuple | None, path) -> tuple | None:
-    """(height, width) of a pixel in any one unit, for a 2-D image's shape: Pixel Spacing (in the patient), else
-    Imager Pixel Spacing (at the detector, as CR/DX files give it: for a projection the same ratio), both (row
-    spacing, column spacing) (PS3.3 10.7.1), else Pixel Aspect Ratio (0028,0034), "vertical size\\horizontal size"
-    (C.7.6.3.1.7); None when the file says nothing (square, as stored). Sizes that are not positive numbers (a zero
-    Pixel Spacing: an export that had none to give) are refused in one line: no image can be shaped by them."""
-    for keyword in ("PixelSpacing", "ImagerPixelSpacing", "PixelAspectRatio"):
-        found = spacing if keyword == "PixelSpacing" else _floats(ds, keyword, path)
-        if found and len(found) >= 2:
-            if not (np.isfinite(found[:2]).all() and min(found[:2]) > 0):
-                raise MedicalError(f"{path}: {keyword} {list(found)}: pixel sizes must be positive numbers; the file's "
-                                   "geometry is damaged")
-            return tuple(found[:2])
-    return None
-
-
 def read_dicom(path) -> DicomImage:
     """One DICOM file -> DicomImage, or a MedicalError of one line saying why it cannot be used."""
     pydicom = require("pydicom", str(path))
@@ -235,6 +154,9 @@ def read_dicom(path) -> DicomImage:
         ds = pydicom.dcmread(path)
     except Exception as e:   # InvalidDicomError, OSError, and struct/value errors from a truncated or damaged file
         raise MedicalError(f"{path}: not a readable DICOM file ({_line(e)})") from None
+    if not len(ds):   # pydicom keeps no element at all when the file ends inside one (it warns "End of file ...")
+        raise MedicalError(f"{path}: truncated file: it ends inside a data element, and none of its attributes can "
+                           "be read; copy it again from its source")
     if not any(keyword in ds for keyword in PIXEL_KEYWORDS):
         sop = ds.get("SOPClassUID")
         kind = f"SOP Class {sop.name}" if sop is not None else "no SOP Class"
@@ -244,17 +166,18 @@ def read_dicom(path) -> DicomImage:
     if photometric not in ("MONOCHROME1", "MONOCHROME2"):
         raise MedicalError(f"{path}: photometric interpretation {photometric or 'missing'}; only grayscale "
                            "(MONOCHROME1/MONOCHROME2) DICOM is read")
+    whole_number(ds, "NumberOfFrames", path)   # pydicom's decoder reads it: a damaged one is named first
     stored = _decode(ds, path, pydicom)
     pixels = _modality(ds, stored, pydicom, path)   # [F, H, W]
-    positions, orientation, spacing = _geometry(ds, len(pixels), path)
+    positions, orientation, spacing = geometry(ds, len(pixels), path)
     if orientation is not None:   # damaged cosines refused here, for a series as for one slice
         check_orientation(orientation, path)
     if positions and any(len(p) != 3 or not np.isfinite(p).all() for p in positions):
         bad = next(p for p in positions if len(p) != 3 or not np.isfinite(p).all())
         raise MedicalError(f"{path}: Image Position (Patient) {list(bad)}: expected 3 finite coordinates in mm")
-    windows = tuple(_window(ds, f) for f in range(len(pixels)))
+    windows = tuple(frame_window(ds, f) for f in range(len(pixels)))
     return DicomImage(pixels=pixels, photometric=photometric, windows=windows, patient=patient_of(ds),
-                      aspect=_aspect(ds, spacing, path),
+                      aspect=pixel_aspect(ds, spacing, path),
                       series_uid=ds.get("SeriesInstanceUID"), positions=positions, orientation=orientation,
                       spacing=spacing, path=path)
 
@@ -271,10 +194,10 @@ def training_image(path, window: Window | None):
     missing is the user's to fix (MedicalError, one line for the run); a file that cannot be used is the `MedicalError`
     that medti.dataset turns into a skip with its reason. Multi-frame files and series are volumes, read by
     medti.medical.dicom_series; one reaching this function has frames but no geometry, and is refused. Pixels that
-    are not square (Pixel Spacing rows != columns, see _aspect) are resampled to square ones of the finer size, as
-    volumes' slices are, so a later resize to the model's size does not stretch the anatomy. A slice that carries
-    Image Orientation (Patient) is turned to the radiological view of its own plane, exactly as its series would show
-    it (medti.medical.orientation); one without (CR/DX, secondary captures) is shown as stored."""
+    are not square (Pixel Spacing rows != columns, see dicom_header.pixel_aspect) are resampled to square ones of
+    the finer size, as volumes' slices are, so a later resize to the model's size does not stretch the anatomy. A
+    slice that carries Image Orientation (Patient) is turned to the radiological view of its own plane, exactly as its
+    series would show it (medti.medical.orientation); one without (CR/DX, secondary captures) is shown as stored."""
     from PIL import Image
     image = read_dicom(path)
     if len(image.pixels) > 1:
@@ -290,4 +213,5 @@ def training_image(path, window: Window | None):
         scaled = square_pixels(scaled, *aspect)
     shown = Image.fromarray(np.floor(np.clip(scaled, 0, 255) + 0.5).astype(np.uint8))   # round half up, as to_uint8
     shown.info["window"] = described(window, image.window)
+    shown.info["one value"] = bool(pixels.min() == pixels.max())   # no window can show what is not there
     return shown, image.patient

@@ -15,6 +15,7 @@ import numpy as np
 
 from . import MedicalError, require
 from .dicom import read_dicom
+from .dicom_header import whole_number
 from .volume import Volume, from_image
 from .window import PerFrame, Window, display_scale, series_window
 
@@ -158,9 +159,13 @@ def by_frame(s: Series) -> tuple[Series, Window | PerFrame | None]:
 
 
 def _header(path, pydicom):
+    """The header (pydicom's Dataset without the pixels), None when it cannot be read or its Number of Frames is no
+    number: the file is then read as an image, and its reader (medti.medical.dicom) says why in its own line."""
     try:
-        return pydicom.dcmread(path, stop_before_pixels=True)
-    except Exception:   # damaged or not DICOM: read as an image, whose reader says why in its own line
+        ds = pydicom.dcmread(path, stop_before_pixels=True)
+        whole_number(ds, "NumberOfFrames", path)
+        return ds
+    except Exception:   # damaged or not DICOM
         return None
 
 
@@ -180,12 +185,15 @@ def safe_description(ds) -> str | None:
 
 def _key(ds, path):
     """(grouping key, Series Number, safe Series Description) of a file's header (None: unreadable)."""
-    frames = int(ds.get("NumberOfFrames") or 1) if ds is not None else 1
+    frames = whole_number(ds, "NumberOfFrames", path)   # checked by _header: never a damaged one here
     positioned = ds is not None and "ImagePositionPatient" in ds and "ImageOrientationPatient" in ds
     uid = ds.get("SeriesInstanceUID") if positioned and frames == 1 else None
     key = ("series", str(uid)) if uid else (("volume" if frames > 1 else "image"), path)
-    number = ds.get("SeriesNumber") if ds is not None else None
-    return key, (int(number) if number not in (None, "") else None), (safe_description(ds) if ds is not None else None)
+    try:   # a name part only: a damaged Series Number is left out, not a refusal
+        number = whole_number(ds, "SeriesNumber", path, None)
+    except MedicalError:
+        number = None
+    return key, number, (safe_description(ds) if ds is not None else None)
 
 
 def find_volumes(paths) -> tuple[list, list]:

@@ -55,6 +55,12 @@ def read_nifti(path: Path):
         image = nib.load(path)
     except Exception as e:   # not NIfTI after all, a damaged header
         raise MedicalError(f"{path}: not readable as a volume ({_line(e)})") from None
+    if not isinstance(image, nib.Nifti1Image | nib.Nifti2Image):   # (Nifti2Image derives from Nifti1Image)
+        # CIFTI-2 (.dconn.nii, .dtseries.nii, ...) is a NIfTI-2 file whose data is a matrix over brain surface
+        # vertices and voxels (a connectome, time series): no grid in space to slice
+        kind = "a CIFTI-2 file" if isinstance(image, nib.Cifti2Image) else f"nibabel's {type(image).__name__}"
+        raise MedicalError(f"{path}: {kind} (a {' x '.join(map(str, image.shape))} matrix), not an image volume; "
+                           "medti reads 3-D NIfTI volumes")
     _check_header(image.header, path)
     data = _voxels(image, path)
     # nibabel's array is indexed (i, j, k); SimpleITK's GetImageFromArray takes numpy's [k, j, i]: reverse the axes

@@ -32,6 +32,7 @@ from .volume import (
     SUFFIXES,
     SliceSpec,
     case_slices,
+    element_data_file,
     parse_slices,
     plane_spacing,
     read_volume,
@@ -209,11 +210,5 @@ def data_files(path) -> list[Path]:
     `.mhd` header's ElementDataFile (`.raw`/`.zraw`) when it is one file in the same folder."""
     if isinstance(path, DicomVolume):
         return list(path.paths)
-    if not path.name.lower().endswith(".mhd"):
-        return [path]
-    for line in path.read_text(errors="replace").splitlines():
-        key, _, value = line.partition("=")
-        if key.strip() == "ElementDataFile" and value.strip() not in ("LOCAL", "LIST") and "%" not in value:
-            extra = path.parent / value.strip()
-            return [path, extra] if extra.is_file() else [path]
-    return [path]
+    extra = element_data_file(path)
+    return [path, extra] if extra is not None and extra.is_file() else [path]

@@ -10,6 +10,7 @@ NIfTI voxels alone are read by nibabel, which keeps NaN where SimpleITK's reader
 (ITK PR #4791: ITK's physical frame is DICOM's, "LPS" = identity direction cosines; nibabel "Coordinate systems and
 affines" and "Radiological vs neurological conventions" for RAS+.)
 """
+import os
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -93,6 +94,19 @@ def from_image(image, path, case=None) -> Volume:
     return Volume(array=array, spacing=spacing, path=str(path), case=case, image=image)
 
 
+def element_data_file(path: Path) -> Path | None:
+    """The data file a MetaImage header (.mhd) names in ElementDataFile, as a path from the header's folder; None
+    for any other file, for LOCAL (the data follow the header in the same file) and for a LIST or %-pattern of slice
+    files."""
+    if not path.name.lower().endswith(".mhd"):
+        return None
+    for line in path.read_text(errors="replace").splitlines():
+        key, _, value = line.partition("=")
+        if key.strip() == "ElementDataFile" and value.strip() not in ("LOCAL", "LIST") and "%" not in value:
+            return path.parent / value.strip()
+    return None
+
+
 def read_volume(path, case: str | None = None) -> Volume:
     """Read a NIfTI, MetaImage or NRRD file (any axis order and direction) as a Volume in LPS array order.
     `case` is the case's name (its folder), carried along for messages and data sets."""
@@ -101,6 +115,10 @@ def read_volume(path, case: str | None = None) -> Volume:
     sitk = require("SimpleITK", str(path))
     if path.name.lower().endswith((".nii", ".nii.gz")):
         return from_image(_as_3d(read_nifti(path), path), path, case)   # NaN voxels kept: see medti.medical.nifti
+    data = element_data_file(path)
+    if data is not None and not data.is_file():   # checked here: ITK would print its own lines to stderr first
+        raise MedicalError(f"{path}: its data file (ElementDataFile) {os.path.relpath(data, path.parent)} is missing; "
+                           "put it where the header says, or convert the pair to one .mha")
     try:
         image = sitk.ReadImage(str(path))
     except RuntimeError as e:   # ITK's message is many lines; its last non-empty line says what went wrong

@@ -20,9 +20,10 @@ from minisd.errors import UserError, arg
 
 from ..dataset.folder import DataError, fingerprint_of, item_pseudonym, parse_channels, read_items, survey_folder
 from ..dataset.patients import keys
-from ..dataset.preprocess import Unusable, fit
+from ..dataset.preprocess import Unusable, check_not_flat, fit
 from ..dataset.report import reason_kind, warn_skipped, warn_survey
 from ..dataset.sources import decode, file_bytes
+from ..files.images import library_warnings
 from ..files.pseudonyms import Numbering, image_name, key_rows, skipped_names
 from ..generation.manifest import MERGED
 from ..medical.slices import SliceOptions, check_options
@@ -69,6 +70,10 @@ class Reading:
     # images as read (evaluation, every synthetic set). The audit sets both once it knows the synthetic size.
     preprocess: str | None = None
     resolution: int = 0
+    # a set read as medti.train reads --data (evaluation's --real, the audit's --train: reading()) leaves out a flat
+    # image as training does (medti.dataset.preprocess.check_not_flat); a synthetic set keeps it: it is the model's
+    # output, and dropping it would flatter the figures
+    as_training: bool = False
 
 
 def shared_skipped(skipped: list) -> list:
@@ -85,7 +90,7 @@ def reading(args) -> Reading:
     except DataError as e:
         raise SetError(f"--channels {args.channels}: {e}") from None
     window = parse_window(args.window, "--window") if args.window else None
-    return Reading(channels, check_options(args.plane, args.slices, args.slice_mask, window))
+    return Reading(channels, check_options(args.plane, args.slices, args.slice_mask, window), as_training=True)
 
 
 def set_flags(args) -> list:
@@ -146,9 +151,12 @@ def to_uint8(image) -> torch.Tensor:
 
 
 def _small(image, max_side: int | None, how: Reading):
-    """(uint8 image, size as read): preprocessed first when `how` says so (training's fit() on the full image, as
-    training applies it), then reduced; fit's Unusable (all black under cxr, wrong size under none) propagates."""
+    """(uint8 image, size as read): left out when flat and read as training reads (Reading.as_training), preprocessed
+    when `how` says so (training's fit() on the full image, as training applies it), then reduced; the Unusable of
+    either (a flat image, a wrong size under --preprocess none) propagates."""
     size = image.size
+    if how.as_training:
+        check_not_flat(image)
     if how.preprocess:
         image = fit(image, how.resolution, how.preprocess)
     if max_side and max(image.size) > max_side:
@@ -166,7 +174,8 @@ def _run_images(root: Path, files: list, max_side, how: Reading, skipped: list, 
             if not file.is_file():
                 raise Unusable("listed in the manifest but missing")
             data = {name: file_bytes(file)}
-            image = decode(file, data[name])
+            with library_warnings():   # a reader's own warning lines held back, as for every file read
+                image = decode(file, data[name])
             used.update(data)
             yield name, _small(image, max_side, how), name, numbering.item(data)
         except Unusable as e:
@@ -205,11 +214,11 @@ def load_set(path, flag: str, minimum: int = 1, max_side: int | None = None, how
     if survey is not None:
         survey.placeholders = replaced
     images, sizes = [image for image, _ in read], [size for _, size in read]
-    warn_skipped(skipped, arg(flag))
-    warn_survey(survey, arg(flag))
-    if len(images) < minimum:
+    if len(images) < minimum:   # before the warnings: the one line says what was skipped itself
         found = f"{len(images)} usable image(s)" + (f", {len(skipped)} skipped, e.g. {': '.join(skipped[0])}"
                                                    if skipped else "")
         raise SetError(f"{arg(flag)} {path}: {found}; at least {minimum} needed")
+    warn_skipped(skipped, arg(flag))
+    warn_survey(survey, arg(flag))
     return ImageSet(images, names, root, skipped, {n: records[n] for n in names if n in records}, patients, sizes,
                     pseudonyms, fingerprint_of(used))

@@ -40,11 +40,12 @@ def kid_subset_size(args, n_real: int, n_fake: int) -> int:
     return args.kid_subset_size or max(2, min(1000, min(n_real, n_fake) // 2))
 
 
-def real_side(args, net, real_set):
-    """The real set's features and statistics, from its images or its statistics file; named by pseudonyms
-    (medti.files.pseudonyms), and described in reports by its fingerprint, never by its path."""
+def real_side(args, net, real_set, stats: dict | None = None):
+    """The real set's features and statistics, from its images or its statistics file (`stats`: its arrays, when
+    read already); named by pseudonyms (medti.files.pseudonyms), and described in reports by its fingerprint, never
+    by its path."""
     if real_set is None:
-        real = load_stats(args.real, net)
+        real = load_stats(args.real, net, stats)
         real.about = f"a statistics file of {len(real.names)} real images (sha256 {sha256_of(args.real)[:16]})"
         return real
     features = encode(net, real_set.images, "real", args.batch, progress)

@@ -87,6 +87,16 @@ def _json(path: Path, data: dict, key: str, kind: type):
     return value
 
 
+def read_stats(path) -> dict:
+    """The arrays of a statistics file, checked for what needs no network: an archive in medti's format. Before
+    the network loads, so a damaged file is the run's one line."""
+    data = _read(Path(path))
+    if str(data.get("format", "")) != FORMAT:
+        raise EvalError(f"{arg('real')} {path}: not a medti statistics file (no format '{FORMAT}'); make one with "
+                        "--save-stats")
+    return data
+
+
 def _check_network(path: Path, data: dict, net: Network):
     flag = f"{arg('real')} {path}"
     if str(data.get("format", "")) != FORMAT:
@@ -101,11 +111,12 @@ def _check_network(path: Path, data: dict, net: Network):
                         f"({net.weights_sha256[:12]}); use the same weights or re-encode the real set")
 
 
-def load_stats(path, net: Network) -> RealSide:
-    """A statistics file checked against the network in use: format, network, weights, every shape and type, and
-    finite values (a NaN mean gives a NaN FID that names no file)."""
+def load_stats(path, net: Network, data: dict | None = None) -> RealSide:
+    """A statistics file (`data`: read_stats' arrays of it, else read here) checked against the network in use:
+    format, network, weights, every shape and type, and finite values (a NaN mean gives a NaN FID that names no
+    file)."""
     path = Path(path)
-    data = _read(path)
+    data = read_stats(path) if data is None else data
     _check_network(path, data, net)
     n, d = _number(path, data, "n"), net.dim
     for key, shape in {"mu": (d,), "sigma": (d, d), "features": (n, d)}.items():

@@ -14,7 +14,7 @@ from typing import NamedTuple
 
 import torch
 
-from minisd.config import resolve_device, resolve_dtype
+from minisd.config import check_side, resolve_device, resolve_dtype
 from minisd.errors import arg, quoted
 from minisd.tokenizer import MAX_PROMPT_TOKENS
 
@@ -30,6 +30,9 @@ from .optim import parse_lr
 from .previews import check_preview
 
 SEED_LIMIT = 2 ** 32   # step_generator multiplies the seed by ~1e9: below 2**32 the product fits torch's int64 seed
+# Images per micro-batch: one SD2 image at 512² holds about 226 MiB on the device even with checkpointing
+# (tools/memory_estimate.py: 56.5 MiB saved for backward, 169.4 MiB temporaries), so 1,024 hold 230 GB, past any GPU.
+MAX_BATCH = 1024
 
 
 def flag(default, help_text: str):
@@ -166,6 +169,11 @@ def _check_numbers(cfg: TrainConfig):
     for name, zero in (("preview_every", "no previews"), ("resolution", "the model's native size")):
         if getattr(cfg, name) < 0:
             raise TrainError(f"{arg(name)} {getattr(cfg, name)}: must be 0 ({zero}) or more")
+    if cfg.resolution:
+        check_side("resolution", cfg.resolution)
+    if cfg.batch > MAX_BATCH:
+        raise TrainError(f"{arg('batch')} {cfg.batch}: at most {MAX_BATCH:,} images per micro-batch (one SD2 image at "
+                         f"512² holds about 226 MiB on the device); for a larger batch add {arg('grad_accum')}")
     if not 0 <= cfg.seed < SEED_LIMIT:
         raise TrainError(f"{arg('seed')} {cfg.seed}: must be 0 <= seed < 2**32")
 

@@ -7,9 +7,10 @@ import sys
 from pathlib import Path
 
 import torch
-from safetensors import SafetensorError, safe_open
+from safetensors import SafetensorError
 
 from minisd.errors import arg, excerpt, spoken
+from minisd.tensorfile import open_safetensors
 
 from ..files.atomic import safetensors_bytes, write_atomic
 from ..files.pseudonyms import model_name
@@ -76,7 +77,7 @@ def read_state(path) -> tuple:
     that is truncated, not safetensors or missing an entry (a crash during a copy, a disk full before our atomic
     writes existed) is a TrainError: it cannot be repaired, but the per-save copies are still there."""
     try:
-        with safe_open(str(path), framework="pt") as f:
+        with open_safetensors(path) as f:
             meta, tensors = f.metadata() or {}, {k: f.get_tensor(k) for k in f.keys()}
         return int(meta["step"]), json.loads(meta["scaler"]), json.loads(meta["settings"]), tensors
     except (SafetensorError, OSError, KeyError, ValueError) as e:   # JSONDecodeError is a ValueError

@@ -18,10 +18,11 @@ from dataclasses import dataclass
 from typing import NamedTuple
 
 import torch
-from safetensors import SafetensorError, safe_open
+from safetensors import SafetensorError
 
 from minisd.errors import arg, excerpt
 from minisd.schedule import NUM_TIMESTEPS
+from minisd.tensorfile import open_safetensors
 
 from . import TrainError, distributed
 from .objective import diffusion_loss
@@ -136,7 +137,7 @@ def validation_loss(sd, context, v: ValidationSet) -> float:
 def _metadata(path) -> dict:
     """A saved file's safetensors metadata, or one line saying it cannot be read (resume cannot trust it)."""
     try:
-        with safe_open(str(path), framework="pt") as f:
+        with open_safetensors(path) as f:
             return f.metadata() or {}
     except (SafetensorError, OSError) as e:
         raise TrainError(f"{arg('resume')}: {path} is not a readable safetensors file ({excerpt(e, 80)}); move it away "
