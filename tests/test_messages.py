@@ -71,7 +71,7 @@ def test_a_long_prompt_is_quoted_shortened_at_the_source():
     with pytest.raises(PromptError) as e:
         check_length([(term, 1.0)], lambda text: len(text.split()))
     message = str(e.value)
-    assert len(message) < 300 and "holds 2000 tokens, 1925 more than the 75 that fit" in message, message
+    assert len(message) < 300 and "holds 2,000 tokens, 1,925 more than the 75 that fit" in message, message
     assert f"({len(term):,} characters)" in message
 
 
