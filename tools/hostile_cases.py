@@ -92,7 +92,7 @@ def fixtures(work: Path, setup) -> SimpleNamespace:
 
 def data_cases(f, new) -> list:
     def preview(what, *extra, data=None, out=None):
-        out = out or new()
+        out = new() if out is None else out   # "" is a case of its own: an empty --out
         return Case("data", what, "medti.data", ["preview", "--data", data or f.data, "--resolution", "64", "--out",
                                                   out, *extra], str(out))
     cases = [preview(f"--resolution {v!r}", "--resolution", v) for v in BAD + [HUGE, "7", "100000"]]
@@ -117,7 +117,7 @@ def data_cases(f, new) -> list:
 
 def train_cases(f, new) -> list:
     def train(what, *extra, model=None, config=None, data=None, out=None):
-        out = out or new()
+        out = new() if out is None else out   # "" is a case of its own: an empty --out
         config = f.config if config is None else config   # "" is a case of its own: no config (a preset)
         return Case("train", what, "medti.train", ["--model", model or f.model, "--config", config,
                                                    "--data", data or f.data, "--token", "<x>", "--max-steps", "2",
@@ -145,7 +145,8 @@ def train_cases(f, new) -> list:
                                                                      ("empty", w["empty.txt"]),
                                                                      ("without {}", w["no-placeholder.txt"]))]
     cases += [train("--model missing", model="/no/model.safetensors"), train("--config missing", config="/no/c.json"),
-              train("--model a preset, offline", model="sd2-base", config="")]
+              train("--model a preset, offline", model="sd2-base", config=""),
+              train("--model a preset with a --config file", model="sd2-base")]
     cases += [train(f"--config {n}", config=w[n]) for n in ("bad.json", "empty.json", "wrong-types.json", "nan.json")]
     cases += [train(f"--model {n}", model=w[n]) for n in ("random.safetensors", "empty.safetensors",
                                                           "huge-header.safetensors", "bad-json.safetensors",
@@ -162,7 +163,7 @@ def train_cases(f, new) -> list:
 
 def generate_cases(f, new) -> list:
     def generate(what, *extra, model=None, config=None, out=None, prompt="a scan"):
-        out = out or new()
+        out = new() if out is None else out   # "" is a case of its own: an empty --out
         return Case("generate", what, "medti.generate", ["--model", model or f.model, "--config", config or f.config,
                                                          "--prompt", prompt, "--steps", "2", "--out", out, *extra],
                     str(out))
@@ -203,7 +204,7 @@ def generate_cases(f, new) -> list:
 
 def evaluate_cases(f, new) -> list:
     def evaluate(what, *extra, real=None, fake=None, inception=None, out=None):
-        out = out or new()
+        out = new() if out is None else out   # "" is a case of its own: an empty --out
         return Case("evaluate", what, "medti.evaluate", ["--real", real or f.data, "--fake", fake or f.fake, "--out",
                                                          out, "--inception", inception or f.inception,
                                                          "--kid-subsets", "2", "--kid-subset-size", "4",
@@ -229,7 +230,7 @@ def evaluate_cases(f, new) -> list:
 
 def audit_cases(f, new) -> list:
     def audit(what, *extra, train=None, synthetic=None, out=None):
-        out = out or new()
+        out = new() if out is None else out   # "" is a case of its own: an empty --out
         return Case("audit", what, "medti.audit", ["--train", train or f.data, "--synthetic", synthetic or f.fake,
                                                    "--out", out, *extra], str(out))
     w = f.weights
