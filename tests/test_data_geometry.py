@@ -8,6 +8,7 @@ from pathlib import Path
 import nibabel as nib
 import numpy as np
 import pytest
+from pydicom.data import get_testdata_file
 from test_data_dicom_series import _hu, _series
 from test_dicom import image, save
 
@@ -32,6 +33,21 @@ def test_pixel_spacing_that_is_not_positive_is_a_skip(tmp_path, spacing):
     assert reasons["IM1"].startswith(f"PixelSpacing {[float(v) for v in spacing]}: pixel sizes must be positive")
     assert reasons["ct"].startswith("IM") and "PixelSpacing" in reasons["ct"]   # which file of the series
     _strict_line(tmp_path, "IM1: PixelSpacing")
+
+
+def test_a_pixel_spacing_of_zeros_says_nothing_and_the_image_is_read_as_stored(tmp_path):
+    """`0\\0` is what CR exports write when they had no size (pydicom-data's RG1_UNCI.dcm, a real radiograph): read
+    as if the attribute were absent (square pixels, as stored), not refused as damaged geometry."""
+    pixels = np.arange(64, dtype=np.uint16).reshape(8, 8)
+    for folder in ("zeros", "none", "real"):
+        (tmp_path / folder).mkdir()
+    save(image(pixels, Modality="CR", PixelSpacing=[0, 0]), tmp_path / "zeros" / "IM1")
+    save(image(pixels, Modality="CR"), tmp_path / "none" / "IM1")
+    zeros, none = load_dataset(tmp_path / "zeros", 8), load_dataset(tmp_path / "none", 8)
+    assert zeros.names == ["IM1"] and not zeros.skipped and np.array_equal(zeros.images, none.images)
+    real = Path(get_testdata_file("RG1_UNCI.dcm"))   # PixelSpacing 0.000\\0.000 in the file
+    (tmp_path / "real" / "RG1_UNCI").write_bytes(real.read_bytes())
+    assert load_dataset(tmp_path / "real", 8).names == ["RG1_UNCI"]
 
 
 def test_a_mhd_whose_data_lies_outside_the_folder_is_a_skip(tmp_path):

@@ -12,10 +12,10 @@ NAMING = ("unknown channel", "missing channel", "no case", "duplicate channel") 
 PREPROCESSING = ("wrong size", "all black")                                       # --preprocess refusals
 # How each reason a file is skipped for begins, up to where it could name a file: the rest of a reason can hold
 # one (a case, a series' file, the `MRN4242` of `DOE_MRN4242.png` read as a channel), so shared reports keep this.
-KINDS = re.compile(r"all black|flat image|wrong size|not a regular file|cannot read the file|empty file|\d+ frames in one file|"
-                   r"mode \w+|not an image PIL can read|unreadable image|no case|unknown channel|duplicate channel|"
-                   r"missing channel|channel sizes differ|listed in the manifest but missing|"
-                   r"its data file \(ElementDataFile\)")
+KINDS = re.compile(r"all black|flat image|wrong size|not a regular file|cannot read the file|empty file|"
+                   r"\d+ frames in one file|mode \w+|not an image PIL can read|unreadable image|no case|"
+                   r"unknown channel|duplicate channel|missing channel|channel sizes differ|"
+                   r"listed in the manifest but missing|its data file \(ElementDataFile\)")
 
 
 def _some(names: list, n: int = 5) -> str:

@@ -91,10 +91,14 @@ def pixel_aspect(ds, spacing: tuple | None, path) -> tuple | None:
     """(height, width) of a pixel in any one unit, for a 2-D image's shape: Pixel Spacing (in the patient), else
     Imager Pixel Spacing (at the detector, as CR/DX files give it: for a projection the same ratio), both (row
     spacing, column spacing) (PS3.3 10.7.1), else Pixel Aspect Ratio (0028,0034), "vertical size\\horizontal size"
-    (C.7.6.3.1.7); None when the file says nothing (square, as stored). Sizes that are not positive numbers (a zero
-    Pixel Spacing: an export that had none to give) are refused in one line: no image can be shaped by them."""
+    (C.7.6.3.1.7); None when the file says nothing (square, as stored). All zeros says nothing either: real CR
+    exports write `0.000\\0.000` when they had no size to give (pydicom-data's RG1_*.dcm), and refusing them
+    would drop real radiographs. Other sizes that are not positive numbers (one zero, a negative, NaN) are refused
+    in one line: no image can be shaped by them."""
     for keyword in ("PixelSpacing", "ImagerPixelSpacing", "PixelAspectRatio"):
         found = spacing if keyword == "PixelSpacing" else _floats(ds, keyword, path)
+        if found and len(found) >= 2 and not any(found[:2]):   # 0\0: no size given, as if the attribute were absent
+            continue
         if found and len(found) >= 2:
             if not (np.isfinite(found[:2]).all() and min(found[:2]) > 0):
                 raise MedicalError(f"{path}: {keyword} {list(found)}: pixel sizes must be positive numbers; the file's "
