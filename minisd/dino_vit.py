@@ -15,8 +15,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .attention import attention
 from .dino_prepare import Preparation
+from .dinov2 import Attention  # transformers' ViTAttention = its Dinov2Attention: same modules, same names
 
 
 @dataclass(frozen=True)
@@ -66,24 +66,6 @@ class Embeddings(nn.Module):
         cls = self.cls_token + table[:, :1]
         patches = patches + resample_positions(table[:, 1:], rows, cols)
         return torch.cat([cls.expand(len(pixels), -1, -1), patches], dim=1)
-
-
-class Attention(nn.Module):
-    """Self-attention (transformers' ViTAttention): attention.{query,key,value}, then output.dense."""
-
-    def __init__(self, cfg: ViTConfig):
-        super().__init__()
-        width, self.heads = cfg.hidden_size, cfg.num_attention_heads
-        self.attention = nn.Module()
-        self.attention.query = nn.Linear(width, width, bias=cfg.qkv_bias)
-        self.attention.key = nn.Linear(width, width, bias=cfg.qkv_bias)
-        self.attention.value = nn.Linear(width, width, bias=cfg.qkv_bias)
-        self.output = nn.Module()
-        self.output.dense = nn.Linear(width, width)
-
-    def forward(self, x):
-        a = self.attention
-        return self.output.dense(attention(a.query(x), a.key(x), a.value(x), self.heads))
 
 
 class Layer(nn.Module):
