@@ -28,6 +28,7 @@ from .distributed import check_launch, local_device, world
 from .methods import check_method, learning_rate
 from .optim import parse_lr
 from .previews import check_preview
+from .prompts import training_prompts
 
 SEED_LIMIT = 2 ** 32   # step_generator multiplies the seed by ~1e9: below 2**32 the product fits torch's int64 seed
 # Images per micro-batch: one SD2 image at 512² holds about 226 MiB on the device even with checkpointing
@@ -217,34 +218,6 @@ def _val_fraction(cfg: TrainConfig) -> float:
         raise TrainError(f"{arg('val_fraction')} {cfg.val_fraction!r}: must be a number between 0 and 1 "
                          "(exclusive), e.g. 0.2")
     return fraction
-
-
-def training_prompts(cfg: TrainConfig) -> list:
-    """The token alone (the study's recipe) or the instance prompt (lora), or one prompt per --template line with
-    "{}" replaced by it."""
-    subject = cfg.token if cfg.method == "ti" else cfg.instance_prompt
-    if not cfg.template:
-        return ["{}, {caption}".replace("{}", subject)] if cfg.captions else [subject]
-    if not Path(cfg.template).exists():
-        raise TrainError(f"{arg('template')} {cfg.template}: no such file")
-    try:
-        lines = [line.strip() for line in Path(cfg.template).read_text().splitlines() if line.strip()]
-    except (OSError, UnicodeDecodeError) as e:
-        raise TrainError(f"{arg('template')} {cfg.template}: cannot read it ({e})") from None
-    bad = next((line for line in lines if "{}" not in line), None)
-    if not lines or bad is not None:
-        raise TrainError(f"{arg('template')} {cfg.template}: every line needs a {{}} for the token" +
-                         (f" (not {quoted(bad)})" if bad else " (the file is empty)"))
-    if cfg.captions and not any("{caption}" in line for line in lines):   # the captions would be read for nothing
-        raise TrainError(f"{arg('captions')} with {arg('template')} {cfg.template}: no line has a {{caption}} slot "
-                         "for the caption files; add one (e.g. \"{}, {caption}\") or leave out " + arg("captions"))
-    return [line.replace("{}", subject) for line in lines]
-
-
-def uncaptioned(prompts: list) -> list:
-    """The prompts without their {caption} slot, for what has no caption of its own: the previews, the held-out
-    images, the token-length check."""
-    return [" ".join(p.replace(", {caption}", "").replace("{caption}", "").split()) for p in prompts]
 
 
 def check_out(cfg: TrainConfig):

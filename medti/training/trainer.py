@@ -27,13 +27,14 @@ from ..files.pseudonyms import KEY, model_name, write_key
 from ..medical.window import parse_window
 from . import TrainError, distributed, methods
 from .command import write_command
-from .config import Plan, TrainConfig, check, check_out, uncaptioned
+from .config import Plan, TrainConfig, check, check_out
 from .dreambooth import class_cache, prior_preservation_loss
 from .objective import cache_latents, diffusion_loss, epoch_order, step_generator
 from .optim import adamw, enable_checkpointing, lr_at, precision, set_lr, total_norm
 from .outputs import report, save
 from .previews import preview, preview_due
 from .progress import Clock
+from .prompts import uncaptioned
 from .resume import MAY_CHANGE, resume
 from .state import read_log, stored, write_log
 from .validation import ValidationSet, best_so_far, hold_out, validation_loss
