@@ -18,7 +18,7 @@ from test_load_diffusers import pipeline
 
 import minisd
 from conftest import rel_err
-from medti.files import lora_file
+from medti.files import lora_names
 from minisd import lora
 
 TOL = 1e-4
@@ -73,7 +73,7 @@ def test_unet_forward_and_gradients_match_peft(kind, tmp_path):
     lora.attach(sd.unet, lora.targets(sd.unet, lora.UNET_TARGETS), RANK, ALPHA)
     assert any(layer.weight.dim() == 4 for layer in sd.unet.modules() if isinstance(layer, lora.LoRALinear)) \
         == (kind == "sd1")   # SD1's proj_in/proj_out are 1x1 convs, and adapted
-    names = lora_file.diffusers_names(sd.unet)
+    names = lora_names.diffusers_names(sd.unet)
     pairs = copy_from_peft(sd.unet, ref, "unet", names)
     assert len(pairs) == sum(1 for n, _ in ref.named_modules() if n.endswith(tuple(UNET_LAYERS))) > 0
     x, t, context = inputs()
@@ -105,7 +105,7 @@ def test_text_tower_matches_peft(kind, tmp_path):
     lora.attach(tower, lora.targets(tower, lora.TEXT_TARGETS), RANK, ALPHA)
     wrapped = lora.LoRAFusedAttention if kind == "sd2" else lora.LoRALinear
     assert all(isinstance(tower.get_submodule(n), wrapped) for n in lora.targets(tower, ("text",)))
-    names = lora_file.diffusers_names(sd.unet, tower)
+    names = lora_names.diffusers_names(sd.unet, tower)
     pairs = copy_from_peft(tower, ref, "text", names)
     assert len(pairs) == 6 * len(submodule(ref, "text_model.encoder.layers"))
     ids = text_ids()

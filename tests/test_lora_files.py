@@ -17,7 +17,7 @@ from test_lora import ALPHA, RANK, TEXT_LAYERS, TOL, UNET_LAYERS, inputs, moved,
 
 import minisd
 from conftest import rel_err
-from medti.files import lora_file
+from medti.files import lora_file, lora_names
 from medti.files.lora_file import LoRAFileError
 from minisd import lora
 
@@ -139,7 +139,7 @@ def refused(path, unet, tower, *words):
 def test_bad_files_are_refused_in_one_line(tmp_path):
     pipe, sd = tiny("sd2", tmp_path)
     unet, tower = sd.unet, sd.text.tower
-    names = lora_file.kohya_names(unet, tower)
+    names = lora_names.kohya_names(unet, tower)
     to_k = names["unet.input_blocks.1.1.transformer_blocks.0.attn2.to_k.lora"]
     good = {f"{to_k}.lora_down.weight": torch.randn(4, 32), f"{to_k}.lora_up.weight": torch.randn(32, 4)}
 
@@ -181,7 +181,7 @@ def test_full_size_kohya_names(preset, text):
     the text encoder, 72 (SD1: 12 layers x q/k/v/out/fc1/fc2) or 138 (SD2's 23 layers) with its default targets,
     which are ours with every kind selected; spot checks of the diffusers block numbering."""
     sd = minisd.build(minisd.load_config(preset))
-    names = lora_file.kohya_names(sd.unet, sd.text.tower)
+    names = lora_names.kohya_names(sd.unet, sd.text.tower)
     assert len(set(names.values())) == len(names)
     assert (sum(k.startswith("unet.") for k in names), sum(k.startswith("text.") for k in names)) == (192, text)
     spots = {"unet.input_blocks.1.1.transformer_blocks.0.attn1.to_q.lora":
