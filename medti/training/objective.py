@@ -47,6 +47,23 @@ def cache_latents(sd, images, flip: bool, seed: int) -> dict:
     return {"mean": mean, "logvar": logvar, "once": posterior_sample(mean, logvar, noise)}
 
 
+def to_uint8(images: torch.Tensor) -> torch.Tensor:
+    """The VAE's input pixels in [-1, 1] -> uint8 0..255, what an image encoder's release preparation takes. Exact for
+    8-bit sources (x = v / 127.5 - 1 maps back to v); a 16-bit source (DICOM) is rounded to 8 bits here, as
+    DiNO-Diffusion converts its 16-bit X-rays to 8-bit before anything sees them."""
+    return ((images.float() + 1) * 127.5).round().clamp(0, 255).to(torch.uint8)
+
+
+@torch.no_grad()
+def cache_tokens(image, images, flip: bool) -> torch.Tensor:
+    """The image encoder's global tokens [rows, count, width] (fp32, CPU, before the projection, which trains) of
+    exactly the images cache_latents encodes, in the same rows: with --flip, rows N.. are of the mirrored images --
+    the condition of a mirrored image is the mirrored image's own (minisd.image_conditioning: `image.tokens`)."""
+    if flip:
+        images = torch.cat([images, images.flip(-1)])
+    return torch.cat([image.tokens(to_uint8(chunk)).float().cpu() for chunk in images.split(4)])
+
+
 def step_generator(seed: int, step: int, micro: int) -> torch.Generator:
     """The random draws of one micro-batch (images, flips, timesteps, noise) come from a generator seeded by
     (seed, step, micro-batch): a resumed run draws exactly what an uninterrupted one would, with no RNG state to
