@@ -32,7 +32,7 @@ from .dataset.preprocess import PREPROCESS
 from .files.atomic import claim_folder, inside, text_bytes, write_atomic
 from .files.images import save_png
 from .files.pseudonyms import KEY, write_key
-from .quality import privacy
+from .quality import audit_variations, privacy, variations
 from .quality.audit_report import Audit, Opinion, outputs
 from .quality.features import DEFAULT_DINOV2, encode, load_network
 from .quality.folders import DATA_FLAGS, Reading, load_set, read_manifest, reading
@@ -42,7 +42,7 @@ from .training.config import add_flags
 # thumbnails, so a 3,000 x 3,000 chest X-ray export costs 0.8 MB in memory instead of 27 MB (3,000 of them: 2.4
 # instead of 81 GB). 512 leaves the descriptor's antialiased resize 8x of headroom.
 READ_SIDE = 512
-OUTPUTS = ("audit.json", "audit.md", "flagged.png", "closest.png", KEY)
+OUTPUTS = ("audit.json", "audit.md", "flagged.png", "closest.png", audit_variations.SHEET, KEY)
 FLAGGED = 3   # exit status with --fail-on-flag when anything is flagged (argparse and user errors use 2)
 EXAMPLE = """example:
   python -m medti.audit --train data/cardiomegaly --synthetic synthetic/cardiomegaly --out audit/cardiomegaly \\
@@ -62,6 +62,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", required=True, help="output folder (new, empty, or holding an earlier audit)")
     p.add_argument("--manifest", help="the run's manifest.jsonl, for the prompt and seed of each flagged image "
                                       "(found by itself when --synthetic is a run)")
+    p.add_argument("--sources", metavar="DIR", help="held-out images that variations of --synthetic were made from "
+                                                    "(medti.generate --condition-image) and that are not in --train")
     p.add_argument("--threshold", type=float, default=privacy.THRESHOLD,
                    help=f"flag at this similarity or more (default {privacy.THRESHOLD:g}, chosen and measured in "
                         "tests/test_privacy.py)")
@@ -85,8 +87,9 @@ def check_args(args) -> Reading:
         raise AuditError(f"--threshold {args.threshold:g}: must be in (0, 1]; the default is {privacy.THRESHOLD:g}")
     out, synthetic = Path(args.out), Path(args.synthetic)
     synthetic = synthetic.parent if synthetic.is_file() else synthetic   # a manifest: its run's folder
-    for flag, given in (("train", Path(args.train)), ("synthetic", synthetic)):
-        if inside(out, given):
+    folders = {"train": Path(args.train), "synthetic": synthetic, "sources": Path(args.sources or out)}
+    for flag, given in folders.items():
+        if given != out and inside(out, given):
             raise AuditError(f"--out {out} is inside {arg(flag)} {given}: the sheets hold training images and would "
                              "be read as images next time; choose a folder outside it")
     if args.preprocess not in PREPROCESS:
@@ -94,8 +97,8 @@ def check_args(args) -> Reading:
                          "give the training run's own")
     if args.dinov2 and args.features != "dinov2":
         raise AuditError("--dinov2 is the network of --features dinov2; add --features dinov2 or leave it out")
-    for flag in ("train", "synthetic"):
-        if not Path(getattr(args, flag)).exists():
+    for flag in ("train", "synthetic", "sources"):
+        if getattr(args, flag) and not Path(getattr(args, flag)).exists():
             raise AuditError(f"{arg(flag)} {getattr(args, flag)}: no such folder or file")
     if args.manifest and not Path(args.manifest).is_file():
         raise AuditError(f"--manifest {args.manifest}: no such file; give the run's manifest.jsonl")
@@ -158,6 +161,7 @@ def compare(args, how: Reading) -> Audit:
     # minimum 2: the template is the training set's mean, and one image is not a set
     train = load_set(args.train, "train", minimum=2, max_side=READ_SIDE, how=how)
     records = manifest_records(args, synthetic)
+    found = find_sources(args, how, synthetic, train, records)
     # the second opinion's network is loaded before the comparison: offline or a wrong folder fails in seconds
     net = load_network("dinov2", dinov2_name=args.dinov2, device=resolve_device(args.device)) \
         if args.features == "dinov2" else None
@@ -166,12 +170,31 @@ def compare(args, how: Reading) -> Audit:
         f"--preprocess {how.preprocess} at {how.resolution} px")
     train_desc = privacy.descriptors(train.images)
     ref = privacy.fit(train_desc)
-    match = privacy.nearest(ref, privacy.descriptors(synthetic.images))
+    syn_desc = privacy.descriptors(synthetic.images)
+    match = privacy.nearest(ref, syn_desc)
+    if found:
+        held = privacy.descriptors(found.held.images) if found.held else None
+        variations.score(found.found, ref, syn_desc, train_desc, held)
     own = baseline(ref, train_desc, train.patients)
     # no path: the report is made to be passed on (medti.files.pseudonyms); the training set by its fingerprint
     given = {"synthetic": synthetic.root.name, "preprocess": how.preprocess, "resolution": how.resolution}
     opinion = second_opinion(net, train.images, synthetic.images) if net else None
-    return Audit(train, synthetic, match, own, args.threshold, records, given, opinion)
+    return Audit(train, synthetic, match, own, args.threshold, records, given, opinion, found)
+
+
+def find_sources(args, how: Reading, synthetic, train, records: dict) -> variations.Variations | None:
+    """The sources of the variations among --synthetic (manifest records with "condition"), found among the
+    training images or --sources (read as --train is); None when no image is a variation."""
+    manifest = f"--manifest {args.manifest}" if args.manifest else f"the manifest of --synthetic {args.synthetic}"
+    wanted = variations.sources(records, synthetic.names, manifest)
+    if args.sources and not wanted:
+        raise AuditError(f"--sources {args.sources}: no image of --synthetic is a variation (no manifest record has "
+                         "a \"condition\"); leave --sources out, or give the run of medti.generate --condition-image")
+    if not wanted:
+        return None
+    held = load_set(args.sources, "sources", max_side=READ_SIDE, how=how) if args.sources else None
+    return variations.Variations(variations.locate(wanted, train, held), held, args.threshold,
+                                 min(privacy.CANDIDATES, len(train.names)))
 
 
 def second_opinion(net, train: list, synthetic: list) -> Opinion:
@@ -206,7 +229,8 @@ def run(args) -> int:
     with claim_folder(args.out) as out:
         check_folder(out)
         audit = compare(args, how)
-        replace_outputs(out, audit.train.key, *outputs(audit))
+        key = audit.train.key + (audit.variations.key() if audit.variations else [])
+        replace_outputs(out, key, *outputs(audit))
     n, m = len(audit.flagged), len(audit.synthetic.names)
     print(f"{n} of {m} synthetic images flagged as near-copies (similarity >= {args.threshold:g}; highest "
           f"{audit.match.similarity.max().item():.3f}); report: {out / 'audit.md'}")

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from PIL import Image, ImageDraw, ImageFilter, PngImagePlugin
+from PIL import Image, ImageDraw, ImageFilter, ImageOps, PngImagePlugin
 
 from minisd.errors import UserError
 
@@ -182,6 +182,13 @@ def label(image: Image.Image, text: str) -> Image.Image:
     draw.rectangle((0, 0, right + 4, lettering.height(face) * len(lines) + 3), fill=(0, 0, 0))
     white_lines(draw, (2, 1), lines, face)
     return image
+
+
+def tile(image: torch.Tensor, text: str, side: int) -> Image.Image:
+    """A uint8 [3, H, W] tensor as a labelled side x side image (aspect kept, black bars): one cell of a sheet of
+    pairs."""
+    picture = Image.fromarray(np.ascontiguousarray(image.permute(1, 2, 0).numpy()))
+    return label(ImageOps.pad(picture, (side, side)), text)
 
 
 def white_lines(draw: ImageDraw.ImageDraw, xy: tuple, lines: list, face):

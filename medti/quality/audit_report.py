@@ -12,13 +12,13 @@ import json
 from dataclasses import dataclass
 from functools import cached_property
 
-import numpy as np
-from PIL import Image, ImageOps
+from PIL import Image
 
-from ..files.images import contact_sheet, label
-from . import privacy
+from ..files.images import contact_sheet, tile
+from . import audit_variations, privacy
 from .audit_patients import copied_lines, copied_patients, described, patient_rows, training_set
 from .folders import ImageSet, shared_skipped
+from .variations import Variations
 
 SHEET_PAIRS = 24   # pairs per sheet at most: beyond that a sheet is too large to look at; audit.md lists them all
 TILE = 256         # pixels per image on a sheet: the label stays readable and 24 pairs stay under 4 MB
@@ -45,6 +45,7 @@ class Audit:
     records: dict          # synthetic name -> manifest record (may be empty)
     given: dict            # "synthetic": the synthetic folder's name; "preprocess", "resolution" of --train
     opinion: Opinion | None = None
+    variations: Variations | None = None   # the sources of the variations of a case, scored; None: no variation
 
     @property
     def flagged(self) -> list:
@@ -81,7 +82,7 @@ def entry(a: Audit, i: int) -> dict:
     record = a.records.get(a.synthetic.names[i])
     if found["flagged"] and record:   # only what a person needs to find the prompt again: never init/mask paths
         found.update(prompt=record.get("prompt"), seed=record.get("seed"))
-    return found
+    return found | audit_variations.entries(a.variations, i)
 
 
 def near_duplicates(a: Audit) -> list:
@@ -120,13 +121,9 @@ def report(a: Audit, sheets: dict) -> dict:
     if a.opinion:
         summary["second_opinion"] = {"features": a.opinion.network, "weights_sha256": a.opinion.weights_sha256,
                                      "highest_cosine": round(a.opinion.cosine.max().item(), 4)}
+    if a.variations:
+        summary["variations"] = audit_variations.summary(a.variations)
     return {"images": [entry(a, i) for i in range(len(a.synthetic.names))], "summary": summary}
-
-
-def tile(image, text: str) -> Image.Image:
-    """A uint8 [3, H, W] tensor as a labelled TILE x TILE image (aspect kept, black bars)."""
-    picture = Image.fromarray(np.ascontiguousarray(image.permute(1, 2, 0).numpy()))
-    return label(ImageOps.pad(picture, (TILE, TILE)), text)
 
 
 def caption(a: Audit, i: int) -> str:
@@ -146,8 +143,8 @@ def sheet(a: Audit, rows: list) -> Image.Image:
         j = a.match.index[i].item()
         how = ("mirrored, " if a.match.mirrored[i] else "") + "shift {:+.1f} %, {:+.1f} %".format(
             *(100 * s / privacy.SIZE for s in a.match.shift[i].tolist()))
-        items += [tile(a.synthetic.images[i], caption(a, i)),
-                  tile(a.train.images[j], f"training: {a.train.pseudonyms[j]}\n{a.patient[j]}\n{how}")]
+        items += [tile(a.synthetic.images[i], caption(a, i), TILE),
+                  tile(a.train.images[j], f"training: {a.train.pseudonyms[j]}\n{a.patient[j]}\n{how}", TILE)]
     return contact_sheet(items, columns=4 if len(items) > 2 else 2)
 
 
@@ -221,7 +218,7 @@ def markdown(a: Audit, sheets: dict) -> str:
     lines += table(a, a.flagged) + copied_lines(a.copied) if a.flagged else ["None."]
     lines += ["", f"## The {CLOSEST} most similar unflagged images", ""]
     lines += table(a, a.closest_unflagged(CLOSEST)) if a.closest_unflagged(1) else ["None: every image is flagged."]
-    lines += opinion_lines(a)
+    lines += opinion_lines(a) + audit_variations.markdown(a.variations, a.synthetic.names)
     lines += ["", "## What this does not check", "",
               "- Copies rotated, rescaled, cropped or shifted by more than the range above, or re-using only part "
               "of a training image (a lesion of one patient in another body).",
@@ -261,6 +258,10 @@ def outputs(a: Audit) -> tuple:
     closest = a.closest_unflagged(SHEET_PAIRS)
     images = {name: sheet(a, rows) for name, rows in (("flagged.png", a.flagged), ("closest.png", closest)) if rows}
     written = {name: name in images for name in ("flagged.png", "closest.png")}
+    if a.variations:   # sources.png: each source beside its variation (none when no source was found)
+        images[audit_variations.SHEET] = audit_variations.sheet(a.variations, a.synthetic, a.train, TILE)
+        written[audit_variations.SHEET] = images[audit_variations.SHEET] is not None
+        images = {name: image for name, image in images.items() if image is not None}
     texts = {"audit.md": markdown(a, written), "audit.json": json_text(report(a, written))}
     return texts, images
 
