@@ -16,6 +16,10 @@ and closest.png (the most similar unflagged pairs), naming training images by ps
 maps those to their paths and is not to be passed on. Running again into the same folder replaces that audit, all of
 it; a folder holding anything else is refused. With --fail-on-flag the exit status is 3 when anything is flagged
 (after the outputs are written), so a pipeline can refuse to publish the set; 2 is a usage error.
+
+Variations of a case (medti.generate --condition-image; manifest records with "condition") are also scored against
+their own source, found among the training images or --sources (medti/quality/variations.py): audit.json's
+"sources", a section of audit.md and sources.png, the sources named by pseudonym alone.
 """
 import argparse
 import dataclasses
@@ -67,7 +71,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--threshold", type=float, default=privacy.THRESHOLD,
                    help=f"flag at this similarity or more (default {privacy.THRESHOLD:g}, chosen and measured in "
                         "tests/test_privacy.py)")
-    p.add_argument("--fail-on-flag", action="store_true", help=f"exit with status {FLAGGED} when anything is flagged")
+    p.add_argument("--fail-on-flag", action="store_true", help=f"exit with status {FLAGGED} when anything is flagged "
+                                                              "(a variation that copies its own source included)")
     p.add_argument("--features", choices=("pixels", "dinov2"), default="pixels",
                    help="pixels (default): the weight-free method alone; dinov2: also a second opinion, the cosine "
                         "similarity of DINOv2 features (reported beside each image, never flagged on)")
@@ -232,11 +237,15 @@ def run(args) -> int:
         key = audit.train.key + (audit.variations.key() if audit.variations else [])
         replace_outputs(out, key, *outputs(audit))
     n, m = len(audit.flagged), len(audit.synthetic.names)
+    # a copy of a held-out source is no training image's near-copy, yet shows that patient: the gate counts it too
+    copies = len(audit.variations.copies) if audit.variations else 0
     print(f"{n} of {m} synthetic images flagged as near-copies (similarity >= {args.threshold:g}; highest "
-          f"{audit.match.similarity.max().item():.3f}); report: {out / 'audit.md'}")
-    if n and args.fail_on_flag:
-        print(f"flagged: {n} synthetic image(s) are near-copies of training images; see {out / 'audit.md'}",
-              file=sys.stderr)
+          f"{audit.match.similarity.max().item():.3f})" + (f"; {copies} variation(s) flagged as copies of their own "
+                                                           "source" if audit.variations else "")
+          + f"; report: {out / 'audit.md'}")
+    if (n or copies) and args.fail_on_flag:
+        print(f"flagged: {n} synthetic image(s) are near-copies of training images, {copies} variation(s) copies of "
+              f"their own source; see {out / 'audit.md'}", file=sys.stderr)
         return FLAGGED
     return 0
 

@@ -176,3 +176,18 @@ def test_sources_without_variations_is_refused(sets, tmp_path, capsys):
     assert main(["--train", str(tmp / "train"), "--synthetic", str(tmp_path / "plain"), "--out",
                  str(tmp_path / "out"), "--sources", str(tmp / "held")]) == 2
     assert "--sources" in one_line_error(capsys) and not (tmp_path / "out" / "audit.json").exists()
+
+
+def test_fail_on_flag_counts_a_copy_of_a_held_out_source(sets, tmp_path, capsys):
+    """A copy of a held-out case is no training image's near-copy, so only its own-source score flags it; the gate
+    must stop it as it stops a training copy (and lets it through when its source is not given: nothing to show)."""
+    tmp, _ = sets
+    save(tmp_path / "one" / "00000.png", chest(700, SIZE))
+    record = {"file": "00000.png", "condition": [source(tmp / "held" / PATIENT / f"{PATIENT}_heldout.png")]}
+    (tmp_path / "one" / "manifest.jsonl").write_text(json.dumps(record) + "\n")
+    given = ["--train", str(tmp / "train"), "--synthetic", str(tmp_path / "one"), "--fail-on-flag"]
+    assert main([*given, "--out", str(tmp_path / "out"), "--sources", str(tmp / "held")]) == 3
+    assert "0 of 1 synthetic images flagged" in capsys.readouterr().out
+    summary = json.loads((tmp_path / "out" / "audit.json").read_text())["summary"]
+    assert summary["flagged"] == 0 and summary["variations"]["copies_of_own_source"] == 1
+    assert main([*given, "--out", str(tmp_path / "out-alone")]) == 0

@@ -122,14 +122,23 @@ def _same_bytes(images: ImageSet, row: int, sha256: str | None) -> bool:
     return path.is_file() and hashlib.sha256(path.read_bytes()).hexdigest() == sha256
 
 
+def _rows(images: ImageSet | None) -> dict:
+    """{12 hex digits: rows} of the images whose pseudonym is one file's (not a volume's slice or a case's)."""
+    rows = {}
+    for row, pseudonym in enumerate(images.pseudonyms if images else []):
+        if named := PSEUDONYM.fullmatch(pseudonym):
+            rows.setdefault(named[1], []).append(row)
+    return rows
+
+
 def locate(wanted: list, train: ImageSet, held: ImageSet | None) -> list:
     """A Pair for every Source: found among the training images first, then among the held-out ones."""
+    sets = [("train", train, _rows(train)), ("sources", held, _rows(held))]
     pairs = []
     for source in wanted:
         pair, digits = Pair(source), PSEUDONYM.fullmatch(source.pseudonym)[1]
-        for where, images in (("train", train), ("sources", held)):
-            rows = [r for r, p in enumerate(images.pseudonyms if images else [])
-                    if (m := PSEUDONYM.fullmatch(p)) and m[1] == digits and _same_bytes(images, r, source.sha256)]
+        for where, images, index in sets:
+            rows = [r for r in index.get(digits, []) if _same_bytes(images, r, source.sha256)]
             if rows and pair.where is None:
                 pair.where, pair.row = where, rows[0]   # byte-identical twins are the same pixels: the first
         pairs.append(pair)
