@@ -198,7 +198,7 @@ def find_sources(args, how: Reading, synthetic, train, records: dict) -> variati
     if not wanted:
         return None
     held = load_set(args.sources, "sources", max_side=READ_SIDE, how=how) if args.sources else None
-    return variations.Variations(variations.locate(wanted, train, held), held, args.threshold,
+    return variations.Variations(variations.locate(wanted, train, held), train, held, args.threshold,
                                  min(privacy.CANDIDATES, len(train.names)))
 
 

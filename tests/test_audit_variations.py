@@ -15,9 +15,11 @@ import pytest
 from PIL import Image, ImageDraw
 from test_audit import one_line_error, save
 from test_privacy import chest
+from test_volume import _write_nifti
 
 from conftest import private_key
 from medti.audit import main
+from medti.quality.folders import Reading, load_set
 
 SIZE = 128
 PATIENT = "DOE_JOHN_MRN4242"   # in every source's file and folder name: no shared output may hold it
@@ -40,8 +42,8 @@ def shifted_noisy(image: np.ndarray) -> np.ndarray:
 def sets(tmp_path_factory):
     """train/ (10 patients, named after a patient), held/ (one held-out case, not in train/) and var/, a run of
     variations with manifest.jsonl: 00000 an exact copy of its source p3; 00001 p5 shifted and noised; 00002 a copy
-    of the held-out case; 00003 a --mix of p3 and p7 that copies p7; 00004 made from a file that is nowhere;
-    00005 a text-only image (no "condition")."""
+    of the held-out case; 00003 a --mix of p3 and p7 (r 0.75: three quarters p7) that copies p7; 00004 made from
+    a file that is nowhere; 00005 a text-only image (no "condition")."""
     tmp = tmp_path_factory.mktemp("variations")
     train, held = tmp / "train" / PATIENT, tmp / "held" / PATIENT
     for i in range(10):
@@ -52,11 +54,11 @@ def sets(tmp_path_factory):
     images = [chest(3, SIZE), shifted_noisy(chest(5, SIZE)), chest(700, SIZE), chest(7, SIZE), chest(600, SIZE),
               chest(601, SIZE)]
     conditions = [[p[3]], [p[5]], [source(held / f"{PATIENT}_heldout.png")],
-                  [{**p[3], "mix": 0.5}, {**p[7], "mix": 0.5}], [source(tmp / "elsewhere.png")], None]
+                  [p[3], p[7]], [source(tmp / "elsewhere.png")], None]
     lines = []
     for i, (image, condition) in enumerate(zip(images, conditions, strict=True)):
         save(tmp / "var" / f"{i:05d}.png", image)
-        record = {"file": f"{i:05d}.png", "prompt": "x-ray", "seed": i}
+        record = {"file": f"{i:05d}.png", "prompt": "x-ray", "seed": i} | ({"mix": 0.75} if i == 3 else {})
         lines.append(json.dumps(record | ({"condition": condition} if condition else {})))
     (tmp / "var" / "manifest.jsonl").write_text("\n".join(lines) + "\n")
     return tmp, p
@@ -109,7 +111,7 @@ def test_a_mix_reports_both_sources_and_which_one_is_copied(sets, audited):
     _, p = sets
     first, second = audited[0]["images"][3]["sources"]
     assert (first["source"], second["source"]) == (p[3]["pseudonym"], p[7]["pseudonym"])
-    assert first["mix"] == second["mix"] == 0.5
+    assert first["mix"] == second["mix"] == 0.75 and (first["share"], second["share"]) == (0.25, 0.75)
     assert second["copy"] and second["nearest_is_source"]
     assert not first["copy"] and first["rank"] > 1 and not first["nearest_is_source"]
 
@@ -191,3 +193,22 @@ def test_fail_on_flag_counts_a_copy_of_a_held_out_source(sets, tmp_path, capsys)
     summary = json.loads((tmp_path / "out" / "audit.json").read_text())["summary"]
     assert summary["flagged"] == 0 and summary["variations"]["copies_of_own_source"] == 1
     assert main([*given, "--out", str(tmp_path / "out-alone")]) == 0
+
+
+def test_a_volume_source_is_compared_by_its_best_slice(tmp_path):
+    """generate reads one slice of a volume --condition-image and records the volume's pseudonym: the audit scores
+    the variation against each of the volume's slices and reports the one compared. The variation is slice 2 as the
+    audit reads it (load_set with the audit's reading: preprocess center at the variations' 128 px)."""
+    for i in range(6):
+        save(tmp_path / "train" / f"p{i}.png", chest(i, SIZE))
+    volume = np.stack([chest(20 + k, SIZE) for k in range(4)]).astype(np.float32)   # [k, j, i]
+    _write_nifti(tmp_path / "train" / f"{PATIENT}.nii.gz", volume, np.eye(3), (1.0, 1.0, 1.0), (0.0, 0.0, 0.0))
+    read = load_set(tmp_path / "train", "train", how=Reading(preprocess="center", resolution=SIZE, as_training=True))
+    slices = [r for r, name in enumerate(read.names) if "#" in name]
+    assert len(slices) == 4
+    save(tmp_path / "var" / "00000.png", read.images[slices[2]].permute(1, 2, 0).numpy())
+    record = {"file": "00000.png", "condition": [source(tmp_path / "train" / f"{PATIENT}.nii.gz")]}
+    (tmp_path / "var" / "manifest.jsonl").write_text(json.dumps(record) + "\n")
+    pair, = run(tmp_path, "out")["images"][0]["sources"]
+    assert pair["found_in"] == "train" and pair["compared"] == read.pseudonyms[slices[2]] != pair["source"]
+    assert pair["similarity"] == 1.0 and pair["copy"] and pair["nearest_is_source"]

@@ -259,7 +259,7 @@ def outputs(a: Audit) -> tuple:
     images = {name: sheet(a, rows) for name, rows in (("flagged.png", a.flagged), ("closest.png", closest)) if rows}
     written = {name: name in images for name in ("flagged.png", "closest.png")}
     if a.variations:   # sources.png: each source beside its variation (none when no source was found)
-        images[audit_variations.SHEET] = audit_variations.sheet(a.variations, a.synthetic, a.train, TILE)
+        images[audit_variations.SHEET] = audit_variations.sheet(a.variations, a.synthetic, TILE)
         written[audit_variations.SHEET] = images[audit_variations.SHEET] is not None
         images = {name: image for name, image in images.items() if image is not None}
     texts = {"audit.md": markdown(a, written), "audit.json": json_text(report(a, written))}

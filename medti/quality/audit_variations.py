@@ -15,9 +15,12 @@ LISTED = 50        # pairs in audit.md at most, most similar first: audit.json h
 def pair_entry(v: Variations, pair: Pair) -> dict:
     """One source of one variation in audit.json."""
     found = {"source": pair.source.pseudonym}
-    found.update({"mix": pair.source.mix} if pair.source.mix is not None else {})
+    found.update({"mix": pair.source.mix, "share": pair.source.share} if pair.source.mix is not None else {})
     if not pair.where:
         return {**found, "found_in": None, "note": "not among the training images or --sources"}
+    images = v.held if pair.where == "sources" else None
+    compared = (images or v.train).pseudonyms[pair.row]
+    found.update({"compared": compared} if compared != pair.source.pseudonym else {})   # a volume's slice
     return {**found, "found_in": pair.where, "similarity": round(pair.similarity, 4),
             "copy": pair.similarity >= v.threshold, "rank": pair.rank, "nearest_is_source": pair.rank == 1,
             "mirrored": pair.mirrored}
@@ -53,10 +56,10 @@ def verdict(v: Variations) -> str:
 
 
 def table(v: Variations, names: list) -> list:
-    lines = ["| variation | source | mix | found in | similarity to its source | flagged as its copy | rank of the "
-             "source |", "|---|---|---|---|---|---|---|"]
+    lines = ["| variation | source | share (--mix) | found in | similarity to its source | flagged as its copy "
+             "| rank of the source |", "|---|---|---|---|---|---|---|"]
     for p in v.by_similarity()[:LISTED]:
-        mix = "" if p.source.mix is None else p.source.mix
+        mix = "" if p.source.share is None else f"{p.source.share:g}"
         lines.append(f"| {names[p.source.variation]} | {p.source.pseudonym} | {mix} | {WHERE[p.where]} | "
                      f"{p.similarity:.3f} | {'yes' if p.similarity >= v.threshold else 'no'} | {p.rank} |")
     more = len(v.found) - LISTED
@@ -80,13 +83,13 @@ def markdown(v: Variations | None, names: list) -> list:
     return lines + ([""] + table(v, names) if v.found else [])
 
 
-def sheet(v: Variations, synthetic: ImageSet, train: ImageSet, side: int):
+def sheet(v: Variations, synthetic: ImageSet, side: int):
     """Source | variation, pair by pair, closest first, two pairs per row; None when no source was found."""
     items = []
     for p in v.by_similarity()[:SHEET_PAIRS]:
-        images = train if p.where == "train" else v.held
+        images = v.train if p.where == "train" else v.held
         shared = f"similarity {p.similarity:.3f}" + (", mirrored" if p.mirrored else "")
-        items += [tile(images.images[p.row], f"source: {p.source.pseudonym}\n{WHERE[p.where]}", side),
+        items += [tile(images.images[p.row], f"source: {images.pseudonyms[p.row]}\n{WHERE[p.where]}", side),
                   tile(synthetic.images[p.source.variation],
                        f"{synthetic.names[p.source.variation]}\n{shared}\nrank of source {p.rank}", side)]
     return contact_sheet(items, columns=4 if len(items) > 2 else 2) if items else None

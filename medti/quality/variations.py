@@ -22,7 +22,8 @@ from minisd.errors import UserError
 from . import privacy
 from .folders import ImageSet
 
-PSEUDONYM = re.compile(r"img-([0-9a-f]{12})(-[0-9]+)?")   # an image file's pseudonym (-2, -3: byte-identical twins)
+PSEUDONYM = re.compile(r"img-([0-9a-f]{12})(-[0-9]+)?")   # a source's pseudonym (-2, -3: byte-identical twins)
+TRAINED = re.compile(r"img-([0-9a-f]{12})(-[0-9]+)?(#.*)?")   # a read image's: a volume's slice adds `#axial042`
 SHA256 = re.compile(r"[0-9a-f]{64}")
 WHERE = {"train": "training set", "sources": "held out (--sources)"}   # how audit.md and the sheet say where
 
@@ -37,7 +38,8 @@ class Source:
     variation: int           # the variation's row in the synthetic set
     pseudonym: str           # `img-<sha12>`
     sha256: str | None       # the source file's whole sha256, when recorded
-    mix: object = None       # its --mix fraction as recorded (None: a record of one source)
+    mix: object = None       # the record's --mix fraction r (0: the first source, 1: the second), as recorded
+    share: float | None = None   # this source's share of the mixed tokens: 1 - r for the first, r for the second
 
 
 @dataclass
@@ -45,7 +47,8 @@ class Pair:
     """A variation and one of its sources: where the source was found and how alike the two are."""
     source: Source
     where: str | None = None         # "train", "sources", or None: found in neither
-    row: int | None = None           # the source's row in that set
+    rows: list = field(default_factory=list)   # the source's rows in that set: one, or a volume's slices
+    row: int | None = None           # the row compared: the slice that scores highest for a volume
     similarity: float | None = None  # the audit's score between the variation and its source, in [0, 1]
     rank: int | None = None          # 1 + training images (other than the source) the audit scores above it
     mirrored: bool = False           # the best match was the variation's mirror
@@ -55,6 +58,7 @@ class Pair:
 class Variations:
     """Every variation's sources, scored (`score`), and the held-out sources they were found among."""
     pairs: list
+    train: ImageSet
     held: ImageSet | None = None
     threshold: float = privacy.THRESHOLD
     candidates: int = privacy.CANDIDATES   # training images scored exactly per variation, for the rank
@@ -83,15 +87,15 @@ class Variations:
         return [(self.held.pseudonyms[r], str(self.held.root / self.held.names[r])) for r in rows]
 
 
-def _entry(value, mix) -> tuple | None:
-    """(pseudonym, sha256 or None, mix) of one "condition" entry; None when it is not as medti.generate writes it
-    (a pseudonym, and a sha256 that begins with the pseudonym's digits when given)."""
+def _entry(value) -> tuple | None:
+    """(pseudonym, sha256 or None) of one "condition" entry; None when it is not as medti.generate writes it (a
+    pseudonym, and a sha256 that begins with the pseudonym's digits when given)."""
     if not isinstance(value, dict) or not isinstance(value.get("pseudonym"), str):
         return None
     named, sha = PSEUDONYM.fullmatch(value["pseudonym"]), value.get("sha256")
     if not named or not (sha is None or isinstance(sha, str) and SHA256.fullmatch(sha) and sha[:12] == named[1]):
         return None
-    return value["pseudonym"], sha, value.get("mix", mix)
+    return value["pseudonym"], sha
 
 
 def sources(records: dict, names: list, manifest: str) -> list:
@@ -103,69 +107,85 @@ def sources(records: dict, names: list, manifest: str) -> list:
         entries = record.get("condition") if isinstance(record, dict) else None
         if entries is None:
             continue
-        read = [_entry(e, record.get("mix")) for e in entries] if isinstance(entries, list) else []
+        read = [_entry(e) for e in entries] if isinstance(entries, list) else []
         if not 1 <= len(read) <= 2 or None in read:
             raise ConditionError(
                 f"{manifest}: the record of {name} has a \"condition\" that is not one or two entries "
                 "{\"pseudonym\": \"img-<12 hex digits>\", \"sha256\": \"<64 hex digits>\"} as medti.generate "
                 "writes them; give the run's own manifest.jsonl")
-        found += [Source(row, *entry) for entry in read]
+        mix = record.get("mix")
+        shares = (1 - mix, mix) if len(read) == 2 and isinstance(mix, (int, float)) else (None,) * len(read)
+        found += [Source(row, *entry, mix, share) for entry, share in zip(read, shares, strict=True)]
     return found
 
 
-def _same_bytes(images: ImageSet, row: int, sha256: str | None) -> bool:
-    """Is image `row` the recorded file? Its pseudonym already matched; with the whole sha256 recorded, its file is
-    hashed again (an image read from several files, or a volume's slice, has no one file: not a match)."""
-    if sha256 is None:
+def _same_bytes(images: ImageSet, row: int, digits: str, sha256: str | None) -> bool:
+    """Is image `row` (its pseudonym's digits matched) the recorded source? With the whole sha256 recorded and the
+    image read from one file (a volume's slice: from its file) whose own sha256 begins with those digits, that
+    sha256 must be the recorded one. An image of several files (a DICOM series, a --channels case) is named by a
+    hash of their digests, which the set does not keep: its 48-bit pseudonym is the match."""
+    path = images.root / images.names[row].partition("#")[0]
+    if sha256 is None or not path.is_file():
         return True
-    path = images.root / images.names[row]
-    return path.is_file() and hashlib.sha256(path.read_bytes()).hexdigest() == sha256
+    own = hashlib.sha256(path.read_bytes()).hexdigest()
+    return own == sha256 if own[:12] == digits else True
 
 
 def _rows(images: ImageSet | None) -> dict:
-    """{12 hex digits: rows} of the images whose pseudonym is one file's (not a volume's slice or a case's)."""
+    """{12 hex digits: rows} of a set's images by their pseudonyms (a volume's slices all under its digits)."""
     rows = {}
     for row, pseudonym in enumerate(images.pseudonyms if images else []):
-        if named := PSEUDONYM.fullmatch(pseudonym):
+        if named := TRAINED.fullmatch(pseudonym):
             rows.setdefault(named[1], []).append(row)
     return rows
 
 
 def locate(wanted: list, train: ImageSet, held: ImageSet | None) -> list:
-    """A Pair for every Source: found among the training images first, then among the held-out ones."""
+    """A Pair for every Source: found among the training images first, then among the held-out ones. A volume's
+    source is all its slices (the record does not say which one generate read): score() compares each."""
     sets = [("train", train, _rows(train)), ("sources", held, _rows(held))]
     pairs = []
     for source in wanted:
         pair, digits = Pair(source), PSEUDONYM.fullmatch(source.pseudonym)[1]
         for where, images, index in sets:
-            rows = [r for r in index.get(digits, []) if _same_bytes(images, r, source.sha256)]
+            rows = [r for r in index.get(digits, []) if _same_bytes(images, r, digits, source.sha256)]
             if rows and pair.where is None:
-                pair.where, pair.row = where, rows[0]   # byte-identical twins are the same pixels: the first
+                pair.where, pair.rows = where, rows
         pairs.append(pair)
     return pairs
 
 
 def score(found: list, ref: privacy.Reference, syn_desc: torch.Tensor, train_desc: torch.Tensor,
           held_desc: torch.Tensor | None) -> list:
-    """Fill in similarity, mirrored and rank of each found Pair: the descriptors of the synthetic, training and
+    """Fill in row, similarity, mirrored and rank of each found Pair: the descriptors of the synthetic, training and
     held-out images (privacy.descriptors). The variation is compared with its source exactly as the audit compares it
     with a training image (whitened by the training set's filter, the training template removed, every shift and
-    the mirror). The rank counts the training images of the audit's prefilter (its CANDIDATES most likely for that
-    variation, the ones it scores exactly) that score higher than the source: rank 1 = no training image is nearer
-    to the variation than its own source. Returns the Pairs."""
+    the mirror); a volume's source by its slice that scores highest. The rank counts the training images of the
+    audit's prefilter (its CANDIDATES most likely for that variation, the ones it scores exactly) that score higher
+    than the source, the source's own rows left out: rank 1 = no training image is nearer to the variation than its
+    own source. Returns the Pairs."""
     if not found:
         return found
-    desc = syn_desc[[p.source.variation for p in found]]
-    src = torch.stack([(train_desc if p.where == "train" else held_desc)[p.row] for p in found])
+    tried = [(i, r) for i, p in enumerate(found) for r in p.rows]   # every (pair, source row) to score
+    desc = syn_desc[[found[i].source.variation for i, _ in tried]]
+    src = torch.stack([(train_desc if found[i].where == "train" else held_desc)[r] for i, r in tried])
     syn = privacy.variants(privacy.whiten(desc, ref.gain), privacy.PHASES)
     own = privacy.exact(syn, privacy.Reference(ref.gain, privacy.whiten(src, ref.gain), ref.template),
-                        torch.arange(len(found))[:, None])
-    coarse = privacy.variants(privacy.whiten(privacy.halve(desc), ref.coarse.gain), privacy.COARSE_PHASES)
+                        torch.arange(len(tried))[:, None])
+    best = {}   # pair -> position in `tried` of its best source row
+    for t, (i, _) in enumerate(tried):
+        if i not in best or own.similarity[t] > own.similarity[best[i]]:
+            best[i] = t
+    keep = [best[i] for i in range(len(found))]
+    syn, similarity = [v[keep] for v in syn], own.similarity[keep]
+    coarse = privacy.variants(privacy.whiten(privacy.halve(desc[keep]), ref.coarse.gain), privacy.COARSE_PHASES)
     rows = privacy.candidates(coarse, ref.coarse, min(privacy.CANDIDATES, len(ref.images)), None)   # [P, k]
     above = torch.zeros(len(found), dtype=torch.long)
     for column in rows.T:   # one exact score per candidate: exact() keeps only the best of the rows it is given
-        other = torch.tensor([p.where != "train" or p.row != r for p, r in zip(found, column.tolist(), strict=True)])
-        above += (privacy.exact(syn, ref, column[:, None]).similarity > own.similarity) & other
+        other = torch.tensor([p.where != "train" or r not in p.rows
+                              for p, r in zip(found, column.tolist(), strict=True)])
+        above += (privacy.exact(syn, ref, column[:, None]).similarity > similarity) & other
     for i, pair in enumerate(found):
-        pair.similarity, pair.mirrored, pair.rank = own.similarity[i].item(), bool(own.mirrored[i]), 1 + int(above[i])
+        pair.row, pair.similarity = tried[keep[i]][1], similarity[i].item()
+        pair.mirrored, pair.rank = bool(own.mirrored[keep[i]]), 1 + int(above[i])
     return found
