@@ -61,9 +61,10 @@ def files(tiny, tmp_path_factory):
                 a=cases / f"{MARKER}_0.png", b=cases / f"{MARKER}_1.png")
 
 
-def run(files, out, *extra, model=None):
+def run(files, out, *extra, model=None, encoder=True):
     return main(["--model", str(model or files["model"]), "--config", str(files["root"] / "tiny.json"),
-                 "--encoder", str(files["encoder"]), "--size", str(PIXELS), "--steps", str(STEPS), "--cfg", str(CFG),
+                 *(["--encoder", str(files["encoder"])] if encoder else []), "--size", str(PIXELS),
+                 "--steps", str(STEPS), "--cfg", str(CFG),
                  "--sampler", "dpmpp_2m", "--no-pack", "--save-latents", "--out", str(out), *extra])
 
 
@@ -143,3 +144,69 @@ def test_resume_continues_and_refuses_another_case(files, tmp_path, capsys):
     assert run(files, out, "--condition-image", str(files["b"]), "--n", "2", "--resume") == 2
     err = capsys.readouterr().err
     assert "--condition-image" in err and f"(now img-{sha(files['b'])[:12]})" in err and MARKER not in err
+
+
+def nifti(path, depth: int = 6):
+    """A small volume (nibabel, the field's reader): `depth` axial slices of 64 x 64, each its own pattern."""
+    import nibabel
+    data = np.stack([image(PIXELS, PIXELS, k)[0, 0].numpy() for k in range(depth)], axis=-1).astype(np.int16)
+    nibabel.save(nibabel.Nifti1Image(data, np.eye(4)), str(path))
+    return path
+
+
+@pytest.fixture(scope="module")
+def others(files):
+    """A text model (the same weights without the metadata), another network's encoder, a broken image, a volume."""
+    root = files["root"]
+    text = write_official(root / "text.safetensors", **files["refs"])
+    encoder_release(root / "dino-wide", width=48)
+    (root / "broken.png").write_bytes(b"\x89PNG\r\n\x1a\n not really")
+    return dict(text=text, wide=root / "dino-wide", broken=root / "broken.png", volume=nifti(root / "volume.nii.gz"))
+
+
+def test_a_volume_gives_its_middle_slice(files, others, tmp_path):
+    assert run(files, tmp_path, "--condition-image", str(others["volume"])) == 0
+    data = load_dataset(others["volume"].parent, PIXELS, "center", slices="middle:1")   # what training would read
+    [row] = [i for i, name in enumerate(data.names) if name.startswith("volume.nii.gz")]
+    sd = files["sd"]
+    expected = sample(sd, sd.image(to_uint8(data.images[row:row + 1])), sd.image.null(1), [1.0], [0], SETTINGS)
+    assert torch.equal(latents(tmp_path, 1), expected)
+
+
+@pytest.mark.parametrize("case,words", [
+    ("text-model", "text.safetensors is a text model (its file states no image condition); give --prompt"),
+    ("prompt-only", "is image-conditioned (encoder dino-local): it reads no prompt; give --condition-image"),
+    ("prompt-and-image", "--prompt and --condition-image were given together"),
+    ("mix-one", "give exactly two --condition-image, not 1"),
+    ("mix-range", "--mix 0.5,1.5: each fraction must be in [0, 1]"),
+    ("mix-text", "--mix 'a,b': expected numbers"),
+    ("unreadable", "--condition-image {broken}: not an image PIL can read"),
+    ("missing", "--condition-image {root}/nope.png: no such file"),
+    ("other-encoder", "--encoder {wide}: gives 5 tokens of width 48"),
+    ("no-encoder", "pass that folder as --encoder"),
+    ("several-slices", "gives 6 slices of this volume; a condition is one image"),
+    ("window-alone", "--window is for an image-conditioned model's --condition-image"),
+    ("negative", "--negative: an image-conditioned model reads no prompt"),
+])
+def test_refusals_are_one_line_before_any_image(files, others, tmp_path, capsys, case, words):
+    a, root = str(files["a"]), str(files["root"])
+    argv = {"text-model": ["--condition-image", a], "prompt-only": ["--prompt", "x"],
+            "prompt-and-image": ["--prompt", "x", "--condition-image", a],
+            "mix-one": ["--condition-image", a, "--mix", "0.5"],
+            "mix-range": ["--condition-image", a, "--condition-image", a, "--mix", "0.5,1.5"],
+            "mix-text": ["--condition-image", a, "--condition-image", a, "--mix", "a,b"],
+            "unreadable": ["--condition-image", str(others["broken"])],
+            "missing": ["--condition-image", f"{root}/nope.png"],
+            "other-encoder": ["--condition-image", a, "--encoder", str(others["wide"])],
+            "no-encoder": ["--condition-image", a],
+            "several-slices": ["--condition-image", str(others["volume"]), "--slices", "all"],
+            "window-alone": ["--prompt", "x", "--window", "lung"],
+            "negative": ["--condition-image", a, "--negative", "blurry"]}[case]
+    model = others["text"] if case in ("text-model", "window-alone") else None
+    given = "--encoder" in argv or case in ("text-model", "window-alone", "no-encoder")   # else the model's own
+    capsys.readouterr()
+    assert run(files, tmp_path / "out", *argv, model=model, encoder=not given) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("error: ") and "\n" not in err and "Traceback" not in err, err
+    assert words.format(**others, root=root) in err, err
+    assert not list(tmp_path.rglob("*.png"))

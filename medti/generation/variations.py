@@ -45,7 +45,7 @@ def check(args):
     """The flags of an image-conditioned run, before the model loads (flags.check_args has made sure --prompt,
     --sweep and --condition-image are not mixed)."""
     if not args.condition_image:
-        given = [f"--{name}" for name in ("mix", "encoder", *READING) if getattr(args, name) is not None]
+        given = [f"--{name}" for name in ("mix", *READING) if getattr(args, name) is not None]
         if given:
             raise UsageError(f"{given[0]} is for an image-conditioned model's --condition-image; leave it out or give "
                              "--condition-image FILE")
