@@ -34,8 +34,9 @@ from test_names import readable
 import minisd
 from conftest import TINY_CONFIG, rel_err, write_official
 from medti.dataset.folder import load_dataset
+from medti.files.images import load_image
 from medti.generate import main
-from medti.generation.pipeline import SampleSettings, sample
+from medti.generation.pipeline import InitImage, SampleSettings, sample
 from medti.medical.window import parse_window
 from medti.training.objective import to_uint8
 
@@ -130,6 +131,15 @@ def test_a_dicom_case_is_read_as_training_reads_it(files, tmp_path):
     expected = sample(sd, sd.image(to_uint8(data.images)), sd.image.null(1), [1.0], [0], SETTINGS)
     assert torch.equal(latents(out, 1), expected)
     assert records(out)[0]["condition"][0]["sha256"] == sha(dicom)
+
+
+def test_img2img_of_a_variation_is_the_pipeline_with_the_init_image(files, tmp_path):
+    assert run(files, tmp_path, "--condition-image", str(files["a"]), "--init-image", str(files["b"]),
+               "--strength", "0.6") == 0
+    sd = files["sd"]
+    init = InitImage(load_image(files["b"], PIXELS, PIXELS), None, 0.6)
+    expected = sample(sd, sd.image(pixels(files["a"])), sd.image.null(1), [1.0], [0], SETTINGS, init)
+    assert torch.equal(latents(tmp_path, 1), expected)
 
 
 def test_resume_continues_and_refuses_another_case(files, tmp_path, capsys):
