@@ -25,14 +25,19 @@ DIGITS = 12                 # hex digits of sha256 kept: 48 bits, so two differe
 #                             share a pseudonym with a chance under 1 in 10^4 (and then numbering keeps them apart)
 
 
-def content_id(files: dict[str, bytes]) -> str:
-    """`img-` and the first DIGITS hex digits of a sha256 over the bytes of the file(s) an image came from: of the
-    file itself when it is one (`sha256sum FILE` begins with them), else of the files' sha256 hex digests, sorted,
-    one per line (a DICOM series, a case of --channels, a .mhd with its .raw). The paths take no part in it."""
+def content_sha256(files: dict[str, bytes]) -> str:
+    """The sha256 (64 hex digits) an image's pseudonym starts from: of the file itself when it is one (`sha256sum
+    FILE`), else of the files' sha256 hex digests, sorted, one per line (a DICOM series, a case of --channels, a
+    .mhd with its .raw). The paths take no part in it."""
     digests = sorted(hashlib.sha256(data).hexdigest() for data in files.values())
     if len(digests) != 1:
         digests = [hashlib.sha256("".join(f"{d}\n" for d in digests).encode()).hexdigest()]
-    return f"img-{digests[0][:DIGITS]}"
+    return digests[0]
+
+
+def content_id(files: dict[str, bytes]) -> str:
+    """`img-` and the first DIGITS hex digits of content_sha256: of the file's own sha256 when it is one file."""
+    return f"img-{content_sha256(files)[:DIGITS]}"
 
 
 class Numbering:

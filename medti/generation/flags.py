@@ -12,6 +12,7 @@ from minisd.sampling import SAMPLERS, UNSUPPORTED
 from minisd.schedule import SPACINGS, check_steps
 
 from ..cli import ArgumentParser, add_threads
+from ..dataset.preprocess import PREPROCESS
 from ..medical import require
 from . import loras
 from .preflight import check_scale, check_seeds
@@ -83,8 +84,27 @@ def build_parser() -> argparse.ArgumentParser:
         help="inpainting: outside the (blurred) mask, put the init image's own pixels back after decoding, as "
              "A1111 does (diffusers does not)")
     add("--strength", type=float, default=1.0, help="1: start from pure noise; < 1: keep that much of the init")
+    add_condition_flags(add)
     add_output_flags(add)
     return p
+
+
+def add_condition_flags(add):
+    """An image-conditioned model's inputs (medti.generation.variations), read as training reads its data."""
+    add("--condition-image", action="append", default=[], metavar="FILE",
+        help="image-conditioned models: variations of this case, in place of --prompt (repeatable: --n images of "
+             "each); PNG, JPEG, DICOM, NIfTI, MetaImage, NRRD")
+    add("--mix", help="with two --condition-image: fractions r in [0, 1], comma-separated; each image is conditioned "
+                      "on the lerp of the two cases' global tokens (0: the first case, 1: the second)")
+    add("--encoder", help="the DINO encoder folder of a model trained with a local folder (its file states only the "
+                          "folder's name)")
+    add("--window", help="DICOM condition image: CENTER,WIDTH or lung, mediastinum, bone, brain (default: the file's "
+                         "own, as training reads it)")
+    add("--plane", help="volume condition image: axial | coronal | sagittal (default axial)")
+    add("--slices", help="volume condition image: which slice, middle:1 (the default) or K:K+1; a condition is one "
+                         "slice, so a choice of several is refused")
+    add("--preprocess", choices=PREPROCESS, help="condition image: crop and resize as training's --preprocess does "
+                                                 "(default center), to the generated images' size")
 
 
 def add_output_flags(add):
@@ -98,8 +118,11 @@ def add_output_flags(add):
 
 def check_args(args):
     """Everything that can be checked before the model is loaded or a folder is made."""
-    if (args.prompt is None) == (args.sweep is None):
-        raise UsageError("give either --prompt or --sweep A B")
+    given = [flag for flag, value in (("--prompt", args.prompt), ("--sweep A B", args.sweep),
+                                      ("--condition-image", args.condition_image)) if value is not None and value != []]
+    if len(given) != 1:
+        raise UsageError("give one of --prompt, --sweep A B (text models) or --condition-image FILE (image-conditioned "
+                         "models)" + (f"; {' and '.join(given)} were given together" if given else ""))
     for name, text in [("prompt", args.prompt), ("negative", args.negative)] + [("sweep", t) for t in args.sweep or []]:
         if text is not None:
             check_text(name, text)

@@ -33,11 +33,13 @@ class ManifestError(UserError):
 
 @dataclass
 class Job:
-    """One image to make: its index (file name), seed, prompt text and term weights."""
+    """One image to make: its index (file name), seed, prompt text and term weights; `condition`: which of the run's
+    contexts it is sampled with (an image-conditioned run's source or mix fraction; 0 for a prompt's terms)."""
     index: int
     seed: int
     prompt: str
     weights: list
+    condition: int = 0
 
     @property
     def file(self) -> str:
@@ -45,10 +47,11 @@ class Job:
 
 
 def batches(jobs: list, per_call: int) -> list:
-    """Consecutive jobs with the same term weights, at most per_call per UNet batch."""
+    """Consecutive jobs with the same term weights and context, at most per_call per UNet batch."""
     groups = []
     for job in jobs:
-        if groups and len(groups[-1]) < per_call and groups[-1][0].weights == job.weights:
+        first = groups[-1][0] if groups else None
+        if first and len(groups[-1]) < per_call and (first.weights, first.condition) == (job.weights, job.condition):
             groups[-1].append(job)
         else:
             groups.append([job])
@@ -92,7 +95,7 @@ def differences(done: dict, planned: dict, renamed: dict) -> list:
 # What a record's field is called where it is not the flag --FIELD: the size and the files' hashes are read from
 # the model and the files, not typed
 NAMES = {"width": "image width", "height": "image height", "model_sha256": "the --model file's sha256",
-         "embeddings": "--embeddings", "loras": "LoRAs"}
+         "embeddings": "--embeddings", "loras": "LoRAs", "condition": "--condition-image"}
 
 
 def _value(field: str, value) -> str:
@@ -105,6 +108,8 @@ def _value(field: str, value) -> str:
         return ", ".join(f"{token} {sha[:12]}" for token, sha in value.items())
     if field == "loras":
         return ", ".join(f"{item['name']}:{item['weight']:g} {item['sha256'][:12]}" for item in value)
+    if field == "condition":   # the sources by pseudonym: a record holds no file name
+        return ", ".join(str(item.get("pseudonym")) for item in value if isinstance(item, dict))
     text = shlex.quote(value) if isinstance(value, str) else str(value)
     return text if len(text) <= 40 else text[:37] + "..."
 
@@ -133,6 +138,10 @@ def parameters_text(rec: dict) -> str:
              f"Model hash: {rec['model_sha256'][:10]}", f"Model: {Path(rec['model']).name}"]
     if rec["embeddings"]:
         pairs.append("Embeddings: " + ", ".join(rec["embeddings"]))
+    if rec.get("condition"):   # an image-conditioned model's sources, by pseudonym (the prompt line is empty)
+        pairs.append("Condition image: " + " and ".join(item["pseudonym"] for item in rec["condition"]))
+    if "mix" in rec:
+        pairs.append(f"Mix: {rec['mix']:g}")
     if rec["init_image"]:
         pairs.append(f"Denoising strength: {rec['strength']}")
     if rec["paste_back"]:

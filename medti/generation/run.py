@@ -24,7 +24,7 @@ from ..files.hashes import sha256_of
 from ..files.images import contact_sheet, load_image, load_mask, paste_back, save_png, soft_mask, to_pil
 from ..files.pseudonyms import KEY, Numbering, model_name, write_key
 from ..medical import synthetic
-from . import loras
+from . import loras, variations
 from .flags import UsageError, check_args
 from .manifest import Job, append, batches, described, differences, merge, parameters_text, read_records, record, repair
 from .pipeline import InitImage, SampleSettings, compile_for_inference, decode, sample
@@ -35,6 +35,8 @@ from .prompts import check_length, parse
 
 def plan(args) -> tuple[list, list]:
     """(term texts, jobs). --sweep A B: row r (seed + r) has one image per weight w, prompt "A :1-w AND B :w"."""
+    if args.condition_image:   # an image-conditioned model: one context per job, no prompt
+        return [""], variations.plan(args)
     if args.sweep is None:
         terms = parse(loras.strip_tags(args.prompt))   # A1111 drops <lora:...> tags before splitting on AND
         for text, weight in terms:
@@ -69,11 +71,22 @@ def conditioning(sd, texts: list, negative: str, name: str = "prompt"):
         return sd.text(texts), sd.text([negative])
 
 
+def contexts(args, sd, texts: list, width: int, height: int) -> tuple:
+    """(the contexts indexed by Job.condition, the uncond, the --condition-image sources): a prompt's terms, or an
+    image-conditioned model's cases (medti.generation.variations) with the null as the uncond."""
+    if not args.condition_image:
+        conds, uncond = conditioning(sd, texts, args.negative, "prompt" if args.sweep is None else "sweep")
+        return [conds], uncond, []
+    sources = variations.read_sources(args, max(width, height))
+    return variations.contexts(sd, sources, variations.fractions(args)), sd.image.null(1), sources
+
+
 def load_model(args, device, dtype, specs: list):
     """The model with the LoRAs merged and the embeddings attached, packed or compiled for inference; (sd,
     embeddings, packed)."""
     loaded = emb.read_all(args.embeddings) if args.embeddings else {}
-    sd = loras.apply(minisd.load(args.model, config=args.config, dtype=dtype, device=device), specs)   # before packing
+    sd = minisd.load(args.model, config=args.config, dtype=dtype, device=device, encoder=args.encoder)
+    sd = loras.apply(sd, specs)   # before packing
     emb.attach(sd, loaded)
     packed = not args.compile and not args.no_pack and can_pack(sd.unet)
     if args.compile:
@@ -147,18 +160,21 @@ def write_grid(args, out: Path, jobs: list):
 
 def generate(args, out: Path, texts: list, jobs: list, specs: list, rank: int, world: int, device, dtype):
     sd, loaded, packed = load_model(args, device, dtype, specs)
+    variations.check_model(args, sd)   # a prompt for a text model, an image for an image-conditioned one
     width, height = image_size(args, sd)
     per_call = max(1, args.batch // (len(texts) + 1)) if args.batch else 1   # each image: K terms + uncond rows
     check_memory(sd, device, width, height, args.batch or len(texts) + 1, per_call, packed)   # before any resize
     init, soft = init_inputs(args, sd, width, height)
-    conds, uncond = conditioning(sd, texts, args.negative, "prompt" if args.sweep is None else "sweep")
+    conds, uncond, sources = contexts(args, sd, texts, width, height)
+    mix = variations.fractions(args)
     settings = SampleSettings(width=width, height=height, steps=args.steps, cfg=args.cfg, sampler=args.sampler,
                               sigmas=args.sigmas, batch=args.batch)
     model_hash = sha256_of(sd.path)   # cached by medti.files.hashes: hashing GBs once, not per run
     emb.warn_other_base(loaded, model_hash)
     inputs, rows, renamed = input_names(args)
     planned = {job.file: record(args, job, width, height, model_hash, loaded, inputs) | loras.record(specs)
-               for job in jobs}
+               | (variations.record(job, sources, mix) if sources else {}) for job in jobs}
+    rows += variations.key_rows(sources)
     done = read_records(out)   # only records whose PNG is on disk count
     changed = [file for file in done if file in planned and differences(done[file], planned[file], renamed)]
     if changed:
@@ -175,8 +191,8 @@ def generate(args, out: Path, texts: list, jobs: list, specs: list, rank: int, w
     progress = Progress(len(todo), rank, world)   # stderr: a line per step, ETA, summary
     for group in batches(todo, per_call):
         progress.begin(len(group))
-        latents = sample(sd, conds, uncond, group[0].weights, [job.seed for job in group], settings, init,
-                         progress=progress.step)
+        latents = sample(sd, conds[group[0].condition], uncond, group[0].weights, [job.seed for job in group],
+                         settings, init, progress=progress.step)
         files = [job.file for job in group]
         check_finite("latents", latents, files, dtype)   # both checks come before any file of the batch
         images = decode(sd, latents)
@@ -188,14 +204,19 @@ def generate(args, out: Path, texts: list, jobs: list, specs: list, rank: int, w
         progress.end_batch()
     progress.summary(out, len(mine) - len(todo))
     if merge(out, planned, renamed) and args.grid:
-        write_grid(args, out, jobs)
+        if sources:
+            save_png(out / "grid.png", variations.grid(out, jobs, sources, mix, args.n))
+        else:
+            write_grid(args, out, jobs)
 
 
 def run(args):
     check_args(args)
+    variations.check(args)
     rank, world = torchrun_world()
     texts, jobs = plan(args)   # parses the prompt: its mistakes are reported before a folder is made
-    specs = loras.plan(args.lora, args.lora_dir, [args.prompt] if args.sweep is None else args.sweep, args.negative)
+    prompts = args.sweep or [p for p in [args.prompt] if p is not None]   # none for an image-conditioned model
+    specs = loras.plan(args.lora, args.lora_dir, prompts, args.negative)
     local = os.environ.get("LOCAL_RANK", rank)   # torchrun: this process's index on its machine = its GPU
     name = f"cuda:{local}" if args.device == "cuda" and world > 1 else args.device
     device = resolve_device(name)
