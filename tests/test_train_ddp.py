@@ -9,6 +9,7 @@ import sys
 
 import pytest
 from safetensors.torch import load_file
+from test_image_conditioning import encoder_release
 
 from medti.train import main
 from medti.training.demo import phantoms, tiny_model
@@ -70,6 +71,20 @@ def test_a_run_of_two_processes_resumes_in_one(tiny, tmp_path):
     assert main(["--resume", "--out", str(tmp_path / "mixed"), "--max-steps", "4"]) == 0
     err = largest_difference(tmp_path / "one" / "t.safetensors", tmp_path / "mixed" / "t.safetensors")
     assert err <= 3e-5, err
+
+
+def test_image_conditioned_unet_two_processes_equal_one(tiny, tmp_path):
+    """--method unet --condition dinov2 with the condition dropout at 0.5 (each rank takes its rows' conditions
+    from the whole batch's draw) and a projection (a 48-wide encoder into the 64-wide context), which trains."""
+    encoder_release(tmp_path / "enc", width=48)
+    method = ["--method", "unet", "--condition", "dinov2", "--encoder", str(tmp_path / "enc"), "--condition-dropout",
+              "0.5", "--lr", "1e-3", "--save-dtype", "fp32"]
+    assert main(common(tiny, tmp_path / "one", "--max-steps", "4", *method)) == 0
+    torchrun(common(tiny, tmp_path / "two", "--max-steps", "4", *method))
+    err = largest_difference(tmp_path / "one" / "model.safetensors", tmp_path / "two" / "model.safetensors")
+    print(f"image-conditioned unet: 2 processes vs 1, largest difference {err:.1e} of the largest value")
+    assert err <= 3e-5, err
+    assert "image_proj.weight" in load_file(tmp_path / "two" / "model.safetensors")
 
 
 def test_a_batch_that_does_not_divide_is_one_line(tiny, tmp_path):
