@@ -3,12 +3,14 @@ process gives at the same total batch, to float rounding; only rank 0 writes; a 
 in one. Bound: 3e-5 of the largest trained value after 4 steps -- the two processes average two half-batch means
 where one process takes one mean, which changes the last bits of the gradient, and AdamW's normalised steps carry
 such differences along. Measured (Zen 4, 2 cores): TI 1.1e-7, LoRA 2.7e-6; the bound is 10x the larger."""
+import json
 import os
 import subprocess
 import sys
 
 import pytest
 from safetensors.torch import load_file
+from test_image_conditioning import encoder_release
 
 from medti.train import main
 from medti.training.demo import phantoms, tiny_model
@@ -70,6 +72,28 @@ def test_a_run_of_two_processes_resumes_in_one(tiny, tmp_path):
     assert main(["--resume", "--out", str(tmp_path / "mixed"), "--max-steps", "4"]) == 0
     err = largest_difference(tmp_path / "one" / "t.safetensors", tmp_path / "mixed" / "t.safetensors")
     assert err <= 3e-5, err
+
+
+def test_image_conditioned_unet_two_processes_equal_one(tiny, tmp_path):
+    """--method unet --condition dinov2 with the condition dropout at 0.5 (each rank takes its rows' conditions
+    from the whole batch's draw) and a projection (a 48-wide encoder into the 64-wide context), which trains."""
+    encoder_release(tmp_path / "enc", width=48)
+    method = ["--method", "unet", "--condition", "dinov2", "--encoder", str(tmp_path / "enc"), "--condition-dropout",
+              "0.5", "--save-dtype", "fp32"]
+    assert main(common(tiny, tmp_path / "one", "--max-steps", "4", *method)) == 0
+    torchrun(common(tiny, tmp_path / "two", "--max-steps", "4", *method))
+    # Compared: the projection (3e-5 of its largest value, as above) and each step's loss (1e-5 relative). Not the
+    # whole UNet: the tiny UNet's biases just before a one-channel GroupNorm have a gradient of exactly 0 in exact
+    # arithmetic (tests/test_train_unet.py), so AdamW moves them by +-lr on rounding noise, differently per run; at
+    # the default --lr 1e-5 those moves stay small enough for the loss (at 1e-3 they moved it by 3.6e-5).
+    one, two = (load_file(tmp_path / run / "model.safetensors") for run in ("one", "two"))
+    scale = one["image_proj.weight"].abs().max().item()
+    err = max((one[k] - two[k]).abs().max().item() for k in ("image_proj.weight", "image_proj.bias")) / scale
+    losses = [[json.loads(line)["loss"] for line in (tmp_path / run / "log.jsonl").read_text().splitlines()]
+              for run in ("one", "two")]
+    loss_err = max(abs(a - b) / a for a, b in zip(*losses, strict=True))
+    print(f"image-conditioned unet: 2 processes vs 1, projection {err:.1e} of its largest value, loss {loss_err:.1e}")
+    assert err <= 3e-5 and loss_err <= 1e-5, (err, loss_err)
 
 
 def test_a_batch_that_does_not_divide_is_one_line(tiny, tmp_path):

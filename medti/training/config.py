@@ -25,6 +25,7 @@ from ..medical.slices import check_options
 from ..medical.window import parse_window
 from . import TrainError, check_folder, dreambooth
 from .distributed import check_launch, local_device, world
+from .image_method import check_condition
 from .methods import check_method, learning_rate
 from .optim import parse_lr
 from .previews import check_preview
@@ -96,6 +97,12 @@ class TrainConfig:
     train_text: bool = flag(False, "unet: train the text tower's weights too")
     ema: float = flag(0.0, "unet: keep an EMA of the weights with this decay (e.g. 0.9999) and save it; 0: none")
     save_dtype: str = flag("fp16", "unet: dtype of model.safetensors, fp16 | bf16 | fp32")
+    condition: str = flag("", "unet: dinov2 trains on each image's own DINO global tokens instead of a prompt "
+                              "(DiNO-Diffusion); needs --encoder; default: text")
+    encoder: str = flag("", "with --condition: the DINO release (e.g. facebook/dinov2-with-registers-base) or its "
+                            "folder")
+    condition_dropout: float = flag(0.1, "with --condition: fraction of conditions replaced by the null each step, "
+                                         "so guidance works (0..1)")
     class_prompt: str = flag("", 'lora, unet: DreamBooth\'s prior preservation, the class prompt, e.g. "a chest x-ray"')
     class_images: str = flag("", "with --class-prompt: a folder of class images, or N for N made once by the frozen "
                                  "model (kept in --out/class-images)")
@@ -258,6 +265,7 @@ def _check_model(cfg: TrainConfig):
 def check_settings(cfg: TrainConfig) -> Plan:
     """check() without the folders: for a caller that makes them itself, after this (the demo)."""
     _check_model(cfg)
+    check_condition(cfg)   # first: its refusals name --condition, not the method a flag belongs to
     check_method(cfg)
     dreambooth.check(cfg)
     if cfg.method == "ti":

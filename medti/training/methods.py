@@ -180,10 +180,11 @@ class UNetFineTune:
         self.train_text, self.frozen = cfg.train_text, FrozenText(sd)
         dtype = next(sd.vae.parameters()).dtype
         self.autocast = dtype if dtype != torch.float32 else None
-        parts = [("unet", sd.unet)] + ([("text", sd.text.tower)] if cfg.train_text else [])
+        # what trains, by the name its params start with (an image-conditioned run adds its projection)
+        self.parts = {"unet": sd.unet, **({"text": sd.text.tower} if cfg.train_text else {})}
         sd.unet.requires_grad_(False), sd.text.tower.requires_grad_(False)
         self.params = {}
-        for part, model in parts:
+        for part, model in self.parts.items():
             for name, param in model.named_parameters():
                 if part == "text" or cfg.trainable == "all" or ATTENTION.fullmatch(name):
                     param.data = param.data.float()   # the fp32 master is the model's own weight
@@ -209,7 +210,7 @@ class UNetFineTune:
         """The whole model in the official single-file layout (minisd.load reads it; so do A1111 and diffusers'
         from_single_file), with the EMA weights in place of the trained ones when --ema is on."""
         prefix = {part: key for key, module in components(self.sd).items()   # the official key prefixes
-                  for part, ours in (("unet", self.sd.unet), ("text", self.sd.text.tower)) if module is ours}
+                  for part, ours in self.parts.items() if module is ours}
         ema = {prefix[name.split(".")[1]] + name.split(".", 2)[2]: t for name, t in self.buffers.items()}
         state = {k: v.to(self.save_dtype) for k, v in state_dict(self.sd, replace=ema).items()}
         bad = next((k for k, v in state.items() if not torch.isfinite(v).all()), None)
@@ -243,7 +244,7 @@ def check_method(cfg):
                          f"{cfg.method}")
     if cfg.method == "ti":
         return
-    if not cfg.instance_prompt.strip():
+    if not cfg.instance_prompt.strip() and not cfg.condition:   # an image-conditioned run has no prompt
         raise TrainError(f"{arg('method')} {cfg.method}: give {arg('instance_prompt')}, the training prompt, e.g. "
                          "\"a chest x-ray of sks\"")
     unknown = [k for k in targets(cfg) if k not in lora.TARGETS]

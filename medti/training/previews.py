@@ -64,7 +64,9 @@ def write_preview(s, step: int):
     settings = SampleSettings(width=size, height=size, steps=s.cfg.preview_steps, cfg=2.0,
                               sampler=s.cfg.preview_sampler)
     with precision(s.method, s.plan.device):
-        cond, uncond = s.method.context([s.method.prompt]), sd.text([""])
+        # an image-conditioned run: variations of one fixed image, against the null as the uncond
+        cond = s.method.context([s.method.prompt])
+        uncond = sd.image.null(1) if sd.image is not None else sd.text([""])
         latents = sample(sd, cond, uncond, [1.0], SEEDS, settings)
     images = decode(sd, latents) if torch.isfinite(latents).all() else None   # a NaN latent is not decoded
     sd.vae.to("cpu")
@@ -73,7 +75,8 @@ def write_preview(s, step: int):
         return None
     path = s.out / f"preview-{step:06d}.png"
     labels = [f"step {step}, seed {seed}" for seed in SEEDS]
+    about = f"variations of {s.method.shown}" if sd.image is not None else s.method.prompt   # an image by its pseudonym
     save_png(path, contact_sheet([to_pil(i) for i in images], len(images), labels),
-             f"{s.method.prompt} (training step {step}; seeds {SEEDS[0]}-{SEEDS[-1]}, "
+             f"{about} (training step {step}; seeds {SEEDS[0]}-{SEEDS[-1]}, "
              f"{settings.steps} steps of {SAMPLERS[settings.sampler].a1111}, CFG {settings.cfg:g})")
     return path

@@ -53,6 +53,7 @@ def held_out(before: dict | None, now: dict | None) -> str:
 # the stored settings that are no flag of their own, in the words of the flags behind them: (saved, now) -> text
 NOT_FLAGS = {"data_fingerprint": lambda before, now: f"the images in {arg('data')}",
              "model_sha256": lambda before, now: f"the file of {arg('model')}",
+             "encoder_sha256": lambda before, now: f"the weights of {arg('encoder')}",
              "validation": held_out}
 
 

@@ -18,7 +18,7 @@ from . import TrainError
 
 # The settings that hold a path; the state file keeps only its last component (a preset or a count stays as it is):
 # the folders above are the user's file system, and may name a patient. The model file is told apart by its sha256.
-PATHS = ("model", "config", "class_images", "template", "slice_mask")
+PATHS = ("model", "config", "class_images", "template", "slice_mask", "encoder")
 
 
 def _key(kind: str, name: str) -> str:

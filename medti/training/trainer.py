@@ -25,7 +25,7 @@ from ..files.atomic import claim_folder, text_bytes, write_atomic
 from ..files.hashes import sha256_of
 from ..files.pseudonyms import KEY, model_name, write_key
 from ..medical.window import parse_window
-from . import TrainError, distributed, methods
+from . import TrainError, distributed, image_method, methods
 from .command import write_command
 from .config import Plan, TrainConfig, check, check_out
 from .dreambooth import class_cache, prior_preservation_loss
@@ -99,15 +99,19 @@ def setup(cfg: TrainConfig, plan: Plan) -> Session:
     rows, held = hold_out(data, load_data(cfg, "val") if cfg.val else None, plan.val_fraction, cfg.seed)
     cache = cache_latents(sd, data.images[rows], cfg.flip, cfg.seed)
     cache["captions"] = [data.captions[i] for i in rows]   # "" for an image without one (--captions)
+    if cfg.condition:   # each image's own global tokens are its condition (medti.training.image_method)
+        cache["tokens"], held_tokens, encoder_file = image_method.prepare(sd, cfg, plan.device, data.images[rows],
+                                                                          held and held.images)
     # validation latents: the posterior mean, unflipped (a fixed, noise-free latent of each image as it is)
     val = held and ValidationSet(cache_latents(sd, held.images, False, 0)["mean"] * sd.scale_factor,
                                  held.pseudonyms, held.names, cfg.val_draws, cfg.seed, cfg.token,
-                                 uncaptioned(plan.prompts))
+                                 uncaptioned(plan.prompts), held_tokens if cfg.condition else None)
     sd.vae.to("cpu")
     # the class images come from the model before anything trains (the frozen model's own view of the class)
     prior = class_cache(sd, cfg, Path(cfg.out), plan.device,
                         lambda folder: load_data(dataclasses.replace(cfg, class_images=str(folder)), "class_images"))
-    method = methods.make(sd, cfg, uncaptioned(plan.prompts), plan.device)
+    method = (image_method.ImageFineTune(sd, cfg, plan.device, cache["tokens"][0], data.pseudonyms[rows[0]])
+              if cfg.condition else methods.make(sd, cfg, uncaptioned(plan.prompts), plan.device))
     optimizer = adamw(list(method.params.values()), lr_at(plan.schedule, 0))
     scaler = torch.amp.GradScaler(plan.device.type, enabled=plan.dtype == torch.float16)
     # Checkpointing recomputes each block's activations in the backward pass: same gradients, ~1/3 more UNet
@@ -118,6 +122,8 @@ def setup(cfg: TrainConfig, plan: Plan) -> Session:
     settings = stored({k: v for k, v in dataclasses.asdict(cfg).items() if k not in MAY_CHANGE})
     settings["data_fingerprint"] = data.fingerprint   # with --val-fraction: of all of --data, held-out part too
     settings["model_sha256"] = sha256_of(sd.path)
+    if cfg.condition:   # the encoder's identity is its weights, as the model's is (a folder is stored by name)
+        settings["encoder_sha256"] = sha256_of(encoder_file)
     if held:
         settings["validation"] = {**held.about, "draws": cfg.val_draws, "files": held.pseudonyms}
     meta = {**method.meta, "base_model": model_name(sd.preset or cfg.model), "base_sha256": settings["model_sha256"],
@@ -173,6 +179,9 @@ def get_batch(s: Session, step: int, micro: int) -> tuple:
     if cfg.captions:   # each row's own caption, where the template asks for it ({caption}); none: the slot goes
         texts = [text.replace("{caption}", s.cache["captions"][row % n]) if s.cache["captions"][row % n] else
                  uncaptioned([text])[0] for text, row in zip(texts, rows, strict=True)]
+    if cfg.condition:   # each row's own tokens, or None (the null); drawn last, so text runs draw what they did
+        texts = image_method.conditions(s.cache["tokens"], rows, image_method.draw_dropped(cfg.batch,
+                                                                                           cfg.condition_dropout, g))
     if s.prior:   # class rows at random, mirrored ones included with --flip (the cache holds them)
         rows = torch.randint(0, len(s.prior["mean"]), (cfg.batch,), generator=g).tolist()
         extra = draw_latents(s.prior, rows, cfg.latents, g)

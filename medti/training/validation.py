@@ -102,6 +102,7 @@ class ValidationSet:
     seed: int               # --seed
     token: str
     prompts: list           # the training prompts; draw j of image i uses prompt (i * draws + j) % len(prompts)
+    conditions: list | None = None   # image-conditioned runs: image i's global tokens, its every draw's condition
 
 
 def fixed_draws(v: ValidationSet, i: int) -> tuple:
@@ -117,7 +118,8 @@ def fixed_draws(v: ValidationSet, i: int) -> tuple:
     u = torch.rand(v.draws, generator=g, dtype=torch.float64)
     t = ((torch.arange(v.draws) + u) * NUM_TIMESTEPS / v.draws).long().clamp(max=NUM_TIMESTEPS - 1)
     noise = torch.randn((v.draws, *v.latents.shape[1:]), generator=g)
-    texts = [v.prompts[(i * v.draws + j) % len(v.prompts)] for j in range(v.draws)]
+    texts = ([v.conditions[i]] * v.draws if v.conditions is not None else   # never dropped: the loss given the image
+             [v.prompts[(i * v.draws + j) % len(v.prompts)] for j in range(v.draws)])
     return t, noise, texts
 
 
