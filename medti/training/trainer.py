@@ -26,6 +26,7 @@ from ..files.hashes import sha256_of
 from ..files.pseudonyms import KEY, model_name, write_key
 from ..medical.window import parse_window
 from . import TrainError, distributed, methods
+from .cache_read import open_cache
 from .command import write_command
 from .config import Plan, TrainConfig, check, check_out
 from .dreambooth import class_cache, prior_preservation_loss
@@ -37,7 +38,7 @@ from .progress import Clock
 from .prompts import uncaptioned
 from .resume import MAY_CHANGE, resume
 from .state import read_log, stored, write_log
-from .validation import ValidationSet, best_so_far, hold_out, validation_loss
+from .validation import HeldOut, ValidationSet, best_so_far, hold_out, validation_loss
 
 SKIPS_TO_STOP = 10   # non-finite steps in a row after which the run stops: the lr or precision is wrong, not luck
 
@@ -87,18 +88,31 @@ def load_data(cfg: TrainConfig, flag: str = "data", tokens=None):
     return data
 
 
-def setup(cfg: TrainConfig, plan: Plan) -> Session:
-    """Model, data -> cached latents (the VAE then leaves the device), what trains (the method) and its optimizer."""
-    sd = minisd.load(cfg.model, config=cfg.config or None, dtype=plan.dtype, device=plan.device)
-    cfg = dataclasses.replace(cfg, resolution=cfg.resolution or sd.config.resolution, lr=methods.learning_rate(cfg))
-    if cfg.resolution % sd.config.size_multiple:
-        raise TrainError(f"{arg('resolution')} {cfg.resolution}: must be a multiple of {sd.config.size_multiple}")
+def folder_cache(sd, cfg: TrainConfig, plan: Plan) -> tuple:
+    """(the latent cache of --data's training images, the held-out images or None, --data's fingerprint)."""
     # each caption in each template line that has a slot for it, counted by the model's own tokenizer
     data = load_data(cfg, tokens=lambda caption: max((sd.text.count(p.replace("{caption}", caption))
                                                       for p in plan.prompts if "{caption}" in p), default=0))
     rows, held = hold_out(data, load_data(cfg, "val") if cfg.val else None, plan.val_fraction, cfg.seed)
     cache = cache_latents(sd, data.images[rows], cfg.flip, cfg.seed)
     cache["captions"] = [data.captions[i] for i in rows]   # "" for an image without one (--captions)
+    return cache, held, data.fingerprint
+
+
+def setup(cfg: TrainConfig, plan: Plan) -> Session:
+    """Model, data -> cached latents (the VAE then leaves the device), what trains (the method) and its optimizer."""
+    sd = minisd.load(cfg.model, config=cfg.config or None, dtype=plan.dtype, device=plan.device)
+    if cfg.cache:   # latents from an on-disk cache (medti.training.cache_read), with the data flags it was made with
+        cfg, cache = open_cache(cfg, sha256_of(sd.path))
+    cfg = dataclasses.replace(cfg, resolution=cfg.resolution or sd.config.resolution, lr=methods.learning_rate(cfg))
+    if cfg.resolution % sd.config.size_multiple:
+        raise TrainError(f"{arg('resolution')} {cfg.resolution}: must be a multiple of {sd.config.size_multiple}")
+    if cfg.cache:
+        val = load_data(cfg, "val") if cfg.val else None
+        held, fingerprint = val and HeldOut(val.images, val.names, {"folder_sha256": val.fingerprint},
+                                            val.pseudonyms), cache.manifest["data_sha256"]
+    else:
+        cache, held, fingerprint = folder_cache(sd, cfg, plan)
     # validation latents: the posterior mean, unflipped (a fixed, noise-free latent of each image as it is)
     val = held and ValidationSet(cache_latents(sd, held.images, False, 0)["mean"] * sd.scale_factor,
                                  held.pseudonyms, held.names, cfg.val_draws, cfg.seed, cfg.token,
@@ -116,12 +130,12 @@ def setup(cfg: TrainConfig, plan: Plan) -> Session:
         enable_checkpointing(sd)
     # what the state file keeps: no path, no file name (medti.files.pseudonyms), the model by its sha256
     settings = stored({k: v for k, v in dataclasses.asdict(cfg).items() if k not in MAY_CHANGE})
-    settings["data_fingerprint"] = data.fingerprint   # with --val-fraction: of all of --data, held-out part too
+    settings["data_fingerprint"] = fingerprint   # with --val-fraction: of all of --data, held-out part too
     settings["model_sha256"] = sha256_of(sd.path)
     if held:
         settings["validation"] = {**held.about, "draws": cfg.val_draws, "files": held.pseudonyms}
     meta = {**method.meta, "base_model": model_name(sd.preset or cfg.model), "base_sha256": settings["model_sha256"],
-            "lr": cfg.lr, "data_sha256": data.fingerprint}
+            "lr": cfg.lr, "data_sha256": fingerprint}
     return Session(cfg, plan, sd, cache, method, optimizer, scaler, settings, meta, val, prior)
 
 
