@@ -19,6 +19,7 @@ from ..dataset.folder import DataError, Reading, parse_channels
 from ..dataset.report import warn_skipped
 from ..files.atomic import inside
 from ..files.hashes import sha256_of
+from ..files.pseudonyms import KEY
 from ..medical.window import parse_window
 from . import TrainError, check_folder, distributed
 from .cache_write import FORMAT, MANIFEST, encode
@@ -33,7 +34,9 @@ def check_encode(args) -> Path:
         raise TrainError(f"{arg('out')} {out} is inside {arg('data')} {args.data}; choose an {arg('out')} outside it")
     if (out / MANIFEST).exists():
         raise TrainError(f"{arg('out')} {out} holds a finished cache already; choose a new folder")
-    if out.exists() and (not out.is_dir() or any(p for p in out.iterdir() if not p.name.startswith("shard-"))):
+    # what a stopped encode leaves: shards, their records, write_atomic's temporary files, the key file
+    ours = ("shard-", ".shard-", KEY)
+    if out.exists() and (not out.is_dir() or any(not p.name.startswith(ours) for p in out.iterdir())):
         raise TrainError(f"{arg('out')} {out}: exists and is neither empty nor a stopped encode's cache; choose a "
                          "new folder")
     if args.shard_size < 4 or args.shard_size % 4:

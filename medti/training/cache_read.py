@@ -163,11 +163,12 @@ def verify(folder: Path, manifest: dict):
 
 def with_cache_settings(cfg, manifest: dict):
     """cfg with the data flags the cache was made with (so the run's saved settings say what it trained on); a flag
-    typed with another value is refused, naming both."""
+    typed with another value is refused, naming both; --flip and --captions must be typed as the cache was made."""
     defaults = {f.name: f.default for f in dataclasses.fields(cfg)}
     for name in FIXED:
         typed, made = getattr(cfg, name), manifest[name]
-        if typed != defaults[name] and typed != made:
+        # --flip and --captions are refused unless typed as made: a flag that is off cannot say "as the cache"
+        if typed != made and (typed != defaults[name] or name in ("flip", "captions")):
             raise TrainError(f"{arg(name)} {typed}: {arg('cache')} {cfg.cache} was encoded with {arg(name)} "
                              f"{made}; leave the flag out, or encode another cache with it")
     if cfg.latents == "once" and cfg.seed != manifest["seed"]:
