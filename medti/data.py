@@ -1,8 +1,11 @@
-"""Look before training: `python -m medti.data preview --data DIR --out DIR [medti.train's data flags]`.
+"""Look before training: `python -m medti.data preview --data DIR --out DIR [medti.train's data flags]`; and
+`python -m medti.data encode --data DIR --model M --out CACHE`, a set encoded once into an on-disk latent cache for
+`python -m medti.train --cache CACHE` (medti.training.cache_encode; docs/training.md).
 
-Writes the exact images medti.train would train on -- read, windowed, sliced, resampled and preprocessed by the same
-code (medti.training.trainer.load_data) -- as PNGs, with a contact sheet and data.jsonl (one line per image: file,
-source, slice, patient, window), so a person can check windowing, orientation and cropping before hours of GPU time.
+`preview` writes the exact images medti.train would train on -- read, windowed, sliced, resampled and preprocessed by
+the same code (medti.training.trainer.load_data) -- as PNGs, with a contact sheet and data.jsonl (one line per
+image: file, source, slice, patient, window), so a person can check windowing, orientation and cropping before
+hours of GPU time.
 
     python -m medti.data preview --data picai/images --channels t2w,adc,hbv --resolution 512 --out preview/
 
