@@ -1,8 +1,11 @@
-"""Look before training: `python -m medti.data preview --data DIR --out DIR [medti.train's data flags]`.
+"""Look before training: `python -m medti.data preview --data DIR --out DIR [medti.train's data flags]`; and
+`python -m medti.data encode --data DIR --model M --out CACHE`, a set encoded once into an on-disk latent cache for
+`python -m medti.train --cache CACHE` (medti.training.cache_encode; docs/training.md).
 
-Writes the exact images medti.train would train on -- read, windowed, sliced, resampled and preprocessed by the same
-code (medti.training.trainer.load_data) -- as PNGs, with a contact sheet and data.jsonl (one line per image: file,
-source, slice, patient, window), so a person can check windowing, orientation and cropping before hours of GPU time.
+`preview` writes the exact images medti.train would train on -- read, windowed, sliced, resampled and preprocessed by
+the same code (medti.training.trainer.load_data) -- as PNGs, with a contact sheet and data.jsonl (one line per
+image: file, source, slice, patient, window), so a person can check windowing, orientation and cropping before
+hours of GPU time.
 
     python -m medti.data preview --data picai/images --channels t2w,adc,hbv --resolution 512 --out preview/
 
@@ -25,11 +28,14 @@ from .files.atomic import inside, write_atomic
 from .files.images import contact_sheet, save_png
 from .files.pseudonyms import KEY, write_key
 from .training import TrainError, check_folder
+from .training.cache_encode import encode_cache
 from .training.config import TrainConfig, add_flags
 from .training.trainer import load_data
 
 # medti.train's flags that decide what the training images are (the same names, helps and defaults)
 DATA_FLAGS = ("data", "preprocess", "channels", "window", "plane", "slices", "slice_mask", "strict")
+# and the ones that decide the cached latents (medti.training.cache_write)
+ENCODE_FLAGS = ("model", "config", "resolution", "flip", "seed", "captions", "dtype", "device", "condition", "encoder")
 SHEET_MAX = 256   # images on the contact sheet; data.jsonl and the PNGs hold all of them
 
 
@@ -41,6 +47,11 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument("--resolution", type=int, default=512, help="training image size: the model's native size "
                    "(SD2-base, SD1.5: 512; SD2 768-v: 768) unless you train at another one (default: 512)")
     q.add_argument("--out", required=True, help="a new or empty folder, not inside --data")
+    e = sub.add_parser("encode", help="encode a set once into an on-disk latent cache for medti.train --cache")
+    add_flags(e, DATA_FLAGS + ENCODE_FLAGS)
+    e.add_argument("--shard-size", type=int, default=256, help="images per shard, a multiple of 4 (default: 256)")
+    e.add_argument("--out", required=True, help="the cache folder: new, or one an encode was stopped in (re-run "
+                   "the same command to finish it)")
     return p
 
 
@@ -80,8 +91,12 @@ def run(args):
           f"{more}, data.jsonl, {KEY} (pseudonyms to paths: keep it private)")
 
 
+def dispatch(args):
+    return (encode_cache if args.command == "encode" else run)(args)
+
+
 def main(argv=None) -> int:
-    return run_main(build_parser(), run, argv)
+    return run_main(build_parser(), dispatch, argv)
 
 
 if __name__ == "__main__":

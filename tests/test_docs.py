@@ -20,7 +20,7 @@ README = ROOT / "README.md"
 DOCS = sorted((ROOT / "docs").glob("*.md"))
 PAGES = [README, *DOCS]
 COMMANDS = {"train", "generate", "evaluate", "audit", "embeddings", "lora", "data"}
-SUBCOMMANDS = {"embeddings": {"export", "info"}, "lora": {"merge", "info"}, "data": {"preview"}}
+SUBCOMMANDS = {"embeddings": {"export", "info"}, "lora": {"merge", "info"}, "data": {"preview", "encode"}}
 README_MAX_LINES = 260
 
 FENCE = re.compile(r"^\s*```")

@@ -111,11 +111,12 @@ def check_captions(data: Dataset, folder, where: str, tokens=None):
               f"is the template with an empty caption ({hint}): {names}", file=sys.stderr)
 
 
-def fingerprint_of(data: dict[str, bytes]) -> str:
+def fingerprint_of(data: dict[str, bytes | str]) -> str:
     """sha256 of the `sha256sum` listing ("<hex>  <relative path>\\n") of the files used (skipped files are not),
     sorted by path, so an auditor can recompute it: `cd DATA; sha256sum FILES... | sha256sum`, FILES in
     code-point (LC_ALL=C sort) order."""
-    lines = "".join(f"{hashlib.sha256(data[rel]).hexdigest()}  {rel}\n" for rel in sorted(data))
+    digest = {rel: raw if isinstance(raw, str) else hashlib.sha256(raw).hexdigest() for rel, raw in data.items()}
+    lines = "".join(f"{digest[rel]}  {rel}\n" for rel in sorted(data))
     return hashlib.sha256(lines.encode("utf-8", "surrogateescape")).hexdigest()   # a name's own bytes, any encoding
 
 
@@ -181,6 +182,63 @@ def read_items(folder: Path, channels: list[str] | None, options: SliceOptions, 
         yield found
 
 
+class Reading:
+    """The usable images under a folder, one at a time (iterate), read as load_dataset reads them: the same skip and
+    refusal rules, the same pseudonyms. What the reading leaves besides the images -- the files left out, the
+    sha256 of each file used, the survey -- stays here, so a caller can stream a set larger than memory
+    (`python -m medti.data encode`) and get the same fingerprint as load_dataset."""
+
+    def __init__(self, folder, resolution: int, preprocess: str = "center", channels: list[str] | None = None,
+                 strict: bool = False, window=None, *, plane: str = "axial", slices: str = "all",
+                 slice_mask: str = "", captions: bool = False):
+        self.folder, self.channels = Path(folder), _checked(preprocess, resolution, channels)
+        self.options = check_options(plane, slices, slice_mask, window)   # a bad flag: a MedicalError naming it
+        self.resolution, self.preprocess, self.strict, self.captions = resolution, preprocess, strict, captions
+        self.skipped: list[tuple[str, str]] = []
+        self.used: dict[str, str] = {}   # relative path -> sha256 of its bytes (not the bytes: memory stays flat)
+        self.survey = survey_folder(folder)
+
+    def skip(self, name: str, reason: str):
+        if self.strict:
+            raise DataError(f"{self.folder / name}: {reason}")
+        self.skipped.append((name, reason))
+
+    def __iter__(self):
+        """(uint8 [R, R, 3] array, name, pseudonym, patient, window, caption) per usable image, in load_dataset's
+        order."""
+        numbering = Numbering()
+        for images, data in read_items(self.folder, self.channels, self.options, self.skip, self.captions,
+                                       self.survey):
+            item = item_pseudonym(numbering, images, data)
+            for name, image, patient in images:   # one image, or a volume's slices: a flat slice skips alone
+                window = image.info.get("window", "as stored")   # medical readers say; other files are 8-bit as read
+                try:
+                    check_not_flat(image)
+                    image = _fit(image, self.resolution, self.preprocess)
+                except Unusable as e:
+                    self.skip(name, str(e))
+                    continue
+                raw = image.info.get("caption")
+                caption = caption_text(self.folder / Path(name).with_suffix(".txt"), raw) if raw is not None else ""
+                # [R, R, 3] uint8; grayscale replicated to 3 channels
+                yield np.asarray(image.convert("RGB")), name, image_name(item, name), patient, window, caption
+            self.used.update({path: hashlib.sha256(raw).hexdigest() for path, raw in data.items()})
+
+    def finish(self, patients: list, count: int) -> tuple[list, str, dict]:
+        """After the last image: (patients keyed as medti.dataset.patients keys them, the fingerprint, {kind: files
+        read}); no usable image at all is a DataError."""
+        if not count:
+            raise DataError(nothing_usable(self.folder, self.skipped, self.channels))
+        patients, self.survey.placeholders = keys(patients)   # a placeholder PatientID keys by study
+        return patients, fingerprint_of(self.used), kinds(self.folder, self.survey.found, self.used)
+
+
+def as_tensor(arrays: list) -> torch.Tensor:
+    """[N, R, R, 3] uint8 arrays -> [N, 3, R, R] float32 in [-1, 1]; 0 -> -1 and 255 -> 1 exactly. Elementwise,
+    so a chunk of a set converts to exactly the rows of the whole set converted at once."""
+    return torch.from_numpy(np.stack(arrays)).permute(0, 3, 1, 2).contiguous().float().div_(127.5).sub_(1)
+
+
 def load_dataset(folder, resolution: int, preprocess: str = "center", channels: list[str] | None = None,
                  strict: bool = False, window=None, *, plane: str = "axial", slices: str = "all",
                  slice_mask: str = "", captions: bool = False) -> Dataset:
@@ -189,39 +247,10 @@ def load_dataset(folder, resolution: int, preprocess: str = "center", channels: 
     Volumes become one image per slice chosen by `plane`, `slices`, `slice_mask` (medti.medical.slices). With
     `captions`, each 2-D file's caption file (image.txt beside image.png, A1111's convention) is read too, and is
     part of the fingerprint."""
-    folder, channels = Path(folder), _checked(preprocess, resolution, channels)
-    options = check_options(plane, slices, slice_mask, window)   # a bad flag: a MedicalError naming it
-    skipped: list[tuple[str, str]] = []
-    survey = survey_folder(folder)
-
-    def skip(name: str, reason: str):
-        if strict:
-            raise DataError(f"{folder / name}: {reason}")
-        skipped.append((name, reason))
-
-    arrays, names, patients, windows, texts, used, shared, numbering = [], [], [], [], [], {}, [], Numbering()
-    for images, data in read_items(folder, channels, options, skip, captions, survey):
-        item = item_pseudonym(numbering, images, data)
-        for name, image, patient in images:   # one image, or a volume's slices: a flat slice skips alone
-            window = image.info.get("window", "as stored")   # medical readers say; other files are 8-bit as read
-            try:
-                check_not_flat(image)
-                image = _fit(image, resolution, preprocess)
-            except Unusable as e:
-                skip(name, str(e))
-                continue
-            arrays.append(np.asarray(image.convert("RGB")))   # [R, R, 3] uint8; grayscale replicated to 3 channels
-            names.append(name)
-            shared.append(image_name(item, name))
-            patients.append(patient)
-            windows.append(window)
-            raw = image.info.get("caption")
-            texts.append(caption_text(folder / Path(name).with_suffix(".txt"), raw) if raw is not None else "")
-        used.update(data)
-    if not arrays:
-        raise DataError(nothing_usable(folder, skipped, channels))
-    patients, survey.placeholders = keys(patients)   # a placeholder PatientID keys by study (medti.dataset.patients)
-    # [N, R, R, 3] uint8 -> [N, 3, R, R] float32 in [-1, 1]; 0 -> -1 and 255 -> 1 exactly
-    images = torch.from_numpy(np.stack(arrays)).permute(0, 3, 1, 2).contiguous().float().div_(127.5).sub_(1)
-    return Dataset(images, names, patients, windows, texts, skipped, fingerprint_of(used),
-                   kinds(folder, survey.found, used), survey, shared)
+    reading = Reading(folder, resolution, preprocess, channels, strict, window, plane=plane, slices=slices,
+                      slice_mask=slice_mask, captions=captions)
+    rows = list(reading)   # [(array, name, pseudonym, patient, window, caption)] -> one list per column
+    arrays, names, shared, patients, windows, texts = ([row[i] for row in rows] for i in range(6))
+    patients, fingerprint, files = reading.finish(patients, len(rows))
+    return Dataset(as_tensor(arrays), names, patients, windows, texts, reading.skipped, fingerprint, files,
+                   reading.survey, shared)

@@ -24,6 +24,7 @@ from ..files.atomic import inside
 from ..medical.slices import check_options
 from ..medical.window import parse_window
 from . import TrainError, check_folder, dreambooth
+from .cache_read import check_source
 from .distributed import check_launch, local_device, world
 from .image_method import check_condition
 from .methods import check_method, learning_rate
@@ -71,6 +72,8 @@ class TrainConfig:
     config: str = flag("", "preset name or JSON config, for a file outside the presets (a diffusers folder has its "
                            "own: leave it out)")
     data: str = flag("", "folder of training images (searched recursively)")
+    cache: str = flag("", "instead of --data: a latent cache made by python -m medti.data encode (sets larger than "
+                          "memory; docs/training.md)")
     val: str = flag("", "folder of validation images, never trained on, read and preprocessed like --data: the "
                         "validation loss at every save, and the best step's embedding as <name>-best.safetensors")
     val_fraction: str = flag("", "instead of --val: hold out this fraction of --data (0 < F < 1, e.g. 0.2), a "
@@ -196,12 +199,12 @@ def _check_folders(cfg: TrainConfig):
     of the next run in that folder, and change the data fingerprint so that --resume refuses the run. The same
     for --val; and --val must not hold or lie in --data: its images would be training images."""
     data = Path(cfg.data)
-    check_folder("data", cfg.data, "training images")
+    check_source(cfg)
     if not cfg.out:
         raise TrainError(f"{arg('out')}: name an output folder")
     if cfg.val:
         check_folder("val", cfg.val, "validation images")
-    if cfg.val and _nested(Path(cfg.val), data):
+    if cfg.val and cfg.data and _nested(Path(cfg.val), data):
         raise TrainError(f"{arg('val')} {cfg.val} and {arg('data')} {cfg.data} overlap: validation images must be "
                          f"ones the run never trains on; give a separate folder, or {arg('val_fraction')}")
     for name in ("data", "val"):
@@ -248,7 +251,7 @@ def check(cfg: TrainConfig) -> Plan:
 def _check_images(cfg: TrainConfig):
     """--data or --val with no image file at all, refused before the model loads (a first run of a preset would
     download gigabytes first); last, as it reads the folders, after the checks of the flags alone."""
-    for name in filter(lambda name: getattr(cfg, name), ("data", "val")):
+    for name in filter(lambda name: getattr(cfg, name) and not (name == "data" and cfg.cache), ("data", "val")):
         try:
             check_not_empty(getattr(cfg, name))
         except DataError as e:

@@ -21,7 +21,6 @@ from minisd.image_conditioning import attach
 
 from . import TrainError
 from .methods import UNetFineTune
-from .objective import cache_tokens
 
 CONDITIONS = ("dinov2",)   # --condition: "" (text, the default) or an image encoder's global tokens
 # Flags that only mean something with a prompt: refused with --condition, each in one line
@@ -67,17 +66,14 @@ def check_encoder(encoder: str):
                          f"{', '.join(RELEASES)}")
 
 
-def prepare(sd, cfg, device, images: torch.Tensor, held: torch.Tensor | None) -> tuple:
-    """sd.image from --encoder (frozen, float32; the projection started from --seed), then the global tokens of the
-    training images (rows as their latents: cache_tokens) and of the held-out ones (unflipped, as their latents),
-    or None. Returns (tokens, held-out tokens, the encoder's weights file). The encoder then leaves the device:
-    training reads only the cached tokens."""
+def attach_encoder(sd, cfg, device) -> Path:
+    """sd.image from --encoder (frozen, float32; the projection started from --seed); returns the encoder's weights
+    file, whose sha256 is the encoder's identity in the state file and in an on-disk cache. The trainer caches the
+    images' global tokens with it (medti.training.objective.cache_tokens), then moves it off the device: training
+    reads only the cached tokens."""
     encoder, path = load_encoder(cfg.encoder, device=device, with_path=True)
     attach(sd, cfg.encoder, encoder, cfg.seed)
-    tokens = cache_tokens(sd.image, images, cfg.flip)
-    kept = None if held is None else list(cache_tokens(sd.image, held, False))
-    encoder.to("cpu")
-    return tokens, kept, path
+    return path
 
 
 def conditions(tokens: torch.Tensor, rows: list, dropped: list) -> list:

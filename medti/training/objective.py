@@ -7,6 +7,8 @@ tensor is trained; it is spliced into the frozen token embeddings wherever the p
 loss is the usual diffusion MSE on eps (v for v-models) at a uniformly drawn training timestep.
 """
 
+import hashlib
+
 import torch
 import torch.nn.functional as F
 
@@ -30,20 +32,31 @@ def initial_vectors(sd, init: str, n: int, seed: int) -> torch.Tensor:
     return torch.stack([table[ids[i * len(ids) // n]] for i in range(n)]).clone()
 
 
+def once_noise(seed: int, image: int, mirrored: bool, shape) -> torch.Tensor:
+    """The noise of --latents once for one image (or its mirror image): from a generator of its own, seeded by a hash
+    of (--seed, the image's index in the set, mirrored), so a cache encoded in shards (medti.training.cache_write)
+    draws exactly what the whole set encoded at once draws. A hash keeps these seeds off step_generator's."""
+    digest = hashlib.sha256(f"medti once {seed} {image} {int(mirrored)}".encode()).digest()
+    return torch.randn(shape, generator=torch.Generator().manual_seed(int.from_bytes(digest[:8], "little") >> 1))
+
+
 @torch.no_grad()
-def cache_latents(sd, images, flip: bool, seed: int) -> dict:
+def cache_latents(sd, images, flip: bool, seed: int, first: int = 0) -> dict:
     """Encode every training image once (and its mirror image with --flip): the VAE posterior's mean and
-    log-variance, plus one sample drawn now for --latents once. Kept on the CPU in fp32, unscaled."""
+    log-variance, plus one sample drawn now for --latents once. Kept on the CPU in fp32, unscaled. `first`: the
+    index of images[0] in the whole set, when these are one shard of it. The images and then their mirror images
+    go through the VAE in chunks of 4 counted from the first of each, so a shard of a multiple of 4 images encodes
+    bit-identically to the same images within the whole set (the VAE's arithmetic may depend on the batch size)."""
     param = next(sd.vae.parameters())
-    if flip:
-        images = torch.cat([images, images.flip(-1)])   # rows N.. are the mirrored copies
+    parts = (images, images.flip(-1)) if flip else (images,)   # rows N.. are the mirrored copies
     means, logvars = [], []
-    for chunk in images.split(4):
+    for chunk in (chunk for part in parts for chunk in part.split(4)):
         mean, logvar = sd.vae.encode(chunk.to(param))
         means.append(mean.float().cpu())
         logvars.append(logvar.float().cpu())
     mean, logvar = torch.cat(means), torch.cat(logvars)
-    noise = torch.randn(mean.shape, generator=torch.Generator().manual_seed(seed))
+    n = len(images)
+    noise = torch.stack([once_noise(seed, first + row % n, row >= n, mean.shape[1:]) for row in range(len(mean))])
     return {"mean": mean, "logvar": logvar, "once": posterior_sample(mean, logvar, noise)}
 
 
@@ -59,9 +72,8 @@ def cache_tokens(image, images, flip: bool) -> torch.Tensor:
     """The image encoder's global tokens [rows, count, width] (fp32, CPU, before the projection, which trains) of
     exactly the images cache_latents encodes, in the same rows: with --flip, rows N.. are of the mirrored images --
     the condition of a mirrored image is the mirrored image's own (minisd.image_conditioning: `image.tokens`)."""
-    if flip:
-        images = torch.cat([images, images.flip(-1)])
-    return torch.cat([image.tokens(to_uint8(chunk)).float().cpu() for chunk in images.split(4)])
+    parts = (images, images.flip(-1)) if flip else (images,)   # chunked as cache_latents chunks them
+    return torch.cat([image.tokens(to_uint8(chunk)).float().cpu() for part in parts for chunk in part.split(4)])
 
 
 def step_generator(seed: int, step: int, micro: int) -> torch.Generator:

@@ -16,7 +16,7 @@ from .state import as_stored_now, read_state, restore_state
 # settings are stored as one "validation" entry, and only when there is validation: a run saved before validation
 # existed still resumes, and adding, dropping or changing it is refused.
 MAY_CHANGE = ("max_steps", "save_every", "preview_every", "preview_steps", "preview_sampler", "resume", "device",
-              "out", "data", "checkpointing", "val", "val_fraction", "val_draws")
+              "out", "data", "cache", "checkpointing", "val", "val_fraction", "val_draws")
 
 
 def shown(value) -> str:

@@ -26,10 +26,11 @@ from ..files.hashes import sha256_of
 from ..files.pseudonyms import KEY, model_name, write_key
 from ..medical.window import parse_window
 from . import TrainError, distributed, image_method, methods
+from .cache_read import open_cache
 from .command import write_command
 from .config import Plan, TrainConfig, check, check_out
 from .dreambooth import class_cache, prior_preservation_loss
-from .objective import cache_latents, diffusion_loss, epoch_order, step_generator
+from .objective import cache_latents, cache_tokens, diffusion_loss, epoch_order, step_generator
 from .optim import adamw, enable_checkpointing, lr_at, precision, set_lr, total_norm
 from .outputs import report, save
 from .previews import preview, preview_due
@@ -37,7 +38,7 @@ from .progress import Clock
 from .prompts import uncaptioned
 from .resume import MAY_CHANGE, resume
 from .state import read_log, stored, write_log
-from .validation import ValidationSet, best_so_far, hold_out, validation_loss
+from .validation import HeldOut, ValidationSet, best_so_far, hold_out, validation_loss
 
 SKIPS_TO_STOP = 10   # non-finite steps in a row after which the run stops: the lr or precision is wrong, not luck
 
@@ -87,12 +88,8 @@ def load_data(cfg: TrainConfig, flag: str = "data", tokens=None):
     return data
 
 
-def setup(cfg: TrainConfig, plan: Plan) -> Session:
-    """Model, data -> cached latents (the VAE then leaves the device), what trains (the method) and its optimizer."""
-    sd = minisd.load(cfg.model, config=cfg.config or None, dtype=plan.dtype, device=plan.device)
-    cfg = dataclasses.replace(cfg, resolution=cfg.resolution or sd.config.resolution, lr=methods.learning_rate(cfg))
-    if cfg.resolution % sd.config.size_multiple:
-        raise TrainError(f"{arg('resolution')} {cfg.resolution}: must be a multiple of {sd.config.size_multiple}")
+def folder_cache(sd, cfg: TrainConfig, plan: Plan) -> tuple:
+    """(the latent cache of --data's training images, the held-out images or None, --data's fingerprint)."""
     # each caption in each template line that has a slot for it, counted by the model's own tokenizer
     data = load_data(cfg, tokens=lambda caption: max((sd.text.count(p.replace("{caption}", caption))
                                                       for p in plan.prompts if "{caption}" in p), default=0))
@@ -100,17 +97,44 @@ def setup(cfg: TrainConfig, plan: Plan) -> Session:
     cache = cache_latents(sd, data.images[rows], cfg.flip, cfg.seed)
     cache["captions"] = [data.captions[i] for i in rows]   # "" for an image without one (--captions)
     if cfg.condition:   # each image's own global tokens are its condition (medti.training.image_method)
-        cache["tokens"], held_tokens, encoder_file = image_method.prepare(sd, cfg, plan.device, data.images[rows],
-                                                                          held and held.images)
+        cache["tokens"] = cache_tokens(sd.image, data.images[rows], cfg.flip)
+    return cache, held, data.fingerprint, data.pseudonyms[rows[0]]
+
+
+def cache_source(sd, cfg: TrainConfig, plan: Plan, cache) -> tuple:
+    """(the latent cache, the held-out images or None, the data's fingerprint, the pseudonym of the first training
+    image): from --cache (opened in setup) and --val, or from --data (folder_cache)."""
+    if not cfg.cache:
+        return folder_cache(sd, cfg, plan)
+    val = load_data(cfg, "val") if cfg.val else None
+    held = val and HeldOut(val.images, val.names, {"folder_sha256": val.fingerprint}, val.pseudonyms)
+    return cache, held, cache.manifest["data_sha256"], cache.manifest["pseudonyms"][0]
+
+
+def setup(cfg: TrainConfig, plan: Plan) -> Session:
+    """Model, data -> cached latents (the VAE then leaves the device), what trains (the method) and its optimizer."""
+    sd = minisd.load(cfg.model, config=cfg.config or None, dtype=plan.dtype, device=plan.device)
+    # sd.image from --encoder (frozen; the projection, where there is one, started from --seed)
+    encoder_file = image_method.attach_encoder(sd, cfg, plan.device) if cfg.condition else None
+    cache = None
+    if cfg.cache:   # latents from an on-disk cache (medti.training.cache_read), with the data flags it was made with
+        cfg, cache = open_cache(cfg, sha256_of(sd.path), encoder_file and sha256_of(encoder_file))
+    cfg = dataclasses.replace(cfg, resolution=cfg.resolution or sd.config.resolution, lr=methods.learning_rate(cfg))
+    if cfg.resolution % sd.config.size_multiple:
+        raise TrainError(f"{arg('resolution')} {cfg.resolution}: must be a multiple of {sd.config.size_multiple}")
+    cache, held, fingerprint, shown = cache_source(sd, cfg, plan, cache)
+    held_tokens = list(cache_tokens(sd.image, held.images, False)) if cfg.condition and held else None
+    if cfg.condition:   # training reads only the cached tokens from here on
+        sd.image.encoder.to("cpu")
     # validation latents: the posterior mean, unflipped (a fixed, noise-free latent of each image as it is)
     val = held and ValidationSet(cache_latents(sd, held.images, False, 0)["mean"] * sd.scale_factor,
                                  held.pseudonyms, held.names, cfg.val_draws, cfg.seed, cfg.token,
-                                 uncaptioned(plan.prompts), held_tokens if cfg.condition else None)
+                                 uncaptioned(plan.prompts), held_tokens)
     sd.vae.to("cpu")
     # the class images come from the model before anything trains (the frozen model's own view of the class)
     prior = class_cache(sd, cfg, Path(cfg.out), plan.device,
                         lambda folder: load_data(dataclasses.replace(cfg, class_images=str(folder)), "class_images"))
-    method = (image_method.ImageFineTune(sd, cfg, plan.device, cache["tokens"][0], data.pseudonyms[rows[0]])
+    method = (image_method.ImageFineTune(sd, cfg, plan.device, cache["tokens"][[0]][0], shown)
               if cfg.condition else methods.make(sd, cfg, uncaptioned(plan.prompts), plan.device))
     optimizer = adamw(list(method.params.values()), lr_at(plan.schedule, 0))
     scaler = torch.amp.GradScaler(plan.device.type, enabled=plan.dtype == torch.float16)
@@ -120,14 +144,14 @@ def setup(cfg: TrainConfig, plan: Plan) -> Session:
         enable_checkpointing(sd)
     # what the state file keeps: no path, no file name (medti.files.pseudonyms), the model by its sha256
     settings = stored({k: v for k, v in dataclasses.asdict(cfg).items() if k not in MAY_CHANGE})
-    settings["data_fingerprint"] = data.fingerprint   # with --val-fraction: of all of --data, held-out part too
+    settings["data_fingerprint"] = fingerprint   # with --val-fraction: of all of --data, held-out part too
     settings["model_sha256"] = sha256_of(sd.path)
     if cfg.condition:   # the encoder's identity is its weights, as the model's is (a folder is stored by name)
         settings["encoder_sha256"] = sha256_of(encoder_file)
     if held:
         settings["validation"] = {**held.about, "draws": cfg.val_draws, "files": held.pseudonyms}
     meta = {**method.meta, "base_model": model_name(sd.preset or cfg.model), "base_sha256": settings["model_sha256"],
-            "lr": cfg.lr, "data_sha256": data.fingerprint}
+            "lr": cfg.lr, "data_sha256": fingerprint}
     return Session(cfg, plan, sd, cache, method, optimizer, scaler, settings, meta, val, prior)
 
 
