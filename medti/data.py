@@ -3,7 +3,7 @@
 `python -m medti.train --cache CACHE` (medti.training.cache_encode; docs/training.md).
 
 `preview` writes the exact images medti.train would train on -- read, windowed, sliced, resampled and preprocessed by
-the same code (medti.training.trainer.load_data) -- as PNGs, with a contact sheet and data.jsonl (one line per
+the same code (medti.training.sources.load_data) -- as PNGs, with a contact sheet and data.jsonl (one line per
 image: file, source, slice, patient, window), so a person can check windowing, orientation and cropping before
 hours of GPU time.
 
@@ -30,7 +30,7 @@ from .files.pseudonyms import KEY, write_key
 from .training import TrainError, check_folder
 from .training.cache_encode import encode_cache
 from .training.config import TrainConfig, add_flags
-from .training.trainer import load_data
+from .training.sources import load_data
 
 # medti.train's flags that decide what the training images are (the same names, helps and defaults)
 DATA_FLAGS = ("data", "preprocess", "channels", "window", "plane", "slices", "slice_mask", "strict")

@@ -150,3 +150,32 @@ def test_encode_stores_the_image_encoders_tokens(tiny, tmp_path):
     reference = cache_tokens(attach(sd, str(release), load_encoder(release)), load_dataset(data, 64).images, True)
     assert torch.equal(ShardCache(out, manifest)["tokens"][list(range(2 * IMAGES))], reference)
     assert json.dumps(manifest).count(str(tmp_path)) == 0
+
+
+def train_image(tiny, out, encoder, *extra):
+    return train_main([*tiny[1], "--method", "unet", "--condition", "dinov2", "--encoder", str(encoder), "--batch",
+                       "2", "--max-steps", "3", "--save-every", "3", "--preview-every", "0", "--save-dtype", "fp32",
+                       "--condition-dropout", "0.5", "--seed", "5", "--flip", "--out", str(out), *extra])
+
+
+def test_an_image_conditioned_run_from_the_cache_is_the_run_from_the_folder(tiny, tmp_path, capsys):
+    """The cache's tokens stand in for the ones the run would compute from --data: the saved model (UNet, projection,
+    metadata) is byte-identical. A cache without tokens, or with another encoder's, is refused in one line."""
+    release = tmp_path / "one" / "encoder"
+    encoder_release(release)
+    cache = tmp_path / "cache"
+    assert encode(tiny, cache, "--flip", "--seed", "5", "--condition", "dinov2", "--encoder", str(release)) == 0
+    assert train_image(tiny, tmp_path / "folder", release, "--data", str(tiny[2])) == 0
+    assert train_image(tiny, tmp_path / "cached", release, "--cache", str(cache)) == 0
+    saved = [(tmp_path / run / "model.safetensors").read_bytes() for run in ("folder", "cached")]
+    assert saved[0] == saved[1]
+    other = tmp_path / "two" / "encoder"   # the same folder name, other weights
+    encoder_release(other, layers=1)
+    capsys.readouterr()
+    assert train_image(tiny, tmp_path / "r1", other, "--cache", str(cache)) == 2
+    err = capsys.readouterr().err.strip()
+    assert "holds the tokens of another encoder" in err and "\n" not in err
+    assert encode(tiny, tmp_path / "plain", "--flip", "--seed", "5") == 0
+    capsys.readouterr()
+    assert train_image(tiny, tmp_path / "r2", release, "--cache", str(tmp_path / "plain")) == 2
+    assert "holds no image tokens" in capsys.readouterr().err

@@ -14,7 +14,7 @@ from test_dicom import image, save
 from medti.dataset.folder import load_dataset
 from medti.dataset.report import summary
 from medti.training.config import TrainConfig
-from medti.training.trainer import load_data
+from medti.training.sources import load_data
 
 PYDICOM_FILES = Path(os.path.dirname(pydicom.data.__file__)) / "test_files"
 UID_NAME = "1.3.6.1.4.1.5962.1.1.0.0.0.1168612284.20369.0.3"   # how many PACS exports name a file: its SOP UID

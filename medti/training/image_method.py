@@ -76,9 +76,11 @@ def attach_encoder(sd, cfg, device) -> Path:
     return path
 
 
-def conditions(tokens: torch.Tensor, rows: list, dropped: list) -> list:
-    """A batch's conditions: row r's tokens, or None where its condition was dropped."""
-    return [None if drop else tokens[row] for row, drop in zip(rows, dropped, strict=True)]
+def conditions(tokens, rows: list, dropped: list) -> list:
+    """A batch's conditions: row r's tokens, or None where its condition was dropped. `tokens`: the cache's column
+    (a tensor in memory, or an on-disk cache's column), read once for all the rows."""
+    read = tokens[list(rows)]
+    return [None if drop else row for row, drop in zip(read, dropped, strict=True)]
 
 
 def draw_dropped(batch: int, p: float, g: torch.Generator) -> list:
