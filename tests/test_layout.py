@@ -18,6 +18,7 @@ ROOT = Path(__file__).resolve().parents[1]
 LAYERS = [
     {"medti", "medti.train", "medti.generate", "medti.evaluate", "medti.audit", "medti.data", "medti.embeddings",
      "medti.lora"},                          # the commands people type: python -m medti.<name>
+    {"medti.downstream"},                    # does a synthetic set help a classifier (python -m medti.utility)
     {"medti.quality"},                       # is a synthetic set any good, and is it safe to share
     {"medti.training"},                      # one loop, generic over what trains
     {"medti.generation"},                    # sampling, prompts, the generate run
