@@ -10,12 +10,12 @@ import numpy as np
 import pytest
 from PIL import Image
 from test_evaluate import _error
+from test_image_conditioning import encoder_release
 
 from medti import evaluate, generate
 from medti.files.pseudonyms import KEY, read_key
 from medti.train import main as train
 from medti.training.demo import phantoms, tiny_model
-from test_image_conditioning import encoder_release
 
 # 6 phantoms, half held out: 3 cases, 2 variations each per step; --k 2 and KID subsets of 3 fit sets of 3 and 6
 SCORING = ["--n", "6", "--steps", "2", "--k", "2", "--kid-subset-size", "3", "--kid-subsets", "3", "--device", "cpu"]
