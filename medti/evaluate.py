@@ -27,6 +27,7 @@ from .files.pseudonyms import KEY, key_beside, write_key
 from .quality.features import DEFAULT_DINOV2, FEATURES, EvalError, encode, load_network
 from .quality.folders import DATA_FLAGS, Reading, load_set, reading, set_flags
 from .quality.report import write_report
+from .quality.run_images import IMAGE_MODEL, cases_set
 from .quality.run_scores import check_run, score_run
 from .quality.scoring import check_sizes, progress, real_side, score
 from .quality.stats import read_stats, save_features, save_stats
@@ -42,7 +43,8 @@ def build_parser() -> argparse.ArgumentParser:
     p = ArgumentParser(prog="python -m medti.evaluate", description=__doc__.split("\n\n")[0],
                                 epilog=EXAMPLE, formatter_class=argparse.RawDescriptionHelpFormatter)
     add = p.add_argument
-    add("--real", required=True, help="the real images: a folder (read like training data) or a --save-stats file")
+    add("--real", help="the real images: a folder (read like training data) or a --save-stats file (with --run of an "
+        "image-conditioned run: default, the cases its variations are made of)")
     add("--fake", help="the synthetic images: a folder, a generation run's folder or its manifest.jsonl")
     add("--out", help="folder for report.json, report.md and the plots (needed with --fake)")
     add("--features", default="inception", choices=FEATURES, help="feature network (default: inception)")
@@ -69,6 +71,10 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--n", type=int, default=50, help="images per step (default: 50)")
     run.add_argument("--steps", type=int, default=25, help="sampler steps (default: 25)")
     run.add_argument("--sampler", choices=list(SAMPLERS), default="dpmpp_2m", help="sampler (default: dpmpp_2m)")
+    run.add_argument("--sources", metavar="DIR", help="image-conditioned run: make variations of these images "
+                     "(default: the run's held-out images, val.txt)")
+    run.add_argument("--encoder", metavar="FOLDER", help="image-conditioned run: its DINO encoder folder (default: "
+                     "the run's --encoder, as its command.private.json records it)")
     add("--device", default="cuda" if torch.cuda.is_available() else "cpu", help="cpu or cuda[:N]")
     add_threads(p)
     # medti.train's own flags (names, helps, defaults): a --real folder is then read exactly as training read --data
@@ -76,7 +82,7 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
-OURS = ("report.json", "report.md", "samples.png", "nearest.png", "steps.json", "steps.md", "kid.png", KEY)
+OURS = ("report.json", "report.md", "samples.png", "nearest.png", "steps.json", "steps.md", "kid.png", "fid.png", KEY)
 
 
 def check_out(args):
@@ -85,7 +91,7 @@ def check_out(args):
     out = Path(args.out)
     if out.exists() and not out.is_dir():
         raise EvalError(f"--out {out}: exists and is not a folder; choose a folder path")
-    inputs = [("real", args.real), ("fake", args.fake), ("run", args.run)]
+    inputs = [("real", args.real), ("fake", args.fake), ("run", args.run), ("sources", args.sources)]
     for flag, given in inputs:
         if given and Path(given).is_dir() and inside(out, Path(given)):
             raise EvalError(f"--out {out} is inside --{flag} {given}: its sheets show the images and would be read "
@@ -104,15 +110,17 @@ def check_args(args) -> Reading:
     if not args.fake and not args.run and not args.save_stats:
         raise EvalError("nothing to do: give --fake FOLDER (with --out DIR) to evaluate, --run DIR to score a "
                         "training run's saved steps, or --save-stats FILE to encode the real set once")
+    if not args.real and not args.run:
+        raise EvalError("--real is needed: the real images (a folder, or a --save-stats file) to compare with")
     if (args.fake or args.run) and not args.out:
         raise EvalError(f"--out DIR is needed with {'--fake' if args.fake else '--run'}: it receives the reports "
                         "and plots")
-    if Path(args.real).suffix == STATS_SUFFIX and set_flags(args):
+    if Path(args.real or "").suffix == STATS_SUFFIX and set_flags(args):
         raise EvalError(f"{set_flags(args)[0]} says how a --real folder is read; --real {args.real} is a statistics "
                         "file, read when it was saved: leave it out")   # a flag mistake first, as the others
-    if Path(args.real).suffix == STATS_SUFFIX and not Path(args.real).is_file():   # before the network loads
+    if Path(args.real or "").suffix == STATS_SUFFIX and not Path(args.real).is_file():   # before the network loads
         raise EvalError(f"--real {args.real}: no such file (a statistics file, by its {STATS_SUFFIX} name)")
-    if args.save_stats and Path(args.real).suffix == STATS_SUFFIX:
+    if args.save_stats and Path(args.real or "").suffix == STATS_SUFFIX:
         raise EvalError(f"--real {args.real} is already a statistics file; --save-stats needs an image folder")
     if args.save_stats and Path(args.save_stats).suffix != STATS_SUFFIX:
         raise EvalError(f"--save-stats {args.save_stats}: name the file *{STATS_SUFFIX} (it is a NumPy archive)")
@@ -134,6 +142,11 @@ def check_args(args) -> Reading:
         check_out(args)
     if args.run:
         check_run(args)   # a folder without saved steps or a model generate cannot load fails now, not after encoding
+        if not args.real and args.plan.kind != IMAGE_MODEL:
+            raise EvalError(f"--real is needed: {args.run} saved {args.plan.kind}s, scored against the real images "
+                            "(a folder, or a --save-stats file)")
+    elif args.sources or args.encoder:
+        raise EvalError(f"--{'sources' if args.sources else 'encoder'} is for --run of an image-conditioned run")
     return reading(args)
 
 
@@ -141,9 +154,10 @@ def run(args):
     how = check_args(args)
     device = resolve_device(args.device)
     # Both sets are read before the network is loaded or anything encoded: a wrong folder fails in seconds.
-    real_set = None if Path(args.real).suffix == STATS_SUFFIX else load_set(args.real, "real", minimum=2, how=how)
+    real_set = (cases_set(args.plan, how) if not args.real else None if Path(args.real).suffix == STATS_SUFFIX else
+                load_set(args.real, "real", minimum=2, how=how))
     fake_set = load_set(args.fake, "fake", minimum=2) if args.fake else None
-    n_fake = len(fake_set.names) if fake_set else args.n if args.run else 0   # --run: --n images per step
+    n_fake = len(fake_set.names) if fake_set else (args.plan.n_fake or args.n) if args.run else 0   # --run: per step
     if real_set and n_fake:
         check_sizes(args, len(real_set.names), n_fake)
     stats = read_stats(args.real) if real_set is None else None   # a damaged file fails before the network loads

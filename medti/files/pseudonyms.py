@@ -94,6 +94,18 @@ def key_bytes(rows: list) -> bytes:
     return "".join(f"{line}\n" for line in lines).encode("utf-8")
 
 
+def _unfield(text: str) -> str:
+    """A TSV field back to the text _field escaped."""
+    plain = {"\\": "\\", "t": "\t", "n": "\n", "r": "\r"}
+    return re.sub(r"\\(x[0-9a-f]{2}|.)", lambda m: plain.get(m[1]) or chr(0xdc00 + int(m[1][1:], 16)), text)
+
+
+def read_key(path) -> dict:
+    """{pseudonym: path} from a key file (key_bytes); rows that are not two fields are left out."""
+    rows = [line.split("\t") for line in Path(path).read_text(encoding="utf-8").splitlines()[1:]]
+    return {_unfield(row[0]): _unfield(row[1]) for row in rows if len(row) == 2}
+
+
 def write_key(path, rows: list):
     """Write a key file atomically."""
     write_atomic(path, key_bytes(rows))

@@ -100,6 +100,9 @@ class TrainConfig:
     train_text: bool = flag(False, "unet: train the text tower's weights too")
     ema: float = flag(0.0, "unet: keep an EMA of the weights with this decay (e.g. 0.9999) and save it; 0: none")
     save_dtype: str = flag("fp16", "unet: dtype of model.safetensors, fp16 | bf16 | fp32")
+    keep_saves: bool = flag(False, "unet: keep each save's model too, as model-<step>.safetensors, so that "
+                                   "`medti.evaluate --run` can choose a step; a whole model per save (fp16 SD1: "
+                                   "about 2 GB each, SD2: about 2.6 GB)")
     condition: str = flag("", "unet: dinov2 trains on each image's own DINO global tokens instead of a prompt "
                               "(DiNO-Diffusion); needs --encoder; default: text")
     encoder: str = flag("", "with --condition: the DINO release (e.g. facebook/dinov2-with-registers-base) or its "

@@ -10,7 +10,8 @@ A method is a small object with:
   meta       what the saved file's metadata says of the method (the trainer adds base model, data and lr)
   record()   extra numbers for each log.jsonl line
   write(path, meta)   the shareable file (atomic)
-  copies     whether each save also keeps `<stem>-<step>.safetensors` (not for a whole model: gigabytes each)
+  copies     whether each save also keeps `<stem>-<step>.safetensors` (a whole model only with --keep-saves:
+             gigabytes each)
   buffers    {name: tensor} of state that is no parameter (an EMA), saved and restored with the run
   autocast   the dtype the forward runs in under torch.autocast, or None (what trains already runs in it)
   sync()     after each optimizer step (and a resume): update what follows the weights (the EMA)
@@ -190,7 +191,7 @@ class UNetFineTune:
                     param.data = param.data.float()   # the fp32 master is the model's own weight
                     self.params[f"{part}.{name}"] = param.requires_grad_(True)
         self.buffers = {f"ema.{n}": p.detach().clone() for n, p in self.params.items()} if self.decay else {}
-        self.stem, self.prompt, self.copies = "model", prompts[0], False
+        self.stem, self.prompt, self.copies = "model", prompts[0], cfg.keep_saves
         self.meta = {"method": "unet", "instance_prompt": cfg.instance_prompt, "trainable": cfg.trainable,
                      "train_text": str(cfg.train_text), "ema": f"{cfg.ema:g}"}
 
@@ -275,7 +276,7 @@ FLAG_METHODS = {"token": ("ti",), "vectors": ("ti",), "init": ("ti",), "instance
                 "captions": ("lora", "unet"),
                 "rank": ("lora",), "alpha": ("lora",),
                 "lora_targets": ("lora",), "trainable": ("unet",), "train_text": ("unet",), "ema": ("unet",),
-                "save_dtype": ("unet",)}
+                "save_dtype": ("unet",), "keep_saves": ("unet",)}
 
 
 def make(sd, cfg, prompts: list, device):

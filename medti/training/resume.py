@@ -12,11 +12,12 @@ from .state import as_stored_now, read_state, restore_state
 
 # Settings a resumed run may change: how long and how often (max_steps, save_every, preview_*: never stored, so a
 # run saved under older preview defaults resumes, with the new ones), where (device, out, data, val: the images'
-# identity is their fingerprint, not where they lie) and checkpointing (memory and time only). The validation
+# identity is their fingerprint, not where they lie), checkpointing (memory and time only) and keep_saves (which
+# files a save leaves, not what trains: a run may start keeping its steps' models when resumed). The validation
 # settings are stored as one "validation" entry, and only when there is validation: a run saved before validation
 # existed still resumes, and adding, dropping or changing it is refused.
 MAY_CHANGE = ("max_steps", "save_every", "preview_every", "preview_steps", "preview_sampler", "resume", "device",
-              "out", "data", "cache", "checkpointing", "val", "val_fraction", "val_draws")
+              "out", "data", "cache", "checkpointing", "val", "val_fraction", "val_draws", "keep_saves")
 
 
 def shown(value) -> str:
