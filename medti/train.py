@@ -18,6 +18,7 @@ from .cli import ArgumentParser, add_threads, run_main
 from .training.command import resumed_config
 from .training.config import TrainConfig, add_flags
 from .training.demo import run_demo
+from .training.demo_image import run_image_demo
 from .training.distributed import main_process
 from .training.trainer import run as train
 
@@ -28,8 +29,9 @@ def build_parser() -> argparse.ArgumentParser:
     add_flags(p)
     add_threads(p)
     p.add_argument("--demo", action="store_true", help="run the offline demo on a tiny random model "
-                                                       "(medti/training/demo.py); its outputs go to --out, default "
-                                                       "demo-run")
+                                                       "(medti/training/demo.py; with --condition dinov2 the image-"
+                                                       "conditioned one, demo_image.py); its outputs go to --out, "
+                                                       "default demo-run (demo-dino)")
     return p
 
 
@@ -39,8 +41,8 @@ def run(args: argparse.Namespace, argv: list):
     demo = settings.pop("demo")
     settings.pop("threads")   # applied by run_main; not a training setting (bits differ between counts: say so)
     cfg = TrainConfig(**settings)
-    if demo:
-        run_demo(cfg, typed, argv)
+    if demo:   # --condition dinov2: the image-conditioned demo (DiNO-Diffusion's pipeline)
+        (run_image_demo if cfg.condition else run_demo)(cfg, typed, argv)
     else:
         path = train(resumed_config(cfg, typed), argv)   # --resume: the flags not typed are the run's
         if main_process():   # one line for scripts, not one per torchrun process

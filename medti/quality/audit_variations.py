@@ -32,10 +32,15 @@ def entries(v: Variations | None, row: int) -> dict:
     return {"sources": [pair_entry(v, p) for p in pairs]} if pairs else {}
 
 
+def distinct_sources(v: Variations) -> int:
+    """How many different source images the variations name (several variations of one case: one source)."""
+    return len({p.source.pseudonym for p in v.pairs})
+
+
 def summary(v: Variations) -> dict:
     """audit.json's summary.variations."""
     scores = [p.similarity for p in v.found]
-    return {"variations": len({p.source.variation for p in v.pairs}), "sources": len(v.pairs),
+    return {"variations": len({p.source.variation for p in v.pairs}), "sources": distinct_sources(v),
             "found": len(v.found), "not_found": v.missing,
             "median_similarity": round(statistics.median(scores), 4) if scores else None,
             "highest_similarity": round(max(scores), 4) if scores else None,
@@ -72,7 +77,8 @@ def markdown(v: Variations | None, names: list) -> list:
         return []
     lines = ["", "## Variations and their own sources", "", verdict(v), "",
              f"- {summary(v)['variations']} synthetic images are variations of a case (their manifest records name "
-             f"{len(v.pairs)} source(s)); each is compared with its own source by the same score as above. Rank: "
+             f"{distinct_sources(v)} different source(s)); each is compared with its own source by the same score "
+             "as above. Rank: "
              f"1 + the training images nearer to the variation than its source, among the source and the "
              f"{v.candidates} training images the audit scores exactly for it; 1 = the nearest image is the source."]
     if v.found:
