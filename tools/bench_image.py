@@ -45,6 +45,7 @@ from minisd.dino_load import load_encoder
 from minisd.image_conditioning import attach
 
 DROPOUT, REGISTERS = 0.1, 4   # --condition-dropout's default; the paper's ViT-B/14 reg4
+CPU = torch.device("cpu")
 IMAGENET = dict(image_mean=[0.485, 0.456, 0.406], image_std=[0.229, 0.224, 0.225])
 # quick -> (bench_models' model, pixel size, encoder width / layers / heads, the encoder's crop)
 SIZES = {True: ("sd1-tiny", 128, 48, 2, 4, 98), False: ("sd1", 256, 768, 12, 12, 224)}
@@ -99,11 +100,13 @@ def inputs(sd, ref: dict, size: int):
     return pixels, dino_pixels, cache
 
 
-def ours_step(sd, cache: dict):
-    """One step of medti.training.trainer.loop for --method unet --condition dinov2 (fp32), and its optimizer."""
+def ours_step(sd, cache: dict, device=CPU):
+    """One step of medti.training.trainer.loop for --method unet --condition dinov2 on `device` (the model's dtype
+    there: fp32 on the CPU; in fp16 the trainer's autocast and grad scaler), and its optimizer."""
     cfg = TrainConfig(method="unet", condition="dinov2", encoder=sd.image.cfg.encoder, condition_dropout=DROPOUT)
-    m = ImageFineTune(sd, cfg, torch.device("cpu"), cache["tokens"][0], "bench")
+    m = ImageFineTune(sd, cfg, device, cache["tokens"][0], "bench")
     optimizer = adamw(list(m.params.values()), float(methods.learning_rate(cfg)))
+    scaler = torch.amp.GradScaler(device.type, enabled=m.autocast == torch.float16)
     g = torch.Generator().manual_seed(0)
 
     def step():
@@ -111,33 +114,41 @@ def ours_step(sd, cache: dict):
         latents = draw_latents(cache, [0], cfg.latents, g) * sd.scale_factor
         t, noise = torch.randint(0, 1000, (1,), generator=g), torch.randn(latents.shape, generator=g)
         conds = conditions(cache["tokens"], [0], draw_dropped(1, DROPOUT, g))
-        with precision(m, latents.device):
-            loss = diffusion_loss(sd, m.context(conds), latents, noise, t)
-        loss.backward()
+        with precision(m, device):
+            loss = diffusion_loss(sd, m.context(conds), latents.to(device), noise.to(device), t.to(device))
+        scaler.scale(loss).backward()
+        scaler.unscale_(optimizer)
         total_norm([p.grad for p in m.params.values()])
-        optimizer.step()
+        scaler.step(optimizer)
+        scaler.update()
     return step, optimizer
 
 
-def diffusers_step(ref: dict, pixels, dino_pixels, fixed=None):
-    """One step of train_text_to_image.py's loop with image embeddings (fp32, one process, no accelerate): from the
-    pixels, or with `fixed` = (latents, tokens) the UNet part alone."""
+def diffusers_step(ref: dict, pixels, dino_pixels, fixed=None, device=CPU, dtype=torch.float32):
+    """One step of train_text_to_image.py's loop with image embeddings, one process: from the pixels, or with
+    `fixed` = (latents, tokens) the UNet part alone. In fp16 as its accelerate mixed precision runs it (the UNet and
+    projection fp32, the VAE and encoder in fp16, autocast around the UNet, a grad scaler); fp32 on the CPU."""
     scheduler = diffusers.DDPMScheduler(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear")
     params = list(ref["unet"].parameters()) + (list(ref["proj"].parameters()) if ref["proj"] else [])
     optimizer = torch.optim.AdamW(params, lr=1e-4, betas=(0.9, 0.999), weight_decay=1e-2, eps=1e-8)
+    scaler = torch.amp.GradScaler(device.type, enabled=dtype == torch.float16)
     unet, vae, encoder = ref["unet"], ref["vae"], ref["encoder"]
+    pixels, dino_pixels = pixels.to(device, dtype), dino_pixels.to(device, dtype)
 
     def step():
         latents, states = fixed or (vae.encode(pixels).latent_dist.sample() * vae.config.scaling_factor,
                                     encoder(pixel_values=dino_pixels).last_hidden_state[:, :1 + REGISTERS])
-        states = ref["proj"](states) if ref["proj"] else states
-        dropped = (torch.rand(len(states)) < DROPOUT)[:, None, None]
-        states = torch.where(dropped, torch.zeros_like(states), states)
-        noise, t = torch.randn_like(latents), torch.randint(0, 1000, (1,))
-        prediction = unet(scheduler.add_noise(latents, noise, t), t, states, return_dict=False)[0]
-        F.mse_loss(prediction.float(), noise.float(), reduction="mean").backward()
+        dropped = (torch.rand(len(states)) < DROPOUT).to(device)[:, None, None]
+        noise, t = torch.randn_like(latents), torch.randint(0, 1000, (1,), device=device)
+        with torch.autocast(device.type, dtype=dtype, enabled=dtype != torch.float32):
+            states = ref["proj"](states) if ref["proj"] else states
+            states = torch.where(dropped, torch.zeros_like(states), states)
+            prediction = unet(scheduler.add_noise(latents, noise, t), t, states, return_dict=False)[0]
+        scaler.scale(F.mse_loss(prediction.float(), noise.float(), reduction="mean")).backward()
+        scaler.unscale_(optimizer)
         torch.nn.utils.clip_grad_norm_(params, 1.0)
-        optimizer.step()
+        scaler.step(optimizer)
+        scaler.update()
         optimizer.zero_grad()
     return step, optimizer
 
