@@ -66,3 +66,19 @@ def test_quick_announces_each_section_as_it_starts_and_ends():
     assert list(where.values()) == sorted(where.values()), lines
     target = next(line for line in lines if "fp32: UNet vs matmul" in line)
     assert "NOT met" not in target or "tiny models (--quick)" in target, target
+
+
+def test_image_conditioned_section_runs_both_steps_on_tiny_models(tmp_path, capsys):
+    """Section 13 (--only 13) on its tiny models: ours (medti's image-conditioned step, a 48-wide encoder projected
+    into the 64-wide context) and the diffusers recipe with the encoder run every step, and the equal-work row,
+    each timed; both sides' tokens of the image agree (our release preparation against the processor's: the same
+    operations, bound 1e-5 of their scale as test_dino_full_size.py's). No time is asserted: only that each ran."""
+    import argparse
+
+    import bench_image
+    figures = bench_image.section13(argparse.Namespace(runs=1), tmp_path, quick=True)
+    assert all(figures[k] > 0 for k in ("ours", "theirs", "unet_only", "vae", "encoder", "ours_vae", "ours_encoder"))
+    assert figures["check"] < 1e-5
+    out = capsys.readouterr().out
+    assert "## 13. one image-conditioned training step" in out and "a 48->64 projection" in out
+    assert "embeddings computed per step (their recipe step)" in out and "(equal work)" in out

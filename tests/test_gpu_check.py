@@ -77,3 +77,28 @@ def test_tiny_run_says_what_it_does_within_seconds():
         process.kill()   # the rest is test_tiny_run_on_the_cpu_measures_everything's
         process.wait()
     assert first.startswith("[") and "building tiny sd2-base models" in first and took < 30, (first, took)
+
+
+def test_image_conditioned_tiny_run_measures_a_step_and_a_variation(tmp_path, capsys):
+    """--condition dinov2: the image-conditioned training step and one variation, ours and diffusers', each timed
+    (the projection's path too: the tiny encoder is 48 wide, the context 64), with the peak memory n/a without
+    CUDA; a progress line per figure."""
+    path = tmp_path / "figures.json"
+    assert gpu_check.main(["--tiny", "--device", "cpu", "--condition", "dinov2", "--steps", "1", "--runs", "1",
+                           "--json", str(path)]) == 0
+    figures = json.loads(path.read_text())
+    assert figures["mode"].startswith("tiny") and figures["encoder"].endswith("projected")
+    for side in ("ours", "diffusers"):
+        assert figures[side]["step_s"] > 0 and figures[side]["variation_s"] > 0
+        assert figures[side]["step_peak"]["allocated_gib"] == "n/a (no CUDA)"
+    captured = capsys.readouterr()
+    assert "training step (s)" in captured.out and "one variation, 1 steps (s)" in captured.out
+    progress = [line.split("] ", 1)[1] for line in captured.err.splitlines() if line.startswith("[")]
+    assert progress[0].startswith("building tiny image-conditioned (dinov2) sd15 models") and len(progress) == 5
+
+
+def test_image_conditioned_mode_refuses_sd2_in_one_line():
+    run = run_script("--tiny", "--device", "cpu", "--condition", "dinov2", "--model", "sd2-base")
+    assert run.returncode == 2 and run.stdout == ""
+    assert run.stderr == ("error: --model sd2-base: --condition dinov2 measures SD1's networks (the paper's model); "
+                          "leave out --model, or give --model sd15\n")

@@ -3,6 +3,7 @@
     python tools/gpu_check.py --json gpu-figures.json      # one CUDA GPU, full size: a few minutes (< 8 on an H200)
     python tools/gpu_check.py --model sd15                 # the same for SD1's networks (sd15's configuration)
     python tools/gpu_check.py --tiny --device cpu          # tiny random models on any device: checks the script only
+    python tools/gpu_check.py --condition dinov2           # image-conditioned: a training step and a variation (SD1)
 
 What it measures (fp16 on CUDA, the training and generation default there):
   1. peak GPU memory of one textual-inversion step at 512², gradient checkpointing on: torch.cuda's
@@ -13,6 +14,9 @@ What it measures (fp16 on CUDA, the training and generation default there):
   3. text-to-image images per second at 512², 25 Euler-a steps, CFG, VAE decode included, batch 1 and 4;
   4. fp16 sanity: no NaN/inf in latents or decoded images with the `sd21` configuration (attention upcast to fp32);
      with --model sd15, SD1 as it runs (no upcast; SD1 has no such problem, the check shows it).
+With --condition dinov2 it measures instead, on SD1's networks with a DINOv2 ViT-B/14 reg4 (DiNO-Diffusion's shapes),
+one image-conditioned training step (time, peak memory) and one variation, ours against train_text_to_image.py
+with image embeddings and StableDiffusionPipeline(prompt_embeds=tokens): tools/gpu_image.py says how.
 The models are tools/bench_models.py's (diffusers/transformers modules with random weights, converted to the official
 layout and loaded back by minisd.load), so both sides compute with the same numbers.
 Random weights give meaningless images; speed and memory do not depend on the values.
@@ -221,17 +225,41 @@ def report(results: dict):
         print(f"{name:<34} {figure(a):>22} {figure(b):>22}")
 
 
-def main(argv=None) -> int:
+def measure_text(args, device, dtype, tmp: Path) -> dict:
+    """Textual inversion and text-to-image: both sides' figures, ours first, freed before diffusers' peak is taken."""
+    from bench_models import setup  # diffusers, transformers and the identical-weights setup: after the checks
+    b = setup(argparse.Namespace(runs=args.runs), MODELS[args.model] + ("-tiny" if args.tiny else ""), tmp)
+    b.sd = None   # the fp32 CPU copy setup() made: only its prompt embeddings are needed
+    results = {"size": b.size, "ours": measure_ours(b, args, device, dtype)}
+    gc.collect()   # our models are unreachable now; free their GPU memory before diffusers' peak is taken
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
+    results["diffusers"] = measure_diffusers(b, args, device, dtype)
+    return results
+
+
+def parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--tiny", action="store_true", help="tiny random models on any device: checks the script only")
-    p.add_argument("--model", default="sd2-base", choices=tuple(MODELS),
+    p.add_argument("--model", default=None, choices=tuple(MODELS),
                    help="whose networks: SD2 (default) or SD1 (sd15); random weights either way")
+    p.add_argument("--condition", default="", choices=("", "dinov2"),
+                   help="dinov2: the image-conditioned figures instead (a training step and a variation; SD1 with a "
+                        "DINOv2 ViT-B/14 reg4, DiNO-Diffusion's shapes)")
     p.add_argument("--device", default=None, help="default: cuda (required without --tiny)")
     p.add_argument("--steps", type=int, default=25, help="sampler steps per image (default 25)")
     p.add_argument("--runs", type=int, default=3, help="timed runs per figure, median (default 3)")
     p.add_argument("--json", type=Path, default=None, help="also write the figures to this JSON file")
-    args = p.parse_args(argv)
+    return p
+
+
+def main(argv=None) -> int:
+    args = parser().parse_args(argv)
     STARTED[0] = time.perf_counter()
+    if args.condition and args.model not in (None, "sd15"):
+        return fail(f"--model {args.model}: --condition {args.condition} measures SD1's networks (the paper's "
+                    "model); leave out --model, or give --model sd15")
+    args.model = args.model or ("sd15" if args.condition else "sd2-base")
     cuda = torch.cuda.is_available()
     if not args.tiny and not cuda:
         return fail("no CUDA GPU is visible to torch here; run on a GPU machine, or use --tiny to check the script")
@@ -241,23 +269,21 @@ def main(argv=None) -> int:
     if args.json and not args.json.parent.is_dir():
         return fail(f"--json {args.json}: the folder {args.json.parent} does not exist")
     sys.path[:0] = [str(TOOLS), str(TOOLS.parent / "tests")]   # tools/ and tests/ (conftest) are not packages
-    say(f"building {'tiny' if args.tiny else 'full-size'} {args.model} models with random weights (diffusers', "
+    what = f"image-conditioned ({args.condition}) {args.model}" if args.condition else args.model
+    say(f"building {'tiny' if args.tiny else 'full-size'} {what} models with random weights (diffusers', "
         f"converted and loaded by ours) on {device}; {args.runs} timed run(s) per figure, {args.steps} steps")
-    from bench_models import setup  # diffusers, transformers and the identical-weights setup: after the checks
     from minisd.config import default_dtype
     dtype = default_dtype(device)
+    results = {"device": torch.cuda.get_device_name(device) if device.type == "cuda" else str(device),
+               "dtype": str(dtype).replace("torch.", ""), "steps": args.steps, "torch": torch.__version__,
+               "mode": "tiny models (checks the script only)" if args.tiny else f"full-size {what}, random weights"}
     with tempfile.TemporaryDirectory(prefix="medti-gpu-check-") as tmp:
-        b = setup(argparse.Namespace(runs=args.runs), MODELS[args.model] + ("-tiny" if args.tiny else ""), Path(tmp))
-        b.sd = None   # the fp32 CPU copy setup() made: only its prompt embeddings are needed
-        results = {"device": torch.cuda.get_device_name(device) if device.type == "cuda" else str(device),
-                   "dtype": str(dtype).replace("torch.", ""), "size": b.size, "steps": args.steps,
-                   "torch": torch.__version__, "mode": "tiny models (checks the script only)" if args.tiny else
-                   f"full-size {args.model}, random weights", "ours": measure_ours(b, args, device, dtype)}
-        gc.collect()   # our models are unreachable now; free their GPU memory before diffusers' peak is taken
-        if device.type == "cuda":
-            torch.cuda.empty_cache()
-        results["diffusers"] = measure_diffusers(b, args, device, dtype)
-    report(results)
+        if args.condition:
+            import gpu_image
+            results |= gpu_image.measure(args, device, dtype, Path(tmp))
+        else:
+            results |= measure_text(args, device, dtype, Path(tmp))
+    (gpu_image.report if args.condition else report)(results)
     if args.json:
         from medti.files.atomic import write_atomic
         write_atomic(args.json, json.dumps(results, indent=1).encode())
