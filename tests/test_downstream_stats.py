@@ -14,8 +14,9 @@ from sklearn.metrics import roc_auc_score
 from sklearn.preprocessing import StandardScaler
 
 from conftest import rel_err
+from medti.downstream import probe as probe_module
 from medti.downstream import stats
-from medti.downstream.probe import fit_probe
+from medti.downstream.probe import ProbeError, fit_probe
 from medti.downstream.stats import StatsError
 
 
@@ -187,3 +188,28 @@ def test_probe_is_sklearns_logistic_regression(c, cases, dims, labels):
         rel_err(torch.from_numpy(probe.scores(held_out)[:, label]), torch.from_numpy(expected))
     assert probe.coef[:, 1].tolist() == [0.0] * labels   # the constant column standardises to 0: weight exactly 0
     assert np.isfinite(probe.scores(held_out)).all() and probe.scores(held_out).shape == (50, labels)
+
+
+@pytest.mark.parametrize("call, words", [
+    (lambda: fit_probe(np.ones((4, 2)), [True, True, True, True]), "y= has only positive cases (4 of 4)"),
+    (lambda: fit_probe(np.eye(3), [[1, 0], [0, 0], [1, 0]]), "y=: column 1 has only negative cases"),
+    (lambda: fit_probe(np.eye(3), [True, False]), "y= has shape (2,)"),
+    (lambda: fit_probe(np.eye(3), [2, 0, 1]), "y= must be True/False"),
+    (lambda: fit_probe(np.ones(3), [True, False, True]), "x= must be features [cases, dimensions]"),
+    (lambda: fit_probe([[0.0], [np.inf]], [True, False]), "x=: 1 case(s) have non-finite features"),
+    (lambda: fit_probe(np.eye(2), [True, False], c=0), "c= must be a positive number"),
+    (lambda: fit_probe(np.eye(2), [True, False], c=float("nan")), "c= must be a positive number"),
+    (lambda: fit_probe(np.eye(2), [True, False]).scores(np.ones((1, 3))), "x= has 3 features per case"),
+])
+def test_probe_bad_input_is_one_line(call, words):
+    with pytest.raises(ProbeError) as caught:
+        call()
+    assert words in str(caught.value) and "\n" not in str(caught.value)
+
+
+def test_probe_that_does_not_converge_says_so(monkeypatch):
+    """Newton's method stops at a step limit with an error, never with weights short of the minimum."""
+    x, y, _ = planted(0, 100, 5, 1)
+    monkeypatch.setattr(probe_module, "NEWTON_STEPS", 2)
+    with pytest.raises(ProbeError, match=r"did not converge in 2 Newton steps \(x= of shape \(100, 6\), c=1.0\)"):
+        fit_probe(x, y[:, 0])

@@ -76,9 +76,9 @@ def _targets(y, cases: int) -> np.ndarray:
     for label, column in enumerate(y.T):
         if column.all() or not column.any():
             kind = "positive" if column.all() else "negative"
-            where = f"column {label}" if y.shape[1] > 1 else "y"
-            raise ProbeError(f"{arg('y')}: {where} has only {kind} cases ({cases} of {cases}); a classifier needs "
-                             "examples of both classes")
+            where = f"{arg('y')}: column {label}" if y.shape[1] > 1 else arg("y")
+            raise ProbeError(f"{where} has only {kind} cases ({cases} of {cases}); a classifier needs examples of "
+                             "both classes")
     return y
 
 
