@@ -20,6 +20,10 @@ it; a folder holding anything else is refused. With --fail-on-flag the exit stat
 Variations of a case (medti.generate --condition-image; manifest records with "condition") are also scored against
 their own source, found among the training images or --sources (medti/quality/variations.py): audit.json's
 "sources", a section of audit.md and sources.png, the sources named by pseudonym alone.
+
+Does the model itself remember? With --model and --embeddings (or --prompt) it also writes memorization.json and
+memorization.md: Wen et al.'s signal per prompt (medti/quality/memorization.py), beside the audit above, or alone
+when --train and --synthetic are left out; no training image is needed.
 """
 import argparse
 import dataclasses
