@@ -20,6 +20,10 @@ it; a folder holding anything else is refused. With --fail-on-flag the exit stat
 Variations of a case (medti.generate --condition-image; manifest records with "condition") are also scored against
 their own source, found among the training images or --sources (medti/quality/variations.py): audit.json's
 "sources", a section of audit.md and sources.png, the sources named by pseudonym alone.
+
+Does the model itself remember? With --model and --embeddings (or --prompt) it also writes memorization.json and
+memorization.md: Wen et al.'s signal per prompt (medti/quality/memorization.py), beside the audit above, or alone
+when --train and --synthetic are left out; no training image is needed.
 """
 import argparse
 import dataclasses
@@ -36,7 +40,7 @@ from .dataset.preprocess import PREPROCESS
 from .files.atomic import claim_folder, inside, text_bytes, write_atomic
 from .files.images import save_png
 from .files.pseudonyms import KEY, write_key
-from .quality import audit_variations, privacy, variations
+from .quality import audit_model, audit_variations, privacy, variations
 from .quality.audit_report import Audit, Opinion, outputs
 from .quality.features import DEFAULT_DINOV2, encode, load_network
 from .quality.folders import DATA_FLAGS, Reading, load_set, read_manifest, reading
@@ -46,7 +50,7 @@ from .training.config import add_flags
 # thumbnails, so a 3,000 x 3,000 chest X-ray export costs 0.8 MB in memory instead of 27 MB (3,000 of them: 2.4
 # instead of 81 GB). 512 leaves the descriptor's antialiased resize 8x of headroom.
 READ_SIDE = 512
-OUTPUTS = ("audit.json", "audit.md", "flagged.png", "closest.png", audit_variations.SHEET, KEY)
+OUTPUTS = ("audit.json", "audit.md", "flagged.png", "closest.png", audit_variations.SHEET, KEY, *audit_model.OUTPUTS)
 FLAGGED = 3   # exit status with --fail-on-flag when anything is flagged (argparse and user errors use 2)
 EXAMPLE = """example:
   python -m medti.audit --train data/cardiomegaly --synthetic synthetic/cardiomegaly --out audit/cardiomegaly \\
@@ -60,9 +64,9 @@ class AuditError(UserError):
 def build_parser() -> argparse.ArgumentParser:
     p = ArgumentParser(prog="python -m medti.audit", description=__doc__.split("\n\n")[0], epilog=EXAMPLE,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--train", required=True, help="the training images (a folder, read like training data)")
-    p.add_argument("--synthetic", required=True, help="the synthetic images: a folder, a generation run's folder "
-                                                      "or its manifest.jsonl")
+    p.add_argument("--train", help="the training images (a folder, read like training data)")
+    p.add_argument("--synthetic", help="the synthetic images: a folder, a generation run's folder or its "
+                                       "manifest.jsonl")
     p.add_argument("--out", required=True, help="output folder (new, empty, or holding an earlier audit)")
     p.add_argument("--manifest", help="the run's manifest.jsonl, for the prompt and seed of each flagged image "
                                       "(found by itself when --synthetic is a run)")
@@ -83,11 +87,19 @@ def build_parser() -> argparse.ArgumentParser:
     # medti.train's own flags (names, helps, defaults): --train is then read exactly as training read --data, and
     # brought to the squares training made of it (--preprocess), which are what a memorising model reproduces
     add_flags(p.add_argument_group("how --train is read (as medti.train reads --data)"), DATA_FLAGS + ("preprocess",))
+    audit_model.add_flags(p.add_argument_group("does the model itself remember? (Wen et al. 2024; no images needed)"))
     return p
 
 
-def check_args(args) -> Reading:
-    """Everything that can be checked before a folder is made or an image read; returns how --train is read."""
+def check_args(args, model_side: bool) -> Reading | None:
+    """Everything that can be checked before a folder is made or an image read; returns how --train is read (None:
+    the model-side audit alone)."""
+    if not (args.train or args.synthetic) and model_side:
+        return None
+    if not (args.train and args.synthetic):
+        raise AuditError("give --train and --synthetic (near-copies of training images), --model with --embeddings "
+                         "(the model's own signal), or both" + ("; --train or --synthetic alone is half of the first"
+                                                                 if args.train or args.synthetic else ""))
     if not 0 < args.threshold <= 1:   # NaN fails this too
         raise AuditError(f"--threshold {args.threshold:g}: must be in (0, 1]; the default is {privacy.THRESHOLD:g}")
     out, synthetic = Path(args.out), Path(args.synthetic)
@@ -218,10 +230,11 @@ def replace_outputs(out: Path, key: list, texts: dict, images: dict):
     for name in OUTPUTS:
         (out / name).unlink(missing_ok=True)
     try:
-        write_key(out / KEY, key)
+        if key:
+            write_key(out / KEY, key)
         for name, image in images.items():
             save_png(out / name, image)
-        for name in ("audit.md", "audit.json"):
+        for name in sorted(texts, key=lambda name: name == "audit.json"):   # audit.json last
             write_atomic(out / name, text_bytes(texts[name]))
     except BaseException:
         for name in OUTPUTS:
@@ -230,12 +243,21 @@ def replace_outputs(out: Path, key: list, texts: dict, images: dict):
 
 
 def run(args) -> int:
-    how = check_args(args)
+    model_side = audit_model.check(args)
+    how = check_args(args, model_side)
     with claim_folder(args.out) as out:
         check_folder(out)
+        found = audit_model.texts(args, say) if model_side else {}   # the cheaper half first, and its failures
+        if how is None:
+            replace_outputs(out, [], found, {})
+            print(f"{audit_model.highest(found)}; report: {out / 'memorization.md'}")
+            return FLAGGED if args.fail_on_flag and audit_model.flagged(found) else 0
         audit = compare(args, how)
         key = audit.train.key + (audit.variations.key() if audit.variations else [])
-        replace_outputs(out, key, *outputs(audit))
+        texts, images = outputs(audit)
+        replace_outputs(out, key, texts | found, images)
+    if found:
+        print(f"{audit_model.highest(found)}; report: {out / 'memorization.md'}")
     n, m = len(audit.flagged), len(audit.synthetic.names)
     # a copy of a held-out source is no training image's near-copy, yet shows that patient: the gate counts it too
     copies = len(audit.variations.copies) if audit.variations else 0
@@ -243,7 +265,7 @@ def run(args) -> int:
           f"{audit.match.similarity.max().item():.3f})" + (f"; {copies} variation(s) flagged as copies of their own "
                                                            "source" if audit.variations else "")
           + f"; report: {out / 'audit.md'}")
-    if (n or copies) and args.fail_on_flag:
+    if (n or copies or audit_model.flagged(found)) and args.fail_on_flag:
         print(f"flagged: {n} synthetic image(s) are near-copies of training images, {copies} variation(s) copies of "
               f"their own source; see {out / 'audit.md'}", file=sys.stderr)
         return FLAGGED
