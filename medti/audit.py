@@ -91,7 +91,7 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
-def check_args(args, model_side: bool) -> Reading | None:
+def check_args(args, model_side: bool = False) -> Reading | None:
     """Everything that can be checked before a folder is made or an image read; returns how --train is read (None:
     the model-side audit alone)."""
     if not (args.train or args.synthetic) and model_side:
