@@ -9,10 +9,13 @@ import math
 import numpy as np
 import pytest
 import torch
+from sklearn.linear_model import LogisticRegression
 from sklearn.metrics import roc_auc_score
+from sklearn.preprocessing import StandardScaler
 
 from conftest import rel_err
 from medti.downstream import stats
+from medti.downstream.probe import fit_probe
 from medti.downstream.stats import StatsError
 
 
@@ -130,3 +133,57 @@ def test_bad_input_is_one_line(call, words):
     with pytest.raises(StatsError) as caught:
         call()
     assert words in str(caught.value) and "\n" not in str(caught.value)
+
+
+# The linear probe against scikit-learn's LogisticRegression, fitted on scikit-learn's own StandardScaler output.
+# Tolerance: lbfgs stops where its gradient is small, not at the minimum. Near the minimum the objective is
+# quadratic, so a point whose gradient is g lies H^-1 g from it (H the Hessian, computed here at our solution, with
+# the objective written out below rather than taken from either side). The two solutions may then differ by
+# |H^-1 g_sklearn| + |H^-1 g_ours|, with a factor 2 for the Hessian's change between the points (they are ~1e-7
+# apart, where it changes by far less) and the quadratic model's error. A score moves by at most |[z, 1]| times that.
+def objective_gradient(theta, z, y, c):
+    """The gradient of 0.5 |w|^2 + c sum log(1 + exp(-s (z.w + b))) at theta = (w, b), s = +-1, and its Hessian."""
+    a, s = np.hstack([z, np.ones((len(z), 1))]), np.where(y, 1.0, -1.0)
+    tail = 1.0 / (1.0 + np.exp(s * (a @ theta)))            # sigmoid(-s m)
+    gradient = -c * a.T @ (s * tail)
+    gradient[:-1] += theta[:-1]
+    hessian = c * (a.T * (tail * (1 - tail))) @ a + np.diag(np.r_[np.ones(z.shape[1]), 0.0])
+    return gradient, hessian
+
+
+def planted(seed: int, cases: int, dims: int, labels: int):
+    """Features with a few informative, correlated directions (as an encoder's are) and a constant column, labels
+    from a noisy linear rule per label, and held-out cases whose constant column differs."""
+    rng = np.random.default_rng(seed)
+    mixing = rng.normal(size=(dims, dims)) / np.sqrt(dims)
+    x = rng.normal(size=(cases + 50, dims)) @ mixing * rng.uniform(0.1, 10, dims) + rng.normal(0, 3, dims)
+    x[:cases, 1] = 2.5
+    rules = rng.normal(size=(dims, labels))
+    margins = (x - x.mean(0)) / x.std(0) @ rules / np.sqrt(dims) * 3
+    y = margins + rng.logistic(size=margins.shape) > 0.3
+    return x[:cases], y[:cases], x[cases:]
+
+
+@pytest.mark.parametrize("c", [0.1, 1.0, 10.0])
+@pytest.mark.parametrize("cases, dims, labels", [(300, 20, 1), (200, 40, 3), (60, 150, 2)])
+def test_probe_is_sklearns_logistic_regression(c, cases, dims, labels):
+    x, y, held_out = planted(int(c * 10) + dims, cases, dims, labels)
+    probe = fit_probe(x, y if labels > 1 else y[:, 0], c=c)   # one label as y [n], as a binary task passes it
+    scaler = StandardScaler().fit(x)
+    z, z_test = scaler.transform(x), scaler.transform(held_out)
+    for label in range(labels):
+        # penalty "l2" is the default (naming it is deprecated in 1.8); tol and max_iter let lbfgs get close
+        reference = LogisticRegression(C=c, solver="lbfgs", tol=1e-10, max_iter=10_000).fit(z, y[:, label])
+        ours = np.r_[probe.coef[label], probe.intercept[label]]
+        theirs = np.r_[reference.coef_[0], reference.intercept_[0]]
+        g_ours, hessian = objective_gradient(ours, z, y[:, label], c)
+        g_theirs, _ = objective_gradient(theirs, z, y[:, label], c)
+        distance = 2 * sum(np.linalg.norm(np.linalg.solve(hessian, g)) for g in (g_ours, g_theirs))
+        assert distance < 1e-5 * np.linalg.norm(theirs)   # the bound is tight enough to mean something
+        assert np.linalg.norm(ours - theirs) <= distance
+        score_bound = distance * np.linalg.norm(np.hstack([z_test, np.ones((50, 1))]), axis=1).max()
+        expected = reference.decision_function(z_test)
+        assert np.abs(probe.scores(held_out)[:, label] - expected).max() <= score_bound
+        rel_err(torch.from_numpy(probe.scores(held_out)[:, label]), torch.from_numpy(expected))
+    assert probe.coef[:, 1].tolist() == [0.0] * labels   # the constant column standardises to 0: weight exactly 0
+    assert np.isfinite(probe.scores(held_out)).all() and probe.scores(held_out).shape == (50, labels)
