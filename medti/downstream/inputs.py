@@ -72,7 +72,7 @@ def read_inputs(args, plan, how: Reading) -> Sets:
     items = {"real": (real, real_labels, real.patients)}
     if test:
         lab.check_two_classes(test_labels, "test", "the test set")
-        check_disjoint(real.patients, test.patients)
+        check_disjoint(identities(real), identities(test))
         items["test"] = (test, test_labels, test.patients)
     if synthetic and set(plan.settings) - {"real"}:
         syn_labels = _synthetic_labels(args, synthetic, real, real_labels)
@@ -80,6 +80,14 @@ def read_inputs(args, plan, how: Reading) -> Sets:
         # each synthetic image is its own patient: it never tests
         items["synthetic"] = (synthetic, syn_labels, [f"synthetic {n}" for n in synthetic.names])
     return Sets(items, real_labels.names)
+
+
+def identities(images) -> list:
+    """The patient keys that name a person across sets: a DICOM PatientID or study, a case folder -- not an image's
+    own file, which is the key of a file without a patient (its name says nothing of who is in it: two sets may both
+    hold `healthy/001.png`)."""
+    own = set(images.names) | {n.partition("#")[0] for n in images.names}
+    return [p for p in images.patients if p not in own]
 
 
 def patient_names(images) -> dict:

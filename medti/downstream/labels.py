@@ -88,7 +88,8 @@ def read_label_csv(path, flag: str) -> tuple[list, dict]:
         name = row[0].strip()
         if name in table:
             raise LabelError(f"{arg(flag)} {path}: {name} is listed twice (lines {table[name][1]} and {number})")
-        cells = [_flag_value(c, path, flag, f"line {number}, column {h}") for c, h in zip(row[1:], header[1:])]
+        cells = [_flag_value(c, path, flag, f"line {number}, column {h}")
+                 for c, h in zip(row[1:], header[1:], strict=True)]
         table[name] = (cells, number)
     return header[1:], {name: cells for name, (cells, _) in table.items()}
 
@@ -122,14 +123,16 @@ def unused(table: dict, sets: list, flag: str, path):
 
 
 def check_two_classes(labels: Labels, flag: str, what: str):
-    """Every label has positive and negative images in `what`: a probe learns nothing from one class."""
+    """Every label has positive and negative images in `what`: a probe learns nothing from one class, and an AUC
+    needs both. A label without positives is named first (the commoner mistake: a class folder missing)."""
     if not labels.names:
         raise LabelError(f"{arg(flag)}: no labels for {what}")
-    for column, name in enumerate(labels.names):
-        count = int(labels.y[:, column].sum())
-        if count in (0, len(labels.y)):
-            raise LabelError(f"{arg(flag)}: label {name!r} is {'never' if count == 0 else 'always'} positive in "
-                             f"{what}; a classifier needs both classes (one class only)")
+    counts = labels.y.sum(0)
+    for kind, lacking in (("positive", counts == 0), ("negative", counts == len(labels.y))):
+        if lacking.any():
+            name = labels.names[int(np.flatnonzero(lacking)[0])]
+            raise LabelError(f"{arg(flag)}: label {name!r} has no {kind} case in {what}; a classifier needs both "
+                             "classes (one class only)")
 
 
 def read_map(path, flag: str, label_names: list) -> dict:

@@ -16,6 +16,8 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
+from .probe import standardisation
+
 
 @dataclass
 class Linear:
@@ -37,16 +39,11 @@ def raw_weights(probe, dim: int) -> tuple[np.ndarray, np.ndarray]:
     return s[1:] - s[:1], s[0]
 
 
-def standardiser(x: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    mean, std = x.mean(0), x.std(0)
-    return mean, np.where(std > 0, std, 1.0)
-
-
 def fit_towards(x, y, w_raw: np.ndarray, b_raw: np.ndarray, c: float = 1.0, tol: float = 1e-9) -> Linear:
     """The probe on (x, y) whose penalty is centred on the raw-feature solution (w_raw, b_raw), started there. y:
     bool [n, L]. Columns are independent problems, solved together (their objectives add)."""
     x, y = np.asarray(x, np.float64), np.asarray(y, bool).reshape(len(x), -1)
-    mean, std = standardiser(x)
+    mean, std = standardisation(x)   # the probe's own rule (a constant feature: scale 1)
     # the prior in standardised coordinates: w.x_raw + b = (w*std).z + (b + w.mean)
     w0 = torch.from_numpy(w_raw * std[:, None])
     b0 = torch.from_numpy(b_raw + mean @ w_raw)
