@@ -17,7 +17,7 @@ ROOT = Path(__file__).resolve().parents[1]
 # and DreamBooth's class images by generating (training -> generation); generation needs neither.
 LAYERS = [
     {"medti", "medti.train", "medti.generate", "medti.evaluate", "medti.audit", "medti.data", "medti.embeddings",
-     "medti.lora"},                          # the commands people type: python -m medti.<name>
+     "medti.lora", "medti.utility"},       # the commands people type: python -m medti.<name>
     {"medti.downstream"},                    # does a synthetic set help a classifier (python -m medti.utility)
     {"medti.quality"},                       # is a synthetic set any good, and is it safe to share
     {"medti.training"},                      # one loop, generic over what trains

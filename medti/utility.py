@@ -1,0 +1,141 @@
+"""Does synthetic data help a classifier? `python -m medti.utility`.
+
+    python -m medti.utility --real data/train --synthetic synth/ --test data/test --out utility/
+
+A linear probe (L2 logistic regression on frozen, standardised features) trained on real images only, on synthetic
+images only, on both at each real:synthetic ratio, and on synthetic then real (pretrain), at nested real-data regimes,
+over patient-grouped folds; the test AUC per setting, regime and label with its spread over folds, a 95 % interval
+by bootstrap over test patients and DeLong's p-value against real-only. Writes OUT/report.json, OUT/report.md,
+OUT/gain.png (box plot of the gain over real-only), OUT/split.json (which patients in which fold, by pseudonym) and
+OUT/features/ (each image's features, reused by a re-run). docs/utility.md is the guide.
+"""
+import argparse
+import sys
+from pathlib import Path
+
+import torch
+
+from minisd.config import resolve_device
+
+from .cli import ArgumentParser, add_threads, run_main
+from .downstream import harness, outputs, summary
+from .downstream.cache import cached_features
+from .downstream.inputs import UtilityError, read_inputs, split_record
+from .files.atomic import claim_folder, inside, text_bytes, write_atomic
+from .quality.features import DEFAULT_DINOV2, FEATURES, load_network
+from .quality.folders import DATA_FLAGS, reading
+from .quality.scoring import progress
+from .training.config import add_flags
+
+EXAMPLE = """examples:
+  python -m medti.utility --real data/train --synthetic synth/ --test data/test --out utility/
+  python -m medti.utility --real data/train --labels labels.csv --synthetic run/ --synthetic-labels prompts.json \\
+      --out utility/ --real-sizes 50,100,all --ratios 1,5 --folds 5"""
+# What a linear-probe fold costs next to one of DenseNet-121 fine-tuning (docs/utility.md): the probe is seconds
+FINETUNE = ("--classifier finetune trains a DenseNet-121 per setting, regime and fold (about 20 x 5 = 100 trainings "
+            "of ~1 GPU-hour each at 2,000 images, days on a CPU); it is not built in this release: use "
+            "--classifier linear")
+OURS = ("report.json", "report.md", "gain.png", "split.json", "features")
+
+
+def _list(text: str, flag: str, words: tuple = ()) -> list:
+    items = [t.strip() for t in text.split(",") if t.strip()]
+    try:
+        out = [t if t in words else int(t) for t in items]
+    except ValueError:
+        raise UtilityError(f"--{flag} {text}: a comma-separated list of whole numbers"
+                           + (f" or {', '.join(words)}" if words else "")) from None
+    if not out or any(isinstance(v, int) and v < 1 for v in out):
+        raise UtilityError(f"--{flag} {text}: give one or more numbers of at least 1")
+    return out
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = ArgumentParser(prog="python -m medti.utility", description=__doc__.split("\n\n")[0], epilog=EXAMPLE,
+                       formatter_class=argparse.RawDescriptionHelpFormatter)
+    add = p.add_argument
+    add("--real", required=True, help="the real images: class sub-folders, or any folder with --labels")
+    add("--synthetic", help="the synthetic images: a folder (class sub-folders) or a generation run")
+    add("--test", help="a held-out test set (default: the folds of --real test in turn)")
+    add("--out", required=True, help="folder for the reports, split.json and the feature cache")
+    add("--labels", metavar="CSV", help="labels of --real and --test: a `file` column (path inside its set) and one "
+        "0/1 column per label")
+    add("--synthetic-labels", metavar="FILE", help="labels of --synthetic: a CSV like --labels, or a prompt -> "
+        "label map (.json object, or .csv with columns prompt,label) for a generation run")
+    add("--features", default="inception", choices=FEATURES, help="feature network (default: inception)")
+    add("--inception", metavar="FILE", help="torch-fidelity's Inception weights file (as medti.evaluate)")
+    add("--dinov2", metavar="NAME_OR_FOLDER", help=f"DINOv2 release or local folder (default: {DEFAULT_DINOV2})")
+    add("--classifier", default="linear", choices=("linear", "finetune"), help="linear probe (default)")
+    add("--settings", default="real,synthetic,mixed,pretrain", help="any of real,synthetic,mixed,pretrain")
+    add("--ratios", default="1,5,10", help="real:synthetic ratios of the mixed setting (default: 1,5,10)")
+    add("--real-sizes", default="50,100,500,all", help="nested real-image regimes (default: 50,100,500,all)")
+    add("--folds", type=int, default=5, help="patient-grouped folds (default: 5)")
+    add("--c", type=float, default=1.0, help="the probe's inverse regularisation strength C (default: 1.0)")
+    add("--seed", type=int, default=0, help="draws the folds, regimes and bootstrap (default: 0)")
+    add("--batch", type=int, default=32, help="images per network call (default: 32)")
+    add("--device", default="cuda" if torch.cuda.is_available() else "cpu", help="cpu or cuda[:N]")
+    add_threads(p)
+    add_flags(p.add_argument_group("how --real and --test folders are read (as medti.train reads --data)"),
+              DATA_FLAGS)
+    return p
+
+
+def check_args(args) -> harness.Plan:
+    """Every flag mistake before an image is read."""
+    if args.classifier == "finetune":
+        raise UtilityError(FINETUNE)
+    settings = tuple(t.strip() for t in args.settings.split(",") if t.strip())
+    bad = [s for s in settings if s not in harness.SETTINGS]
+    if bad or not settings:
+        raise UtilityError(f"--settings {args.settings}: use some of {','.join(harness.SETTINGS)}")
+    if set(settings) - {"real"} and not args.synthetic:
+        raise UtilityError(f"--settings {args.settings} needs --synthetic FOLDER (or give --settings real)")
+    if args.folds < 2 or args.seed < 0 or not args.c > 0 or args.batch < 1:
+        raise UtilityError("--folds must be at least 2, --seed at least 0, --c above 0 and --batch at least 1")
+    out = Path(args.out)
+    for flag in ("real", "synthetic", "test"):
+        given = getattr(args, flag)
+        if given and Path(given).is_dir() and inside(out, Path(given)):
+            raise UtilityError(f"--out {out} is inside --{flag} {given}; choose a folder outside it")
+    others = [p.name for p in out.iterdir() if p.name not in OURS and not p.name.startswith(".")] \
+        if out.is_dir() else []
+    if others:
+        raise UtilityError(f"--out {out} holds other files (e.g. {sorted(others)[0]}); give a new or empty folder, "
+                           "or one an earlier utility run wrote")
+    return harness.Plan(settings, tuple(_list(args.ratios, "ratios")),
+                        tuple(_list(args.real_sizes, "real-sizes", ("all",))), args.folds, args.seed, args.c)
+
+
+def _data(out, net, images, labels, patients, what, batch) -> tuple:
+    x, reused = cached_features(out, net, images.images, what, batch, progress)
+    return harness.Data(x.double().numpy(), labels.y, patients), reused
+
+
+def run(args):
+    plan = check_args(args)
+    sets = read_inputs(args, plan, reading(args))   # every label and split refusal before the network loads
+    net = load_network(args.features, args.inception, args.dinov2, resolve_device(args.device))
+    with claim_folder(args.out) as out:
+        data, reused = {}, 0
+        for what, item in sets.items.items():
+            data[what], count = _data(out, net, *item, what, args.batch)
+            reused += count
+        result = harness.run(data["real"], data.get("synthetic"), data.get("test"), plan, sets.label_names)
+        report = {"features": net.name, "weights_sha256": net.weights_sha256, "classifier": "linear",
+                  "c": plan.c, "folds": plan.folds, "seed": plan.seed, "labels": sets.label_names,
+                  "settings": result.names, "regimes": result.regimes, "test": "--test" if args.test else "folds",
+                  "counts": {k: len(v[0].images) for k, v in sets.items.items()}, "features_reused": reused,
+                  "table": summary.table(result, sets.label_names, plan.seed)}
+        outputs.write_json(out / "split.json", split_record(sets, result))
+        outputs.write_json(out / "report.json", report)
+        outputs.gain_plot(report, out / "gain.png")
+        write_atomic(out / "report.md", text_bytes(outputs.report_md(report)))
+    print(f"wrote {out / 'report.md'} ({reused} image features reused from the cache)", file=sys.stderr)
+
+
+def main(argv=None) -> int:
+    return run_main(build_parser(), run, argv)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
