@@ -23,14 +23,14 @@ def reference(real: torch.Tensor, fake: torch.Tensor, k: int) -> dict:
     return {name: float(value) for name, value in figures.items()}
 
 
-@pytest.mark.parametrize("k", [5, 2, 9])
-def test_prdc_equals_the_prdc_package(k, capsys):
-    # Sets of different sizes, the fake one shifted and narrower: all four figures away from 0 and 1, and density
-    # able to exceed 1 (fakes crowding into the real balls).
-    real, fake = features(90, 12, seed=1), 0.6 * features(70, 12, seed=2, shift=0.2)
+@pytest.mark.parametrize("k, shift", [(5, 1.0), (2, 1.0), (9, 1.0), (5, 0.5)])
+def test_prdc_equals_the_prdc_package(k, shift, capsys):
+    # Sets of different sizes, the fake one shifted and narrower: no figure stuck at 0 or 1; at shift 0.5 density
+    # exceeds 1 (fakes crowding into the real balls), the case where it differs most from precision.
+    real, fake = features(90, 12, seed=1), 0.8 * features(70, 12, seed=2, shift=shift)
     ours = metrics.prdc(real, fake, k=k)
     assert ours == pytest.approx(reference(real, fake, k), abs=1e-12)
-    assert 0 < ours["precision"] < 1 and 0 < ours["coverage"] and ours["density"] > 0
+    assert 0 < min(ours.values()) and min(ours.values()) < 1 and (ours["density"] > 1) == (shift == 0.5)
 
 
 def test_prdc_in_blocks_equals_one_block(monkeypatch):
