@@ -29,6 +29,7 @@ OFFICIAL_SHA256 = None
 # outputs (never to the features), and batch norm's training counter (absent from pickles older than torch 0.4.1).
 IGNORED = ("op_threshs",)
 OPTIONAL_SUFFIX = ".num_batches_tracked"
+RELEASE_CONFIG = DenseNetConfig()   # densenet121-res224-all: the defaults
 
 
 def fetch_hint() -> str:
@@ -63,7 +64,7 @@ def _check_keys(file: TensorFile, expected: dict):
                             f"torchxrayvision's DenseNet-121 ({RELEASE})")
 
 
-def load_densenet(path, cfg: DenseNetConfig = DenseNetConfig()) -> DenseNet:
+def load_densenet(path, cfg: DenseNetConfig = RELEASE_CONFIG) -> DenseNet:
     """The network with the tensors of `path`, float32, eval mode (batch norm from its running statistics)."""
     if path is None:
         raise LoadError(f"xrv features need torchxrayvision's {RELEASE} weights as tensors: {fetch_hint()}")
