@@ -165,3 +165,37 @@ def test_a_processor_at_another_size_is_refused(tmp_path):
     (tmp_path / "preprocessor_config.json").write_text(json.dumps(processor))
     with pytest.raises(LoadError, match=r"crop_size \[14, 14\] is not config.json's image_size 28"):
         load_network("rad-dino", encoder=str(tmp_path))
+
+
+def test_side_by_side_through_the_cli(tmp_path, capsys):
+    """--features dinov2,xrv: each network's figures in report.json's by_features and report.md's table, each
+    equal to the metrics on that network's own features; PRDC beside FID/KID/PR."""
+    from test_evaluate import _uint8, _write_set
+    from transformers import Dinov2Config as Config
+
+    from medti import evaluate
+    from medti.quality import metrics
+    torch.manual_seed(0)
+    randomize_(Dinov2Model(Config(hidden_size=32, num_hidden_layers=1, num_attention_heads=2, patch_size=14,
+                                  image_size=98))).save_pretrained(tmp_path / "dino")
+    torch.save(xrv_reference().state_dict(), tmp_path / "xrv.pt")
+    real, fake = _write_set(tmp_path / "r", 8, seed=1), _write_set(tmp_path / "f", 8, seed=2)
+    out = tmp_path / "o"
+    args = ["--real", str(real), "--fake", str(fake), "--out", str(out), "--kid-subset-size", "4"]
+    assert evaluate.main([*args, "--features", "dinov2,xrv", "--encoder", f"dinov2={tmp_path / 'dino'}",
+                          "--encoder", f"xrv={tmp_path / 'xrv.pt'}"]) == 0
+    report = json.loads((out / "report.json").read_text())
+    assert list(report["by_features"]) == ["dinov2", "xrv"] and report["features"] == "dinov2 dino"
+    net = load_network("xrv", encoder=str(tmp_path / "xrv.pt"))
+    ours = report["by_features"]["xrv"]
+    want = metrics.prdc(net.extract(net.model, _uint8(real)), net.extract(net.model, _uint8(fake)), k=5)
+    assert {k: ours["prdc"][k] for k in want} == pytest.approx(want, abs=1e-12)   # float32 features, same code
+    assert ours["features"] == "xrv xrv.pt" and "| xrv xrv.pt |" in (out / "report.md").read_text()
+    assert "PRDC coverage" in (out / "report.md").read_text()
+    for bad, says in ((["--features", "xrv"], "xrv features need torchxrayvision's densenet121-res224-all"),
+                      (["--features", "dinov2,xrv", "--encoder", str(tmp_path / "dino")],
+                       "say which of dinov2, xrv it is for, e.g. --encoder xrv="),
+                      (["--features", "xrv,radd"], "'radd' is unknown; give one or more of")):
+        assert evaluate.main([*args, *bad]) == 2   # a user error
+        errors = [line for line in capsys.readouterr().err.splitlines() if line.startswith("error: ")]
+        assert len(errors) == 1 and says in errors[0], errors
