@@ -191,6 +191,17 @@ def check_args(args) -> Reading:
     return reading(args)
 
 
+def side_by_side(args, device, real_set, fake_set, names: list) -> dict:
+    """The figures of each further --features network: each encodes both sets afresh."""
+    figures = {}
+    for kind in args.kinds[1:]:
+        net = load_network(kind, args.inception, args.dinov2, device, encoder=args.weights.get(kind))
+        print(f"{net.name}: {net.weights} (sha256 {net.weights_sha256[:12]})", file=sys.stderr)
+        real = from_features(encode(net, real_set.images, "real", args.batch, progress), names, None)
+        figures[kind] = distribution(args, net, real, encode(net, fake_set.images, "fake", args.batch, progress))
+    return figures
+
+
 def run(args):
     how = check_args(args)
     device = resolve_device(args.device)
@@ -226,13 +237,8 @@ def run(args):
     with claim_folder(args.out) as out:
         fake = encode(net, fake_set.images, "fake", args.batch, progress)
         figures = score(args, net, real, fake, fake_set.images)
-        figures["by_features"] = {args.kinds[0]: distribution(args, net, real, fake)}
-        for kind in args.kinds[1:]:   # side by side: each network encodes both sets, the same figures
-            other = load_network(kind, args.inception, args.dinov2, device, encoder=args.weights.get(kind))
-            print(f"{other.name}: {other.weights} (sha256 {other.weights_sha256[:12]})", file=sys.stderr)
-            other_real = from_features(encode(other, real_set.images, "real", args.batch, progress), real.names, None)
-            other_fake = encode(other, fake_set.images, "fake", args.batch, progress)
-            figures["by_features"][kind] = distribution(args, other, other_real, other_fake)
+        figures["by_features"] = {args.kinds[0]: distribution(args, net, real, fake), **side_by_side(
+            args, device, real_set, fake_set, real.names)}
         write_report(out, figures, args, real, fake, real_set, fake_set)
         if real_set:   # the paths behind report.json's skipped pseudonyms, for the user alone
             write_key(out / KEY, real_set.key)
