@@ -29,8 +29,8 @@ from .quality.folders import DATA_FLAGS, Reading, load_set, reading, set_flags
 from .quality.report import write_report
 from .quality.run_images import IMAGE_MODEL, cases_set
 from .quality.run_scores import check_run, score_run
-from .quality.scoring import check_sizes, progress, real_side, score
-from .quality.stats import read_stats, save_features, save_stats
+from .quality.scoring import check_sizes, distribution, progress, real_side, score
+from .quality.stats import from_features, read_stats, save_features, save_stats
 from .training.config import add_flags
 
 EXAMPLE = """examples:
@@ -47,7 +47,12 @@ def build_parser() -> argparse.ArgumentParser:
         "image-conditioned run: default, the cases its variations are made of)")
     add("--fake", help="the synthetic images: a folder, a generation run's folder or its manifest.jsonl")
     add("--out", help="folder for report.json, report.md and the plots (needed with --fake)")
-    add("--features", default="inception", choices=FEATURES, help="feature network (default: inception)")
+    add("--features", default="inception", metavar="KIND[,KIND...]", help=f"feature network: {', '.join(FEATURES)} "
+        "(default: inception); several, comma-separated, are reported side by side (the first one leads)")
+    add("--encoder", metavar="[KIND=]NAME_OR_FOLDER", action="append", default=[], help="where a feature "
+        "network's weights are: rad-dino and dinov2 a release or folder, xrv and inception a file; KIND= says "
+        "which when --features names several (default: rad-dino microsoft/rad-dino; xrv has none). With --run of "
+        "an image-conditioned run, a value without KIND= is its DINO encoder folder (default: the run's)")
     add("--inception", metavar="FILE", help="torch-fidelity's weights-inception-2015-12-05-6726825d.pth "
         "(default: torch's hub cache, where torchmetrics and torch-fidelity keep it)")
     add("--antialias", action="store_true", help="resize for Inception as torchmetrics 1.9 does by default "
@@ -58,6 +63,8 @@ def build_parser() -> argparse.ArgumentParser:
     add("--kid-subsets", type=int, default=100, help="KID subsets (default: 100, as torchmetrics)")
     add("--kid-subset-size", type=int, help="images per KID subset (default: 1000, or the smaller set's size)")
     add("--k", type=int, default=3, help="neighbourhood size of precision/recall (default: 3)")
+    add("--prdc-k", type=int, help="neighbourhood size of PRDC, Naeem et al. 2020 (default: 5; left out for sets "
+        "of 5 images or fewer)")
     add("--ms-ssim-pairs", type=int, default=1000, help="at most this many random pairs per set (default: 1000)")
     add("--seed", type=int, default=0, help="draws KID subsets and MS-SSIM pairs (default: 0)")
     add("--batch", type=int, default=32, help="images per network call (default: 32)")
@@ -73,8 +80,6 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--sampler", choices=list(SAMPLERS), default="dpmpp_2m", help="sampler (default: dpmpp_2m)")
     run.add_argument("--sources", metavar="DIR", help="image-conditioned run: make variations of these images "
                      "(default: the run's held-out images, val.txt)")
-    run.add_argument("--encoder", metavar="FOLDER", help="image-conditioned run: its DINO encoder folder (default: "
-                     "the run's --encoder, as its command.private.json records it)")
     add("--device", default="cuda" if torch.cuda.is_available() else "cpu", help="cpu or cuda[:N]")
     add_threads(p)
     # medti.train's own flags (names, helps, defaults): a --real folder is then read exactly as training read --data
@@ -103,8 +108,44 @@ def check_out(args):
                         "one an earlier evaluation wrote")
 
 
+def check_features(args):
+    """--features as a list of kinds, --encoder split into the feature networks' weights (args.weights, by kind)
+    and an image-conditioned run's DINO encoder (args.encoder, a value without KIND=)."""
+    kinds = args.features.split(",")
+    for kind in kinds:
+        if kind not in FEATURES or kinds.count(kind) > 1:
+            what = "named twice" if kind in FEATURES else "unknown"
+            raise EvalError(f"--features {args.features}: {kind!r} is {what}; give one or more of "
+                            f"{', '.join(FEATURES)}, comma-separated")
+    if len(kinds) > 1 and (args.run or args.save_stats or Path(args.real or "").suffix == STATS_SUFFIX):
+        raise EvalError(f"--features {args.features}: several networks side by side need --fake and a --real folder "
+                        "(a statistics file and --run hold one network's features); give one kind")
+    args.kinds, args.weights, bare = kinds, {}, []
+    for value in args.encoder:
+        kind, _, where = value.partition("=")
+        if kind in FEATURES and where:
+            args.weights[kind] = where
+        else:
+            bare.append(value)
+    if len(bare) > 1:
+        raise EvalError(f"--encoder {bare[1]}: given twice without KIND=; name the network, e.g. --encoder xrv=FILE")
+    args.encoder = bare[0] if bare else None
+    if args.encoder and not args.run:   # a bare value names the one network's weights
+        if len(kinds) > 1:
+            raise EvalError(f"--encoder {args.encoder}: say which of {', '.join(kinds)} it is for, e.g. --encoder "
+                            f"{kinds[1]}={args.encoder}")
+        args.weights[kinds[0]], args.encoder = args.encoder, None
+    for kind, flag in (("inception", args.inception), ("dinov2", args.dinov2)):
+        if flag and kind in args.weights:
+            raise EvalError(f"--{kind} and --encoder {kind}=... both say where {kind}'s weights are; give one")
+    for kind in args.weights:
+        if kind not in kinds:
+            raise EvalError(f"--encoder {kind}=...: --features does not name {kind}; add it or leave this out")
+
+
 def check_args(args) -> Reading:
     """Every flag mistake before anything is loaded or encoded; returns how a --real folder is read."""
+    check_features(args)
     if args.fake and args.run:
         raise EvalError("--fake and --run exclude each other: score one folder of images, or a run's saved steps")
     if not args.fake and not args.run and not args.save_stats:
@@ -126,8 +167,8 @@ def check_args(args) -> Reading:
         raise EvalError(f"--save-stats {args.save_stats}: name the file *{STATS_SUFFIX} (it is a NumPy archive)")
     if args.save_features and Path(args.save_features).suffix != ".safetensors":
         raise EvalError(f"--save-features {args.save_features}: name the file *.safetensors")
-    for flag in ("kid_subsets", "k", "ms_ssim_pairs", "batch", "n", "steps"):
-        if getattr(args, flag) < 1:
+    for flag in ("kid_subsets", "k", "prdc_k", "ms_ssim_pairs", "batch", "n", "steps"):
+        if getattr(args, flag) is not None and getattr(args, flag) < 1:
             raise EvalError(f"--{flag.replace('_', '-')} {getattr(args, flag)}: must be at least 1")
     if not 0 <= args.seed < 2 ** 64:   # what torch.Generator.manual_seed takes; 2**70 was a traceback
         raise EvalError(f"--seed {args.seed}: torch takes seeds from 0 to 2**64 - 1")
@@ -145,9 +186,20 @@ def check_args(args) -> Reading:
         if not args.real and args.plan.kind != IMAGE_MODEL:
             raise EvalError(f"--real is needed: {args.run} saved {args.plan.kind}s, scored against the real images "
                             "(a folder, or a --save-stats file)")
-    elif args.sources or args.encoder:
-        raise EvalError(f"--{'sources' if args.sources else 'encoder'} is for --run of an image-conditioned run")
+    elif args.sources:
+        raise EvalError("--sources is for --run of an image-conditioned run")
     return reading(args)
+
+
+def side_by_side(args, device, real_set, fake_set, names: list) -> dict:
+    """The figures of each further --features network: each encodes both sets afresh."""
+    figures = {}
+    for kind in args.kinds[1:]:
+        net = load_network(kind, args.inception, args.dinov2, device, encoder=args.weights.get(kind))
+        print(f"{net.name}: {net.weights} (sha256 {net.weights_sha256[:12]})", file=sys.stderr)
+        real = from_features(encode(net, real_set.images, "real", args.batch, progress), names, None)
+        figures[kind] = distribution(args, net, real, encode(net, fake_set.images, "fake", args.batch, progress))
+    return figures
 
 
 def run(args):
@@ -161,7 +213,8 @@ def run(args):
     if real_set and n_fake:
         check_sizes(args, len(real_set.names), n_fake)
     stats = read_stats(args.real) if real_set is None else None   # a damaged file fails before the network loads
-    net = load_network(args.features, args.inception, args.dinov2, device, args.antialias)
+    net = load_network(args.kinds[0], args.inception, args.dinov2, device, args.antialias,
+                       args.weights.get(args.kinds[0]))
     # a statistics file made with other weights is refused before a word is printed
     real = real_side(args, net, real_set, stats) if stats else None
     print(f"{net.name}: {net.weights} (sha256 {net.weights_sha256[:12]})", file=sys.stderr)
@@ -184,7 +237,8 @@ def run(args):
     with claim_folder(args.out) as out:
         fake = encode(net, fake_set.images, "fake", args.batch, progress)
         figures = score(args, net, real, fake, fake_set.images)
-        figures.update(features=net.name, weights_sha256=net.weights_sha256, weights_official=net.official)
+        figures["by_features"] = {args.kinds[0]: distribution(args, net, real, fake), **side_by_side(
+            args, device, real_set, fake_set, real.names)}
         write_report(out, figures, args, real, fake, real_set, fake_set)
         if real_set:   # the paths behind report.json's skipped pseudonyms, for the user alone
             write_key(out / KEY, real_set.key)

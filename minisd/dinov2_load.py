@@ -4,7 +4,7 @@ and every tensor of the file checked, so a file of another network is refused in
 """
 import json
 import re
-from dataclasses import fields
+from dataclasses import dataclass, fields
 from pathlib import Path
 
 import torch
@@ -16,6 +16,18 @@ from .hub import hub_reachable
 from .tensorfile import FLOATS, TensorFile, check_finite
 
 FILES = ("config.json", "model.safetensors")
+
+
+@dataclass(frozen=True)
+class Wanted:
+    """What a caller loads, for its messages: the flag that names the release, the files a folder of it holds
+    (config.json and model.safetensors first), and a hub name to give as an example."""
+    flag: str = "dinov2"
+    files: tuple = FILES
+    example: str = "facebook/dinov2-large"
+
+
+DINOV2 = Wanted()
 # A hub repo id as huggingface_hub's validate_repo_id takes it: owner/name of letters, digits, "-", "_" and ".", not
 # starting or ending with "-" or "."; anything else ("./weights", "../dinov2") is a local path that is not there
 # (huggingface_hub raised HFValidationError, a traceback).
@@ -33,7 +45,7 @@ IGNORED_FIELDS = {"architectures", "model_type", "transformers_version", "torch_
 ONLY = {"hidden_act": "gelu", "num_channels": 3, "use_mask_token": True}
 
 
-def read_config(path: Path) -> DINOv2Config:
+def read_config(path: Path, wanted: Wanted = DINOV2) -> DINOv2Config:
     """A release's config.json -> DINOv2Config; anything this file cannot honour is refused by name."""
     try:
         data = json.loads(path.read_text())
@@ -42,7 +54,7 @@ def read_config(path: Path) -> DINOv2Config:
     kind = data.get("model_type") if isinstance(data, dict) else None
     if kind != "dinov2":
         raise LoadError(f"{path}: model_type {json.dumps(kind)}, not \"dinov2\" -- another network's config; pass a "
-                        f"facebook/dinov2-* release (a folder or hub name) to {arg('dinov2')}")
+                        f"{wanted.example} release (a folder or hub name) to {arg(wanted.flag)}")
     known = {f.name for f in fields(DINOv2Config)}
     unknown = sorted(set(data) - known - set(ONLY) - IGNORED_FIELDS)
     if unknown:
@@ -58,45 +70,46 @@ def read_config(path: Path) -> DINOv2Config:
     return cfg
 
 
-def _from_hub(repo: str) -> tuple:
+def _from_hub(repo: str, wanted: Wanted) -> tuple:
     """(config.json, model.safetensors) of a hub release, from huggingface_hub's cache or downloaded into it.
     Offline without a cached copy fails at once, as minisd.hub does (one TCP probe, not ~25 s of retries)."""
     from huggingface_hub import constants, hf_hub_download, try_to_load_from_cache
     try:
-        cached = all(isinstance(try_to_load_from_cache(repo, name), str) for name in FILES)
+        cached = all(isinstance(try_to_load_from_cache(repo, name), str) for name in wanted.files)
     except ValueError as e:   # HFValidationError: a name HUB_NAME lets through ("a--b/c") that the hub refuses
-        raise LoadError(f"{arg('dinov2')} {repo}: not a hub name ({excerpt(e)}); e.g. facebook/dinov2-large") from None
+        raise LoadError(f"{arg(wanted.flag)} {repo}: not a hub name ({excerpt(e)}); e.g. {wanted.example}") from None
     offline = constants.HF_HUB_OFFLINE or not hub_reachable(constants.ENDPOINT)
-    fetch_hint = (f"fetch {' and '.join(FILES)} from {constants.ENDPOINT}/{repo} into a folder and pass "
-                  f"{spoken('dinov2', 'FOLDER', repr('FOLDER'))}")
+    fetch_hint = (f"fetch {' and '.join(wanted.files)} from {constants.ENDPOINT}/{repo} into a folder and pass "
+                  f"{spoken(wanted.flag, 'FOLDER', repr('FOLDER'))}")
     if offline and not cached:
         why = "HF_HUB_OFFLINE is set" if constants.HF_HUB_OFFLINE else f"{constants.ENDPOINT} cannot be reached"
         raise LoadError(f"{repo}: not downloaded yet and {why}; connect and retry, or {fetch_hint}")
     paths = []
-    for name in FILES:
+    for name in wanted.files:
         try:   # Offline with a cached copy: local_files_only skips the HEAD request and its retries.
             paths.append(Path(hf_hub_download(repo, name, local_files_only=offline)))
         except Exception as e:   # no such repo, no access, hub errors, disk full: the same for the user
             raise LoadError(f"cannot download {repo}/{name} ({type(e).__name__}), and there is no folder {repo}; "
-                            f"check the name (e.g. facebook/dinov2-large), or {fetch_hint}") from None
+                            f"check the name (e.g. {wanted.example}), or {fetch_hint}") from None
         if name == FILES[0]:   # config.json first: a repo of another model fails before hundreds of MB arrive
-            read_config(paths[0])
+            read_config(paths[0], wanted)
     return tuple(paths)
 
 
-def _files(name_or_folder) -> tuple:
-    """(config.json, model.safetensors) for a local folder or a hub name."""
+def _files(name_or_folder, wanted: Wanted) -> tuple:
+    """(config.json, model.safetensors) for a local folder or a hub name; the wanted files all there."""
     folder = Path(name_or_folder)
     if folder.is_dir():
-        for name in FILES:
+        for name in wanted.files:
             if not (folder / name).is_file():
-                raise LoadError(f"{folder}: no {name}; a DINOv2 folder holds {' and '.join(FILES)} as the "
-                                "facebook/dinov2-* releases do (minisd reads no pytorch_model.bin)")
+                raise LoadError(f"{folder}: no {name}; a {wanted.example} folder holds {' and '.join(wanted.files)} "
+                                "as the release does (minisd reads no pytorch_model.bin)")
         return folder / FILES[0], folder / FILES[1]
     if folder.exists() or not HUB_NAME.fullmatch(str(name_or_folder)):
-        what = f"neither a folder with {' and '.join(FILES)} nor" if folder.exists() else "no such folder, and not"
-        raise LoadError(f"{arg('dinov2')} {name_or_folder}: {what} a hub name such as facebook/dinov2-large")
-    return _from_hub(str(name_or_folder))
+        what = f"neither a folder with {' and '.join(wanted.files)} nor" if folder.exists() else \
+            "no such folder, and not"
+        raise LoadError(f"{arg(wanted.flag)} {name_or_folder}: {what} a hub name such as {wanted.example}")
+    return _from_hub(str(name_or_folder), wanted)[:2]
 
 
 def _check_keys(file: TensorFile, expected: dict):
@@ -115,11 +128,11 @@ def _check_keys(file: TensorFile, expected: dict):
                             f"{list(tensor.shape)}; config.json and model.safetensors must come from one release")
 
 
-def load_dinov2(name_or_folder, device="cpu", with_path: bool = False):
+def load_dinov2(name_or_folder, device="cpu", with_path: bool = False, wanted: Wanted = DINOV2):
     """A DINOv2 release, float32, eval mode: a folder with config.json + model.safetensors, or a hub name such as
     "facebook/dinov2-large" (downloaded once into huggingface_hub's cache). with_path: also return the weights file."""
-    config_file, weights_file = _files(name_or_folder)
-    cfg = read_config(config_file)
+    config_file, weights_file = _files(name_or_folder, wanted)
+    cfg = read_config(config_file, wanted)
     file = TensorFile(weights_file)
     with torch.device("meta"):
         model = DINOv2(cfg)

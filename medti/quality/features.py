@@ -1,8 +1,10 @@
-"""The feature networks of evaluation (Inception-v3 for FID as torchmetrics computes it, DINOv2 for FD-DINOv2) and
-the one loop that turns an image set into a feature matrix.
+"""The feature networks of evaluation (Inception-v3 for FID as torchmetrics computes it, DINOv2 for FD-DINOv2,
+RAD-DINO and torchxrayvision's DenseNet-121 for chest X-rays, as CheXGenBench reports them) and the one loop that
+turns an image set into a feature matrix.
 
-A network here is its module, its feature function (minisd.inception.features / minisd.dinov2.features: uint8
-images in, the reference's own resize and normalisation inside) and where its weights came from, because a
+A network here is its module, its feature function (minisd.inception.features, minisd.dinov2.features,
+minisd.densenet.features, or RAD-DINO's own preprocessor_config.json applied by minisd.dino_prepare: uint8 images
+in, the reference's own resize and normalisation inside) and where its weights came from, because a
 figure is only comparable with another computed from the same weights file: reports and stats files carry the
 sha256, and a stats file made with other weights is refused.
 """
@@ -13,14 +15,19 @@ from pathlib import Path
 
 import torch
 
-from minisd import dinov2, dinov2_load, inception, inception_load
+from minisd import densenet, densenet_load, dino_prepare, dinov2, dinov2_load, inception, inception_load
+from minisd.config import LoadError
 from minisd.errors import UserError, arg
 
 from ..files.hashes import sha256_of
 
-FEATURES = ("inception", "dinov2")
+FEATURES = ("inception", "dinov2", "rad-dino", "xrv")
 # Stein et al. 2023 (FD-DINOv2) use ViT-L/14; torch-fidelity's default `dinov2-vit-l-14` is the same release.
 DEFAULT_DINOV2 = "facebook/dinov2-large"
+# RAD-DINO (Perez-Garcia et al. 2025): a transformers Dinov2Model trained on chest X-rays, MIT licence; its
+# preprocessor_config.json is read with it, and applied as transformers' image processor applies it.
+RAD_DINO = dinov2_load.Wanted(flag="encoder", files=(*dinov2_load.FILES, "preprocessor_config.json"),
+                              example="microsoft/rad-dino")
 
 
 class EvalError(UserError):
@@ -62,7 +69,7 @@ def shared_name(network: str) -> str:
     alone (where it lies is the user's file system: medti.files.pseudonyms), a hub release (`facebook/dinov2-base`)
     as it is. A statistics file saved with the folder's path reads as one saved now."""
     kind, _, source = network.partition(" ")
-    local = kind == "dinov2" and (Path(source).is_absolute() or Path(source).is_dir() or source.startswith("."))
+    local = kind in FEATURES[1:] and (Path(source).is_absolute() or Path(source).exists() or source.startswith("."))
     return f"{kind} {Path(source).name}" if local else network
 
 
@@ -73,16 +80,48 @@ def _dinov2(name_or_folder) -> Network:
                    str(file), sha256_of(file), None)
 
 
+def _prepared_features(model, images: torch.Tensor, prep: dino_prepare.Preparation) -> torch.Tensor:
+    """RAD-DINO: uint8 images [N, 3, H, W] -> pooler_output [N, 768], prepared as its processor file says."""
+    weight = model.embeddings.cls_token
+    return model(dino_prepare.prepare(prep, images).to(weight.device, weight.dtype)).float()
+
+
+def _rad_dino(name_or_folder) -> Network:
+    """Why crop size = image_size is required: at its trained grid (518 / 14 = 37 patches) the position table is
+    used as trained, by transformers and minisd alike; at another size minisd interpolates as the hub model does
+    (minisd.dinov2), not as transformers, and the features would not be RAD-DINO's as its users compute them."""
+    name_or_folder = name_or_folder or RAD_DINO.example
+    model, file = dinov2_load.load_dinov2(name_or_folder, with_path=True, wanted=RAD_DINO)
+    processor = Path(file).parent / RAD_DINO.files[2]
+    prep = dino_prepare.from_processor(processor)
+    if prep.crop != (model.config.image_size,) * 2:
+        raise LoadError(f"{processor}: crop_size {list(prep.crop or ())} is not config.json's image_size "
+                        f"{model.config.image_size}: not a RAD-DINO release as microsoft/rad-dino stores it")
+    return Network(shared_name(f"rad-dino {name_or_folder}"), model,
+                   functools.partial(_prepared_features, prep=prep), model.config.hidden_size, str(file),
+                   sha256_of(file), None)
+
+
+def _xrv(file) -> Network:
+    model = densenet_load.load_densenet(file)
+    return Network(shared_name(f"xrv {file}"), model, densenet.features, model.feature_dim, str(file),
+                   sha256_of(file), densenet_load.OFFICIAL_SHA256)
+
+
 def load_network(features: str, inception_file=None, dinov2_name=None, device="cpu",
-                 antialias: bool = False) -> Network:
-    """The network `features` names, with its weights, in eval mode, float32, on `device`. Feature statistics are
-    computed in float32 as the references do: a half-precision Inception would change FID in the 2nd digit."""
+                 antialias: bool = False, encoder=None) -> Network:
+    """The network `features` names, with its weights, in eval mode, float32, on `device`; `encoder`: where its
+    weights are (a file for inception and xrv, a release or folder for dinov2 and rad-dino). Feature statistics
+    are computed in float32 as the references do: a half-precision Inception would change FID in the 2nd digit."""
     if features not in FEATURES:
         raise EvalError(f"{arg('features')} {features!r}: use one of {', '.join(FEATURES)}")
     if antialias and features != "inception":
-        raise EvalError(f"{arg('antialias')} applies to Inception features only (DINOv2's resize is torch-fidelity's "
-                        "TF 1.x bilinear); leave it out")
-    net = _inception(inception_file, antialias) if features == "inception" else _dinov2(dinov2_name)
+        raise EvalError(f"{arg('antialias')} applies to Inception features only (each other network resizes as "
+                        "its own release does); leave it out")
+    makers = {"inception": lambda: _inception(encoder or inception_file, antialias),
+              "dinov2": lambda: _dinov2(encoder or dinov2_name), "rad-dino": lambda: _rad_dino(encoder),
+              "xrv": lambda: _xrv(encoder)}
+    net = makers[features]()
     net.model.to(device=device, dtype=torch.float32).eval().requires_grad_(False)
     return net
 

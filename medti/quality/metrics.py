@@ -1,10 +1,12 @@
 """The distribution metrics of `python -m medti.evaluate`, as pure functions of feature tensors [N, d]: FID, KID,
-precision/recall, and each synthetic image's distance to its nearest real one.
+precision/recall, PRDC (precision, recall, density, coverage), and each synthetic image's distance to its nearest
+real one.
 
 Each equals the library papers cite, on the same features (tests/test_metrics.py measures it): FID and KID as
 torchmetrics 1.9 computes them (`FrechetInceptionDistance`, `KernelInceptionDistance`), precision/recall as
-torch-fidelity 0.4's `metric_prc`. Everything is computed in float64: the figures are small differences of large
-sums (KID) or of traces (FID), and float64 costs little next to encoding the images.
+torch-fidelity 0.4's `metric_prc`, PRDC as its authors' `prdc` package 0.2. Everything is computed in float64: the
+figures are small differences of large sums (KID) or of traces (FID), and float64 costs little next to encoding
+the images.
 """
 import math
 
@@ -211,6 +213,35 @@ def precision_recall(real, fake, k: int = 3) -> tuple[float, float]:
         fake_inside[rows] = (block <= real_radii).any(dim=1)
         real_inside |= (block <= fake_radii[rows, None]).any(dim=0)
     return float(fake_inside.double().mean()), float(real_inside.double().mean())
+
+
+def prdc(real, fake, k: int = 5) -> dict:
+    """Precision, recall, density and coverage (Naeem et al. 2020, "Reliable Fidelity and Diversity Metrics for
+    Generative Models"), as the authors' `prdc` package 0.2 computes them; k = 5 is the paper's choice. The balls are
+    precision_recall's (radius: the distance to the k-th nearest other image of the same set), but a point counts as
+    inside only when strictly closer (prdc's `<`; torch-fidelity's precision takes `<=`: with copies they differ).
+    density: how many real balls hold each fake image, on average, over k (it exceeds 1 where fakes crowd around
+    real images); coverage: the fraction of real images whose own ball holds at least one fake image (not fooled
+    by fakes piled into one region, as recall is). Row blocks, as precision_recall."""
+    if k < 1:
+        raise MetricError(f"{arg('k')} {k}: must be at least 1")
+    real, fake = _pair(real, fake)
+    if min(real.shape[0], fake.shape[0]) <= k:
+        raise MetricError(f"{arg('k')} {k}: each set needs more than k images for a k-th neighbour "
+                          f"({real.shape[0]} real, {fake.shape[0]} fake)")
+    real_radii, fake_radii = _radii(real, k), _radii(fake, k)
+    balls_holding = torch.zeros(fake.shape[0], dtype=torch.float64)   # per fake image: real balls it lies in
+    real_in_fake_ball = torch.zeros(real.shape[0], dtype=torch.bool)
+    covered = torch.zeros(real.shape[0], dtype=torch.bool)
+    for rows in _blocks(fake.shape[0], real.shape[0]):
+        block = _squared_distances(fake[rows], real)                          # [fakes in block, reals]
+        inside = block < real_radii
+        balls_holding[rows] = inside.sum(dim=1).double()
+        covered |= inside.any(dim=0)   # prdc: the nearest fake closer than the radius = any fake closer
+        real_in_fake_ball |= (block < fake_radii[rows, None]).any(dim=0)
+    return {"precision": float((balls_holding > 0).double().mean()),
+            "recall": float(real_in_fake_ball.double().mean()),
+            "density": float(balls_holding.mean() / k), "coverage": float(covered.double().mean())}
 
 
 def nearest_real(real, fake, leave_one_out: bool = False,

@@ -19,6 +19,10 @@ from .metrics import nearest_real
 SAMPLES = 8          # images per row of samples.png
 THUMB = 128          # their side in pixels: enough to judge texture, small enough for a report
 BASELINE = "real to nearest, other patient"
+PRDC_ROWS = (("precision", "share of synthetic images strictly inside some real image's ball"),
+             ("recall", "share of real images strictly inside some synthetic image's ball"),
+             ("density", "real balls around each synthetic image, over k; 1 for a set like the real one"),
+             ("coverage", "share of real images whose own ball holds a synthetic image (mode coverage)"))
 COLOURS = {"synthetic to nearest real": (200, 40, 40), BASELINE: (20, 40, 140)}
 
 
@@ -99,6 +103,22 @@ def real_baseline(real, real_set: ImageSet | None) -> tuple[dict, str]:
     return {BASELINE: distances}, f"against each real image's distance to {what}"
 
 
+def side_by_side(fig: dict) -> list:
+    """report.md's table of every feature network (--features with several kinds): the same figures per network.
+    Figures of different networks are not comparable with each other, only each with its own published ones."""
+    if len(fig.get("by_features", {})) < 2:
+        return []
+    lines = ["| features | FID | KID | precision | recall | PRDC precision | recall | density | coverage | weights |",
+             "|---|---|---|---|---|---|---|---|---|---|"]
+    for f in fig["by_features"].values():
+        p = {k: _value(v, 3) for k, v in f["prdc"].items() if k != "why"}
+        lines.append(f"| {f['features']} | {f['fid']:.2f} | {f['kid']:.5f} | {f['precision']:.3f} | "
+                     f"{f['recall']:.3f} | {p['precision']} | {p['recall']} | {p['density']} | "
+                     f"{p['coverage']} | sha256 {f['weights_sha256'][:12]}…, {provenance(f['weights_official'])} |")
+    return ["Side by side (each network's figures compare only with figures of the same network and weights):", "",
+            *lines, ""]
+
+
 def markdown(fig: dict, args, sets: tuple, with_real: bool, baseline: str = "against real-to-real distances") -> str:
     """report.md: the table, then what to trust and where the weights came from. `sets`: what the synthetic and the
     real set are called (their folder's name; size and fingerprint)."""
@@ -113,6 +133,8 @@ def markdown(fig: dict, args, sets: tuple, with_real: bool, baseline: str = "aga
          "neighbourhoods (fidelity)"),
         ("recall", _value(fig["recall"], 3), "share of real images inside the synthetic set's neighbourhoods "
          "(coverage)"),
+        *[(f"PRDC {name}", _value(fig["prdc"][name], 3), f"{what} (Naeem et al. 2020, k={fig['prdc']['k']})")
+          for name, what in PRDC_ROWS],
         ("MS-SSIM, synthetic", _value(fig["ms_ssim_fake"], 4), f"mean over {d['fake']} pairs within the synthetic "
          "set; higher = less diverse" if d["fake"] else "see the note below"),
         ("MS-SSIM, real", _value(fig["ms_ssim_real"], 4), f"the same within the real set ({d['real']} pairs), "
@@ -123,13 +145,14 @@ def markdown(fig: dict, args, sets: tuple, with_real: bool, baseline: str = "aga
              f"{fig['n_fake']} synthetic and {fig['n_real']} real images; features: {fig['features']} "
              f"(weights sha256 {fig['weights_sha256'][:16]}…, {official}); seed {fig['seed']}.", "",
              "| figure | value | what it measures |", "|---|---|---|",
-             *[f"| {a} | {b} | {c} |" for a, b, c in rows], "",
+             *[f"| {a} | {b} | {c} |" for a, b, c in rows], "", *side_by_side(fig),
              "**Which figure to trust.** "
              + ("With fewer than 1,000 real images, trust KID over FID. " if fig["n_real"] < 1000 else "")
              + "FID's covariance has 2,048 dimensions and is biased by the number of images (it falls as sets "
              "grow, even for the same model), so FID figures are only comparable at equal set sizes; KID is "
              "unbiased in the number of images and its subset spread says how far to trust it.", "",
-             *[f"MS-SSIM {why}." for why in fig["ms_ssim_notes"]], "",
+             *[f"MS-SSIM {why}." for why in fig["ms_ssim_notes"]],
+             *([f"PRDC {fig['prdc']['why']}.", ""] if "why" in fig["prdc"] else [""]),
              f"Plots: `samples.png` ({'real and synthetic' if with_real else 'synthetic'} images drawn from the "
              "seed), `nearest.png` (distance of each synthetic image to its nearest real one, "
              f"{baseline}; synthetic images far to the left of the real-to-real distances may be copies: run "

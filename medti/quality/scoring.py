@@ -8,12 +8,15 @@ from . import metrics, msssim
 from .features import EvalError, encode
 from .stats import from_features, load_stats
 
+PRDC_K = 5   # Naeem et al. 2020's choice, and CheXGenBench's
+
 
 def check_sizes(args, n_real: int, n_fake: int):
     """The set sizes against --k and --kid-subset-size, before any image is encoded."""
-    if args.k >= min(n_real, n_fake):
-        raise EvalError(f"--k {args.k}: each set needs more than k images for a k-th neighbour ({n_real} real, "
-                        f"{n_fake} synthetic); give a smaller --k or more images")
+    for flag, k in (("--k", args.k), ("--prdc-k", args.prdc_k)):
+        if k is not None and k >= min(n_real, n_fake):
+            raise EvalError(f"{flag} {k}: each set needs more than k images for a k-th neighbour ({n_real} real, "
+                            f"{n_fake} synthetic); give a smaller {flag} or more images")
     if args.kid_subset_size is not None and args.kid_subset_size > min(n_real, n_fake):
         raise EvalError(f"--kid-subset-size {args.kid_subset_size}: larger than the smaller set ({n_real} real, "
                         f"{n_fake} synthetic images); give at most {min(n_real, n_fake)}")
@@ -54,19 +57,37 @@ def real_side(args, net, real_set, stats: dict | None = None):
     return real
 
 
-def score(args, net, real, fake: torch.Tensor, fake_images: list) -> dict:
-    """Every figure of report.json, from the two feature sets (and the fake images for MS-SSIM)."""
+def prdc(args, real: torch.Tensor, fake: torch.Tensor) -> dict:
+    """PRDC at --prdc-k, or at the paper's k = 5 where the sets allow it: a set of 5 images or fewer has no 5th
+    neighbour, and a default must not refuse an evaluation that FID and KID can do (the figures say why instead)."""
+    k = args.prdc_k or PRDC_K
+    if k >= min(len(real), len(fake)):
+        return {**dict.fromkeys(("precision", "recall", "density", "coverage")), "k": k,
+                "why": f"not computed: PRDC's k={k} needs more than {k} images in each set"}
+    return {**metrics.prdc(real, fake, k=k), "k": k}
+
+
+def distribution(args, net, real, fake: torch.Tensor) -> dict:
+    """The figures of one feature network: FID, KID, precision/recall (k = --k), PRDC (k = --prdc-k), and where the
+    network's weights came from."""
     mu, sigma = metrics.statistics(fake)
     size = kid_subset_size(args, len(real.names), len(fake))
     kid = metrics.kid(real.features, fake, subset_size=size, subsets=args.kid_subsets,
                       generator=torch.Generator().manual_seed(args.seed))
     precision, recall = metrics.precision_recall(real.features, fake, k=args.k)
+    return {"fid": metrics.frechet_distance(real.mu, real.sigma, mu, sigma), **kid, "kid_subsets": args.kid_subsets,
+            "kid_subset_size": size, "precision": precision, "recall": recall, "k": args.k,
+            "prdc": prdc(args, real.features, fake),
+            "features": net.name, "weights_sha256": net.weights_sha256, "weights_official": net.official}
+
+
+def score(args, net, real, fake: torch.Tensor, fake_images: list) -> dict:
+    """Every figure of report.json, from the two feature sets (and the fake images for MS-SSIM)."""
     fake_diversity = diversity(fake_images, args, "synthetic")
     real_diversity = real.ms_ssim or {"mean": None, "pairs": 0, "why": "not computed for the real images: not in "
                                       "the statistics file"}
-    return {"fid": metrics.frechet_distance(real.mu, real.sigma, mu, sigma), **kid,
-            "kid_subsets": args.kid_subsets, "kid_subset_size": size, "precision": precision, "recall": recall,
-            "k": args.k, "ms_ssim_fake": fake_diversity["mean"], "ms_ssim_real": real_diversity["mean"],
+    return {**distribution(args, net, real, fake),
+            "ms_ssim_fake": fake_diversity["mean"], "ms_ssim_real": real_diversity["mean"],
             "ms_ssim_pairs": {"fake": fake_diversity["pairs"], "real": real_diversity["pairs"]},
             "ms_ssim_notes": [d["why"] for d in (fake_diversity, real_diversity) if "why" in d],
             "n_real": len(real.names), "n_fake": len(fake), "seed": args.seed}
