@@ -7,6 +7,7 @@ import json
 import pytest
 import torch
 from test_image_conditioning import encoder_release
+from test_train import kill_and_resume
 
 import minisd
 from medti.data import main as data_main
@@ -179,3 +180,19 @@ def test_an_image_conditioned_run_from_the_cache_is_the_run_from_the_folder(tiny
     capsys.readouterr()
     assert train_image(tiny, tmp_path / "r2", release, "--cache", str(tmp_path / "plain")) == 2
     assert "holds no image tokens" in capsys.readouterr().err
+
+
+def test_an_image_conditioned_run_killed_mid_epoch_resumes_bit_identically_from_the_cache(tiny, tmp_path):
+    """SIGKILL at step 15 of a run from the cache (12 rows with --flip, 2 per step: an epoch is 6 steps, so the last
+    save, step 10, is mid-epoch), then --resume: every saved byte equals the uninterrupted run's. The random modes
+    are on (--latents random, condition dropout 0.5) so every draw of a step is replayed."""
+    release = tmp_path / "encoder"
+    encoder_release(release)
+    cache = tmp_path / "cache"
+    assert encode(tiny, cache, "--flip", "--seed", "5", "--condition", "dinov2", "--encoder", str(release)) == 0
+    args = [*tiny[1], "--cache", str(cache), "--method", "unet", "--condition", "dinov2", "--encoder", str(release),
+            "--batch", "2", "--max-steps", "40", "--save-every", "10", "--preview-every", "0", "--save-dtype", "fp32",
+            "--condition-dropout", "0.5", "--seed", "5", "--flip", "--latents", "random", "--ema", "0.9"]
+    kill_and_resume(args, tmp_path / "whole", tmp_path / "killed", 15)
+    for name in ("model.safetensors", "state.safetensors"):
+        assert (tmp_path / "killed" / name).read_bytes() == (tmp_path / "whole" / name).read_bytes(), name
