@@ -193,19 +193,25 @@ def _radii(x: torch.Tensor, k: int) -> torch.Tensor:
     return torch.cat(radii)
 
 
-def precision_recall(real, fake, k: int = 3) -> tuple[float, float]:
-    """Improved precision and recall (Kynkäänniemi et al. 2019), as torch-fidelity's `metric_prc` computes them:
-    each image's ball has the Euclidean distance to its k-th nearest neighbour in its own set as radius;
-    precision = the fraction of fake images inside (≤) at least one real ball, recall = the fraction of real
-    images inside at least one fake ball. Computed in row blocks (one pass over the cross distances serves
-    both), so 10,000 × 10,000 images need ~128 MB, not the 800 MB of a full distance matrix."""
+def _balls(real, fake, k: int) -> tuple:
+    """(real, fake, real radii, fake radii): the two sets checked (_pair) and each image's distance to its k-th nearest
+    other image of its own set, the ball radius of precision/recall and PRDC."""
     if k < 1:
         raise MetricError(f"{arg('k')} {k}: must be at least 1")
     real, fake = _pair(real, fake)
     if min(real.shape[0], fake.shape[0]) <= k:
         raise MetricError(f"{arg('k')} {k}: each set needs more than k images for a k-th neighbour "
                           f"({real.shape[0]} real, {fake.shape[0]} fake)")
-    real_radii, fake_radii = _radii(real, k), _radii(fake, k)
+    return real, fake, _radii(real, k), _radii(fake, k)
+
+
+def precision_recall(real, fake, k: int = 3) -> tuple[float, float]:
+    """Improved precision and recall (Kynkäänniemi et al. 2019), as torch-fidelity's `metric_prc` computes them:
+    each image's ball has the Euclidean distance to its k-th nearest neighbour in its own set as radius;
+    precision = the fraction of fake images inside (≤) at least one real ball, recall = the fraction of real
+    images inside at least one fake ball. Computed in row blocks (one pass over the cross distances serves
+    both), so 10,000 × 10,000 images need ~128 MB, not the 800 MB of a full distance matrix."""
+    real, fake, real_radii, fake_radii = _balls(real, fake, k)
     fake_inside = torch.zeros(fake.shape[0], dtype=torch.bool)
     real_inside = torch.zeros(real.shape[0], dtype=torch.bool)
     for rows in _blocks(fake.shape[0], real.shape[0]):
@@ -223,13 +229,7 @@ def prdc(real, fake, k: int = 5) -> dict:
     density: how many real balls hold each fake image, on average, over k (it exceeds 1 where fakes crowd around
     real images); coverage: the fraction of real images whose own ball holds at least one fake image (not fooled
     by fakes piled into one region, as recall is). Row blocks, as precision_recall."""
-    if k < 1:
-        raise MetricError(f"{arg('k')} {k}: must be at least 1")
-    real, fake = _pair(real, fake)
-    if min(real.shape[0], fake.shape[0]) <= k:
-        raise MetricError(f"{arg('k')} {k}: each set needs more than k images for a k-th neighbour "
-                          f"({real.shape[0]} real, {fake.shape[0]} fake)")
-    real_radii, fake_radii = _radii(real, k), _radii(fake, k)
+    real, fake, real_radii, fake_radii = _balls(real, fake, k)
     balls_holding = torch.zeros(fake.shape[0], dtype=torch.float64)   # per fake image: real balls it lies in
     real_in_fake_ball = torch.zeros(real.shape[0], dtype=torch.bool)
     covered = torch.zeros(real.shape[0], dtype=torch.bool)

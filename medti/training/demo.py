@@ -29,7 +29,7 @@ from ..files import embedding_file as emb
 from ..files.atomic import claim_folder, safetensors_bytes, write_atomic
 from .command import resumed_config
 from .config import TrainConfig, check_out, check_settings
-from .objective import cache_latents, denoising_loss, initial_vectors
+from .objective import cache_latents, diffusion_loss, initial_vectors
 from .trainer import train
 
 # SD2's block structure, shrunk: 2 UNet levels, a 4-level VAE (8x, as SD2), a 3-block 64-wide text tower with the
@@ -79,15 +79,17 @@ def phantoms(folder: Path, n: int, seed: int, size: int = 64) -> Path:
 
 
 @torch.no_grad()
-def heldout_loss(sd, token: str, vectors, latents, draws: int = 64, seed: int = 123_456) -> float:
-    """Mean denoising loss over fixed (image, t, noise) draws from a generator no training step uses."""
+def heldout_loss(sd, contexts, latents, draws: int = 64, seed: int = 123_456) -> float:
+    """Mean denoising loss over fixed (image, t, noise) draws from a generator no training step uses: image i under
+    contexts[i], or under the one context when contexts holds one ([1, T, C]: a prompt)."""
     g = torch.Generator().manual_seed(seed)
     total = 0.0
     for _ in range(draws):
         i = int(torch.randint(0, len(latents), (), generator=g))
         t = torch.randint(0, 1000, (1,), generator=g)
         noise = torch.randn(latents[i:i + 1].shape, generator=g)
-        total += denoising_loss(sd, token, vectors, [token], latents[i:i + 1], noise, t).item()
+        context = contexts if len(contexts) == 1 else contexts[i:i + 1]
+        total += diffusion_loss(sd, context, latents[i:i + 1], noise, t).item()
     return total / draws
 
 
@@ -138,8 +140,8 @@ def run_demo(cfg: TrainConfig, typed=(), argv: list | None = None) -> tuple:
     emb.attach(sd, {learned.token: emb.Embedding(learned.token, torch.zeros_like(learned.vectors), {})})
     init = initial_vectors(sd, run_cfg.init, run_cfg.vectors, run_cfg.seed)
     latents = cache_latents(sd, load_dataset(held_out, 64).images, False, 0)["mean"] * sd.scale_factor
-    before = heldout_loss(sd, learned.token, init, latents)
-    after = heldout_loss(sd, learned.token, learned.vectors, latents)
+    before = heldout_loss(sd, sd.text([learned.token], override={learned.token: init}), latents)
+    after = heldout_loss(sd, sd.text([learned.token], override={learned.token: learned.vectors}), latents)
     print(f"held-out denoising loss: initial vectors {before:.4f} -> learned {after:.4f} "
           f"({100 * (after - before) / before:+.1f} %)")
     best = out / f"{learned.token.strip('<>')}-best.safetensors"

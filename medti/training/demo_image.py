@@ -27,8 +27,8 @@ from ..dataset.folder import load_dataset
 from ..files.atomic import claim_folder, safetensors_bytes, write_atomic
 from .command import resumed_config
 from .config import TrainConfig, check_out, check_settings
-from .demo import DEMO_SETS, phantoms, tiny_model
-from .objective import cache_latents, diffusion_loss, to_uint8
+from .demo import DEMO_SETS, heldout_loss, phantoms, tiny_model
+from .objective import cache_latents, to_uint8
 from .trainer import train
 
 # DINOv2 with 4 registers, shrunk: 48 wide (not the tiny UNet's 64, so the projection trains as it does for SD2),
@@ -69,19 +69,6 @@ def image_settings(cfg: TrainConfig, out: Path) -> TrainConfig:
                                method="unet", condition="dinov2", encoder=str(out / "encoder"), lr=cfg.lr or "1e-4",
                                max_steps=min(cfg.max_steps, 300), save_every=100, preview_every=100,
                                preview_steps=min(cfg.preview_steps, 20), resolution=64, out=str(out))
-
-
-@torch.no_grad()
-def heldout_loss(sd, context, latents, draws: int = 64, seed: int = 123_456) -> float:
-    """Mean denoising loss over fixed (image, t, noise) draws, image i under context[i]."""
-    g = torch.Generator().manual_seed(seed)
-    total = 0.0
-    for _ in range(draws):
-        i = int(torch.randint(0, len(latents), (), generator=g))
-        t = torch.randint(0, 1000, (1,), generator=g)
-        noise = torch.randn(latents[i:i + 1].shape, generator=g)
-        total += diffusion_loss(sd, context[i:i + 1], latents[i:i + 1], noise, t).item()
-    return total / draws
 
 
 def measure(cfg: TrainConfig, trained: Path, held_out: Path) -> tuple:
