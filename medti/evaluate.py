@@ -24,7 +24,7 @@ from minisd.sampling import SAMPLERS
 from .cli import ArgumentParser, add_threads, run_main
 from .files.atomic import claim_folder, inside
 from .files.pseudonyms import KEY, key_beside, write_key
-from .quality.features import DEFAULT_DINOV2, FEATURES, EvalError, encode, load_network
+from .quality.features import DEFAULT_DINOV2, FEATURES, EvalError, encode, encoder_weights, load_network
 from .quality.folders import DATA_FLAGS, Reading, load_set, reading, set_flags
 from .quality.report import write_report
 from .quality.run_images import IMAGE_MODEL, cases_set
@@ -120,27 +120,9 @@ def check_features(args):
     if len(kinds) > 1 and (args.run or args.save_stats or Path(args.real or "").suffix == STATS_SUFFIX):
         raise EvalError(f"--features {args.features}: several networks side by side need --fake and a --real folder "
                         "(a statistics file and --run hold one network's features); give one kind")
-    args.kinds, args.weights, bare = kinds, {}, []
-    for value in args.encoder:
-        kind, _, where = value.partition("=")
-        if kind in FEATURES and where:
-            args.weights[kind] = where
-        else:
-            bare.append(value)
-    if len(bare) > 1:
-        raise EvalError(f"--encoder {bare[1]}: given twice without KIND=; name the network, e.g. --encoder xrv=FILE")
-    args.encoder = bare[0] if bare else None
-    if args.encoder and not args.run:   # a bare value names the one network's weights
-        if len(kinds) > 1:
-            raise EvalError(f"--encoder {args.encoder}: say which of {', '.join(kinds)} it is for, e.g. --encoder "
-                            f"{kinds[1]}={args.encoder}")
-        args.weights[kinds[0]], args.encoder = args.encoder, None
-    for kind, flag in (("inception", args.inception), ("dinov2", args.dinov2)):
-        if flag and kind in args.weights:
-            raise EvalError(f"--{kind} and --encoder {kind}=... both say where {kind}'s weights are; give one")
-    for kind in args.weights:
-        if kind not in kinds:
-            raise EvalError(f"--encoder {kind}=...: --features does not name {kind}; add it or leave this out")
+    args.kinds = kinds
+    args.weights, args.encoder = encoder_weights(kinds, args.encoder, {"inception": args.inception,
+                                                                       "dinov2": args.dinov2}, keep_bare=bool(args.run))
 
 
 def check_args(args) -> Reading:

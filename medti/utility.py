@@ -22,7 +22,7 @@ from .downstream import harness, outputs, summary
 from .downstream.cache import cached_features
 from .downstream.inputs import UtilityError, read_inputs, split_record
 from .files.atomic import claim_folder, inside, text_bytes, write_atomic
-from .quality.features import DEFAULT_DINOV2, FEATURES, load_network
+from .quality.features import DEFAULT_DINOV2, FEATURES, encoder_weights, load_network
 from .quality.folders import DATA_FLAGS, reading
 from .quality.scoring import progress
 from .training.config import add_flags
@@ -62,7 +62,11 @@ def build_parser() -> argparse.ArgumentParser:
         "0/1 column per label")
     add("--synthetic-labels", metavar="FILE", help="labels of --synthetic: a CSV like --labels, or a prompt -> "
         "label map (.json object, or .csv with columns prompt,label) for a generation run")
-    add("--features", default="inception", choices=FEATURES, help="feature network (default: inception)")
+    add("--features", default="inception", choices=FEATURES, help=f"feature network, one per run: "
+        f"{', '.join(FEATURES)} (default: inception)")
+    add("--encoder", metavar="[KIND=]NAME_OR_FOLDER", action="append", default=[], help="where the feature "
+        "network's weights are, as in medti.evaluate: rad-dino and dinov2 a release or folder, xrv and inception a "
+        "file (default: rad-dino microsoft/rad-dino; xrv has none)")
     add("--inception", metavar="FILE", help="torch-fidelity's Inception weights file (as medti.evaluate)")
     add("--dinov2", metavar="NAME_OR_FOLDER", help=f"DINOv2 release or local folder (default: {DEFAULT_DINOV2})")
     add("--classifier", default="linear", choices=("linear", "finetune"), help="linear probe (default)")
@@ -90,6 +94,8 @@ def check_args(args) -> harness.Plan:
         raise UtilityError(f"--settings {args.settings}: use some of {','.join(harness.SETTINGS)}")
     if set(settings) - {"real"} and not args.synthetic:
         raise UtilityError(f"--settings {args.settings} needs --synthetic FOLDER (or give --settings real)")
+    args.weights = encoder_weights([args.features], args.encoder, {"inception": args.inception,
+                                                                   "dinov2": args.dinov2})[0]
     if args.folds < 2 or args.seed < 0 or not args.c > 0 or args.batch < 1:
         raise UtilityError("--folds must be at least 2, --seed at least 0, --c above 0 and --batch at least 1")
     out = Path(args.out)
@@ -114,7 +120,8 @@ def _data(out, net, images, labels, patients, what, batch) -> tuple:
 def run(args):
     plan = check_args(args)
     sets = read_inputs(args, plan, reading(args))   # every label and split refusal before the network loads
-    net = load_network(args.features, args.inception, args.dinov2, resolve_device(args.device))
+    net = load_network(args.features, args.inception, args.dinov2, resolve_device(args.device),
+                       encoder=args.weights.get(args.features))
     with claim_folder(args.out) as out:
         data, reused = {}, 0
         for what, item in sets.items.items():

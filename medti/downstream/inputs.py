@@ -11,7 +11,8 @@ from pathlib import Path
 
 from minisd.errors import UserError
 
-from ..quality.folders import Reading, load_set
+from ..generation.manifest import MERGED
+from ..quality.folders import Reading, load_set, read_manifest
 from . import labels as lab
 from .splits import check_disjoint, synthetic_order
 
@@ -44,6 +45,18 @@ def _header(path) -> str:
         return ""
 
 
+def run_records(synthetic, flag: str) -> dict:
+    """{image name: manifest record} of a synthetic set: a generation run's own, or, for a folder of runs (one per
+    prompt, as `medti.generate --out synthetic/<name>` writes them, read as one folder), each run's records under
+    the name the folder gives its images (`<name>/00000.png`)."""
+    if synthetic.records:
+        return synthetic.records
+    records = {}
+    for manifest in sorted(Path(synthetic.root).glob(f"*/{MERGED}")):
+        records.update({f"{manifest.parent.name}/{name}": rec for name, rec in read_manifest(manifest, flag).items()})
+    return {name: records[name] for name in synthetic.names if name in records}
+
+
 def _synthetic_labels(args, synthetic, real, real_labels):
     """Labels of --synthetic: a per-file CSV, a prompt map with the manifest, class sub-folders, or the sources of
     variations; an image none of these labels is refused."""
@@ -56,9 +69,10 @@ def _synthetic_labels(args, synthetic, real, real_labels):
         lab.unused(table, [synthetic.names], flag, given)
         return lab.csv_labels(table, synthetic.names, flag, given, "--synthetic")
     prompts = lab.read_map(given, flag, names) if given else None
-    if not given and not synthetic.records and not args.labels:
+    records = run_records(synthetic, "synthetic")
+    if not given and not records and not args.labels:
         return lab.folder_labels(synthetic.names, "synthetic", names)
-    return lab.manifest_labels(synthetic.names, synthetic.records, prompts,
+    return lab.manifest_labels(synthetic.names, records, prompts,
                                lab.rows_by_pseudonym(real.pseudonyms, real_labels), names,
                                flag if given else "synthetic")
 

@@ -73,14 +73,12 @@ def gain_plot(report: dict, path) -> str:
     pad = (high - low) * 0.08 or 0.01
     width = max(1, len(names))
     box = (plots.LEFT, plots.TOP, size[0] - plots.RIGHT, size[1] - plots.BOTTOM - 40)
-    to_pixel = plots.axes(draw, box, (-0.5, len(regimes) * (width + 1) - 1.5), (low - pad, high + pad))
+    ticks = [(g * (width + 1) + i, s) for g in range(len(regimes)) for i, s in enumerate(names)]
+    to_pixel = plots.axes(draw, box, (-0.5, len(regimes) * (width + 1) - 1.5), (low - pad, high + pad), ticks)
     draw.line((*to_pixel(-0.5, 0.0), *to_pixel(len(regimes) * (width + 1) - 1.5, 0.0)), fill=plots.INK)
     for g, r in enumerate(regimes):
         for i, s in enumerate(names):
-            x = g * (width + 1) + i
-            _boxes(draw, to_pixel, x, cells[s][r]["fold_gain"], 0.35)
-            px, py = to_pixel(x, low - pad)
-            plots.text(draw, (px - plots.text_width(s) / 2, py + 22 + 14 * (i % 2)), s)
+            _boxes(draw, to_pixel, g * (width + 1) + i, cells[s][r]["fold_gain"], 0.35)
         px, _ = to_pixel(g * (width + 1) + (width - 1) / 2, 0)
         plots.text(draw, (px - plots.text_width(f"{r} real") / 2, size[1] - 20), f"{r} real")
     plots.vertical_text(image, "AUC gain", 4, (box[1] + box[3]) // 2)

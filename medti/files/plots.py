@@ -19,6 +19,7 @@ INK, GRID, LINE, VALIDATION = (0, 0, 0), (225, 225, 225), (20, 40, 140), (200, 6
 # Margins in pixels: tick labels and the rotated y label on the left, tick labels and the x label below.
 LEFT, RIGHT, TOP, BOTTOM = 76, 16, 32, 48
 KEY = 20   # the colour key's line, between the caption and the frame, when there is a second series
+ROW = 15   # the height of a row of tick labels (13-px text and a gap)
 MARKERS_MAX = 50   # a series of at most this many points gets a dot at each: 10+ px apart on a 640-px plot
 
 
@@ -60,8 +61,21 @@ def vertical_text(image: Image.Image, words: str, x: int, y_centre: int):
     image.paste(label, (x, y_centre - label.height // 2))
 
 
-def axes(draw: ImageDraw.ImageDraw, box: tuple, xs: tuple, ys: tuple):
-    """Frame, grid lines, ticks and tick labels; returns the data -> pixel mapping. xs, ys: (low, high)."""
+def label_rows(lefts: list, widths: list, space: float = 6) -> list:
+    """The row (0, 1, ...) of each label under the axis: the first row where it keeps `space` pixels clear of the
+    label before it in that row, so that long category names (a box plot's settings) never overprint each other."""
+    ends, rows = [], [0] * len(lefts)
+    for i in sorted(range(len(lefts)), key=lambda i: lefts[i]):
+        row = next((r for r, end in enumerate(ends) if lefts[i] >= end + space), len(ends))
+        if row == len(ends):
+            ends.append(0.0)
+        ends[row], rows[i] = lefts[i] + widths[i], row
+    return rows
+
+
+def axes(draw: ImageDraw.ImageDraw, box: tuple, xs: tuple, ys: tuple, x_labels: list | None = None):
+    """Frame, grid lines, ticks and tick labels; returns the data -> pixel mapping. xs, ys: (low, high).
+    `x_labels`: [(x, label)] category ticks instead of numbered ones (label_rows keeps them apart)."""
     left, top, right, bottom = box
 
     def to_pixel(x, y):
@@ -74,11 +88,14 @@ def axes(draw: ImageDraw.ImageDraw, box: tuple, xs: tuple, ys: tuple):
         draw.line((left - 4, py, left, py), fill=INK)
         label = f"{value:.4g}"
         text(draw, (left - 6 - text_width(label), py - 8), label)
-    for value in nice_ticks(*xs):
+    if x_labels is None:
+        x_labels = [(v, f"{v:,.0f}" if float(v).is_integer() else f"{v:g}") for v in nice_ticks(*xs)]
+    starts = [to_pixel(v, ys[0])[0] - text_width(label) / 2 for v, label in x_labels]
+    rows = label_rows(starts, [text_width(label) for _, label in x_labels])
+    for (value, label), start, row in zip(x_labels, starts, rows, strict=True):
         px, _ = to_pixel(value, ys[0])
         draw.line((px, bottom, px, bottom + 4), fill=INK)
-        label = f"{value:,.0f}" if float(value).is_integer() else f"{value:g}"
-        text(draw, (px - text_width(label) / 2, bottom + 6), label)
+        text(draw, (start, bottom + 6 + ROW * row), label)
     draw.rectangle(box, outline=INK)
     return to_pixel
 

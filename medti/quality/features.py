@@ -126,6 +126,36 @@ def load_network(features: str, inception_file=None, dinov2_name=None, device="c
     return net
 
 
+def encoder_weights(kinds: list, values: list, given: dict, keep_bare: bool = False) -> tuple:
+    """--encoder's values ([KIND=]NAME_OR_FOLDER) -> ({kind: where its weights are}, a value without KIND= kept
+    apart). One meaning for every command that takes --encoder: KIND= names one of the networks --features names; a
+    value without KIND= names the one network's weights, unless `keep_bare` (evaluate's --run of an image-conditioned
+    run, where it is the run's DINO encoder). `given`: the older flags ({kind: --inception or --dinov2 value}), which
+    an --encoder KIND= value must not repeat."""
+    weights, bare = {}, []
+    for value in values:
+        kind, _, where = value.partition("=")
+        if kind in FEATURES and where:
+            weights[kind] = where
+        else:
+            bare.append(value)
+    if len(bare) > 1:
+        raise EvalError(f"--encoder {bare[1]}: given twice without KIND=; name the network, e.g. --encoder xrv=FILE")
+    bare = bare[0] if bare else None
+    if bare and not keep_bare:
+        if len(kinds) > 1:
+            raise EvalError(f"--encoder {bare}: say which of {', '.join(kinds)} it is for, e.g. --encoder "
+                            f"{kinds[1]}={bare}")
+        weights[kinds[0]], bare = bare, None
+    for kind, flag in given.items():
+        if flag and kind in weights:
+            raise EvalError(f"--{kind} and --encoder {kind}=... both say where {kind}'s weights are; give one")
+    for kind in weights:
+        if kind not in kinds:
+            raise EvalError(f"--encoder {kind}=...: --features does not name {kind}; add it or leave this out")
+    return weights, bare
+
+
 def _runs(images: list, batch: int) -> list:
     """(start, stop) index ranges of at most `batch` consecutive images of one size: a batch must be one tensor, and
     images keep their own size (the network resizes each, as the reference does), so a size change ends a run."""
