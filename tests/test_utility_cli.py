@@ -94,7 +94,6 @@ def test_refusals_name_the_file_or_flag(tmp_path, capsys):
     assert "--test: label 'sick' has no positive case in the test set" in err   # a test set with no positive case
     err = _error(capsys, "--real", real, "--synthetic", flat, *out)
     assert "--synthetic: i00.png sits outside any class sub-folder, so it has no label" in err
-    assert "GPU" in _error(capsys, "--real", real, "--classifier", "finetune", *out)
 
 
 def test_a_patient_in_train_and_test_is_refused(tmp_path, capsys):

@@ -1,6 +1,9 @@
 """Every setting, regime and fold on feature arrays: the function-level entry point of the harness (the command reads
 images into features, then calls run()).
 
+Each setting, regime and fold fits its own classifier: the linear probe (LinearProbe), or a network fine-tuned end
+to end (medti.downstream.finetune.Finetune); both fit() and continue (towards()) the same way.
+
 Settings: `real` (the regime's real images), `synthetic` (every synthetic image; one probe, the same in each fold and
 regime, since the synthetic set is the same), `mixed 1:r` (the regime's real images and r times as many synthetic
 ones, medti.downstream.splits), `pretrain` (the synthetic probe, continued on the regime's real images:
@@ -12,6 +15,8 @@ fold k, so the spread over folds is that of the training set. Each test image's 
 mean +- SD over folds) and pooled: averaged over the folds that tested it (one fold without a test set, all K with
 one), the pooled scores that DeLong's test and the bootstrap are computed on (medti.downstream.summary).
 """
+import functools
+import zlib
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -38,6 +43,26 @@ class Plan:
     folds: int = 5
     seed: int = 0
     c: float = 1.0   # the probe's inverse regularisation strength (scikit-learn's C)
+
+
+@dataclass(frozen=True)
+class LinearProbe:
+    """The default classifier: fit() the probe; towards() continues a fitted one on other images (pretrain,
+    medti.downstream.transfer). medti.downstream.finetune.Finetune has the same two methods; `patients` and `seed`
+    are its (its validation split and its weights' draw), unused here."""
+    c: float = 1.0
+
+    def fit(self, x, y, patients, seed: int):
+        return fit_probe(x, y, self.c)
+
+    def towards(self, start, x, y, patients, seed: int):
+        return fit_towards(x, y, *raw_weights(start, x.shape[1]), c=self.c)
+
+
+def training_seed(seed: int, fold: int, regime: str, name: str) -> int:
+    """One seed per network (setting, regime, fold) from --seed: reproducible, and independent of the order in
+    which they train (crc32, not Python's hash, which changes between processes)."""
+    return zlib.crc32(f"{seed} {fold} {regime} {name}".encode())
 
 
 @dataclass
@@ -80,28 +105,33 @@ def _fold_parts(real: Data, test: Data | None, fold_of: np.ndarray, fold: int) -
     return np.flatnonzero(fold_of != fold), test, np.arange(len(test.y))
 
 
-def _fit_settings(real: Data, synthetic: Data | None, rows: np.ndarray, plan: Plan, syn_fit) -> dict:
-    """name -> (probe, synthetic images used) of every setting on the real training rows `rows`."""
-    x, y = real.x[rows], real.y[rows]
-    out = {"real": (fit_probe(x, y, plan.c), 0)}
+def _fit_settings(real: Data, synthetic: Data | None, rows: np.ndarray, plan: Plan, syn_fit, classifier,
+                  seed) -> dict:
+    """name -> (classifier, synthetic images used) of every setting on the real training rows `rows`.
+    seed(name): the setting's training seed."""
+    x, y, patients = real.x[rows], real.y[rows], [real.patients[i] for i in rows]
+    out = {"real": (classifier.fit(x, y, patients, seed("real")), 0)}
     if synthetic is None:
         return out
     order = splits.synthetic_order(len(synthetic.y), plan.seed)
     for name in setting_names(plan, True):
         if name == "synthetic":
-            out[name] = (syn_fit[0], len(synthetic.y))
+            out[name] = (syn_fit, len(synthetic.y))
         elif name == "pretrain":
-            out[name] = (fit_towards(x, y, *syn_fit[1], c=plan.c), len(synthetic.y))
+            out[name] = (classifier.towards(syn_fit, x, y, patients, seed(name)), len(synthetic.y))
         elif name.startswith("mixed"):
             take = order[:int(name.split(":")[1]) * len(rows)]
-            out[name] = (fit_probe(np.vstack([x, synthetic.x[take]]), np.vstack([y, synthetic.y[take]]), plan.c),
-                         len(take))
+            both = patients + [synthetic.patients[i] for i in take]
+            out[name] = (classifier.fit(np.concatenate([x, synthetic.x[take]]), np.vstack([y, synthetic.y[take]]),
+                                        both, seed(name)), len(take))
     return out
 
 
 def run(real: Data, synthetic: Data | None, test: Data | None, plan: Plan, label_names: list,
-        progress=None) -> Result:
-    """Fit and score every setting x regime x fold (see the module's doc). `progress(done, total)` if given."""
+        progress=None, classifier=None) -> Result:
+    """Fit and score every setting x regime x fold (see the module's doc). `progress(done, total)` if given.
+    classifier: LinearProbe(plan.c) unless given (medti.downstream.finetune.Finetune)."""
+    classifier = classifier or LinearProbe(plan.c)
     fold_of = np.asarray(splits.folds(real.patients, real.y, plan.folds, plan.seed))
     if test is None:
         splits.check_fold_positives(real.y, fold_of, label_names, plan.folds)
@@ -111,9 +141,9 @@ def run(real: Data, synthetic: Data | None, test: Data | None, plan: Plan, label
     names = setting_names(plan, synthetic is not None)
     result = Result(names, [r for r, _ in regimes], base.y, base.patients, fold_of.tolist(), plan.seed)
     syn_fit = None
-    if synthetic is not None:   # the synthetic probe: the same data in every fold, fitted once
-        probe = fit_probe(synthetic.x, synthetic.y, plan.c)
-        syn_fit = (probe, raw_weights(probe, synthetic.x.shape[1]))
+    if synthetic is not None:   # the synthetic classifier: the same data in every fold, fitted once
+        syn_fit = classifier.fit(synthetic.x, synthetic.y, synthetic.patients,
+                                 training_seed(plan.seed, -1, "", "synthetic"))
     for fold in range(plan.folds):
         train, part, test_rows = _fold_parts(real, test, fold_of, fold)
         order = np.asarray(splits.regime_order(train.tolist(), real.patients, real.y, plan.seed + fold))
@@ -121,7 +151,9 @@ def run(real: Data, synthetic: Data | None, test: Data | None, plan: Plan, label
             rows = order[:n]
             splits.check_subset(real.y[rows], label_names, regime)
             result.subsets[(regime, fold)] = rows.tolist()
-            for name, (probe, used) in _fit_settings(real, synthetic, rows, plan, syn_fit).items():
+            fitted = _fit_settings(real, synthetic, rows, plan, syn_fit, classifier,
+                                   functools.partial(training_seed, plan.seed, fold, regime))
+            for name, (probe, used) in fitted.items():
                 scores = np.asarray(probe.scores(part.x), np.float64).reshape(len(part.y), -1)
                 result.scores.setdefault((name, regime), []).append((test_rows, scores))
                 result.synthetic_used[(name, regime, fold)] = used

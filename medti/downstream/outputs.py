@@ -33,7 +33,8 @@ def report_md(report: dict) -> str:
     t, names, regimes = report["table"], report["settings"], report["regimes"]
     best = t["best_significant_gain"]
     best = (best["setting"], best["regime"]) if best else None
-    lines = [f"# Does synthetic data help? ({report['features']}, linear probe, {report['folds']} folds)", "",
+    how = "linear probe" if report["classifier"] == "linear" else "each network fine-tuned"
+    lines = [f"# Does synthetic data help? ({report['features']}, {how}, {report['folds']} folds)", "",
              "Each cell: test AUC mean ± SD over folds [95 % interval by bootstrap over test patients], p against "
              f"real-only in the same column (p < {ALPHA} is significant). **(best)**: the largest significant gain "
              "over real-only." + ("" if best else " No setting gains significantly over real-only."), "",
