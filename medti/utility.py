@@ -7,7 +7,8 @@ images only, on both at each real:synthetic ratio, and on synthetic then real (p
 over patient-grouped folds; the test AUC per setting, regime and label with its spread over folds, a 95 % interval
 by bootstrap over test patients and DeLong's p-value against real-only. Writes OUT/report.json, OUT/report.md,
 OUT/gain.png (box plot of the gain over real-only), OUT/split.json (which patients in which fold, by pseudonym) and
-OUT/features/ (each image's features, reused by a re-run). docs/utility.md is the guide.
+OUT/features/ (each image's features, reused by a re-run). `--classifier finetune` trains a DenseNet-121 per
+setting, regime and fold instead of the probe (medti.downstream.finetune). docs/utility.md is the guide.
 """
 import argparse
 import sys
