@@ -1,6 +1,6 @@
 """What `--classifier finetune` costs, said before it starts, and which weights it starts from.
 
-CPU_EPOCH_SECONDS was measured with tools/bench_finetune.py (OMP_NUM_THREADS=1, batch 8, random weights: the cost
+CPU_EPOCH_SECONDS was measured with tools/bench_classifier.py (OMP_NUM_THREADS=1, batch 8, random weights: the cost
 does not depend on them) on one core of an Intel Xeon (2 vCPUs, AVX-512), torch 2.14.1: one epoch of the full
 DenseNet-121 costs 0.8 training steps (forward, backward, AdamW) and 0.2 validation forwards per image of a training
 set, since a fifth of its patients validate. docs/performance.md has the table and how it extrapolates.
