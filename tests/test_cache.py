@@ -112,7 +112,9 @@ def refusal(tiny, capsys, *args) -> str:
 def test_refusals(tiny, flipped, tmp_path, capsys):
     cache = ["--cache", str(flipped), "--seed", "5", "--flip"]
     assert "--resolution 32: --cache" in refusal(tiny, capsys, *cache, "--resolution", "32")
-    assert "was encoded with --flip True" in refusal(tiny, capsys, *cache[:-1])
+    # switches in the words the user types: "add --flip" to a run that left it out, never "--flip False"
+    assert refusal(tiny, capsys, *cache[:-1]).endswith(f"--cache {flipped} was encoded with --flip; add --flip, or "
+                                                       "encode another cache without it")
     assert "encoded with --preprocess center" in refusal(tiny, capsys, *cache, "--preprocess", "cxr")
     assert "drew its --latents once samples with --seed 5" in refusal(tiny, capsys, "--cache", str(flipped), "--flip")
     assert "--val-fraction with --cache" in refusal(tiny, capsys, *cache, "--val-fraction", "0.5")
@@ -122,6 +124,16 @@ def test_refusals(tiny, flipped, tmp_path, capsys):
     assert train_main(["--model", str(other), "--config", str(config), "--token", "<t>", *cache, "--out",
                        str(tmp_path / "r")]) == 2
     assert "encoded with another model" in capsys.readouterr().err
+
+
+def test_a_switch_or_an_empty_value_is_named_as_typed(tiny, tmp_path, capsys):
+    plain = tmp_path / "plain"
+    assert encode(tiny, plain) == 0
+    cache = ["--cache", str(plain)]
+    assert refusal(tiny, capsys, *cache, "--flip").endswith(f"--flip: --cache {plain} was encoded without --flip; "
+                                                            "drop --flip, or encode another with it")
+    assert f"--window lung: --cache {plain} was encoded without --window; leave" in refusal(
+        tiny, capsys, *cache, "--window", "lung")
 
 
 def test_a_corrupt_missing_or_unfinished_cache_is_refused(tiny, flipped, tmp_path, capsys):
