@@ -94,6 +94,19 @@ def test_a_stopped_encode_resumes_and_keeps_verified_shards(tiny, flipped, tmp_p
         assert (out / name).read_bytes() == (flipped / name).read_bytes(), name
 
 
+def test_encode_says_how_far_it_is(tiny, tmp_path, capsys):
+    """A line per shard (on a terminal one line rewritten): an archive's encode takes hours, and was silent."""
+    out = tmp_path / "cache"
+    assert encode(tiny, out) == 0
+    lines = capsys.readouterr().err.splitlines()
+    assert lines == [f"--data ({IMAGES} file(s)): 4 image(s) read; shard-00000.safetensors encoded",
+                     f"--data ({IMAGES} file(s)): {IMAGES} image(s) read; shard-00001.safetensors encoded"]
+    (out / "manifest.json").unlink()
+    (out / "shard-00001.json").unlink()
+    assert encode(tiny, out) == 0
+    assert capsys.readouterr().err.splitlines()[0].endswith("shard-00000.safetensors kept from an earlier run")
+
+
 def test_the_manifest_names_no_path(tiny, flipped):
     text = (flipped / "manifest.json").read_text()
     assert str(tiny[0]) not in text and "phantom" not in text
