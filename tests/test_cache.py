@@ -67,6 +67,19 @@ def test_a_run_from_the_cache_is_the_run_from_the_folder(tiny, flipped, tmp_path
     assert (tmp_path / "folder" / "t.safetensors").read_bytes() == (tmp_path / "cache" / "t.safetensors").read_bytes()
 
 
+def test_a_run_from_the_cache_says_what_it_trains_on(tiny, flipped, tmp_path, capsys):
+    """One line, as a run from --data has (it said nothing, after hashing every shard in silence): the counts are
+    those the --data summary gives for the same folder."""
+    capsys.readouterr()
+    assert train(tiny, tmp_path / "folder", "--data", str(tiny[2]), "--flip", "--seed", "5") == 0
+    folder_line = capsys.readouterr().out.splitlines()[0]
+    assert f"{IMAGES} image(s)" in folder_line and f"{IMAGES} patient(s)" in folder_line, folder_line
+    assert train(tiny, tmp_path / "cache", "--cache", str(flipped), "--flip", "--seed", "5") == 0
+    assert capsys.readouterr().out.splitlines()[0] == (f"--cache: {IMAGES} image(s) of {IMAGES} patient(s) in 2 "
+                                                       "shard(s), each matching its sha256, with their mirror images "
+                                                       "(--flip)")
+
+
 def test_a_run_from_the_cache_resumes_bit_identically(tiny, flipped, tmp_path):
     common = ["--cache", str(flipped), "--flip", "--seed", "5"]
     assert train(tiny, tmp_path / "whole", *common) == 0
