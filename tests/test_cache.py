@@ -68,6 +68,19 @@ def test_a_run_from_the_cache_is_the_run_from_the_folder(tiny, flipped, tmp_path
     assert (tmp_path / "folder" / "t.safetensors").read_bytes() == (tmp_path / "cache" / "t.safetensors").read_bytes()
 
 
+def test_a_run_from_the_cache_says_what_it_trains_on(tiny, flipped, tmp_path, capsys):
+    """One line, as a run from --data has (it said nothing, after hashing every shard in silence): the counts are
+    those the --data summary gives for the same folder."""
+    capsys.readouterr()
+    assert train(tiny, tmp_path / "folder", "--data", str(tiny[2]), "--flip", "--seed", "5") == 0
+    folder_line = capsys.readouterr().out.splitlines()[0]
+    assert f"{IMAGES} image(s)" in folder_line and f"{IMAGES} patient(s)" in folder_line, folder_line
+    assert train(tiny, tmp_path / "cache", "--cache", str(flipped), "--flip", "--seed", "5") == 0
+    assert capsys.readouterr().out.splitlines()[0] == (f"--cache: {IMAGES} image(s) of {IMAGES} patient(s) in 2 "
+                                                       "shard(s), each matching its sha256, with their mirror images "
+                                                       "(--flip)")
+
+
 def test_a_run_from_the_cache_resumes_bit_identically(tiny, flipped, tmp_path):
     common = ["--cache", str(flipped), "--flip", "--seed", "5"]
     assert train(tiny, tmp_path / "whole", *common) == 0
@@ -95,6 +108,19 @@ def test_a_stopped_encode_resumes_and_keeps_verified_shards(tiny, flipped, tmp_p
         assert (out / name).read_bytes() == (flipped / name).read_bytes(), name
 
 
+def test_encode_says_how_far_it_is(tiny, tmp_path, capsys):
+    """A line per shard (on a terminal one line rewritten): an archive's encode takes hours, and was silent."""
+    out = tmp_path / "cache"
+    assert encode(tiny, out) == 0
+    lines = capsys.readouterr().err.splitlines()
+    assert lines == [f"--data ({IMAGES} file(s)): 4 image(s) read; shard-00000.safetensors encoded",
+                     f"--data ({IMAGES} file(s)): {IMAGES} image(s) read; shard-00001.safetensors encoded"]
+    (out / "manifest.json").unlink()
+    (out / "shard-00001.json").unlink()
+    assert encode(tiny, out) == 0
+    assert capsys.readouterr().err.splitlines()[0].endswith("shard-00000.safetensors kept from an earlier run")
+
+
 def test_the_manifest_names_no_path(tiny, flipped):
     text = (flipped / "manifest.json").read_text()
     assert str(tiny[0]) not in text and "phantom" not in text
@@ -113,7 +139,9 @@ def refusal(tiny, capsys, *args) -> str:
 def test_refusals(tiny, flipped, tmp_path, capsys):
     cache = ["--cache", str(flipped), "--seed", "5", "--flip"]
     assert "--resolution 32: --cache" in refusal(tiny, capsys, *cache, "--resolution", "32")
-    assert "was encoded with --flip True" in refusal(tiny, capsys, *cache[:-1])
+    # switches in the words the user types: "add --flip" to a run that left it out, never "--flip False"
+    assert refusal(tiny, capsys, *cache[:-1]).endswith(f"--cache {flipped} was encoded with --flip; add --flip, or "
+                                                       "encode another cache without it")
     assert "encoded with --preprocess center" in refusal(tiny, capsys, *cache, "--preprocess", "cxr")
     assert "drew its --latents once samples with --seed 5" in refusal(tiny, capsys, "--cache", str(flipped), "--flip")
     assert "--val-fraction with --cache" in refusal(tiny, capsys, *cache, "--val-fraction", "0.5")
@@ -123,6 +151,16 @@ def test_refusals(tiny, flipped, tmp_path, capsys):
     assert train_main(["--model", str(other), "--config", str(config), "--token", "<t>", *cache, "--out",
                        str(tmp_path / "r")]) == 2
     assert "encoded with another model" in capsys.readouterr().err
+
+
+def test_a_switch_or_an_empty_value_is_named_as_typed(tiny, tmp_path, capsys):
+    plain = tmp_path / "plain"
+    assert encode(tiny, plain) == 0
+    cache = ["--cache", str(plain)]
+    assert refusal(tiny, capsys, *cache, "--flip").endswith(f"--flip: --cache {plain} was encoded without --flip; "
+                                                            "drop --flip, or encode another with it")
+    assert f"--window lung: --cache {plain} was encoded without --window; leave" in refusal(
+        tiny, capsys, *cache, "--window", "lung")
 
 
 def test_a_corrupt_missing_or_unfinished_cache_is_refused(tiny, flipped, tmp_path, capsys):

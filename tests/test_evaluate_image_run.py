@@ -134,3 +134,33 @@ def test_what_cannot_be_scored_is_one_line(files, run, inception_file, tmp_path,
     for argv, words in cases:
         assert evaluate.main([*argv, "--out", str(tmp_path / "o"), *base]) == 2
         assert words in _error(capsys)
+
+
+def test_cases_are_read_as_the_run_read_its_images(files, inception_file, tmp_path):
+    """A run trained with --preprocess cxr makes its variations of cases cropped as cxr crops them: step 1's images
+    equal a direct medti.generate of the case with --preprocess cxr, and differ from one with the default center
+    crop (what evaluate passed before, so the encoder saw squares it never trained on)."""
+    data = tmp_path / "bordered"
+    data.mkdir()
+    for file in sorted(phantoms(tmp_path / "plain", 4, seed=3).iterdir()):
+        # a wide black border on the left and at the top: cxr crops it away, center keeps part of it
+        gray = np.array(Image.open(file).convert("L"))
+        Image.fromarray(np.pad(gray, ((40, 0), (60, 0)))).save(data / file.name)
+    run = tmp_path / "cxr-run"
+    argv = image_run({**files, "data": data}, run, "--max-steps", "1", "--keep-saves", "--val-fraction", "0.5",
+                     "--preprocess", "cxr")
+    assert train(argv) == 0
+    out = tmp_path / "scores"
+    assert evaluate.main(["--run", str(run), "--out", str(out), "--inception", str(inception_file),
+                          "--n", "4", "--steps", "2", "--k", "1", "--kid-subset-size", "2", "--kid-subsets", "2",
+                          "--device", "cpu"]) == 0
+    case = data / held_out_files(run)[0]
+    made = {}
+    for preprocess in ("cxr", "center"):
+        assert generate.main(["--model", str(run / "model-1.safetensors"), "--config", str(files["config"]),
+                              "--encoder", str(files["enc"]), "--condition-image", str(case), "--n", "1",
+                              "--steps", "2", "--sampler", "dpmpp_2m", "--device", "cpu", "--preprocess", preprocess,
+                              "--out", str(tmp_path / preprocess)]) == 0
+        made[preprocess] = np.array(Image.open(tmp_path / preprocess / "00000.png"))
+    step = np.array(Image.open(out / "step-1" / "00000.png"))
+    assert np.array_equal(step, made["cxr"]) and not np.array_equal(step, made["center"])

@@ -37,7 +37,7 @@ from medti.dataset.folder import load_dataset
 from medti.files.images import load_image
 from medti.generate import main
 from medti.generation.pipeline import InitImage, SampleSettings, sample
-from medti.medical.window import parse_window
+from medti.medical.window import PRESETS, parse_window
 from medti.training.objective import to_uint8
 
 MARKER = "DOE_JANE_MRN777"   # a patient's name in the source's file and folder names: no shared output may hold it
@@ -220,3 +220,11 @@ def test_refusals_are_one_line_before_any_image(files, others, tmp_path, capsys,
     assert err.startswith("error: ") and "\n" not in err and "Traceback" not in err, err
     assert words.format(**others, root=root) in err, err
     assert not list(tmp_path.rglob("*.png"))
+
+
+def test_window_help_names_every_preset(capsys):
+    """--help lists the window names --window accepts (it named 4 of the 7 that training and generation read)."""
+    with pytest.raises(SystemExit):
+        main(["--help"])
+    help_text = " ".join(capsys.readouterr().out.split())   # argparse wraps the text: compare it unwrapped
+    assert f"CENTER,WIDTH or {', '.join(PRESETS)}" in help_text

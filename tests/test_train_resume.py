@@ -154,3 +154,13 @@ def test_a_run_already_at_max_steps_says_so(finished, tmp_path, capsys):
     assert "note: the run is at step 2 already, --max-steps 1: nothing to train; raise --max-steps to go on" in \
         capsys.readouterr().err
     assert steps(out) == [1, 2] and (out / "t.safetensors").read_bytes() == before
+
+
+def test_a_resume_says_where_it_goes_on_from(finished, tmp_path, capsys):
+    """A run killed after writing a later step's model but before its state showed only "step 3/4" on resume, with
+    no word of which save it continued from."""
+    out, base = copy(finished, tmp_path)
+    capsys.readouterr()
+    assert main([*base, "--max-steps", "4", "--resume", "--out", str(out)]) == 0
+    assert "--resume: from step 2, the last save in state.safetensors" in capsys.readouterr().out
+    assert steps(out) == [1, 2, 3, 4]

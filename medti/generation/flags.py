@@ -14,6 +14,7 @@ from minisd.schedule import SPACINGS, check_steps
 from ..cli import ArgumentParser, add_threads
 from ..dataset.preprocess import PREPROCESS
 from ..medical import require
+from ..medical.window import PRESETS
 from . import loras
 from .preflight import check_scale, check_seeds
 from .prompts import check_text
@@ -98,8 +99,8 @@ def add_condition_flags(add):
                       "on the lerp of the two cases' global tokens (0: the first case, 1: the second)")
     add("--encoder", help="the DINO encoder folder of a model trained with a local folder (its file states only the "
                           "folder's name)")
-    add("--window", help="DICOM condition image: CENTER,WIDTH or lung, mediastinum, bone, brain (default: the file's "
-                         "own, as training reads it)")
+    add("--window", help=f"DICOM condition image: CENTER,WIDTH or {', '.join(PRESETS)} (default: the file's own, "
+                         "as training reads it)")
     add("--plane", help="volume condition image: axial | coronal | sagittal (default axial)")
     add("--slices", help="volume condition image: which slice, middle:1 (the default) or K:K+1; a condition is one "
                          "slice, so a choice of several is refused")

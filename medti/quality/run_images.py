@@ -115,13 +115,23 @@ def model_argv(args, plan: RunPlan, file: Path, folder: Path) -> list:
     argv = ["--model", str(file)]
     if plan.kind == IMAGE_MODEL:
         argv += [a for source in plan.sources for a in ("--condition-image", source)]
-        argv += ["--n", str(plan.per_source)]
+        argv += ["--n", str(plan.per_source)] + case_flags(args, plan.settings)
         encoder = args.encoder or plan.settings.get("encoder", "")
         argv += ["--encoder", encoder] if Path(encoder).is_dir() else []   # a hub release is found by its name
     else:
         argv += ["--prompt", args.prompt or metadata(file).get("instance_prompt", ""), "--n", str(args.n)]
     config = args.config or plan.settings.get("config", "")
     return argv + (["--config", config] if config else [])
+
+
+def case_flags(args, settings: dict) -> list:
+    """How medti.generate reads each case: as the run read its training images (its --preprocess, --window and
+    --plane; evaluate's own --window, when typed, as the real set is read with it), so the encoder sees the square
+    it was trained on. Left to generate's defaults, a run trained with --preprocess cxr or --window lung would be
+    judged on variations of cases it never saw prepared that way."""
+    flags = ["--preprocess", settings.get("preprocess") or "center", "--plane", settings.get("plane") or "axial"]
+    window = args.window or settings.get("window") or ""
+    return flags + ([f"--window={window}"] if window else [])   # "=": a window may start with "-" (-600,1500)
 
 
 def cases_set(plan: RunPlan, how) -> ImageSet:

@@ -161,6 +161,19 @@ def verify(folder: Path, manifest: dict):
                              "(corrupt or changed); re-run the encode command that made this cache")
 
 
+def mismatch(name: str, typed, made, cache) -> str:
+    """The refusal of a data flag typed otherwise than the cache was encoded, in the words the user types: a switch
+    (--flip, --captions, --strict) is given or not, never "--flip False", and an empty value is "without --window"."""
+    flag = arg(name)
+    if isinstance(made, bool):
+        if made:   # the cache's rows were made with the switch: a run from it has it too
+            return f"{arg('cache')} {cache} was encoded with {flag}; add {flag}, or encode another cache without it"
+        return f"{flag}: {arg('cache')} {cache} was encoded without {flag}; drop {flag}, or encode another with it"
+    how = f"with {flag} {made}" if made not in ("", None) else f"without {flag}"
+    return (f"{flag} {typed}: {arg('cache')} {cache} was encoded {how}; leave the flag out (the cache's is used), "
+            "or encode another cache with it")
+
+
 def with_cache_settings(cfg, manifest: dict):
     """cfg with the data flags the cache was made with (so the run's saved settings say what it trained on); a flag
     typed with another value is refused, naming both; --flip and --captions must be typed as the cache was made."""
@@ -169,8 +182,7 @@ def with_cache_settings(cfg, manifest: dict):
         typed, made = getattr(cfg, name), manifest[name]
         # --flip and --captions are refused unless typed as made: a flag that is off cannot say "as the cache"
         if typed != made and (typed != defaults[name] or name in ("flip", "captions")):
-            raise TrainError(f"{arg(name)} {typed}: {arg('cache')} {cfg.cache} was encoded with {arg(name)} "
-                             f"{made}; leave the flag out, or encode another cache with it")
+            raise TrainError(mismatch(name, typed, made, cfg.cache))
     if cfg.latents == "once" and cfg.seed != manifest["seed"]:
         raise TrainError(f"{arg('seed')} {cfg.seed}: {arg('cache')} {cfg.cache} drew its --latents once samples "
                          f"with --seed {manifest['seed']}; pass that seed, or encode the cache with this one")

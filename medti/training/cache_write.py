@@ -21,6 +21,7 @@ from pathlib import Path
 
 from minisd.hub import sha256_file
 
+from ..cli import end_status, status
 from ..dataset.folder import Reading, as_tensor, pseudonyms
 from ..files.atomic import safetensors_bytes, text_bytes, write_atomic
 from ..files.pseudonyms import KEY, key_rows, write_key
@@ -80,20 +81,24 @@ def encode(sd, reading: Reading, folder: Path, settings: dict, shard_size: int) 
     then (rank 0, after every rank is done) the key file and the manifest. Returns the manifest."""
     rank, size = distributed.world()
     names, shared, patients, captions, arrays, written, kept = [], [], [], [], [], 0, 0
+    files = len(reading.survey.found)
 
     def flush():
         nonlocal written, kept
         first = len(names) - len(arrays)   # the set's index of the shard's first image
         index = first // shard_size
         mine = shared[first:]
+        what = f"left to rank {index % size}"
         if index % size == rank:
             if finished(folder, index, settings, mine):
-                kept += 1
+                kept, what = kept + 1, "kept from an earlier run"
             else:
                 write_shard(folder, index, encode_shard(sd, arrays, first, settings["flip"], settings["seed"]),
                             settings, mine)
-                written += 1
+                written, what = written + 1, "encoded"
         arrays.clear()
+        if distributed.main_process():   # an archive takes hours: say how far it is, on one line rewritten in place
+            status(f"--data ({files} file(s)): {len(names)} image(s) read; {shard_name(index)} {what}")
 
     for array, name, pseudonym, patient, _, caption in reading:
         arrays.append(array)
@@ -105,6 +110,7 @@ def encode(sd, reading: Reading, folder: Path, settings: dict, shard_size: int) 
             flush()
     if arrays:
         flush()
+    end_status()
     patients, fingerprint, _ = reading.finish(patients, len(names))
     if distributed.main_process():
         print(f"--out: {written} shard(s) encoded, {kept} kept from an earlier run (rank {rank})")

@@ -51,6 +51,11 @@ def cache_source(sd, cfg: TrainConfig, plan: Plan, cache) -> tuple:
     image): from --cache (opened in setup) and --val, or from --data (folder_cache)."""
     if not cfg.cache:
         return folder_cache(sd, cfg, plan)
+    if distributed.main_process():   # as --data's summary: what the run trains on, once the shards are verified
+        made = cache.manifest
+        print(f"{arg('cache')}: {made['images']} image(s) of {len(set(made['patients']))} patient(s) in "
+              f"{len(made['shards'])} shard(s), each matching its sha256"
+              + (", with their mirror images (--flip)" if made["flip"] else ""))
     val = load_data(cfg, "val") if cfg.val else None
     held = val and HeldOut(val.images, val.names, {"folder_sha256": val.fingerprint}, val.pseudonyms)
     return cache, held, cache.manifest["data_sha256"], cache.manifest["pseudonyms"][0]

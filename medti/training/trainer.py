@@ -120,6 +120,9 @@ def start_or_resume(s: Session) -> int:
     step = resume(s) if s.cfg.resume else 0
     records = [record for record in read_log(log) if record["step"] <= step] if s.cfg.resume else []
     if distributed.main_process():   # one writer; every rank restores the same state
+        if s.cfg.resume and step < s.cfg.max_steps:   # a kill after a later step's files leaves them: say which counts
+            print(f"{arg('resume')}: from step {step}, the last save in state.safetensors (later steps are trained "
+                  "again, identically)")
         write_log(log, records)
         if s.val:
             write_key(s.out / KEY, list(zip(s.val.names, s.val.paths, strict=True)))
