@@ -1,11 +1,13 @@
 """Where the model-side memorization signal's default ratio comes from (docs/privacy-audit.md, "Does the model
 itself remember?"): tiny models of the demo's architecture, one per model seed, each with three tokens trained by
 medti.train as tests/test_memorization.py trains them (<mem>: one phantom, 300 steps; <gen>: 24 phantoms, 30 steps;
-<long>: 24 phantoms, 300 steps), scored with medti.audit's defaults: first step, 4 seeds, the default baseline
-prompts. Prints each token's signal and its ratio to the baseline's highest signal.
+<long>: 24 phantoms, 300 steps; the phantoms and medti.train's --seed follow the model seed, so seed 0 is the tests'
+models), scored with medti.audit's defaults: first step, 4 seeds, the default baseline prompts. Prints
+each token's signal and its ratio to the baseline's highest signal.
 
     python tools/wen_threshold.py [model seeds, default 0 1 2]
 """
+import json
 import shutil
 import sys
 import tempfile
@@ -21,7 +23,6 @@ TOKENS = (("mem", "one", 300), ("gen", "many", 30), ("long", "many", 300))
 
 def measure(root: Path, seed: int) -> dict:
     """{token: (signal, ratio)} on the tiny model of this seed."""
-    import json
     model, config = tiny_model(root / "model", seed=seed)
     phantoms(root / "many", 24, seed)
     (root / "one").mkdir()
