@@ -12,6 +12,7 @@ import minisd
 from conftest import reference_scheduler, rel_err
 from medti.audit import main
 from medti.files import embedding_file as E
+from medti.quality import audit_model
 from medti.quality import memorization as wen
 from medti.training.demo import phantoms, tiny_model
 
@@ -93,15 +94,53 @@ def test_memorizing_token_scores_higher_than_a_generalizing_one(trained, capsys)
         print(f"signal: <mem> {mem['signal']:.3f} {mem['per_seed']}, <gen> {gen['signal']:.3f} {gen['per_seed']}, "
               f"<long> {long['signal']:.3f}")
     assert mem["signal"] > 1.2 * gen["signal"] and mem["signal"] > max(gen["per_seed"])
-    assert all(row["flagged"] is None for row in rows.values())   # no threshold given: ranked, never flagged
     report = (root / "audit" / "memorization.md").read_text()
-    assert report.index("`<mem>`") < report.index("`<gen>`") and "No threshold was given" in report
+    assert report.index("`<mem>`") < report.index("`<gen>`")
     threshold = (mem["signal"] + gen["signal"]) / 2
     capsys.readouterr()
     assert main(["--model", str(model), "--config", str(config), "--out", str(root / "gate"), "--embeddings",
                  str(root / "mem" / "mem.safetensors"), "--signal-threshold", str(threshold), "--fail-on-flag"]) == 3
     assert "1 of 1 prompt(s) flagged" in capsys.readouterr().out
     assert not (root / "gate" / "audit.json").exists()   # the model alone: no nearest-neighbour files
+
+
+def test_default_rule_flags_the_memorizing_token_by_its_ratio_to_the_baseline(trained):
+    """Without --signal-threshold: the default baseline prompts are scored on the same model with the same seeds,
+    each prompt's ratio is its signal over their highest, and a ratio of audit_model.RATIO or more is flagged:
+    <mem> is, <gen> is not (tools/wen_threshold.py's model seed 0 is this fixture). --signal-threshold overrides."""
+    root, model, config = trained
+    rows = model_audit(root, model, config, "ratio")
+    result = json.loads((root / "ratio" / "memorization.json").read_text())
+    base = result["baseline"]
+    assert [row["prompt"] for row in base["prompts"]] == list(audit_model.BASELINE) and base["given_by"] == "default"
+    highest = max(row["signal"] for row in base["prompts"])   # recomputed here from the per-prompt signals
+    for row in [*rows.values(), *base["prompts"]]:
+        assert row["ratio"] == pytest.approx(row["signal"] / highest, rel=1e-12)
+    assert rows["<mem>"]["flagged"] and not rows["<gen>"]["flagged"]
+    assert result["rule"] == {"by": "ratio to the baseline", "ratio": audit_model.RATIO,
+                              "threshold": pytest.approx(audit_model.RATIO * highest, rel=1e-12)}
+    report = (root / "ratio" / "memorization.md").read_text()
+    assert "**2 of 3 prompt(s) flagged** by the default rule" in report and "| `a chest x-ray` |" in report
+    over = model_audit(root, model, config, "over", "--signal-threshold", rows["<mem>"]["signal"] * 2)
+    assert not any(row["flagged"] for row in over.values())
+
+
+def test_baseline_prompts_are_replaceable(trained):
+    """--signal-baseline replaces the default list; each baseline prompt's signal is the one it has as a scored
+    prompt, and the ratios follow the new baseline's highest."""
+    root, model, config = trained
+    chosen = ["a photo", "a scan"]
+    model_audit(root, model, config, "own", *[w for text in chosen for w in ("--signal-baseline", text)])
+    result = json.loads((root / "own" / "memorization.json").read_text())
+    assert [row["prompt"] for row in result["baseline"]["prompts"]] == chosen
+    assert result["baseline"]["given_by"] == "--signal-baseline"
+    assert main(["--model", str(model), "--config", str(config), "--out", str(root / "as-prompts"),
+                 *[w for text in chosen for w in ("--prompt", text)]]) == 0
+    scored = json.loads((root / "as-prompts" / "memorization.json").read_text())["prompts"]
+    signals = {row["prompt"]: row["signal"] for row in scored}
+    assert {row["prompt"]: row["signal"] for row in result["baseline"]["prompts"]} == signals
+    mem = next(row for row in result["prompts"] if row["prompt"] == "<mem>")
+    assert mem["ratio"] == pytest.approx(mem["signal"] / max(signals.values()), rel=1e-12)
 
 
 def test_reproducible_from_seed(trained):
@@ -116,7 +155,8 @@ def test_reproducible_from_seed(trained):
 
 
 def test_refusals_are_one_line(trained, tmp_path, capsys):
-    """An embedding of another width, --embeddings without --model, --model with nothing to score, bad counts."""
+    """An embedding of another width, --embeddings without --model, --model with nothing to score, bad counts, an
+    empty baseline prompt."""
     root, model, config = trained
     E.write(tmp_path / "narrow.safetensors", E.Embedding("<narrow>", torch.zeros(2, 32), {}))
     cases = [(["--model", model, "--config", config, "--embeddings", tmp_path / "narrow.safetensors"],
@@ -126,6 +166,11 @@ def test_refusals_are_one_line(trained, tmp_path, capsys):
              (["--model", model, "--config", config, "--prompt", "x", "--signal-steps", "51"], "--signal-steps 51"),
              (["--model", model, "--config", config, "--prompt", "x", "--signal-threshold", "nan"],
               "--signal-threshold nan"),
+             (["--model", model, "--config", config, "--prompt", "x", "--signal-baseline", ""],
+              "--signal-baseline '': an empty prompt is the unconditional"),
+             (["--model", model, "--config", config, "--prompt", "x", "--signal-baseline", " "],
+              "--signal-baseline ' ': an empty prompt"),
+             (["--signal-baseline", "a photo"], "--signal-baseline needs --model"),
              ([], "give --train and --synthetic")]
     for argv, words in cases:
         capsys.readouterr()

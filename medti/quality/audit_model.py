@@ -4,9 +4,11 @@ nearest-neighbour audit's files, or alone when no synthetic set is given. It nee
 its embeddings are the evidence.
 
 Each prompt is scored: the --prompt texts, else each embedding's token alone (the prompt that shows what the token
-learned most plainly). A threshold is not assumed: the signal's scale belongs to one model at one resolution, so a
-number measured on another model would flag or clear at random. With --signal-threshold the report flags at or
-above it; without one it ranks the prompts and says how to choose one (docs/privacy-audit.md).
+learned most plainly). The signal's scale belongs to one model at one resolution, so no absolute number can be a
+default. A ratio can: a baseline of ordinary prompts of the domain (BASELINE, or --signal-baseline) is scored on the
+same model with the same seeds and steps, and each prompt's ratio is its signal over the baseline's highest. By
+default a prompt is flagged at a ratio of RATIO or more (chosen on tiny models made to memorize on purpose,
+docs/privacy-audit.md has the figures); --signal-threshold, an absolute signal measured on this model, overrides it.
 """
 import json
 
@@ -22,10 +24,17 @@ from ..generation.run import conditioning
 from . import memorization as wen
 
 OUTPUTS = ("memorization.json", "memorization.md")
-# What the tiny models of tests/test_memorization.py measured (the demo's architecture at 64 px, first step, 4 seeds;
-# docs/privacy-audit.md has the command): printed as the scale of that model only, never used to flag another one.
-TINY_MEASURED = ("a token trained on 1 image for 300 steps 4.57, on 24 images for 30 steps 3.50, on 24 images for "
-                 "300 steps 4.34")
+# The default baseline: generic prompts of the domain that no token was trained on, so a model cannot have memorized
+# them through an embedding. Their highest signal is the scale of "an ordinary prompt" on this model.
+BASELINE = ("a photo", "an image", "a medical image", "an x-ray", "a chest x-ray", "a scan", "a ct scan",
+            "an mri scan")
+# Flag at signal >= RATIO x the baseline's highest. Measured by tools/wen_threshold.py on 10 tiny models (model seeds
+# 0-9): tokens made to memorize one image scored ratios 0.96-1.23 (median 1.18), tokens that generalize 0.81-0.98
+# (median 0.91). RATIO sits above every generalizing token with 7 % to spare (0.98 x 1.07) and below 9 of the 10
+# memorizing ones; the tenth (0.96, seed 3, where "a chest x-ray" scored unusually high) no ratio separates.
+RATIO = 1.05
+MEASURED = ("10 models: memorizing tokens 0.96-1.23, generalizing ones 0.81-0.98, tokens trained long on many images "
+            "0.93-1.25; at 1.05, 9 of 10 memorizing, 0 of 10 generalizing and 9 of 10 long-trained tokens flagged")
 
 
 class ModelAuditError(UserError):
@@ -44,13 +53,17 @@ def add_flags(group):
                                                              f"steps (default {wen.FIRST}; Wen et al.: 1, 10 or 50)")
     add("--signal-seeds", type=int, default=wen.SEEDS, help=f"starting noises per prompt (default {wen.SEEDS})")
     add("--seed", type=int, default=0, help="the first starting noise's seed; noise i uses seed + i")
+    add("--signal-baseline", action="append", default=[], metavar="PROMPT",
+        help="an ordinary prompt the scored ones are compared with (repeatable; replaces the default list: "
+             + ", ".join(f"'{text}'" for text in BASELINE) + ")")
     add("--signal-threshold", type=float, help="flag prompts whose signal is at least this, measured on this "
-                                               "model (default: none, the prompts are ranked)")
+                                               f"model (default: flag at {RATIO:g} x the baseline's highest signal)")
 
 
 def check(args) -> bool:
     """Whether the model-side audit runs; every check of its flags that needs no model."""
-    given = [flag for flag in ("embeddings", "prompt", "signal_threshold") if getattr(args, flag) not in (None, [])]
+    given = [flag for flag in ("embeddings", "prompt", "signal_baseline", "signal_threshold")
+             if getattr(args, flag) not in (None, [])]
     if given and not args.model:
         raise ModelAuditError(f"--{given[0].replace('_', '-')} needs --model: the model whose own memory is "
                               "questioned (the one the embeddings were trained on)")
@@ -68,6 +81,11 @@ def check(args) -> bool:
     check_seeds(args.seed, args.signal_seeds)
     for text in args.prompt:
         check_text("prompt", text)
+    for text in args.signal_baseline:
+        check_text("signal-baseline", text)
+        if not text.strip():   # the empty prompt is the unconditional itself: its signal is 0, a ratio's divisor
+            raise ModelAuditError(f"--signal-baseline {text!r}: an empty prompt is the unconditional the signal is "
+                                  "measured from; give an ordinary prompt of your domain, e.g. 'a chest x-ray'")
     return True
 
 
@@ -82,21 +100,40 @@ def load(args):
     return sd, loaded, args.prompt or list(loaded)
 
 
+def score(sd, text: str, settings) -> dict:
+    """One prompt's row: its signal (the mean over seeds and steps), per seed and per step."""
+    cond, uncond = conditioning(sd, [text], "")
+    norms = wen.signal(sd, cond[:1], uncond, settings)   # [seeds, steps]
+    return {"prompt": text, "signal": float(norms.mean()), "per_seed": norms.mean(1).tolist(),
+            "per_step": norms.mean(0).tolist()}
+
+
+def rule(args, highest: float) -> dict:
+    """The flagging rule: --signal-threshold as given, else RATIO x the baseline's highest signal."""
+    if args.signal_threshold is not None:
+        return {"by": "--signal-threshold", "threshold": args.signal_threshold, "ratio": None}
+    if not highest > 0:
+        raise ModelAuditError("--signal-baseline: every baseline prompt scores 0 on this model (it ignores its "
+                              "prompt), so no ratio exists; give --signal-threshold")
+    return {"by": "ratio to the baseline", "threshold": RATIO * highest, "ratio": RATIO}
+
+
 def measure(args, say) -> dict:
-    """memorization.json's contents: the settings, and each prompt's signal, per seed and per step."""
+    """memorization.json's contents: the settings, the baseline, the rule, and each prompt's signal and ratio."""
     sd, loaded, prompts = load(args)
     settings = wen.SignalSettings(side=sd.config.resolution, first=args.signal_steps, count=args.signal_seeds,
                                   seed=args.seed)
-    say(f"model-side signal of {len(prompts)} prompt(s): first {settings.first} of {wen.STEPS} DDIM steps, "
-        f"{settings.count} seed(s), {settings.side} px")
-    rows = []
-    for text in prompts:
-        cond, uncond = conditioning(sd, [text], "")
-        norms = wen.signal(sd, cond[:1], uncond, settings)   # [seeds, steps]
-        value = float(norms.mean())
-        flagged = None if args.signal_threshold is None else value >= args.signal_threshold
-        rows.append({"prompt": text, "signal": value, "per_seed": norms.mean(1).tolist(),
-                     "per_step": norms.mean(0).tolist(), "flagged": flagged})
+    baseline = args.signal_baseline or list(BASELINE)
+    say(f"model-side signal of {len(prompts)} prompt(s) and {len(baseline)} baseline prompt(s): first "
+        f"{settings.first} of {wen.STEPS} DDIM steps, {settings.count} seed(s), {settings.side} px")
+    base = [score(sd, text, settings) for text in baseline]
+    highest = max(row["signal"] for row in base)
+    chosen = rule(args, highest)
+    rows = [score(sd, text, settings) for text in prompts]
+    for row in base + rows:
+        row["ratio"] = row["signal"] / highest if highest > 0 else None
+    for row in rows:
+        row["flagged"] = row["signal"] >= chosen["threshold"]
     rows.sort(key=lambda row: -row["signal"])
     factor = sd.config.latent_factor
     return {"method": {"paper": "Wen et al., ICLR 2024", "sampler": f"DDIM, {wen.STEPS} steps, {wen.SPACING} "
@@ -105,35 +142,46 @@ def measure(args, say) -> dict:
                        "latent": [4, settings.side // factor, settings.side // factor]},
             "model": model_name(args.model), "model_sha256": sha256_of(sd.path),
             "embeddings": {token: e.meta.get("base_sha256", "") for token, e in loaded.items()},
-            "threshold": args.signal_threshold, "prompts": rows}
+            "baseline": {"given_by": "--signal-baseline" if args.signal_baseline else "default", "highest": highest,
+                         "prompts": base},
+            "rule": chosen, "threshold": chosen["threshold"], "prompts": rows}
+
+
+def shown(ratio) -> str:
+    """A ratio in a table; none when every baseline prompt scored 0 (then only --signal-threshold flags)."""
+    return "n/a" if ratio is None else f"{ratio:.3f}"
 
 
 def report(result: dict) -> str:
-    """memorization.md: the verdict, the table, what the number can and cannot say."""
-    method, rows, threshold = result["method"], result["prompts"], result["threshold"]
+    """memorization.md: the verdict, the rule, the tables, what the number can and cannot say."""
+    method, rows, chosen, base = result["method"], result["prompts"], result["rule"], result["baseline"]
     flagged = [row for row in rows if row["flagged"]]
-    lines = ["# Does the model itself remember a prompt?", ""]
-    if threshold is None:
-        lines += ["No threshold was given (`--signal-threshold`): the prompts are ranked, none is flagged. Choose one "
-                  "on this model: above the signals of prompts it cannot have memorized (docs/privacy-audit.md).", ""]
+    if chosen["ratio"] is None:
+        how = f"the threshold {chosen['threshold']:.4g} given by `--signal-threshold`"
     else:
-        lines += [f"**{len(flagged)} of {len(rows)} prompt(s) at or above the threshold {threshold:g}.**", ""]
-    lines += [f"Method: Wen et al. (ICLR 2024), ||eps(x_t, prompt) - eps(x_t, \"\")||_2 over the latent "
-              f"{method['latent']}, averaged over the first {method['first_steps']} of {method['sampler']} "
-              f"(guidance {method['guidance']:g}) and {len(method['seeds'])} starting noise(s), seeds "
-              f"{method['seeds'][0]}..{method['seeds'][-1]}. Model: {result['model']} "
-              f"({result['model_sha256'][:12]}).", "",
-              "| prompt | signal | lowest..highest seed | flagged |", "|---|---|---|---|"]
+        how = (f"the default rule: a ratio of {chosen['ratio']:g} or more to the baseline's highest signal "
+               f"{base['highest']:.4g}, i.e. a signal of {chosen['threshold']:.4g} or more")
+    lines = ["# Does the model itself remember a prompt?", "",
+             f"**{len(flagged)} of {len(rows)} prompt(s) flagged** by {how}.", "",
+             f"Method: Wen et al. (ICLR 2024), ||eps(x_t, prompt) - eps(x_t, \"\")||_2 over the latent "
+             f"{method['latent']}, averaged over the first {method['first_steps']} of {method['sampler']} "
+             f"(guidance {method['guidance']:g}) and {len(method['seeds'])} starting noise(s), seeds "
+             f"{method['seeds'][0]}..{method['seeds'][-1]}. Model: {result['model']} "
+             f"({result['model_sha256'][:12]}).", "",
+             "| prompt | signal | ratio | lowest..highest seed | flagged |", "|---|---|---|---|---|"]
     for row in rows:
-        mark = "n/a" if row["flagged"] is None else "**yes**" if row["flagged"] else "no"
-        lines.append(f"| `{row['prompt']}` | {row['signal']:.4g} | {min(row['per_seed']):.4g}.."
-                     f"{max(row['per_seed']):.4g} | {mark} |")
+        mark = "**yes**" if row["flagged"] else "no"
+        lines.append(f"| `{row['prompt']}` | {row['signal']:.4g} | {shown(row['ratio'])} | "
+                     f"{min(row['per_seed']):.4g}..{max(row['per_seed']):.4g} | {mark} |")
+    lines += ["", f"Baseline ({base['given_by']}): ordinary prompts scored the same way; the ratio is a signal over "
+              "their highest.", "", "| baseline prompt | signal | ratio |", "|---|---|---|"]
+    lines += [f"| `{row['prompt']}` | {row['signal']:.4g} | {shown(row['ratio'])} |" for row in base["prompts"]]
     lines += ["", "What it can say: a prompt whose conditional prediction departs far more from the unconditional one "
-              "than other prompts' on this model pulls every starting noise one way, as memorized prompts do. What it "
-              "cannot say: which image is remembered (the nearest-neighbour audit does), and how far a token was "
-              "merely trained: on the tiny test models a token trained long on many images scores as high as one "
-              "trained on one image. The scale belongs to this model at this resolution; for comparison, the tiny "
-              f"test models: {TINY_MEASURED}.", ""]
+              "than ordinary prompts' on this model pulls every starting noise one way, as memorized prompts do. What "
+              "it cannot say: which image is remembered (the nearest-neighbour audit does), and how far a token was "
+              "merely trained: on the tiny test models a token trained long on many images scores close to one "
+              f"trained on one image. The default ratio {RATIO:g} was chosen on tiny random-weight models "
+              f"({MEASURED}); it is a starting point, not a calibration of this model.", ""]
     return "\n".join(lines)
 
 
@@ -144,16 +192,13 @@ def texts(args, say) -> dict:
 
 
 def flagged(result_texts: dict) -> int:
-    """How many prompts are at or above --signal-threshold (0 without one, or without the model-side audit)."""
+    """How many prompts the rule flags (0 without the model-side audit)."""
     rows = json.loads(result_texts["memorization.json"])["prompts"] if result_texts else []
     return sum(bool(row["flagged"]) for row in rows)
 
 
 def highest(result_texts: dict) -> str:
-    """The result line's part: how many flagged, or the highest signal."""
+    """The result line's part: how many flagged, and the highest signal with its ratio."""
     rows = json.loads(result_texts["memorization.json"])["prompts"]
-    top = f"highest signal {rows[0]['signal']:.4g} ({rows[0]['prompt']})"
-    if rows[0]["flagged"] is None:
-        return top
-    return f"{flagged(result_texts)} of {len(rows)} prompt(s) flagged by the model's signal; {top}"
-
+    return (f"{flagged(result_texts)} of {len(rows)} prompt(s) flagged by the model's signal; highest signal "
+            f"{rows[0]['signal']:.4g}, ratio {shown(rows[0]['ratio'])} to the baseline ({rows[0]['prompt']})")
