@@ -10,6 +10,7 @@ from PIL import Image
 
 from medti.files.images import contact_sheet, label
 from medti.quality.report import THUMB, samples_sheet
+from medti.quality.run_images import EMBEDDING, RunPlan
 from medti.quality.run_scores import markdown
 
 
@@ -46,7 +47,8 @@ def test_steps_md_marks_the_lowest_kid_row():
     rows = [{"step": step, "kid": kid, "kid_mean": kid, "kid_std": 0.001, "fid": 10.0, "precision": 0.5,
              "recall": 0.5, "ms_ssim_fake": None, "val_loss": None} for step, kid in ((100, 0.03), (200, 0.01),
                                                                                      (300, 0.02))]
-    args = SimpleNamespace(run="runs/x", real="data/x", n=4, seed=0, sampler="dpmpp_2m", steps=25)
+    args = SimpleNamespace(run="runs/x", real="data/x", n=4, seed=0, sampler="dpmpp_2m", steps=25,
+                           plan=RunPlan(EMBEDDING))   # what check_run sets for a textual-inversion run
     net = SimpleNamespace(name="inception", weights_sha256="0" * 64, official=True)
     table = [line for line in markdown(rows, args, net, "120 real images").splitlines() if re.match(r"\| \**\d", line)]
     marked = [line for line in table if "lowest KID" in line]
