@@ -75,6 +75,27 @@ def test_same_seed_same_scores():
     assert not np.array_equal(first, other)   # the seed is what makes them equal
 
 
+def test_pretrain_continues_the_synthetic_network_and_leaves_it_alone():
+    """towards() (the pretrain setting's second stage) starts from the synthetic network's trained weights, head
+    included, not from a new network; and trains a copy, so the synthetic network stays as it was for the other
+    folds. With lr 0 one epoch changes no weight (AdamW's decay is lr x weight decay; only the batch norms' running
+    statistics move, as they do in any training epoch), so the weights must be the start's exactly, while fit() from
+    the same seed is a new network."""
+    x, y = _batch(16, 5, size=32)
+    x, y = x.half().numpy(), y.bool().numpy()
+    patients = [f"p{i}" for i in range(16)]
+    trained = finetune.Finetune(finetune.Settings(config=TINY, epochs=2, batch=4)).fit(x, y, patients, 1)
+    before = {name: p.detach().clone() for name, p in trained.model.named_parameters()}
+    frozen = finetune.Finetune(finetune.Settings(config=TINY, epochs=1, batch=4, lr=0.0))
+    continued = frozen.towards(trained, x, y, patients, 2)
+    after, start = dict(continued.model.named_parameters()), dict(trained.model.named_parameters())
+    for name, value in before.items():
+        assert torch.equal(after[name], value), name
+        assert torch.equal(start[name], value), name   # the start was not trained in place
+    fresh = frozen.fit(x, y, patients, 2)
+    assert not np.array_equal(fresh.scores(x), continued.scores(x))
+
+
 def _discs(folder, n: int, seed: int, bright: bool):
     """n grey images with a disc of random place and size: bright on dark for one class, dim for the other."""
     folder.mkdir(parents=True, exist_ok=True)
