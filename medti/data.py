@@ -36,6 +36,13 @@ from .training.sources import load_data
 DATA_FLAGS = ("data", "preprocess", "channels", "window", "plane", "slices", "slice_mask", "strict")
 # and the ones that decide the cached latents (medti.training.cache_write)
 ENCODE_FLAGS = ("model", "config", "resolution", "flip", "seed", "captions", "dtype", "device", "condition", "encoder")
+# What encode does with the flags whose training help would mislead here: it stores what a run with them reads
+ENCODE_HELPS = {"flip": "also encode each image's mirror image, for runs with --flip (a run from the cache must "
+                        "give --flip exactly when the cache was encoded with it)",
+                "captions": "store each image's caption file (image.txt beside image.png), for runs with --captions "
+                            "(given exactly when the cache was encoded with it)",
+                "seed": "0 <= seed < 2**32: draws each image's --latents once sample (a run with another --seed and "
+                        "--latents once is refused)"}
 SHEET_MAX = 256   # images on the contact sheet; data.jsonl and the PNGs hold all of them
 
 
@@ -48,7 +55,7 @@ def build_parser() -> argparse.ArgumentParser:
                    "(SD2-base, SD1.5: 512; SD2 768-v: 768) unless you train at another one (default: 512)")
     q.add_argument("--out", required=True, help="a new or empty folder, not inside --data")
     e = sub.add_parser("encode", help="encode a set once into an on-disk latent cache for medti.train --cache")
-    add_flags(e, DATA_FLAGS + ENCODE_FLAGS)
+    add_flags(e, DATA_FLAGS + ENCODE_FLAGS, helps=ENCODE_HELPS)
     e.add_argument("--shard-size", type=int, default=256, help="images per shard, a multiple of 4 (default: 256)")
     e.add_argument("--out", required=True, help="the cache folder: new, or one an encode was stopped in (re-run "
                    "the same command to finish it)")

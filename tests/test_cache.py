@@ -234,3 +234,13 @@ def test_an_image_conditioned_run_killed_mid_epoch_resumes_bit_identically_from_
     kill_and_resume(args, tmp_path / "whole", tmp_path / "killed", 15)
     for name in ("model.safetensors", "state.safetensors"):
         assert (tmp_path / "killed" / name).read_bytes() == (tmp_path / "whole" / name).read_bytes(), name
+
+
+def test_encode_help_says_what_encode_does_with_the_training_flags(capsys):
+    """encode takes training's flags under the same names, but --flip there stores mirror images (it flips nothing
+    at random) and --seed draws the stored samples: their help says so, not training's words."""
+    with pytest.raises(SystemExit):
+        data_main(["encode", "--help"])
+    text = " ".join(capsys.readouterr().out.split())
+    assert "random horizontal flips" not in text
+    assert "also encode each image's mirror image" in text and "draws each image's --latents once sample" in text

@@ -42,13 +42,15 @@ def flag(default, help_text: str):
     return field(default=default, metadata={"help": help_text})
 
 
-def add_flags(parser, names=None):
+def add_flags(parser, names=None, helps=None):
     """One argparse flag per TrainConfig field (or per field in `names`): the one place a setting becomes a flag,
-    for medti.train and for `medti.data preview`, which takes the data flags under the same names and helps."""
+    for medti.train and for `medti.data preview` and `encode`, which take the data flags under the same names.
+    `helps`: field -> the help where a command does something else with the same setting (encode stores what a run
+    with the flag reads)."""
     for f in dataclasses.fields(TrainConfig):
         if names is not None and f.name not in names:
             continue
-        name, help_text = "--" + f.name.replace("_", "-"), f.metadata["help"]
+        name, help_text = "--" + f.name.replace("_", "-"), (helps or {}).get(f.name, f.metadata["help"])
         if isinstance(f.default, bool):
             parser.add_argument(name, action="store_true", help=help_text)
         else:   # every default shown, except an empty one: its help says what is derived at run time instead
