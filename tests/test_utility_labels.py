@@ -11,7 +11,7 @@ from sklearn.metrics import roc_auc_score
 from test_utility_cli import _classes, _csv, _images, dinov2  # noqa: F401  (dinov2: a fixture)
 
 from medti import utility
-from medti.downstream import harness, inputs, outputs, summary
+from medti.downstream import harness, inputs, labels, outputs, summary
 from medti.files import plots
 from medti.quality.folders import Reading
 
@@ -49,6 +49,24 @@ def test_prompt_map_labels_a_run_and_a_folder_of_runs(tmp_path):
     _run(tmp_path / "runs" / "s", [{"prompt": "a sick chest"}] * 2)
     found, _ = _labels(_args(real, tmp_path / "runs", table))
     assert found == {f"{k}/i{i:02d}.png": [k == "h", k == "s"] for k in "hs" for i in range(2)}
+
+
+def test_map_may_name_an_embedding_token_instead_of_each_prompt(tmp_path, capsys):
+    """A textual-inversion run uses its token in many prompts: the map may name the token once. The record's
+    "embeddings" (token -> sha256, as medti.generate writes it) gives the tokens; a prompt the map names wins."""
+    real = _classes(tmp_path / "real", 3, 0)
+    records = [{"prompt": "a chest x-ray of <sick>", "embeddings": {"<sick>": "0" * 64}},
+               {"prompt": "<sick>, frontal view", "embeddings": {"<sick>": "0" * 64}},
+               {"prompt": "a plain chest", "embeddings": {}}]
+    run = _run(tmp_path / "run", records)
+    table = tmp_path / "map.json"
+    table.write_text(json.dumps({"<sick>": "sick", "a plain chest": "healthy"}))
+    found, names = _labels(_args(real, run, table))
+    assert names == ["healthy", "sick"]
+    assert found == {"i00.png": [False, True], "i01.png": [False, True], "i02.png": [True, False]}
+    table.write_text(json.dumps({"a plain chest": "healthy"}))   # the token unnamed: refused, not a negative
+    with pytest.raises(labels.LabelError, match="i00.png has no label .neither its prompt nor an embedding token"):
+        _labels(_args(real, run, table))
 
 
 def test_a_variation_takes_its_sources_label(tmp_path):

@@ -161,10 +161,21 @@ def read_map(path, flag: str, label_names: list) -> dict:
     return table
 
 
+def mapped(record: dict, prompt_map: dict) -> list | None:
+    """The label row --synthetic-labels gives a manifest record: its prompt's, else that of the embedding tokens it
+    used (the record's "embeddings": token -> sha256), when those in the map agree on one label; None otherwise. So a
+    map may name a textual-inversion token once instead of every prompt it was used in."""
+    if record.get("prompt") in prompt_map:
+        return prompt_map[record["prompt"]]
+    tokens = record.get("embeddings") if isinstance(record.get("embeddings"), dict) else {}
+    rows = [prompt_map[token] for token in sorted(tokens) if token in prompt_map]
+    return rows[0] if rows and all(row == rows[0] for row in rows) else None
+
+
 def manifest_labels(names: list, records: dict, prompt_map: dict | None, real_rows: dict, label_names: list,
                     flag: str) -> Labels:
     """A generated image's label: its source's, when the record's "condition" names an image of the real set
-    (a variation of a case; `real_rows`: {12 hex digits: label row}), else its prompt's in `prompt_map`. An image
+    (a variation of a case; `real_rows`: {12 hex digits: label row}), else what `prompt_map` gives it (mapped). An image
     that neither labels is refused: a synthetic image without a label would be trained on as a negative."""
     found = []
     for name in names:
@@ -174,11 +185,12 @@ def manifest_labels(names: list, records: dict, prompt_map: dict | None, real_ro
         rows = [real_rows[m[1]] for m in digits if m and m[1] in real_rows]
         if len(rows) == 1 or (rows and all(r == rows[0] for r in rows)):
             found.append(rows[0])
-        elif prompt_map is not None and record.get("prompt") in prompt_map:
-            found.append(prompt_map[record["prompt"]])
+        elif prompt_map is not None and mapped(record, prompt_map) is not None:
+            found.append(mapped(record, prompt_map))
         else:
-            why = "its prompt is not in --synthetic-labels" if prompt_map is not None else \
-                "give --synthetic-labels (a prompt -> label map, or a CSV of file, labels) or class sub-folders"
+            why = ("neither its prompt nor an embedding token it used is in --synthetic-labels" if prompt_map is not
+                   None else "give --synthetic-labels (a prompt -> label map, or a CSV of file, labels) or class "
+                   "sub-folders")
             raise LabelError(f"{arg(flag)}: synthetic image {name} has no label ({why})")
     return Labels(list(label_names), np.array(found, dtype=bool).reshape(len(names), len(label_names)))
 
