@@ -185,8 +185,8 @@ def manifest_labels(names: list, records: dict, prompt_map: dict | None, real_ro
         rows = [real_rows[m[1]] for m in digits if m and m[1] in real_rows]
         if len(rows) == 1 or (rows and all(r == rows[0] for r in rows)):
             found.append(rows[0])
-        elif prompt_map is not None and mapped(record, prompt_map) is not None:
-            found.append(mapped(record, prompt_map))
+        elif prompt_map is not None and (row := mapped(record, prompt_map)) is not None:
+            found.append(row)
         else:
             why = ("neither its prompt nor an embedding token it used is in --synthetic-labels" if prompt_map is not
                    None else "give --synthetic-labels (a prompt -> label map, or a CSV of file, labels) or class "
